@@ -1,0 +1,40 @@
+# One command each, from a fresh clone: `make demo`, `make test`. Both install first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Torch: a venv that already has torch (your GPU build) keeps it; otherwise this pinned CPU build,
+# which pip takes from this machine's disk (an unpinned torch would pull a multi-GB CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+NUM_GPUS ?= 2
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+
+.PHONY: install test test-fast demo resume-demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install  ## in-process tests only (no DeepSpeed launches)
+	$(BIN)/python -m pytest -q tests -m "not multiproc"
+
+demo: install
+	$(BIN)/ds-finetune train configs/tiny.yaml --num-gpus $(NUM_GPUS) --overwrite logging.progress_bar=false
+	@echo "outputs: runs/tiny/metrics.jsonl, runs/tiny/checkpoints, runs/tiny/tensorboard"
+	$(BIN)/python tools/resume_demo.py --num-gpus $(NUM_GPUS)
+
+resume-demo: install
+	$(BIN)/python tools/resume_demo.py --num-gpus $(NUM_GPUS)
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf runs build *.egg-info

@@ -1,0 +1,129 @@
+"""`ds-finetune`: parses, calls, prints. User errors become one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from ds_finetune.errors import UserError
+
+
+def user_errors_exit(fn):
+    """Print a UserError as one line and exit with its code; let bugs keep their traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e.message}", err=True)
+            sys.exit(e.exit_code)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Fine-tune causal LLMs on DeepSpeed ZeRO 0-3; stop at any instant, resume exactly."""
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("config_path", metavar="CONFIG")
+@click.argument("overrides", nargs=-1, metavar="[key=value ...]")
+@click.option("--resume", is_flag=False, flag_value="auto", default=None, metavar="[PATH]",
+              help="Resume from the newest complete checkpoint, or from PATH.")
+@click.option("--overwrite", is_flag=True, help="Start fresh even if the output dir holds checkpoints (deletes them).")
+@click.option("--allow-config-change", is_flag=True, help="Resume even if a setting that breaks exactness changed.")
+@click.option("--num-gpus", type=click.IntRange(min=1), default=None, help="Processes per node.")
+@click.option("--num-nodes", type=click.IntRange(min=1), default=None, help="Nodes to use from the hostfile.")
+@click.option("--hostfile", type=click.Path(dir_okay=False), default=None, help="DeepSpeed hostfile (`host slots=N`).")
+@click.option("--include", default=None, help="DeepSpeed --include, e.g. host1:0,1@host2.")
+@click.option("--exclude", default=None, help="DeepSpeed --exclude.")
+@click.option("--master-addr", default=None, help="Address of rank 0.")
+@click.option("--master-port", type=click.IntRange(1, 65535), default=None, help="Port of rank 0.")
+@click.option("--dry-run", is_flag=True, help="Print the launcher command and the resolved config, then exit.")
+@user_errors_exit
+def train(config_path, overrides, resume, overwrite, allow_config_change, num_gpus, num_nodes, hostfile,
+          include, exclude, master_addr, master_port, dry_run):
+    """Validate CONFIG and run it under the `deepspeed` launcher."""
+    from ds_finetune.config import load_config
+    from ds_finetune.launcher import (LaunchSpec, build_launch_argv, has_accelerator, launch_env,
+                                      run_launcher, world_size_of)
+    from ds_finetune.zero import zero_config_for_run
+
+    overrides = list(overrides)
+    # `--resume key=value` would swallow an override as the path: treat it as the flag plus the override.
+    if resume and resume != "auto" and "=" in resume and not Path(resume).exists():
+        overrides.insert(0, resume)
+        resume = "auto"
+    cfg = load_config(config_path, overrides)
+    spec = LaunchSpec(config_path=config_path, overrides=overrides, resume=resume, overwrite=overwrite,
+                      allow_config_change=allow_config_change, num_gpus=num_gpus, num_nodes=num_nodes,
+                      hostfile=hostfile, include=include, exclude=exclude, master_addr=master_addr,
+                      master_port=master_port)
+    on_accelerator = has_accelerator()
+    world = world_size_of(spec, on_accelerator)
+    micro, accum, global_batch = cfg.batch_layout(world)
+    argv = build_launch_argv(spec, on_accelerator)
+    env = launch_env(on_accelerator)
+    prefix = "" if on_accelerator else "DS_ACCELERATOR=cpu "
+    click.echo(prefix + shlex.join(argv))
+    if dry_run:
+        click.echo(f"# world_size={world} micro_batch_size={micro} grad_accum={accum} global_batch={global_batch}")
+        click.echo("# resolved run config")
+        click.echo(cfg.to_yaml().rstrip())
+        click.echo("# DeepSpeed config")
+        click.echo(json.dumps(zero_config_for_run(cfg, world), indent=2))
+        return
+    sys.exit(run_launcher(argv, env))
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+@main.group()
+def config():
+    """Generate DeepSpeed configs; describe the run config schema."""
+
+
+@config.command("zero")
+@click.option("--stage", type=click.IntRange(0, 3), required=True, help="ZeRO stage.")
+@click.option("--offload-optimizer", type=click.Choice(["none", "cpu"]), default="none")
+@click.option("--offload-param", type=click.Choice(["none", "cpu"]), default="none")
+@click.option("--bf16", "dtype", flag_value="bf16", help="bf16 mixed precision.")
+@click.option("--fp16", "dtype", flag_value="fp16", help="fp16 mixed precision with dynamic loss scaling.")
+@click.option("--fp32", "dtype", flag_value="fp32", default=True, help="fp32 (default).")
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=1)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1)
+@click.option("--world-size", type=click.IntRange(min=1), default=1)
+@click.option("--grad-clip", type=click.FloatRange(min=0), default=1.0)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+@user_errors_exit
+def config_zero(stage, offload_optimizer, offload_param, dtype, micro_batch_size, grad_accum, world_size,
+                grad_clip, output):
+    """Write a DeepSpeed JSON config with every value concrete (no "auto")."""
+    from ds_finetune.zero import build_zero_config
+
+    text = json.dumps(build_zero_config(stage, micro_batch_size, grad_accum, world_size, dtype, grad_clip,
+                                        offload_optimizer, offload_param), indent=2) + "\n"
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@config.command("show-schema")
+def config_show_schema():
+    """Every run config key with its default and a one-line description."""
+    from ds_finetune.config import schema_lines
+    click.echo("\n".join(schema_lines()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Run config: the pydantic schema (one model per YAML section), YAML loading, `key=value` overrides,
+the one-line error format and the config fingerprint that resume checks.
+
+Every field carries a one-line description; `ds-finetune config show-schema` prints them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ds_finetune.errors import UserError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a config must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    name_or_path: Optional[str] = Field(
+        None, description="Hugging Face model name or local folder to load weights from (or use `config`).")
+    config: Optional[dict[str, Any]] = Field(
+        None, description="Inline HF model config (needs `model_type`) for a randomly initialised model.")
+    tokenizer: Optional[str] = Field(
+        None, description="Tokenizer name or folder; defaults to `name_or_path`.")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("set exactly one of model.name_or_path or model.config")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a `model_type` (e.g. llama)")
+        if self.tokenizer is None and self.name_or_path is None:
+            raise ValueError("model.tokenizer is required when the model comes from an inline model.config")
+        return self
+
+
+class DataConfig(_Section):
+    path: str = Field(..., description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name.")
+    format: Literal["text", "prompt_completion", "chat"] = Field(
+        "text", description="Row format: text | prompt_completion | chat (messages + chat template).")
+    split: str = Field("train", description="Dataset split to train on.")
+    max_length: int = Field(512, ge=8, le=1_048_576, description="Tokens per sequence; longer rows are truncated.")
+    packing: bool = Field(False, description="Concatenate rows into sequences of up to max_length tokens.")
+    text_field: str = Field("text", description="Column holding the text (format text).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt (format prompt_completion).")
+    completion_field: str = Field("completion", description="Column holding the completion (prompt_completion).")
+    messages_field: str = Field("messages", description="Column holding the chat messages (format chat).")
+    cache_dir: Optional[str] = Field(
+        None, description="Tokenized-data cache; default $DS_FINETUNE_CACHE or ~/.cache/ds-finetune.")
+
+
+class TrainConfig(_Section):
+    micro_batch_size: int = Field(1, ge=1, description="Sequences per rank per micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step (derived if global_batch_size is set).")
+    global_batch_size: Optional[int] = Field(
+        None, ge=1, description="Sequences per optimizer step over all ranks; fixes grad_accum for any world size.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    epochs: Optional[int] = Field(None, ge=1, description="Stop after this many epochs (with max_steps: whichever first).")
+    lr: float = Field(1e-4, gt=0, le=10, description="Peak learning rate.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr (cosine/linear).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 disables).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 0, 1, 2 or 3.")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="Offload optimizer state (ZeRO 1-3).")
+    offload_param: Literal["none", "cpu"] = Field("none", description="Offload parameters (ZeRO 3 only).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(1234, ge=0, lt=2**32, description="Seed for init, data order and dropout.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs (or both)")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("train.offload_param needs train.zero_stage=3")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+        if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                             f"train.micro_batch_size={self.micro_batch_size}")
+        return self
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0, description="Save every N optimizer steps (0: off).")
+    every_minutes: float = Field(0.0, ge=0, description="Also save when this many minutes passed since the last save (0: off).")
+    keep_last: int = Field(3, ge=0, description="Keep the newest K complete checkpoints (0: keep all).")
+    dir: Optional[str] = Field(None, description="Checkpoint folder; default OUTPUT_DIR/checkpoints.")
+    save_on_signal: bool = Field(True, description="On SIGTERM/SIGINT finish the step, save, exit.")
+    save_final: bool = Field(True, description="Save when training ends.")
+    verify_hashes: bool = Field(True, description="sha256-check files before loading (sizes are always checked).")
+
+
+class LoggingConfig(_Section):
+    progress_bar: bool = Field(True, description="Show a progress bar on rank 0.")
+    tensorboard: bool = Field(True, description="Write TensorBoard scalars to OUTPUT_DIR/tensorboard.")
+    sample_ids: bool = Field(False, description="Write each step's dataset row ids to metrics.jsonl.")
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    output_dir: str = Field(..., description="Run folder: metrics, configs, checkpoints.")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
+
+    def batch_layout(self, world_size: int) -> tuple[int, int, int]:
+        """(micro_batch_size, grad_accum, global_batch) for this world size, or a UserError."""
+        t = self.train
+        if t.global_batch_size is None:
+            return t.micro_batch_size, t.grad_accum, t.micro_batch_size * t.grad_accum * world_size
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step:
+            valid = [w for w in range(1, t.global_batch_size + 1) if t.global_batch_size % (t.micro_batch_size * w) == 0]
+            raise UserError(f"config error: train.global_batch_size={t.global_batch_size} is not divisible by "
+                            f"micro_batch_size×world_size={t.micro_batch_size}×{world_size}; "
+                            f"world sizes that fit: {valid[:12]}")
+        return t.micro_batch_size, t.global_batch_size // per_step, t.global_batch_size
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line: `config error: train.zero_stage: Input should be 0, 1, 2 or 3 (got 4)`."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            section = ".".join(str(p) for p in e["loc"][:-1])
+            msg = "unknown key" + (f" (see `ds-finetune config show-schema` for {section}'s keys)" if section else "")
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = e.get("input")
+        if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)) and got is not None:
+            msg += f" (got {got!r})"
+        parts.append(f"{key}: {msg}" if not msg.startswith("set ") else msg)
+    return "config error: " + "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=2e-5` -> (['train', 'lr'], 2e-05). Values are YAML scalars; the schema types them."""
+    key, sep, raw = text.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(k.strip() for k in keys):
+        raise UserError(f"bad override {text!r}: write key=value with a dotted key, e.g. train.zero_stage=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the string and let the schema judge it
+    return [k.strip() for k in keys], value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"bad override {text!r}: {'.'.join(keys[:i + 1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def load_raw_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config error: {path}: no such file; pass a YAML run config such as configs/tiny.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config error: {path}:{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax")
+    except UnicodeDecodeError:
+        raise UserError(f"config error: {path} is not UTF-8 text")
+    if raw is None:
+        raise UserError(f"config error: {path} is empty; it needs sections model, data, train, output_dir")
+    if not isinstance(raw, dict):
+        raise UserError(f"config error: {path} must be a mapping of sections (model, data, train, ...), "
+                        f"not a {type(raw).__name__}")
+    return raw
+
+
+def validate_config(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    return validate_config(apply_overrides(load_raw_yaml(path), list(overrides)))
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
+
+def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str) -> dict:
+    """What resume compares. `exact` keys change the computed steps if changed; `harmless` ones do not."""
+    return {
+        "exact": {
+            "model": cfg.model.model_dump(mode="json"),
+            "data": {**cfg.data.model_dump(mode="json", exclude={"cache_dir", "path"}), "content_sha256": data_hash},
+            "train.seed": cfg.train.seed,
+            "train.global_batch": global_batch,
+            "train.optimizer": {k: getattr(cfg.train, k) for k in (
+                "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
+                "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},
+        },
+        "harmless": {
+            "train.max_steps": cfg.train.max_steps,
+            "train.epochs": cfg.train.epochs,
+            "checkpoint": cfg.checkpoint.model_dump(mode="json"),
+            "logging": cfg.logging.model_dump(mode="json"),
+        },
+    }
+
+
+def changed_exact_keys(saved: dict, current: dict) -> list[str]:
+    """Keys of the `exact` fingerprint whose values differ (nested dicts are compared per sub-key)."""
+    changed = []
+    a, b = saved.get("exact", {}), current.get("exact", {})
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            changed += [f"{key}.{k}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+        elif va != vb:
+            changed.append(key)
+    return changed
+
+
+def short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def schema_lines() -> list[str]:
+    """`section.key (type, default): description` for every field, for show-schema and the README."""
+    lines = []
+    sections = [(None, RunConfig)] + [(name, f.annotation) for name, f in RunConfig.model_fields.items()
+                                     if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+    for section, model in sections:
+        for name, field in model.model_fields.items():
+            if section is None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                continue
+            key = f"{section}.{name}" if section else name
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"{key} (default {default}): {field.description}")
+    return lines

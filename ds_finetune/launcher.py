@@ -1,0 +1,188 @@
+"""Run config + CLI flags -> the `deepspeed` launcher argv, and hostfile validation.
+
+The argv is always a list handed to exec; no config or hostfile value ever reaches a shell (SPEC §11).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ds_finetune.errors import UserError
+
+# DeepSpeed's runner accepts exactly this shape (deepspeed/launcher/runner.py `fetch_hostfile`).
+_HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_hostfile(path: str | Path) -> dict[str, int]:
+    """host -> slots, in file order. A bad line, a duplicate host or slots <= 0 is a one-line error."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"hostfile error: {path}: no such file; write one line per node: `hostname slots=N`")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"hostfile error: {path}: cannot read it ({e})")
+    hosts: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _HOSTFILE_LINE.match(line)
+        if not m:
+            raise UserError(f"hostfile error: {path}:{number}: {line!r} is not `hostname slots=N`")
+        host, slots = m.group(1), int(m.group(2))
+        if slots <= 0:
+            raise UserError(f"hostfile error: {path}:{number}: slots must be >= 1 (got {slots})")
+        if host in hosts:
+            raise UserError(f"hostfile error: {path}:{number}: host {host!r} is listed twice; merge its slots into one line")
+        hosts[host] = slots
+    if not hosts:
+        raise UserError(f"hostfile error: {path} lists no hosts; write one line per node: `hostname slots=N`")
+    return hosts
+
+
+def _parse_host_filter(text: str, hosts: dict[str, int], flag: str) -> dict[str, set[int]]:
+    """DeepSpeed's `host1:0,1@host2` syntax -> host -> slot indices."""
+    chosen: dict[str, set[int]] = {}
+    for part in text.split("@"):
+        host, _, slots = part.partition(":")
+        if host not in hosts:
+            raise UserError(f"{flag} names host {host!r}, which is not in the hostfile ({', '.join(hosts)})")
+        try:
+            idx = {int(s) for s in slots.split(",")} if slots else set(range(hosts[host]))
+        except ValueError:
+            raise UserError(f"{flag} {text!r}: slots must be integers, as in host1:0,1@host2")
+        if any(i < 0 or i >= hosts[host] for i in idx):
+            raise UserError(f"{flag} {text!r}: host {host} has slots 0..{hosts[host] - 1}")
+        chosen[host] = idx
+    return chosen
+
+
+def active_slots(hosts: dict[str, int], include: str | None, exclude: str | None) -> dict[str, set[int]]:
+    if include and exclude:
+        raise UserError("use --include or --exclude, not both")
+    all_slots = {h: set(range(n)) for h, n in hosts.items()}
+    if include:
+        return _parse_host_filter(include, hosts, "--include")
+    if exclude:
+        drop = _parse_host_filter(exclude, hosts, "--exclude")
+        return {h: s - drop.get(h, set()) for h, s in all_slots.items() if s - drop.get(h, set())}
+    return all_slots
+
+
+@dataclass
+class LaunchSpec:
+    config_path: str
+    overrides: list[str] = field(default_factory=list)
+    resume: str | None = None           # None: fresh; "auto": newest complete; else a path
+    overwrite: bool = False
+    allow_config_change: bool = False
+    num_gpus: int | None = None
+    num_nodes: int | None = None
+    hostfile: str | None = None
+    include: str | None = None
+    exclude: str | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+def has_accelerator() -> bool:
+    if os.environ.get("DS_ACCELERATOR"):
+        return os.environ["DS_ACCELERATOR"] != "cpu"
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # a broken torch install is reported by the training process itself
+        return False
+
+
+def world_size_of(spec: LaunchSpec, on_accelerator: bool) -> int:
+    if spec.hostfile:
+        slots = active_slots(parse_hostfile(spec.hostfile), spec.include, spec.exclude)
+        per_node = [len(s) for s in slots.values()]
+        if spec.num_nodes:
+            per_node = per_node[:spec.num_nodes]
+        if spec.num_gpus:
+            per_node = [min(n, spec.num_gpus) for n in per_node]
+        return sum(per_node)
+    if spec.num_gpus:
+        return spec.num_gpus
+    if on_accelerator:
+        import torch
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+def deepspeed_executable() -> list[str]:
+    # Prefer the `deepspeed` script of the interpreter we run under (the venv), then PATH.
+    beside = Path(sys.executable).with_name("deepspeed")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("deepspeed")
+    return [found] if found else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def training_script() -> list[str]:
+    script = REPO_ROOT / "launch" / "train.py"
+    return [str(script)] if script.exists() else ["--module", "ds_finetune.train"]
+
+
+def build_launch_argv(spec: LaunchSpec, on_accelerator: bool) -> list[str]:
+    argv = deepspeed_executable()
+    if spec.hostfile:
+        parse_hostfile(spec.hostfile)  # fail on a bad hostfile before DeepSpeed sees it
+        argv += ["--hostfile", str(spec.hostfile)]
+        if spec.include:
+            argv += ["--include", spec.include]
+        if spec.exclude:
+            argv += ["--exclude", spec.exclude]
+        if spec.num_nodes:
+            argv += ["--num_nodes", str(spec.num_nodes)]
+    if spec.num_gpus is not None:
+        argv += ["--num_gpus", str(spec.num_gpus)]
+    elif not on_accelerator and not spec.hostfile:
+        argv += ["--num_gpus", "1"]
+    if spec.master_addr:
+        argv += ["--master_addr", spec.master_addr]
+    if spec.master_port is not None:
+        argv += ["--master_port", str(spec.master_port)]
+    argv += training_script() + ["--config", str(spec.config_path)]
+    if spec.resume is not None:
+        argv += ["--resume"] if spec.resume == "auto" else ["--resume", spec.resume]
+    if spec.overwrite:
+        argv.append("--overwrite")
+    if spec.allow_config_change:
+        argv.append("--allow-config-change")
+    return argv + list(spec.overrides)
+
+
+def launch_env(on_accelerator: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    if not on_accelerator:
+        env["DS_ACCELERATOR"] = "cpu"  # same code path, CPU accelerator + gloo
+    return env
+
+
+def run_launcher(argv: list[str], env: dict[str, str]) -> int:
+    """Run the deepspeed launcher and wait. SIGTERM sent to us (a scheduler) is passed on; SIGINT from a
+    terminal already reaches every process of the foreground group, so we only keep waiting."""
+    proc = subprocess.Popen(argv, env=env)
+
+    def forward_term(signum, frame):
+        proc.send_signal(signal.SIGTERM)
+
+    old_term = signal.signal(signal.SIGTERM, forward_term)
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
