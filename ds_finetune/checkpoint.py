@@ -12,6 +12,7 @@ sizes and sha256 before DeepSpeed unpickles anything (DeepSpeed loads with `weig
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -46,7 +47,11 @@ def step_of_tag(name: str) -> int | None:
 
 def _fault_spec() -> tuple[str, int, int | None] | None:
     """DS_FINETUNE_FAULT=phase[:rankR][@stepN] -> (phase, rank, step). Test-only; off unless set."""
-    raw = os.environ.get("DS_FINETUNE_FAULT", "").strip()
+    return _parse_fault(os.environ.get("DS_FINETUNE_FAULT", "").strip())
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_fault(raw: str) -> tuple[str, int, int | None] | None:
     if not raw:
         return None
     m = re.fullmatch(r"([a-z_]+)(?::rank(\d+))?(?:@step(\d+))?", raw)
@@ -55,7 +60,7 @@ def _fault_spec() -> tuple[str, int, int | None] | None:
     return m.group(1), int(m.group(2) or 0), int(m.group(3)) if m.group(3) else None
 
 
-FAULT_PHASES = ("before_save", "mid_shards", "after_shards", "after_manifest_tmp", "after_manifest_rename",
+FAULT_PHASES = ("mid_accum", "after_step", "before_save", "mid_shards", "after_shards", "after_manifest_tmp", "after_manifest_rename",
                 "before_latest_rename", "after_latest_rename", "during_retention", "enospc")
 
 

@@ -125,5 +125,75 @@ def config_show_schema():
     click.echo("\n".join(schema_lines()))
 
 
+# ------------------------------------------------------------------------------------------------- ckpt
+
+@main.group()
+def ckpt():
+    """Inspect and check checkpoints."""
+
+
+def _checkpoint_dir_of(run_dir: Path) -> Path:
+    """A run's output dir (holding checkpoints/) or a checkpoint dir itself."""
+    return run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+
+
+@ckpt.command("list")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-hash", is_flag=True, help="Check sizes only (fast for very large checkpoints).")
+@user_errors_exit
+def ckpt_list(run_dir, as_json, no_hash):
+    """Every checkpoint with step, time, size, ZeRO stage, world size, status; `*` marks what --resume picks."""
+    import time as _time
+
+    from ds_finetune.checkpoint import find_resumable_checkpoint, list_checkpoints
+
+    ckpt_dir = _checkpoint_dir_of(run_dir)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run or checkpoint folder")
+    infos = list_checkpoints(ckpt_dir, hashes=not no_hash)
+    pick, _ = find_resumable_checkpoint(ckpt_dir, hashes=not no_hash)
+    rows = [{"tag": c.tag, "step": c.step, "status": c.status, "size_bytes": c.size,
+             "time": c.manifest.get("time") if c.manifest else None,
+             "zero_stage": c.manifest.get("zero_stage") if c.manifest else None,
+             "world_size": c.manifest.get("world_size") if c.manifest else None,
+             "resume_pick": pick is not None and c.path == pick.path, "problems": c.problems} for c in infos]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no checkpoints in {ckpt_dir}")
+        return
+    click.echo(f"{'':1} {'tag':<16} {'step':>7} {'time':<19} {'size':>10} {'zero':>4} {'world':>5}  status")
+    for r in rows:
+        when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(r["time"])) if r["time"] else "-"
+        click.echo(f"{'*' if r['resume_pick'] else ' '} {r['tag']:<16} {r['step']:>7} {when:<19} "
+                   f"{r['size_bytes'] / 2**20:>8.1f}MB {r['zero_stage'] if r['zero_stage'] is not None else '-':>4} "
+                   f"{r['world_size'] or '-':>5}  {r['status']}"
+                   + (f" ({'; '.join(r['problems'])})" if r["status"] == "corrupt" else ""))
+    click.echo("* = the checkpoint `--resume` would pick" if pick else "--resume would start fresh: nothing complete")
+
+
+@ckpt.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--no-hash", is_flag=True, help="Check sizes only.")
+@user_errors_exit
+def ckpt_verify(path, no_hash):
+    """Check a checkpoint against its manifest; exit 0 only if intact."""
+    from ds_finetune.checkpoint import inspect_checkpoint, step_of_tag
+
+    if not path.is_dir() or step_of_tag(path.name) is None:
+        raise UserError(f"{path}: not a checkpoint folder (expected .../checkpoints/step_N)")
+    info = inspect_checkpoint(path, hashes=not no_hash)
+    if info.status == "complete":
+        click.echo(f"{path}: intact ({len(info.manifest['files'])} files, {info.size / 2**20:.1f} MB, "
+                   f"step {info.step}, ZeRO {info.manifest['zero_stage']}, world {info.manifest['world_size']})")
+        return
+    for problem in info.problems:
+        click.echo(f"{path}: {problem}", err=True)
+    click.echo(f"{path}: {info.status}", err=True)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -9,17 +9,31 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ds_finetune.errors import UserError
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors: a typo in a config must never be silently ignored.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Unknown keys are errors: a typo in a config must never be silently ignored. inf/nan are never a
+    # sensible setting. YAML types `output_dir=2024` as an int; for a str field that is still the path.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False,
+                              coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value, info):
+        # pydantic's lax mode takes True as 1 (even for Literal[0, 1, 2, 3]): `train.zero_stage=true` or
+        # `train.max_steps=yes` must be a wrong-type error, not stage 1 / one step.
+        annotation = cls.model_fields[info.field_name].annotation
+        numeric = annotation in (int, float, Optional[int], Optional[float]) or (
+            get_origin(annotation) is Literal and all(type(a) is int for a in get_args(annotation)))
+        if isinstance(value, bool) and numeric:
+            raise ValueError("Input should be a number, not true/false")
+        return value
 
 
 class ModelConfig(_Section):
@@ -140,11 +154,20 @@ class RunConfig(_Section):
 
 # ---------------------------------------------------------------------------------------------- loading
 
+def _one_line(value: Any, limit: int = 80) -> str:
+    """A user-supplied key (as is when printable) or value (repr) for a one-line message, bounded."""
+    try:
+        text = value if isinstance(value, str) and value.isprintable() else repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits() cannot even be printed
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line: `config error: train.zero_stage: Input should be 0, 1, 2 or 3 (got 4)`."""
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
+        key = ".".join(_one_line(str(p)) for p in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             section = ".".join(str(p) for p in e["loc"][:-1])
@@ -153,8 +176,9 @@ def format_validation_error(err: ValidationError) -> str:
             msg = "required key is missing"
         got = e.get("input")
         if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)) and got is not None:
-            msg += f" (got {got!r})"
-        parts.append(f"{key}: {msg}" if not msg.startswith("set ") else msg)
+            msg += f" (got {_one_line(got if not isinstance(got, str) else repr(got))})"
+        # A model validator's message already names its keys (`train.offload_param needs ...`).
+        parts.append(msg if msg.startswith(("set ", f"{key}.")) else f"{key}: {msg}")
     return "config error: " + "; ".join(parts)
 
 
@@ -166,8 +190,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"bad override {text!r}: write key=value with a dotted key, e.g. train.zero_stage=3")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw  # not YAML: keep the string and let the schema judge it
+    except (yaml.YAMLError, ValueError, RecursionError):
+        # Not YAML (or an int too long for Python to parse, or nesting too deep): keep the string and
+        # let the schema judge it.
+        value = raw
     return [k.strip() for k in keys], value
 
 
@@ -180,7 +206,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[k] = {}
             if not isinstance(child, dict):
-                raise UserError(f"bad override {text!r}: {'.'.join(keys[:i + 1])} is not a section")
+                raise UserError(f"bad override {text!r}: {_one_line('.'.join(keys[:i + 1]))} is not a section")
             node = child
         node[keys[-1]] = value
     return raw
@@ -194,10 +220,16 @@ def load_raw_yaml(path: str | Path) -> dict:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"config error: {path}:{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax")
+        where = f": line {mark.line + 1}" if mark is not None else ""
+        # A ReaderError (control character) has no `problem`, and its str() spans two lines.
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
+        raise UserError(f"config error: {path}{where} is not valid YAML ({_one_line(problem, 200)}); fix the syntax")
     except UnicodeDecodeError:
         raise UserError(f"config error: {path} is not UTF-8 text")
+    except (ValueError, RecursionError) as e:  # PyYAML: an int over Python's digit limit; nesting too deep
+        raise UserError(f"config error: {path} is not a usable YAML config ({_one_line(str(e), 120)})")
+    except OSError as e:
+        raise UserError(f"config error: {path}: cannot read it ({e.strerror or e})")
     if raw is None:
         raise UserError(f"config error: {path} is empty; it needs sections model, data, train, output_dir")
     if not isinstance(raw, dict):

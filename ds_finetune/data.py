@@ -22,7 +22,8 @@ import numpy as np
 from ds_finetune.errors import UserError
 
 # Bump when tokenization or masking changes meaning: it is part of the cache key and of checkpoints.
-DATA_FORMAT_VERSION = 1
+# 2: chat targets end at the turn's end marker (whitespace the template puts after it is not a target).
+DATA_FORMAT_VERSION = 2
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 IGNORE_INDEX = -100
 
@@ -96,6 +97,10 @@ def load_rows(data_cfg, files: list[Path] | None):
     import datasets
 
     datasets.disable_progress_bars()
+    if files is not None and all(_is_blank(f) for f in files):
+        # Said here: `datasets` reports this as a bare StopIteration or "corresponds to no data".
+        what = f"{files[0]}: the file is empty" if len(files) == 1 else f"{data_cfg.path}: every data file is empty"
+        raise UserError(f"data error: {what}; the dataset needs at least one row")
     try:
         if files is not None:
             ds = datasets.load_dataset(LOCAL_BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
@@ -110,17 +115,23 @@ def load_rows(data_cfg, files: list[Path] | None):
     return ds
 
 
+def _is_blank(f: Path) -> bool:
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 16), b""):
+            if chunk.strip():
+                return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------- formats
 
-def _field(row: dict, name: str, index: int, fmt: str, kind=str):
+def _field(row: dict, name: str, index: int, fmt: str, setting: str, kind=str):
     value = row.get(name)
     if not isinstance(value, kind):
         what = "missing" if value is None else f"not a {kind.__name__}"
-        raise UserError(f"data error: row {index + 1}: field {name!r} is {what} "
-                        f"(format {fmt} needs it; set data.{fmt.split('_')[0]}_field if the column has another name)"
-                        if fmt != "chat" else
-                        f"data error: row {index + 1}: field {name!r} is {what} (format chat needs a list of "
-                        f"{{role, content}} messages; set data.messages_field if the column has another name)")
+        needs = "a list of {role, content} messages" if fmt == "chat" else "it"
+        raise UserError(f"data error: row {index + 1}: field {name!r} is {what} (format {fmt} needs {needs}; "
+                        f"set data.{setting} if the column has another name)")
     return value
 
 
@@ -141,9 +152,12 @@ def _prompt_completion_row(tok, prompt: str, completion: str):
 
 
 def _chat_row(tok, messages: list, index: int):
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise UserError(f"data error: row {index + 1}: each message needs string fields 'role' and 'content'")
+    for j, m in enumerate(messages):
+        bad = ("role", "content") if not isinstance(m, dict) else \
+            [k for k in ("role", "content") if not isinstance(m.get(k), str)]
+        if bad:
+            raise UserError(f"data error: row {index + 1}, message {j + 1}: {' and '.join(map(repr, bad))} missing or "
+                            f"not a string; each message needs string fields 'role' and 'content'")
     text = tok.apply_chat_template(messages, tokenize=False)
     # Assistant spans as character ranges: the rendering up to the generation prompt is a prefix of the
     # rendering that includes the reply. Tokenizing the whole text once keeps the tokenization exact.
@@ -156,7 +170,8 @@ def _chat_row(tok, messages: list, index: int):
         if not text.startswith(upto):
             raise UserError(f"data error: row {index + 1}: the tokenizer's chat template does not render "
                             f"conversations prefix-stably, so assistant tokens cannot be located")
-        spans.append((start, len(upto)))
+        # The turn ends at its end marker: a newline the template puts after it is layout, not reply.
+        spans.append((start, max(start, len(upto.rstrip()))))
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask
@@ -169,12 +184,12 @@ def tokenize_rows(ds, data_cfg, tok) -> tuple[list, list, list, int]:
     all_ids, all_masks, kept, skipped = [], [], [], 0
     for index, row in enumerate(ds):
         if fmt == "text":
-            ids, mask = _text_row(tok, _field(row, data_cfg.text_field, index, fmt))
+            ids, mask = _text_row(tok, _field(row, data_cfg.text_field, index, fmt, "text_field"))
         elif fmt == "prompt_completion":
-            ids, mask = _prompt_completion_row(tok, _field(row, data_cfg.prompt_field, index, fmt),
-                                               _field(row, data_cfg.completion_field, index, fmt))
+            ids, mask = _prompt_completion_row(tok, _field(row, data_cfg.prompt_field, index, fmt, "prompt_field"),
+                                               _field(row, data_cfg.completion_field, index, fmt, "completion_field"))
         else:
-            ids, mask = _chat_row(tok, _field(row, data_cfg.messages_field, index, fmt, list), index)
+            ids, mask = _chat_row(tok, _field(row, data_cfg.messages_field, index, fmt, "messages_field", list), index)
         ids, mask = ids[:data_cfg.max_length], mask[:data_cfg.max_length]
         if mask:
             mask[0] = False  # a row's first token has nothing to be predicted from (see module docstring)
@@ -247,7 +262,7 @@ def load_tokenizer(name_or_path: str):
 def plan_units(data: TokenizedData, order: np.ndarray, packing: bool, max_length: int) -> list[np.ndarray]:
     """An epoch's training units in order: one row each, or greedy packs of consecutive rows of `order`
     with at most `max_length` tokens. Deterministic in `order`, so a resumed run plans the same packs."""
-    if not packing:
+    if not packing or len(order) == 0:
         return [order[i:i + 1] for i in range(len(order))]
     lengths = data.lengths[order]
     units, start, used = [], 0, 0

@@ -172,17 +172,37 @@ def launch_env(on_accelerator: bool) -> dict[str, str]:
 
 
 def run_launcher(argv: list[str], env: dict[str, str]) -> int:
-    """Run the deepspeed launcher and wait. SIGTERM sent to us (a scheduler) is passed on; SIGINT from a
-    terminal already reaches every process of the foreground group, so we only keep waiting."""
+    """Run the deepspeed launcher and wait for every process it started.
+
+    DeepSpeed 0.19's single-node runner installs no signal handler: a SIGTERM kills the runner alone and
+    leaves the ranks running unaware. So on SIGTERM (a scheduler) we send SIGTERM to every descendant; the
+    ranks finish their step, save and exit. On SIGINT (a terminal's Ctrl-C already reached the whole
+    foreground group) we only note the descendants. Either way we wait for them all, so the shell gets
+    its prompt back only after the checkpoint is committed."""
+    import psutil
+
     proc = subprocess.Popen(argv, env=env)
+    me = psutil.Process(proc.pid)
+    tracked: dict[int, psutil.Process] = {}
+    got_signal = 0
 
-    def forward_term(signum, frame):
-        proc.send_signal(signal.SIGTERM)
+    def on_signal(signum, frame):
+        nonlocal got_signal
+        got_signal = got_signal or signum
+        try:
+            for p in [me] + me.children(recursive=True):
+                tracked[p.pid] = p
+                if signum == signal.SIGTERM:
+                    p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
 
-    old_term = signal.signal(signal.SIGTERM, forward_term)
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, on_signal)
     try:
-        return proc.wait()
+        code = proc.wait()
+        psutil.wait_procs(list(tracked.values()))
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
+    return 128 + got_signal if got_signal else code

@@ -127,9 +127,11 @@ def build_model(cfg: RunConfig, ds_config: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     keep_alive = None
-    if cfg.train.zero_stage == 3:
-        # Lets transformers build the model inside deepspeed.zero.Init, so no rank ever holds the full
-        # model (what an 8B ZeRO-3 run needs). Must stay referenced while the model is built.
+    if cfg.train.zero_stage == 3 and cfg.model.name_or_path is not None:
+        # Lets transformers load pretrained weights inside deepspeed.zero.Init, so no rank ever holds the
+        # full model (what an 8B ZeRO-3 run needs). Must stay referenced while the model is built.
+        # Not for an inline random-init config: zero.Init draws the random init in another order, and
+        # the same seed must give the same weights at every stage (SPEC §7).
         from transformers.integrations import HfDeepSpeedConfig
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841
     try:
@@ -238,7 +240,8 @@ def token_loss_sum(engine, input_ids, attention_mask, labels) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def train_step(engine, micro_batches: list, global_targets: int, grad_accum: int, world_size: int) -> torch.Tensor:
+def train_step(engine, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
+               after_micro_step=None) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
 
     SPEC §4a: the step's loss is (sum of token losses over the global batch) / (targets in the global batch).
@@ -252,6 +255,8 @@ def train_step(engine, micro_batches: list, global_targets: int, grad_accum: int
         engine.backward(loss_sum * scale)
         engine.step()
         local_sum += loss_sum.detach().double().cpu()
+        if after_micro_step is not None:
+            after_micro_step()
     return local_sum
 
 
@@ -429,7 +434,9 @@ def fit(cfg, engine, data, order, layout, state, total_steps, fingerprint, metri
         micro_batches = [collate(data, units[layout.micro_slice(state.offset, m, rank)], pad_id)
                          for m in range(layout.grad_accum)]
         lr = engine.get_lr()[0]
-        local_sum = train_step(engine, micro_batches, global_targets, layout.grad_accum, world)
+        local_sum = train_step(engine, micro_batches, global_targets, layout.grad_accum, world,
+                               after_micro_step=lambda: ckpt.fault_point("mid_accum", rank, state.step + 1))
+        ckpt.fault_point("after_step", rank, state.step + 1)
 
         # One all-reduce carries the loss, the stop request and rank 0's "time to save" clock.
         want_time_save = (rank == 0 and cfg.checkpoint.every_minutes > 0

@@ -1,0 +1,23 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """stage -> output dir of an uninterrupted 2-rank run of harness.BASE at that ZeRO stage (run once)."""
+    done = {}
+
+    def get(stage: int, nproc: int = 2, extra=()) -> Path:
+        key = (stage, nproc, tuple(extra))
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"ref-stage{stage}-np{nproc}")
+            harness.train(out, [f"train.zero_stage={stage}", *extra], nproc=nproc)
+            done[key] = out
+        return done[key]
+    return get

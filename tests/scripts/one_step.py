@@ -1,0 +1,51 @@
+"""One optimizer step of the tiny model on the first global batch, for each micro×accum split given;
+writes the step's loss and the updated full fp32 weights. Run as 1 process or under torchrun.
+
+    python one_step.py OUT_DIR 4x1 2x2 1x4        (world size 1)
+    torchrun --nproc_per_node 2 one_step.py OUT_DIR 1x2
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from ds_finetune import train as T  # noqa: E402
+from ds_finetune.config import load_config  # noqa: E402
+from ds_finetune.data import collate, load_tokenizer, unit_targets  # noqa: E402
+from ds_finetune.sampler import BatchLayout  # noqa: E402
+from ds_finetune.zero import zero_config_for_run  # noqa: E402
+
+out_dir, splits = Path(sys.argv[1]), sys.argv[2:]
+rank, world, local_rank = T.init_distributed()
+for split in splits:
+    micro, accum = map(int, split.split("x"))
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
+                      [f"train.micro_batch_size={micro}", f"train.grad_accum={accum}", "train.zero_stage=2",
+                       "train.max_steps=1", "train.warmup_steps=0", "train.lr_schedule=constant",
+                       f"output_dir={out_dir}"])
+    ds_config = zero_config_for_run(cfg, world)
+    tok = load_tokenizer(cfg.model.tokenizer)
+    data = T.prepare_data(cfg, tok, local_rank)
+    order = T.EpochOrder(data, cfg.train.seed, False, cfg.data.max_length)
+    layout = BatchLayout(micro, accum, world)
+    T.seed_everything(cfg.train.seed)
+    engine = T.build_engine(T.build_model(cfg, ds_config), cfg, ds_config, 1)
+    units = order.units(0)
+    targets = unit_targets(data, units[layout.step_slice(0)])
+    batches = [collate(data, units[layout.micro_slice(0, m, rank)], 2) for m in range(accum)]
+    initial = {n: safe_get_full_fp32_param(p).detach().clone().contiguous() for n, p in engine.module.named_parameters()}
+    local = T.train_step(engine, batches, targets, accum, world)
+    dist.all_reduce(local)
+    weights = {n: safe_get_full_fp32_param(p).detach().clone().contiguous() for n, p in engine.module.named_parameters()}
+    if rank == 0:
+        save_file(weights, str(out_dir / f"w{world}-{split}.safetensors"))
+        save_file(initial, str(out_dir / f"init{world}-{split}.safetensors"))
+        (out_dir / f"loss{world}-{split}.json").write_text(json.dumps(float(local) / targets))
+    dist.barrier()
+T.os._exit(0)

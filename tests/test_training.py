@@ -1,0 +1,97 @@
+"""SPEC §4a, §5: 2-rank CPU training at ZeRO 0-3, the global-batch loss, metrics.jsonl, world-size
+independence. Runs are shared through the `reference_run` fixture (conftest.py)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+import harness
+from ds_finetune.config import load_config
+from ds_finetune.data import load_tokenizer
+from ds_finetune.sampler import epoch_permutation
+
+pytestmark = pytest.mark.multiproc
+STAGES = [0, 1, 2, 3]
+KEYS = {"step", "loss", "lr", "epoch", "consumed_samples", "tokens", "time", "sample_ids"}
+
+
+def predicted_sample_ids(steps: int, global_batch: int) -> list[list[int]]:
+    """The sampler's promise, computed here from the data file and the seed alone (no packing)."""
+    from ds_finetune.data import build_cache, cache_path, content_hash, read_cache, resolve_data_files
+    cfg = load_config(harness.TINY, [*harness.BASE, "output_dir=/tmp/unused"])
+    tok = load_tokenizer(cfg.model.tokenizer)
+    files = resolve_data_files(str(harness.ROOT / cfg.data.path))
+    h = content_hash(files, cfg.data.path, cfg.data.split)
+    path = cache_path(cfg.data, h, tok)
+    if not path.exists():
+        build_cache(cfg.data, tok, files, h, path)
+    data = read_cache(path, h)
+    order = data.row_ids[epoch_permutation(data.num_rows, cfg.train.seed, 0)]
+    return [order[i * global_batch:(i + 1) * global_batch].tolist() for i in range(steps)]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_metrics_jsonl_is_well_formed_and_loss_falls(reference_run, stage):
+    out = reference_run(stage)
+    rows = harness.metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    for r in rows:
+        assert set(r) == KEYS
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert r["consumed_samples"] == 8 * r["step"] and r["epoch"] == 0
+        assert len(r["sample_ids"]) == 8
+    assert [r["tokens"] for r in rows] == sorted(r["tokens"] for r in rows)
+    assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]]) - 0.3
+    # warmup_steps=2, lr 3e-3: step 1 uses lr/2, step 2 the full lr, then cosine decay
+    assert rows[0]["lr"] == pytest.approx(1.5e-3) and rows[1]["lr"] == pytest.approx(3e-3)
+    assert rows[-1]["lr"] < rows[2]["lr"]
+    ds_config = json.loads((out / "deepspeed_config.json").read_text())
+    assert ds_config["zero_optimization"]["stage"] == stage and ds_config["train_batch_size"] == 8
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["train"]["zero_stage"] == stage
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_sample_ids_are_the_samplers_prediction(reference_run, stage):
+    rows = harness.metrics(reference_run(stage))
+    assert [r["sample_ids"] for r in rows] == predicted_sample_ids(10, 8)
+
+
+def test_losses_identical_across_zero_stages(reference_run):
+    base = harness.metrics(reference_run(0))
+    for stage in STAGES[1:]:
+        rows = harness.metrics(reference_run(stage))
+        assert [r["sample_ids"] for r in rows] == [r["sample_ids"] for r in base]
+        for a, b in zip(base, rows):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (stage, a["step"])
+
+
+def test_one_and_two_ranks_same_global_batch_same_steps(reference_run):
+    no_dropout = ["model.config.attention_dropout=0.0"]
+    two = harness.metrics(reference_run(2, nproc=2, extra=no_dropout))
+    one = harness.metrics(reference_run(2, nproc=1, extra=[*no_dropout, "train.grad_accum=4"]))
+    assert [r["sample_ids"] for r in one] == [r["sample_ids"] for r in two]
+    for a, b in zip(two, one):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_same_global_batch_split_differently_gives_same_loss_and_weights(tmp_path):
+    script = str(harness.ROOT / "tests" / "scripts" / "one_step.py")
+    single = harness.run([harness.PY, script, str(tmp_path), "4x1", "2x2", "1x4"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = harness.run([str(harness.BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={harness.free_port()}",
+                          script, str(tmp_path), "1x2"])
+    assert double.returncode == 0, double.stderr[-3000:]
+    runs = ["1-4x1", "1-2x2", "1-1x4", "2-1x2"]
+    losses = {r: json.loads((tmp_path / f"loss{r}.json").read_text()) for r in runs}
+    weights = {r: load_file(str(tmp_path / f"w{r}.safetensors")) for r in runs}
+    for r in runs[1:]:
+        assert losses[r] == pytest.approx(losses[runs[0]], rel=1e-6)
+        for name, w in weights[runs[0]].items():
+            diff = (weights[r][name] - w).abs().max().item()
+            assert diff <= 1e-6 * max(1.0, w.abs().max().item()), (r, name, diff)
+    # the step really moved the weights (otherwise equality would prove nothing)
+    initial = load_file(str(tmp_path / "init1-4x1.safetensors"))
+    assert max((weights["1-4x1"][n] - w).abs().max().item() for n, w in initial.items()) > 1e-4
