@@ -65,15 +65,24 @@ FAULT_PHASES = ("mid_accum", "after_step", "before_save", "mid_shards", "after_s
 
 
 def fault_point(phase: str, rank: int, step: int) -> None:
-    """Kill the whole job (SIGKILL to our process group: every rank and the launcher, like a node crash)
-    when DS_FINETUNE_FAULT names this phase, rank and step."""
+    """Kill the whole job at once, like a node crash, when DS_FINETUNE_FAULT names this phase, rank and
+    step. "The job" is every process that inherited our DS_FINETUNE_FAULT: the ranks, the launcher and
+    the CLI; launchers put ranks in other process groups (torchrun: other sessions), so no group kill fits."""
     spec = _fault_spec()
     if spec is None or spec[0] != phase or spec[1] != rank or (spec[2] is not None and spec[2] != step):
         return
     if phase == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected by DS_FINETUNE_FAULT)")
     print(f"[fault injection] SIGKILL at {phase} rank {rank} step {step}", flush=True)
-    os.killpg(os.getpgid(0), signal.SIGKILL)
+    import psutil
+    marker = os.environ["DS_FINETUNE_FAULT"]
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get("DS_FINETUNE_FAULT") == marker:
+                p.kill()
+        except psutil.Error:
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _wrap_shard_writes_for_faults(engine, rank: int, step: int) -> None:

@@ -52,16 +52,12 @@ def main():
 def train(config_path, overrides, resume, overwrite, allow_config_change, num_gpus, num_nodes, hostfile,
           include, exclude, master_addr, master_port, dry_run):
     """Validate CONFIG and run it under the `deepspeed` launcher."""
-    from ds_finetune.config import load_config
+    from ds_finetune.config import load_config, split_resume_arg
     from ds_finetune.launcher import (LaunchSpec, build_launch_argv, has_accelerator, launch_env,
                                       run_launcher, world_size_of)
     from ds_finetune.zero import zero_config_for_run
 
-    overrides = list(overrides)
-    # `--resume key=value` would swallow an override as the path: treat it as the flag plus the override.
-    if resume and resume != "auto" and "=" in resume and not Path(resume).exists():
-        overrides.insert(0, resume)
-        resume = "auto"
+    resume, overrides = split_resume_arg(resume, overrides)
     cfg = load_config(config_path, overrides)
     spec = LaunchSpec(config_path=config_path, overrides=overrides, resume=resume, overwrite=overwrite,
                       allow_config_change=allow_config_change, num_gpus=num_gpus, num_nodes=num_nodes,

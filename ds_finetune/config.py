@@ -49,7 +49,7 @@ class ModelConfig(_Section):
     def _one_source(self):
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError("set exactly one of model.name_or_path or model.config")
-        if self.config is not None and "model_type" not in self.config:
+        if self.config is not None and not isinstance(self.config.get("model_type"), str):
             raise ValueError("model.config needs a `model_type` (e.g. llama)")
         if self.tokenizer is None and self.name_or_path is None:
             raise ValueError("model.tokenizer is required when the model comes from an inline model.config")
@@ -302,3 +302,11 @@ def schema_lines() -> list[str]:
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             lines.append(f"{key} (default {default}): {field.description}")
     return lines
+
+
+def split_resume_arg(resume: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`--resume key=value` parses the override as the checkpoint path (the path is optional); take it back:
+    a value with `=` that is not an existing path is an override and --resume means "the newest"."""
+    if resume and resume != "auto" and "=" in resume and not Path(resume).exists():
+        return "auto", [resume, *overrides]
+    return resume, list(overrides)

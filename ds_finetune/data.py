@@ -109,6 +109,8 @@ def load_rows(data_cfg, files: list[Path] | None):
             ds = datasets.load_dataset(data_cfg.path, split=data_cfg.split)
     except Exception as e:  # datasets raises many types for unreadable input; all are the user's to fix
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "corresponds to no data" in first:  # datasets' words for a split without rows (e.g. a JSON `[]`)
+            raise UserError(f"data error: {data_cfg.path}: the dataset is empty; it needs at least one row")
         raise UserError(f"data error: cannot load {data_cfg.path!r}: {first[:300]}")
     if len(ds) == 0:
         raise UserError(f"data error: {data_cfg.path}: the dataset is empty; it needs at least one row")
@@ -158,6 +160,8 @@ def _chat_row(tok, messages: list, index: int):
         if bad:
             raise UserError(f"data error: row {index + 1}, message {j + 1}: {' and '.join(map(repr, bad))} missing or "
                             f"not a string; each message needs string fields 'role' and 'content'")
+    if not messages:
+        return [], []  # nothing to train on: skipped and counted like any row without targets
     text = tok.apply_chat_template(messages, tokenize=False)
     # Assistant spans as character ranges: the rendering up to the generation prompt is a prefix of the
     # rendering that includes the reply. Tokenizing the whole text once keeps the tokenization exact.

@@ -104,15 +104,36 @@ def has_accelerator() -> bool:
         return False
 
 
+def processes_per_host(spec: LaunchSpec) -> dict[str, int]:
+    """host -> ranks it will run, as DeepSpeed's runner (0.19 `main`, `apply_num_nodes_and_gpus`) decides
+    from the hostfile and flags; combinations the runner would reject or silently ignore are UserErrors."""
+    if (spec.include or spec.exclude) and not spec.hostfile:
+        raise UserError("--include/--exclude pick hosts and slots from --hostfile; on one node use --num-gpus")
+    if (spec.include or spec.exclude) and (spec.num_gpus or spec.num_nodes):
+        raise UserError("--include/--exclude cannot be combined with --num-gpus/--num-nodes (DeepSpeed refuses "
+                        "it); use one or the other")
+    if not spec.hostfile:
+        if spec.num_nodes and spec.num_nodes > 1:
+            raise UserError(f"--num-nodes {spec.num_nodes} needs --hostfile listing the nodes")
+        return {}
+    hosts = parse_hostfile(spec.hostfile)
+    per_host = {h: len(s) for h, s in active_slots(hosts, spec.include, spec.exclude).items()}
+    if spec.num_nodes:
+        per_host = dict(list(per_host.items())[:spec.num_nodes])
+    if spec.num_gpus:
+        # DeepSpeed starts exactly num_gpus ranks on every host, even beyond its slots.
+        too_small = [h for h, n in per_host.items() if n < spec.num_gpus]
+        if too_small:
+            raise UserError(f"--num-gpus {spec.num_gpus} is more than the {per_host[too_small[0]]} slots of host "
+                            f"{too_small[0]!r} in {spec.hostfile}")
+        per_host = {h: spec.num_gpus for h in per_host}
+    return per_host
+
+
 def world_size_of(spec: LaunchSpec, on_accelerator: bool) -> int:
     if spec.hostfile:
-        slots = active_slots(parse_hostfile(spec.hostfile), spec.include, spec.exclude)
-        per_node = [len(s) for s in slots.values()]
-        if spec.num_nodes:
-            per_node = per_node[:spec.num_nodes]
-        if spec.num_gpus:
-            per_node = [min(n, spec.num_gpus) for n in per_node]
-        return sum(per_node)
+        return sum(processes_per_host(spec).values())
+    processes_per_host(spec)  # flag combinations without a hostfile
     if spec.num_gpus:
         return spec.num_gpus
     if on_accelerator:
@@ -135,10 +156,28 @@ def training_script() -> list[str]:
     return [str(script)] if script.exists() else ["--module", "ds_finetune.train"]
 
 
+# With more than one host, DeepSpeed's default runner (pdsh, deepspeed/launcher/multinode_runner.py in
+# 0.19) joins the remote command into one shell line and only wraps values containing spaces in double
+# quotes, so `$(...)` in an override would run on every node. What reaches that line must be shell-inert.
+_SHELL_INERT = re.compile(r"[A-Za-z0-9_./=:,@+-]*")
+
+
+def _refuse_remote_shell_metacharacters(spec: LaunchSpec) -> None:
+    remote = [("the config path", str(spec.config_path)), ("--master-addr", spec.master_addr or "")]
+    remote += [("--resume", spec.resume)] if spec.resume not in (None, "auto") else []
+    remote += [("override", o) for o in spec.overrides]
+    for what, value in remote:
+        if not _SHELL_INERT.fullmatch(value):
+            raise UserError(f"{what} {value!r}: a multi-node launch passes it through a remote shell (pdsh); "
+                            f"use only letters, digits and ._-/=:,@+ here and put other values in the YAML config")
+
+
 def build_launch_argv(spec: LaunchSpec, on_accelerator: bool) -> list[str]:
     argv = deepspeed_executable()
+    per_host = processes_per_host(spec)  # fail on a bad hostfile or flag combination before DeepSpeed does
+    if len(per_host) > 1:
+        _refuse_remote_shell_metacharacters(spec)
     if spec.hostfile:
-        parse_hostfile(spec.hostfile)  # fail on a bad hostfile before DeepSpeed sees it
         argv += ["--hostfile", str(spec.hostfile)]
         if spec.include:
             argv += ["--include", spec.include]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_finetune import checkpoint as ckpt
-from ds_finetune.config import RunConfig, changed_exact_keys, config_fingerprint, load_config
+from ds_finetune.config import RunConfig, changed_exact_keys, config_fingerprint, load_config, split_resume_arg
 from ds_finetune.data import (DATA_FORMAT_VERSION, IGNORE_INDEX, TokenizedData, build_cache, cache_path, collate,
                               content_hash, load_tokenizer, plan_units, read_cache, resolve_data_files,
                               unit_targets, unit_tokens)
@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="resume even if a setting that breaks exactness changed")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.resume, args.overrides = split_resume_arg(args.resume, args.overrides)
+    return args
 
 
 # ------------------------------------------------------------------------------------ distributed setup
