@@ -223,13 +223,13 @@ class EpochOrder:
 
 def total_steps_of(cfg: RunConfig, order: EpochOrder, global_batch: int) -> int:
     t = cfg.train
+    # Packing makes the steps of an epoch depend on its order, so count them epoch by epoch.
+    per_epoch = [steps_in_epoch(len(order.units(e)), global_batch) for e in range(t.epochs or 1)]
+    if min(per_epoch) == 0:
+        raise UserError(f"data error: {cfg.data.path}: {order.data.num_rows} usable rows make fewer units than one "
+                        f"global batch ({global_batch}); add data or lower the batch size")
     if t.epochs is None:
         return t.max_steps
-    # Packing makes the steps of an epoch depend on its order, so count them epoch by epoch.
-    per_epoch = [steps_in_epoch(len(order.units(e)), global_batch) for e in range(t.epochs)]
-    if sum(per_epoch) == 0:
-        raise UserError(f"data error: {cfg.data.path}: {order.data.num_rows} usable rows are fewer than one global "
-                        f"batch ({global_batch}); add data or lower the batch size")
     total = sum(per_epoch)
     return min(total, t.max_steps) if t.max_steps else total
 
@@ -426,6 +426,9 @@ def fit(cfg, engine, data, order, layout, state, total_steps, fingerprint, metri
 
     while state.step < total_steps:
         units = order.units(state.epoch)
+        if len(units) < gb:  # possible only with packing, where each epoch packs differently
+            raise UserError(f"data error: epoch {state.epoch} packs into {len(units)} sequences, fewer than one "
+                            f"global batch ({gb}); add data or lower the batch size")
         if state.offset + gb > len(units):  # epoch done (a last partial batch is dropped)
             if cfg.train.epochs is not None and state.epoch + 1 >= cfg.train.epochs:
                 break
