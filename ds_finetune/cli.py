@@ -67,8 +67,11 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, num_gp
     world = world_size_of(spec, on_accelerator)
     micro, accum, global_batch = cfg.batch_layout(world)
     argv = build_launch_argv(spec, on_accelerator)
-    env = launch_env(on_accelerator)
-    prefix = "" if on_accelerator else "DS_ACCELERATOR=cpu "
+    # Multi-node: the node we launch from may have no GPU while the workers do; let each node detect its
+    # own accelerator (set DS_ACCELERATOR=cpu yourself for CPU-only clusters).
+    cpu_here = not on_accelerator and not hostfile
+    env = launch_env(not cpu_here)
+    prefix = "DS_ACCELERATOR=cpu " if cpu_here else ""
     click.echo(prefix + shlex.join(argv))
     if dry_run:
         click.echo(f"# world_size={world} micro_batch_size={micro} grad_accum={accum} global_batch={global_batch}")
