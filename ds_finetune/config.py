@@ -115,6 +115,7 @@ class CheckpointConfig(_Section):
     save_on_signal: bool = Field(True, description="On SIGTERM/SIGINT finish the step, save, exit.")
     save_final: bool = Field(True, description="Save when training ends.")
     verify_hashes: bool = Field(True, description="sha256-check files before loading (sizes are always checked).")
+    export_final: bool = Field(False, description="At the end, export a Hugging Face model to OUTPUT_DIR/final_model.")
 
 
 class LoggingConfig(_Section):
@@ -135,18 +136,28 @@ class RunConfig(_Section):
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
 
-    def batch_layout(self, world_size: int) -> tuple[int, int, int]:
-        """(micro_batch_size, grad_accum, global_batch) for this world size, or a UserError."""
+    def batch_layout(self, world_size: int, keep_global_batch: int | None = None) -> tuple[int, int, int]:
+        """(micro_batch_size, grad_accum, global_batch) for this world size, or a UserError.
+
+        `keep_global_batch` (the global batch of a checkpoint being resumed) wins over grad_accum when
+        train.global_batch_size is unset: resuming on another world size recomputes grad_accum so the
+        global batch, and with it the data order and the loss, stay the same (SPEC §6)."""
         t = self.train
-        if t.global_batch_size is None:
+        target = t.global_batch_size
+        if target is None and keep_global_batch is not None \
+                and keep_global_batch != t.micro_batch_size * t.grad_accum * world_size:
+            target = keep_global_batch
+        if target is None:
             return t.micro_batch_size, t.grad_accum, t.micro_batch_size * t.grad_accum * world_size
         per_step = t.micro_batch_size * world_size
-        if t.global_batch_size % per_step:
-            valid = [w for w in range(1, t.global_batch_size + 1) if t.global_batch_size % (t.micro_batch_size * w) == 0]
-            raise UserError(f"config error: train.global_batch_size={t.global_batch_size} is not divisible by "
-                            f"micro_batch_size×world_size={t.micro_batch_size}×{world_size}; "
-                            f"world sizes that fit: {valid[:12]}")
-        return t.micro_batch_size, t.global_batch_size // per_step, t.global_batch_size
+        if target % per_step:
+            key = "train.global_batch_size" if t.global_batch_size else "the checkpoint's global batch"
+            micro_ok = [m for m in range(1, target + 1) if target % (m * world_size) == 0]
+            world_ok = [w for w in range(1, target + 1) if target % (t.micro_batch_size * w) == 0]
+            micro_hint = f"train.micro_batch_size in {micro_ok[:12]} or " if micro_ok else ""
+            raise UserError(f"config error: {key} {target} is not divisible by micro_batch_size×world_size="
+                            f"{t.micro_batch_size}×{world_size}; use {micro_hint}a world size in {world_ok[:12]}")
+        return t.micro_batch_size, target // per_step, target
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_finetune import checkpoint as ckpt
+from ds_finetune import universal
 from ds_finetune.config import RunConfig, changed_exact_keys, config_fingerprint, load_config, split_resume_arg
 from ds_finetune.data import (DATA_FORMAT_VERSION, IGNORE_INDEX, TokenizedData, build_cache, cache_path, collate,
                               content_hash, load_tokenizer, plan_units, read_cache, resolve_data_files,
@@ -167,13 +168,21 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
     return factor
 
 
+def param_group_names(model) -> list[list[str]]:
+    """Trainable parameter names of the two optimizer groups: decayed (matrices), not decayed (biases,
+    norms). Saved with each checkpoint so a ZeRO-0 optimizer state can be mapped back to names."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 or len(getattr(p, "ds_shape", ())) >= 2 else no_decay).append(name)
+    return [decay, no_decay]
+
+
 def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int):
     import deepspeed
 
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on biases and norms
+    params = dict(model.named_parameters())
+    decay, no_decay = ([params[n] for n in names] for names in param_group_names(model))
     t = cfg.train
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
@@ -322,18 +331,12 @@ def _select_checkpoint_rank0(args, cfg: RunConfig, ckpt_dir: Path) -> ckpt.Check
     return info
 
 
-def check_resumable(info: ckpt.CheckpointInfo, fingerprint: dict, world_size: int, zero_stage: int,
-                    allow_change: bool) -> None:
+def check_resumable(info: ckpt.CheckpointInfo, fingerprint: dict, allow_change: bool) -> None:
     """Refuse, from the manifest alone (nothing unpickled yet), a checkpoint this run cannot continue."""
-    m = info.manifest
-    state = m.get("trainer_state", {})
+    state = info.manifest.get("trainer_state", {})
     if state.get("data_format_version") != DATA_FORMAT_VERSION:
         raise UserError(f"checkpoint error: {info.path} uses data format {state.get('data_format_version')}, this "
                         f"version uses {DATA_FORMAT_VERSION}; resume with the ds-finetune version that saved it")
-    if m["zero_stage"] != zero_stage or m["world_size"] != world_size:
-        raise UserError(f"checkpoint error: {info.path} was saved with ZeRO stage {m['zero_stage']} on "
-                        f"{m['world_size']} ranks; this run uses stage {zero_stage} on {world_size} ranks. Resume "
-                        f"with train.zero_stage={m['zero_stage']} and {m['world_size']} processes")
     changed = changed_exact_keys(state.get("fingerprint", {}), fingerprint)
     if changed and not allow_change:
         raise UserError(f"config error: resuming {info.path} with changed {', '.join(changed)} would not continue "
@@ -352,12 +355,28 @@ def write_run_files(cfg: RunConfig, ds_config: dict) -> None:
     (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
 
 
+def convert_for_resume(info: ckpt.CheckpointInfo, stage: int, world: int, rank: int):
+    """Rank 0 converts the checkpoint to the stage-independent copy once; every rank then reads it."""
+    m = info.manifest
+    error = None
+    if rank == 0:
+        print(f"[ds-finetune] converting {info.path} (ZeRO {m['zero_stage']}, {m['world_size']} ranks) for ZeRO "
+              f"{stage} on {world} ranks" + (" (reusing the converted copy)" if universal.has_universal(info) else ""),
+              flush=True)
+        try:
+            if not universal.has_universal(info):
+                universal.write_universal(info)
+        except UserError as e:
+            error = e
+    error = broadcast_from_rank0(error)
+    if error is not None:
+        raise error
+    return universal.read_universal(universal.universal_dir(info))
+
+
 def run(args) -> int:
     rank, world, local_rank = init_distributed()
     cfg = load_config(args.config, args.overrides)
-    micro, accum, global_batch = cfg.batch_layout(world)
-    layout = BatchLayout(micro, accum, world)
-    ds_config = zero_config_for_run(cfg, world)
     is_main = rank == 0
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
@@ -365,29 +384,47 @@ def run(args) -> int:
     if is_main and data.skipped_rows:
         print(f"[ds-finetune] skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
     order = EpochOrder(data, cfg.train.seed, cfg.data.packing, cfg.data.max_length)
-    total_steps = total_steps_of(cfg, order, global_batch)
-    fingerprint = config_fingerprint(cfg, global_batch, data.content_hash)
 
     resume_from = select_checkpoint(args, cfg, rank)
+    saved_global_batch = resume_from.manifest["trainer_state"]["global_batch"] if resume_from else None
+    micro, accum, global_batch = cfg.batch_layout(world, keep_global_batch=saved_global_batch)
+    if is_main and (micro, accum) != cfg.batch_layout(world)[:2]:
+        print(f"[ds-finetune] keeping the checkpoint's global batch {global_batch} on {world} ranks: "
+              f"grad_accum={accum} (micro_batch_size={micro})", flush=True)
+    layout = BatchLayout(micro, accum, world)
+    ds_config = zero_config_for_run(cfg, world, micro, accum)
+    total_steps = total_steps_of(cfg, order, global_batch)
+    fingerprint = config_fingerprint(cfg, global_batch, data.content_hash)
     if resume_from is not None:
-        check_resumable(resume_from, fingerprint, world, cfg.train.zero_stage, args.allow_config_change)
+        check_resumable(resume_from, fingerprint, args.allow_config_change)
     elif args.overwrite and is_main and cfg.checkpoint_dir.is_dir():
         for p in cfg.checkpoint_dir.iterdir():
             if ckpt.step_of_tag(p.name) is not None:
                 ckpt.remove_tree(p)
+    converted = None
+    if resume_from is not None and (resume_from.manifest["zero_stage"], resume_from.manifest["world_size"]) \
+            != (cfg.train.zero_stage, world):
+        converted = convert_for_resume(resume_from, cfg.train.zero_stage, world, rank)
     barrier()
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank, stage and world size
     model = build_model(cfg, ds_config)
+    if converted is not None:
+        universal.load_universal_weights(model, converted[0]["weights"])
     engine = build_engine(model, cfg, ds_config, total_steps)
     # Dropout RNG: rank r draws from seed + r (documented in README; a new rank gets the same rule).
     seed_everything(cfg.train.seed + rank)
 
     state = TrainState()
     if resume_from is not None:
-        client_state = ckpt.load_checkpoint(engine, resume_from)
+        if converted is None:
+            rng_states = ckpt.load_checkpoint(engine, resume_from)["rng_states"]
+        else:
+            universal.load_universal_optimizer(engine, *converted)
+            rng_states = [universal.rng_from_plain(s) for s in converted[1]["rng_states"]]
+        if rank < len(rng_states):  # a rank the saved run did not have keeps the seed + rank rule
+            restore_rng(rng_states[rank])
         state = TrainState(**{k: resume_from.manifest["trainer_state"][k] for k in asdict(state)})
-        restore_rng(client_state["rng_states"][rank])
         if is_main:
             print(f"[ds-finetune] resumed from {resume_from.path} at step {state.step} "
                   f"(epoch {state.epoch}, offset {state.offset})", flush=True)
@@ -418,7 +455,8 @@ def fit(cfg, engine, data, order, layout, state, total_steps, fingerprint, metri
         rng_states = [None] * world
         dist.all_gather_object(rng_states, capture_rng())
         path = ckpt.save_checkpoint(engine, cfg.checkpoint_dir, state.step,
-                                    {"ds_finetune": trainer_state, "rng_states": rng_states},
+                                    {"ds_finetune": trainer_state, "rng_states": rng_states,
+                                     "param_group_names": param_group_names(engine.module)},
                                     trainer_state, cfg.checkpoint.keep_last, rank, world)
         last_save_time, saved_step = time.time(), state.step
         metrics.message(f"[ds-finetune] saved {path} ({reason})")

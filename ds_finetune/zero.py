@@ -62,8 +62,9 @@ def build_zero_config(
     return config
 
 
-def zero_config_for_run(cfg, world_size: int) -> dict:
-    micro, accum, _ = cfg.batch_layout(world_size)
+def zero_config_for_run(cfg, world_size: int, micro: int | None = None, accum: int | None = None) -> dict:
+    if micro is None or accum is None:
+        micro, accum, _ = cfg.batch_layout(world_size)
     t = cfg.train
     return build_zero_config(t.zero_stage, micro, accum, world_size, cfg.model.dtype, t.grad_clip,
                              t.offload_optimizer, t.offload_param)

@@ -1,0 +1,76 @@
+"""The baseline of the loop-overhead figure: a bare DeepSpeed loop, run with torchrun like ds-finetune.
+
+Same model (same seed), same DeepSpeed config (ds-finetune's own generator), same batches (the same
+tokenized cache, epoch order and collation, all built before the clock starts) - and nothing else:
+no metrics, no loss all-reduce, no checkpoint, no signal handling. Rank 0 writes the wall-clock time at
+the end of every optimizer step to --out as JSON.
+
+    torchrun --nproc_per_node 2 bench/bare_loop.py --config RUN.yaml --steps N --out times.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    import deepspeed
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ds_finetune.config import load_config
+    from ds_finetune.data import collate, load_tokenizer
+    from ds_finetune.sampler import BatchLayout, epoch_permutation
+    from ds_finetune.train import init_distributed, prepare_data, seed_everything
+    from ds_finetune.zero import zero_config_for_run
+
+    rank, world, local_rank = init_distributed()  # same backend and thread count as ds-finetune
+    cfg = load_config(args.config, [])
+    micro, accum, _ = cfg.batch_layout(world)
+    layout = BatchLayout(micro, accum, world)
+    ds_config = zero_config_for_run(cfg, world)
+
+    # Pre-tokenized batches: every micro-batch of every step, as tensors, before anything is timed.
+    data = prepare_data(cfg, load_tokenizer(cfg.model.tokenizer), local_rank)
+    order = epoch_permutation(data.num_rows, cfg.train.seed, 0)
+    units = [order[i:i + 1] for i in range(len(order))]
+    pad_id = cfg.model.config.get("pad_token_id", 0)
+    steps = []
+    for s in range(args.steps):
+        offset = s * layout.global_batch
+        steps.append([collate(data, units[layout.micro_slice(offset, m, rank)], pad_id) for m in range(accum)])
+
+    seed_everything(cfg.train.seed)
+    inline = dict(cfg.model.config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(inline.pop("model_type"), **inline),
+                                             dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    times = []
+    for micro_batches in steps:
+        for input_ids, attention_mask, labels in micro_batches:
+            loss = engine(input_ids=input_ids.to(engine.device), attention_mask=attention_mask.to(engine.device),
+                          labels=labels.to(engine.device)).loss
+            engine.backward(loss)
+            engine.step()
+        times.append(time.time())
+    if rank == 0:
+        Path(args.out).write_text(json.dumps({"times": times}))
+    sys.stdout.flush()
+    os._exit(0)  # like ds-finetune: skip DeepSpeed/gloo teardown, which can hang after the work is done
+
+
+if __name__ == "__main__":
+    main()

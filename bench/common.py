@@ -1,0 +1,289 @@
+"""Shared pieces of `make bench`: paths, generated data and run configs, launching 2-rank jobs, sampling
+their memory, and reading the per-step timestamps every section turns into a ratio.
+
+Everything the bench generates lives under build/bench/ (git-ignored); only results go to bench/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+WORK = ROOT / "build" / "bench"
+RESULTS = BENCH / "results"
+PY = sys.executable
+BIN = Path(sys.executable).parent
+TOKENIZER = ROOT / "assets" / "tiny-tokenizer"
+NPROC = 2
+
+
+# ------------------------------------------------------------------------------------------------ env
+
+def child_env(extra: dict | None = None, gpu: bool = False) -> dict:
+    """Environment of a launched job. Figures 1-4 are CPU figures (gloo, one core a rank) wherever the
+    bench runs, so their jobs never see a GPU; only the GPU section passes gpu=True."""
+    env = dict(os.environ)
+    if not gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    # One tokenized-data cache for the whole bench, so every section warms it once and then reads it.
+    env["DS_FINETUNE_CACHE"] = str(WORK / "ds-cache")
+    env["HF_DATASETS_CACHE"] = str(WORK / "hf-datasets-cache")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    # Each rank gets its share of the cores, whoever launches it (ds-finetune sets the same itself), so
+    # the bare loop, ds-finetune and HF Trainer all run with the same intra-op threads.
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // NPROC))
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    env.pop("DS_FINETUNE_FAULT", None)
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, args: list[str], nproc: int = NPROC) -> list[str]:
+    """torchrun argv (≈ 4 s cheaper per start than the `deepspeed` launcher; same processes underneath)."""
+    return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            str(script), *args]
+
+
+def ours_argv(config: Path, overrides=(), resume: str | None = None, nproc: int = NPROC) -> list[str]:
+    """ds-finetune's real entry point (launch/train.py, what the `deepspeed` launcher runs)."""
+    args = ["--config", str(config)]
+    if resume is not None:
+        args += ["--resume"] + ([] if resume == "auto" else [resume])
+    return torchrun(ROOT / "launch" / "train.py", args + list(overrides), nproc)
+
+
+# --------------------------------------------------------------------------------------------- launch
+
+def tree_rss(proc) -> int:
+    """RSS of a process and all its descendants, in bytes (shared pages count once per process, the same
+    way for every contender)."""
+    import psutil
+    total = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+@dataclass
+class Job:
+    """One launched job: its start time (the clock every 'time to first step' starts from), its log,
+    and the peak RSS of its process tree, sampled every 0.1 s by a thread."""
+    argv: list[str]
+    log: Path
+    env_extra: dict | None = None
+    gpu: bool = False
+    t_start: float = 0.0
+    peak_rss: int = 0
+    proc: subprocess.Popen | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> "Job":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log, "w")
+        self.t_start = time.time()
+        # A new session: SIGKILL of the group takes the launcher and every rank, never the bench.
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=child_env(self.env_extra, self.gpu), stdout=out,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        threading.Thread(target=self._sample, daemon=True).start()
+        return self
+
+    def _sample(self):
+        import psutil
+        try:
+            root = psutil.Process(self.proc.pid)
+        except psutil.Error:
+            return
+        while not self._stop.is_set() and self.proc.poll() is None:
+            self.peak_rss = max(self.peak_rss, tree_rss(root))
+            self._stop.wait(0.1)
+
+    def wait(self, timeout: float = 600, check: bool = True) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError(f"{self.log.name}: timed out after {timeout:.0f} s; log: {self.log}")
+        finally:
+            self._stop.set()
+        if check and code != 0:
+            raise RuntimeError(f"{self.log.name}: exit {code}; last lines of {self.log}:\n{tail(self.log)}")
+        return code
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self._stop.set()
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+
+def tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_for(predicate, job: Job | None = None, timeout: float = 300, interval: float = 0.02) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if job is not None and not job.running():
+            return bool(predicate())
+        time.sleep(interval)
+    return False
+
+
+# ------------------------------------------------------------------------------------------ step times
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break  # a torn last line of a killed run
+    return rows
+
+
+def step_intervals(times: list[float], skip: int) -> list[float]:
+    """Seconds per optimizer step from end-of-step timestamps, dropping the first `skip` steps (warm-up:
+    allocator growth, first all-reduces, lazily created optimizer state)."""
+    times = times[skip:]
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def steps_per_s(intervals: list[float]) -> float:
+    return 1.0 / statistics.median(intervals) if intervals else float("nan")
+
+
+def median(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+# Words the tiny tokenizer was trained on (tools/make_tiny_assets.py), so rows tokenize to ~1.6 tokens
+# a word instead of byte soup.
+WORDS = ("the a what is plus minus count from to reverse word sound does make color sky grass snow coal "
+         "banana tomato orange plum repeat times spell number one two three four five six seven eight nine "
+         "zero blue green white black yellow red purple says moo woof meow quack baa hoot roar oink cat dog "
+         "sun tree bird fish moon star rain book lamp frog milk ship road cake Q: A: answer question").split()
+
+
+def write_text_dataset(path: Path, rows: int, words_per_row: int, seed: int) -> Path:
+    """A JSONL `text` dataset of random word rows; skipped when it is already there (seeded: the same file)."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=words_per_row))}) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- run configs
+
+def llama_params(m: dict) -> int:
+    """Parameter count of an inline Llama config (untied embeddings, no biases)."""
+    h, i, layers, v = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"], m["vocab_size"]
+    kv = h // m["num_attention_heads"] * m["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return 2 * v * h + layers * per_layer + h
+
+
+def llama(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, max_pos: int,
+          dropout: float = 0.0) -> dict:
+    """An inline random-init Llama config on the shipped tokenizer's vocabulary."""
+    return {"model_type": "llama", "vocab_size": 512, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "max_position_embeddings": max_pos, "attention_dropout": dropout, "tie_word_embeddings": False,
+            "pad_token_id": 2, "bos_token_id": 0, "eos_token_id": 1}
+
+
+def run_config(name: str, model: dict, data: Path, max_length: int, micro: int, accum: int, steps: int,
+               output_dir: Path, **sections) -> Path:
+    """Write a ds-finetune run config (YAML) under build/bench/configs and return its path.
+    `sections` are extra keys per section, e.g. checkpoint={"every_steps": 5}."""
+    cfg = {
+        "model": {"config": model, "tokenizer": str(TOKENIZER), "dtype": "fp32"},
+        "data": {"path": str(data), "format": "text", "max_length": max_length},
+        "train": {"micro_batch_size": micro, "grad_accum": accum, "max_steps": steps, "lr": 3e-4,
+                  "lr_schedule": "cosine", "warmup_steps": 2, "weight_decay": 0.01, "grad_clip": 1.0,
+                  "zero_stage": 2, "seed": 1234},
+        "checkpoint": {"every_steps": 0, "save_final": False, "keep_last": 0},
+        "logging": {"progress_bar": False, "tensorboard": False, "sample_ids": False},
+        "output_dir": str(output_dir),
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = WORK / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def warm_cache(config: Path) -> float:
+    """Tokenize a run config's dataset into the bench's cache now (what ds-finetune's rank 0 does on a
+    first start), so no timed start pays for it. Returns the seconds it took (0 when already cached)."""
+    sys.path.insert(0, str(ROOT))
+    from ds_finetune.config import load_config
+    from ds_finetune.data import build_cache, cache_path, content_hash, load_tokenizer, resolve_data_files
+
+    os.environ["DS_FINETUNE_CACHE"] = child_env()["DS_FINETUNE_CACHE"]
+    cfg = load_config(str(config), [])
+    tok = load_tokenizer(cfg.model.tokenizer)
+    files = resolve_data_files(cfg.data.path)
+    data_hash = content_hash(files, cfg.data.path, cfg.data.split)
+    path = cache_path(cfg.data, data_hash, tok)
+    if path.exists():
+        return 0.0
+    t0 = time.time()
+    build_cache(cfg.data, tok, files, data_hash, path)
+    return time.time() - t0
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)

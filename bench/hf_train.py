@@ -1,0 +1,131 @@
+"""The Hugging Face Trainer + DeepSpeed contender, run with torchrun like ds-finetune.
+
+It reads a ds-finetune run config so both sides do the same work: the same inline model (same seed),
+the same tokenized rows (ds-finetune's cache, wrapped as a map-style torch Dataset: HF's data path then
+costs no more than a memory-mapped `datasets` table would), the same micro batch, grad accumulation,
+optimizer settings, LR schedule and the DeepSpeed config ds-finetune generates (every value concrete).
+
+Rank 0 appends one JSON line per optimizer step to --steps-log: {"step", "loss", "time"}; the loss is what
+the Trainer logs (logging_steps=1: that step's loss, averaged over ranks), unrounded.
+
+    torchrun --nproc_per_node 2 bench/hf_train.py --config RUN.yaml --out DIR --steps-log steps.jsonl
+             [--save-at 5,10] [--resume DIR/checkpoint-N]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True, help="ds-finetune run config to mirror")
+    p.add_argument("--out", required=True, help="Trainer output_dir (checkpoints)")
+    p.add_argument("--steps-log", required=True, help="per-step JSONL written by rank 0")
+    p.add_argument("--save-at", default="", help="comma-separated optimizer steps to checkpoint at")
+    p.add_argument("--resume", default=None, help="checkpoint folder for resume_from_checkpoint")
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    return p.parse_args()
+
+
+class RowsDataset:
+    """ds-finetune's tokenized rows as a map-style dataset of {input_ids, labels} (labels -100 off-target)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return self.data.num_rows
+
+    def __getitem__(self, i):
+        ids, mask = self.data.row(i)
+        return {"input_ids": ids, "mask": mask}
+
+
+def make_collator(pad_id: int):
+    import numpy as np
+    import torch
+
+    def collate(rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        labels = np.full((len(rows), width), -100, dtype=np.int64)
+        attention = np.zeros((len(rows), width), dtype=np.int64)
+        for j, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[j, :n] = r["input_ids"]
+            labels[j, :n] = np.where(r["mask"], r["input_ids"], -100)
+            attention[j, :n] = 1
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attention),
+                "labels": torch.from_numpy(labels)}
+    return collate
+
+
+def main():
+    args = parse_args()
+    import torch
+    import torch.distributed as dist
+    from transformers import (AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments,
+                              set_seed)
+
+    from ds_finetune.config import load_config
+    from ds_finetune.data import load_tokenizer
+    from ds_finetune.train import init_distributed, prepare_data
+    from ds_finetune.zero import zero_config_for_run
+
+    rank, world, local_rank = init_distributed()  # same backend and thread count as ds-finetune
+    cfg = load_config(args.config, [])
+    t = cfg.train
+    micro, accum, _ = cfg.batch_layout(world)
+    data = prepare_data(cfg, load_tokenizer(cfg.model.tokenizer), local_rank)
+    save_at = {int(s) for s in args.save_at.split(",") if s}
+
+    class StepLog(TrainerCallback):
+        def __init__(self):
+            self.file = open(args.steps_log, "a") if rank == 0 else None
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step in save_at:
+                control.should_save = True
+            return control
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if self.file is not None and logs and "loss" in logs:
+                self.file.write(json.dumps({"step": state.global_step, "loss": logs["loss"],
+                                            "time": time.time()}) + "\n")
+                self.file.flush()
+
+    set_seed(t.seed)
+    inline = dict(cfg.model.config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(inline.pop("model_type"), **inline),
+                                             dtype=torch.float32)
+    schedule = ({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": t.min_lr_ratio}}
+                if t.lr_schedule == "cosine" else {"lr_scheduler_type": t.lr_schedule})
+    targs = TrainingArguments(
+        output_dir=args.out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+        max_steps=args.max_steps or t.max_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_eps, max_grad_norm=t.grad_clip,
+        warmup_steps=t.warmup_steps, seed=t.seed, data_seed=t.seed, logging_steps=1,
+        # Saves happen only where StepLog asks (save_steps is out of reach).
+        save_strategy="steps", save_steps=10**9,
+        save_only_model=False, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        remove_unused_columns=False, dataloader_pin_memory=False,  # our collator needs the "mask" field
+        deepspeed=zero_config_for_run(cfg, world), ddp_backend="gloo",
+        # Without use_cpu, accelerate finds no accelerator, calls the job non-distributed (world size 1)
+        # and every rank trains on the whole dataset; with it: MULTI_CPU -> DeepSpeed, sharded as on GPUs.
+        use_cpu=not torch.cuda.is_available(), **schedule)
+    trainer = Trainer(model=model, args=targs, train_dataset=RowsDataset(data),
+                      data_collator=make_collator(cfg.model.config.get("pad_token_id", 0)), callbacks=[StepLog()])
+    trainer.train(resume_from_checkpoint=args.resume)
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

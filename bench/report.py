@@ -1,0 +1,142 @@
+"""The bench's outputs: the machine it ran on, the table on stdout, the JSON and the PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+from pathlib import Path
+
+
+# -------------------------------------------------------------------------------------------- machine
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(work_dir: Path) -> dict:
+    import deepspeed
+    import psutil
+    import torch
+    import transformers
+    info = {
+        "cpu": cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__, "load_avg_at_start": os.getloadavg(),
+        "gpu": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+    }
+    try:
+        import accelerate
+        info["accelerate"] = accelerate.__version__
+    except ImportError:
+        pass
+    info["filesystem"] = filesystem_of(work_dir)
+    return info
+
+
+def filesystem_of(path: Path) -> dict:
+    import psutil
+    path = path.resolve()
+    best = None
+    for part in psutil.disk_partitions(all=True):
+        if str(path).startswith(part.mountpoint) and (best is None or len(part.mountpoint) > len(best.mountpoint)):
+            best = part
+    usage = shutil.disk_usage(path)
+    return {"path": str(path), "device": best.device if best else "?", "fstype": best.fstype if best else "?",
+            "free_gib": round(usage.free / 2**30, 1)}
+
+
+def machine_slug(info: dict) -> str:
+    """A short file-name-safe machine name: the CPU (or first GPU) model and the core count."""
+    name = info["gpu"][0] if info["gpu"] else info["cpu"]
+    name = re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*|\d+-Core", "", name)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "machine"
+    return f"{slug}-{info['logical_cores']}cpu" + (f"-{len(info['gpu'])}gpu" if info["gpu"] else "")
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+def fmt(value, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if value != value:
+        return "nan"
+    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) >= 1 else f"{value:.3f}"
+    return f"{text} {unit}".strip()
+
+
+def fmt_target(target) -> str:
+    if not target:
+        return "-"
+    op, value = target
+    return f"{op} {value}" if isinstance(value, (int, float)) else str(value)
+
+
+def fmt_met(met) -> str:
+    return "-" if met is None else "yes" if met else "NO"
+
+
+def table(figures: list[dict], errors: dict[str, str], skipped: dict[str, str]) -> str:
+    head = ("figure", "ours", "baseline", "ratio", "target", "met")
+    rows = [(f["figure"], fmt(f["ours"], f["unit"]), fmt(f["baseline"], f["unit"]),
+             "-" if f["ratio"] is None else f"{f['ratio']:.3f}", fmt_target(f["target"]), fmt_met(f["met"]))
+            for f in figures]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    out = [line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
+    for name, reason in skipped.items():
+        out.append(f"{name}: {reason}")
+    for name, err in errors.items():
+        out.append(f"{name}: FAILED - {err}")
+    notes = [f"  {f['figure']}: {f['note']}" for f in figures if f.get("note")]
+    return "\n".join(out + ["", "notes:"] + notes)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_chart(path: Path, figures: list[dict], title: str) -> None:
+    """One horizontal bar per ratio; a dashed red tick at its target; green met, red missed, grey no target."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [f for f in figures if isinstance(f.get("ratio"), (int, float)) and f["ratio"] == f["ratio"]]
+    if not bars:
+        return
+    fig, ax = plt.subplots(figsize=(10, 0.7 * len(bars) + 1.6))
+    ys = range(len(bars))[::-1]
+    colors = ["#9e9e9e" if f["met"] is None else "#2e7d32" if f["met"] else "#c62828" for f in bars]
+    ax.barh(list(ys), [f["ratio"] for f in bars], color=colors, height=0.6)
+    for y, f in zip(ys, bars):
+        ax.text(f["ratio"], y, f" {f['ratio']:.3f}", va="center", fontsize=9)
+        if f["target"] and isinstance(f["target"][1], (int, float)):
+            ax.plot([f["target"][1]] * 2, [y - 0.4, y + 0.4], color="#d50000", linestyle="--", linewidth=1.5)
+            ax.text(f["target"][1], y + 0.42, f"target {f['target'][0]} {f['target'][1]}", fontsize=7,
+                    color="#d50000", ha="center")
+    ax.axvline(1.0, color="black", linewidth=0.6)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([f["figure"] for f in bars], fontsize=8)
+    ax.set_xlabel("ratio (same invocation, medians)")
+    ax.set_xlim(0, max(1.3, max(f["ratio"] for f in bars) * 1.15))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

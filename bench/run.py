@@ -1,0 +1,100 @@
+"""`make bench`: the figures that decide between ds-finetune and HF Trainer + DeepSpeed, on this machine.
+
+Every figure is a ratio against a baseline measured in this same invocation (the machine is shared and
+noisy; absolute times are not stable), from medians of interleaved repetitions:
+
+  1. overhead      ds-finetune's loop vs a bare DeepSpeed loop            (bench/overhead.py)
+  2. resume        resume-to-first-step at 90 % vs 1 % of an epoch        (bench/resume_cost.py)
+  3. checkpoint    save MB/s vs a dd-style write + fsync                   (bench/ckpt_throughput.py)
+  4. side-by-side  steps/s, peak RSS, kill/resume exactness vs HF Trainer (bench/side_by_side.py)
+  5. gpu           bf16 ZeRO-2/3 tokens/s and MFU, where a GPU is present  (bench/gpu.py)
+
+Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick).
+Scratch files go to build/bench/.
+
+    python bench/run.py [--quick] [--only overhead,resume,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, WORK, log  # noqa: E402
+import report  # noqa: E402
+
+SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "resume_cost",
+            "side-by-side": "side_by_side", "gpu": "gpu"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and steps: a smoke run of a few minutes")
+    p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(SECTIONS)}")
+    args = p.parse_args(argv)
+    args.sections = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def run_sections(names: list[str], quick: bool) -> tuple[dict, list, dict, dict]:
+    """Run each section; one that fails is reported and the others still run."""
+    results, figures, errors, skipped = {}, [], {}, {}
+    for name in names:
+        t0 = time.time()
+        log(f"== {name} ==")
+        try:
+            result = importlib.import_module(SECTIONS[name]).run(quick)
+        except Exception as e:  # a broken section must not cost the figures of the others
+            traceback.print_exc()
+            errors[name] = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            results[name] = {"error": errors[name]}
+            continue
+        result["wall_s"] = round(time.time() - t0, 1)
+        results[name] = result
+        figures += result.get("figures", [])
+        if result.get("skipped"):
+            skipped[name] = result["skipped"]
+        log(f"{name} took {result['wall_s']:.0f} s")
+    return results, figures, errors, skipped
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.time()
+    WORK.mkdir(parents=True, exist_ok=True)
+    machine = report.machine_info(WORK)
+    log(f"machine: {machine['cpu']}, {machine['logical_cores']} cores, torch {machine['torch']}, "
+        f"deepspeed {machine['deepspeed']}; mode {'quick' if args.quick else 'full'}")
+    results, figures, errors, skipped = run_sections(args.sections, args.quick)
+    machine["load_avg_at_end"] = os.getloadavg()
+
+    stem = f"{time.strftime('%Y-%m-%d')}-{report.machine_slug(machine)}{'-quick' if args.quick else ''}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    wall = time.time() - t0
+    payload = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": "quick" if args.quick else "full",
+               "command": " ".join(map(shlex.quote, [sys.executable, *sys.argv])), "wall_s": round(wall, 1),
+               "machine": machine, "figures": figures, "errors": errors, "skipped": skipped, "sections": results}
+    report.write_json(RESULTS / f"{stem}.json", payload)
+    title = (f"ds-finetune bench {payload['date'][:16]} - {machine['cpu']}, {machine['logical_cores']} cores, "
+             f"torch {machine['torch']}, deepspeed {machine['deepspeed']}")
+    report.write_chart(RESULTS / f"{stem}.png", figures, title)
+
+    print()
+    print(report.table(figures, errors, skipped))
+    print(f"\nwall time {wall / 60:.1f} min; results: {RESULTS / stem}.json, {RESULTS / stem}.png")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
