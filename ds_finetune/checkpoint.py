@@ -170,8 +170,9 @@ def disk_error(ckpt_dir: Path, err: BaseException) -> UserError:
 # ------------------------------------------------------------------------------------------------ save
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, trainer_state: dict,
-                    keep_last: int, rank: int, world_size: int) -> Path:
-    """Save and commit `step_N`. Returns the tag dir. Every rank calls this at the same step."""
+                    keep_last: int, rank: int, world_size: int, write_extra=None) -> Path:
+    """Save and commit `step_N`. Returns the tag dir. Every rank calls this at the same step.
+    `write_extra(tag_dir)` runs on rank 0 after DeepSpeed's files are written; its files are committed too."""
     import deepspeed
     import torch.distributed as dist
 
@@ -186,6 +187,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, train
         dist.barrier()
         _wrap_shard_writes_for_faults(engine, rank, step)
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        if rank == 0 and write_extra is not None:
+            write_extra(tag_dir)
         fault_point("after_shards", rank, step)
         own = {str(p.relative_to(tag_dir)): hash_and_sync(p) for p in files_owned_by(tag_dir, rank)}
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError

@@ -194,5 +194,19 @@ def ckpt_verify(path, no_hash):
     sys.exit(1)
 
 
+@ckpt.command("export")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--no-hash", is_flag=True, help="Check sizes only before loading.")
+@user_errors_exit
+def ckpt_export(path, out_dir, dtype, no_hash):
+    """Write a Hugging Face model folder from a checkpoint of any ZeRO stage."""
+    from ds_finetune.export import export_checkpoint
+
+    out = export_checkpoint(path, out_dir, dtype, hashes=not no_hash)
+    click.echo(f"exported {path} -> {out} ({dtype}); load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
 if __name__ == "__main__":
     main()

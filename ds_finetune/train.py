@@ -28,6 +28,7 @@ from ds_finetune.data import (DATA_FORMAT_VERSION, IGNORE_INDEX, TokenizedData, 
                               content_hash, load_tokenizer, plan_units, read_cache, resolve_data_files,
                               unit_targets, unit_tokens)
 from ds_finetune.errors import UserError
+from ds_finetune.export import export_checkpoint, write_hf_files
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter
 from ds_finetune.sampler import BatchLayout, epoch_permutation, steps_in_epoch
 from ds_finetune.zero import zero_config_for_run
@@ -436,12 +437,12 @@ def run(args) -> int:
                              cfg.logging.progress_bar) if is_main else NullMetricsWriter())
     stop = StopSignal()
     try:
-        return fit(cfg, engine, data, order, layout, state, total_steps, fingerprint, metrics, stop, rank)
+        return fit(cfg, engine, tok, data, order, layout, state, total_steps, fingerprint, metrics, stop, rank)
     finally:
         metrics.close()
 
 
-def fit(cfg, engine, data, order, layout, state, total_steps, fingerprint, metrics, stop, rank) -> int:
+def fit(cfg, engine, tok, data, order, layout, state, total_steps, fingerprint, metrics, stop, rank) -> int:
     import torch.distributed as dist
 
     world, gb = layout.world_size, layout.global_batch
@@ -457,7 +458,8 @@ def fit(cfg, engine, data, order, layout, state, total_steps, fingerprint, metri
         path = ckpt.save_checkpoint(engine, cfg.checkpoint_dir, state.step,
                                     {"ds_finetune": trainer_state, "rng_states": rng_states,
                                      "param_group_names": param_group_names(engine.module)},
-                                    trainer_state, cfg.checkpoint.keep_last, rank, world)
+                                    trainer_state, cfg.checkpoint.keep_last, rank, world,
+                                    write_extra=lambda tag_dir: write_hf_files(tag_dir, engine.module, tok))
         last_save_time, saved_step = time.time(), state.step
         metrics.message(f"[ds-finetune] saved {path} ({reason})")
         return path
@@ -512,8 +514,14 @@ def fit(cfg, engine, data, order, layout, state, total_steps, fingerprint, metri
         if (every and state.step % every == 0) or flags[2] > 0:
             save("every_steps" if every and state.step % every == 0 else "every_minutes")
 
-    if cfg.checkpoint.save_final and saved_step != state.step:
+    if (cfg.checkpoint.save_final or cfg.checkpoint.export_final) and saved_step != state.step:
         save("final")
+    if cfg.checkpoint.export_final:
+        if rank == 0:
+            out = export_checkpoint(cfg.checkpoint_dir / ckpt.tag_for_step(state.step),
+                                    Path(cfg.output_dir) / "final_model", cfg.model.dtype)
+            metrics.message(f"[ds-finetune] exported a Hugging Face model to {out}")
+        dist.barrier()
     metrics.message(f"[ds-finetune] done: {state.step} steps; outputs in {cfg.output_dir}")
     return 0
 

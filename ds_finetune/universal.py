@@ -60,7 +60,7 @@ def _consolidate_stage0(model_states: dict) -> tuple[dict, dict, dict, float]:
     return weights, exp_avg, exp_avg_sq, step
 
 
-def _consolidate_zero(tag_dir: Path) -> tuple[dict, dict, dict, float]:
+def _consolidate_zero(tag_dir: Path, keys=TENSOR_FILES) -> tuple[dict, dict, dict, float]:
     from deepspeed.utils import zero_to_fp32 as z  # private helpers of DeepSpeed 0.19; tests pin the layout
 
     zero_model_states = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
@@ -86,6 +86,9 @@ def _consolidate_zero(tag_dir: Path) -> tuple[dict, dict, dict, float]:
     merged = []
     for key in TENSOR_FILES:
         out = {}
+        if key not in keys:
+            merged.append({})
+            continue
         if stage <= 2:
             z._zero2_merge_trainable_params(out, world, flats[key], zero_model_states, paddings)
         else:
@@ -95,7 +98,7 @@ def _consolidate_zero(tag_dir: Path) -> tuple[dict, dict, dict, float]:
     return merged[0], merged[1], merged[2], step
 
 
-def consolidate(info: CheckpointInfo) -> tuple[dict[str, dict], dict]:
+def consolidate(info: CheckpointInfo, weights_only: bool = False) -> tuple[dict[str, dict], dict]:
     """Verified checkpoint -> ({"weights"|"exp_avg"|"exp_avg_sq": {param name: fp32 tensor}}, meta)."""
     if info.status != "complete":
         raise UserError(f"checkpoint error: {info.path} is {info.status}; pick a complete one (`ds-finetune ckpt list`)")
@@ -103,7 +106,7 @@ def consolidate(info: CheckpointInfo) -> tuple[dict[str, dict], dict]:
     if info.manifest["zero_stage"] == 0:
         weights, exp_avg, exp_avg_sq, step = _consolidate_stage0(model_states)
     else:
-        weights, exp_avg, exp_avg_sq, step = _consolidate_zero(info.path)
+        weights, exp_avg, exp_avg_sq, step = _consolidate_zero(info.path, ("weights",) if weights_only else TENSOR_FILES)
     meta = {
         "universal_version": UNIVERSAL_VERSION,
         "source": {"tag": info.tag, "zero_stage": info.manifest["zero_stage"], "world_size": info.manifest["world_size"]},

@@ -21,3 +21,18 @@ def reference_run(tmp_path_factory):
             done[key] = out
         return done[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def saved_at_step4(tmp_path_factory):
+    """stage -> a 2-rank run dir killed during step 5 whose newest checkpoint is step 4 (harness.BASE)."""
+    done = {}
+
+    def get(stage: int) -> Path:
+        if stage not in done:
+            out = tmp_path_factory.mktemp(f"saved-stage{stage}")
+            proc = harness.train(out, [f"train.zero_stage={stage}"], fault="mid_accum:rank0@step5", expect_ok=False)
+            assert proc.returncode == -9, proc.stdout[-2000:]
+            done[stage] = out
+        return done[stage]
+    return get

@@ -16,21 +16,6 @@ pytestmark = pytest.mark.multiproc
 STAGES = [0, 1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def saved_at_step4(tmp_path_factory):
-    """stage -> a run dir killed during step 5 whose newest checkpoint is step 4 (harness.BASE config)."""
-    done = {}
-
-    def get(stage: int) -> "Path":
-        if stage not in done:
-            out = tmp_path_factory.mktemp(f"saved-stage{stage}")
-            proc = harness.train(out, [f"train.zero_stage={stage}"], fault="mid_accum:rank0@step5", expect_ok=False)
-            assert proc.returncode == -9, proc.stdout[-2000:]
-            done[stage] = out
-        return done[stage]
-    return get
-
-
 def assert_continues(got_dir, ref_dir, from_step: int):
     got, ref = harness.metrics(got_dir), harness.metrics(ref_dir)
     assert [r["step"] for r in got] == [r["step"] for r in ref]
