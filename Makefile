@@ -25,9 +25,7 @@ test: install
 test-fast: install  ## in-process tests only (no DeepSpeed launches)
 	$(BIN)/python -m pytest -q tests -m "not multiproc"
 
-demo: install
-	$(BIN)/ds-finetune train configs/tiny.yaml --num-gpus $(NUM_GPUS) --overwrite logging.progress_bar=false
-	@echo "outputs: runs/tiny/metrics.jsonl, runs/tiny/checkpoints, runs/tiny/tensorboard"
+demo: install  ## train the tiny config (runs/tiny), then kill a copy of the run, resume it, compare
 	$(BIN)/python tools/resume_demo.py --num-gpus $(NUM_GPUS)
 
 resume-demo: install

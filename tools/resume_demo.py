@@ -1,5 +1,5 @@
-"""`make resume-demo`: train the tiny config, SIGKILL it mid-run, `--resume` it, and show that the resumed
-run computed exactly the steps of an uninterrupted reference run.
+"""`make demo` / `make resume-demo`: train the tiny config (into runs/tiny), run it again and SIGKILL it
+mid-run, `--resume` it, and show that the resumed run computed exactly the steps of the uninterrupted one.
 
     python tools/resume_demo.py [--num-gpus 2] [--config configs/tiny.yaml] [--out runs/resume-demo]
 """
@@ -50,12 +50,12 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "resume-demo")
     p.add_argument("--kill-after-step", type=int, default=15)
     args = p.parse_args()
-    ref_dir, run_dir = args.out / "reference", args.out / "interrupted"
+    ref_dir, run_dir = ROOT / "runs" / "tiny", args.out / "interrupted"
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
     t0 = time.time()
-    print(f"1/3 reference run, uninterrupted -> {ref_dir}", flush=True)
+    print(f"1/3 train {args.config}, uninterrupted (the reference) -> {ref_dir}", flush=True)
     run_quiet(train_argv(args.config, ref_dir, args.num_gpus, "--overwrite"), args.out / "reference.log")
 
     print(f"2/3 the same run, SIGKILLed (whole process group) once step {args.kill_after_step} is logged "
@@ -88,6 +88,7 @@ def main() -> int:
         print(f"{step:>5}  {a['loss']:>20.15f}  {b['loss'] if b else float('nan'):>20.15f}  {'yes' if same else 'NO'}")
     print(f"\nidentical: {'yes' if same_all else 'no'} (losses bitwise and sample_ids, steps {resume_step + 1}.."
           f"{max(ref)}; {time.time() - t0:.0f} s)")
+    print(f"outputs: {ref_dir}/metrics.jsonl, {ref_dir}/checkpoints, {ref_dir}/tensorboard; logs in {args.out}")
     return 0 if same_all else 1
 
 
