@@ -45,16 +45,24 @@ def main():
 @click.option("--hostfile", type=click.Path(dir_okay=False), default=None, help="DeepSpeed hostfile (`host slots=N`).")
 @click.option("--include", default=None, help="DeepSpeed --include, e.g. host1:0,1@host2.")
 @click.option("--exclude", default=None, help="DeepSpeed --exclude.")
-@click.option("--master-addr", default=None, help="Address of rank 0.")
+@click.option("--master-addr", default=None, help="Address of node 0 (rank 0) that every node can reach.")
 @click.option("--master-port", type=click.IntRange(1, 65535), default=None, help="Port of rank 0.")
+@click.option("--launcher", type=click.Choice(["pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm"],
+                                              case_sensitive=False), default=None,
+              help="How DeepSpeed starts the hostfile's nodes (default pdsh over ssh).")
+@click.option("--no-ssh", is_flag=True, help="Start only this node's ranks; run the command on every node "
+                                             "with its --node-rank (see --dry-run).")
+@click.option("--node-rank", type=click.IntRange(min=0), default=None,
+              help="With --no-ssh: this node's index in the hostfile's active nodes (0..N-1).")
 @click.option("--dry-run", is_flag=True, help="Print the launcher command and the resolved config, then exit.")
 @user_errors_exit
 def train(config_path, overrides, resume, overwrite, allow_config_change, num_gpus, num_nodes, hostfile,
-          include, exclude, master_addr, master_port, dry_run):
+          include, exclude, master_addr, master_port, launcher, no_ssh, node_rank, dry_run):
     """Validate CONFIG and run it under the `deepspeed` launcher."""
     from ds_finetune.config import load_config, split_resume_arg
-    from ds_finetune.launcher import (LaunchSpec, build_launch_argv, has_accelerator, launch_env,
-                                      run_launcher, world_size_of)
+    from ds_finetune.launcher import (LaunchSpec, build_launch_argv, check_launch_tools, has_accelerator,
+                                      launch_env, per_node_launch_argvs, processes_per_host, run_launcher,
+                                      world_size_of)
     from ds_finetune.zero import zero_config_for_run
 
     resume, overrides = split_resume_arg(resume, overrides)
@@ -62,19 +70,33 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, num_gp
     spec = LaunchSpec(config_path=config_path, overrides=overrides, resume=resume, overwrite=overwrite,
                       allow_config_change=allow_config_change, num_gpus=num_gpus, num_nodes=num_nodes,
                       hostfile=hostfile, include=include, exclude=exclude, master_addr=master_addr,
-                      master_port=master_port)
+                      master_port=master_port, launcher=launcher.lower() if launcher else None, no_ssh=no_ssh,
+                      node_rank=node_rank)
     on_accelerator = has_accelerator()
     world = world_size_of(spec, on_accelerator)
     micro, accum, global_batch = cfg.batch_layout(world)
-    argv = build_launch_argv(spec, on_accelerator)
+    # --no-ssh --dry-run without --node-rank shows every node's command; the first line is node 0's.
+    nodes = per_node_launch_argvs(spec, on_accelerator) if no_ssh and dry_run else []
+    argv = nodes[0][1] if nodes and node_rank is None else build_launch_argv(spec, on_accelerator)
     # Multi-node: the node we launch from may have no GPU while the workers do; let each node detect its
-    # own accelerator (set DS_ACCELERATOR=cpu yourself for CPU-only clusters).
-    cpu_here = not on_accelerator and not hostfile
+    # own accelerator (set DS_ACCELERATOR=cpu yourself for CPU-only clusters). With --no-ssh everything
+    # this command starts runs here, as on one node.
+    cpu_here = not on_accelerator and (not hostfile or no_ssh)
     env = launch_env(not cpu_here)
     prefix = "DS_ACCELERATOR=cpu " if cpu_here else ""
+    if not dry_run:
+        check_launch_tools(spec)
     click.echo(prefix + shlex.join(argv))
     if dry_run:
         click.echo(f"# world_size={world} micro_batch_size={micro} grad_accum={accum} global_batch={global_batch}")
+        if nodes:
+            click.echo(f"# --no-ssh: run on each node its own command (node rank = hostfile order); every node "
+                       f"must reach {master_addr}:{master_port or 29500} and see the same output_dir")
+            for i, (host, node_argv) in enumerate(nodes):
+                click.echo(f"# node {i} ({host}): {prefix}{shlex.join(node_argv)}")
+        elif len(hosts := processes_per_host(spec)) > 1:
+            click.echo(f"# run once, here: {spec.launcher or 'pdsh'} starts the ranks on {', '.join(hosts)} "
+                       f"(same paths on every node; every node must see the same output_dir)")
         click.echo("# resolved run config")
         click.echo(cfg.to_yaml().rstrip())
         click.echo("# DeepSpeed config")

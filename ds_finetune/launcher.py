@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ds_finetune.errors import UserError
@@ -92,6 +92,9 @@ class LaunchSpec:
     exclude: str | None = None
     master_addr: str | None = None
     master_port: int | None = None
+    launcher: str | None = None          # DeepSpeed's multi-node backend (default pdsh)
+    no_ssh: bool = False                 # every node is started by hand (or srun) with its node_rank
+    node_rank: int | None = None
 
 
 def has_accelerator() -> bool:
@@ -172,10 +175,57 @@ def _refuse_remote_shell_metacharacters(spec: LaunchSpec) -> None:
                             f"use only letters, digits and ._-/=:,@+ here and put other values in the YAML config")
 
 
+# DeepSpeed 0.19 backends (runner.py LAUNCHER_CLASSES) and whether the ranks they start get RANK /
+# LOCAL_RANK / WORLD_SIZE / MASTER_ADDR in their environment. pdsh runs `deepspeed.launcher.launch` on each
+# node, which sets them; mpich (launcher_helper.py) and impi (-genv/-env) set them too. openmpi, mvapich
+# and slurm start the script bare and rely on DeepSpeed's mpi4py discovery, which train.init_distributed
+# pre-empts (it defaults RANK=0, WORLD_SIZE=1 for a plain `python launch/train.py`): every process would
+# train alone. Refused until the training process maps those launchers' variables.
+LAUNCHERS = ("pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm")
+_LAUNCHERS_WITHOUT_RANK_ENV = ("openmpi", "mvapich", "slurm")
+
+
+def check_multinode_flags(spec: LaunchSpec, per_host: dict[str, int], need_node_rank: bool = True) -> None:
+    """--launcher / --no-ssh / --node-rank combinations DeepSpeed would reject, ignore, or run wrongly."""
+    hosts = list(per_host)
+    if spec.hostfile and not hosts:
+        raise UserError(f"--include/--exclude leave no host of {spec.hostfile} to run on")
+    if spec.launcher is not None:
+        if spec.no_ssh:
+            raise UserError("--launcher and --no-ssh exclude each other: with --no-ssh you start every node "
+                            "yourself (one command per node, see --dry-run)")
+        if not spec.hostfile:
+            raise UserError(f"--launcher {spec.launcher} starts the ranks on the nodes of --hostfile; pass one "
+                            f"(on one node leave --launcher out)")
+        if spec.launcher not in LAUNCHERS:
+            raise UserError(f"--launcher {spec.launcher!r} is not one of DeepSpeed's: {', '.join(LAUNCHERS)}")
+        if spec.launcher in _LAUNCHERS_WITHOUT_RANK_ENV:
+            raise UserError(f"--launcher {spec.launcher} starts the ranks without RANK/WORLD_SIZE, which ds-finetune's "
+                            f"training processes need; use --launcher pdsh, or start each node with --no-ssh "
+                            f"--node-rank R (launch/slurm.sbatch does that under SLURM)")
+    if spec.node_rank is not None and not spec.no_ssh:
+        raise UserError("--node-rank needs --no-ssh (with ssh/pdsh DeepSpeed numbers the nodes itself)")
+    if not spec.no_ssh:
+        return
+    if not spec.hostfile:
+        raise UserError("--no-ssh needs --hostfile listing every node (it fixes the world size and which ranks "
+                        "each node runs)")
+    if not spec.master_addr:
+        raise UserError(f"--no-ssh needs --master-addr: the address of node 0 ({hosts[0]}) that every node can reach")
+    if spec.node_rank is None:
+        if need_node_rank:
+            raise UserError(f"--no-ssh needs --node-rank R: run this command on each of the {len(hosts)} nodes "
+                            f"with R = 0..{len(hosts) - 1} in hostfile order (see --dry-run)")
+    elif not 0 <= spec.node_rank < len(hosts):
+        raise UserError(f"--node-rank {spec.node_rank} is out of range: {spec.hostfile} has {len(hosts)} active "
+                        f"node{'s' if len(hosts) != 1 else ''} ({', '.join(hosts)}); use 0..{len(hosts) - 1}")
+
+
 def build_launch_argv(spec: LaunchSpec, on_accelerator: bool) -> list[str]:
     argv = deepspeed_executable()
     per_host = processes_per_host(spec)  # fail on a bad hostfile or flag combination before DeepSpeed does
-    if len(per_host) > 1:
+    check_multinode_flags(spec, per_host)
+    if len(per_host) > 1 and not spec.no_ssh:
         _refuse_remote_shell_metacharacters(spec)
     if spec.hostfile:
         argv += ["--hostfile", str(spec.hostfile)]
@@ -189,6 +239,10 @@ def build_launch_argv(spec: LaunchSpec, on_accelerator: bool) -> list[str]:
         argv += ["--num_gpus", str(spec.num_gpus)]
     elif not on_accelerator and not spec.hostfile:
         argv += ["--num_gpus", "1"]
+    if spec.launcher is not None:
+        argv += ["--launcher", spec.launcher]
+    if spec.no_ssh:
+        argv += ["--no_ssh", f"--node_rank={spec.node_rank}"]
     if spec.master_addr:
         argv += ["--master_addr", spec.master_addr]
     if spec.master_port is not None:
@@ -201,6 +255,24 @@ def build_launch_argv(spec: LaunchSpec, on_accelerator: bool) -> list[str]:
     if spec.allow_config_change:
         argv.append("--allow-config-change")
     return argv + list(spec.overrides)
+
+
+def per_node_launch_argvs(spec: LaunchSpec, on_accelerator: bool) -> list[tuple[str, list[str]]]:
+    """(host, argv) for every node of a --no-ssh run, in node-rank order: what each node must run."""
+    per_host = processes_per_host(spec)
+    check_multinode_flags(spec, per_host, need_node_rank=False)
+    return [(host, build_launch_argv(replace(spec, node_rank=i), on_accelerator)) for i, host in enumerate(per_host)]
+
+
+def check_launch_tools(spec: LaunchSpec) -> None:
+    """Before a real launch: DeepSpeed reports a missing pdsh with a traceback after its own ssh check."""
+    if not spec.hostfile or spec.no_ssh or (spec.launcher or "pdsh") != "pdsh":
+        return
+    hosts = processes_per_host(spec)
+    if len(hosts) > 1 and shutil.which("pdsh") is None:
+        raise UserError(f"launching on {len(hosts)} nodes ({', '.join(hosts)}) goes through pdsh over ssh, and pdsh "
+                        f"is not installed here; install it (e.g. `apt install pdsh`) and set up passwordless ssh, or "
+                        f"start each node yourself with --no-ssh --node-rank R --master-addr ADDR")
 
 
 def launch_env(on_accelerator: bool) -> dict[str, str]:

@@ -30,6 +30,7 @@ from ds_finetune.data import (DATA_FORMAT_VERSION, IGNORE_INDEX, TokenizedData, 
 from ds_finetune.errors import UserError
 from ds_finetune.export import export_checkpoint, write_hf_files
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter
+from ds_finetune.nodes import check_shared_checkpoint_dir
 from ds_finetune.sampler import BatchLayout, epoch_permutation, steps_in_epoch
 from ds_finetune.zero import zero_config_for_run
 
@@ -386,6 +387,7 @@ def run(args) -> int:
         print(f"[ds-finetune] skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
     order = EpochOrder(data, cfg.train.seed, cfg.data.packing, cfg.data.max_length)
 
+    check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
     resume_from = select_checkpoint(args, cfg, rank)
     saved_global_batch = resume_from.manifest["trainer_state"]["global_batch"] if resume_from else None
     micro, accum, global_batch = cfg.batch_layout(world, keep_global_batch=saved_global_batch)

@@ -295,3 +295,108 @@ def test_run_launcher_execs_the_argv_without_a_shell(tmp_path):
 
 def test_run_launcher_returns_the_launchers_exit_code():
     assert run_launcher([sys.executable, "-c", "raise SystemExit(3)"], env=dict(os.environ)) == 3
+
+
+# ------------------------------------------------------------------------------ multi-node flags
+
+def dry_run_lines(*args: str) -> list[str]:
+    result = CliRunner().invoke(main, ["train", TINY, "--dry-run", *args], env={"DS_ACCELERATOR": "cpu"})
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_no_ssh_dry_run_prints_one_command_per_node_with_its_node_rank(hostfile):
+    path = hostfile("node-a slots=2\nnode-b slots=2\n")
+    lines = dry_run_lines("--hostfile", path, "--no-ssh", "--master-addr", "10.0.0.1", "--master-port", "29600")
+    flags = ("--hostfile", path, "--no_ssh")
+    per_node = [expected(*flags, f"--node_rank={i}", "--master_addr", "10.0.0.1", "--master_port", "29600")
+                for i in (0, 1)]
+    # The command runs on the node it is typed on: with no accelerator there, the CPU is named.
+    assert shlex.split(lines[0]) == ["DS_ACCELERATOR=cpu", *per_node[0]]
+    assert lines[1] == "# world_size=4 micro_batch_size=4 grad_accum=2 global_batch=32"
+    assert "10.0.0.1:29600" in lines[2]
+    assert lines[3].startswith("# node 0 (node-a): ") and lines[4].startswith("# node 1 (node-b): ")
+    assert shlex.split(lines[3].split(": ", 1)[1]) == ["DS_ACCELERATOR=cpu", *per_node[0]]
+    assert shlex.split(lines[4].split(": ", 1)[1]) == ["DS_ACCELERATOR=cpu", *per_node[1]]
+    assert lines[5] == "# resolved run config"
+
+
+def test_no_ssh_with_node_rank_runs_that_nodes_command(hostfile):
+    path = hostfile("node-a slots=1\nnode-b slots=1\nnode-c slots=1\n")
+    lines = dry_run_lines("--hostfile", path, "--exclude", "node-a", "--no-ssh", "--node-rank", "1",
+                          "--master-addr", "node-b", "--resume", "train.lr=2e-5")
+    assert shlex.split(lines[0])[1:] == expected("--hostfile", path, "--exclude", "node-a", "--no_ssh",
+                                                 "--node_rank=1", "--master_addr", "node-b",
+                                                 tail=("--resume", "train.lr=2e-5"))
+    assert lines[1].startswith("# world_size=2 ")
+    assert [line.split(":")[0] for line in lines if line.startswith("# node ")] == ["# node 0 (node-b)",
+                                                                                   "# node 1 (node-c)"]
+
+
+def test_node_rank_is_range_checked_against_the_active_hosts(hostfile):
+    path = hostfile("node-a slots=1\nnode-b slots=1\nnode-c slots=1\n")
+    cli_error("--hostfile", path, "--no-ssh", "--master-addr", "a", "--node-rank", "3",
+              names=["--node-rank 3", path, "3 active nodes (node-a, node-b, node-c)", "0..2"])
+    cli_error("--hostfile", path, "--include", "node-a@node-c", "--no-ssh", "--master-addr", "a", "--node-rank", "2",
+              names=["--node-rank 2", "2 active nodes (node-a, node-c)", "0..1"])
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--node-rank", "0"], ["--node-rank", "--no-ssh"]),
+    (["--no-ssh", "--node-rank", "0", "--master-addr", "a"], ["--no-ssh", "--hostfile"]),
+    (["HOSTFILE", "--node-rank", "1", "--master-addr", "a"], ["--node-rank", "--no-ssh"]),
+    (["HOSTFILE", "--no-ssh", "--node-rank", "1"], ["--no-ssh", "--master-addr", "node 0 (node-a)"]),
+    (["HOSTFILE", "--no-ssh", "--master-addr", "a", "--launcher", "pdsh"], ["--launcher", "--no-ssh"]),
+    (["--launcher", "pdsh"], ["--launcher pdsh", "--hostfile"]),
+])
+def test_multi_node_flag_combinations_deepspeed_would_reject_or_ignore_are_errors(hostfile, args, names):
+    path = hostfile("node-a slots=1\nnode-b slots=1\n")
+    cli_error(*[x for a in args for x in (["--hostfile", path] if a == "HOSTFILE" else [a])], names=names)
+
+
+def test_a_filter_that_leaves_no_host_is_an_error(hostfile):
+    path = hostfile("node-a slots=1\n")
+    cli_error("--hostfile", path, "--exclude", "node-a", "--no-ssh", names=["leave no host", path])
+
+
+def test_no_ssh_without_node_rank_cannot_run(hostfile):
+    path = hostfile("node-a slots=1\nnode-b slots=1\n")
+    spec = LaunchSpec(TINY, hostfile=path, no_ssh=True, master_addr="10.0.0.1")
+    with pytest.raises(UserError) as e:
+        build_launch_argv(spec, on_accelerator=False)
+    assert "--node-rank R" in e.value.message and "R = 0..1" in e.value.message
+
+
+@pytest.mark.parametrize("launcher", ["pdsh", "mpich", "impi"])
+def test_launchers_that_set_the_rank_environment_are_passed(hostfile, launcher):
+    path = hostfile("node-a slots=2\nnode-b slots=2\n")
+    lines = dry_run_lines("--hostfile", path, "--launcher", launcher.upper(), "--master-addr", "node-a")
+    assert shlex.split(lines[0]) == expected("--hostfile", path, "--launcher", launcher, "--master_addr", "node-a")
+    assert lines[2].startswith(f"# run once, here: {launcher} starts the ranks on node-a, node-b")
+
+
+@pytest.mark.parametrize("launcher", ["openmpi", "mvapich", "slurm"])
+def test_launchers_that_start_ranks_without_rank_variables_are_refused(hostfile, launcher):
+    """They rely on DeepSpeed's mpi4py discovery, which train.init_distributed pre-empts (RANK defaults to 0):
+    every process would train alone. The message points to --no-ssh and the sbatch template."""
+    path = hostfile("node-a slots=2\nnode-b slots=2\n")
+    cli_error("--hostfile", path, "--launcher", launcher,
+              names=[f"--launcher {launcher}", "RANK/WORLD_SIZE", "--no-ssh --node-rank", "launch/slurm.sbatch"])
+
+
+def test_no_ssh_values_never_pass_a_remote_shell_so_spaces_are_fine(hostfile):
+    path = hostfile("node-a slots=1\nnode-b slots=1\n")
+    lines = dry_run_lines("--hostfile", path, "--no-ssh", "--node-rank", "0", "--master-addr", "a",
+                          "output_dir=runs/my run")
+    assert shlex.split(lines[0])[-1] == "output_dir=runs/my run"
+
+
+def test_a_pdsh_launch_without_pdsh_is_one_line_before_anything_starts(hostfile, monkeypatch):
+    import ds_finetune.launcher as launcher_module
+    path = hostfile("node-a slots=1\nnode-b slots=1\n")
+    monkeypatch.setattr(launcher_module.shutil, "which", lambda name: None)
+    with pytest.raises(UserError) as e:
+        launcher_module.check_launch_tools(LaunchSpec(TINY, hostfile=path))
+    assert "pdsh is not installed" in e.value.message and "--no-ssh --node-rank R" in e.value.message
+    launcher_module.check_launch_tools(LaunchSpec(TINY, hostfile=path, no_ssh=True, node_rank=0, master_addr="a"))
+    launcher_module.check_launch_tools(LaunchSpec(TINY, hostfile=hostfile("solo slots=2\n", name="one")))
