@@ -376,6 +376,31 @@ def convert_for_resume(info: ckpt.CheckpointInfo, stage: int, world: int, rank: 
     return universal.read_universal(universal.universal_dir(info))
 
 
+def resolve_layout(cfg: RunConfig, world: int, resume_from, is_main: bool) -> BatchLayout:
+    saved_global_batch = resume_from.manifest["trainer_state"]["global_batch"] if resume_from else None
+    micro, accum, global_batch = cfg.batch_layout(world, keep_global_batch=saved_global_batch)
+    if is_main and (micro, accum) != cfg.batch_layout(world)[:2]:
+        print(f"[ds-finetune] keeping the checkpoint's global batch {global_batch} on {world} ranks: "
+              f"grad_accum={accum} (micro_batch_size={micro})", flush=True)
+    return BatchLayout(micro, accum, world)
+
+
+def restore(engine, resume_from: ckpt.CheckpointInfo, converted, rank: int) -> TrainState:
+    """Engine state (natively, or from the converted copy), this rank's RNG, and the trainer's progress."""
+    if converted is None:
+        rng_states = ckpt.load_checkpoint(engine, resume_from)["rng_states"]
+    else:
+        universal.load_universal_optimizer(engine, *converted)
+        rng_states = [universal.rng_from_plain(s) for s in converted[1]["rng_states"]]
+    if rank < len(rng_states):  # a rank the saved run did not have keeps the seed + rank rule
+        restore_rng(rng_states[rank])
+    state = TrainState(**{k: resume_from.manifest["trainer_state"][k] for k in asdict(TrainState())})
+    if rank == 0:
+        print(f"[ds-finetune] resumed from {resume_from.path} at step {state.step} "
+              f"(epoch {state.epoch}, offset {state.offset})", flush=True)
+    return state
+
+
 def run(args) -> int:
     rank, world, local_rank = init_distributed()
     cfg = load_config(args.config, args.overrides)
@@ -389,15 +414,10 @@ def run(args) -> int:
 
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
     resume_from = select_checkpoint(args, cfg, rank)
-    saved_global_batch = resume_from.manifest["trainer_state"]["global_batch"] if resume_from else None
-    micro, accum, global_batch = cfg.batch_layout(world, keep_global_batch=saved_global_batch)
-    if is_main and (micro, accum) != cfg.batch_layout(world)[:2]:
-        print(f"[ds-finetune] keeping the checkpoint's global batch {global_batch} on {world} ranks: "
-              f"grad_accum={accum} (micro_batch_size={micro})", flush=True)
-    layout = BatchLayout(micro, accum, world)
-    ds_config = zero_config_for_run(cfg, world, micro, accum)
-    total_steps = total_steps_of(cfg, order, global_batch)
-    fingerprint = config_fingerprint(cfg, global_batch, data.content_hash)
+    layout = resolve_layout(cfg, world, resume_from, is_main)
+    ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum)
+    total_steps = total_steps_of(cfg, order, layout.global_batch)
+    fingerprint = config_fingerprint(cfg, layout.global_batch, data.content_hash)
     if resume_from is not None:
         check_resumable(resume_from, fingerprint, args.allow_config_change)
     elif args.overwrite and is_main and cfg.checkpoint_dir.is_dir():
@@ -418,19 +438,7 @@ def run(args) -> int:
     # Dropout RNG: rank r draws from seed + r (documented in README; a new rank gets the same rule).
     seed_everything(cfg.train.seed + rank)
 
-    state = TrainState()
-    if resume_from is not None:
-        if converted is None:
-            rng_states = ckpt.load_checkpoint(engine, resume_from)["rng_states"]
-        else:
-            universal.load_universal_optimizer(engine, *converted)
-            rng_states = [universal.rng_from_plain(s) for s in converted[1]["rng_states"]]
-        if rank < len(rng_states):  # a rank the saved run did not have keeps the seed + rank rule
-            restore_rng(rng_states[rank])
-        state = TrainState(**{k: resume_from.manifest["trainer_state"][k] for k in asdict(state)})
-        if is_main:
-            print(f"[ds-finetune] resumed from {resume_from.path} at step {state.step} "
-                  f"(epoch {state.epoch}, offset {state.offset})", flush=True)
+    state = TrainState() if resume_from is None else restore(engine, resume_from, converted, rank)
     if is_main:
         write_run_files(cfg, ds_config)
     barrier()
@@ -448,7 +456,7 @@ def fit(cfg, engine, tok, data, order, layout, state, total_steps, fingerprint, 
     import torch.distributed as dist
 
     world, gb = layout.world_size, layout.global_batch
-    pad_id = engine.module.config.pad_token_id if engine.module.config.pad_token_id is not None else 0
+    pad_id = tok.pad_token_id  # any id works (padding is masked out of attention and loss); this one is valid
     last_save_time, saved_step = time.time(), state.step
 
     def save(reason: str) -> Path:
