@@ -30,8 +30,6 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 TRASH_PREFIX = ".trash-"
 MANIFEST_VERSION = 1
-# DeepSpeed names per-rank files `..zero_pp_rank_{R}_mp_rank_..`; anything else is written by rank 0.
-_RANK_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
 def tag_for_step(step: int) -> str:
@@ -85,23 +83,6 @@ def fault_point(phase: str, rank: int, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _wrap_shard_writes_for_faults(engine, rank: int, step: int) -> None:
-    """Make `mid_shards` / `enospc` fire after / at this rank's first file write inside DeepSpeed."""
-    spec = _fault_spec()
-    if spec is None or spec[0] not in ("mid_shards", "enospc"):
-        return
-    ckpt_engine = engine.checkpoint_engine
-    original = ckpt_engine.save
-
-    def save(state_dict, path):
-        if spec[0] == "enospc":
-            fault_point("enospc", rank, step)
-        original(state_dict, path)
-        fault_point("mid_shards", rank, step)
-
-    ckpt_engine.save = save
-
-
 # ---------------------------------------------------------------------------------------- file helpers
 
 def hash_and_sync(path: Path) -> dict:
@@ -144,16 +125,52 @@ def remove_tree(path: Path, on_renamed=None) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def files_owned_by(tag_dir: Path, rank: int) -> list[Path]:
-    owned = []
-    for p in sorted(tag_dir.rglob("*")):
-        if not p.is_file() or p.name == MANIFEST or p.name.startswith("."):
-            continue
-        m = _RANK_FILE_RE.search(p.name)
-        owner = int(m.group(1)) if m else 0
-        if owner == rank:
-            owned.append(p)
-    return owned
+class _HashingFile:
+    """What DeepSpeed's shards are written through: sha256 and size are computed as the bytes stream out
+    (no second read of a multi-GB file), and the file is fsynced before it counts as written."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> dict:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return {"size": self.size, "sha256": self.sha.hexdigest()}
+
+
+def record_shard_writes(engine, rank: int, step: int) -> dict[str, dict]:
+    """Route this save's `checkpoint_engine.save` calls through _HashingFile; returns {path: size/sha256},
+    filled as DeepSpeed writes. Also where the `mid_shards` and `enospc` faults fire."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    import torch
+
+    ce = engine.checkpoint_engine
+    written: dict[str, dict] = {}
+    if type(ce) is not TorchCheckpointEngine:  # another engine writes its own way: hash after the fact
+        return written
+
+    def save(state_dict, path):
+        fault_point("enospc", rank, step)
+        f = _HashingFile(path)
+        try:
+            torch.save(state_dict, f)
+        finally:
+            written[str(path)] = f.close()
+        fault_point("mid_shards", rank, step)
+
+    ce.save = save  # an instance attribute, replaced at every save: never nested
+    return written
 
 
 def disk_error(ckpt_dir: Path, err: BaseException) -> UserError:
@@ -185,18 +202,25 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, train
             if tag_dir.exists():  # a leftover of a crashed or abandoned attempt: never mix files into it
                 remove_tree(tag_dir)
         dist.barrier()
-        _wrap_shard_writes_for_faults(engine, rank, step)
+        written = record_shard_writes(engine, rank, step)
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         if rank == 0 and write_extra is not None:
             write_extra(tag_dir)
         fault_point("after_shards", rank, step)
-        own = {str(p.relative_to(tag_dir)): hash_and_sync(p) for p in files_owned_by(tag_dir, rank)}
+        own = {str(Path(path).relative_to(tag_dir)): meta for path, meta in written.items()}
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         raise disk_error(ckpt_dir, e) from e
     parts = [None] * world_size
     dist.all_gather_object(parts, own)
     if rank == 0:
         files = {name: meta for part in parts for name, meta in part.items()}
+        try:  # files no rank streamed (write_extra's, or a non-torch checkpoint engine's): hash them now
+            for p in sorted(tag_dir.rglob("*")):
+                name = str(p.relative_to(tag_dir))
+                if p.is_file() and name not in files and p.name != MANIFEST and not p.name.startswith("."):
+                    files[name] = hash_and_sync(p)
+        except OSError as e:
+            raise disk_error(ckpt_dir, e) from e
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "tag": tag,

@@ -10,6 +10,7 @@ global batch's target count without talking to the others (SPEC §4a).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,16 +42,14 @@ class TokenizedData:
     def num_rows(self) -> int:
         return len(self.row_ids)
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    @property
+    @functools.cached_property
     def row_targets(self) -> np.ndarray:
         """Target tokens per row (every kept row has at least one)."""
-        if not hasattr(self, "_row_targets"):
-            self._row_targets = np.add.reduceat(self.target_mask.astype(np.int64), self.offsets[:-1])
-        return self._row_targets
+        return np.add.reduceat(self.target_mask.astype(np.int64), self.offsets[:-1])
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -263,11 +262,12 @@ def load_tokenizer(name_or_path: str):
 
 # ---------------------------------------------------------------------------------------------- packing
 
-def plan_units(data: TokenizedData, order: np.ndarray, packing: bool, max_length: int) -> list[np.ndarray]:
-    """An epoch's training units in order: one row each, or greedy packs of consecutive rows of `order`
-    with at most `max_length` tokens. Deterministic in `order`, so a resumed run plans the same packs."""
+def plan_units(data: TokenizedData, order: np.ndarray, packing: bool, max_length: int):
+    """An epoch's training units in order (a sequence of row-index arrays): one row each, or greedy packs
+    of consecutive rows of `order` with at most `max_length` tokens. Deterministic in `order`, so a
+    resumed run plans the same packs."""
     if not packing or len(order) == 0:
-        return [order[i:i + 1] for i in range(len(order))]
+        return order.reshape(-1, 1)  # rows of a 2-D array: one-row units without a Python object per row
     lengths = data.lengths[order]
     units, start, used = [], 0, 0
     for i, n in enumerate(lengths):

@@ -264,7 +264,7 @@ def test_without_packing_each_unit_is_one_row(tiny):
     d = tiny["text"]
     order = epoch_permutation(d.num_rows, 0, 0)
     assert [u.tolist() for u in plan_units(d, order, False, 128)] == [[int(i)] for i in order]
-    assert plan_units(d, order[:0], True, 128) == []
+    assert len(plan_units(d, order[:0], True, 128)) == 0
 
 
 # -------------------------------------------------------------------------------------------- collate
