@@ -43,11 +43,15 @@ def disk_write(path: Path, nbytes: int, block: bytes) -> None:
 
 
 def fsync_tree(root: Path, rank: int) -> None:
-    from ds_finetune.checkpoint import files_owned_by, fsync_dir
-    for p in files_owned_by(root, rank):
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+    """Rank 0 fsyncs every file of the tag (the save has returned, so all are written)."""
+    from ds_finetune.checkpoint import fsync_dir
+    if rank != 0:
+        return
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
     fsync_dir(root)
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 
-from common import BENCH, WORK, Job, llama, log, median, run_config, torchrun, write_text_dataset
+from common import BENCH, WORK, Job, llama, log, long_rows, median, paired_ratio, run_config, torchrun
 
 TARGET = 0.80
 
 
 def run(quick: bool) -> dict:
-    rounds = 1 if quick else 3
-    data = write_text_dataset(WORK / "data" / "long-rows.jsonl", rows=4000, words_per_row=180, seed=1)
+    rounds = 1 if quick else 5
+    data = long_rows()
     config = run_config("ckpt", llama(640, 8, 1728, 10, 10, 256), data, max_length=64, micro=1, accum=1,
                         steps=1, output_dir=WORK / "runs" / "ckpt")
     out = WORK / "ckpt-save.json"
@@ -27,20 +27,22 @@ def run(quick: bool) -> dict:
     Job(argv, WORK / "logs" / "ckpt-save.log").start().wait(900)
     result = json.loads(out.read_text())
     mb = result["bytes"] / 1e6
-    speed = {kind: median([mb / r[kind] for r in result["rounds"]]) for kind in ("disk", "nohash", "ours")}
+    speed = {kind: [mb / r[kind] for r in result["rounds"]] for kind in ("disk", "nohash", "ours")}
+    # Each round writes all three back to back: the ratio is the median of the rounds' ratios.
+    ratio = {kind: paired_ratio(speed[kind], speed["disk"]) for kind in ("nohash", "ours")}
+    speed = {kind: median(v) for kind, v in speed.items()}
     log(f"checkpoint: {mb:.0f} MB; disk {speed['disk']:.0f} MB/s, DeepSpeed save+fsync {speed['nohash']:.0f} "
         f"MB/s, ds-finetune save {speed['ours']:.0f} MB/s")
-    note = f"{mb:.0f} MB ({result['params'] / 1e6:.1f}M params, ZeRO-2, 2 ranks); {rounds} rounds, order rotated"
+    note = (f"{mb:.0f} MB ({result['params'] / 1e6:.1f}M params, ZeRO-2, 2 ranks); {rounds} rounds, order rotated; "
+            f"ratio = median of the rounds' ratios")
     return {
         "figures": [
             {"id": "ckpt_ours", "figure": "checkpoint save, ours (with sha256) / dd+fsync",
              "ours": speed["ours"], "baseline": speed["disk"], "unit": "MB/s",
-             "ratio": speed["ours"] / speed["disk"], "target": [">=", TARGET],
-             "met": speed["ours"] / speed["disk"] >= TARGET, "note": note},
+             "ratio": ratio["ours"], "target": [">=", TARGET], "met": ratio["ours"] >= TARGET, "note": note},
             {"id": "ckpt_nohash", "figure": "checkpoint save, DeepSpeed save+fsync (no hash) / dd+fsync",
              "ours": speed["nohash"], "baseline": speed["disk"], "unit": "MB/s",
-             "ratio": speed["nohash"] / speed["disk"], "target": [">=", TARGET],
-             "met": speed["nohash"] / speed["disk"] >= TARGET,
+             "ratio": ratio["nohash"], "target": [">=", TARGET], "met": ratio["nohash"] >= TARGET,
              "note": "what the save costs before ds-finetune hashes and commits it"},
         ],
         "raw": result,

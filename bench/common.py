@@ -1,5 +1,5 @@
 """Shared pieces of `make bench`: paths, generated data and run configs, launching 2-rank jobs, sampling
-their memory, and reading the per-step timestamps every section turns into a ratio.
+their memory and CPU time, and reading the per-step timestamps every section turns into a ratio.
 
 Everything the bench generates lives under build/bench/ (git-ignored); only results go to bench/results/.
 """
@@ -78,33 +78,19 @@ def ours_argv(config: Path, overrides=(), resume: str | None = None, nproc: int 
 
 # --------------------------------------------------------------------------------------------- launch
 
-def tree_rss(proc) -> int:
-    """RSS of a process and all its descendants, in bytes (shared pages count once per process, the same
-    way for every contender)."""
-    import psutil
-    total = 0
-    try:
-        procs = [proc] + proc.children(recursive=True)
-    except psutil.Error:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 @dataclass
 class Job:
-    """One launched job: its start time (the clock every 'time to first step' starts from), its log,
-    and the peak RSS of its process tree, sampled every 0.1 s by a thread."""
+    """One launched job: its start time (the clock every 'time to first step' starts from), its log, and
+    a sampler thread that records, every 0.1 s, the process tree's RSS (-> peak_rss) and its CPU seconds
+    (-> samples, for cpu_at). CPU seconds are the noise-robust twin of wall time on this shared machine:
+    another process's load delays our steps but barely changes the CPU work they take."""
     argv: list[str]
     log: Path
     env_extra: dict | None = None
     gpu: bool = False
     t_start: float = 0.0
     peak_rss: int = 0
+    samples: list = field(default_factory=list)  # (wall time, CPU seconds of the whole process tree)
     proc: subprocess.Popen | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -124,9 +110,38 @@ class Job:
             root = psutil.Process(self.proc.pid)
         except psutil.Error:
             return
+        known, cpu, tree, tick = {}, {}, [root], 0  # a process that exited keeps its last CPU reading
         while not self._stop.is_set() and self.proc.poll() is None:
-            self.peak_rss = max(self.peak_rss, tree_rss(root))
+            if tick % 20 == 0:  # finding descendants scans all of /proc: every 2 s is enough (ranks start once)
+                try:
+                    tree = [known.setdefault(p.pid, p) for p in [root] + root.children(recursive=True)]
+                except psutil.Error:
+                    break
+            tick += 1
+            rss = 0
+            for p in tree:  # the same Process objects each time: their CPU times are cumulative
+                try:
+                    with p.oneshot():
+                        rss += p.memory_info().rss
+                        t = p.cpu_times()
+                        cpu[p.pid] = t.user + t.system  # ranks are counted as processes of the tree
+                except psutil.Error:
+                    pass
+            self.peak_rss = max(self.peak_rss, rss)
+            self.samples.append((time.time(), sum(cpu.values())))
             self._stop.wait(0.1)
+
+    def cpu_at(self, t: float) -> float:
+        """CPU seconds the job's processes had used by wall time t (linear between samples)."""
+        s = self.samples
+        if not s:
+            return float("nan")
+        if t <= s[0][0]:
+            return s[0][1]
+        for (t0, c0), (t1, c1) in zip(s, s[1:]):
+            if t0 <= t <= t1:
+                return c0 + (c1 - c0) * (t - t0) / max(t1 - t0, 1e-9)
+        return s[-1][1]
 
     def wait(self, timeout: float = 600, check: bool = True) -> int:
         try:
@@ -141,11 +156,25 @@ class Job:
         return code
 
     def kill(self) -> None:
+        """SIGKILL the launcher and every rank, like a node crash. torchrun starts each rank in its own
+        session, so a group kill alone would leave the ranks running (and eating this machine's cores):
+        the ranks are found as descendants first, then everything is killed."""
+        import psutil
+        try:
+            ranks = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            ranks = []
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for p in ranks:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
         self.proc.wait()
+        psutil.wait_procs(ranks, timeout=30)
         self._stop.set()
 
     def running(self) -> bool:
@@ -191,6 +220,15 @@ def step_intervals(times: list[float], skip: int) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
+def cpu_per_step(job: Job, times: list[float], skip: int) -> float:
+    """CPU seconds (all ranks and the launcher) per steady-state step, between the end of step `skip` and
+    the end of the last step."""
+    times = times[skip:]
+    if len(times) < 2:
+        return float("nan")
+    return (job.cpu_at(times[-1]) - job.cpu_at(times[0])) / (len(times) - 1)
+
+
 def steps_per_s(intervals: list[float]) -> float:
     return 1.0 / statistics.median(intervals) if intervals else float("nan")
 
@@ -198,6 +236,13 @@ def steps_per_s(intervals: list[float]) -> float:
 def median(xs):
     xs = [x for x in xs if x == x]
     return statistics.median(xs) if xs else float("nan")
+
+
+def paired_ratio(nums: list[float], dens: list[float]) -> float:
+    """Median of the ratios of measurements taken side by side (nums[i] right beside dens[i]). Load from
+    other jobs on this machine comes in bursts of a minute or more, which a neighbouring pair shares,
+    so this is steadier than the ratio of the two medians."""
+    return median([a / b for a, b in zip(nums, dens)])
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -222,6 +267,11 @@ def write_text_dataset(path: Path, rows: int, words_per_row: int, seed: int) -> 
             f.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=words_per_row))}) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def long_rows() -> Path:
+    """4,000 rows of ~290 tokens (truncated to max_length): every sequence is full, so steps cost the same."""
+    return write_text_dataset(WORK / "data" / "long-rows-4k-w180.jsonl", rows=4000, words_per_row=180, seed=1)
 
 
 # ---------------------------------------------------------------------------------------- run configs
@@ -272,7 +322,9 @@ def warm_cache(config: Path) -> float:
     from ds_finetune.config import load_config
     from ds_finetune.data import build_cache, cache_path, content_hash, load_tokenizer, resolve_data_files
 
-    os.environ["DS_FINETUNE_CACHE"] = child_env()["DS_FINETUNE_CACHE"]
+    env = child_env()
+    for key in ("DS_FINETUNE_CACHE", "HF_DATASETS_CACHE"):  # read by ds_finetune.data / datasets (lazily imported)
+        os.environ[key] = env[key]
     cfg = load_config(str(config), [])
     tok = load_tokenizer(cfg.model.tokenizer)
     files = resolve_data_files(cfg.data.path)

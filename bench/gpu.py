@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import shutil
 
-from common import (WORK, Job, llama, llama_params, log, ours_argv, read_jsonl, run_config, warm_cache,
-                    write_text_dataset)
+from common import WORK, Job, llama, llama_params, log, long_rows, ours_argv, read_jsonl, run_config, warm_cache
 
 WARMUP = 3
 SEQ = 1024
@@ -39,7 +38,7 @@ def peak_flops(name: str) -> float | None:
 def run_stage(stage: int, steps: int, ngpu: int) -> dict:
     out = WORK / "runs" / f"gpu-zero{stage}"
     shutil.rmtree(out, ignore_errors=True)
-    data = write_text_dataset(WORK / "data" / "long-rows.jsonl", rows=4000, words_per_row=180, seed=1)
+    data = long_rows()
     config = run_config(f"gpu-zero{stage}", MODEL, data,
                         max_length=SEQ, micro=8, accum=1, steps=steps, output_dir=out,
                         model={"dtype": "bf16"}, data={"packing": True}, train={"zero_stage": stage})
@@ -69,7 +68,8 @@ def run(quick: bool) -> dict:
         log(f"GPU ZeRO-{stage}: {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%}" if mfu is not None else
             f"GPU ZeRO-{stage}: {r['tokens_per_s']:,.0f} tokens/s (MFU: unknown peak for {name})")
         peak_text = f"peak {peak / 1e12:.0f} TFLOP/s a GPU" if peak else f"peak unknown for {name}"
-        figures.append({"id": f"gpu_zero{stage}", "figure": f"GPU bf16 ZeRO-{stage}, {n / 1e9:.2f}B Llama (ratio = MFU)",
+        figures.append({"id": f"gpu_zero{stage}",
+                        "figure": f"GPU bf16 ZeRO-{stage}, {n / 1e9:.2f}B Llama (ratio = MFU)",
                         "ours": r["tokens_per_s"], "baseline": None, "unit": "tokens/s",
                         "ratio": mfu, "target": None, "met": None,
                         "note": f"{what}; packed seq {SEQ}, micro 8 a GPU; {r['steps']} steady steps; {peak_text}"})

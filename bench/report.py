@@ -134,9 +134,13 @@ def write_chart(path: Path, figures: list[dict], title: str) -> None:
     ax.axvline(1.0, color="black", linewidth=0.6)
     ax.set_yticks(list(ys))
     ax.set_yticklabels([f["figure"] for f in bars], fontsize=8)
-    ax.set_xlabel("ratio (same invocation, medians)")
     ax.set_xlim(0, max(1.3, max(f["ratio"] for f in bars) * 1.15))
-    ax.set_title(title, fontsize=9)
+    ax.set_ylim(-0.6, len(bars) - 0.2)  # room for the top bar's target label
+    ax.set_title(title, fontsize=9, loc="left")
+    # The yes/no results (kill/resume exactness) go under the axis, with the axis label.
+    texts = [f"{f['figure']}: ours {f['ours']}, HF {f['baseline']}" for f in figures
+             if f.get("ratio") is None and isinstance(f.get("ours"), str)]
+    ax.set_xlabel("\n".join(["ratio (same invocation, medians)", *texts]), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -86,8 +86,8 @@ def main(argv=None) -> int:
                "command": " ".join(map(shlex.quote, [sys.executable, *sys.argv])), "wall_s": round(wall, 1),
                "machine": machine, "figures": figures, "errors": errors, "skipped": skipped, "sections": results}
     report.write_json(RESULTS / f"{stem}.json", payload)
-    title = (f"ds-finetune bench {payload['date'][:16]} - {machine['cpu']}, {machine['logical_cores']} cores, "
-             f"torch {machine['torch']}, deepspeed {machine['deepspeed']}")
+    title = (f"ds-finetune `make bench` ({payload['mode']}), {payload['date'][:16]}\n{machine['cpu']}, "
+             f"{machine['logical_cores']} cores, torch {machine['torch']}, deepspeed {machine['deepspeed']}")
     report.write_chart(RESULTS / f"{stem}.png", figures, title)
 
     print()
