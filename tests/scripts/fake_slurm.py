@@ -69,9 +69,13 @@ def scontrol(args: list[str]) -> int:
 def task(args: list[str]) -> int:
     """A node's ds-finetune: records its argv, checks it with the real CLI (--dry-run), then trains until
     SIGTERM (exit 143, as a stopped run does) or exits with $FAKE_TASK_EXIT."""
-    terminated = []
-    signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
     node = os.environ["SLURM_NODEID"]
+    terminated = []
+
+    def on_term(*_):
+        (STATE / f"task{node}.terminated").write_text("")
+        terminated.append(True)
+    signal.signal(signal.SIGTERM, on_term)
     dry = subprocess.run([os.environ["REAL_DS_FINETUNE"], *args, "--dry-run"], capture_output=True, text=True)
     hostfile = Path(args[args.index("--hostfile") + 1]) if "--hostfile" in args else None
     report = {"argv": args, "node_id": node, "dry_run_code": dry.returncode,
@@ -80,9 +84,14 @@ def task(args: list[str]) -> int:
     (STATE / f"task{node}.json").write_text(json.dumps(report))
     if "FAKE_TASK_EXIT" in os.environ:
         return int(os.environ["FAKE_TASK_EXIT"])
+    # Like real ranks, which agree on the stop through the step's all-reduce and save together, a task
+    # exits only once every task got the signal (else srun's --kill-on-bad-exit would race the others).
     while not terminated:
         time.sleep(0.02)
-    (STATE / f"task{node}.terminated").write_text("")
+    nodes = len(os.environ["SLURM_JOB_NODELIST"].split(","))
+    deadline = time.time() + 30
+    while len(list(STATE.glob("task*.terminated"))) < nodes and time.time() < deadline:
+        time.sleep(0.02)
     return 128 + signal.SIGTERM
 
 
