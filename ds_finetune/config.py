@@ -6,8 +6,6 @@ Every field carries a one-line description; `ds-finetune config show-schema` pri
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
@@ -294,10 +292,6 @@ def changed_exact_keys(saved: dict, current: dict) -> list[str]:
         elif va != vb:
             changed.append(key)
     return changed
-
-
-def short_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def schema_lines() -> list[str]:

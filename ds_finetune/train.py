@@ -92,10 +92,19 @@ def barrier():
     dist.barrier()
 
 
-def broadcast_from_rank0(obj):
+def on_rank0(fn, rank: int):
+    """Run fn on rank 0 only; every rank returns its result, or raises its UserError (so no rank waits
+    forever for a rank that failed)."""
     import torch.distributed as dist
-    box = [obj]
+    box = [None]
+    if rank == 0:
+        try:
+            box[0] = fn()
+        except UserError as e:
+            box[0] = e
     dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UserError):
+        raise box[0]
     return box[0]
 
 
@@ -295,17 +304,7 @@ class StopSignal:
 
 def select_checkpoint(args, cfg: RunConfig, rank: int) -> ckpt.CheckpointInfo | None:
     """Rank 0 decides (it may hash many files); the others receive its decision."""
-    ckpt_dir = cfg.checkpoint_dir
-    decision = None
-    if rank == 0:
-        try:
-            decision = _select_checkpoint_rank0(args, cfg, ckpt_dir)
-        except UserError as e:
-            decision = e
-    decision = broadcast_from_rank0(decision)
-    if isinstance(decision, UserError):
-        raise decision
-    return decision
+    return on_rank0(lambda: _select_checkpoint_rank0(args, cfg, cfg.checkpoint_dir), rank)
 
 
 def _select_checkpoint_rank0(args, cfg: RunConfig, ckpt_dir: Path) -> ckpt.CheckpointInfo | None:
@@ -360,19 +359,15 @@ def write_run_files(cfg: RunConfig, ds_config: dict) -> None:
 def convert_for_resume(info: ckpt.CheckpointInfo, stage: int, world: int, rank: int):
     """Rank 0 converts the checkpoint to the stage-independent copy once; every rank then reads it."""
     m = info.manifest
-    error = None
-    if rank == 0:
+
+    def convert_once():
+        cached = universal.has_universal(info)
         print(f"[ds-finetune] converting {info.path} (ZeRO {m['zero_stage']}, {m['world_size']} ranks) for ZeRO "
-              f"{stage} on {world} ranks" + (" (reusing the converted copy)" if universal.has_universal(info) else ""),
-              flush=True)
-        try:
-            if not universal.has_universal(info):
-                universal.write_universal(info)
-        except UserError as e:
-            error = e
-    error = broadcast_from_rank0(error)
-    if error is not None:
-        raise error
+              f"{stage} on {world} ranks" + (" (reusing the converted copy)" if cached else ""), flush=True)
+        if not cached:
+            universal.write_universal(info)
+
+    on_rank0(convert_once, rank)
     return universal.read_universal(universal.universal_dir(info))
 
 

@@ -3,13 +3,11 @@ ranks resumes under stage B and/or on W' ranks, converted automatically, with th
 same LR schedule and losses equal to float-reduction noise. One killed save run per stage is shared by
 every resume from it."""
 import shutil
-import subprocess
 
 import pytest
-import torch
 
 import harness
-from ds_finetune.checkpoint import find_resumable_checkpoint, inspect_checkpoint
+from ds_finetune.checkpoint import find_resumable_checkpoint
 from ds_finetune.universal import consolidate
 
 pytestmark = pytest.mark.multiproc
