@@ -30,9 +30,9 @@ def main():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ds_finetune.config import load_config
-    from ds_finetune.data import collate, load_tokenizer
+    from ds_finetune.data import collate, load_tokenizer, prepare_data
     from ds_finetune.sampler import BatchLayout, epoch_permutation
-    from ds_finetune.train import init_distributed, prepare_data, seed_everything
+    from ds_finetune.dist import init_distributed, seed_everything
     from ds_finetune.zero import zero_config_for_run
 
     rank, world, local_rank = init_distributed()  # same backend and thread count as ds-finetune
@@ -42,7 +42,7 @@ def main():
     ds_config = zero_config_for_run(cfg, world)
 
     # Pre-tokenized batches: every micro-batch of every step, as tensors, before anything is timed.
-    data = prepare_data(cfg, load_tokenizer(cfg.model.tokenizer), local_rank)
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer), local_rank)
     order = epoch_permutation(data.num_rows, cfg.train.seed, 0)
     units = [order[i:i + 1] for i in range(len(order))]
     pad_id = cfg.model.config.get("pad_token_id", 0)

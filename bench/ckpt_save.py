@@ -72,7 +72,8 @@ def main():
 
     from ds_finetune import checkpoint as ckpt
     from ds_finetune.config import load_config
-    from ds_finetune.train import build_engine, build_model, capture_rng, init_distributed, seed_everything
+    from ds_finetune.dist import all_gather, capture_rng, init_distributed, seed_everything
+    from ds_finetune.model import build_engine, build_model
     from ds_finetune.zero import zero_config_for_run
 
     rank, world, _ = init_distributed()
@@ -93,10 +94,8 @@ def main():
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
     dist.barrier()
-    rng_states = [None] * world
-    dist.all_gather_object(rng_states, capture_rng())
     trainer_state = {"step": 1, "epoch": 0, "offset": 0}
-    client_state = {"ds_finetune": trainer_state, "rng_states": rng_states}
+    client_state = {"rng_states": all_gather(capture_rng())}
     block = os.urandom(BLOCK)  # incompressible, like float weights
 
     def timed(fn) -> float:

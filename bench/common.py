@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +20,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import harness  # noqa: E402  (the tests' launching helpers: one harness for tests and bench)
+from harness import read_jsonl as _read_jsonl  # noqa: E402
+
 BENCH = ROOT / "bench"
 WORK = ROOT / "build" / "bench"
 RESULTS = BENCH / "results"
@@ -36,14 +38,12 @@ NPROC = 2
 def child_env(extra: dict | None = None, gpu: bool = False) -> dict:
     """Environment of a launched job. Figures 1-4 are CPU figures (gloo, one core a rank) wherever the
     bench runs, so their jobs never see a GPU; only the GPU section passes gpu=True."""
-    env = dict(os.environ)
+    env = harness.child_env(cpu=not gpu)
     if not gpu:
-        env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
     # One tokenized-data cache for the whole bench, so every section warms it once and then reads it.
     env["DS_FINETUNE_CACHE"] = str(WORK / "ds-cache")
     env["HF_DATASETS_CACHE"] = str(WORK / "hf-datasets-cache")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     # Each rank gets its share of the cores, whoever launches it (ds-finetune sets the same itself), so
     # the bare loop, ds-finetune and HF Trainer all run with the same intra-op threads.
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // NPROC))
@@ -51,21 +51,13 @@ def child_env(extra: dict | None = None, gpu: bool = False) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
-    env.pop("DS_FINETUNE_FAULT", None)
     env.update(extra or {})
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(script: Path, args: list[str], nproc: int = NPROC) -> list[str]:
     """torchrun argv (≈ 4 s cheaper per start than the `deepspeed` launcher; same processes underneath)."""
-    return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-            str(script), *args]
+    return harness.torchrun_argv(script, args, nproc)
 
 
 def ours_argv(config: Path, overrides=(), resume: str | None = None, nproc: int = NPROC) -> list[str]:
@@ -156,25 +148,8 @@ class Job:
         return code
 
     def kill(self) -> None:
-        """SIGKILL the launcher and every rank, like a node crash. torchrun starts each rank in its own
-        session, so a group kill alone would leave the ranks running (and eating this machine's cores):
-        the ranks are found as descendants first, then everything is killed."""
-        import psutil
-        try:
-            ranks = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.Error:
-            ranks = []
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in ranks:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        self.proc.wait()
-        psutil.wait_procs(ranks, timeout=30)
+        """SIGKILL the launcher and every rank, like a node crash (harness.kill_job)."""
+        harness.kill_job(self.proc)
         self._stop.set()
 
     def running(self) -> bool:
@@ -189,28 +164,13 @@ def tail(path: Path, n: int = 25) -> str:
 
 
 def wait_for(predicate, job: Job | None = None, timeout: float = 300, interval: float = 0.02) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if job is not None and not job.running():
-            return bool(predicate())
-        time.sleep(interval)
-    return False
+    return harness.wait_for(predicate, timeout, interval, alive=job.running if job is not None else None)
 
 
 # ------------------------------------------------------------------------------------------ step times
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break  # a torn last line of a killed run
-    return rows
+    return _read_jsonl(path, strict=False)  # a killed run may leave a torn last line
 
 
 def step_intervals(times: list[float], skip: int) -> list[float]:

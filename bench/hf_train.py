@@ -74,15 +74,15 @@ def main():
                               set_seed)
 
     from ds_finetune.config import load_config
-    from ds_finetune.data import load_tokenizer
-    from ds_finetune.train import init_distributed, prepare_data
+    from ds_finetune.data import load_tokenizer, prepare_data
+    from ds_finetune.dist import init_distributed
     from ds_finetune.zero import zero_config_for_run
 
     rank, world, local_rank = init_distributed()  # same backend and thread count as ds-finetune
     cfg = load_config(args.config, [])
     t = cfg.train
     micro, accum, _ = cfg.batch_layout(world)
-    data = prepare_data(cfg, load_tokenizer(cfg.model.tokenizer), local_rank)
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer), local_rank)
     save_at = {int(s) for s in args.save_at.split(",") if s}
 
     class StepLog(TrainerCallback):

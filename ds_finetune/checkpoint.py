@@ -1,29 +1,28 @@
-"""Checkpoints: save through DeepSpeed, commit with a manifest, verify before loading, pick one to resume,
-retention, and fault injection for the crash tests.
+"""Checkpoints: the trainer state, a `Checkpointer` that saves through DeepSpeed and commits with a
+manifest, verification before anything is loaded, discovery for --resume, and retention.
 
-Commit protocol (SPEC §6): every rank writes its DeepSpeed files into `DIR/step_N/`, fsyncs and hashes the
-files it owns, and sends the list to rank 0; rank 0 writes `manifest.json` to a temp name, fsyncs it,
-renames it into place and fsyncs the folder. **The manifest's presence is the commit.** Only then is
-`DIR/latest` replaced (temp + fsync + rename; same format as DeepSpeed's so its tools still work) and
-are old checkpoints purged. Resume never trusts `latest`: it scans manifests, newest first, and verifies
-sizes and sha256 before DeepSpeed unpickles anything (DeepSpeed loads with `weights_only=False`).
+Commit protocol: every rank writes its DeepSpeed files into `DIR/step_N/`, fsyncs and hashes the files
+it owns, and sends the list to rank 0; rank 0 writes `manifest.json` to a temp name, fsyncs it, renames it
+into place and fsyncs the folder. **The manifest's presence is the commit.** Only then is `DIR/latest`
+replaced (temp + fsync + rename; same format as DeepSpeed's so its tools still work) and are old
+checkpoints purged. Resume never trusts `latest`: it scans manifests, newest first, and verifies sizes
+and sha256 before DeepSpeed unpickles anything (DeepSpeed loads with `weights_only=False`).
 """
 
 from __future__ import annotations
 
-import errno
-import functools
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ds_finetune.errors import UserError
+from ds_finetune.faults import fault_point
+from ds_finetune.files import fsync_dir, sha256_file, write_atomic
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -41,78 +40,45 @@ def step_of_tag(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-# ------------------------------------------------------------------------------------- fault injection
-
-def _fault_spec() -> tuple[str, int, int | None] | None:
-    """DS_FINETUNE_FAULT=phase[:rankR][@stepN] -> (phase, rank, step). Test-only; off unless set."""
-    return _parse_fault(os.environ.get("DS_FINETUNE_FAULT", "").strip())
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_fault(raw: str) -> tuple[str, int, int | None] | None:
-    if not raw:
-        return None
-    m = re.fullmatch(r"([a-z_]+)(?::rank(\d+))?(?:@step(\d+))?", raw)
-    if not m:
-        raise UserError(f"DS_FINETUNE_FAULT={raw!r}: write phase[:rankR][@stepN], e.g. after_shards:rank1@step4")
-    return m.group(1), int(m.group(2) or 0), int(m.group(3)) if m.group(3) else None
+def tag_dirs(ckpt_dir: Path) -> list[Path]:
+    """Every `step_N` folder of a checkpoint dir, oldest first (the one scan every caller shares)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and step_of_tag(p.name) is not None),
+                  key=lambda p: step_of_tag(p.name))
 
 
-FAULT_PHASES = ("mid_accum", "after_step", "before_save", "mid_shards", "after_shards", "after_manifest_tmp", "after_manifest_rename",
-                "before_latest_rename", "after_latest_rename", "during_retention", "enospc")
+# ------------------------------------------------------------------------------------------ trainer state
 
+@dataclass
+class TrainState:
+    """Progress that must survive a restart (with the engine's own state and every rank's RNG), and what
+    the run is (checked on resume). Stored in the manifest: `to_manifest`/`from_manifest` are its only
+    writer and reader."""
+    step: int = 0               # optimizer steps done
+    epoch: int = 0
+    offset: int = 0             # units of this epoch's order already consumed
+    consumed_samples: int = 0
+    tokens: int = 0
+    seed: int = 0
+    global_batch: int = 0
+    data_format_version: int = 0
+    fingerprint: dict = field(default_factory=dict)
 
-def fault_point(phase: str, rank: int, step: int) -> None:
-    """Kill the whole job at once, like a node crash, when DS_FINETUNE_FAULT names this phase, rank and
-    step. "The job" is every process that inherited our DS_FINETUNE_FAULT: the ranks, the launcher and
-    the CLI; launchers put ranks in other process groups (torchrun: other sessions), so no group kill fits."""
-    spec = _fault_spec()
-    if spec is None or spec[0] != phase or spec[1] != rank or (spec[2] is not None and spec[2] != step):
-        return
-    if phase == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected by DS_FINETUNE_FAULT)")
-    print(f"[fault injection] SIGKILL at {phase} rank {rank} step {step}", flush=True)
-    import psutil
-    marker = os.environ["DS_FINETUNE_FAULT"]
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and p.environ().get("DS_FINETUNE_FAULT") == marker:
-                p.kill()
-        except psutil.Error:
-            pass
-    os.kill(os.getpid(), signal.SIGKILL)
+    def to_manifest(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "TrainState":
+        saved = manifest.get("trainer_state", {})
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
 # ---------------------------------------------------------------------------------------- file helpers
 
 def hash_and_sync(path: Path) -> dict:
     """Size and sha256 of a file just written, and fsync it (the read comes from the page cache)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-        os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str, before_rename=None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    if before_rename:
-        before_rename()
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    return {"size": path.stat().st_size, "sha256": sha256_file(path, fsync=True)}
 
 
 def remove_tree(path: Path, on_renamed=None) -> None:
@@ -150,15 +116,14 @@ class _HashingFile:
 
 
 def record_shard_writes(engine, rank: int, step: int) -> dict[str, dict]:
-    """Route this save's `checkpoint_engine.save` calls through _HashingFile; returns {path: size/sha256},
-    filled as DeepSpeed writes. Also where the `mid_shards` and `enospc` faults fire."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    """Route this save's shard writes through _HashingFile; returns {path: size/sha256}, filled as
+    DeepSpeed writes (empty if its checkpoint engine writes its own way: then files are hashed after).
+    Also where the `mid_shards` and `enospc` faults fire."""
     import torch
 
-    ce = engine.checkpoint_engine
+    from ds_finetune import ds_internals
+
     written: dict[str, dict] = {}
-    if type(ce) is not TorchCheckpointEngine:  # another engine writes its own way: hash after the fact
-        return written
 
     def save(state_dict, path):
         fault_point("enospc", rank, step)
@@ -169,7 +134,7 @@ def record_shard_writes(engine, rank: int, step: int) -> dict[str, dict]:
             written[str(path)] = f.close()
         fault_point("mid_shards", rank, step)
 
-    ce.save = save  # an instance attribute, replaced at every save: never nested
+    ds_internals.route_checkpoint_writes(engine, save)
     return written
 
 
@@ -184,17 +149,61 @@ def disk_error(ckpt_dir: Path, err: BaseException) -> UserError:
                      f"complete checkpoint is intact - free space or set checkpoint.dir, then --resume", exit_code=3)
 
 
-# ------------------------------------------------------------------------------------------------ save
+# ------------------------------------------------------------------------------------------ Checkpointer
+
+class Checkpointer:
+    """Built once per run: decides when a save is due, saves and commits, and restores a native checkpoint.
+    Every rank holds one and calls `save` at the same step."""
+
+    def __init__(self, engine, ckpt_cfg, ckpt_dir: Path, rank: int, world: int, saved_step: int,
+                 extra_client_state: dict, write_extra=None):
+        self.engine, self.cfg, self.dir, self.rank, self.world = engine, ckpt_cfg, ckpt_dir, rank, world
+        self.extra_client_state = extra_client_state  # constant for the run (e.g. param group names)
+        self.write_extra = write_extra                # rank 0 writes more files into the tag dir
+        self.saved_step, self.last_save_time = saved_step, time.time()
+
+    def time_due(self) -> bool:
+        """Rank 0's clock says `every_minutes` have passed (the ranks agree on it through the step's reduce)."""
+        return (self.rank == 0 and self.cfg.every_minutes > 0
+                and time.time() - self.last_save_time >= 60 * self.cfg.every_minutes)
+
+    def due(self, step: int, time_due: bool) -> str | None:
+        """Why a save is due after `step`, or None."""
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            return "every_steps"
+        return "every_minutes" if time_due else None
+
+    def needs_final_save(self, step: int) -> bool:
+        return (self.cfg.save_final or self.cfg.export_final) and self.saved_step != step
+
+    def save(self, state: TrainState) -> Path:
+        from ds_finetune.dist import all_gather, capture_rng
+
+        client_state = {"rng_states": all_gather(capture_rng()), **self.extra_client_state}
+        path = save_checkpoint(self.engine, self.dir, state.step, client_state, state.to_manifest(),
+                               self.cfg.keep_last, self.rank, self.world, self.write_extra)
+        self.saved_step, self.last_save_time = state.step, time.time()
+        return path
+
+    def restore(self, info: "CheckpointInfo") -> list:
+        """Load a verified native checkpoint into the engine (weights, optimizer, LR schedule); returns
+        every saved rank's RNG state."""
+        load_path, client_state = self.engine.load_checkpoint(
+            str(info.path.parent), tag=info.tag, load_module_strict=True, load_optimizer_states=True,
+            load_lr_scheduler_states=True)
+        if load_path is None:
+            raise UserError(f"checkpoint error: DeepSpeed could not load {info.path}; run "
+                            f"`ds-finetune ckpt verify {info.path}`")
+        return client_state["rng_states"]
+
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, trainer_state: dict,
                     keep_last: int, rank: int, world_size: int, write_extra=None) -> Path:
     """Save and commit `step_N`. Returns the tag dir. Every rank calls this at the same step.
     `write_extra(tag_dir)` runs on rank 0 after DeepSpeed's files are written; its files are committed too."""
-    import deepspeed
     import torch.distributed as dist
 
-    tag = tag_for_step(step)
-    tag_dir = ckpt_dir / tag
+    tag_dir = ckpt_dir / tag_for_step(step)
     try:
         fault_point("before_save", rank, step)
         if rank == 0:
@@ -203,7 +212,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, train
                 remove_tree(tag_dir)
         dist.barrier()
         written = record_shard_writes(engine, rank, step)
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=client_state, save_latest=False)
         if rank == 0 and write_extra is not None:
             write_extra(tag_dir)
         fault_point("after_shards", rank, step)
@@ -214,65 +223,63 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, train
     dist.all_gather_object(parts, own)
     if rank == 0:
         files = {name: meta for part in parts for name, meta in part.items()}
-        try:  # files no rank streamed (write_extra's, or a non-torch checkpoint engine's): hash them now
-            for p in sorted(tag_dir.rglob("*")):
-                name = str(p.relative_to(tag_dir))
-                if p.is_file() and name not in files and p.name != MANIFEST and not p.name.startswith("."):
-                    files[name] = hash_and_sync(p)
-        except OSError as e:
-            raise disk_error(ckpt_dir, e) from e
-        manifest = {
-            "manifest_version": MANIFEST_VERSION,
-            "tag": tag,
-            "step": step,
-            "time": time.time(),
-            "zero_stage": engine.zero_optimization_stage(),
-            "world_size": world_size,
-            "ds_finetune_version": _version(),
-            "deepspeed_version": deepspeed.__version__,
-            "trainer_state": trainer_state,
-            "files": files,
-        }
-        try:
-            fsync_dir(tag_dir)
-            write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1),
-                         before_rename=lambda: fault_point("after_manifest_tmp", rank, step))
-            fault_point("after_manifest_rename", rank, step)
-            write_atomic(ckpt_dir / LATEST, tag, before_rename=lambda: fault_point("before_latest_rename", rank, step))
-            fault_point("after_latest_rename", rank, step)
-        except OSError as e:
-            raise disk_error(ckpt_dir, e) from e
+        _commit(engine, tag_dir, step, files, trainer_state, rank, world_size)
         apply_retention(ckpt_dir, keep_last, newest_committed=step, rank=rank)
     dist.barrier()
     return tag_dir
 
 
-def _version() -> str:
+def _commit(engine, tag_dir: Path, step: int, files: dict, trainer_state: dict, rank: int, world_size: int) -> None:
+    """Rank 0: hash what no rank streamed, write the manifest (the commit), then point `latest` at it."""
+    import deepspeed
+
     from ds_finetune import __version__
-    return __version__
+
+    ckpt_dir = tag_dir.parent
+    try:
+        for p in sorted(tag_dir.rglob("*")):  # write_extra's files, or a non-torch checkpoint engine's
+            name = str(p.relative_to(tag_dir))
+            if p.is_file() and name not in files and p.name != MANIFEST and not p.name.startswith("."):
+                files[name] = hash_and_sync(p)
+        manifest = {"manifest_version": MANIFEST_VERSION, "tag": tag_dir.name, "step": step, "time": time.time(),
+                    "zero_stage": engine.zero_optimization_stage(), "world_size": world_size,
+                    "ds_finetune_version": __version__, "deepspeed_version": deepspeed.__version__,
+                    "trainer_state": trainer_state, "files": files}
+        fsync_dir(tag_dir)
+        write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1),
+                     before_rename=lambda: fault_point("after_manifest_tmp", rank, step))
+        fault_point("after_manifest_rename", rank, step)
+        write_atomic(ckpt_dir / LATEST, tag_dir.name,
+                     before_rename=lambda: fault_point("before_latest_rename", rank, step))
+        fault_point("after_latest_rename", rank, step)
+    except OSError as e:
+        raise disk_error(ckpt_dir, e) from e
+
+
+def remove_checkpoints(ckpt_dir: Path) -> None:
+    """--overwrite: every checkpoint of the run goes (each crash-safely)."""
+    for p in tag_dirs(ckpt_dir):
+        remove_tree(p)
 
 
 def apply_retention(ckpt_dir: Path, keep_last: int, newest_committed: int, rank: int = 0) -> list[str]:
     """After `newest_committed` is committed: drop leftovers of crashed saves and trash, then keep only the
     newest `keep_last` complete checkpoints (0 keeps all). Never touches anything newer than the commit
     except unfinished leftovers, and never the commit itself."""
-    removed = []
     for p in sorted(ckpt_dir.iterdir()):
         if p.name.startswith(TRASH_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
-    complete = []
-    for p in sorted(ckpt_dir.iterdir()):
+    removed, complete = [], []
+    for p in tag_dirs(ckpt_dir):
         step = step_of_tag(p.name)
-        if step is None or not p.is_dir():
-            continue
         if not (p / MANIFEST).exists():
             if step != newest_committed:
                 remove_tree(p, on_renamed=lambda: fault_point("during_retention", rank, newest_committed))
                 removed.append(p.name)
         elif step <= newest_committed:
-            complete.append((step, p))
+            complete.append(p)
     if keep_last > 0:
-        for step, p in sorted(complete)[:-keep_last]:
+        for p in complete[:-keep_last]:
             remove_tree(p, on_renamed=lambda: fault_point("during_retention", rank, newest_committed))
             removed.append(p.name)
     return removed
@@ -291,11 +298,9 @@ class CheckpointInfo:
 
     @property
     def size(self) -> int:
-        return sum(f["size"] for f in self.manifest["files"].values()) if self.manifest else _du(self.path)
-
-
-def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if self.manifest:
+            return sum(f["size"] for f in self.manifest["files"].values())
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
 def read_manifest(tag_dir: Path) -> dict | None:
@@ -322,64 +327,40 @@ def verify_files(tag_dir: Path, manifest: dict, hashes: bool = True) -> list[str
         size = path.stat().st_size
         if size != meta["size"]:
             problems.append(f"{name}: size {size} != {meta['size']} in the manifest")
-        elif hashes:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            if h.hexdigest() != meta["sha256"]:
-                problems.append(f"{name}: sha256 differs from the manifest (the file was changed or damaged)")
+        elif hashes and sha256_file(path) != meta["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (the file was changed or damaged)")
     return problems
 
 
 def inspect_checkpoint(tag_dir: Path, hashes: bool = True) -> CheckpointInfo:
     step = step_of_tag(tag_dir.name)
+    step = step if step is not None else -1
     try:
         manifest = read_manifest(tag_dir)
     except ValueError as e:
-        return CheckpointInfo(tag_dir.name, tag_dir, step if step is not None else -1, "corrupt", None, [str(e)])
+        return CheckpointInfo(tag_dir.name, tag_dir, step, "corrupt", None, [str(e)])
     if manifest is None:
-        return CheckpointInfo(tag_dir.name, tag_dir, step if step is not None else -1, "incomplete", None,
-                              ["no manifest: the save never committed"])
+        return CheckpointInfo(tag_dir.name, tag_dir, step, "incomplete", None, ["no manifest: the save never committed"])
     problems = verify_files(tag_dir, manifest, hashes)
-    return CheckpointInfo(tag_dir.name, tag_dir, int(manifest.get("step", step or -1)),
+    return CheckpointInfo(tag_dir.name, tag_dir, int(manifest.get("step", step)),
                           "corrupt" if problems else "complete", manifest, problems)
 
 
 def list_checkpoints(ckpt_dir: Path, hashes: bool = True) -> list[CheckpointInfo]:
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and step_of_tag(p.name) is not None]
-    return sorted((inspect_checkpoint(p, hashes) for p in tags), key=lambda c: c.step)
+    return [inspect_checkpoint(p, hashes) for p in tag_dirs(ckpt_dir)]
 
 
 def has_checkpoints(ckpt_dir: Path) -> bool:
-    return ckpt_dir.is_dir() and any(step_of_tag(p.name) is not None for p in ckpt_dir.iterdir())
+    return bool(tag_dirs(ckpt_dir))
 
 
 def find_resumable_checkpoint(ckpt_dir: Path, hashes: bool = True) -> tuple[CheckpointInfo | None, list[str]]:
     """Newest complete, intact checkpoint, verifying newest first and stopping at the first good one.
     Returns it (or None) and one report line per newer checkpoint that was skipped."""
-    if not ckpt_dir.is_dir():
-        return None, []
-    tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and step_of_tag(p.name) is not None),
-                  key=lambda p: step_of_tag(p.name), reverse=True)
     skipped = []
-    for p in tags:
+    for p in reversed(tag_dirs(ckpt_dir)):
         info = inspect_checkpoint(p, hashes)
         if info.status == "complete":
             return info, skipped
         skipped.append(f"skipping {info.status} checkpoint {p}: {'; '.join(info.problems)}")
     return None, skipped
-
-
-# ----------------------------------------------------------------------------------------------- load
-
-def load_checkpoint(engine, info: CheckpointInfo) -> dict:
-    """Load a verified checkpoint into the engine (weights, optimizer, LR scheduler); returns client_state."""
-    load_path, client_state = engine.load_checkpoint(str(info.path.parent), tag=info.tag, load_module_strict=True,
-                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
-    if load_path is None:
-        raise UserError(f"checkpoint error: DeepSpeed could not load {info.path}; run "
-                        f"`ds-finetune ckpt verify {info.path}`")
-    return client_state

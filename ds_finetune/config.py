@@ -139,7 +139,7 @@ class RunConfig(_Section):
 
         `keep_global_batch` (the global batch of a checkpoint being resumed) wins over grad_accum when
         train.global_batch_size is unset: resuming on another world size recomputes grad_accum so the
-        global batch, and with it the data order and the loss, stay the same (SPEC §6)."""
+        global batch, and with it the data order and the loss, stay the same (docs/design.md)."""
         t = self.train
         target = t.global_batch_size
         if target is None and keep_global_batch is not None \

@@ -5,7 +5,7 @@ Tokenized rows live in three flat arrays (ids, target mask, row offsets), cached
 of the data's content hash, the tokenizer and every setting that changes tokens; a second start reads
 the cache and never imports `datasets`. Invariant: a row's first token is never a target, so the number
 of targets of a row (and of a pack of rows) is just the sum of its mask — every rank can compute the
-global batch's target count without talking to the others (SPEC §4a).
+global batch's target count without talking to the others (docs/design.md, "Loss").
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ds_finetune.errors import UserError
+from ds_finetune.files import sha256_file
+from ds_finetune.sampler import epoch_permutation
 
 # Bump when tokenization or masking changes meaning: it is part of the cache key and of checkpoints.
 # 2: chat targets end at the turn's end marker (whitespace the template puts after it is not a target).
@@ -84,10 +86,7 @@ def content_hash(files: list[Path] | None, dataset_name: str, split: str) -> str
         h.update(f"datasets:{dataset_name}:{split}".encode())
         return h.hexdigest()
     for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(f"{f.name}:{sha256_file(f)}".encode())
     return h.hexdigest()
 
 
@@ -248,6 +247,18 @@ def read_cache(path: Path, data_hash: str) -> TokenizedData:
                              int(z["skipped_rows"]))
 
 
+def prepare_data(data_cfg, tok, local_rank: int) -> TokenizedData:
+    """Every rank's view of the tokenized data: each node's local rank 0 builds the cache if missing;
+    every rank learns of a data error, so none waits for a cache that will not come."""
+    from ds_finetune.dist import decide
+
+    files = resolve_data_files(data_cfg.path)
+    data_hash = content_hash(files, data_cfg.path, data_cfg.split)
+    path = cache_path(data_cfg, data_hash, tok)
+    decide(lambda: path.exists() or build_cache(data_cfg, tok, files, data_hash, path), runs_here=local_rank == 0)
+    return read_cache(path, data_hash)
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
     try:
@@ -277,6 +288,20 @@ def plan_units(data: TokenizedData, order: np.ndarray, packing: bool, max_length
         used += n
     units.append(order[start:])
     return units
+
+
+class EpochOrder:
+    """The units (rows or packs) of each epoch in order; planned once per epoch, O(1) to index after."""
+
+    def __init__(self, data: TokenizedData, seed: int, packing: bool, max_length: int):
+        self.data, self.seed, self.packing, self.max_length = data, seed, packing, max_length
+        self._epoch, self._units = None, None
+
+    def units(self, epoch: int) -> list[np.ndarray]:
+        if epoch != self._epoch:
+            order = epoch_permutation(self.data.num_rows, self.seed, epoch)
+            self._epoch, self._units = epoch, plan_units(self.data, order, self.packing, self.max_length)
+        return self._units
 
 
 def collate(data: TokenizedData, units: list[np.ndarray], pad_id: int):

@@ -32,7 +32,7 @@ def write_hf_files(tag_dir: Path, model, tokenizer) -> None:
 def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bool = True) -> Path:
     from huggingface_hub import save_torch_state_dict
 
-    from ds_finetune import universal
+    from ds_finetune import reshard
 
     if not path.is_dir() or step_of_tag(path.name) is None:
         raise UserError(f"export error: {path} is not a checkpoint folder (expected .../checkpoints/step_N)")
@@ -42,10 +42,10 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bo
                         f"complete checkpoint (see `ds-finetune ckpt list {path.parent}`)")
     if not (path / HF_DIR / "config.json").exists():
         raise UserError(f"export error: {path} has no {HF_DIR}/config.json (saved by an older ds-finetune)")
-    if universal.has_universal(info):
-        weights = universal.read_universal(universal.universal_dir(info), keys=("weights",))[0]["weights"]
+    if reshard.has_resharded(info):
+        weights = reshard.read_resharded(reshard.resharded_dir(info), keys=("weights",))[0]["weights"]
     else:
-        weights = universal.consolidate(info, weights_only=True)[0]["weights"]
+        weights = reshard.consolidate(info, weights_only=True)[0]["weights"]
     state = {name: t.to(DTYPES[dtype]).contiguous() for name, t in weights.items()}
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"export error: {out_dir} is not empty; pick a new folder")

@@ -1,6 +1,6 @@
 """Run config + CLI flags -> the `deepspeed` launcher argv, and hostfile validation.
 
-The argv is always a list handed to exec; no config or hostfile value ever reaches a shell (SPEC §11).
+The argv is always a list handed to exec; no config or hostfile value ever reaches a shell.
 """
 
 from __future__ import annotations

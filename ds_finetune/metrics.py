@@ -2,7 +2,7 @@
 does nothing, so the loop never asks which rank it is on to log.
 
 After a resume from step S, lines with step > S written by the interrupted attempt are removed first
-(new file + rename), so metrics.jsonl reads as one clean run (SPEC §5).
+(new file + rename), so metrics.jsonl reads as one clean run.
 """
 
 from __future__ import annotations

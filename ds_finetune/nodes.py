@@ -118,26 +118,26 @@ def remove_stale_probes(ckpt_dir: Path, nonce: str, now: float | None = None) ->
 def check_shared_checkpoint_dir(ckpt_dir: Path, rank: int, world: int) -> None:
     """Every rank calls this at start, before a checkpoint is picked or written. Raises the same UserError
     on every rank when some node does not see rank 0's checkpoint dir (or cannot write it)."""
-    import torch.distributed as dist
+    from ds_finetune.dist import all_gather, decide
 
-    box = [secrets.token_hex(8) if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    nonce = box[0]
+    nonce = decide(lambda: secrets.token_hex(8), runs_here=rank == 0)
     error = write_probe(ckpt_dir, nonce, rank)
     node_rank = os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK"))  # DeepSpeed's launch.py / torchrun
-    reports = [None] * world
     # Also the barrier: every probe is written before rank 0 looks.
-    dist.all_gather_object(reports, {"host": socket.gethostname(), "error": error,
-                                     "node_rank": int(node_rank) if node_rank is not None else None})
-    box = [None]
-    if rank == 0:
-        box = [shared_dir_verdict(ckpt_dir, nonce, reports)]
+    reports = all_gather({"host": socket.gethostname(), "error": error,
+                          "node_rank": int(node_rank) if node_rank is not None else None})
+
+    def judge():
+        verdict = shared_dir_verdict(ckpt_dir, nonce, reports)
         remove_stale_probes(ckpt_dir, nonce)
-    dist.broadcast_object_list(box, src=0)
-    if error is None:
-        try:
-            probe_path(ckpt_dir, nonce, rank).unlink()
-        except OSError:
-            pass
-    if box[0] is not None:
-        raise UserError(box[0])
+        if verdict is not None:
+            raise UserError(verdict)
+
+    try:
+        decide(judge, runs_here=rank == 0)
+    finally:
+        if error is None:
+            try:
+                probe_path(ckpt_dir, nonce, rank).unlink()
+            except OSError:
+                pass

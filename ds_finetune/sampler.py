@@ -1,4 +1,4 @@
-"""The global batch order (SPEC §4a): one permutation per epoch drawn from (seed, epoch) alone, never from
+"""The global batch order: one permutation per epoch drawn from (seed, epoch) alone, never from
 the world size. Optimizer step g of an epoch takes the next `global_batch` entries; rank r's micro-step m
 takes a fixed slice of them. The position is (epoch, offset) and jumping to it is O(1).
 

@@ -1,18 +1,21 @@
-"""Launching real training processes for the multi-process tests.
+"""Launching real training processes, for the multi-process tests and for `make bench` (bench/common.py
+imports this module): ports, environment, argv, killing a whole job, reading metrics, comparing runs.
 
 Bulk runs use torchrun (≈8 s a 2-rank start here, against ≈12 s for the `deepspeed` launcher, which the
-signal and CLI tests use); both run the same `launch/train.py`. Every run starts in a new session so a
-fault-injected SIGKILL of "our process group" kills exactly that job, never pytest.
+signal and CLI tests use); both run the same `launch/train.py`. Every run starts in a new session, and
+each launch gets its own DS_FINETUNE_FAULT_ID, so an injected fault kills exactly that job, never pytest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,27 +38,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env(extra: dict | None = None) -> dict:
+def child_env(extra: dict | None = None, cpu: bool = True) -> dict:
     env = dict(os.environ)
-    env["DS_ACCELERATOR"] = "cpu"
+    if cpu:
+        env["DS_ACCELERATOR"] = "cpu"
     env.setdefault("DS_FINETUNE_CACHE", str(ROOT / "build" / "test-cache"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     env.pop("DS_FINETUNE_FAULT", None)
+    env["DS_FINETUNE_FAULT_ID"] = uuid.uuid4().hex  # this launch's processes, and no other job's
     env.update(extra or {})
     return env
 
 
+def torchrun_argv(script: Path, args: list[str], nproc: int) -> list[str]:
+    return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", str(script), *args]
+
+
 def train_argv(out_dir: Path, overrides=(), nproc: int = 2, resume: str | None = None, flags=()) -> list[str]:
-    if nproc == 1:
-        argv = [PY, str(ROOT / "launch" / "train.py")]
-    else:
-        argv = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-                str(ROOT / "launch" / "train.py")]
-    argv += ["--config", str(TINY)]
+    args = ["--config", str(TINY)]
     if resume is not None:
-        argv += ["--resume"] + ([] if resume == "auto" else [resume])
-    argv += list(flags)
-    return argv + [*BASE, *overrides, f"output_dir={out_dir}"]
+        args += ["--resume"] + ([] if resume == "auto" else [resume])
+    args += [*flags, *BASE, *overrides, f"output_dir={out_dir}"]
+    script = ROOT / "launch" / "train.py"
+    return [PY, str(script), *args] if nproc == 1 else torchrun_argv(script, args, nproc)
 
 
 def start(argv: list[str], env_extra: dict | None = None, log: Path | None = None) -> subprocess.Popen:
@@ -65,8 +70,37 @@ def start(argv: list[str], env_extra: dict | None = None, log: Path | None = Non
 
 
 def run(argv: list[str], env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=ROOT, env=child_env(env_extra), capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=child_env(env_extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_job(proc)  # no rank may outlive the test and write into its folders
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL a launched job, like a node crash: the launcher and every rank. torchrun starts each rank in
+    its own session, so a group kill alone would leave ranks running; they are found as descendants
+    first. Returns only when none of them is alive."""
+    import psutil
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"processes of the killed job still alive: {[p.pid for p in alive]}"
 
 
 def train(out_dir: Path, overrides=(), nproc: int = 2, resume: str | None = None, flags=(),
@@ -78,9 +112,24 @@ def train(out_dir: Path, overrides=(), nproc: int = 2, resume: str | None = None
     return proc
 
 
+def read_jsonl(path: Path, strict: bool = True) -> list[dict]:
+    """The rows of a JSONL file; not strict: stop at a torn last line (a writer killed mid-line)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if strict:
+                raise
+            break
+    return rows
+
+
 def metrics(out_dir: Path) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """metrics.jsonl of a run; strict, since it must read as one clean run after any resume."""
+    return read_jsonl(Path(out_dir) / "metrics.jsonl")
 
 
 def loss_reprs(rows: list[dict]) -> dict[int, str]:
@@ -88,11 +137,14 @@ def loss_reprs(rows: list[dict]) -> dict[int, str]:
     return {r["step"]: repr(r["loss"]) for r in rows}
 
 
-def wait_for(predicate, timeout: float = 120, interval: float = 0.02) -> bool:
+def wait_for(predicate, timeout: float = 120, interval: float = 0.02, alive=None) -> bool:
+    """Poll `predicate` until true or timeout; stops early when `alive()` says the job has ended."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return True
+        if alive is not None and not alive():
+            return bool(predicate())
         time.sleep(interval)
     return False
 
@@ -103,3 +155,65 @@ def committed_steps(ckpt_dir: Path) -> list[int]:
         return []
     return sorted(step_of_tag(p.name) for p in ckpt_dir.iterdir()
                   if step_of_tag(p.name) is not None and (p / MANIFEST).exists())
+
+
+# ------------------------------------------------------------------------------------- comparing runs
+
+def assert_same_run(got_dir: Path, ref_dir: Path) -> None:
+    """Bitwise: same steps, the same losses as written in the JSON, the same sample ids and lrs."""
+    got, ref = metrics(got_dir), metrics(ref_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in ref], "metrics.jsonl must read as one clean run"
+    assert loss_reprs(got) == loss_reprs(ref)
+    assert [r.get("sample_ids") for r in got] == [r.get("sample_ids") for r in ref]
+    assert [r["lr"] for r in got] == [r["lr"] for r in ref]
+
+
+def assert_close_run(got_dir: Path, ref_dir: Path, rel: float = 1e-5) -> None:
+    """Across stages, world sizes or nodes: the same steps and samples, losses within float noise."""
+    import pytest
+    got, ref = metrics(got_dir), metrics(ref_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in ref], "metrics.jsonl must read as one clean run"
+    assert [r.get("sample_ids") for r in got] == [r.get("sample_ids") for r in ref]
+    for a, b in zip(ref, got):
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12), a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel), (a["step"], a["loss"], b["loss"])
+
+
+def assert_same_final_weights(got_dir: Path, ref_dir: Path) -> None:
+    """The newest checkpoints of both runs hold bitwise the same full fp32 weights."""
+    import torch
+
+    from ds_finetune.checkpoint import find_resumable_checkpoint
+    from ds_finetune.reshard import consolidate
+    got, _ = find_resumable_checkpoint(Path(got_dir) / "checkpoints")
+    ref, _ = find_resumable_checkpoint(Path(ref_dir) / "checkpoints")
+    assert got.step == ref.step, (got.path, ref.path)
+    a, b = consolidate(got, weights_only=True)[0]["weights"], consolidate(ref, weights_only=True)[0]["weights"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# --------------------------------------------------------------------------------- run folders, errors
+
+def copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def snapshot(folder: Path) -> list:
+    """Every file under `folder` with its size and modification time: equal snapshots, nothing touched."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in Path(folder).rglob("*") if p.is_file())
+
+
+def assert_one_line_error(proc, *needles) -> str:
+    """A user error: non-zero exit, exactly one `error:` line naming every needle, no traceback."""
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -1,4 +1,4 @@
-"""SPEC §6 (atomic commit, retention), §8, §11: a kill at every phase of a save never loses a committed
+"""Atomic commit, retention, errors, safety: a kill at every phase of a save never loses a committed
 checkpoint, --resume picks the newest committed one, and the run still ends bitwise equal to the
 uninterrupted reference. Damaged checkpoints are detected before anything is unpickled."""
 import json
@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 import harness
-from ds_finetune.checkpoint import FAULT_PHASES, LATEST, MANIFEST, find_resumable_checkpoint, inspect_checkpoint
+from ds_finetune.checkpoint import LATEST, MANIFEST, find_resumable_checkpoint, inspect_checkpoint
+from ds_finetune.faults import PHASES
 
 # (DS_FINETUNE_FAULT, does the save of that step commit before the kill?)
 CHAIN = [
@@ -25,7 +26,7 @@ CHAIN = [
 
 def test_chain_covers_every_save_phase():
     chained = {spec.split("@")[0].split(":")[0] for spec, _ in CHAIN}
-    assert chained | {"mid_accum", "after_step", "enospc"} == set(FAULT_PHASES)
+    assert chained | {"mid_accum", "after_step", "enospc"} == set(PHASES)
 
 
 @pytest.mark.multiproc

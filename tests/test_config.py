@@ -1,4 +1,4 @@
-"""SPEC §4 (run config) and §8 (errors): the tiny config loads; every config mistake is one line naming
+"""Run config and its errors: the tiny config loads; every config mistake is one line naming
 the key, exit code 2, no traceback; overrides are typed and validated; the resume fingerprint tells
 exactness-breaking changes from harmless ones; `config show-schema` documents every field."""
 

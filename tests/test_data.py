@@ -1,5 +1,5 @@
-"""SPEC §4 (data) and §8 (data errors): formats text / prompt_completion / chat and their label masks,
-truncation, skipped rows, packing, collation, the global target count (§4a), the token cache, and one-line
+"""Data and data errors: formats text / prompt_completion / chat and their label masks,
+truncation, skipped rows, packing, collation, the global target count, the token cache, and one-line
 data errors (also through the real entry point)."""
 
 from __future__ import annotations

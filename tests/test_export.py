@@ -1,4 +1,4 @@
-"""SPEC §3 `ckpt export`: a Hugging Face folder from a checkpoint of any ZeRO stage, loadable with
+"""`ds-finetune ckpt export`: a Hugging Face folder from a checkpoint of any ZeRO stage, loadable with
 AutoModelForCausalLM.from_pretrained, holding exactly the trained weights; damaged checkpoints refused."""
 import subprocess
 
@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import harness
 from ds_finetune.checkpoint import find_resumable_checkpoint
-from ds_finetune.universal import consolidate
+from ds_finetune.reshard import consolidate
 
 pytestmark = pytest.mark.multiproc
 CLI = str(harness.BIN / "ds-finetune")

@@ -1,5 +1,5 @@
-"""SPEC §3 `ds-finetune train` builds the `deepspeed` launcher argv; §8 a bad hostfile is one line naming
-file and line; §11 the launcher builds argv lists and no config or hostfile value ever reaches a shell."""
+"""`ds-finetune train` builds the `deepspeed` launcher argv; a bad hostfile is one line naming
+file and line; the launcher builds argv lists and no config or hostfile value ever reaches a shell."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §1, §3, §6, §7 on more than one node: a hostfile run over two real "nodes" (two network namespaces
+"""Training, resume and errors on more than one node: a hostfile run over two real "nodes" (two network namespaces
 joined by a veth pair, gloo over that link) computes what one node computes, is killed and resumed exactly,
 resumes on fewer nodes, and refuses a checkpoint dir that the nodes do not share.
 
@@ -12,7 +12,7 @@ to 1e-5, not bitwise: each rank sizes its intra-op thread pool to its node's sha
 (train.init_distributed), 2 threads per rank here vs 1 in the reference, and on other machines other
 counts, which may change the float reduction order inside the kernels (on this 2-core machine the tiny
 model's losses came out bitwise equal anyway; nothing promises that). Kill + resume on the same 2 nodes is
-compared bitwise with an uninterrupted 2-node run (same layout: SPEC §7).
+compared bitwise with an uninterrupted 2-node run (same layout).
 """
 from __future__ import annotations
 
@@ -202,22 +202,6 @@ def run_nodes(cluster: Cluster, out: Path, **kw) -> list[str]:
     return [text for _, text in results]
 
 
-def assert_close_to(got_dir: Path, ref_dir: Path) -> None:
-    got, ref = harness.metrics(got_dir), harness.metrics(ref_dir)
-    assert [r["step"] for r in got] == [r["step"] for r in ref]
-    assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in ref]
-    for a, b in zip(ref, got):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
-        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
-
-
-def assert_bitwise(got_dir: Path, ref_dir: Path) -> None:
-    got, ref = harness.metrics(got_dir), harness.metrics(ref_dir)
-    assert [r["step"] for r in got] == [r["step"] for r in ref], "metrics.jsonl must read as one clean run"
-    assert harness.loss_reprs(got) == harness.loss_reprs(ref)
-    assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in ref]
-
-
 def newest_manifest(out: Path) -> dict:
     import json
     from ds_finetune.checkpoint import MANIFEST, tag_for_step
@@ -244,7 +228,7 @@ def test_two_nodes_compute_what_one_node_computes(cluster, two_node_run, referen
     assert "nnodes=2, num_local_procs=1, node_rank=1" in logs[1], logs[1][-3000:]
     assert harness.committed_steps(out / "checkpoints")[-1] == 10
     assert newest_manifest(out)["world_size"] == 2
-    assert_close_to(out, reference_run(2, extra=["model.config.attention_dropout=0.0"]))
+    harness.assert_close_run(out, reference_run(2, extra=["model.config.attention_dropout=0.0"]))
     assert not list((out / "checkpoints").glob(f"{nodes.PROBE_PREFIX}*")), "the shared-dir probes are removed"
 
 
@@ -280,11 +264,11 @@ def test_both_nodes_killed_resume_exactly_and_on_fewer_nodes(cluster, two_node_r
         assert code == 0, text[-4000:]
     logs = [text for _, text in results]
     assert f"resumed from {out / 'checkpoints'}" in logs[0] and f"step_{last:08d}" in logs[0], logs[0][-3000:]
-    assert_bitwise(out, two_node_run[0])
+    harness.assert_same_run(out, two_node_run[0])
 
     assert "converting" in logs[2] and "on 1 ranks" in logs[2], logs[2][-3000:]
     assert "keeping the checkpoint's global batch 8 on 1 ranks: grad_accum=4" in logs[2]
-    assert_close_to(fewer, reference_run(2, extra=["model.config.attention_dropout=0.0"]))
+    harness.assert_close_run(fewer, reference_run(2, extra=["model.config.attention_dropout=0.0"]))
     print(f"\n[test_multinode] killed after step {len(done)} (last commit {last}): {t_kill:.1f} s; 2-node and "
           f"1-node resumes side by side: {elapsed:.1f} s ({cluster.mode})")
 

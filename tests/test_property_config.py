@@ -1,4 +1,4 @@
-"""SPEC §4/§8 as a property: whatever a user writes into a run config or an override, loading it either gives
+"""Config errors as a property: whatever a user writes into a run config or an override, loading it either gives
 a RunConfig or a UserError whose message is one line; never any other exception, never a traceback."""
 
 from __future__ import annotations

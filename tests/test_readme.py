@@ -1,26 +1,97 @@
-"""README.md stays true: every config key is documented there, and the two commands are the Makefile's."""
+"""The README and docs/ stay true: every config key is documented in docs/config.md, the two commands are
+the Makefile's, the README stays short, every relative link resolves, and nothing points outside the
+repository."""
+import re
 from pathlib import Path
 
 from ds_finetune.config import schema_lines
 
 ROOT = Path(__file__).resolve().parent.parent
+README_MAX_LINES = 150
 
 
-def test_readme_config_reference_lists_every_key_with_its_description():
-    readme = (ROOT / "README.md").read_text()
+def test_config_reference_lists_every_key_with_its_description():
+    reference = (ROOT / "docs" / "config.md").read_text()
     for line in schema_lines():
         key, rest = line.split(" (default ", 1)
         default, description = rest.split("): ", 1)
         row = f"| `{key}` | {default} | {description.replace('|', chr(92) + '|')} |"
-        assert row in readme, f"README config reference is out of date for {key}: expected {row!r}"
+        assert row in reference, f"docs/config.md is out of date for {key}: expected {row!r}"
 
 
 def test_readme_names_the_commands_the_makefile_and_ci_run():
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()
+    assert "## The two commands" in readme
     assert "make demo" in readme and "make test" in readme
     assert "\ndemo: install" in makefile and "\ntest: install" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_is_short():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}); move detail into docs/")
+
+
+def _markdown_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+# [text](target) and ![alt](target), with an optional "title".
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def _anchors(md: Path) -> set[str]:
+    """GitHub's ids for the headings of a markdown file."""
+    text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+def test_relative_markdown_links_point_to_existing_files():
+    assert (ROOT / "docs").is_dir()
+    broken = []
+    for md in _markdown_files():
+        text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)  # links inside code blocks are not links
+        for target in _LINK.findall(text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):
+                continue  # http(s):, mailto:, ...
+            path, _, anchor = target.partition("#")
+            dest = md.parent / path if path else md
+            if not dest.exists():
+                broken.append(f"{md.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{md.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "broken relative links:\n" + "\n".join(broken)
+
+
+# What would point outside the repository: the sibling folder holding the project's working notes, and the
+# names of those notes. Built from pieces so that the needles themselves appear in no scanned file.
+_OUTSIDE = ["shared" + "/", "SPEC" + " §", "SPEC" + ".md", "NOTES" + "-deepspeed"]
+_SCANNED = ["README.md", "docs", "ds_finetune", "launch", "tools", "bench", "tests"]
+
+
+def _scanned_files():
+    this = Path(__file__).resolve()
+    for name in _SCANNED:
+        top = ROOT / name
+        for path in [top] if top.is_file() else sorted(top.rglob("*")):
+            if not path.is_file() or path.resolve() == this or "__pycache__" in path.parts:
+                continue
+            try:
+                yield path, path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue  # binary (a benchmark chart)
+
+
+def test_nothing_refers_to_files_outside_the_repository():
+    hits = []
+    for path, text in _scanned_files():
+        for number, line in enumerate(text.splitlines(), 1):
+            if any(needle in line for needle in _OUTSIDE):
+                hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:120]}")
+    assert not hits, "references to files outside the repository:\n" + "\n".join(hits)
 
 
 def test_example_configs_validate_with_dry_run():

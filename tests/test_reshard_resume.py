@@ -1,4 +1,4 @@
-"""SPEC §6 (last two bullets), §7 across stages and world sizes: a checkpoint saved under ZeRO stage A on W
+"""Resume across stages and world sizes: a checkpoint saved under ZeRO stage A on W
 ranks resumes under stage B and/or on W' ranks, converted automatically, with the same data order, the
 same LR schedule and losses equal to float-reduction noise. One killed save run per stage is shared by
 every resume from it."""
@@ -8,20 +8,15 @@ import pytest
 
 import harness
 from ds_finetune.checkpoint import find_resumable_checkpoint
-from ds_finetune.universal import consolidate
+from ds_finetune.reshard import consolidate
 
 pytestmark = pytest.mark.multiproc
 STAGES = [0, 1, 2, 3]
 
 
 def assert_continues(got_dir, ref_dir, from_step: int):
-    got, ref = harness.metrics(got_dir), harness.metrics(ref_dir)
-    assert [r["step"] for r in got] == [r["step"] for r in ref]
-    assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in ref]
-    for a, b in zip(ref, got):
-        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12), a["step"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
-    assert len(ref) > from_step
+    harness.assert_close_run(got_dir, ref_dir)
+    assert len(harness.metrics(ref_dir)) > from_step
 
 
 @pytest.mark.parametrize("saved", STAGES)
@@ -55,12 +50,12 @@ def test_converted_state_equals_the_saved_state(saved_at_step4, tmp_path):
 
 def test_converted_state_loads_exactly_into_every_stage(saved_at_step4, tmp_path):
     """The Adam moments and weights read back from an engine of each stage equal the converted ones."""
-    from ds_finetune.universal import write_universal
+    from ds_finetune.reshard import write_resharded
     info, _ = find_resumable_checkpoint(saved_at_step4(3) / "checkpoints")
-    target = write_universal(info)
+    target = write_resharded(info)
     out = tmp_path / "roundtrip.json"
     proc = harness.run([str(harness.BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={harness.free_port()}",
-                        str(harness.ROOT / "tests" / "scripts" / "roundtrip_universal.py"), str(target), str(out),
+                        str(harness.ROOT / "tests" / "scripts" / "roundtrip_resharded.py"), str(target), str(out),
                         "0", "1", "2", "3"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = {int(k): v for k, v in __import__("json").loads(out.read_text()).items()}

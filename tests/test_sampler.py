@@ -1,4 +1,4 @@
-"""SPEC §4a — batches: one permutation per epoch from (seed, epoch) alone; optimizer step g takes the next
+"""Batches: one permutation per epoch from (seed, epoch) alone; optimizer step g takes the next
 `global_batch` entries; each rank and micro-step takes a fixed slice; the position is (epoch, offset) and
 seeking to it is O(1); a last partial global batch is dropped (documented in the module docstring)."""
 

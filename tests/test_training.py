@@ -1,4 +1,4 @@
-"""SPEC §4a, §5: 2-rank CPU training at ZeRO 0-3, the global-batch loss, metrics.jsonl, world-size
+"""2-rank CPU training at ZeRO 0-3, the global-batch loss, metrics.jsonl, world-size
 independence. Runs are shared through the `reference_run` fixture (conftest.py)."""
 import json
 import math

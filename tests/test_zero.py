@@ -1,4 +1,4 @@
-"""SPEC §3 `config zero`: every ZeRO config we generate is one DeepSpeed's own parser accepts, with the values
+"""`ds-finetune config zero`: every ZeRO config we generate is one DeepSpeed's own parser accepts, with the values
 we meant and nothing left as "auto"; illegal combinations are one-line user errors."""
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ writes the step's loss and the updated full fp32 weights. Run as 1 process or un
     torchrun --nproc_per_node 2 one_step.py OUT_DIR 1x2
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,26 +16,33 @@ from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from ds_finetune import train as T  # noqa: E402
+from ds_finetune.data import EpochOrder, prepare_data  # noqa: E402
+from ds_finetune.dist import init_distributed, seed_everything  # noqa: E402
+from ds_finetune.model import build_engine, build_model  # noqa: E402
 from ds_finetune.config import load_config  # noqa: E402
 from ds_finetune.data import collate, load_tokenizer, unit_targets  # noqa: E402
 from ds_finetune.sampler import BatchLayout  # noqa: E402
 from ds_finetune.zero import zero_config_for_run  # noqa: E402
 
 out_dir, splits = Path(sys.argv[1]), sys.argv[2:]
-rank, world, local_rank = T.init_distributed()
+rank, world, local_rank = init_distributed()
 for split in splits:
     micro, accum = map(int, split.split("x"))
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
                       [f"train.micro_batch_size={micro}", f"train.grad_accum={accum}", "train.zero_stage=2",
                        "train.max_steps=1", "train.warmup_steps=0", "train.lr_schedule=constant",
+                       # Adam's first update is lr * g / (|g| + eps): with the default eps a gradient near 0 that
+                       # differs by float noise moves its weight by up to ±lr; eps 1e-5 keeps the update
+                       # proportional to such gradients, so equal weights mean equal gradients.
+                       "train.adam_eps=1e-5",
                        f"output_dir={out_dir}"])
     ds_config = zero_config_for_run(cfg, world)
     tok = load_tokenizer(cfg.model.tokenizer)
-    data = T.prepare_data(cfg, tok, local_rank)
-    order = T.EpochOrder(data, cfg.train.seed, False, cfg.data.max_length)
+    data = prepare_data(cfg.data, tok, local_rank)
+    order = EpochOrder(data, cfg.train.seed, False, cfg.data.max_length)
     layout = BatchLayout(micro, accum, world)
-    T.seed_everything(cfg.train.seed)
-    engine = T.build_engine(T.build_model(cfg, ds_config), cfg, ds_config, 1)
+    seed_everything(cfg.train.seed)
+    engine = build_engine(build_model(cfg, ds_config), cfg, ds_config, 1)
     units = order.units(0)
     targets = unit_targets(data, units[layout.step_slice(0)])
     batches = [collate(data, units[layout.micro_slice(0, m, rank)], 2) for m in range(accum)]
@@ -47,4 +55,4 @@ for split in splits:
         save_file(initial, str(out_dir / f"init{world}-{split}.safetensors"))
         (out_dir / f"loss{world}-{split}.json").write_text(json.dumps(float(local) / targets))
     dist.barrier()
-T.os._exit(0)
+os._exit(0)

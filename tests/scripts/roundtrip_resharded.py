@@ -1,9 +1,10 @@
-"""Load a converted (universal) checkpoint into an engine of each ZeRO stage given and read every weight
+"""Load a converted (resharded) checkpoint into an engine of each ZeRO stage given and read every weight
 and Adam moment back through DeepSpeed; write the largest difference per stage (0.0 means exact).
 
-    torchrun --nproc_per_node 2 roundtrip_universal.py UNIVERSAL_DIR OUT_JSON 0 1 2 3
+    torchrun --nproc_per_node 2 roundtrip_resharded.py RESHARDED_DIR OUT_JSON 0 1 2 3
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,24 +12,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
-from ds_finetune import train as T  # noqa: E402
-from ds_finetune import universal  # noqa: E402
+from ds_finetune import reshard  # noqa: E402
+from ds_finetune.dist import init_distributed  # noqa: E402
+from ds_finetune.model import build_engine, build_model  # noqa: E402
 from ds_finetune.config import load_config  # noqa: E402
 from ds_finetune.zero import zero_config_for_run  # noqa: E402
 
 src, out, stages = Path(sys.argv[1]), Path(sys.argv[2]), [int(s) for s in sys.argv[3:]]
-rank, world, _ = T.init_distributed()
-tensors, meta = universal.read_universal(src)
+rank, world, _ = init_distributed()
+tensors, meta = reshard.read_resharded(src)
 result = {}
 for stage in stages:
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
                       [f"train.zero_stage={stage}", "train.micro_batch_size=2", "train.grad_accum=2",
                        "train.max_steps=10", "output_dir=/tmp/unused"])
     ds_config = zero_config_for_run(cfg, world)
-    model = T.build_model(cfg, ds_config)
-    universal.load_universal_weights(model, tensors["weights"])
-    engine = T.build_engine(model, cfg, ds_config, 10)
-    universal.load_universal_optimizer(engine, tensors, meta)
+    model = build_model(cfg, ds_config)
+    reshard.load_weights(model, tensors["weights"])
+    engine = build_engine(model, cfg, ds_config, 10)
+    reshard.load_optimizer_state(engine, tensors, meta)
     worst = 0.0
     for name, p in engine.module.named_parameters():
         if stage == 0:
@@ -42,4 +44,4 @@ for stage in stages:
     result[stage] = {"max_abs_diff": worst, "lr": engine.get_lr()[0], "global_steps": engine.global_steps}
 if rank == 0:
     out.write_text(json.dumps(result))
-T.os._exit(0)
+os._exit(0)

@@ -1,18 +1,18 @@
 """A stage- and world-size-independent copy of a checkpoint, and loading it into an engine of any ZeRO stage.
 
-DeepSpeed cannot load a checkpoint under another ZeRO stage or data-parallel size (NOTES-deepspeed.md:
-2->3 and 3->2 assert, 0->2 misses files; its universal-checkpoint route fails whenever stage 3 is
-involved and does not read stage 0). So we convert ourselves:
+DeepSpeed cannot load a checkpoint under another ZeRO stage or data-parallel size (2->3 and 3->2 assert,
+0->2 misses files; its own universal-checkpoint route fails whenever stage 3 is involved and does not
+read stage 0). So we convert ourselves:
 
 * `consolidate` (one process, no GPU, no process group): reads a verified checkpoint of any stage and
   returns full fp32 weights and both Adam moments per parameter name, the optimizer step count, the LR
   scheduler state and every rank's RNG. Stages 1-3 reuse the partition-merging code of DeepSpeed's own
   `zero_to_fp32.py` (applied to the moments too: they share the fp32 partitions' flat layout).
-* `write_universal` stores that as safetensors + JSON in `step_N/universal/` (once; later resumes and
+* `write_resharded` stores that as safetensors + JSON in `step_N/resharded/` (once; later resumes and
   `ckpt export` reuse it), with its own manifest, so every rank reads plain tensors, never pickles.
-* `load_universal_weights` fills the model before `deepspeed.initialize` (ZeRO then builds its fp32
-  master copies from it); `load_universal_optimizer` fills the moments, step count, LR schedule and
-  DeepSpeed's counters after it, through `safe_set_full_optimizer_state`, which works on every stage.
+* `load_weights` fills the model before `deepspeed.initialize` (ZeRO then builds its fp32 master copies
+  from it); `load_optimizer_state` fills the moments, step count, LR schedule and DeepSpeed's counters
+  after it, through `safe_set_full_optimizer_state`, which works on every stage.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 from ds_finetune.checkpoint import MANIFEST, CheckpointInfo, hash_and_sync, verify_files, write_atomic
 from ds_finetune.errors import UserError
 
-UNIVERSAL_DIR = "universal"
-UNIVERSAL_VERSION = 1
+RESHARDED_DIR = "resharded"
+RESHARD_VERSION = 1
 TENSOR_FILES = ("weights", "exp_avg", "exp_avg_sq")
 
 
@@ -46,7 +46,7 @@ def _model_states_file(tag_dir: Path) -> Path:
     raise UserError(f"checkpoint error: {tag_dir} holds no DeepSpeed model states file")
 
 
-def _consolidate_stage0(model_states: dict) -> tuple[dict, dict, dict, float]:
+def _consolidate_stage0(model_states: dict) -> tuple[dict, float]:
     weights = {k: v.float() for k, v in model_states["module"].items()}
     optim = model_states["optimizer"]
     names = [n for group in model_states["param_group_names"] for n in group]
@@ -57,45 +57,7 @@ def _consolidate_stage0(model_states: dict) -> tuple[dict, dict, dict, float]:
         exp_avg[name] = state.get("exp_avg", torch.zeros_like(weights[name]))
         exp_avg_sq[name] = state.get("exp_avg_sq", torch.zeros_like(weights[name]))
         step = float(state.get("step", step))
-    return weights, exp_avg, exp_avg_sq, step
-
-
-def _consolidate_zero(tag_dir: Path, keys=TENSOR_FILES) -> tuple[dict, dict, dict, float]:
-    from deepspeed.utils import zero_to_fp32 as z  # private helpers of DeepSpeed 0.19; tests pin the layout
-
-    zero_model_states = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
-    optim_files = z.get_optim_files(str(tag_dir))
-    flats = {key: [] for key in TENSOR_FILES}
-    stage, paddings, step = None, None, 0.0
-    for f in optim_files:
-        osd = _load(Path(f))["optimizer_state_dict"]
-        stage = int(osd["zero_stage"])
-        if stage <= 2:
-            flats["weights"].append(osd["single_partition_of_fp32_groups"])
-            states = osd["base_optimizer_state"]["state"]
-            paddings = osd.get("param_alignment_paddings")
-        else:
-            flats["weights"].append(osd["fp32_flat_groups"])
-            states = osd["optimizer_state_dict"]["state"]
-        groups = len(flats["weights"][-1])
-        for key in ("exp_avg", "exp_avg_sq"):
-            flats[key].append([states[g][key] if g in states else torch.zeros_like(flats["weights"][-1][g])
-                               for g in range(groups)])
-        step = max([step] + [float(states[g]["step"]) for g in range(groups) if g in states])
-    world = len(optim_files)
-    merged = []
-    for key in TENSOR_FILES:
-        out = {}
-        if key not in keys:
-            merged.append({})
-            continue
-        if stage <= 2:
-            z._zero2_merge_trainable_params(out, world, flats[key], zero_model_states, paddings)
-        else:
-            z._zero3_merge_trainable_params(out, world, flats[key], zero_model_states)
-            out = {k: v.contiguous() for k, v in out.items()}
-        merged.append({k: v.float().clone() for k, v in out.items()})
-    return merged[0], merged[1], merged[2], step
+    return {"weights": weights, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, step
 
 
 def consolidate(info: CheckpointInfo, weights_only: bool = False) -> tuple[dict[str, dict], dict]:
@@ -104,20 +66,21 @@ def consolidate(info: CheckpointInfo, weights_only: bool = False) -> tuple[dict[
         raise UserError(f"checkpoint error: {info.path} is {info.status}; pick a complete one (`ds-finetune ckpt list`)")
     model_states = _load(_model_states_file(info.path))
     if info.manifest["zero_stage"] == 0:
-        weights, exp_avg, exp_avg_sq, step = _consolidate_stage0(model_states)
+        tensors, step = _consolidate_stage0(model_states)
     else:
-        weights, exp_avg, exp_avg_sq, step = _consolidate_zero(info.path, ("weights",) if weights_only else TENSOR_FILES)
+        from ds_finetune import ds_internals
+        tensors, step = ds_internals.merge_zero_partitions(info.path, ("weights",) if weights_only else TENSOR_FILES)
     meta = {
-        "universal_version": UNIVERSAL_VERSION,
+        "reshard_version": RESHARD_VERSION,
         "source": {"tag": info.tag, "zero_stage": info.manifest["zero_stage"], "world_size": info.manifest["world_size"]},
         "optimizer_step": step,
         "global_steps": int(model_states.get("global_steps", 0)),
         "global_samples": int(model_states.get("global_samples", 0)),
         "skipped_steps": int(model_states.get("skipped_steps", 0)),
         "lr_scheduler": _plain(model_states.get("lr_scheduler")),
-        "rng_states": [_rng_to_plain(s) for s in model_states.get("rng_states", [])],
+        "rng_states": model_states.get("rng_states", []),  # plain values already (dist.capture_rng)
     }
-    return {"weights": weights, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, meta
+    return tensors, meta
 
 
 def _plain(obj):
@@ -131,36 +94,19 @@ def _plain(obj):
     return obj
 
 
-def _rng_to_plain(state: dict) -> dict:
-    plain = {"python": state["python"], "numpy": [state["numpy"][0], state["numpy"][1].tolist(), *state["numpy"][2:]],
-             "torch": state["torch"].tolist()}
-    if "cuda" in state:
-        plain["cuda"] = state["cuda"].tolist()
-    return plain
-
-
-def rng_from_plain(plain: dict) -> dict:
-    state = {"python": plain["python"], "numpy": [plain["numpy"][0], torch.tensor(plain["numpy"][1], dtype=torch.int64),
-                                                  *plain["numpy"][2:]],
-             "torch": torch.tensor(plain["torch"], dtype=torch.uint8)}
-    if "cuda" in plain:
-        state["cuda"] = torch.tensor(plain["cuda"], dtype=torch.uint8)
-    return state
-
-
 # ------------------------------------------------------------------------------------- on-disk copy
 
-def universal_dir(info: CheckpointInfo) -> Path:
-    return info.path / UNIVERSAL_DIR
+def resharded_dir(info: CheckpointInfo) -> Path:
+    return info.path / RESHARDED_DIR
 
 
-def write_universal(info: CheckpointInfo) -> Path:
-    """Convert once into `step_N/universal/` (temp folder + rename: a crash leaves no half copy)."""
+def write_resharded(info: CheckpointInfo) -> Path:
+    """Convert once into `step_N/resharded/` (temp folder + rename: a crash leaves no half copy)."""
     from safetensors.torch import save_file
 
-    target = universal_dir(info)
+    target = resharded_dir(info)
     tensors, meta = consolidate(info)
-    tmp = info.path / f".{UNIVERSAL_DIR}.tmp-{os.getpid()}"
+    tmp = info.path / f".{RESHARDED_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for key in TENSOR_FILES:
@@ -173,7 +119,7 @@ def write_universal(info: CheckpointInfo) -> Path:
     return target
 
 
-def read_universal(path: Path, keys=TENSOR_FILES) -> tuple[dict[str, dict], dict]:
+def read_resharded(path: Path, keys=TENSOR_FILES) -> tuple[dict[str, dict], dict]:
     from safetensors.torch import load_file
 
     manifest = json.loads((path / MANIFEST).read_text())
@@ -184,13 +130,13 @@ def read_universal(path: Path, keys=TENSOR_FILES) -> tuple[dict[str, dict], dict
             json.loads((path / "meta.json").read_text()))
 
 
-def has_universal(info: CheckpointInfo) -> bool:
-    return (universal_dir(info) / MANIFEST).exists()
+def has_resharded(info: CheckpointInfo) -> bool:
+    return (resharded_dir(info) / MANIFEST).exists()
 
 
 # ------------------------------------------------------------------------------------- into an engine
 
-def load_universal_weights(model, weights: dict[str, torch.Tensor]) -> None:
+def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
     """Copy full fp32 weights into a plain model (before deepspeed.initialize)."""
     import deepspeed
 
@@ -208,23 +154,13 @@ def load_universal_weights(model, weights: dict[str, torch.Tensor]) -> None:
             p.data.copy_(value)
 
 
-def _base_optimizer_and_state_keys(engine):
-    """The torch optimizer doing the update and the tensors its state is keyed by: the model's parameters
-    at stage 0, ZeRO's flat fp32 partitions at stages 1-3 (not its param_groups, which ZeRO swaps in
-    only during step())."""
-    opt = engine.optimizer
-    if hasattr(opt, "single_partition_of_fp32_groups"):
-        return opt.optimizer, list(opt.single_partition_of_fp32_groups)
-    if hasattr(opt, "fp32_partitioned_groups_flat"):
-        return opt.optimizer, list(opt.fp32_partitioned_groups_flat)
-    return opt, [p for group in opt.param_groups for p in group["params"]]
-
-
-def load_universal_optimizer(engine, tensors: dict[str, dict], meta: dict) -> None:
+def load_optimizer_state(engine, tensors: dict[str, dict], meta: dict) -> None:
     """Adam moments, step count, LR schedule and DeepSpeed's step counters, on any ZeRO stage."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    base, keys = _base_optimizer_and_state_keys(engine)
+    from ds_finetune import ds_internals
+
+    base, keys = ds_internals.optimizer_and_state_keys(engine)
     step = torch.tensor(float(meta["optimizer_step"]))
     # torch's AdamW creates its state lazily at the first step; create it now so it can be filled.
     for p in keys:
@@ -233,8 +169,7 @@ def load_universal_optimizer(engine, tensors: dict[str, dict], meta: dict) -> No
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] = step.clone()
-    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2: link fragments to state
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    ds_internals.link_optimizer_state(engine)
     stage = engine.zero_optimization_stage()
     for name, p in engine.module.named_parameters():
         for key in ("exp_avg", "exp_avg_sq"):
@@ -247,6 +182,4 @@ def load_universal_optimizer(engine, tensors: dict[str, dict], meta: dict) -> No
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         for group, lr in zip(base.param_groups, meta["lr_scheduler"].get("_last_lr", [])):
             group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
-    engine.global_steps = meta["global_steps"]
-    engine.global_samples = meta["global_samples"]
-    engine.skipped_steps = meta["skipped_steps"]
+    ds_internals.set_step_counters(engine, meta["global_steps"], meta["global_samples"], meta["skipped_steps"])

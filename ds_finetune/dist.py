@@ -1,0 +1,104 @@
+"""The process group, the one way ranks agree on a decision, and each rank's RNG.
+
+`decide` is the single pattern for "some ranks do a piece of work, every rank learns the result or the
+error": a rank that failed never leaves the others waiting in a collective forever.
+
+RNG states are encoded as plain lists (JSON-able), the same for native checkpoints (`client_state`) and
+for the stage-independent copy (`meta.json`), so one `restore_rng` reads both.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from ds_finetune.errors import UserError
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group the launcher set up; returns (rank, world size, local rank)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # A plain `python launch/train.py` is a world of one.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    world = int(os.environ["WORLD_SIZE"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    if get_accelerator().device_name() == "cpu":
+        # One intra-op thread pool per rank sized to its share of the cores; fixed, so the float
+        # reduction order (and the bitwise result) is the same in the reference and the resumed run.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    else:
+        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    import torch.distributed as dist
+    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    dist.barrier()
+
+
+def decide(fn, runs_here: bool):
+    """Run `fn` on the ranks where `runs_here` (rank 0 must be one of them); every rank returns rank 0's
+    result, or raises the first UserError any of them raised."""
+    import torch.distributed as dist
+
+    outcome = None
+    if runs_here:
+        try:
+            outcome = ("ok", fn())
+        except UserError as e:
+            outcome = ("error", e)
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    for o in outcomes:
+        if o is not None and o[0] == "error":
+            raise o[1]
+    return outcomes[0][1]
+
+
+def all_gather(value) -> list:
+    """Every rank's `value`, in rank order (small picklable values only)."""
+    import torch.distributed as dist
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict:
+    """This rank's python, numpy, torch (and CUDA) RNG states as plain values."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.as_tensor(state["cuda"], dtype=torch.uint8))

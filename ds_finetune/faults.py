@@ -1,0 +1,76 @@
+"""Fault injection for the crash tests. Off unless DS_FINETUNE_FAULT is set.
+
+    DS_FINETUNE_FAULT=phase[:rankR][@stepN]   (rank 0 and every step when omitted)
+
+At the named phase on rank R (at step N) the whole job is SIGKILLed at once, like a node crash, or, for
+`enospc`, the write fails with ENOSPC. "The job" is every process that inherited the same
+DS_FINETUNE_FAULT and DS_FINETUNE_FAULT_ID (the ranks, the launcher and the CLI): launchers put ranks in
+other process groups (torchrun: other sessions), so no group kill fits, and the id (set per launch by
+the tests) keeps two jobs with the same spec on one machine apart.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import re
+import signal
+
+from ds_finetune.errors import UserError
+
+PHASES = ("mid_accum", "after_step", "before_save", "mid_shards", "after_shards", "after_manifest_tmp",
+          "after_manifest_rename", "before_latest_rename", "after_latest_rename", "during_retention", "enospc")
+
+
+@functools.lru_cache(maxsize=8)
+def parse_fault(raw: str) -> tuple[str, int, int | None] | None:
+    if not raw:
+        return None
+    m = re.fullmatch(r"([a-z_]+)(?::rank(\d+))?(?:@step(\d+))?", raw)
+    if not m or m.group(1) not in PHASES:
+        raise UserError(f"DS_FINETUNE_FAULT={raw!r}: write phase[:rankR][@stepN] with a phase of "
+                        f"{', '.join(PHASES)}; e.g. after_shards:rank1@step4")
+    return m.group(1), int(m.group(2) or 0), int(m.group(3)) if m.group(3) else None
+
+
+def _fires(phase: str, rank: int, step: int) -> bool:
+    spec = parse_fault(os.environ.get("DS_FINETUNE_FAULT", "").strip())
+    return spec is not None and spec[0] == phase and spec[1] == rank and spec[2] in (None, step)
+
+
+def fault_point(phase: str, rank: int, step: int) -> None:
+    """Kill the job (or fail the write, for `enospc`) when DS_FINETUNE_FAULT names this phase, rank and step."""
+    if not _fires(phase, rank, step):
+        return
+    if phase == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected by DS_FINETUNE_FAULT)")
+    print(f"[fault injection] SIGKILL at {phase} rank {rank} step {step}", flush=True)
+    kill_job()
+
+
+def _job_marker(environ) -> tuple:
+    return environ.get("DS_FINETUNE_FAULT"), environ.get("DS_FINETUNE_FAULT_ID")
+
+
+def kill_job() -> None:
+    import psutil
+
+    ours, survivors = _job_marker(os.environ), []
+    for p in psutil.process_iter():
+        if p.pid == os.getpid():
+            continue
+        try:
+            if _job_marker(p.environ()) != ours:
+                continue
+        except psutil.Error:  # another user's or an exited process: not one of ours
+            continue
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.Error as e:
+            survivors.append(f"{p.pid} ({e})")
+    if survivors:
+        print(f"[fault injection] could not kill {', '.join(survivors)}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,85 @@
+"""The model, its optimizer groups, the LR schedule and the DeepSpeed engine.
+
+The model is built from `seed` identically on every rank, stage and world size; the optimizer is a
+client `torch.optim.AdamW` (two groups: decayed matrices, undecayed biases and norms) with a `LambdaLR`
+schedule (warmup, then cosine / linear / constant), both handed to `deepspeed.initialize`, which saves
+and loads them with the engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ds_finetune.config import RunConfig
+from ds_finetune.errors import UserError
+
+
+def build_model(cfg: RunConfig, ds_config: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    keep_alive = None
+    if cfg.train.zero_stage == 3 and cfg.model.name_or_path is not None:
+        # Lets transformers load pretrained weights inside deepspeed.zero.Init, so no rank ever holds the
+        # full model (what an 8B ZeRO-3 run needs). Must stay referenced while the model is built.
+        # Not for an inline random-init config: zero.Init draws the random init in another order, and
+        # the same seed must give the same weights at every stage (exact resume across stages).
+        from transformers.integrations import HfDeepSpeedConfig
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    try:
+        if cfg.model.config is not None:
+            inline = dict(cfg.model.config)
+            model_config = AutoConfig.for_model(inline.pop("model_type"), **inline)
+            model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        source = cfg.model.name_or_path or "model.config"
+        raise UserError(f"model error: cannot build the model from {source} ({str(e).splitlines()[0][:200]})")
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    del keep_alive
+    return model
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    t = cfg.train
+
+    def factor(step: int) -> float:  # `step` = optimizer steps already taken
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+    return factor
+
+
+def param_group_names(model) -> list[list[str]]:
+    """Trainable parameter names of the two optimizer groups: decayed (matrices), not decayed (biases,
+    norms). Saved with each checkpoint so a ZeRO-0 optimizer state can be mapped back to names."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 or len(getattr(p, "ds_shape", ())) >= 2 else no_decay).append(name)
+    return [decay, no_decay]
+
+
+def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int):
+    import deepspeed
+
+    params = dict(model.named_parameters())
+    decay, no_decay = ([params[n] for n in names] for names in param_group_names(model))
+    t = cfg.train
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    schedule = lr_lambda(cfg, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        # A callable, so the scheduler drives the optimizer DeepSpeed wraps; DeepSpeed saves and loads it.
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine

@@ -1,0 +1,127 @@
+"""Resume: choose the checkpoint, check that this run can continue it, convert it when the ZeRO stage or
+world size changed, and restore the engine, each rank's RNG and the trainer's progress.
+
+`choose_checkpoint` runs before the engine exists (it decides the batch layout); `restore` after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ds_finetune import checkpoint as ckpt
+from ds_finetune import reshard
+from ds_finetune.checkpoint import CheckpointInfo, TrainState
+from ds_finetune.config import RunConfig, changed_exact_keys
+from ds_finetune.data import DATA_FORMAT_VERSION
+from ds_finetune.dist import decide, restore_rng
+from ds_finetune.errors import UserError
+from ds_finetune.sampler import BatchLayout
+
+
+def say(text: str) -> None:
+    print(f"[ds-finetune] {text}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ choose
+
+def choose_checkpoint(cfg: RunConfig, resume: str | None, overwrite: bool, rank: int) -> CheckpointInfo | None:
+    """The checkpoint to continue (None: start fresh). `resume` is None, "auto" or a path. Rank 0
+    decides (it may hash many files); the others receive its decision or its error."""
+    return decide(lambda: _choose_on_rank0(cfg, resume, overwrite), runs_here=rank == 0)
+
+
+def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool) -> CheckpointInfo | None:
+    ckpt_dir, hashes = cfg.checkpoint_dir, cfg.checkpoint.verify_hashes
+    if resume is None:
+        if ckpt.has_checkpoints(ckpt_dir) and not overwrite:
+            raise UserError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run or "
+                            f"--overwrite to delete them and start over")
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"checkpoint error: {path}: no such checkpoint folder; see `ds-finetune ckpt list "
+                            f"{cfg.output_dir}`")
+        info = ckpt.inspect_checkpoint(path, hashes)
+        if info.status != "complete":
+            raise UserError(f"checkpoint error: {path} is {info.status} ({'; '.join(info.problems)[:300]}); "
+                            f"pick another with `ds-finetune ckpt list {path.parent}`")
+        return info
+    info, skipped = ckpt.find_resumable_checkpoint(ckpt_dir, hashes)
+    for line in skipped:
+        say(line)
+    if info is None:
+        say(f"no complete checkpoint in {ckpt_dir}: starting fresh")
+    return info
+
+
+def check_resumable(info: CheckpointInfo, fingerprint: dict, allow_change: bool) -> None:
+    """Refuse, from the manifest alone (nothing unpickled yet), a checkpoint this run cannot continue."""
+    saved = TrainState.from_manifest(info.manifest)
+    if saved.data_format_version != DATA_FORMAT_VERSION:
+        raise UserError(f"checkpoint error: {info.path} uses data format {saved.data_format_version}, this "
+                        f"version uses {DATA_FORMAT_VERSION}; resume with the ds-finetune version that saved it")
+    changed = changed_exact_keys(saved.fingerprint, fingerprint)
+    if changed and not allow_change:
+        raise UserError(f"config error: resuming {info.path} with changed {', '.join(changed)} would not continue "
+                        f"the same run; restore them, or pass --allow-config-change to continue anyway")
+    if changed:
+        say(f"warning: continuing with changed {', '.join(changed)} (--allow-config-change)")
+
+
+def resolve_layout(cfg: RunConfig, world: int, resume_from: CheckpointInfo | None, is_main: bool) -> BatchLayout:
+    """This run's batch layout; a resumed run keeps the checkpoint's global batch on any world size."""
+    saved_global_batch = TrainState.from_manifest(resume_from.manifest).global_batch if resume_from else None
+    micro, accum, global_batch = cfg.batch_layout(world, keep_global_batch=saved_global_batch)
+    if is_main and (micro, accum) != cfg.batch_layout(world)[:2]:
+        say(f"keeping the checkpoint's global batch {global_batch} on {world} ranks: grad_accum={accum} "
+            f"(micro_batch_size={micro})")
+    return BatchLayout(micro, accum, world)
+
+
+# ----------------------------------------------------------------------------------------------- convert
+
+@dataclass(frozen=True)
+class Converted:
+    """A checkpoint from another stage or world size, as full tensors and plain metadata."""
+    tensors: dict   # {"weights" | "exp_avg" | "exp_avg_sq": {param name: fp32 tensor}}
+    meta: dict      # optimizer step, LR schedule, engine counters, every saved rank's RNG
+
+
+def needs_conversion(info: CheckpointInfo | None, stage: int, world: int) -> bool:
+    return info is not None and (info.manifest["zero_stage"], info.manifest["world_size"]) != (stage, world)
+
+
+def convert(info: CheckpointInfo, stage: int, world: int, rank: int) -> Converted:
+    """Rank 0 converts the checkpoint to the stage-independent copy once; every rank then reads it."""
+    m = info.manifest
+
+    def convert_once():
+        cached = reshard.has_resharded(info)
+        say(f"converting {info.path} (ZeRO {m['zero_stage']}, {m['world_size']} ranks) for ZeRO {stage} on "
+            f"{world} ranks" + (" (reusing the converted copy)" if cached else ""))
+        if not cached:
+            reshard.write_resharded(info)
+
+    decide(convert_once, runs_here=rank == 0)
+    return Converted(*reshard.read_resharded(reshard.resharded_dir(info)))
+
+
+# ----------------------------------------------------------------------------------------------- restore
+
+def restore(checkpointer: ckpt.Checkpointer, info: CheckpointInfo, converted: Converted | None,
+            rank: int) -> TrainState:
+    """Engine state (natively, or from the converted copy), this rank's RNG, and the trainer's progress.
+    A converted checkpoint's weights are already in the model (`reshard.load_weights` before the engine)."""
+    if converted is None:
+        rng_states = checkpointer.restore(info)
+    else:
+        reshard.load_optimizer_state(checkpointer.engine, converted.tensors, converted.meta)
+        rng_states = converted.meta["rng_states"]
+    if rank < len(rng_states):  # a rank the saved run did not have keeps the seed + rank rule
+        restore_rng(rng_states[rank])
+    state = TrainState.from_manifest(info.manifest)
+    if rank == 0:
+        say(f"resumed from {info.path} at step {state.step} (epoch {state.epoch}, offset {state.offset})")
+    return state
