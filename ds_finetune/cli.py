@@ -39,6 +39,8 @@ def main():
               help="Resume from the newest complete checkpoint, or from PATH.")
 @click.option("--overwrite", is_flag=True, help="Start fresh even if the output dir holds checkpoints (deletes them).")
 @click.option("--allow-config-change", is_flag=True, help="Resume even if a setting that breaks exactness changed.")
+@click.option("--discard-newer", is_flag=True,
+              help="With --resume PATH: move checkpoints newer than PATH aside (never deleted) and branch from PATH.")
 @click.option("--num-gpus", type=click.IntRange(min=1), default=None, help="Processes per node.")
 @click.option("--num-nodes", type=click.IntRange(min=1), default=None, help="Nodes to use from the hostfile.")
 @click.option("--hostfile", type=click.Path(dir_okay=False), default=None, help="DeepSpeed hostfile (`host slots=N`).")
@@ -55,7 +57,7 @@ def main():
               help="With --no-ssh: this node's index in the hostfile's active nodes (0..N-1).")
 @click.option("--dry-run", is_flag=True, help="Print the launcher command and the resolved config, then exit.")
 @user_errors_exit
-def train(config_path, overrides, resume, overwrite, allow_config_change, num_gpus, num_nodes, hostfile,
+def train(config_path, overrides, resume, overwrite, allow_config_change, discard_newer, num_gpus, num_nodes, hostfile,
           include, exclude, master_addr, master_port, launcher, no_ssh, node_rank, dry_run):
     """Validate CONFIG and run it under the `deepspeed` launcher."""
     from ds_finetune.config import load_config, split_resume_arg
@@ -67,7 +69,7 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, num_gp
     resume, overrides = split_resume_arg(resume, overrides)
     cfg = load_config(config_path, overrides)
     spec = LaunchSpec(config_path=config_path, overrides=overrides, resume=resume, overwrite=overwrite,
-                      allow_config_change=allow_config_change, num_gpus=num_gpus, num_nodes=num_nodes,
+                      allow_config_change=allow_config_change, discard_newer=discard_newer, num_gpus=num_gpus, num_nodes=num_nodes,
                       hostfile=hostfile, include=include, exclude=exclude, master_addr=master_addr,
                       master_port=master_port, launcher=launcher.lower() if launcher else None, no_ssh=no_ssh,
                       node_rank=node_rank)

@@ -85,6 +85,7 @@ class LaunchSpec:
     resume: str | None = None           # None: fresh; "auto": newest complete; else a path
     overwrite: bool = False
     allow_config_change: bool = False
+    discard_newer: bool = False
     num_gpus: int | None = None
     num_nodes: int | None = None
     hostfile: str | None = None
@@ -254,6 +255,8 @@ def build_launch_argv(spec: LaunchSpec, on_accelerator: bool) -> list[str]:
         argv.append("--overwrite")
     if spec.allow_config_change:
         argv.append("--allow-config-change")
+    if spec.discard_newer:
+        argv.append("--discard-newer")
     return argv + list(spec.overrides)
 
 

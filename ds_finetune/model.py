@@ -41,6 +41,7 @@ def build_model(cfg: RunConfig, ds_config: dict):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     del keep_alive
+    model.train()  # from_pretrained returns the model in eval mode: dropout would silently be off
     return model
 
 

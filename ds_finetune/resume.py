@@ -6,6 +6,9 @@ world size changed, and restore the engine, each rank's RNG and the trainer's pr
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from ds_finetune.config import RunConfig, changed_exact_keys
 from ds_finetune.data import DATA_FORMAT_VERSION
 from ds_finetune.dist import decide, restore_rng
 from ds_finetune.errors import UserError
+from ds_finetune.files import fsync_dir, write_atomic
 from ds_finetune.sampler import BatchLayout
 
 
@@ -25,18 +29,20 @@ def say(text: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ choose
 
-def choose_checkpoint(cfg: RunConfig, resume: str | None, overwrite: bool, rank: int) -> CheckpointInfo | None:
+def choose_checkpoint(cfg: RunConfig, resume: str | None, overwrite: bool, discard_newer: bool,
+                      rank: int) -> CheckpointInfo | None:
     """The checkpoint to continue (None: start fresh). `resume` is None, "auto" or a path. Rank 0
     decides (it may hash many files); the others receive its decision or its error."""
-    return decide(lambda: _choose_on_rank0(cfg, resume, overwrite), runs_here=rank == 0)
+    return decide(lambda: _choose_on_rank0(cfg, resume, overwrite, discard_newer), runs_here=rank == 0)
 
 
-def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool) -> CheckpointInfo | None:
+def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool, discard_newer: bool) -> CheckpointInfo | None:
     ckpt_dir, hashes = cfg.checkpoint_dir, cfg.checkpoint.verify_hashes
     if resume is None:
         if ckpt.has_checkpoints(ckpt_dir) and not overwrite:
             raise UserError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run or "
                             f"--overwrite to delete them and start over")
+        _say_metrics_replaced(cfg)
         return None
     if resume != "auto":
         path = Path(resume)
@@ -47,13 +53,69 @@ def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool) -> Che
         if info.status != "complete":
             raise UserError(f"checkpoint error: {path} is {info.status} ({'; '.join(info.problems)[:300]}); "
                             f"pick another with `ds-finetune ckpt list {path.parent}`")
+        # A later --resume would pick a newer committed checkpoint of this run: the abandoned branch.
+        newer = [p.name for p in ckpt.tag_dirs(ckpt_dir)
+                 if ckpt.step_of_tag(p.name) > info.step and (p / ckpt.MANIFEST).exists()]
+        if newer and not discard_newer:
+            raise UserError(f"checkpoint error: {path} is older than {', '.join(newer)} in {ckpt_dir}; resuming "
+                            f"from it starts another branch - pass --discard-newer to move the newer checkpoints "
+                            f"(and their metrics lines) aside into {ckpt_dir}/discarded-*/, or --resume "
+                            f"without a path to continue from the newest")
         return info
     info, skipped = ckpt.find_resumable_checkpoint(ckpt_dir, hashes)
     for line in skipped:
         say(line)
     if info is None:
-        say(f"no complete checkpoint in {ckpt_dir}: starting fresh")
+        corrupt = [line for line in skipped if line.startswith("skipping corrupt")]
+        if corrupt:  # damage, not an unfinished first save: never throw the run away silently
+            raise UserError(f"checkpoint error: no checkpoint in {ckpt_dir} verifies ("
+                            + "; ".join(line.removeprefix("skipping ") for line in skipped)[:1500]
+                            + "); nothing was changed - restore the damaged files, resume one with --resume PATH "
+                              "after `ds-finetune ckpt verify`, or pass --overwrite to start over")
+        say(f"no complete checkpoint in {ckpt_dir}: starting fresh"
+            + (" (unfinished saves are removed at the first commit)" if skipped else ""))
+        _say_metrics_replaced(cfg)
     return info
+
+
+def _say_metrics_replaced(cfg: RunConfig) -> None:
+    """A fresh start rewrites metrics.jsonl: say so before it happens when an earlier attempt left lines."""
+    path = Path(cfg.output_dir) / "metrics.jsonl"
+    if path.exists() and path.stat().st_size > 0:
+        lines = sum(1 for _ in path.open(encoding="utf-8", errors="replace"))
+        say(f"{path} holds {lines} lines of an earlier attempt; starting fresh replaces them")
+
+
+def discard_newer(info: CheckpointInfo, cfg: RunConfig, rank: int) -> None:
+    """--discard-newer: move every checkpoint of this run newer than `info` (newest first, so a crash
+    leaves a consistent prefix of the run) and their metrics lines into `discarded-<time>/`; never deletes."""
+    ckpt_dir, output_dir = cfg.checkpoint_dir, Path(cfg.output_dir)
+
+    def move_aside():
+        newer = [p for p in ckpt.tag_dirs(ckpt_dir) if ckpt.step_of_tag(p.name) > info.step]
+        if not newer:
+            return
+        aside = ckpt_dir / f"discarded-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        aside.mkdir()
+        metrics = output_dir / "metrics.jsonl"
+        if metrics.exists():
+            lines = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _step_of(line) > info.step]
+            write_atomic(aside / "metrics.jsonl", "".join(line + "\n" for line in lines))
+        for p in reversed(newer):
+            os.replace(p, aside / p.name)
+        fsync_dir(ckpt_dir)
+        if info.path.parent == ckpt_dir:
+            write_atomic(ckpt_dir / ckpt.LATEST, info.tag)
+        say(f"moved {', '.join(p.name for p in newer)} aside into {aside}")
+
+    decide(move_aside, runs_here=rank == 0)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn line was written after every complete one
 
 
 def check_resumable(info: CheckpointInfo, fingerprint: dict, allow_change: bool) -> None:

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="start fresh even if checkpoints exist (deletes them)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even if a setting that breaks exactness changed")
+    p.add_argument("--discard-newer", action="store_true",
+                   help="with --resume PATH: move checkpoints newer than PATH aside and continue from PATH")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     args = p.parse_args(argv)
@@ -99,13 +101,15 @@ def setup(args) -> tuple[Run, TrainState]:
     order = EpochOrder(data, cfg.train.seed, cfg.data.packing, cfg.data.max_length)
 
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
-    resume_from = resume.choose_checkpoint(cfg, args.resume, args.overwrite, rank)
+    resume_from = resume.choose_checkpoint(cfg, args.resume, args.overwrite, args.discard_newer, rank)
     layout = resume.resolve_layout(cfg, world, resume_from, is_main)
     ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum)
     total_steps = total_steps_of(cfg, order, layout.global_batch)
     fingerprint = config_fingerprint(cfg, layout.global_batch, data.content_hash)
     if resume_from is not None:
         resume.check_resumable(resume_from, fingerprint, args.allow_config_change)
+        if args.discard_newer:
+            resume.discard_newer(resume_from, cfg, rank)
     elif args.overwrite and is_main:
         remove_checkpoints(cfg.checkpoint_dir)
     converted = None

@@ -400,3 +400,8 @@ def test_a_pdsh_launch_without_pdsh_is_one_line_before_anything_starts(hostfile,
     assert "pdsh is not installed" in e.value.message and "--no-ssh --node-rank R" in e.value.message
     launcher_module.check_launch_tools(LaunchSpec(TINY, hostfile=path, no_ssh=True, node_rank=0, master_addr="a"))
     launcher_module.check_launch_tools(LaunchSpec(TINY, hostfile=hostfile("solo slots=2\n", name="one")))
+
+
+def test_discard_newer_reaches_the_training_process():
+    argv, _ = dry_run("--resume", "runs/tiny/checkpoints/step_10", "--discard-newer")
+    assert argv == expected("--num_gpus", "1", tail=("--resume", "runs/tiny/checkpoints/step_10", "--discard-newer"))
