@@ -93,17 +93,26 @@ def remove_tree(path: Path, on_renamed=None) -> None:
 
 class _HashingFile:
     """What DeepSpeed's shards are written through: sha256 and size are computed as the bytes stream out
-    (no second read of a multi-GB file), and the file is fsynced before it counts as written."""
+    (no second read of a multi-GB file), and the file is fsynced before it counts as written.
+    `tear()` is called once, with the bytes so far on disk, after the first 4 KiB (the `torn_shard` fault)."""
 
-    def __init__(self, path: str):
+    TEAR_AFTER = 4096
+
+    def __init__(self, path: str, tear=None):
         self.file = open(path, "wb")
         self.sha = hashlib.sha256()
         self.size = 0
+        self.tear = tear
 
     def write(self, data) -> int:
         self.sha.update(data)
         self.size += len(data)
-        return self.file.write(data)
+        written = self.file.write(data)
+        if self.tear is not None and self.size >= self.TEAR_AFTER:
+            self.file.flush()
+            self.tear, tear = None, self.tear
+            tear()
+        return written
 
     def flush(self) -> None:
         self.file.flush()
@@ -127,7 +136,7 @@ def record_shard_writes(engine, rank: int, step: int) -> dict[str, dict]:
 
     def save(state_dict, path):
         fault_point("enospc", rank, step)
-        f = _HashingFile(path)
+        f = _HashingFile(path, tear=lambda: fault_point("torn_shard", rank, step))
         try:
             torch.save(state_dict, f)
         finally:
@@ -219,13 +228,16 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, train
         own = {str(Path(path).relative_to(tag_dir)): meta for path, meta in written.items()}
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         raise disk_error(ckpt_dir, e) from e
-    parts = [None] * world_size
-    dist.all_gather_object(parts, own)
-    if rank == 0:
+    from ds_finetune.dist import all_gather, decide
+
+    parts = all_gather(own)
+
+    def commit():
         files = {name: meta for part in parts for name, meta in part.items()}
         _commit(engine, tag_dir, step, files, trainer_state, rank, world_size)
         apply_retention(ckpt_dir, keep_last, newest_committed=step, rank=rank)
-    dist.barrier()
+
+    decide(commit, runs_here=rank == 0)  # every rank returns once committed, or raises rank 0's disk error
     return tag_dir
 
 
@@ -246,9 +258,11 @@ def _commit(engine, tag_dir: Path, step: int, files: dict, trainer_state: dict, 
                     "ds_finetune_version": __version__, "deepspeed_version": deepspeed.__version__,
                     "trainer_state": trainer_state, "files": files}
         fsync_dir(tag_dir)
+        fault_point("enospc_manifest", rank, step)
         write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1),
                      before_rename=lambda: fault_point("after_manifest_tmp", rank, step))
         fault_point("after_manifest_rename", rank, step)
+        fault_point("enospc_latest", rank, step)
         write_atomic(ckpt_dir / LATEST, tag_dir.name,
                      before_rename=lambda: fault_point("before_latest_rename", rank, step))
         fault_point("after_latest_rename", rank, step)

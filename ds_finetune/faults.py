@@ -3,7 +3,8 @@
     DS_FINETUNE_FAULT=phase[:rankR][@stepN]   (rank 0 and every step when omitted)
 
 At the named phase on rank R (at step N) the whole job is SIGKILLed at once, like a node crash, or, for
-`enospc`, the write fails with ENOSPC. "The job" is every process that inherited the same
+the `enospc*` phases, the write fails with ENOSPC. `torn_shard` kills the job in the middle of a shard's
+bytes (the file is left half written); `mid_shards` after a complete file. "The job" is every process that inherited the same
 DS_FINETUNE_FAULT and DS_FINETUNE_FAULT_ID (the ranks, the launcher and the CLI): launchers put ranks in
 other process groups (torchrun: other sessions), so no group kill fits, and the id (set per launch by
 the tests) keeps two jobs with the same spec on one machine apart.
@@ -19,8 +20,9 @@ import signal
 
 from ds_finetune.errors import UserError
 
-PHASES = ("mid_accum", "after_step", "before_save", "mid_shards", "after_shards", "after_manifest_tmp",
-          "after_manifest_rename", "before_latest_rename", "after_latest_rename", "during_retention", "enospc")
+PHASES = ("mid_accum", "after_step", "before_save", "torn_shard", "mid_shards", "after_shards", "after_manifest_tmp",
+          "after_manifest_rename", "before_latest_rename", "after_latest_rename", "during_retention",
+          "enospc", "enospc_manifest", "enospc_latest")
 
 
 @functools.lru_cache(maxsize=8)
@@ -43,7 +45,7 @@ def fault_point(phase: str, rank: int, step: int) -> None:
     """Kill the job (or fail the write, for `enospc`) when DS_FINETUNE_FAULT names this phase, rank and step."""
     if not _fires(phase, rank, step):
         return
-    if phase == "enospc":
+    if phase.startswith("enospc"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected by DS_FINETUNE_FAULT)")
     print(f"[fault injection] SIGKILL at {phase} rank {rank} step {step}", flush=True)
     kill_job()

@@ -24,9 +24,33 @@ CHAIN = [
 ]
 
 
-def test_chain_covers_every_save_phase():
-    chained = {spec.split("@")[0].split(":")[0] for spec, _ in CHAIN}
+# At ZeRO 0 only rank 0 writes files, so its shard faults fire on rank 0; the rest of a save is rank 0's
+# commit, stage-independent and chained above. (DS_FINETUNE_FAULT, does that step commit?, a disk error?)
+def low_stage_chain(stage: int) -> list:
+    writer = 0 if stage == 0 else 1
+    return [
+        (f"torn_shard:rank{writer}@step2", False, False),   # a half-written shard, then the kill
+        (f"mid_shards:rank{writer}@step3", False, False),
+        ("enospc_manifest@step4", False, True),            # rank 0's commit fails while rank 1 waits on it
+        ("enospc_latest@step5", True, True),               # committed (the manifest), `latest` not replaced
+    ]
+
+
+def test_chains_cover_every_save_phase():
+    chained = {spec.split("@")[0].split(":")[0] for spec, *_ in CHAIN + low_stage_chain(0)}
     assert chained | {"mid_accum", "after_step", "enospc"} == set(PHASES)
+
+
+def test_a_torn_shard_is_half_written_and_the_rest_of_the_job_is_killed(tmp_path):
+    from ds_finetune.checkpoint import _HashingFile
+
+    torn = []
+    f = _HashingFile(str(tmp_path / "shard.pt"), tear=lambda: torn.append((tmp_path / "shard.pt").stat().st_size))
+    f.write(b"x" * 3000)
+    f.write(b"y" * 3000)
+    f.write(b"z" * 3000)
+    assert torn == [6000]  # on disk when the kill would land: more than nothing, less than the file
+    assert f.close()["size"] == 9000
 
 
 @pytest.mark.multiproc
@@ -62,6 +86,32 @@ def test_kill_at_every_save_phase_keeps_committed_checkpoints_and_resumes_bitwis
     assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in ref]
     assert harness.committed_steps(ckpt_dir) == [9, 10]
     assert not [p for p in ckpt_dir.iterdir() if p.name.startswith(".trash-")]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", [0, 1])
+def test_shard_and_commit_faults_at_zero_0_and_1_keep_committed_checkpoints_and_resume_bitwise(
+        reference_run, tmp_path, stage):
+    overrides = [f"train.zero_stage={stage}"]
+    ckpt_dir = tmp_path / "checkpoints"
+    for i, (fault, commits, disk_error) in enumerate(low_stage_chain(stage)):
+        step = int(fault.split("@step")[1])
+        proc = harness.train(tmp_path, overrides, resume=None if i == 0 else "auto", fault=fault, expect_ok=False)
+        if disk_error:
+            line = harness.assert_one_line_error(proc, "checkpoint error: saving into", "MiB free")
+            assert "exitcode  : 3" in proc.stderr, line  # torchrun's report of each rank's exit code
+        else:
+            assert proc.returncode == -9, f"{fault}: {proc.returncode}\n{proc.stdout[-3000:]}"
+            assert "[fault injection]" in proc.stdout, f"{fault} never fired"
+        if fault.startswith("torn_shard"):
+            leftover = ckpt_dir / f"step_{step:08d}"
+            assert not (leftover / MANIFEST).exists() and any(p.stat().st_size for p in leftover.rglob("*.pt"))
+        pick, _ = find_resumable_checkpoint(ckpt_dir)
+        assert pick.step == (step if commits else step - 1), (fault, pick.path)
+    final = harness.train(tmp_path, overrides, resume="auto")
+    assert "resumed from" in final.stdout and "step_00000005" in final.stdout
+    harness.assert_same_run(tmp_path, reference_run(stage))
+    harness.assert_same_final_weights(tmp_path, reference_run(stage))
 
 
 # ------------------------------------------------------------------------------- damaged checkpoints
