@@ -25,7 +25,7 @@ def test_resume_under_every_other_zero_stage(saved_at_step4, reference_run, tmp_
         run = tmp_path / f"to{target}"
         shutil.copytree(saved_at_step4(saved), run)
         proc = harness.train(run, [f"train.zero_stage={target}"], resume="auto")
-        assert f"converting" in proc.stdout and f"for ZeRO {target} on 2 ranks" in proc.stdout, proc.stdout[-2000:]
+        assert "converting" in proc.stdout and f"for ZeRO {target} on 2 ranks" in proc.stdout, proc.stdout[-2000:]
         assert_continues(run, reference_run(saved), from_step=4)
 
 
@@ -48,7 +48,7 @@ def test_converted_state_equals_the_saved_state(saved_at_step4, tmp_path):
         assert all(t.abs().sum() > 0 for t in states[0][key].values())
 
 
-def test_converted_state_loads_exactly_into_every_stage(saved_at_step4, tmp_path):
+def test_converted_state_loads_exactly_into_every_stage(saved_at_step4, reference_run, tmp_path):
     """The Adam moments and weights read back from an engine of each stage equal the converted ones."""
     from ds_finetune.reshard import write_resharded
     info, _ = find_resumable_checkpoint(saved_at_step4(3) / "checkpoints")
@@ -62,8 +62,8 @@ def test_converted_state_loads_exactly_into_every_stage(saved_at_step4, tmp_path
     for stage in STAGES:
         assert result[stage]["max_abs_diff"] == 0.0, (stage, result[stage])
         assert result[stage]["global_steps"] == 4
-    lrs = {r["lr"] for r in result.values()}
-    assert len(lrs) == 1 and lrs != {3e-3 / 2}  # the schedule's position came back (not the warmup start)
+    # the schedule's position came back: every engine's lr is the one the uninterrupted run used at step 5
+    assert {r["lr"] for r in result.values()} == {harness.metrics(reference_run(3))[4]["lr"]}
 
 
 def test_resume_on_one_rank_keeps_global_batch_and_order(reference_run, tmp_path):
