@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     title = (f"ds-finetune `make bench` ({payload['mode']}), {payload['date'][:16]}\n{machine['cpu']}, "
              f"{machine['logical_cores']} cores, torch {machine['torch']}, deepspeed {machine['deepspeed']}")
     report.write_chart(RESULTS / f"{stem}.png", figures, title)
+    if not args.quick and not errors and set(args.sections) == set(SECTIONS):
+        report.update_doc(RESULTS / f"{stem}.json", figures)
 
     print()
     print(report.table(figures, errors, skipped))

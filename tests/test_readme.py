@@ -106,3 +106,16 @@ def test_example_configs_validate_with_dry_run():
     proc = subprocess.run([cli, "train", "configs/llama3-8b-zero3-offload.yaml", "--hostfile",
                            "configs/hostfile.example", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
     assert "world_size=16 micro_batch_size=1 grad_accum=4 global_batch=64" in proc.stdout
+
+
+def test_benchmark_table_is_the_one_generated_from_the_results_file_it_names():
+    import json
+    import re
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    import report
+
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    name = re.search(re.escape(report.BEGIN) + r"(\S+) -->", doc).group(1)
+    figures = json.loads((ROOT / "bench" / "results" / name).read_text())["figures"]
+    assert report.generated_block(name, figures) in doc

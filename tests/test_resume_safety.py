@@ -138,3 +138,24 @@ def test_cpu_offload_resumes_bitwise(tmp_path):
     harness.assert_same_run(tmp_path / "run", ref)
     harness.assert_same_final_weights(tmp_path / "run", ref)
 
+
+
+def test_a_resume_at_an_epoch_boundary_continues_into_the_next_epochs_order(tmp_path):
+    """Checkpoint at the last step of epoch 0 (offset 384 of 400 rows: a partial batch is dropped), kill,
+    resume: epoch 1 takes the next permutation from its start, bitwise as the uninterrupted run."""
+    overrides = ["train.zero_stage=2", "train.micro_batch_size=8", "train.grad_accum=4", "train.max_steps=null",
+                 "train.epochs=2", "checkpoint.every_steps=12"]
+    ref = tmp_path / "ref"
+    harness.train(ref, overrides, nproc=1)
+    rows = harness.metrics(ref)
+    assert [r["epoch"] for r in rows] == [0] * 12 + [1] * 12
+    order = epoch_permutation(400, 1234, 1)
+    assert rows[12]["sample_ids"] == [int(i) for i in order[:32]]
+
+    run = tmp_path / "run"
+    killed = harness.train(run, overrides, nproc=1, fault="mid_accum@step13", expect_ok=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert harness.committed_steps(run / "checkpoints") == [12]
+    harness.train(run, overrides, nproc=1, resume="auto")
+    harness.assert_same_run(run, ref)
+    harness.assert_same_final_weights(run, ref)
