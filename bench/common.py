@@ -170,7 +170,8 @@ def wait_for(predicate, job: Job | None = None, timeout: float = 300, interval: 
 # ------------------------------------------------------------------------------------------ step times
 
 def read_jsonl(path: Path) -> list[dict]:
-    return _read_jsonl(path, strict=False)  # a killed run may leave a torn last line
+    """Per-step lines only (a log may hold event lines too); a killed run may leave a torn last line."""
+    return [r for r in _read_jsonl(path, strict=False) if "step" in r]
 
 
 def step_intervals(times: list[float], skip: int) -> list[float]:

@@ -6,7 +6,10 @@ costs no more than a memory-mapped `datasets` table would), the same micro batch
 optimizer settings, LR schedule and the DeepSpeed config ds-finetune generates (every value concrete).
 
 Rank 0 appends one JSON line per optimizer step to --steps-log: {"step", "loss", "time"}; the loss is what
-the Trainer logs (logging_steps=1: that step's loss, averaged over ranks), unrounded.
+the Trainer logs (logging_steps=1: that step's loss, averaged over ranks), unrounded. A first line
+{"event": "train_begin", "time"} marks the moment the Trainer has loaded a resumed checkpoint's state and
+starts its loop (which then fast-forwards the dataloader past the batches already seen).
+The optimizer is `adamw_torch`: the same torch.optim.AdamW implementation ds-finetune uses.
 
     torchrun --nproc_per_node 2 bench/hf_train.py --config RUN.yaml --out DIR --steps-log steps.jsonl
              [--save-at 5,10] [--resume DIR/checkpoint-N]
@@ -89,6 +92,11 @@ def main():
         def __init__(self):
             self.file = open(args.steps_log, "a") if rank == 0 else None
 
+        def on_train_begin(self, a, state, control, **kw):
+            if self.file is not None:
+                self.file.write(json.dumps({"event": "train_begin", "time": time.time()}) + "\n")
+                self.file.flush()
+
         def on_step_end(self, a, state, control, **kw):
             if state.global_step in save_at:
                 control.should_save = True
@@ -110,7 +118,7 @@ def main():
         output_dir=args.out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
         max_steps=args.max_steps or t.max_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_eps, max_grad_norm=t.grad_clip,
-        warmup_steps=t.warmup_steps, seed=t.seed, data_seed=t.seed, logging_steps=1,
+        warmup_steps=t.warmup_steps, optim="adamw_torch", seed=t.seed, data_seed=t.seed, logging_steps=1,
         # Saves happen only where StepLog asks (save_steps is out of reach).
         save_strategy="steps", save_steps=10**9,
         save_only_model=False, report_to="none", disable_tqdm=True, dataloader_num_workers=0,

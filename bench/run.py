@@ -32,7 +32,7 @@ from common import RESULTS, WORK, log  # noqa: E402
 import report  # noqa: E402
 
 SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "resume_cost",
-            "side-by-side": "side_by_side", "gpu": "gpu"}
+            "side-by-side": "side_by_side", "loss": "loss_memory", "gpu": "gpu"}
 
 
 def parse_args(argv=None):

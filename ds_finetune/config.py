@@ -89,6 +89,9 @@ class TrainConfig(_Section):
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="Offload optimizer state (ZeRO 1-3).")
     offload_param: Literal["none", "cpu"] = Field("none", description="Offload parameters (ZeRO 3 only).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    loss_chunk_tokens: int = Field(
+        256, ge=0, description="Target tokens per chunk of LM head + cross-entropy (logits never held for all "
+                               "tokens); 0 computes the full logits.")
     seed: int = Field(1234, ge=0, lt=2**32, description="Seed for init, data order and dropout.")
 
     @model_validator(mode="after")
@@ -268,6 +271,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str) -> dic
             "data": {**cfg.data.model_dump(mode="json", exclude={"cache_dir", "path"}), "content_sha256": data_hash},
             "train.seed": cfg.train.seed,
             "train.global_batch": global_batch,
+            "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,  # changes the summation order
             "train.optimizer": {k: getattr(cfg.train, k) for k in (
                 "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
                 "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},

@@ -18,17 +18,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ds_finetune import reshard, resume
 from ds_finetune.checkpoint import Checkpointer, TrainState, remove_checkpoints, tag_for_step
 from ds_finetune.config import RunConfig, config_fingerprint, load_config, split_resume_arg
-from ds_finetune.data import (DATA_FORMAT_VERSION, IGNORE_INDEX, EpochOrder, TokenizedData, collate, load_tokenizer,
-                              prepare_data, unit_targets, unit_tokens)
+from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, TokenizedData, collate, load_tokenizer, prepare_data,
+                              unit_targets, unit_tokens)
 from ds_finetune.dist import barrier, init_distributed, seed_everything
 from ds_finetune.errors import UserError
 from ds_finetune.export import export_checkpoint, write_hf_files
 from ds_finetune.faults import fault_point
+from ds_finetune.loss import make_loss_fn
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter
 from ds_finetune.model import build_engine, build_model, param_group_names
 from ds_finetune.nodes import check_shared_checkpoint_dir
@@ -60,6 +60,7 @@ class Run:
     """What the loop needs, fixed for the whole run."""
     cfg: RunConfig
     engine: object
+    loss_fn: object      # (engine, input_ids, attention_mask, labels) -> summed token loss
     tokenizer: object
     data: TokenizedData
     order: EpochOrder
@@ -140,18 +141,13 @@ def setup(args) -> tuple[Run, TrainState]:
     if is_main:
         write_run_files(cfg, ds_config)
     barrier()
-    return Run(cfg, engine, tok, data, order, layout, total_steps, rank, checkpointer), state
+    loss_fn = make_loss_fn(model, cfg.train.loss_chunk_tokens)
+    return Run(cfg, engine, loss_fn, tok, data, order, layout, total_steps, rank, checkpointer), state
 
 
 # ------------------------------------------------------------------------------------------------ step
 
-def token_loss_sum(engine, input_ids, attention_mask, labels) -> torch.Tensor:
-    logits = engine(input_ids=input_ids, attention_mask=attention_mask).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def train_step(engine, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
+def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
                after_micro_step=None) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
 
@@ -161,8 +157,8 @@ def train_step(engine, micro_batches: list, global_targets: int, grad_accum: int
     scale = grad_accum * world_size / global_targets
     local_sum = torch.zeros((), dtype=torch.float64)
     for input_ids, attention_mask, labels in micro_batches:
-        loss_sum = token_loss_sum(engine, input_ids.to(engine.device), attention_mask.to(engine.device),
-                                  labels.to(engine.device))
+        loss_sum = loss_fn(engine, input_ids.to(engine.device), attention_mask.to(engine.device),
+                           labels.to(engine.device))
         engine.backward(loss_sum * scale)
         engine.step()
         local_sum += loss_sum.detach().double().cpu()
@@ -230,7 +226,7 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
         micro_batches = [collate(data, units[layout.micro_slice(state.offset, m, rank)], pad_id)
                          for m in range(layout.grad_accum)]
         lr = engine.get_lr()[0]
-        local_sum = train_step(engine, micro_batches, global_targets, layout.grad_accum, layout.world_size,
+        local_sum = train_step(engine, run.loss_fn, micro_batches, global_targets, layout.grad_accum, layout.world_size,
                                after_micro_step=lambda: fault_point("mid_accum", rank, state.step + 1))
         fault_point("after_step", rank, state.step + 1)
         outcome = agree_on_step(local_sum, stop.signum, ckpt.time_due())

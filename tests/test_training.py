@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -77,21 +78,33 @@ def test_one_and_two_ranks_same_global_batch_same_steps(reference_run):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+CHUNK_PAIRS = [(f"4x1:s{stage}:c0{tied}", f"4x1:s{stage}:c7{tied}") for stage in range(4) for tied in ("", ":tied")]
+
+
+def assert_same_step(a: str, b: str, losses: dict, weights: dict) -> None:
+    assert losses[b] == pytest.approx(losses[a], rel=1e-6), (a, b)
+    for name, w in weights[a].items():
+        diff = (weights[b][name] - w).abs().max().item()
+        assert diff <= 1e-6 * max(1.0, w.abs().max().item()), (a, b, name, diff)
+
+
 def test_same_global_batch_split_differently_gives_same_loss_and_weights(tmp_path):
+    """Also: the chunked loss (7 target tokens a chunk) gives the full-logits path's loss and weights at
+    every ZeRO stage, with tied and untied embeddings."""
     script = str(harness.ROOT / "tests" / "scripts" / "one_step.py")
-    single = harness.run([harness.PY, script, str(tmp_path), "4x1", "2x2", "1x4"])
+    chunk_specs = [spec for pair in CHUNK_PAIRS for spec in pair]
+    single = harness.run([harness.PY, script, str(tmp_path), "4x1", "2x2", "1x4", *chunk_specs])
     assert single.returncode == 0, single.stderr[-3000:]
     double = harness.run([str(harness.BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={harness.free_port()}",
                           script, str(tmp_path), "1x2"])
     assert double.returncode == 0, double.stderr[-3000:]
-    runs = ["1-4x1", "1-2x2", "1-1x4", "2-1x2"]
+    runs = ["1-4x1", "1-2x2", "1-1x4", "2-1x2"] + [f"1-{spec}" for spec in chunk_specs]
     losses = {r: json.loads((tmp_path / f"loss{r}.json").read_text()) for r in runs}
     weights = {r: load_file(str(tmp_path / f"w{r}.safetensors")) for r in runs}
-    for r in runs[1:]:
-        assert losses[r] == pytest.approx(losses[runs[0]], rel=1e-6)
-        for name, w in weights[runs[0]].items():
-            diff = (weights[r][name] - w).abs().max().item()
-            assert diff <= 1e-6 * max(1.0, w.abs().max().item()), (r, name, diff)
+    for r in runs[1:4]:
+        assert_same_step(runs[0], r, losses, weights)
+    for full, chunked in CHUNK_PAIRS:
+        assert_same_step(f"1-{full}", f"1-{chunked}", losses, weights)
     # the step really moved the weights (otherwise equality would prove nothing)
     initial = load_file(str(tmp_path / "init1-4x1.safetensors"))
     assert max((weights["1-4x1"][n] - w).abs().max().item() for n, w in initial.items()) > 1e-4

@@ -1,7 +1,10 @@
-"""One optimizer step of the tiny model on the first global batch, for each micro×accum split given;
-writes the step's loss and the updated full fp32 weights. Run as 1 process or under torchrun.
+"""One optimizer step of the tiny model on the first global batch, for each run spec given; writes the
+step's loss and the updated full fp32 weights. Run as 1 process or under torchrun.
 
-    python one_step.py OUT_DIR 4x1 2x2 1x4        (world size 1)
+A spec is MICROxACCUM[:sSTAGE][:cCHUNK][:tied] (defaults: ZeRO 2, the config's loss_chunk_tokens, untied
+embeddings); outputs are named after the world size and the spec.
+
+    python one_step.py OUT_DIR 4x1 2x2 1x4 4x1:s3:c0:tied        (world size 1)
     torchrun --nproc_per_node 2 one_step.py OUT_DIR 1x2
 """
 import json
@@ -18,6 +21,7 @@ from safetensors.torch import save_file  # noqa: E402
 from ds_finetune import train as T  # noqa: E402
 from ds_finetune.data import EpochOrder, prepare_data  # noqa: E402
 from ds_finetune.dist import init_distributed, seed_everything  # noqa: E402
+from ds_finetune.loss import make_loss_fn  # noqa: E402
 from ds_finetune.model import build_engine, build_model  # noqa: E402
 from ds_finetune.config import load_config  # noqa: E402
 from ds_finetune.data import collate, load_tokenizer, unit_targets  # noqa: E402
@@ -27,9 +31,13 @@ from ds_finetune.zero import zero_config_for_run  # noqa: E402
 out_dir, splits = Path(sys.argv[1]), sys.argv[2:]
 rank, world, local_rank = init_distributed()
 for split in splits:
-    micro, accum = map(int, split.split("x"))
+    layout_text, *options = split.split(":")
+    micro, accum = map(int, layout_text.split("x"))
+    extra = [f"train.zero_stage={o[1:]}" for o in options if o.startswith("s")]
+    extra += [f"train.loss_chunk_tokens={o[1:]}" for o in options if o.startswith("c")]
+    extra += ["model.config.tie_word_embeddings=true" for o in options if o == "tied"]
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
-                      [f"train.micro_batch_size={micro}", f"train.grad_accum={accum}", "train.zero_stage=2",
+                      [f"train.micro_batch_size={micro}", f"train.grad_accum={accum}", "train.zero_stage=2", *extra,
                        "train.max_steps=1", "train.warmup_steps=0", "train.lr_schedule=constant",
                        # Adam's first update is lr * g / (|g| + eps): with the default eps a gradient near 0 that
                        # differs by float noise moves its weight by up to ±lr; eps 1e-5 keeps the update
@@ -42,14 +50,19 @@ for split in splits:
     order = EpochOrder(data, cfg.train.seed, False, cfg.data.max_length)
     layout = BatchLayout(micro, accum, world)
     seed_everything(cfg.train.seed)
-    engine = build_engine(build_model(cfg, ds_config), cfg, ds_config, 1)
+    model = build_model(cfg, ds_config)
+    loss_fn = make_loss_fn(model, cfg.train.loss_chunk_tokens)
+    engine = build_engine(model, cfg, ds_config, 1)
     units = order.units(0)
     targets = unit_targets(data, units[layout.step_slice(0)])
     batches = [collate(data, units[layout.micro_slice(0, m, rank)], 2) for m in range(accum)]
-    initial = {n: safe_get_full_fp32_param(p).detach().clone().contiguous() for n, p in engine.module.named_parameters()}
-    local = T.train_step(engine, batches, targets, accum, world)
+    def full_fp32(p):  # ZeRO 0 has no fp32 master copy apart from the (fp32) parameter itself
+        return (safe_get_full_fp32_param(p) if cfg.train.zero_stage > 0 else p).detach().clone().contiguous()
+
+    initial = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
+    local = T.train_step(engine, loss_fn, batches, targets, accum, world)
     dist.all_reduce(local)
-    weights = {n: safe_get_full_fp32_param(p).detach().clone().contiguous() for n, p in engine.module.named_parameters()}
+    weights = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
     if rank == 0:
         save_file(weights, str(out_dir / f"w{world}-{split}.safetensors"))
         save_file(initial, str(out_dir / f"init{world}-{split}.safetensors"))
