@@ -64,6 +64,9 @@ class TrainState:
     global_batch: int = 0
     data_format_version: int = 0
     fingerprint: dict = field(default_factory=dict)
+    eval_loss: float | None = None  # the latest evaluation, and the step it was run at
+    eval_step: int = 0
+    wandb_run_id: str | None = None  # one W&B run across resumes
 
     def to_manifest(self) -> dict:
         return asdict(self)
@@ -190,7 +193,7 @@ class Checkpointer:
 
         client_state = {"rng_states": all_gather(capture_rng()), **self.extra_client_state}
         path = save_checkpoint(self.engine, self.dir, state.step, client_state, state.to_manifest(),
-                               self.cfg.keep_last, self.rank, self.world, self.write_extra)
+                               self.cfg.keep_last, self.rank, self.world, self.write_extra, self.cfg.keep_best)
         self.saved_step, self.last_save_time = state.step, time.time()
         return path
 
@@ -207,7 +210,7 @@ class Checkpointer:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, trainer_state: dict,
-                    keep_last: int, rank: int, world_size: int, write_extra=None) -> Path:
+                    keep_last: int, rank: int, world_size: int, write_extra=None, keep_best: bool = False) -> Path:
     """Save and commit `step_N`. Returns the tag dir. Every rank calls this at the same step.
     `write_extra(tag_dir)` runs on rank 0 after DeepSpeed's files are written; its files are committed too."""
     import torch.distributed as dist
@@ -235,7 +238,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, train
     def commit():
         files = {name: meta for part in parts for name, meta in part.items()}
         _commit(engine, tag_dir, step, files, trainer_state, rank, world_size)
-        apply_retention(ckpt_dir, keep_last, newest_committed=step, rank=rank)
+        apply_retention(ckpt_dir, keep_last, newest_committed=step, rank=rank, keep_best=keep_best)
 
     decide(commit, runs_here=rank == 0)  # every rank returns once committed, or raises rank 0's disk error
     return tag_dir
@@ -276,10 +279,25 @@ def remove_checkpoints(ckpt_dir: Path) -> None:
         remove_tree(p)
 
 
-def apply_retention(ckpt_dir: Path, keep_last: int, newest_committed: int, rank: int = 0) -> list[str]:
+def best_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The committed checkpoint with the lowest eval loss measured at its own step (manifests only)."""
+    scored = []
+    for p in tag_dirs(ckpt_dir):
+        try:
+            manifest = read_manifest(p)
+        except ValueError:
+            continue
+        state = TrainState.from_manifest(manifest) if manifest else None
+        if state is not None and state.eval_loss is not None and state.eval_step == state.step:
+            scored.append((state.eval_loss, state.step, p))
+    return min(scored)[2] if scored else None
+
+
+def apply_retention(ckpt_dir: Path, keep_last: int, newest_committed: int, rank: int = 0,
+                    keep_best: bool = False) -> list[str]:
     """After `newest_committed` is committed: drop leftovers of crashed saves and trash, then keep only the
-    newest `keep_last` complete checkpoints (0 keeps all). Never touches anything newer than the commit
-    except unfinished leftovers, and never the commit itself."""
+    newest `keep_last` complete checkpoints (0 keeps all) and, with `keep_best`, the best by eval loss.
+    Never touches anything newer than the commit except unfinished leftovers, and never the commit itself."""
     for p in sorted(ckpt_dir.iterdir()):
         if p.name.startswith(TRASH_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
@@ -293,7 +311,10 @@ def apply_retention(ckpt_dir: Path, keep_last: int, newest_committed: int, rank:
         elif step <= newest_committed:
             complete.append(p)
     if keep_last > 0:
+        best = best_checkpoint(ckpt_dir) if keep_best else None
         for p in complete[:-keep_last]:
+            if p == best:
+                continue
             remove_tree(p, on_renamed=lambda: fault_point("during_retention", rank, newest_committed))
             removed.append(p.name)
     return removed

@@ -168,18 +168,21 @@ def ckpt_list(run_dir, as_json, no_hash):
     """Every checkpoint with step, time, size, ZeRO stage, world size, status; `*` marks what --resume picks."""
     import time as _time
 
-    from ds_finetune.checkpoint import find_resumable_checkpoint, list_checkpoints
+    from ds_finetune.checkpoint import best_checkpoint, find_resumable_checkpoint, list_checkpoints
 
     ckpt_dir = _checkpoint_dir_of(run_dir)
     if not ckpt_dir.is_dir():
         raise UserError(f"{run_dir}: no such run or checkpoint folder")
     infos = list_checkpoints(ckpt_dir, hashes=not no_hash)
     pick, _ = find_resumable_checkpoint(ckpt_dir, hashes=not no_hash)
+    best = best_checkpoint(ckpt_dir)
     rows = [{"tag": c.tag, "step": c.step, "status": c.status, "size_bytes": c.size,
              "time": c.manifest.get("time") if c.manifest else None,
              "zero_stage": c.manifest.get("zero_stage") if c.manifest else None,
              "world_size": c.manifest.get("world_size") if c.manifest else None,
-             "resume_pick": pick is not None and c.path == pick.path, "problems": c.problems} for c in infos]
+             "resume_pick": pick is not None and c.path == pick.path, "best_eval": c.path == best,
+             "eval_loss": c.manifest.get("trainer_state", {}).get("eval_loss") if c.manifest else None,
+             "problems": c.problems} for c in infos]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -191,7 +194,7 @@ def ckpt_list(run_dir, as_json, no_hash):
         when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(r["time"])) if r["time"] else "-"
         click.echo(f"{'*' if r['resume_pick'] else ' '} {r['tag']:<16} {r['step']:>7} {when:<19} "
                    f"{r['size_bytes'] / 2**20:>8.1f}MB {r['zero_stage'] if r['zero_stage'] is not None else '-':>4} "
-                   f"{r['world_size'] or '-':>5}  {r['status']}"
+                   f"{r['world_size'] or '-':>5}  {r['status']}" + ("  (best eval loss)" if r["best_eval"] else "")
                    + (f" ({'; '.join(r['problems'])})" if r["status"] == "corrupt" else ""))
     click.echo("* = the checkpoint `--resume` would pick" if pick else "--resume would start fresh: nothing complete")
 

@@ -108,6 +108,26 @@ class TrainConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    path: Optional[str] = Field(None, description="Held-out data (file/folder/dataset, same format as data.path).")
+    fraction: float = Field(0.0, ge=0, lt=1, description="Or hold out this share of data.path (chosen from the "
+                                                         "seed, never trained on).")
+    every_steps: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
+    max_batches: int = Field(0, ge=0, description="Eval batches per rank (0: the whole eval set).")
+    micro_batch_size: Optional[int] = Field(None, ge=1, description="Eval sequences per rank per batch; "
+                                                                     "default train.micro_batch_size.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is not None and self.fraction > 0:
+            raise ValueError("set eval.path or eval.fraction, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None or self.fraction > 0
+
+
 class CheckpointConfig(_Section):
     every_steps: int = Field(0, ge=0, description="Save every N optimizer steps (0: off).")
     every_minutes: float = Field(0.0, ge=0, description="Also save when this many minutes passed since the last save (0: off).")
@@ -117,18 +137,30 @@ class CheckpointConfig(_Section):
     save_final: bool = Field(True, description="Save when training ends.")
     verify_hashes: bool = Field(True, description="sha256-check files before loading (sizes are always checked).")
     export_final: bool = Field(False, description="At the end, export a Hugging Face model to OUTPUT_DIR/final_model.")
+    keep_best: bool = Field(False, description="Keep the checkpoint with the lowest eval loss out of keep_last.")
+
+
+class WandbConfig(_Section):
+    project: str = Field(..., description="W&B project.")
+    entity: Optional[str] = Field(None, description="W&B entity (team or user); default: yours.")
+    name: Optional[str] = Field(None, description="W&B run name; default: W&B's.")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags.")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="online | offline | disabled.")
 
 
 class LoggingConfig(_Section):
     progress_bar: bool = Field(True, description="Show a progress bar on rank 0.")
     tensorboard: bool = Field(True, description="Write TensorBoard scalars to OUTPUT_DIR/tensorboard.")
     sample_ids: bool = Field(False, description="Write each step's dataset row ids to metrics.jsonl.")
+    wandb: Optional[WandbConfig] = Field(
+        None, description="Log to Weights & Biases from rank 0 (needs the `wandb` extra); one W&B run across resumes.")
 
 
 class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     output_dir: str = Field(..., description="Run folder: metrics, configs, checkpoints.")
@@ -272,6 +304,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str) -> dic
             "train.seed": cfg.train.seed,
             "train.global_batch": global_batch,
             "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,  # changes the summation order
+            "eval.fraction": cfg.eval.fraction,  # which rows are trained on
             "train.optimizer": {k: getattr(cfg.train, k) for k in (
                 "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
                 "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},
@@ -280,6 +313,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str) -> dic
             "train.max_steps": cfg.train.max_steps,
             "train.epochs": cfg.train.epochs,
             "checkpoint": cfg.checkpoint.model_dump(mode="json"),
+            "eval": cfg.eval.model_dump(mode="json", exclude={"fraction"}),
             "logging": cfg.logging.model_dump(mode="json"),
         },
     }
@@ -310,6 +344,10 @@ def schema_lines() -> list[str]:
             key = f"{section}.{name}" if section else name
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             lines.append(f"{key} (default {default}): {field.description}")
+            nested = [a for a in get_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+            for sub_name, sub in (nested[0].model_fields.items() if nested else ()):
+                sub_default = "required" if sub.is_required() else repr(sub.get_default(call_default_factory=True))
+                lines.append(f"{key}.{sub_name} (default {sub_default}): {sub.description}")
     return lines
 
 

@@ -291,15 +291,23 @@ def plan_units(data: TokenizedData, order: np.ndarray, packing: bool, max_length
 
 
 class EpochOrder:
-    """The units (rows or packs) of each epoch in order; planned once per epoch, O(1) to index after."""
+    """The units (rows or packs) of each epoch in order; planned once per epoch, O(1) to index after.
+    `rows`: the rows trained on (all of them unless some are held out for evaluation)."""
 
-    def __init__(self, data: TokenizedData, seed: int, packing: bool, max_length: int):
+    def __init__(self, data: TokenizedData, seed: int, packing: bool, max_length: int, rows: np.ndarray | None = None):
         self.data, self.seed, self.packing, self.max_length = data, seed, packing, max_length
+        self.rows = rows
         self._epoch, self._units = None, None
+
+    @property
+    def num_rows(self) -> int:
+        return self.data.num_rows if self.rows is None else len(self.rows)
 
     def units(self, epoch: int) -> list[np.ndarray]:
         if epoch != self._epoch:
-            order = epoch_permutation(self.data.num_rows, self.seed, epoch)
+            order = epoch_permutation(self.num_rows, self.seed, epoch)
+            if self.rows is not None:
+                order = self.rows[order]
             self._epoch, self._units = epoch, plan_units(self.data, order, self.packing, self.max_length)
         return self._units
 

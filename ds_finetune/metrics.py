@@ -1,8 +1,11 @@
-"""metrics.jsonl, TensorBoard scalars and the progress bar. Rank 0 only; other ranks get a writer that
-does nothing, so the loop never asks which rank it is on to log.
+"""metrics.jsonl, TensorBoard scalars, Weights & Biases and the progress bar. Rank 0 only; other ranks
+get a writer that does nothing, so the loop never asks which rank it is on to log.
 
 After a resume from step S, lines with step > S written by the interrupted attempt are removed first
-(new file + rename), so metrics.jsonl reads as one clean run.
+(new file + rename), so metrics.jsonl reads as one clean run. W&B keeps one run across resumes (its id is
+in every checkpoint); W&B cannot take back what the interrupted attempt sent, so the steps it already
+logged (S+1..K, the last line metrics.jsonl had) are not sent again: a resumed run recomputes exactly
+those values, so the W&B history reads as one run with each step once.
 """
 
 from __future__ import annotations
@@ -13,26 +16,62 @@ import time
 from pathlib import Path
 
 
-def truncate_metrics(path: Path, keep_through_step: int) -> None:
-    """Keep only lines with step <= keep_through_step (all lines removed for a fresh start). Atomic."""
+def truncate_metrics(path: Path, keep_through_step: int) -> int:
+    """Keep only lines with step <= keep_through_step (all lines removed for a fresh start). Atomic.
+    Returns the last step the file held before (0 if none)."""
     if not path.exists():
-        return
-    kept = []
+        return 0
+    kept, last = [], 0
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line)["step"] <= keep_through_step:
-                kept.append(line)
+            step = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError):
             break  # a torn last line from a kill: everything after it is from the interrupted attempt
+        last = max(last, step)
+        if step <= keep_through_step:
+            kept.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
     os.replace(tmp, path)
+    return last
+
+
+class WandbRun:
+    """The W&B side of the metrics: one W&B run id for the whole training run, kept in the checkpoints."""
+
+    def __init__(self, wandb_cfg, run_id: str, run_config: dict, output_dir: Path, logged_through: int):
+        import wandb
+        self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                              tags=wandb_cfg.tags, mode=wandb_cfg.mode, id=run_id, resume="allow",
+                              config=run_config, dir=str(output_dir))
+        self.logged_through = logged_through
+
+    def log(self, record: dict) -> None:
+        if record["step"] <= self.logged_through:  # sent by the interrupted attempt, same values
+            return
+        self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                     step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def check_wandb_installed() -> None:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        from ds_finetune.errors import UserError
+        raise UserError("config error: logging.wandb needs the wandb package; pip install 'ds-finetune[wandb]' "
+                        "(or remove logging.wandb)")
 
 
 class MetricsWriter:
-    def __init__(self, output_dir: Path, start_step: int, total_steps: int, tensorboard: bool, progress_bar: bool):
+    def __init__(self, output_dir: Path, start_step: int, total_steps: int, tensorboard: bool, progress_bar: bool,
+                 wandb=None):
+        """`wandb`: None, or (logging.wandb config, W&B run id, the run config as a dict)."""
         self.path = Path(output_dir) / "metrics.jsonl"
-        truncate_metrics(self.path, start_step)
+        logged_through = truncate_metrics(self.path, start_step)
+        self.wandb = WandbRun(*wandb, Path(output_dir), logged_through) if wandb else None
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
@@ -43,20 +82,28 @@ class MetricsWriter:
         if progress_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        self.last_time, self.last_tokens = time.time(), None
+        self.last_time, self.last_tokens, self.last_eval = time.time(), None, None
 
     def log(self, record: dict, step_tokens: int) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()  # a kill loses at most the line being written; truncate_metrics drops a torn one
+        if self.wandb is not None:
+            self.wandb.log(record)
         if self.tb is not None:
             self.tb.add_scalar("train/loss", record["loss"], record["step"])
             self.tb.add_scalar("train/lr", record["lr"], record["step"])
+            if "eval_loss" in record:
+                self.tb.add_scalar("eval/loss", record["eval_loss"], record["step"])
+                self.tb.add_scalar("eval/ppl", record["eval_ppl"], record["step"])
         if self.bar is not None:
             now = time.time()
             tps = step_tokens / max(now - self.last_time, 1e-9)
             self.last_time = now
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tps:,.0f}",
-                                 refresh=False)
+            if "eval_loss" in record:
+                self.last_eval = record["eval_loss"]
+            shown = {} if self.last_eval is None else {"eval": f"{self.last_eval:.4f}"}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **shown, lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{tps:,.0f}", refresh=False)
             self.bar.update(1)
 
     def message(self, text: str) -> None:
@@ -67,6 +114,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.file.close()
+        if self.wandb is not None:
+            self.wandb.close()
         if self.tb is not None:
             self.tb.close()
         if self.bar is not None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import secrets
 import signal
 import sys
 import time
@@ -24,12 +26,13 @@ from ds_finetune.checkpoint import Checkpointer, TrainState, remove_checkpoints,
 from ds_finetune.config import RunConfig, config_fingerprint, load_config, split_resume_arg
 from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, TokenizedData, collate, load_tokenizer, prepare_data,
                               unit_targets, unit_tokens)
-from ds_finetune.dist import barrier, init_distributed, seed_everything
+from ds_finetune.dist import barrier, decide, init_distributed, seed_everything
 from ds_finetune.errors import UserError
+from ds_finetune.evaluate import Evaluator, build_evaluator
 from ds_finetune.export import export_checkpoint, write_hf_files
 from ds_finetune.faults import fault_point
 from ds_finetune.loss import make_loss_fn
-from ds_finetune.metrics import MetricsWriter, NullMetricsWriter
+from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
 from ds_finetune.model import build_engine, build_model, param_group_names
 from ds_finetune.nodes import check_shared_checkpoint_dir
 from ds_finetune.sampler import BatchLayout, steps_in_epoch
@@ -68,6 +71,7 @@ class Run:
     total_steps: int
     rank: int
     checkpointer: Checkpointer
+    evaluator: Evaluator | None
 
 
 def total_steps_of(cfg: RunConfig, order: EpochOrder, global_batch: int) -> int:
@@ -75,7 +79,7 @@ def total_steps_of(cfg: RunConfig, order: EpochOrder, global_batch: int) -> int:
     # Packing makes the steps of an epoch depend on its order, so count them epoch by epoch.
     per_epoch = [steps_in_epoch(len(order.units(e)), global_batch) for e in range(t.epochs or 1)]
     if min(per_epoch) == 0:
-        raise UserError(f"data error: {cfg.data.path}: {order.data.num_rows} usable rows make fewer units than one "
+        raise UserError(f"data error: {cfg.data.path}: {order.num_rows} usable rows make fewer units than one "
                         f"global batch ({global_batch}); add data or lower the batch size")
     if t.epochs is None:
         return t.max_steps
@@ -99,7 +103,8 @@ def setup(args) -> tuple[Run, TrainState]:
     data = prepare_data(cfg.data, tok, local_rank)
     if is_main and data.skipped_rows:
         resume.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
-    order = EpochOrder(data, cfg.train.seed, cfg.data.packing, cfg.data.max_length)
+    evaluator, train_rows = build_evaluator(cfg, tok, data, rank, world, local_rank)
+    order = EpochOrder(data, cfg.train.seed, cfg.data.packing, cfg.data.max_length, rows=train_rows)
 
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
     resume_from = resume.choose_checkpoint(cfg, args.resume, args.overwrite, args.discard_newer, rank)
@@ -138,11 +143,14 @@ def setup(args) -> tuple[Run, TrainState]:
     else:
         state = replace(resume.restore(checkpointer, resume_from, converted, rank), **identity)
         checkpointer.saved_step = state.step
+    if cfg.logging.wandb is not None:
+        decide(check_wandb_installed, runs_here=is_main)
+        state.wandb_run_id = state.wandb_run_id or secrets.token_hex(4)  # rank 0's is the one saved
     if is_main:
         write_run_files(cfg, ds_config)
     barrier()
     loss_fn = make_loss_fn(model, cfg.train.loss_chunk_tokens)
-    return Run(cfg, engine, loss_fn, tok, data, order, layout, total_steps, rank, checkpointer), state
+    return Run(cfg, engine, loss_fn, tok, data, order, layout, total_steps, rank, checkpointer, evaluator), state
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -240,6 +248,9 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
                   "consumed_samples": state.consumed_samples, "tokens": state.tokens, "time": time.time()}
         if cfg.logging.sample_ids:
             record["sample_ids"] = [int(x) for u in step_units for x in data.row_ids[u]]
+        if run.evaluator is not None and run.evaluator.due(state.step, run.total_steps):
+            state.eval_loss, state.eval_step = run.evaluator.evaluate(engine, run.loss_fn), state.step
+            record.update(eval_loss=state.eval_loss, eval_ppl=math.exp(min(state.eval_loss, 50.0)))
         metrics.log(record, step_tokens)
 
         if outcome.stop:  # a rank that got no signal itself reports SIGTERM's code
@@ -279,8 +290,9 @@ def main(argv=None) -> None:
         run, state = setup(args)
         if run.rank == 0:
             lg = run.cfg.logging
+            wandb = (lg.wandb, state.wandb_run_id, run.cfg.model_dump(mode="json")) if lg.wandb else None
             metrics = MetricsWriter(Path(run.cfg.output_dir), state.step, run.total_steps, lg.tensorboard,
-                                    lg.progress_bar)
+                                    lg.progress_bar, wandb)
         code = fit(run, state, metrics, StopSignal())
     except UserError as e:
         # Every rank reaches the same error; one line from rank 0 is enough.

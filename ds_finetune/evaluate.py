@@ -1,0 +1,89 @@
+"""Evaluation: the held-out loss at a cadence, on every rank, without disturbing training.
+
+The eval rows are `eval.path` (tokenized and cached like the training data) or a share `eval.fraction` of
+the training data chosen from the seed alone and never trained on. The loss is the global-token mean:
+summed token losses of every eval row over the number of their target tokens, reduced over the ranks.
+Every rank runs the same number of batches (a rank whose share ran out runs a batch with no target), so
+under ZeRO-3 no rank skips a gathered forward. Dropout is off (`model.eval()`), no graph is built, and
+every RNG is put back afterwards: a run with evaluation trains bitwise as the same run without it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate, prepare_data
+from ds_finetune.dist import capture_rng, restore_rng
+
+
+def held_out_rows(num_rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to train on, rows to evaluate), both sorted; the split depends on (num_rows, fraction, seed)."""
+    n_eval = max(1, round(num_rows * fraction))
+    shuffled = np.random.default_rng([seed, 0xE7A1]).permutation(num_rows)
+    return np.sort(shuffled[n_eval:]), np.sort(shuffled[:n_eval])
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    data: TokenizedData
+    rows: np.ndarray        # eval row indices into `data`, in a fixed order
+    micro_batch_size: int
+    max_batches: int
+    every_steps: int
+    rank: int
+    world: int
+    pad_id: int
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
+
+    def batches(self) -> int:
+        per_round = self.micro_batch_size * self.world
+        n = math.ceil(len(self.rows) / per_round)
+        return min(n, self.max_batches) if self.max_batches else n
+
+    def evaluate(self, engine, loss_fn) -> float:
+        """The mean token loss over the eval rows (every rank calls this at the same step)."""
+        import torch.distributed as dist
+
+        rng, module = capture_rng(), engine.module
+        module.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        try:
+            with torch.no_grad():
+                for b in range(self.batches()):
+                    start = (b * self.world + self.rank) * self.micro_batch_size
+                    mine = self.rows[start:start + self.micro_batch_size]
+                    units = (mine if len(mine) else self.rows[:1]).reshape(-1, 1)
+                    input_ids, attention_mask, labels = collate(self.data, units, self.pad_id)
+                    if not len(mine):
+                        labels.fill_(IGNORE_INDEX)  # same forward as every other rank, nothing counted
+                    loss = loss_fn(engine, input_ids.to(engine.device), attention_mask.to(engine.device),
+                                   labels.to(engine.device))
+                    totals += torch.tensor([float(loss), float((labels[:, 1:] != IGNORE_INDEX).sum())],
+                                           dtype=torch.float64)
+        finally:
+            module.train()
+            restore_rng(rng)
+        dist.all_reduce(totals)
+        return float(totals[0] / totals[1])
+
+
+def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, local_rank: int):
+    """(Evaluator or None, the rows to train on or None for all)."""
+    e = cfg.eval
+    if not e.enabled:
+        return None, None
+    if e.path is not None:
+        eval_data = prepare_data(cfg.data.model_copy(update={"path": e.path}), tok, local_rank)
+        train_rows, eval_rows = None, np.arange(eval_data.num_rows)
+    else:
+        eval_data = data
+        train_rows, eval_rows = held_out_rows(data.num_rows, e.fraction, cfg.train.seed)
+    evaluator = Evaluator(eval_data, eval_rows, e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches,
+                          e.every_steps, rank, world, tok.pad_token_id)
+    return evaluator, train_rows
