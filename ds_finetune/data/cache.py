@@ -117,6 +117,7 @@ def build_cache(data_cfg, tok, files, data_hash: str, path: Path, progress=None,
     check_not_blank(data_cfg.path, files)
     if tok.eos_token_id is None:
         raise UserError("data error: the tokenizer has no eos token; set one in its tokenizer_config.json")
+    _injected_delay(heartbeat)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"  # unique: several nodes may build at once
     tmp.mkdir()
@@ -133,6 +134,17 @@ def build_cache(data_cfg, tok, files, data_hash: str, path: Path, progress=None,
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _injected_delay(heartbeat) -> None:
+    """DS_FINETUNE_PREPARE_DELAY=seconds: a slow preparation, for the test that ranks wait for it longer
+    than DeepSpeed's collective timeout."""
+    delay = float(os.environ.get("DS_FINETUNE_PREPARE_DELAY", "0") or 0)
+    end = time.time() + delay
+    while time.time() < end:
+        time.sleep(min(1.0, end - time.time()))
+        if heartbeat:
+            heartbeat()
 
 
 def _write_arrays(data_cfg, tok, files, folder: Path, progress, heartbeat) -> dict:

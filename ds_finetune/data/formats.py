@@ -148,36 +148,44 @@ def _chat_seqs(tok, conversations: list[list], ats: list[str]):
         texts.append(text)
         all_spans.append(reply_spans(tok, messages, text, at))
     enc = _encode(tok, texts, offsets=True)
-    for ids, offs, spans in zip(enc["input_ids"], enc["offset_mapping"], all_spans):
+    for text, ids, offs, spans in zip(texts, enc["input_ids"], enc["offset_mapping"], all_spans):
         o = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
         mask = np.zeros(len(ids), dtype=bool)
-        for a, b in spans:  # a token is a target if any of its characters is (so a reply's first token always is)
+        for a, b, cut_inside_token in spans:
+            if cut_inside_token:  # the renderings parted inside a token (`<|` of `<|eos|>` vs `<|user|>`)
+                straddling = o[(o[:, 0] < b) & (o[:, 1] > b), 0]
+                b = len(text[:int(straddling.min())].rstrip()) if len(straddling) else b
+            # A token is a target if any of its characters is, so a reply's first token always is.
             mask |= (o[:, 0] < b) & (o[:, 1] > a)
         yield ids, mask
 
 
-def reply_spans(tok, messages: list, text: str, at: str) -> list[tuple[int, int]]:
+def reply_spans(tok, messages: list, text: str, at: str) -> list[tuple[int, int, bool]]:
     """Character ranges of the assistant replies in `text`, each from where the reply starts to its
-    end-of-turn marker. The rendering up to the generation prompt locates the start; where the template
-    puts whitespace after the generation prompt that the full rendering does not have at that point
-    (templates without whitespace control), the start is where the two renderings part."""
+    end-of-turn marker. Templates differ in the whitespace around a turn (most have no whitespace
+    control): the generation prompt may end with a newline the full rendering does not have at that
+    point, and a conversation rendered up to a reply may end with text (an eos) that the full rendering
+    does not. So a reply starts where the rendering up to the generation prompt and the rendering with
+    the reply part, and ends where the latter and the full rendering part (less trailing whitespace; the
+    third value says they parted before the end of the former, maybe inside a token)."""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         upto = tok.apply_chat_template(messages[:i + 1], tokenize=False)
-        if not text.startswith(upto):
-            raise UserError(f"data error: {at}: the tokenizer's chat template does not render conversations "
-                            f"prefix-stably (an earlier turn renders differently once later turns follow), so "
-                            f"assistant tokens cannot be located")
         start = _common_prefix_len(prompt, upto)
         if prompt[start:].strip():
             raise UserError(f"data error: {at}: the chat template's generation prompt ends with "
                             f"{prompt[start:][-40:]!r}, which its rendering of an assistant turn does not have; "
                             f"assistant tokens cannot be located (fix the template's add_generation_prompt part)")
+        end = _common_prefix_len(upto, text)
+        if end < len(upto) and m["content"].strip() not in text[start:end]:
+            raise UserError(f"data error: {at}: the tokenizer's chat template does not render conversations "
+                            f"prefix-stably (an earlier turn renders differently once later turns follow), so "
+                            f"assistant tokens cannot be located")
         # The turn ends at its end marker: a newline the template puts after it is layout, not reply.
-        spans.append((start, max(start, len(upto.rstrip()))))
+        spans.append((start, max(start, len(text[:end].rstrip())), end < len(upto)))
     return spans
 
 

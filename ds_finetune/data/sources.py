@@ -39,9 +39,16 @@ def resolve_data_files(path: str) -> list[Path] | None:
         if len({LOCAL_KINDS[f.suffix] for f in files}) > 1:
             raise UserError(f"data error: {p}: mixes JSON and Parquet files; keep one kind per folder")
         return files
-    if p.suffix in LOCAL_KINDS or os.sep in path or path.startswith("."):
+    if not _looks_like_dataset_name(path):
         raise UserError(f"data error: {path}: no such file or folder; check data.path")
     return None
+
+
+def _looks_like_dataset_name(path: str) -> bool:
+    """`name` or `owner/name`, as on the hub; anything else that is not on disk is a mistyped path."""
+    parts = path.split("/")
+    return Path(path).suffix not in LOCAL_KINDS and len(parts) <= 2 and all(parts) and not path.startswith(
+        (".", "~")) and "\\" not in path
 
 
 def check_dataset_name(name: str) -> None:
