@@ -35,14 +35,14 @@ def main():
     from ds_finetune.dist import init_distributed, seed_everything
     from ds_finetune.zero import zero_config_for_run
 
-    rank, world, local_rank = init_distributed()  # same backend and thread count as ds-finetune
+    rank, world, _ = init_distributed()  # same backend and thread count as ds-finetune
     cfg = load_config(args.config, [])
     micro, accum, _ = cfg.batch_layout(world)
     layout = BatchLayout(micro, accum, world)
     ds_config = zero_config_for_run(cfg, world)
 
     # Pre-tokenized batches: every micro-batch of every step, as tensors, before anything is timed.
-    data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer), local_rank)
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer))
     order = epoch_permutation(data.num_rows, cfg.train.seed, 0)
     units = [order[i:i + 1] for i in range(len(order))]
     pad_id = cfg.model.config.get("pad_token_id", 0)

@@ -81,11 +81,11 @@ def main():
     from ds_finetune.dist import init_distributed
     from ds_finetune.zero import zero_config_for_run
 
-    rank, world, local_rank = init_distributed()  # same backend and thread count as ds-finetune
+    rank, world, _ = init_distributed()  # same backend and thread count as ds-finetune
     cfg = load_config(args.config, [])
     t = cfg.train
     micro, accum, _ = cfg.batch_layout(world)
-    data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer), local_rank)
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer))
     save_at = {int(s) for s in args.save_at.split(",") if s}
 
     class StepLog(TrainerCallback):

@@ -87,6 +87,8 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
     prefix = "DS_ACCELERATOR=cpu " if cpu_here else ""
     if not dry_run:
         check_launch_tools(spec)
+        # Before the ranks exist: preparing may take longer than DeepSpeed's collective timeout.
+        prepare_with_progress(cfg)
     click.echo(prefix + shlex.join(argv))
     if dry_run:
         click.echo(f"# world_size={world} micro_batch_size={micro} grad_accum={accum} global_batch={global_batch}")
@@ -104,6 +106,56 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
         click.echo(json.dumps(zero_config_for_run(cfg, world), indent=2))
         return
     sys.exit(run_launcher(argv, env))
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+def prepare_with_progress(cfg) -> None:
+    """Build the run's tokenized-data cache here, with a progress bar, unless it is there already."""
+    import time
+
+    from tqdm import tqdm
+
+    from ds_finetune.data import ensure_prepared, load_tokenizer, read_meta
+    from ds_finetune.data.sources import estimate_rows
+
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    t0, bar = time.time(), None
+
+    def progress(rows: int, tokens: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=estimate_rows(cfg.data), unit=" rows", desc="preparing data", file=sys.stderr,
+                       mininterval=0.5, dynamic_ncols=True)
+        bar.update(rows - bar.n)
+        bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
+
+    try:
+        path, _, built = ensure_prepared(cfg.data, tok, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = read_meta(path)
+    what = f"prepared in {time.time() - t0:.1f} s" if built else "ready"
+    click.echo(f"data {what}: {meta['rows']:,} rows, {meta['tokens']:,} tokens"
+               + (f", {meta['skipped_rows']:,} rows skipped (no target after masking/truncation)"
+                  if meta["skipped_rows"] else "") + f" ({path})", err=True)
+
+
+@main.group()
+def data():
+    """Prepare (tokenize and cache) a run's data before training."""
+
+
+@data.command("prepare")
+@click.argument("config_path", metavar="CONFIG")
+@click.argument("overrides", nargs=-1, metavar="[key=value ...]")
+@user_errors_exit
+def data_prepare(config_path, overrides):
+    """Tokenize CONFIG's data into the cache the ranks read (what `ds-finetune train` does before launching)."""
+    from ds_finetune.config import load_config
+
+    prepare_with_progress(load_config(config_path, list(overrides)))
 
 
 # ----------------------------------------------------------------------------------------------- config

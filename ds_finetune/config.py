@@ -67,6 +67,8 @@ class DataConfig(_Section):
     messages_field: str = Field("messages", description="Column holding the chat messages (format chat).")
     cache_dir: Optional[str] = Field(
         None, description="Tokenized-data cache; default $DS_FINETUNE_CACHE or ~/.cache/ds-finetune.")
+    num_proc: Optional[int] = Field(
+        None, ge=1, le=1024, description="Worker processes that tokenize the data (default: all cores).")
 
 
 class TrainConfig(_Section):
@@ -300,7 +302,8 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str) -> dic
     return {
         "exact": {
             "model": cfg.model.model_dump(mode="json"),
-            "data": {**cfg.data.model_dump(mode="json", exclude={"cache_dir", "path"}), "content_sha256": data_hash},
+            "data": {**cfg.data.model_dump(mode="json", exclude={"cache_dir", "path", "num_proc"}),
+                     "content_sha256": data_hash},
             "train.seed": cfg.train.seed,
             "train.global_batch": global_batch,
             "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,  # changes the summation order

@@ -73,13 +73,13 @@ class Evaluator:
         return float(totals[0] / totals[1])
 
 
-def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, local_rank: int):
-    """(Evaluator or None, the rows to train on or None for all)."""
+def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=None):
+    """(Evaluator or None, the rows to train on or None for all). `say` reports waits for the eval data."""
     e = cfg.eval
     if not e.enabled:
         return None, None
     if e.path is not None:
-        eval_data = prepare_data(cfg.data.model_copy(update={"path": e.path}), tok, local_rank)
+        eval_data = prepare_data(cfg.data.model_copy(update={"path": e.path}), tok, say=say)
         train_rows, eval_rows = None, np.arange(eval_data.num_rows)
     else:
         eval_data = data

@@ -95,15 +95,18 @@ def write_run_files(cfg: RunConfig, ds_config: dict) -> None:
 
 
 def setup(args) -> tuple[Run, TrainState]:
-    rank, world, local_rank = init_distributed()
+    rank, world, _ = init_distributed()
     cfg = load_config(args.config, args.overrides)
     is_main = rank == 0
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    data = prepare_data(cfg.data, tok, local_rank)
+    # Prepared by the CLI before the launch, or here by the first rank to take the cache's lock while
+    # the others wait on the file (no collective: preparing may take longer than DEEPSPEED_TIMEOUT).
+    say = resume.say if is_main else (lambda msg: None)
+    data = prepare_data(cfg.data, tok, say=say)
     if is_main and data.skipped_rows:
         resume.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
-    evaluator, train_rows = build_evaluator(cfg, tok, data, rank, world, local_rank)
+    evaluator, train_rows = build_evaluator(cfg, tok, data, rank, world, say)
     order = EpochOrder(data, cfg.train.seed, cfg.data.packing, cfg.data.max_length, rows=train_rows)
 
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)

@@ -35,13 +35,8 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def prepare(cfg: DataConfig, tok) -> data.TokenizedData:
-    """train.prepare_data without the process group: resolve -> hash -> cache path -> build if missing -> read."""
-    files = data.resolve_data_files(cfg.path)
-    data_hash = data.content_hash(files, cfg.path, cfg.split)
-    path = data.cache_path(cfg, data_hash, tok)
-    if not path.exists():
-        data.build_cache(cfg, tok, files, data_hash, path)
-    return data.read_cache(path, data_hash)
+    """What every rank does: resolve -> hash -> cache path -> build if missing (holding the lock) -> map."""
+    return data.prepare_data(cfg, tok)
 
 
 def target_runs(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
@@ -308,15 +303,15 @@ def test_unit_targets_counts_the_shifted_labels(fmt, packing, tiny):
 def test_the_second_start_reads_the_cache(tok, tmp_path, monkeypatch):
     src = write_jsonl(tmp_path / "rows.jsonl", read_jsonl(TINY / "chat.jsonl")[:30])
     cfg = cfg_for(src, tmp_path, format="chat")
-    real_load_rows, loads = data.load_rows, []
+    real_build, loads = data.cache.build_cache, []
 
-    def load_rows_once(*args):
+    def load_rows_once(*args, **kw):
         loads.append(args)
         if len(loads) > 1:
             raise AssertionError("the tokenized data was rebuilt although the cache holds it")
-        return real_load_rows(*args)
+        return real_build(*args, **kw)
 
-    monkeypatch.setattr(data, "load_rows", load_rows_once)
+    monkeypatch.setattr(data, "build_cache", load_rows_once)
     first = prepare(cfg, tok)
     assert len(loads) == 1
     assert [p.name for p in (tmp_path / "cache" / "tokenized").iterdir()] != []
@@ -332,7 +327,7 @@ def test_the_second_start_reads_the_cache(tok, tmp_path, monkeypatch):
                                           {"role": "assistant", "content": "y"}]}) + "\n")
     with pytest.raises(AssertionError, match="rebuilt"):
         prepare(cfg, tok)
-    monkeypatch.setattr(data, "load_rows", real_load_rows)
+    monkeypatch.setattr(data, "build_cache", real_build)
     assert prepare(cfg, tok).num_rows == 31
 
 
@@ -345,7 +340,7 @@ def test_the_cache_key_follows_everything_that_changes_tokens(tok, tmp_path):
         return data.cache_path(cfg, data.content_hash(files, cfg.path, cfg.split), tokenizer)
 
     k = key(base)
-    assert k.parent == tmp_path / "cache" / "tokenized" and k.suffix == ".npz"
+    assert k.parent == tmp_path / "cache" / "tokenized" and k.suffix == ""
     assert key(base) == k
     assert key(base.model_copy(update={"max_length": 256})) != k
     assert key(base.model_copy(update={"format": "prompt_completion"})) != k
@@ -381,7 +376,7 @@ ERROR_CASES = {
     "empty json list": ({"rows.json": "[]"}, "rows.json", {}, ["rows.json", "empty"]),
     "folder of empty files": ({"d/a.jsonl": "", "d/b.jsonl": "\n"}, "d", {}, ["every data file is empty"]),
     "folder without data files": ({"d/readme.txt": "hi"}, "d", {}, ["holds no .jsonl/.json/.parquet files"]),
-    "invalid json": ({"bad.jsonl": "{not json\n"}, "bad.jsonl", {}, ["cannot load", "bad.jsonl"]),
+    "invalid json": ({"bad.jsonl": "{not json\n"}, "bad.jsonl", {}, ["bad.jsonl:1", "not valid JSON"]),
     "text row without text": ({"t.jsonl": '{"text": "a"}\n{"body": "b"}\n'}, "t.jsonl", {},
                               ["row 2", "'text'", "missing", "data.text_field"]),
     "text field not a string": ({"t.jsonl": '{"text": 5}\n'}, "t.jsonl", {}, ["row 1", "'text'", "not a str"]),
@@ -418,7 +413,7 @@ def test_data_errors_are_one_line_and_name_the_problem(case, tok, tmp_path):
         assert word in message, (word, message)
     assert info.value.exit_code == 2
     assert not (tmp_path / "cache" / "tokenized").exists() or \
-        not any(p.suffix == ".npz" for p in (tmp_path / "cache" / "tokenized").iterdir())
+        not any(p.is_dir() for p in (tmp_path / "cache" / "tokenized").iterdir())
 
 
 def test_a_folder_mixing_json_and_parquet_is_refused(tmp_path):

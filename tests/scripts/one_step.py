@@ -29,7 +29,7 @@ from ds_finetune.sampler import BatchLayout  # noqa: E402
 from ds_finetune.zero import zero_config_for_run  # noqa: E402
 
 out_dir, splits = Path(sys.argv[1]), sys.argv[2:]
-rank, world, local_rank = init_distributed()
+rank, world, _ = init_distributed()
 for split in splits:
     layout_text, *options = split.split(":")
     micro, accum = map(int, layout_text.split("x"))
@@ -46,7 +46,7 @@ for split in splits:
                        f"output_dir={out_dir}"])
     ds_config = zero_config_for_run(cfg, world)
     tok = load_tokenizer(cfg.model.tokenizer)
-    data = prepare_data(cfg.data, tok, local_rank)
+    data = prepare_data(cfg.data, tok)
     order = EpochOrder(data, cfg.train.seed, False, cfg.data.max_length)
     layout = BatchLayout(micro, accum, world)
     seed_everything(cfg.train.seed)

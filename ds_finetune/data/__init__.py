@@ -1,0 +1,77 @@
+"""Datasets: loading (local JSONL/JSON/Parquet file or folder, or a cached `datasets` name), the formats
+text / prompt_completion / chat, label masks, the tokenization cache, and packing.
+
+Tokenized rows live in flat arrays (ids, target mask, row offsets, ...) in a cache folder keyed by the
+data's content hash, the tokenizer and every setting that changes tokens (cache.py). The cache is built
+once, before the ranks start (`ds-finetune data prepare`, which `ds-finetune train` runs), or by one
+process while the others wait on a lock file; ranks memory-map it. Invariant: a row's first token is never
+a target, so the number of targets of a row (and of a pack of rows) is just the sum of its mask — every
+rank can compute the global batch's target count without talking to the others (docs/design.md, "Loss").
+
+    sources.py   files, content hash, streaming rows      formats.py  rows -> ids and target masks
+    parallel.py  worker processes, in order               cache.py    .npy cache folder, lock, mmap reads
+    packing.py   units (rows or packs), collation
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_cache, cache_path, cache_root,
+                                    ensure_cache, read_cache, read_meta, tokenizer_fingerprint)
+from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, collate, plan_units, unit_targets,
+                                      unit_tokens)
+from ds_finetune.data.sources import content_hash, resolve_data_files
+from ds_finetune.errors import UserError
+
+__all__ = ["DATA_FORMAT_VERSION", "IGNORE_INDEX", "EpochOrder", "TokenizedData", "build_cache", "cache_path",
+           "collate", "content_hash", "ensure_prepared", "load_tokenizer", "plan_units", "prepare_data",
+           "read_cache", "read_meta", "resolve_data_files", "tokenizer_fingerprint", "unit_targets", "unit_tokens"]
+
+
+def locate(data_cfg, tok) -> tuple[list[Path] | None, str, Path]:
+    """(data files, content hash, cache folder) of a data config."""
+    files = resolve_data_files(data_cfg.path)
+    data_hash = content_hash(files, data_cfg.path, data_cfg.split, memo_dir=cache_root(data_cfg) / "file-hashes")
+    return files, data_hash, cache_path(data_cfg, data_hash, tok)
+
+
+def ensure_prepared(data_cfg, tok, progress=None, say=None) -> tuple[Path, str, bool]:
+    """Build the cache unless it is there (or wait for the process building it).
+    Returns (cache folder, content hash, whether this process built it)."""
+    files, data_hash, path = locate(data_cfg, tok)
+    built = ensure_cache(lambda heartbeat: build_cache(data_cfg, tok, files, data_hash, path, progress, heartbeat),
+                         path, say)
+    return path, data_hash, built
+
+
+def prepare_data(data_cfg, tok, say=None) -> TokenizedData:
+    """Every rank's view of the tokenized data. Usually prepared already (by the CLI before the launch);
+    else the first rank to get the lock builds it while the others wait on the file, not on a collective."""
+    path, data_hash, _ = ensure_prepared(data_cfg, tok, progress=periodic_progress(say) if say else None, say=say)
+    return read_cache(path, data_hash)
+
+
+def periodic_progress(say, every_s: float = 10.0):
+    """A progress callback that says how far preparation got every `every_s` seconds (for logs)."""
+    import time
+    t0 = last = time.time()
+
+    def report(rows: int, tokens: int) -> None:
+        nonlocal last
+        if time.time() - last >= every_s:
+            last = time.time()
+            say(f"preparing data: {rows:,} rows, {tokens:,} tokens, {rows / (last - t0):,.0f} rows/s")
+    return report
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:
+        raise UserError(f"model error: cannot load tokenizer {name_or_path!r} ({type(e).__name__}); "
+                        f"check model.tokenizer (a local folder or a cached Hugging Face name)")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,236 @@
+"""Rows -> token ids and target masks, one chunk of rows at a time (this runs in the preparation workers).
+
+Formats: `text` (every token a target), `prompt_completion` (the completion and eos), `chat` (each
+assistant reply and its end-of-turn marker, rendered with the tokenizer's chat template). Texts of a chunk
+are tokenized in one batched fast-tokenizer call; a row's tokens are exactly those of tokenizing it alone.
+Invariant: a row's first token is never a target (see ds_finetune/data/__init__.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ds_finetune.errors import UserError
+
+
+@dataclass
+class ChunkArrays:
+    """One chunk's kept rows, flat, ready to append to the cache's arrays."""
+    input_ids: np.ndarray    # int32
+    target_mask: np.ndarray  # bool
+    lengths: np.ndarray      # int32, tokens per kept row
+    row_targets: np.ndarray  # int32, targets per kept row
+    row_ids: np.ndarray      # int64, dataset row index per kept row
+    rows_read: int
+    skipped: int
+
+
+# ------------------------------------------------------------------------------------- worker process
+
+_WORKER: dict = {}
+
+
+def init_worker(tok, data_cfg) -> None:
+    """Pool initializer: the tokenizer and settings arrive once per worker, not with every chunk."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+    _WORKER.update(tok=tok, cfg=data_cfg)
+
+
+def tokenize_chunk_in_worker(chunk) -> ChunkArrays:
+    return tokenize_chunk(_WORKER["tok"], _WORKER["cfg"], chunk)
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+def _at(where: str, index: int) -> str:
+    return f"{where} (row {index + 1})"
+
+
+def decode_row(where: str, payload, index: int) -> dict:
+    if isinstance(payload, str):
+        try:
+            payload = json.loads(payload)
+        except ValueError as e:
+            raise UserError(f"data error: {_at(where, index)}: not valid JSON ({getattr(e, 'msg', e)} at column "
+                            f"{getattr(e, 'colno', '?')}); fix or remove the line") from None
+    if not isinstance(payload, dict):
+        raise UserError(f"data error: {_at(where, index)}: a row must be a JSON object, not "
+                        f"{type(payload).__name__}")
+    return payload
+
+
+def _field(row: dict, name: str, at: str, fmt: str, setting: str, kind=str):
+    value = row.get(name)
+    if not isinstance(value, kind):
+        what = "missing" if value is None else f"not a {kind.__name__}"
+        needs = "a list of {role, content} messages" if fmt == "chat" else "it"
+        raise UserError(f"data error: {at}: field {name!r} is {what} (format {fmt} needs {needs}; "
+                        f"set data.{setting} if the column has another name)")
+    return value
+
+
+def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
+    first, items = chunk
+    rows = [decode_row(where, payload, first + k) for k, (where, payload) in enumerate(items)]
+    ats = [_at(where, first + k) for k, (where, _) in enumerate(items)]
+    if cfg.format == "text":
+        seqs = _text_seqs(tok, [_field(r, cfg.text_field, at, "text", "text_field") for r, at in zip(rows, ats)])
+    elif cfg.format == "prompt_completion":
+        prompts = [_field(r, cfg.prompt_field, at, cfg.format, "prompt_field") for r, at in zip(rows, ats)]
+        completions = [_field(r, cfg.completion_field, at, cfg.format, "completion_field") for r, at in zip(rows, ats)]
+        seqs = _prompt_completion_seqs(tok, prompts, completions)
+    else:
+        seqs = _chat_seqs(tok, [_field(r, cfg.messages_field, at, "chat", "messages_field", list)
+                                for r, at in zip(rows, ats)], ats)
+    return _keep_rows(seqs, cfg.max_length, first, len(items))
+
+
+def _keep_rows(seqs, max_length: int, first: int, rows_read: int) -> ChunkArrays:
+    """Truncate, clear each row's first target, drop rows left without targets; flatten."""
+    ids_parts, mask_parts, lengths, targets, kept = [], [], [], [], []
+    for k, (ids, mask) in enumerate(seqs):
+        ids = np.asarray(ids[:max_length], dtype=np.int32)
+        mask = np.array(mask[:max_length], dtype=bool)
+        if len(mask):
+            mask[0] = False  # a row's first token has nothing to be predicted from
+        n_targets = int(mask.sum())
+        if not n_targets:
+            continue
+        ids_parts.append(ids)
+        mask_parts.append(mask)
+        lengths.append(len(ids))
+        targets.append(n_targets)
+        kept.append(first + k)
+    cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype))
+    return ChunkArrays(cat(ids_parts, np.int32), cat(mask_parts, bool), np.asarray(lengths, np.int32),
+                       np.asarray(targets, np.int32), np.asarray(kept, np.int64), rows_read, rows_read - len(kept))
+
+
+# --------------------------------------------------------------------------------------------- formats
+
+def _encode(tok, texts: list[str], offsets: bool = False):
+    """Batched tokenization without special tokens. The Rust tokenizer directly where the wrapper would
+    only add Python overhead (no truncation or padding configured); the same ids either way."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if not texts:
+        return {"input_ids": [], "offset_mapping": []}
+    if backend is None or backend.truncation or backend.padding:
+        return tok(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+    if not offsets:
+        return {"input_ids": [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]}
+    encs = backend.encode_batch(texts, add_special_tokens=False)
+    return {"input_ids": [e.ids for e in encs], "offset_mapping": [e.offsets for e in encs]}
+
+
+def _text_seqs(tok, texts: list[str]):
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    for ids in _encode(tok, texts)["input_ids"]:
+        seq = bos + ids + [tok.eos_token_id]
+        yield seq, [True] * len(seq)
+
+
+def _prompt_completion_seqs(tok, prompts: list[str], completions: list[str]):
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    for p, c in zip(_encode(tok, prompts)["input_ids"], _encode(tok, completions)["input_ids"]):
+        p, c = bos + p, c + [tok.eos_token_id]
+        yield p + c, [False] * len(p) + [True] * len(c)
+
+
+def _check_messages(messages: list, at: str) -> None:
+    for j, m in enumerate(messages):
+        bad = ("role", "content") if not isinstance(m, dict) else \
+            [k for k in ("role", "content") if not isinstance(m.get(k), str)]
+        if bad:
+            raise UserError(f"data error: {at}, message {j + 1}: {' and '.join(map(repr, bad))} missing or "
+                            f"not a string; each message needs string fields 'role' and 'content'")
+
+
+def chat_renderer(tok, sample: list):
+    """render(messages, add_generation_prompt) -> str. The compiled template called directly (a fifth of
+    apply_chat_template's cost, which converts every message on every call) when it renders `sample`
+    exactly as apply_chat_template does; apply_chat_template otherwise."""
+    def slow(messages, generation_prompt):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+        template = _compile_jinja_template(tok.chat_template)
+        context = {**tok.special_tokens_map, "tools": None, "documents": None}
+
+        def fast(messages, generation_prompt):
+            return template.render(messages=messages, add_generation_prompt=generation_prompt, **context)
+        if sample and all(fast(sample[:n], g) == slow(sample[:n], g) for n in (1, len(sample)) for g in (False, True)):
+            return fast
+    except Exception:  # a private helper of transformers: any change there only costs speed
+        pass
+    return slow
+
+
+def _plain(messages: list) -> bool:
+    return all(len(m) == 2 for m in messages)  # only role and content (already checked to be strings)
+
+
+def _chat_seqs(tok, conversations: list[list], ats: list[str]):
+    texts, all_spans, fast = [], [], None
+    for messages, at in zip(conversations, ats):
+        _check_messages(messages, at)
+        if fast is None and messages and _plain(messages):
+            fast = chat_renderer(tok, messages)
+        render = fast if fast is not None and _plain(messages) else chat_renderer(tok, [])
+        text = render(messages, False) if messages else ""
+        texts.append(text)
+        all_spans.append(reply_spans(render, messages, text, at))
+    enc = _encode(tok, texts, offsets=True)
+    for text, ids, offs, spans in zip(texts, enc["input_ids"], enc["offset_mapping"], all_spans):
+        o = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
+        mask = np.zeros(len(ids), dtype=bool)
+        for a, b, cut_inside_token in spans:
+            if cut_inside_token:  # the renderings parted inside a token (`<|` of `<|eos|>` vs `<|user|>`)
+                straddling = o[(o[:, 0] < b) & (o[:, 1] > b), 0]
+                b = len(text[:int(straddling.min())].rstrip()) if len(straddling) else b
+            # A token is a target if any of its characters is, so a reply's first token always is.
+            mask |= (o[:, 0] < b) & (o[:, 1] > a)
+        yield ids, mask
+
+
+def reply_spans(render, messages: list, text: str, at: str) -> list[tuple[int, int, bool]]:
+    """Character ranges of the assistant replies in `text`, each from where the reply starts to its
+    end-of-turn marker. Templates differ in the whitespace around a turn (most have no whitespace
+    control): the generation prompt may end with a newline the full rendering does not have at that
+    point, and a conversation rendered up to a reply may end with text (an eos) that the full rendering
+    does not. So a reply starts where the rendering up to the generation prompt and the rendering with
+    the reply part, and ends where the latter and the full rendering part (less trailing whitespace; the
+    third value says they parted before the end of the former, maybe inside a token)."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        upto = text if i + 1 == len(messages) else render(messages[:i + 1], False)
+        start = _common_prefix_len(prompt, upto)
+        if prompt[start:].strip():
+            raise UserError(f"data error: {at}: the chat template's generation prompt ends with "
+                            f"{prompt[start:][-40:]!r}, which its rendering of an assistant turn does not have; "
+                            f"assistant tokens cannot be located (fix the template's add_generation_prompt part)")
+        end = _common_prefix_len(upto, text)
+        if end < len(upto) and m["content"].strip() not in text[start:end]:
+            raise UserError(f"data error: {at}: the tokenizer's chat template does not render conversations "
+                            f"prefix-stably (an earlier turn renders differently once later turns follow), so "
+                            f"assistant tokens cannot be located")
+        # The turn ends at its end marker: a newline the template puts after it is layout, not reply.
+        spans.append((start, max(start, len(text[:end].rstrip())), end < len(upto)))
+    return spans
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    if b.startswith(a):
+        return len(a)
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,78 @@
+"""Training units from tokenized rows: one row each, or greedy packs of consecutive rows of the epoch
+order; and collation into right-padded tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ds_finetune.data.cache import TokenizedData
+from ds_finetune.sampler import epoch_permutation
+
+IGNORE_INDEX = -100
+
+
+def plan_units(data: TokenizedData, order: np.ndarray, packing: bool, max_length: int):
+    """An epoch's training units in order (a sequence of row-index arrays): one row each, or greedy packs
+    of consecutive rows of `order` with at most `max_length` tokens. Deterministic in `order`, so a
+    resumed run plans the same packs."""
+    if not packing or len(order) == 0:
+        return order.reshape(-1, 1)  # rows of a 2-D array: one-row units without a Python object per row
+    lengths = data.lengths[order]
+    units, start, used = [], 0, 0
+    for i, n in enumerate(lengths):
+        if used + n > max_length and i > start:
+            units.append(order[start:i])
+            start, used = i, 0
+        used += n
+    units.append(order[start:])
+    return units
+
+
+class EpochOrder:
+    """The units (rows or packs) of each epoch in order; planned once per epoch, O(1) to index after.
+    `rows`: the rows trained on (all of them unless some are held out for evaluation)."""
+
+    def __init__(self, data: TokenizedData, seed: int, packing: bool, max_length: int, rows: np.ndarray | None = None):
+        self.data, self.seed, self.packing, self.max_length = data, seed, packing, max_length
+        self.rows = rows
+        self._epoch, self._units = None, None
+
+    @property
+    def num_rows(self) -> int:
+        return self.data.num_rows if self.rows is None else len(self.rows)
+
+    def units(self, epoch: int) -> list[np.ndarray]:
+        if epoch != self._epoch:
+            order = epoch_permutation(self.num_rows, self.seed, epoch)
+            if self.rows is not None:
+                order = self.rows[order]
+            self._epoch, self._units = epoch, plan_units(self.data, order, self.packing, self.max_length)
+        return self._units
+
+
+def collate(data: TokenizedData, units: list[np.ndarray], pad_id: int):
+    """Right-padded (input_ids, attention_mask, labels) tensors for the given units, plus their target count.
+    Rows of a pack are concatenated; attention within a pack spans its rows (no cross-row masking)."""
+    import torch
+
+    seqs = []
+    for unit in units:
+        parts = [data.row(int(i)) for i in unit]
+        seqs.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    labels = np.full((len(seqs), width), IGNORE_INDEX, dtype=np.int64)
+    attention = np.zeros((len(seqs), width), dtype=np.int64)
+    for j, (ids, mask) in enumerate(seqs):
+        input_ids[j, :len(ids)] = ids
+        labels[j, :len(ids)] = np.where(mask, ids, IGNORE_INDEX)
+        attention[j, :len(ids)] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(labels)
+
+
+def unit_targets(data: TokenizedData, units: list[np.ndarray]) -> int:
+    return int(sum(int(data.row_targets[u].sum()) for u in units))
+
+
+def unit_tokens(data: TokenizedData, units: list[np.ndarray]) -> int:
+    return int(sum(int(data.lengths[u].sum()) for u in units))
