@@ -3,9 +3,7 @@ get a writer that does nothing, so the loop never asks which rank it is on to lo
 
 After a resume from step S, lines with step > S written by the interrupted attempt are removed first
 (new file + rename), so metrics.jsonl reads as one clean run. W&B keeps one run across resumes (its id is
-in every checkpoint); W&B cannot take back what the interrupted attempt sent, so the steps it already
-logged (S+1..K, the last line metrics.jsonl had) are not sent again: a resumed run recomputes exactly
-those values, so the W&B history reads as one run with each step once.
+in every checkpoint; see WandbRun for how its history stays one run with each step once).
 """
 
 from __future__ import annotations
@@ -16,39 +14,47 @@ import time
 from pathlib import Path
 
 
-def truncate_metrics(path: Path, keep_through_step: int) -> int:
-    """Keep only lines with step <= keep_through_step (all lines removed for a fresh start). Atomic.
-    Returns the last step the file held before (0 if none)."""
+def truncate_metrics(path: Path, keep_through_step: int) -> None:
+    """Keep only lines with step <= keep_through_step (all lines removed for a fresh start). Atomic."""
     if not path.exists():
-        return 0
-    kept, last = [], 0
+        return
+    kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             step = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError):
             break  # a torn last line from a kill: everything after it is from the interrupted attempt
-        last = max(last, step)
         if step <= keep_through_step:
             kept.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
     os.replace(tmp, path)
-    return last
 
 
 class WandbRun:
-    """The W&B side of the metrics: one W&B run id for the whole training run, kept in the checkpoints."""
+    """The W&B side of the metrics: one W&B run id for the whole training run, kept in the checkpoints.
 
-    def __init__(self, wandb_cfg, run_id: str, run_config: dict, output_dir: Path, logged_through: int):
+    W&B may lose what a killed attempt sent last (its writer is killed with the job), so a resumed attempt
+    replays metrics.jsonl's lines (flushed per step; steps up to the checkpoint) beyond what W&B holds:
+    online, W&B says where the run's history ends (`run.step`); offline, each attempt writes its own run
+    folder, so the earlier attempts' folders of this run are renamed `superseded-*` and the new one
+    replays every line: `wandb sync` then uploads one complete history."""
+
+    def __init__(self, wandb_cfg, run_id: str, run_config: dict, output_dir: Path, metrics_path: Path):
         import wandb
+        if wandb_cfg.mode == "offline":
+            for old in (output_dir / "wandb").glob(f"offline-run-*-{run_id}"):
+                os.replace(old, old.with_name(f"superseded-{old.name}"))
         self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
                               tags=wandb_cfg.tags, mode=wandb_cfg.mode, id=run_id, resume="allow",
                               config=run_config, dir=str(output_dir))
-        self.logged_through = logged_through
+        held = self.run.step if wandb_cfg.mode == "online" else 0  # the next step W&B expects
+        if metrics_path.exists():
+            for line in metrics_path.read_text(encoding="utf-8").splitlines():
+                if json.loads(line)["step"] >= held:
+                    self.log(json.loads(line))
 
     def log(self, record: dict) -> None:
-        if record["step"] <= self.logged_through:  # sent by the interrupted attempt, same values
-            return
         self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
                      step=record["step"])
 
@@ -70,8 +76,8 @@ class MetricsWriter:
                  wandb=None):
         """`wandb`: None, or (logging.wandb config, W&B run id, the run config as a dict)."""
         self.path = Path(output_dir) / "metrics.jsonl"
-        logged_through = truncate_metrics(self.path, start_step)
-        self.wandb = WandbRun(*wandb, Path(output_dir), logged_through) if wandb else None
+        truncate_metrics(self.path, start_step)
+        self.wandb = WandbRun(*wandb, Path(output_dir), self.path) if wandb else None
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:

@@ -51,7 +51,8 @@ def test_one_wandb_run_across_a_kill_and_resume_with_each_step_once(tmp_path):
                 ids.add(record.run.run_id)
             elif kind == "history":
                 steps.append(record.history.step.num)
-                losses[record.history.step.num] = {i.key: i.value_json for i in record.history.item}.get("loss")
+                items = {i.key or ".".join(i.nested_key): i.value_json for i in record.history.item}
+                losses[record.history.step.num] = items.get("loss")
     assert len(ids) == 1
     assert sorted(steps) == list(range(1, 11)), steps  # each step once, none lost
     for row in harness.metrics(tmp_path):
