@@ -8,6 +8,7 @@ noisy; absolute times are not stable), from medians of interleaved repetitions:
   3. checkpoint    save MB/s vs a dd-style write + fsync                   (bench/ckpt_throughput.py)
   4. side-by-side  steps/s, peak RSS, kill/resume exactness vs HF Trainer (bench/side_by_side.py)
   5. gpu           bf16 ZeRO-2/3 tokens/s and MFU, where a GPU is present  (bench/gpu.py)
+  6. elastic       peak RSS of a converted resume / export vs a fresh run  (bench/elastic.py)
 
 Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick).
 Scratch files go to build/bench/.
@@ -32,7 +33,8 @@ from common import RESULTS, WORK, log  # noqa: E402
 import report  # noqa: E402
 
 SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "resume_cost",
-            "side-by-side": "side_by_side", "gpu": "gpu"}
+            "side-by-side": "side_by_side", "gpu": "gpu",
+            "elastic": "elastic"}
 
 
 def parse_args(argv=None):

@@ -104,7 +104,8 @@ def convert(info: CheckpointInfo, stage: int, world: int, rank: int) -> Converte
     def plan():  # rank 0: reuse, or a fresh temp folder (leftovers of a crashed conversion go first)
         cached = reshard.has_resharded(info)
         say(f"converting {info.path} (ZeRO {m['zero_stage']}, {m['world_size']} ranks) for ZeRO {stage} on "
-            f"{world} ranks" + (" (reusing the converted copy)" if cached else f" ({world} ranks share the work)"))
+            f"{world} ranks" + (" (reusing the converted copy)" if cached else
+                                     f" ({world} ranks share the work)" if world > 1 else ""))
         if cached:
             return None
         for old in info.path.glob(reshard.TMP_PREFIX + "*"):
