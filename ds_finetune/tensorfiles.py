@@ -65,7 +65,7 @@ def write_safetensors(path: Path, names: list[str], shapes: dict, dtype: torch.d
             if tuple(t.shape) != tuple(shapes[name]):
                 raise ValueError(f"{name}: produced shape {tuple(t.shape)}, planned {tuple(shapes[name])}")
             if t.numel():
-                out(memoryview(t.view(torch.uint8).numpy()).cast("B"))  # the tensor's bytes, no copy
+                out(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # its bytes, no copy
             del t
         f.flush()
         os.fsync(f.fileno())
