@@ -3,8 +3,10 @@
 What is private and why we use it:
 * `engine.checkpoint_engine.save`: replaced per save so shards stream through our hashing file object
   (sha256 and size as the bytes go out, fsync before they count) instead of a second read.
-* `deepspeed.utils.zero_to_fp32` helpers and the layout of `*_optim_states.pt`: merging ZeRO 1-3
-  partitions into full tensors (weights and, with the same flat layout, both Adam moments).
+* `deepspeed.utils.zero_to_fp32.get_optim_files` and the layout of `*_model_states.pt` and
+  `*_optim_states.pt` (flat fp32 partitions, their alignment paddings, the moments in the same layout):
+  `ZeroCheckpoint` reads them memory-mapped and merges one parameter at a time, as zero_to_fp32 merges
+  the whole model.
 * ZeRO's flat fp32 groups, `_lazy_init_hp_params_optimizer_state` and the engine's step counters:
   filling the optimizer state of a fresh engine from a converted checkpoint.
 
