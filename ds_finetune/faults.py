@@ -20,7 +20,8 @@ import signal
 from ds_finetune.errors import UserError
 
 PHASES = ("mid_accum", "after_step", "before_save", "mid_shards", "after_shards", "after_manifest_tmp",
-          "after_manifest_rename", "before_latest_rename", "after_latest_rename", "during_retention", "enospc", "mid_convert")
+          "after_manifest_rename", "before_latest_rename", "after_latest_rename", "during_retention", "enospc",
+          "mid_convert")
 
 
 @functools.lru_cache(maxsize=8)

@@ -6,6 +6,7 @@ world size changed, and restore the engine, each rank's RNG and the trainer's pr
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import uuid
@@ -124,14 +125,12 @@ def convert(info: CheckpointInfo, stage: int, world: int, rank: int) -> Converte
 
 
 def _manifest_of(info: CheckpointInfo) -> dict:
-    import json
     return json.loads((reshard.resharded_dir(info) / ckpt.MANIFEST).read_text())
 
 
 def _convert_share(info: CheckpointInfo, tmp: Path, rank: int, world: int) -> None:
     """Write this rank's share into `tmp` and report it in `tmp/.done-rR.json` (or the error in
     `.error-rR`); rank 0 waits for every report, then commits; the others wait for the commit."""
-    import json
     try:
         src = reshard.open_source(info)
         part = reshard.write_share(src, reshard.share_of(src.names, src.shapes, rank, world), tmp, rank)

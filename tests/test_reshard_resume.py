@@ -2,7 +2,6 @@
 ranks resumes under stage B and/or on W' ranks, converted automatically, with the same data order, the
 same LR schedule and losses equal to float-reduction noise. One killed save run per stage is shared by
 every resume from it."""
-import json
 import shutil
 
 import pytest
