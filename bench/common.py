@@ -82,6 +82,7 @@ class Job:
     gpu: bool = False
     t_start: float = 0.0
     peak_rss: int = 0
+    process_peaks: dict = field(default_factory=dict)  # pid -> its own high-water mark (VmHWM), launcher excluded
     samples: list = field(default_factory=list)  # (wall time, CPU seconds of the whole process tree)
     proc: subprocess.Popen | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -113,6 +114,8 @@ class Job:
             rss = 0
             for p in tree:  # the same Process objects each time: their CPU times are cumulative
                 try:
+                    if p is not root:
+                        self.process_peaks[p.pid] = max(self.process_peaks.get(p.pid, 0), vm_hwm(p.pid))
                     with p.oneshot():
                         rss += p.memory_info().rss
                         t = p.cpu_times()
@@ -154,6 +157,17 @@ class Job:
 
     def running(self) -> bool:
         return self.proc.poll() is None
+
+
+def vm_hwm(pid: int) -> int:
+    """A process's peak RSS so far, as the kernel counts it (exact, unlike sampling); 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def tail(path: Path, n: int = 25) -> str:

@@ -9,6 +9,8 @@ noisy; absolute times are not stable), from medians of interleaved repetitions:
   4. side-by-side  steps/s, peak RSS, kill/resume exactness vs HF Trainer (bench/side_by_side.py)
   5. gpu           bf16 ZeRO-2/3 tokens/s and MFU, where a GPU is present  (bench/gpu.py)
   6. data          preparation rows/s vs datasets.map; RSS vs dataset size (bench/data_prep.py)
+  7. elastic       peak RSS of a converted resume / export vs a fresh run  (bench/elastic.py)
+  8. loss          peak RSS and step time, chunked loss vs full logits     (bench/loss_memory.py)
 
 Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick).
 Scratch files go to build/bench/.
@@ -33,7 +35,8 @@ from common import RESULTS, WORK, log  # noqa: E402
 import report  # noqa: E402
 
 SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "resume_cost",
-            "side-by-side": "side_by_side", "loss": "loss_memory", "data": "data_prep", "gpu": "gpu"}
+            "side-by-side": "side_by_side", "loss": "loss_memory", "data": "data_prep", "elastic": "elastic",
+            "gpu": "gpu"}
 
 
 def parse_args(argv=None):

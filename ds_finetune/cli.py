@@ -277,12 +277,14 @@ def ckpt_verify(path, no_hash):
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--no-hash", is_flag=True, help="Check sizes only before loading.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest weights file (e.g. 500MB, 2GiB); larger models get several and an index.")
 @user_errors_exit
-def ckpt_export(path, out_dir, dtype, no_hash):
+def ckpt_export(path, out_dir, dtype, no_hash, max_shard_size):
     """Write a Hugging Face model folder from a checkpoint of any ZeRO stage."""
     from ds_finetune.export import export_checkpoint
 
-    out = export_checkpoint(path, out_dir, dtype, hashes=not no_hash)
+    out = export_checkpoint(path, out_dir, dtype, hashes=not no_hash, max_shard_size=max_shard_size)
     click.echo(f"exported {path} -> {out} ({dtype}); load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 

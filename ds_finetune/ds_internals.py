@@ -3,8 +3,10 @@
 What is private and why we use it:
 * `engine.checkpoint_engine.save`: replaced per save so shards stream through our hashing file object
   (sha256 and size as the bytes go out, fsync before they count) instead of a second read.
-* `deepspeed.utils.zero_to_fp32` helpers and the layout of `*_optim_states.pt`: merging ZeRO 1-3
-  partitions into full tensors (weights and, with the same flat layout, both Adam moments).
+* `deepspeed.utils.zero_to_fp32.get_optim_files` and the layout of `*_model_states.pt` and
+  `*_optim_states.pt` (flat fp32 partitions, their alignment paddings, the moments in the same layout):
+  `ZeroCheckpoint` reads them memory-mapped and merges one parameter at a time, as zero_to_fp32 merges
+  the whole model.
 * ZeRO's flat fp32 groups, `_lazy_init_hp_params_optimizer_state` and the engine's step counters:
   filling the optimizer state of a fresh engine from a converted checkpoint.
 
@@ -13,6 +15,9 @@ Tested with DeepSpeed 0.19 only; another minor version is refused in one line (s
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from pathlib import Path
 
 import torch
@@ -46,53 +51,178 @@ def route_checkpoint_writes(engine, save) -> bool:
     return True
 
 
-# ------------------------------------------------------------------------------------ merge partitions
+# ------------------------------------------------------------------------------------ read partitions
 
-def _load(path: Path) -> dict:
-    # Only called on files the checkpoint's manifest has verified (sizes and sha256).
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _read_optimizer_partition(path: Path) -> tuple[int, list, dict, float, list | None]:
-    """One rank's `*_optim_states.pt` -> (stage, fp32 flat groups, {moment: flat groups}, step, paddings)."""
-    osd = _load(path)["optimizer_state_dict"]
-    stage = int(osd["zero_stage"])
-    if stage <= 2:
-        weights, states, paddings = (osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"]["state"],
-                                     osd.get("param_alignment_paddings"))
-    else:
-        weights, states, paddings = osd["fp32_flat_groups"], osd["optimizer_state_dict"]["state"], None
-    groups = range(len(weights))
-    moments = {key: [states[g][key] if g in states else torch.zeros_like(weights[g]) for g in groups]
-               for key in ("exp_avg", "exp_avg_sq")}
-    step = max([0.0] + [float(states[g]["step"]) for g in groups if g in states])
-    return stage, weights, moments, step, paddings
+MADV_DONTNEED = 4  # Linux
+TENSOR_KEYS = ("weights", "exp_avg", "exp_avg_sq")
 
 
-def merge_zero_partitions(tag_dir: Path, keys: tuple[str, ...]) -> tuple[dict[str, dict], float]:
-    """A ZeRO 1-3 checkpoint folder -> ({key: {param name: full fp32 tensor}} for `keys` among weights,
-    exp_avg, exp_avg_sq; the optimizer step)."""
-    from deepspeed.utils import zero_to_fp32 as z
+def load_mapped(path: Path) -> tuple[dict, bool]:
+    """torch.load with every tensor memory-mapped (its pages are read only when touched); a file in the
+    legacy format cannot be mapped and is loaded whole. Returns (state, mapped). Only called on files
+    the checkpoint's manifest has verified (sizes and sha256)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False), True
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=False), False
 
-    zero_model_states = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
-    optim_files = z.get_optim_files(str(tag_dir))
-    flats = {key: [] for key in ("weights", "exp_avg", "exp_avg_sq")}
-    stage, paddings, step = None, None, 0.0
-    for f in optim_files:
-        stage, weights, moments, rank_step, paddings = _read_optimizer_partition(Path(f))
-        flats["weights"].append(weights)
-        for key, groups in moments.items():
-            flats[key].append(groups)
-        step = max(step, rank_step)
-    merged = {}
-    for key in keys:
-        out = {}
-        if stage <= 2:
-            z._zero2_merge_trainable_params(out, len(optim_files), flats[key], zero_model_states, paddings)
+
+_libc = None
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the pages of a tensor that lives in a private read-only file mapping from this process (they
+    are read from the file again if touched): reading tensor by tensor then keeps one tensor resident,
+    not every page read so far. Never call it on memory that is not such a mapping (it would zero it)."""
+    global _libc
+    if sys.platform != "linux" or t.numel() == 0:
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    end = -(-(t.data_ptr() + t.numel() * t.element_size()) // page) * page
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+def model_states_file(tag_dir: Path) -> Path:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).exists():
+            return tag_dir / name
+    raise UserError(f"checkpoint error: {tag_dir} holds no DeepSpeed model states file")
+
+
+class ZeroCheckpoint:
+    """A verified checkpoint folder of any ZeRO stage, read one parameter at a time.
+
+    Its files are memory-mapped; `read(name, key)` copies one full fp32 tensor (weights, exp_avg or
+    exp_avg_sq) together from the pieces the saving ranks held, then drops the mapped pages it touched.
+    Memory: the largest parameter, whatever the model's size. Stages 1-3 follow the flat layout that
+    DeepSpeed's `zero_to_fp32.py` merges (the moments share the fp32 partitions' layout)."""
+
+    def __init__(self, tag_dir: Path, stage: int, world_size: int):
+        self.tag_dir, self.stage = tag_dir, stage
+        self.model_states, self.mapped = load_mapped(model_states_file(tag_dir))
+        self.shapes: dict[str, torch.Size] = {}
+        self.pieces: dict[str, list[tuple[int, int, int, int]]] = {}  # name -> (rank, group, start, numel)
+        if stage == 0:
+            self._open_stage0()
         else:
-            z._zero3_merge_trainable_params(out, len(optim_files), flats[key], zero_model_states)
-        merged[key] = {k: v.contiguous().float().clone() for k, v in out.items()}
-    return merged, step
+            self._open_partitions(world_size)
+        self.names = list(self.shapes)
+
+    # -- stage 0: the model states file holds the module and the torch optimizer state whole
+    def _open_stage0(self) -> None:
+        ms = self.model_states
+        names = [n for group in ms["param_group_names"] for n in group]
+        index = [i for group in ms["optimizer"]["param_groups"] for i in group["params"]]
+        self.state0 = {name: ms["optimizer"]["state"].get(i, {}) for name, i in zip(names, index)}
+        self.shapes = {name: ms["module"][name].shape for name in names}
+        self.step = max([0.0] + [float(s["step"]) for s in self.state0.values() if "step" in s])
+
+    # -- stages 1-3: every rank's optimizer file holds its partition of the flat fp32 groups and moments
+    def _open_partitions(self, world_size: int) -> None:
+        from deepspeed.utils import zero_to_fp32 as z
+
+        files = z.get_optim_files(str(self.tag_dir))
+        if len(files) != world_size:
+            raise UserError(f"checkpoint error: {self.tag_dir} holds {len(files)} optimizer files for "
+                            f"{world_size} ranks")
+        self.flats = {key: [] for key in TENSOR_KEYS}
+        self.step, paddings = 0.0, None
+        for f in files:
+            state, mapped = load_mapped(Path(f))
+            self.mapped = self.mapped and mapped
+            osd = state["optimizer_state_dict"]
+            if int(osd["zero_stage"]) != self.stage:
+                raise UserError(f"checkpoint error: {f} is ZeRO {osd['zero_stage']}, the manifest says {self.stage}")
+            if self.stage <= 2:
+                weights, states = osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"]["state"]
+                paddings = osd.get("param_alignment_paddings")
+            else:
+                weights, states = osd["fp32_flat_groups"], osd["optimizer_state_dict"]["state"]
+            self.flats["weights"].append(list(weights))
+            for key in ("exp_avg", "exp_avg_sq"):  # a group never stepped has no state: zeros
+                self.flats[key].append([states[g][key] if g in states else torch.zeros_like(w)
+                                        for g, w in enumerate(weights)])
+            self.step = max([self.step] + [float(s["step"]) for s in states.values() if "step" in s])
+        param_shapes = self.model_states["param_shapes"]
+        if self.stage <= 2:
+            self._layout_zero2(param_shapes, paddings)
+        else:
+            self._layout_zero3({k: v for group in param_shapes for k, v in group.items()})
+
+    def _layout_zero2(self, param_shapes: list, paddings) -> None:
+        """ZeRO 1/2: group g's flat vector is the ranks' partitions end to end; its parameters lie in it
+        in order, each followed by its alignment padding."""
+        world = len(self.flats["weights"])
+        for g, shapes in enumerate(param_shapes):
+            sizes = [self.flats["weights"][r][g].numel() for r in range(world)]
+            offset = 0
+            for j, (name, shape) in enumerate(shapes.items()):
+                self.shapes[name] = torch.Size(shape)
+                numel = self.shapes[name].numel()
+                self.pieces[name] = [(r, g, start, n) for r, start, n in _cut(sizes, offset, numel)]
+                offset += numel + (paddings[g][j] if paddings is not None else 0)
+            align = 2 * world  # what zero_to_fp32 checks: both round up to the same multiple
+            if -(-offset // align) != -(-sum(sizes) // align):
+                raise UserError(f"checkpoint error: {self.tag_dir}: group {g} holds {sum(sizes)} values, its "
+                                f"parameters need {offset}; the checkpoint does not match its own layout")
+
+    def _layout_zero3(self, shapes: dict) -> None:
+        """ZeRO 3: each parameter is cut into `world` equal pieces (the last padded); rank r holds piece r
+        of every parameter, in order, across its groups end to end."""
+        world = len(self.flats["weights"])
+        sizes = [t.numel() for t in self.flats["weights"][0]]
+        offset = 0
+        for name, shape in shapes.items():
+            self.shapes[name] = torch.Size(shape)
+            piece = -(-self.shapes[name].numel() // world)
+            self.pieces[name] = [(r, g, start, n) for r in range(world) for g, start, n in _cut(sizes, offset, piece)]
+            offset += piece
+        if offset != sum(sizes):
+            raise UserError(f"checkpoint error: {self.tag_dir}: ranks hold {sum(sizes)} values each, the "
+                            f"parameters need {offset}; the checkpoint does not match its own layout")
+
+    def read(self, name: str, key: str) -> torch.Tensor:
+        """The full fp32 tensor of one parameter (a fresh copy, not a view of the files)."""
+        if self.stage == 0:
+            src = self.model_states["module"][name] if key == "weights" else self.state0[name].get(key)
+            if src is None:
+                return torch.zeros(self.shapes[name], dtype=torch.float32)
+            out = src.to(torch.float32, copy=True).contiguous()
+            self._release(src)
+            return out
+        shape = self.shapes[name]
+        out = torch.empty(sum(p[3] for p in self.pieces[name]), dtype=torch.float32)
+        pos = 0
+        for rank, group, start, numel in self.pieces[name]:
+            src = self.flats[key][rank][group].narrow(0, start, numel)
+            out.narrow(0, pos, numel).copy_(src)
+            self._release(src)
+            pos += numel
+        return out.narrow(0, 0, shape.numel()).view(shape)
+
+    def _release(self, t: torch.Tensor) -> None:
+        if self.mapped:
+            release_pages(t)
+
+
+def _cut(sizes: list[int], offset: int, numel: int) -> list[tuple[int, int, int]]:
+    """The range [offset, offset + numel) of a vector made of consecutive blocks of `sizes`, as
+    (block index, start in the block, length) pieces."""
+    pieces, begin = [], 0
+    for i, size in enumerate(sizes):
+        lo, hi = max(offset, begin), min(offset + numel, begin + size)
+        if lo < hi:
+            pieces.append((i, lo - begin, hi - lo))
+        begin += size
+    if sum(p[2] for p in pieces) != numel:
+        raise UserError("checkpoint error: a parameter runs past the end of the saved partitions; the "
+                        "checkpoint does not match its own layout")
+    return pieces
 
 
 # ------------------------------------------------------------------------------ fill a fresh engine

@@ -1,6 +1,8 @@
 """A checkpoint of any ZeRO stage -> a Hugging Face model folder (`config.json`, `*.safetensors`, tokenizer
-files, generation config) that `AutoModelForCausalLM.from_pretrained` loads. One process, no GPU, and no
-need for the world size the checkpoint was saved with.
+files, generation config) that `AutoModelForCausalLM.from_pretrained` loads. One process, no GPU, no
+need for the world size the checkpoint was saved with, and memory bounded by one tensor: the weights are
+read from the checkpoint's mapped files one parameter at a time and written shard by shard
+(`--max-shard-size`).
 
 The model config and tokenizer travel inside every checkpoint (`step_N/hf/`, written at save time and
 covered by the manifest), so an export needs nothing but the checkpoint folder.
@@ -8,6 +10,7 @@ covered by the manifest), so an export needs nothing but the checkpoint folder.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,9 +18,11 @@ import torch
 
 from ds_finetune.checkpoint import CheckpointInfo, inspect_checkpoint, step_of_tag
 from ds_finetune.errors import UserError
+from ds_finetune.tensorfiles import nbytes, parse_size, plan_shards, write_safetensors
 
 HF_DIR = "hf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # save_pretrained's default
 
 
 def write_hf_files(tag_dir: Path, model, tokenizer) -> None:
@@ -29,36 +34,55 @@ def write_hf_files(tag_dir: Path, model, tokenizer) -> None:
     tokenizer.save_pretrained(target)
 
 
-def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bool = True) -> Path:
-    from huggingface_hub import save_torch_state_dict
-
+def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bool = True,
+                      max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Stream the checkpoint's weights into `out_dir` shard by shard, tensor by tensor (cast one at a
+    time): memory is bounded by one tensor, whatever the model's size."""
     from ds_finetune import reshard
 
     if not path.is_dir() or step_of_tag(path.name) is None:
         raise UserError(f"export error: {path} is not a checkpoint folder (expected .../checkpoints/step_N)")
+    max_bytes = parse_size(max_shard_size)
     info: CheckpointInfo = inspect_checkpoint(path, hashes)
     if info.status != "complete":
         raise UserError(f"export error: {path} is {info.status} ({'; '.join(info.problems)[:300]}); export a "
                         f"complete checkpoint (see `ds-finetune ckpt list {path.parent}`)")
     if not (path / HF_DIR / "config.json").exists():
         raise UserError(f"export error: {path} has no {HF_DIR}/config.json (saved by an older ds-finetune)")
-    if reshard.has_resharded(info):
-        weights = reshard.read_resharded(reshard.resharded_dir(info), keys=("weights",))[0]["weights"]
-    else:
-        weights = reshard.consolidate(info, weights_only=True)[0]["weights"]
-    state = {name: t.to(DTYPES[dtype]).contiguous() for name, t in weights.items()}
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"export error: {out_dir} is not empty; pick a new folder")
+    if reshard.has_resharded(info):  # an earlier converted resume left plain safetensors: cheaper to read
+        target = reshard.resharded_dir(info)
+        source = reshard.open_resharded(target, lambda m: reshard.verify_share(target, m, 0, 1, hashes))
+        names, shapes = source.names, {n: tuple(s) for n, s in source.meta["shapes"].items()}
+    else:
+        source = reshard.open_source(info)
+        names, shapes = source.names, source.shapes
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict(state, str(out_dir), max_shard_size="5GB")  # shards + index when large
+    write_weights(out_dir, names, shapes, DTYPES[dtype], lambda name: source.read(name, "weights"), max_bytes)
     for f in sorted((path / HF_DIR).iterdir()):
         shutil.copy2(f, out_dir / f.name)
     _set_config_dtype(out_dir / "config.json", dtype)
     return out_dir
 
 
+def write_weights(out_dir: Path, names: list[str], shapes: dict, dtype: torch.dtype, read, max_bytes: int) -> None:
+    """`model.safetensors`, or `model-0000i-of-0000n.safetensors` shards of at most `max_bytes` plus
+    `model.safetensors.index.json`, named as `save_pretrained` names them. `names` are the trained
+    parameters, so of tied weights only the first name is there, which is what `save_pretrained` keeps."""
+    sizes = {n: nbytes(shapes[n], dtype) for n in names}
+    shards = plan_shards(names, sizes, max_bytes)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, shard in zip(files, shards):
+        write_safetensors(out_dir / fname, shard, shapes, dtype, read)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {name: fname for fname, shard in zip(files, shards) for name in shard}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def _set_config_dtype(config_path: Path, dtype: str) -> None:
-    import json
     config = json.loads(config_path.read_text())
     config["torch_dtype"] = config["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     config_path.write_text(json.dumps(config, indent=2) + "\n")

@@ -2,85 +2,76 @@
 
 DeepSpeed cannot load a checkpoint under another ZeRO stage or data-parallel size (2->3 and 3->2 assert,
 0->2 misses files; its own universal-checkpoint route fails whenever stage 3 is involved and does not
-read stage 0). So we convert ourselves:
+read stage 0). So we convert ourselves, one tensor at a time, so that memory is bounded by the largest
+tensor (and a shard's mapped pages), never by the model:
 
-* `consolidate` (one process, no GPU, no process group): reads a verified checkpoint of any stage and
-  returns full fp32 weights and both Adam moments per parameter name, the optimizer step count, the LR
-  scheduler state and every rank's RNG. Stages 1-3 reuse the partition-merging code of DeepSpeed's own
-  `zero_to_fp32.py` (applied to the moments too: they share the fp32 partitions' flat layout).
-* `write_resharded` stores that as safetensors + JSON in `step_N/resharded/` (once; later resumes and
-  `ckpt export` reuse it), with its own manifest, so every rank reads plain tensors, never pickles.
-* `load_weights` fills the model before `deepspeed.initialize` (ZeRO then builds its fp32 master copies
-  from it); `load_optimizer_state` fills the moments, step count, LR schedule and DeepSpeed's counters
-  after it, through `safe_set_full_optimizer_state`, which works on every stage.
+* `open_source` reads a verified checkpoint of any stage through `ds_internals.ZeroCheckpoint`: files
+  memory-mapped, each parameter's weights and Adam moments merged on demand from the ranks' partitions.
+* `write_share` converts a contiguous share of the parameters into safetensors shards of at most
+  `SHARD_BYTES` (`{key}-r{rank}-{i}.safetensors`); every rank of the resuming job writes its share into
+  one temp folder, and `commit` (rank 0) writes `meta.json` (optimizer step, LR schedule, counters,
+  every rank's RNG, which file holds which tensor) and a manifest, then renames the folder to
+  `step_N/resharded/`. A crash before the rename leaves only a temp folder, which is never read.
+* `ConvertedCopy` reads the copy back one tensor at a time: `load_weights` fills the model before
+  `deepspeed.initialize` (ZeRO then builds its fp32 master copies from it); `load_optimizer_state` fills
+  the moments, step count, LR schedule and DeepSpeed's counters after it, through
+  `safe_set_full_optimizer_state` (each rank keeps only its partition of each tensor).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ds_finetune.checkpoint import MANIFEST, CheckpointInfo, hash_and_sync, verify_files, write_atomic
+from ds_finetune.checkpoint import MANIFEST, CheckpointInfo, hash_and_sync, remove_tree, verify_files, write_atomic
 from ds_finetune.errors import UserError
+from ds_finetune.files import fsync_dir
+from ds_finetune.tensorfiles import nbytes, plan_shards, read_tensor, write_safetensors
 
 RESHARDED_DIR = "resharded"
-RESHARD_VERSION = 1
+TMP_PREFIX = f".{RESHARDED_DIR}.tmp-"
+RESHARD_VERSION = 2
 TENSOR_FILES = ("weights", "exp_avg", "exp_avg_sq")
+SHARD_BYTES = 128 * 2**20  # bounds the converted copy's files (and a reader's mapped pages)
 
 
-# ------------------------------------------------------------------------------------------ consolidate
+# --------------------------------------------------------------------------------------------- source
 
-def _load(path: Path) -> dict:
-    # Only called on files the checkpoint's manifest has verified (sizes and sha256).
-    return torch.load(path, map_location="cpu", weights_only=False)
+def open_source(info: CheckpointInfo):
+    """A verified checkpoint, read parameter by parameter (nothing is loaded before `read`)."""
+    from ds_finetune import ds_internals
 
-
-def _model_states_file(tag_dir: Path) -> Path:
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (tag_dir / name).exists():
-            return tag_dir / name
-    raise UserError(f"checkpoint error: {tag_dir} holds no DeepSpeed model states file")
+    if info.status != "complete":
+        raise UserError(f"checkpoint error: {info.path} is {info.status}; pick a complete one (`ds-finetune ckpt list`)")
+    return ds_internals.ZeroCheckpoint(info.path, info.manifest["zero_stage"], info.manifest["world_size"])
 
 
-def _consolidate_stage0(model_states: dict) -> tuple[dict, float]:
-    weights = {k: v.float() for k, v in model_states["module"].items()}
-    optim = model_states["optimizer"]
-    names = [n for group in model_states["param_group_names"] for n in group]
-    index = [i for group in optim["param_groups"] for i in group["params"]]
-    exp_avg, exp_avg_sq, step = {}, {}, 0.0
-    for name, i in zip(names, index):
-        state = optim["state"].get(i, {})
-        exp_avg[name] = state.get("exp_avg", torch.zeros_like(weights[name]))
-        exp_avg_sq[name] = state.get("exp_avg_sq", torch.zeros_like(weights[name]))
-        step = float(state.get("step", step))
-    return {"weights": weights, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, step
+def source_meta(info: CheckpointInfo, src) -> dict:
+    """Everything but the tensors: plain JSON values."""
+    ms = src.model_states
+    return {
+        "reshard_version": RESHARD_VERSION,
+        "source": {"tag": info.tag, "zero_stage": info.manifest["zero_stage"], "world_size": info.manifest["world_size"]},
+        "optimizer_step": src.step,
+        "global_steps": int(ms.get("global_steps", 0)),
+        "global_samples": int(ms.get("global_samples", 0)),
+        "skipped_steps": int(ms.get("skipped_steps", 0)),
+        "lr_scheduler": _plain(ms.get("lr_scheduler")),
+        "rng_states": ms.get("rng_states", []),  # plain values already (dist.capture_rng)
+        "shapes": {name: list(src.shapes[name]) for name in src.names},
+    }
 
 
 def consolidate(info: CheckpointInfo, weights_only: bool = False) -> tuple[dict[str, dict], dict]:
-    """Verified checkpoint -> ({"weights"|"exp_avg"|"exp_avg_sq": {param name: fp32 tensor}}, meta)."""
-    if info.status != "complete":
-        raise UserError(f"checkpoint error: {info.path} is {info.status}; pick a complete one (`ds-finetune ckpt list`)")
-    model_states = _load(_model_states_file(info.path))
-    if info.manifest["zero_stage"] == 0:
-        tensors, step = _consolidate_stage0(model_states)
-    else:
-        from ds_finetune import ds_internals
-        tensors, step = ds_internals.merge_zero_partitions(info.path, ("weights",) if weights_only else TENSOR_FILES)
-    meta = {
-        "reshard_version": RESHARD_VERSION,
-        "source": {"tag": info.tag, "zero_stage": info.manifest["zero_stage"], "world_size": info.manifest["world_size"]},
-        "optimizer_step": step,
-        "global_steps": int(model_states.get("global_steps", 0)),
-        "global_samples": int(model_states.get("global_samples", 0)),
-        "skipped_steps": int(model_states.get("skipped_steps", 0)),
-        "lr_scheduler": _plain(model_states.get("lr_scheduler")),
-        "rng_states": model_states.get("rng_states", []),  # plain values already (dist.capture_rng)
-    }
-    return tensors, meta
+    """The whole model at once: ({key: {param name: fp32 tensor}}, meta). For tests and small models;
+    conversion and export stream instead."""
+    src = open_source(info)
+    keys = ("weights",) if weights_only else TENSOR_FILES
+    return {key: {name: src.read(name, key) for name in src.names} for key in keys}, source_meta(info, src)
 
 
 def _plain(obj):
@@ -94,72 +85,139 @@ def _plain(obj):
     return obj
 
 
-# ------------------------------------------------------------------------------------- on-disk copy
+# ------------------------------------------------------------------------------------------- convert
 
 def resharded_dir(info: CheckpointInfo) -> Path:
     return info.path / RESHARDED_DIR
 
 
-def write_resharded(info: CheckpointInfo) -> Path:
-    """Convert once into `step_N/resharded/` (temp folder + rename: a crash leaves no half copy)."""
-    from safetensors.torch import save_file
+def has_resharded(info: CheckpointInfo) -> bool:
+    """A committed copy of the current format (an older format is converted again)."""
+    path = resharded_dir(info)
+    if not (path / MANIFEST).exists():
+        return False
+    try:
+        return json.loads((path / "meta.json").read_text()).get("reshard_version") == RESHARD_VERSION
+    except (OSError, ValueError):
+        return False
 
-    target = resharded_dir(info)
-    tensors, meta = consolidate(info)
-    tmp = info.path / f".{RESHARDED_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+
+def share_of(names: list[str], shapes: dict, rank: int, world: int) -> list[str]:
+    """Rank `rank`'s contiguous share of the parameters, balanced by size (contiguous: its reads come from
+    neighbouring regions of the source files)."""
+    sizes = [max(1, torch.Size(shapes[n]).numel()) for n in names]
+    total, begin, out = sum(sizes), 0, []
+    for name, size in zip(names, sizes):
+        # a parameter belongs to the rank whose equal slice of the total holds its middle
+        if (2 * begin + size) * world // (2 * total) == rank:
+            out.append(name)
+        begin += size
+    return out
+
+
+def write_share(src, names: list[str], folder: Path, rank: int, shard_bytes: int = SHARD_BYTES) -> dict:
+    """Convert `names` into `folder`, key by key and tensor by tensor. Returns {"files": {file: size,
+    sha256}, "tensors": {key: {name: file}}}."""
+    shapes = {n: src.shapes[n] for n in names}
+    sizes = {n: nbytes(shapes[n], torch.float32) for n in names}
+    files, tensors = {}, {key: {} for key in TENSOR_FILES}
     for key in TENSOR_FILES:
-        save_file(tensors[key], str(tmp / f"{key}.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    files = {p.name: hash_and_sync(p) for p in sorted(tmp.iterdir())}
+        for i, shard in enumerate(plan_shards(names, sizes, shard_bytes)):
+            fname = f"{key}-r{rank:05d}-{i:05d}.safetensors"
+            files[fname] = write_safetensors(folder / fname, shard, shapes, torch.float32,
+                                             lambda name, key=key: src.read(name, key))
+            tensors[key].update({name: fname for name in shard})
+    return {"files": files, "tensors": tensors}
+
+
+def commit(target: Path, tmp: Path, parts: list[dict], meta: dict) -> Path:
+    """Rank 0: meta.json and the manifest into the temp folder, then rename it into place (the commit)."""
+    meta = dict(meta, tensors={key: {n: f for part in parts for n, f in part["tensors"][key].items()}
+                               for key in TENSOR_FILES})
+    missing = [n for n in meta["shapes"] if any(n not in meta["tensors"][k] for k in TENSOR_FILES)]
+    if missing:
+        raise UserError(f"checkpoint error: the conversion of {target.parent} wrote no tensors for {missing[0]}")
+    write_atomic(tmp / "meta.json", json.dumps(meta))
+    files = {name: m for part in parts for name, m in part["files"].items()}
+    files["meta.json"] = hash_and_sync(tmp / "meta.json")
+    fsync_dir(tmp)
     write_atomic(tmp / MANIFEST, json.dumps({"files": files}, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
+    if target.exists():  # an older format's copy: out of the way crash-safely
+        remove_tree(target)
     os.replace(tmp, target)
+    fsync_dir(target.parent)
     return target
 
 
-def read_resharded(path: Path, keys=TENSOR_FILES) -> tuple[dict[str, dict], dict]:
-    from safetensors.torch import load_file
+def write_resharded(info: CheckpointInfo, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Convert in this one process (tools and tests; a resuming job splits the work, see resume.convert)."""
+    src = open_source(info)
+    tmp = info.path / f"{TMP_PREFIX}{os.getpid()}"
+    tmp.mkdir()
+    part = write_share(src, src.names, tmp, 0, shard_bytes)
+    return commit(resharded_dir(info), tmp, [part], source_meta(info, src))
 
+
+# ------------------------------------------------------------------------------------------- read back
+
+@dataclass(frozen=True)
+class ConvertedCopy:
+    """A committed converted copy: plain metadata, and tensors read one at a time on demand."""
+    path: Path
+    meta: dict   # optimizer step, LR schedule, engine counters, every saved rank's RNG, shapes, tensor files
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.meta["shapes"])
+
+    def read(self, name: str, key: str) -> torch.Tensor:
+        if name not in self.meta["shapes"]:
+            raise UserError(f"checkpoint error: the checkpoint has no weights for {name}; it is from another model")
+        return read_tensor(self.path / self.meta["tensors"][key][name], name)
+
+
+def open_resharded(path: Path, verify_files_of=None) -> ConvertedCopy:
+    """The copy at `path`. `verify_files_of(manifest)` returns problems with its files (None: trust them,
+    e.g. just written by this job); any problem is a user error."""
     manifest = json.loads((path / MANIFEST).read_text())
-    problems = verify_files(path, manifest)
+    problems = verify_files_of(manifest) if verify_files_of else []
     if problems:
         raise UserError(f"checkpoint error: converted copy {path} is damaged ({problems[0]}); delete it to convert again")
-    return ({k: load_file(str(path / f"{k}.safetensors")) for k in keys},
-            json.loads((path / "meta.json").read_text()))
+    return ConvertedCopy(path, json.loads((path / "meta.json").read_text()))
 
 
-def has_resharded(info: CheckpointInfo) -> bool:
-    return (resharded_dir(info) / MANIFEST).exists()
+def verify_share(path: Path, manifest: dict, rank: int, world: int, hashes: bool = True) -> list[str]:
+    """Check this rank's share of the copy's files (the ranks of a job split the hashing)."""
+    names = sorted(manifest["files"])[rank::world]
+    return verify_files(path, {"files": {n: manifest["files"][n] for n in names}}, hashes)
 
 
 # ------------------------------------------------------------------------------------- into an engine
 
-def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
-    """Copy full fp32 weights into a plain model (before deepspeed.initialize)."""
+def load_weights(model, copy: ConvertedCopy) -> None:
+    """Copy full fp32 weights into a plain model (before deepspeed.initialize), one tensor at a time."""
     import deepspeed
 
     for name, p in model.named_parameters():
-        if name not in weights:
-            raise UserError(f"checkpoint error: the checkpoint has no weights for {name}; it is from another model")
-        value = weights[name]
+        value = copy.read(name, "weights")
         if tuple(value.shape) != tuple(getattr(p, "ds_shape", p.shape)):
             raise UserError(f"checkpoint error: {name} has shape {tuple(value.shape)} in the checkpoint but "
-                            f"{tuple(p.shape)} in the model; it is from another model")
-        if hasattr(p, "ds_id"):  # built under zero.Init: already partitioned
+                            f"{tuple(getattr(p, 'ds_shape', p.shape))} in the model; it is from another model")
+        if hasattr(p, "ds_id"):  # built under zero.Init: partitioned; gather this one parameter only
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 p.data.copy_(value)
         else:
             p.data.copy_(value)
+        del value
 
 
-def load_optimizer_state(engine, tensors: dict[str, dict], meta: dict) -> None:
+def load_optimizer_state(engine, copy: ConvertedCopy) -> None:
     """Adam moments, step count, LR schedule and DeepSpeed's step counters, on any ZeRO stage."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
     from ds_finetune import ds_internals
 
+    meta = copy.meta
     base, keys = ds_internals.optimizer_and_state_keys(engine)
     step = torch.tensor(float(meta["optimizer_step"]))
     # torch's AdamW creates its state lazily at the first step; create it now so it can be filled.
@@ -173,11 +231,12 @@ def load_optimizer_state(engine, tensors: dict[str, dict], meta: dict) -> None:
     stage = engine.zero_optimization_stage()
     for name, p in engine.module.named_parameters():
         for key in ("exp_avg", "exp_avg_sq"):
-            value = tensors[key][name].to(p.device)
+            value = copy.read(name, key).to(p.device)
             if stage == 0:
                 base.state[p][key].copy_(value.view_as(base.state[p][key]))
             else:
-                safe_set_full_optimizer_state(p, value, key)
+                safe_set_full_optimizer_state(p, value, key)  # copies only this rank's partition
+            del value
     if meta["lr_scheduler"] is not None and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         for group, lr in zip(base.param_groups, meta["lr_scheduler"].get("_last_lr", [])):

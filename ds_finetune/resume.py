@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
-from dataclasses import dataclass
+import uuid
 from pathlib import Path
 
 from ds_finetune import checkpoint as ckpt
@@ -17,8 +18,9 @@ from ds_finetune import reshard
 from ds_finetune.checkpoint import CheckpointInfo, TrainState
 from ds_finetune.config import RunConfig, changed_exact_keys
 from ds_finetune.data import DATA_FORMAT_VERSION
-from ds_finetune.dist import decide, restore_rng
+from ds_finetune.dist import all_gather, decide, restore_rng
 from ds_finetune.errors import UserError
+from ds_finetune.faults import fault_point
 from ds_finetune.files import fsync_dir, write_atomic
 from ds_finetune.sampler import BatchLayout
 
@@ -144,11 +146,9 @@ def resolve_layout(cfg: RunConfig, world: int, resume_from: CheckpointInfo | Non
 
 # ----------------------------------------------------------------------------------------------- convert
 
-@dataclass(frozen=True)
-class Converted:
-    """A checkpoint from another stage or world size, as full tensors and plain metadata."""
-    tensors: dict   # {"weights" | "exp_avg" | "exp_avg_sq": {param name: fp32 tensor}}
-    meta: dict      # optimizer step, LR schedule, engine counters, every saved rank's RNG
+Converted = reshard.ConvertedCopy  # a checkpoint from another stage or world size, read tensor by tensor
+
+CONVERT_POLL_S = 0.1
 
 
 def needs_conversion(info: CheckpointInfo | None, stage: int, world: int) -> bool:
@@ -156,18 +156,74 @@ def needs_conversion(info: CheckpointInfo | None, stage: int, world: int) -> boo
 
 
 def convert(info: CheckpointInfo, stage: int, world: int, rank: int) -> Converted:
-    """Rank 0 converts the checkpoint to the stage-independent copy once; every rank then reads it."""
+    """Convert the checkpoint to the stage-independent copy once (every rank converts a share of the
+    parameters; rank 0 commits), or reuse the copy an earlier resume committed. The ranks wait for each
+    other on files, not in a collective: a conversion may take longer than DeepSpeed's process-group
+    timeout."""
     m = info.manifest
 
-    def convert_once():
+    def plan():  # rank 0: reuse, or a fresh temp folder (leftovers of a crashed conversion go first)
         cached = reshard.has_resharded(info)
         say(f"converting {info.path} (ZeRO {m['zero_stage']}, {m['world_size']} ranks) for ZeRO {stage} on "
-            f"{world} ranks" + (" (reusing the converted copy)" if cached else ""))
-        if not cached:
-            reshard.write_resharded(info)
+            f"{world} ranks" + (" (reusing the converted copy)" if cached else
+                                     f" ({world} ranks share the work)" if world > 1 else ""))
+        if cached:
+            return None
+        for old in info.path.glob(reshard.TMP_PREFIX + "*"):
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = info.path / f"{reshard.TMP_PREFIX}{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        return tmp.name
 
-    decide(convert_once, runs_here=rank == 0)
-    return Converted(*reshard.read_resharded(reshard.resharded_dir(info)))
+    tmp_name = decide(plan, runs_here=rank == 0)
+    if tmp_name is None:
+        problems = [p for part in all_gather(reshard.verify_share(reshard.resharded_dir(info), _manifest_of(info),
+                                                                  rank, world)) for p in part]
+        return reshard.open_resharded(reshard.resharded_dir(info), lambda _: problems)
+    _convert_share(info, info.path / tmp_name, rank, world)
+    return reshard.open_resharded(reshard.resharded_dir(info))
+
+
+def _manifest_of(info: CheckpointInfo) -> dict:
+    return json.loads((reshard.resharded_dir(info) / ckpt.MANIFEST).read_text())
+
+
+def _convert_share(info: CheckpointInfo, tmp: Path, rank: int, world: int) -> None:
+    """Write this rank's share into `tmp` and report it in `tmp/.done-rR.json` (or the error in
+    `.error-rR`); rank 0 waits for every report, then commits; the others wait for the commit."""
+    try:
+        src = reshard.open_source(info)
+        part = reshard.write_share(src, reshard.share_of(src.names, src.shapes, rank, world), tmp, rank)
+        fault_point("mid_convert", rank, info.step)
+        ckpt.write_atomic(tmp / f".done-r{rank}.json", json.dumps(part))
+        if rank == 0:
+            parts = [json.loads(p.read_text()) for p in _wait_for(tmp, lambda: _reports(tmp, world))]
+            for p in tmp.glob(".done-r*.json"):
+                p.unlink()
+            reshard.commit(reshard.resharded_dir(info), tmp, parts, reshard.source_meta(info, src))
+    except Exception as e:  # every rank must learn of it, or they would wait for the commit forever
+        message = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        ckpt.write_atomic(tmp / f".error-r{rank}", message)
+        raise
+    if rank != 0:
+        _wait_for(tmp, lambda: reshard.has_resharded(info) or None)
+
+
+def _reports(tmp: Path, world: int) -> list[Path] | None:
+    done = [tmp / f".done-r{r}.json" for r in range(world)]
+    return done if all(p.exists() for p in done) else None
+
+
+def _wait_for(tmp: Path, ready):
+    """Poll until `ready()` returns something; a rank's error report ends the wait with that error."""
+    while True:
+        result = ready()
+        if result:
+            return result
+        errors = sorted(tmp.glob(".error-r*")) if tmp.exists() else []
+        if errors:
+            raise UserError(errors[0].read_text())
+        time.sleep(CONVERT_POLL_S)
 
 
 # ----------------------------------------------------------------------------------------------- restore
@@ -179,7 +235,7 @@ def restore(checkpointer: ckpt.Checkpointer, info: CheckpointInfo, converted: Co
     if converted is None:
         rng_states = checkpointer.restore(info)
     else:
-        reshard.load_optimizer_state(checkpointer.engine, converted.tensors, converted.meta)
+        reshard.load_optimizer_state(checkpointer.engine, converted)
         rng_states = converted.meta["rng_states"]
     if rank < len(rng_states):  # a rank the saved run did not have keeps the seed + rank rule
         restore_rng(rng_states[rank])

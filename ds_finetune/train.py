@@ -129,7 +129,7 @@ def setup(args) -> tuple[Run, TrainState]:
     seed_everything(cfg.train.seed)  # identical initial weights on every rank, stage and world size
     model = build_model(cfg, ds_config)
     if converted is not None:
-        reshard.load_weights(model, converted.tensors["weights"])
+        reshard.load_weights(model, converted)  # one tensor at a time
     engine = build_engine(model, cfg, ds_config, total_steps)
     # Dropout RNG: rank r draws from seed + r (a rank a resumed run did not have gets the same rule).
     seed_everything(cfg.train.seed + rank)

@@ -13,23 +13,23 @@ pytestmark = pytest.mark.multiproc
 CLI = str(harness.BIN / "ds-finetune")
 
 
-def weights_as_deepspeed_reads_them(info) -> dict:
-    """The reference, independent of ds-finetune's conversion: DeepSpeed's own zero_to_fp32 for ZeRO 1-3,
-    the saved module itself at ZeRO 0 (there the model is the fp32 master copy)."""
-    if info.manifest["zero_stage"] == 0:
-        module = torch.load(info.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        return {name: t.float() for name, t in module.items()}
+def saved_weights(info) -> dict:
+    """The reference, independent of the streamed export: DeepSpeed's own zero_to_fp32 (stages 1-3), or
+    the module saved whole (stage 0)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if info.manifest["zero_stage"] == 0:
+        return {k: v.float() for k, v in torch.load(info.path / "mp_rank_00_model_states.pt",
+                                                    weights_only=False)["module"].items()}
     return get_fp32_state_dict_from_zero_checkpoint(str(info.path.parent), tag=info.tag)
 
 
 def assert_exported_equals(out_dir, info):
     model = AutoModelForCausalLM.from_pretrained(out_dir)
-    expected = weights_as_deepspeed_reads_them(info)
-    got = dict(model.named_parameters())
-    assert got.keys() <= expected.keys()
-    for name, t in got.items():
-        assert torch.equal(t.detach(), expected[name]), name
+    expected = saved_weights(info)
+    got = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
+    assert got.keys() == expected.keys()
+    for name, t in expected.items():
+        assert torch.equal(got[name].detach(), t), name
     tok = AutoTokenizer.from_pretrained(out_dir)
     assert tok.chat_template and tok.eos_token == "<|eos|>"
     ids = tok("What is 2 plus 3?", return_tensors="pt").input_ids
@@ -70,3 +70,41 @@ def test_export_refuses_a_damaged_checkpoint(saved_at_step4, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: export error:") and "corrupt" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_export_in_shards_of_a_given_size(saved_at_step4, tmp_path):
+    """--max-shard-size: several files of at most that size plus the index save_pretrained writes, loaded
+    by from_pretrained with the same weights; a size that is not one is a one-line error."""
+    import json
+    info, _ = find_resumable_checkpoint(saved_at_step4(3) / "checkpoints")
+    out = tmp_path / "hf"
+    proc = subprocess.run([CLI, "ckpt", "export", str(info.path), str(out), "--max-shard-size", "200KB"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 3 and sorted(set(index["weight_map"].values())) == [p.name for p in shards]
+    largest = max(t.numel() * 4 for t in saved_weights(info).values())
+    assert all(p.stat().st_size <= max(200_000, largest) + 4096 for p in shards)  # + the header
+    assert_exported_equals(out, info)
+    bad = subprocess.run([CLI, "ckpt", "export", str(info.path), str(tmp_path / "x"), "--max-shard-size", "big"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: export error: --max-shard-size 'big'")
+    assert "Traceback" not in bad.stderr
+
+
+def test_export_of_tied_embeddings_matches_save_pretrained(tmp_path):
+    """Tied input/output embeddings: only the embedding is stored, as save_pretrained stores it, and the
+    loaded model ties the output layer to it again."""
+    run = tmp_path / "run"
+    harness.train(run, ["train.zero_stage=3", "model.config.tie_word_embeddings=true", "train.max_steps=2"], nproc=1)
+    info, _ = find_resumable_checkpoint(run / "checkpoints")
+    out = tmp_path / "hf"
+    subprocess.run([CLI, "ckpt", "export", str(info.path), str(out)], check=True, capture_output=True)
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert_exported_equals(out, info)

@@ -5,8 +5,10 @@ every resume from it."""
 import shutil
 
 import pytest
+import torch
 
 import harness
+from ds_finetune import reshard
 from ds_finetune.checkpoint import find_resumable_checkpoint
 from ds_finetune.reshard import consolidate
 
@@ -97,3 +99,83 @@ def test_a_global_batch_the_new_world_cannot_split_is_a_clear_error(saved_at_ste
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "global batch 8" in error[0] and "micro_batch_size in [1, 2, 4, 8]" in error[0]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def whole_model_consolidation(info) -> dict:
+    """The reference: every file loaded whole (no mapping), the ranks' flat partitions merged for the
+    whole model at once by DeepSpeed's zero_to_fp32 (weights) and its merge functions applied to the
+    moments, which share the fp32 partitions' layout; stage 0 straight from the torch optimizer state."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    if info.manifest["zero_stage"] == 0:
+        ms = torch.load(info.path / "mp_rank_00_model_states.pt", weights_only=False)
+        names = [n for group in ms["param_group_names"] for n in group]
+        index = [i for group in ms["optimizer"]["param_groups"] for i in group["params"]]
+        out = {"weights": {n: ms["module"][n].float() for n in names}}
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[key] = {n: ms["optimizer"]["state"][i][key] for n, i in zip(names, index)}
+        return out
+    out = {"weights": {k: v.float() for k, v in z.get_fp32_state_dict_from_zero_checkpoint(
+        str(info.path.parent), tag=info.tag).items()}}
+    model_states = z.parse_model_states(z.get_model_state_files(str(info.path)))
+    files = z.get_optim_files(str(info.path))
+    osds = [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in files]
+    stage = info.manifest["zero_stage"]
+    for key in ("exp_avg", "exp_avg_sq"):
+        merged = {}
+        if stage <= 2:
+            flats = [[s[key] for _, s in sorted(o["base_optimizer_state"]["state"].items())] for o in osds]
+            z._zero2_merge_trainable_params(merged, len(files), flats, model_states, osds[0].get("param_alignment_paddings"))
+        else:
+            flats = [[s[key] for _, s in sorted(o["optimizer_state_dict"]["state"].items())] for o in osds]
+            z._zero3_merge_trainable_params(merged, len(files), flats, model_states)
+        out[key] = {k: v.contiguous() for k, v in merged.items()}
+    return out
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_streamed_conversion_equals_a_whole_model_consolidation(saved_at_step4, tmp_path, stage):
+    """The converted copy, written as two ranks' shares in small shards from memory-mapped files one
+    tensor at a time, holds bitwise the weights and both moments of a whole-model consolidation."""
+    run = shutil.copytree(saved_at_step4(stage), tmp_path / "run")
+    info, _ = find_resumable_checkpoint(run / "checkpoints")
+    src = reshard.open_source(info)
+    tmp = info.path / ".resharded.tmp-test"
+    tmp.mkdir()
+    parts = [reshard.write_share(src, reshard.share_of(src.names, src.shapes, r, 2), tmp, r, shard_bytes=20_000)
+             for r in range(2)]
+    assert all(part["files"] for part in parts)  # both ranks converted a share
+    target = reshard.commit(reshard.resharded_dir(info), tmp, parts, reshard.source_meta(info, src))
+    assert len(list(target.glob("weights-*.safetensors"))) > 2  # several shards per key
+    copy = reshard.open_resharded(target, lambda m: reshard.verify_share(target, m, 0, 1))
+    expected = whole_model_consolidation(info)
+    for key in ("weights", "exp_avg", "exp_avg_sq"):
+        assert sorted(copy.names) == sorted(expected[key]), key
+        for name, t in expected[key].items():
+            got = copy.read(name, key)
+            assert got.dtype == torch.float32 and torch.equal(got, t.float()), (key, name)
+    assert copy.meta["optimizer_step"] == 4 and copy.meta["global_steps"] == 4
+
+
+def test_a_crash_mid_conversion_is_never_used_and_resume_converts_again(saved_at_step4, reference_run, tmp_path):
+    run = shutil.copytree(saved_at_step4(2), tmp_path / "run")
+    proc = harness.train(run, ["train.zero_stage=3"], resume="auto", fault="mid_convert", expect_ok=False)
+    assert proc.returncode == -9, proc.stdout[-2000:]
+    info, _ = find_resumable_checkpoint(run / "checkpoints")
+    assert info.step == 4 and not reshard.has_resharded(info)
+    assert list(info.path.glob(".resharded.tmp-*")) and list(info.path.glob(".resharded.tmp-*/*.safetensors"))
+    proc = harness.train(run, ["train.zero_stage=3"], resume="auto")
+    assert "2 ranks share the work" in proc.stdout
+    assert not list(info.path.glob(".resharded.tmp-*"))  # the leftover went; it was never read
+    assert_continues(run, reference_run(2), from_step=4)
+
+
+def test_a_damaged_converted_copy_is_a_clear_error(saved_at_step4, tmp_path):
+    run = shutil.copytree(saved_at_step4(0), tmp_path / "run")
+    info, _ = find_resumable_checkpoint(run / "checkpoints")
+    target = reshard.write_resharded(info, shard_bytes=20_000)
+    shard = next(target.glob("exp_avg-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-4] + b"\0\0\0\1")
+    # one rank (a torchrun launch would add its own report of the failed rank)
+    proc = harness.train(run, ["train.zero_stage=2"], nproc=1, resume="auto", expect_ok=False)
+    harness.assert_one_line_error(proc, "converted copy", "damaged", "delete it")

@@ -20,7 +20,7 @@ from ds_finetune.zero import zero_config_for_run  # noqa: E402
 
 src, out, stages = Path(sys.argv[1]), Path(sys.argv[2]), [int(s) for s in sys.argv[3:]]
 rank, world, _ = init_distributed()
-tensors, meta = reshard.read_resharded(src)
+copy = reshard.open_resharded(src)
 result = {}
 for stage in stages:
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
@@ -28,9 +28,9 @@ for stage in stages:
                        "train.max_steps=10", "output_dir=/tmp/unused"])
     ds_config = zero_config_for_run(cfg, world)
     model = build_model(cfg, ds_config)
-    reshard.load_weights(model, tensors["weights"])
+    reshard.load_weights(model, copy)
     engine = build_engine(model, cfg, ds_config, 10)
-    reshard.load_optimizer_state(engine, tensors, meta)
+    reshard.load_optimizer_state(engine, copy)
     worst = 0.0
     for name, p in engine.module.named_parameters():
         if stage == 0:
@@ -40,7 +40,7 @@ for stage in stages:
             got = {"weights": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
                    "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
         for key, value in got.items():
-            worst = max(worst, (value.float().cpu() - tensors[key][name]).abs().max().item())
+            worst = max(worst, (value.float().cpu() - copy.read(name, key)).abs().max().item())
     result[stage] = {"max_abs_diff": worst, "lr": engine.get_lr()[0], "global_steps": engine.global_steps}
 if rank == 0:
     out.write_text(json.dumps(result))
