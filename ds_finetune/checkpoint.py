@@ -11,7 +11,6 @@ and sha256 before DeepSpeed unpickles anything (DeepSpeed loads with `weights_on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
-from ds_finetune.files import fsync_dir, sha256_file, write_atomic
+from ds_finetune.files import HashingFile, fsync_dir, hash_and_sync, sha256_file, write_atomic
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -79,11 +78,6 @@ class TrainState:
 
 # ---------------------------------------------------------------------------------------- file helpers
 
-def hash_and_sync(path: Path) -> dict:
-    """Size and sha256 of a file just written, and fsync it (the read comes from the page cache)."""
-    return {"size": path.stat().st_size, "sha256": sha256_file(path, fsync=True)}
-
-
 def remove_tree(path: Path, on_renamed=None) -> None:
     """Crash-safe delete: rename out of the tag namespace first, so a crash leaves trash, never a half
     deleted checkpoint that looks like one."""
@@ -94,41 +88,8 @@ def remove_tree(path: Path, on_renamed=None) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-class _HashingFile:
-    """What DeepSpeed's shards are written through: sha256 and size are computed as the bytes stream out
-    (no second read of a multi-GB file), and the file is fsynced before it counts as written.
-    `tear()` is called once, with the bytes so far on disk, after the first 4 KiB (the `torn_shard` fault)."""
-
-    TEAR_AFTER = 4096
-
-    def __init__(self, path: str, tear=None):
-        self.file = open(path, "wb")
-        self.sha = hashlib.sha256()
-        self.size = 0
-        self.tear = tear
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        written = self.file.write(data)
-        if self.tear is not None and self.size >= self.TEAR_AFTER:
-            self.file.flush()
-            self.tear, tear = None, self.tear
-            tear()
-        return written
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def close(self) -> dict:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        return {"size": self.size, "sha256": self.sha.hexdigest()}
-
-
 def record_shard_writes(engine, rank: int, step: int) -> dict[str, dict]:
-    """Route this save's shard writes through _HashingFile; returns {path: size/sha256}, filled as
+    """Route this save's shard writes through HashingFile; returns {path: size/sha256}, filled as
     DeepSpeed writes (empty if its checkpoint engine writes its own way: then files are hashed after).
     Also where the `mid_shards` and `enospc` faults fire."""
     import torch
@@ -139,7 +100,7 @@ def record_shard_writes(engine, rank: int, step: int) -> dict[str, dict]:
 
     def save(state_dict, path):
         fault_point("enospc", rank, step)
-        f = _HashingFile(path, tear=lambda: fault_point("torn_shard", rank, step))
+        f = HashingFile(path, tear=lambda: fault_point("torn_shard", rank, step))
         try:
             torch.save(state_dict, f)
         finally:
@@ -261,6 +222,7 @@ def _commit(engine, tag_dir: Path, step: int, files: dict, trainer_state: dict, 
                     "ds_finetune_version": __version__, "deepspeed_version": deepspeed.__version__,
                     "trainer_state": trainer_state, "files": files}
         fsync_dir(tag_dir)
+        fault_point("slow_save", rank, step)
         fault_point("enospc_manifest", rank, step)
         write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1),
                      before_rename=lambda: fault_point("after_manifest_tmp", rank, step))

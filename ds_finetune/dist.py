@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -18,17 +19,56 @@ import torch
 from ds_finetune.errors import UserError
 
 
+# (rank, world size, local rank, local world size) as MPI implementations and SLURM name them, for ranks
+# started without torchrun's or DeepSpeed's RANK/WORLD_SIZE (mpirun, srun, DeepSpeed's openmpi, mvapich
+# and slurm launchers). SLURM's local world size is SLURM_STEP_TASKS_PER_NODE, read separately.
+RANK_VARIABLES = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),  # MPICH / Intel MPI (hydra)
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None),
+)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM nodelist: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+    prefix, ranges = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist).groups()
+    return prefix if ranges is None else prefix + re.split(r"[,-]", ranges)[0]
+
+
+def rank_environment(environ) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT for this process: as the
+    launcher set them, else from MPI's or SLURM's variables, else a world of one (`python launch/train.py`)."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        found = {}
+    else:
+        names = next((n for n in RANK_VARIABLES if n[0] in environ and n[1] in environ), None)
+        if names is None:
+            found = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                     "MASTER_PORT": str(29500 + os.getpid() % 1000)}  # alone: any free-ish port
+        else:
+            rank, world, local_rank, local_world = (environ.get(n) if n else None for n in names)
+            if local_world is None:  # SLURM: "4" or "4(x2)"
+                local_world = environ.get("SLURM_STEP_TASKS_PER_NODE", environ.get("SLURM_NTASKS_PER_NODE", world))
+                local_world = local_world.split("(")[0].split(",")[0]
+            found = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local_rank or "0",
+                     "LOCAL_WORLD_SIZE": local_world or world}
+            nodelist = environ.get("SLURM_STEP_NODELIST", environ.get("SLURM_JOB_NODELIST"))
+            if "MASTER_ADDR" not in environ and nodelist:
+                found["MASTER_ADDR"] = first_host(nodelist)
+            elif "MASTER_ADDR" not in environ and found["LOCAL_WORLD_SIZE"] != found["WORLD_SIZE"]:
+                raise UserError("ranks started by MPI on several nodes need MASTER_ADDR (node 0's address, "
+                                "reachable from every node) in their environment; e.g. mpirun -x MASTER_ADDR=...")
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **found}
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Join the process group the launcher set up; returns (rank, world size, local rank)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    # A plain `python launch/train.py` is a world of one.
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    for key, value in rank_environment(os.environ).items():
+        os.environ.setdefault(key, value)
     world = int(os.environ["WORLD_SIZE"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
     if get_accelerator().device_name() == "cpu":

@@ -17,12 +17,13 @@ import functools
 import os
 import re
 import signal
+import time
 
 from ds_finetune.errors import UserError
 
 PHASES = ("mid_accum", "after_step", "before_save", "torn_shard", "mid_shards", "after_shards", "after_manifest_tmp",
           "after_manifest_rename", "before_latest_rename", "after_latest_rename", "during_retention",
-          "enospc", "enospc_manifest", "enospc_latest", "mid_convert")
+          "enospc", "enospc_manifest", "enospc_latest", "mid_convert", "slow_save")
 
 
 @functools.lru_cache(maxsize=8)
@@ -44,6 +45,9 @@ def _fires(phase: str, rank: int, step: int) -> bool:
 def fault_point(phase: str, rank: int, step: int) -> None:
     """Kill the job (or fail the write, for `enospc`) when DS_FINETUNE_FAULT names this phase, rank and step."""
     if not _fires(phase, rank, step):
+        return
+    if phase == "slow_save":  # a save as long as a large model's (DS_FINETUNE_SLOW_SAVE_S seconds)
+        time.sleep(float(os.environ.get("DS_FINETUNE_SLOW_SAVE_S", "35")))
         return
     if phase.startswith("enospc"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected by DS_FINETUNE_FAULT)")

@@ -176,14 +176,11 @@ def _refuse_remote_shell_metacharacters(spec: LaunchSpec) -> None:
                             f"use only letters, digits and ._-/=:,@+ here and put other values in the YAML config")
 
 
-# DeepSpeed 0.19 backends (runner.py LAUNCHER_CLASSES) and whether the ranks they start get RANK /
-# LOCAL_RANK / WORLD_SIZE / MASTER_ADDR in their environment. pdsh runs `deepspeed.launcher.launch` on each
-# node, which sets them; mpich (launcher_helper.py) and impi (-genv/-env) set them too. openmpi, mvapich
-# and slurm start the script bare and rely on DeepSpeed's mpi4py discovery, which train.init_distributed
-# pre-empts (it defaults RANK=0, WORLD_SIZE=1 for a plain `python launch/train.py`): every process would
-# train alone. Refused until the training process maps those launchers' variables.
+# DeepSpeed 0.19 backends (runner.py LAUNCHER_CLASSES). pdsh runs `deepspeed.launcher.launch` on each
+# node, which sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR; mpich and impi set them too; openmpi,
+# mvapich and slurm start the script bare, and the training process reads their own variables
+# (OMPI_COMM_WORLD_*, MV2_COMM_WORLD_*, SLURM_PROCID/NTASKS/LOCALID: dist.rank_environment).
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm")
-_LAUNCHERS_WITHOUT_RANK_ENV = ("openmpi", "mvapich", "slurm")
 
 
 def check_multinode_flags(spec: LaunchSpec, per_host: dict[str, int], need_node_rank: bool = True) -> None:
@@ -200,10 +197,6 @@ def check_multinode_flags(spec: LaunchSpec, per_host: dict[str, int], need_node_
                             f"(on one node leave --launcher out)")
         if spec.launcher not in LAUNCHERS:
             raise UserError(f"--launcher {spec.launcher!r} is not one of DeepSpeed's: {', '.join(LAUNCHERS)}")
-        if spec.launcher in _LAUNCHERS_WITHOUT_RANK_ENV:
-            raise UserError(f"--launcher {spec.launcher} starts the ranks without RANK/WORLD_SIZE, which ds-finetune's "
-                            f"training processes need; use --launcher pdsh, or start each node with --no-ssh "
-                            f"--node-rank R (launch/slurm.sbatch does that under SLURM)")
     if spec.node_rank is not None and not spec.no_ssh:
         raise UserError("--node-rank needs --no-ssh (with ssh/pdsh DeepSpeed numbers the nodes itself)")
     if not spec.no_ssh:
@@ -285,14 +278,31 @@ def launch_env(on_accelerator: bool) -> dict[str, str]:
     return env
 
 
+def is_training_process(p) -> bool:
+    """A rank: python running launch/train.py (or -m ds_finetune.train) itself, not a launcher that merely
+    has the script among its arguments."""
+    try:
+        args = iter(p.cmdline()[1:])
+    except Exception:  # psutil.Error: it exited or is not ours to read
+        return False
+    for arg in args:
+        if arg == "-m":
+            return next(args, "") == "ds_finetune.train"
+        if not arg.startswith("-"):
+            return arg.endswith(f"launch{os.sep}train.py")
+    return False
+
+
 def run_launcher(argv: list[str], env: dict[str, str]) -> int:
     """Run the deepspeed launcher and wait for every process it started.
 
     DeepSpeed 0.19's single-node runner installs no signal handler: a SIGTERM kills the runner alone and
-    leaves the ranks running unaware. So on SIGTERM (a scheduler) we send SIGTERM to every descendant; the
-    ranks finish their step, save and exit. On SIGINT (a terminal's Ctrl-C already reached the whole
-    foreground group) we only note the descendants. Either way we wait for them all, so the shell gets
-    its prompt back only after the checkpoint is committed."""
+    leaves the ranks running unaware. So on SIGTERM (a scheduler) we send SIGTERM to the training processes
+    themselves; they finish their step, save and exit. Not to DeepSpeed's `launch.py`: it would answer by
+    SIGKILLing every rank 30 s later, whatever the save still had to write. (Before the ranks exist, the
+    signal goes to every descendant.) On SIGINT (a terminal's Ctrl-C already reached the whole foreground
+    group) we only note the descendants. Either way we wait for them all, so the shell gets its prompt
+    back only after the checkpoint is committed."""
     import psutil
 
     proc = subprocess.Popen(argv, env=env)
@@ -304,9 +314,11 @@ def run_launcher(argv: list[str], env: dict[str, str]) -> int:
         nonlocal got_signal
         got_signal = got_signal or signum
         try:
-            for p in [me] + me.children(recursive=True):
-                tracked[p.pid] = p
-                if signum == signal.SIGTERM:
+            everyone = [me] + me.children(recursive=True)
+            tracked.update((p.pid, p) for p in everyone)
+            ranks = [p for p in everyone if is_training_process(p)]
+            if signum == signal.SIGTERM:
+                for p in ranks or everyone:
                     p.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass

@@ -38,14 +38,14 @@ def low_stage_chain(stage: int) -> list:
 
 def test_chains_cover_every_save_phase():
     chained = {spec.split("@")[0].split(":")[0] for spec, *_ in CHAIN + low_stage_chain(0)}
-    assert chained | {"mid_accum", "after_step", "enospc", "mid_convert"} == set(PHASES)  # mid_convert: test_reshard_resume
+    assert chained | {"mid_accum", "after_step", "enospc", "mid_convert", "slow_save"} == set(PHASES)  # mid_convert: test_reshard_resume
 
 
 def test_a_torn_shard_is_half_written_and_the_rest_of_the_job_is_killed(tmp_path):
-    from ds_finetune.checkpoint import _HashingFile
+    from ds_finetune.files import HashingFile
 
     torn = []
-    f = _HashingFile(str(tmp_path / "shard.pt"), tear=lambda: torn.append((tmp_path / "shard.pt").stat().st_size))
+    f = HashingFile(str(tmp_path / "shard.pt"), tear=lambda: torn.append((tmp_path / "shard.pt").stat().st_size))
     f.write(b"x" * 3000)
     f.write(b"y" * 3000)
     f.write(b"z" * 3000)
@@ -174,7 +174,7 @@ def test_verify_passes_an_intact_checkpoint(tmp_path):
     tag = tmp_path / "step_00000001"
     tag.mkdir()
     (tag / "a.pt").write_bytes(b"abc")
-    from ds_finetune.checkpoint import hash_and_sync
+    from ds_finetune.files import hash_and_sync
     (tag / MANIFEST).write_text(json.dumps({"step": 1, "zero_stage": 2, "world_size": 2,
                                             "files": {"a.pt": hash_and_sync(tag / "a.pt")}}))
     ok = subprocess.run([str(harness.BIN / "ds-finetune"), "ckpt", "verify", str(tag)], capture_output=True, text=True)

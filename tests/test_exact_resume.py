@@ -63,16 +63,19 @@ def test_sigkill_at_a_random_instant_resumes_bitwise(reference_run, tmp_path):
 
 
 def test_sigterm_saves_at_a_step_boundary_and_resumes_bitwise(reference_run, tmp_path):
-    """A scheduler's SIGTERM to `ds-finetune train` (the real `deepspeed` launcher path)."""
+    """A scheduler's SIGTERM to `ds-finetune train` (the real `deepspeed` launcher path), with a stop-save
+    that takes longer than the 30 s DeepSpeed's launch.py allows ranks after a signal it forwarded: the
+    CLI signals the ranks, not launch.py, so the save completes and commits."""
     ref = reference_run(2, extra=["train.max_steps=30"])
     no_periodic = [*LONG, "checkpoint.every_steps=0"]
     argv = [str(harness.BIN / "ds-finetune"), "train", str(harness.TINY), "--num-gpus", "2",
             "--master-port", str(harness.free_port()), *harness.BASE, *no_periodic, f"output_dir={tmp_path}"]
     log = tmp_path.parent / f"{tmp_path.name}.log"
-    proc = harness.start(argv, log=log)
+    proc = harness.start(argv, env_extra={"DS_FINETUNE_FAULT": "slow_save", "DS_FINETUNE_SLOW_SAVE_S": "35"},
+                         log=log)
     assert harness.wait_for(lambda: len(harness.metrics(tmp_path)) >= 3)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=180) == 128 + signal.SIGTERM
     output = log.read_text()
     steps = harness.committed_steps(tmp_path / "checkpoints")
     assert len(steps) == 1, output[-3000:]

@@ -376,12 +376,11 @@ def test_launchers_that_set_the_rank_environment_are_passed(hostfile, launcher):
 
 
 @pytest.mark.parametrize("launcher", ["openmpi", "mvapich", "slurm"])
-def test_launchers_that_start_ranks_without_rank_variables_are_refused(hostfile, launcher):
-    """They rely on DeepSpeed's mpi4py discovery, which train.init_distributed pre-empts (RANK defaults to 0):
-    every process would train alone. The message points to --no-ssh and the sbatch template."""
+def test_launchers_that_start_ranks_without_rank_variables_are_passed(hostfile, launcher):
+    """The training process reads their own rank variables (tests/test_dist.py, and a 2-process run)."""
     path = hostfile("node-a slots=2\nnode-b slots=2\n")
-    cli_error("--hostfile", path, "--launcher", launcher,
-              names=[f"--launcher {launcher}", "RANK/WORLD_SIZE", "--no-ssh --node-rank", "launch/slurm.sbatch"])
+    lines = dry_run_lines("--hostfile", path, "--launcher", launcher, "--master-addr", "node-a")
+    assert shlex.split(lines[0]) == expected("--hostfile", path, "--launcher", launcher, "--master_addr", "node-a")
 
 
 def test_no_ssh_values_never_pass_a_remote_shell_so_spaces_are_fine(hostfile):
@@ -405,3 +404,23 @@ def test_a_pdsh_launch_without_pdsh_is_one_line_before_anything_starts(hostfile,
 def test_discard_newer_reaches_the_training_process():
     argv, _ = dry_run("--resume", "runs/tiny/checkpoints/step_10", "--discard-newer")
     assert argv == expected("--num_gpus", "1", tail=("--resume", "runs/tiny/checkpoints/step_10", "--discard-newer"))
+
+
+class FakeProcess:
+    def __init__(self, *cmdline):
+        self._cmdline = list(cmdline)
+
+    def cmdline(self):
+        return self._cmdline
+
+
+def test_sigterm_goes_to_the_ranks_not_to_deepspeeds_launch_py():
+    """launch.py answers a SIGTERM by SIGKILLing the ranks 30 s later, mid-save; it has the script among its
+    arguments too, so a rank is told apart by what the interpreter runs."""
+    from ds_finetune.launcher import is_training_process
+    assert is_training_process(FakeProcess("python", "-u", "/repo/launch/train.py", "--config", "x.yaml"))
+    assert is_training_process(FakeProcess("python", "-m", "ds_finetune.train", "--config", "x.yaml"))
+    assert not is_training_process(FakeProcess("python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30",
+                                               "/repo/launch/train.py", "--config", "x.yaml"))
+    assert not is_training_process(FakeProcess("python", "/venv/bin/deepspeed", "--num_gpus", "2",
+                                               "/repo/launch/train.py"))
