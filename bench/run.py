@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     results, figures, errors, skipped = run_sections(args.sections, args.quick)
     machine["load_avg_at_end"] = os.getloadavg()
 
-    stem = f"{time.strftime('%Y-%m-%d')}-{report.machine_slug(machine)}{'-quick' if args.quick else ''}"
+    subset = "" if set(args.sections) == set(SECTIONS) else "-" + "-".join(args.sections)  # never overwrite a full run
+    stem = f"{time.strftime('%Y-%m-%d')}-{report.machine_slug(machine)}{subset}{'-quick' if args.quick else ''}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     wall = time.time() - t0
     payload = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": "quick" if args.quick else "full",
