@@ -1,4 +1,5 @@
-"""The summed token loss of a micro-batch, without ever holding the logits of every position.
+"""The summed token loss of a micro-batch, without ever holding the logits of every position, and one
+optimizer step over a rank's micro-batches normalised by the global batch's target tokens (`train_step`).
 
 The full path (`train.loss_chunk_tokens: 0`) takes the model's logits for every position, copies them to
 fp32 and takes a log-softmax: ~10 bytes x tokens x vocabulary, which for a 150k vocabulary and 8k tokens is
@@ -74,3 +75,23 @@ class ChunkedLoss:
 def make_loss_fn(model, chunk_tokens: int):
     """(engine, input_ids, attention_mask, labels) -> summed token loss of the micro-batch."""
     return full_loss_sum if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens)
+
+
+def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
+               after_micro_step=None) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
+
+    The step's loss is (sum of token losses over the global batch) / (targets in the global batch).
+    DeepSpeed divides each micro-step's loss by grad_accum and averages gradients over ranks, so each
+    micro-step's sum is scaled by grad_accum * world_size / global_targets to cancel both."""
+    scale = grad_accum * world_size / global_targets
+    local_sum = torch.zeros((), dtype=torch.float64)
+    for input_ids, attention_mask, labels in micro_batches:
+        loss_sum = loss_fn(engine, input_ids.to(engine.device), attention_mask.to(engine.device),
+                           labels.to(engine.device))
+        engine.backward(loss_sum * scale)
+        engine.step()
+        local_sum += loss_sum.detach().double().cpu()
+        if after_micro_step is not None:
+            after_micro_step()
+    return local_sum

@@ -31,7 +31,7 @@ from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
 from ds_finetune.export import export_checkpoint, write_hf_files
 from ds_finetune.faults import fault_point
-from ds_finetune.loss import make_loss_fn
+from ds_finetune.loss import make_loss_fn, train_step
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
 from ds_finetune.model import build_engine, build_model, param_group_names
 from ds_finetune.nodes import check_shared_checkpoint_dir
@@ -98,6 +98,8 @@ def setup(args) -> tuple[Run, TrainState]:
     rank, world, _ = init_distributed()
     cfg = load_config(args.config, args.overrides)
     is_main = rank == 0
+    if cfg.logging.wandb is not None:
+        decide(check_wandb_installed, runs_here=is_main)  # before anything long
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     # Prepared by the CLI before the launch, or here by the first rank to take the cache's lock while
@@ -147,7 +149,6 @@ def setup(args) -> tuple[Run, TrainState]:
         state = replace(resume.restore(checkpointer, resume_from, converted, rank), **identity)
         checkpointer.saved_step = state.step
     if cfg.logging.wandb is not None:
-        decide(check_wandb_installed, runs_here=is_main)
         state.wandb_run_id = state.wandb_run_id or secrets.token_hex(4)  # rank 0's is the one saved
     if is_main:
         write_run_files(cfg, ds_config)
@@ -157,26 +158,6 @@ def setup(args) -> tuple[Run, TrainState]:
 
 
 # ------------------------------------------------------------------------------------------------ step
-
-def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
-               after_micro_step=None) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
-
-    The step's loss is (sum of token losses over the global batch) / (targets in the global batch).
-    DeepSpeed divides each micro-step's loss by grad_accum and averages gradients over ranks, so each
-    micro-step's sum is scaled by grad_accum * world_size / global_targets to cancel both."""
-    scale = grad_accum * world_size / global_targets
-    local_sum = torch.zeros((), dtype=torch.float64)
-    for input_ids, attention_mask, labels in micro_batches:
-        loss_sum = loss_fn(engine, input_ids.to(engine.device), attention_mask.to(engine.device),
-                           labels.to(engine.device))
-        engine.backward(loss_sum * scale)
-        engine.step()
-        local_sum += loss_sum.detach().double().cpu()
-        if after_micro_step is not None:
-            after_micro_step()
-    return local_sum
-
 
 @dataclass(frozen=True)
 class StepOutcome:

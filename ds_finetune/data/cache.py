@@ -30,6 +30,7 @@ import numpy as np
 from ds_finetune.data.sources import check_not_blank
 from ds_finetune.data.parallel import tokenized_chunks
 from ds_finetune.errors import UserError
+from ds_finetune.files import fsync_dir
 
 # Bump when tokenization or masking changes meaning: it is part of the cache key and of checkpoints.
 # 2: chat targets end at the turn's end marker (whitespace the template puts after it is not a target).
@@ -125,13 +126,13 @@ def build_cache(data_cfg, tok, files, data_hash: str, path: Path, progress=None,
         meta = _write_arrays(data_cfg, tok, files, tmp, progress, heartbeat)
         (tmp / "meta.json").write_text(json.dumps({**meta, "content_sha256": data_hash,
                                                    "data_format_version": DATA_FORMAT_VERSION}))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, path)  # the commit
         except OSError:
             if not path.is_dir():  # else another node committed the same (identical) data first
                 raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -170,14 +171,6 @@ def _write_arrays(data_cfg, tok, files, folder: Path, progress, heartbeat) -> di
     for writer in out.values():
         writer.finish()
     return {"rows_read": rows, "rows": rows - skipped, "skipped_rows": skipped, "tokens": tokens}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_cache(path: Path, data_hash: str) -> TokenizedData:

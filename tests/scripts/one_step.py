@@ -18,10 +18,9 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from ds_finetune import train as T  # noqa: E402
 from ds_finetune.data import EpochOrder, prepare_data  # noqa: E402
 from ds_finetune.dist import init_distributed, seed_everything  # noqa: E402
-from ds_finetune.loss import make_loss_fn  # noqa: E402
+from ds_finetune.loss import make_loss_fn, train_step  # noqa: E402
 from ds_finetune.model import build_engine, build_model  # noqa: E402
 from ds_finetune.config import load_config  # noqa: E402
 from ds_finetune.data import collate, load_tokenizer, unit_targets  # noqa: E402
@@ -60,7 +59,7 @@ for split in splits:
         return (safe_get_full_fp32_param(p) if cfg.train.zero_stage > 0 else p).detach().clone().contiguous()
 
     initial = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
-    local = T.train_step(engine, loss_fn, batches, targets, accum, world)
+    local = train_step(engine, loss_fn, batches, targets, accum, world)
     dist.all_reduce(local)
     weights = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
     if rank == 0:
