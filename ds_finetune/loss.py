@@ -39,6 +39,8 @@ def chunked_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head, chunk_tok
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][keep], targets[keep]  # non-target positions never reach the head
+    if 0 < targets.numel() <= chunk_tokens:  # one chunk: it is the only logits anyway, no need to recompute
+        return _chunk_loss_sum(head, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
