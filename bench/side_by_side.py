@@ -156,6 +156,7 @@ def run(quick: bool) -> dict:
              "note": "losses compared with the uninterrupted run of the same contender"},
         ],
         "raw": {"reference": {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in refs.items()},
+                "pairs": {k: [{kk: vv for kk, vv in r.items() if kk != "rows"} for r in v] for k, v in pairs.items()},
                 "losses": {k: [[r["step"], r["loss"]] for r in v["rows"]] for k, v in refs.items()},
                 "resume": exact},
     }
