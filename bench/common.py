@@ -230,8 +230,9 @@ WORDS = ("the a what is plus minus count from to reverse word sound does make co
          "sun tree bird fish moon star rain book lamp frog milk ship road cake Q: A: answer question").split()
 
 
-def write_text_dataset(path: Path, rows: int, words_per_row: int, seed: int) -> Path:
-    """A JSONL `text` dataset of random word rows; skipped when it is already there (seeded: the same file)."""
+def write_jsonl_dataset(path: Path, rows: int, seed: int, make_row) -> Path:
+    """A generated JSONL dataset, `make_row(rng)` a row; skipped when it is already there (seeded: the same
+    file). Written under a temp name and renamed, so a killed bench never leaves half a dataset."""
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,9 +240,14 @@ def write_text_dataset(path: Path, rows: int, words_per_row: int, seed: int) -> 
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         for _ in range(rows):
-            f.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=words_per_row))}) + "\n")
+            f.write(json.dumps(make_row(rng)) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_text_dataset(path: Path, rows: int, words_per_row: int, seed: int) -> Path:
+    """A JSONL `text` dataset of random word rows."""
+    return write_jsonl_dataset(path, rows, seed, lambda rng: {"text": " ".join(rng.choices(WORDS, k=words_per_row))})
 
 
 def long_rows() -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import sys
 import time
@@ -21,27 +20,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PY, ROOT, TOKENIZER, WORDS, WORK, Job, log, median  # noqa: E402
+from common import PY, ROOT, TOKENIZER, WORDS, WORK, Job, log, median, write_jsonl_dataset  # noqa: E402
 
 DATA = WORK / "data"
 
 
+def chat_row(rng) -> dict:
+    messages = [{"role": "system", "content": " ".join(rng.choices(WORDS, k=12))}] if rng.random() < 0.2 else []
+    for _ in range(rng.randint(1, 3)):
+        messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(10, 60)))})
+        messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(30, 150)))})
+    return {"messages": messages}
+
+
 def write_chat_dataset(path: Path, rows: int, seed: int = 7) -> Path:
     """Conversations of 1-3 turns, a fifth with a system message, ~340 tokens each (seeded: the same file)."""
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for _ in range(rows):
-            messages = [{"role": "system", "content": " ".join(rng.choices(WORDS, k=12))}] if rng.random() < 0.2 else []
-            for _ in range(rng.randint(1, 3)):
-                messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(10, 60)))})
-                messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(30, 150)))})
-            f.write(json.dumps({"messages": messages}) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_jsonl_dataset(path, rows, seed, chat_row)
 
 
 def config_for(data: Path, cache: Path) -> Path:

@@ -8,10 +8,8 @@ through `safe_open` per tensor, so the file's mapping (and its pages) is gone ag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 import struct
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ds_finetune.errors import UserError
+from ds_finetune.files import HashingFile
 
 DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -52,24 +51,21 @@ def write_safetensors(path: Path, names: list[str], shapes: dict, dtype: torch.d
     header["__metadata__"] = metadata or {"format": "pt"}  # transformers refuses files without a format
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer does
-    sha, size = hashlib.sha256(), 0
-    with open(path, "wb") as f:
-        def out(data) -> None:
-            nonlocal size
-            sha.update(data)
-            size += f.write(data)
-        out(struct.pack("<Q", len(raw)))
-        out(raw)
+    f = HashingFile(str(path))  # hashed as the bytes go out, fsynced on close
+    try:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
         for name in names:
             t = produce(name).to(dtype).contiguous()
             if tuple(t.shape) != tuple(shapes[name]):
                 raise ValueError(f"{name}: produced shape {tuple(t.shape)}, planned {tuple(shapes[name])}")
             if t.numel():
-                out(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # its bytes, no copy
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # its bytes, no copy
             del t
-        f.flush()
-        os.fsync(f.fileno())
-    return {"size": size, "sha256": sha.hexdigest()}
+    except BaseException:
+        f.file.close()
+        raise
+    return f.close()
 
 
 def read_tensor(path: Path, name: str) -> torch.Tensor:
