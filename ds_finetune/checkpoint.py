@@ -129,8 +129,9 @@ class Checkpointer:
     Every rank holds one and calls `save` at the same step."""
 
     def __init__(self, engine, ckpt_cfg, ckpt_dir: Path, rank: int, world: int, saved_step: int,
-                 extra_client_state: dict, write_extra=None):
+                 extra_client_state: dict, write_extra=None, trainable_only: bool = False):
         self.engine, self.cfg, self.dir, self.rank, self.world = engine, ckpt_cfg, ckpt_dir, rank, world
+        self.trainable_only = trainable_only  # LoRA: the frozen base is not saved (it is fingerprinted)
         self.extra_client_state = extra_client_state  # constant for the run (e.g. param group names)
         self.write_extra = write_extra                # rank 0 writes more files into the tag dir
         self.saved_step, self.last_save_time = saved_step, time.time()
@@ -154,7 +155,8 @@ class Checkpointer:
 
         client_state = {"rng_states": all_gather(capture_rng()), **self.extra_client_state}
         path = save_checkpoint(self.engine, self.dir, state.step, client_state, state.to_manifest(),
-                               self.cfg.keep_last, self.rank, self.world, self.write_extra, self.cfg.keep_best)
+                               self.cfg.keep_last, self.rank, self.world, self.write_extra, self.cfg.keep_best,
+                               self.trainable_only)
         self.saved_step, self.last_save_time = state.step, time.time()
         return path
 
@@ -162,7 +164,7 @@ class Checkpointer:
         """Load a verified native checkpoint into the engine (weights, optimizer, LR schedule); returns
         every saved rank's RNG state."""
         load_path, client_state = self.engine.load_checkpoint(
-            str(info.path.parent), tag=info.tag, load_module_strict=True, load_optimizer_states=True,
+            str(info.path.parent), tag=info.tag, load_module_strict=not self.trainable_only, load_optimizer_states=True,
             load_lr_scheduler_states=True)
         if load_path is None:
             raise UserError(f"checkpoint error: DeepSpeed could not load {info.path}; run "
@@ -171,7 +173,8 @@ class Checkpointer:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, trainer_state: dict,
-                    keep_last: int, rank: int, world_size: int, write_extra=None, keep_best: bool = False) -> Path:
+                    keep_last: int, rank: int, world_size: int, write_extra=None, keep_best: bool = False,
+                    trainable_only: bool = False) -> Path:
     """Save and commit `step_N`. Returns the tag dir. Every rank calls this at the same step.
     `write_extra(tag_dir)` runs on rank 0 after DeepSpeed's files are written; its files are committed too."""
     import torch.distributed as dist
@@ -185,7 +188,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, train
                 remove_tree(tag_dir)
         dist.barrier()
         written = record_shard_writes(engine, rank, step)
-        engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=trainable_only)
         if rank == 0 and write_extra is not None:
             write_extra(tag_dir)
         fault_point("after_shards", rank, step)

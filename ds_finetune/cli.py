@@ -279,13 +279,21 @@ def ckpt_verify(path, no_hash):
 @click.option("--no-hash", is_flag=True, help="Check sizes only before loading.")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest weights file (e.g. 500MB, 2GiB); larger models get several and an index.")
+@click.option("--merge", is_flag=True, help="LoRA checkpoints: merge the adapters into the base model.")
 @user_errors_exit
-def ckpt_export(path, out_dir, dtype, no_hash, max_shard_size):
-    """Write a Hugging Face model folder from a checkpoint of any ZeRO stage."""
-    from ds_finetune.export import export_checkpoint
+def ckpt_export(path, out_dir, dtype, no_hash, max_shard_size, merge):
+    """Write a Hugging Face model folder from a checkpoint of any ZeRO stage (a LoRA checkpoint: a PEFT
+    adapter folder, or with --merge the merged model)."""
+    from ds_finetune.export import HF_DIR, export_checkpoint
+    from ds_finetune.lora import is_adapter_checkpoint
 
-    out = export_checkpoint(path, out_dir, dtype, hashes=not no_hash, max_shard_size=max_shard_size)
-    click.echo(f"exported {path} -> {out} ({dtype}); load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    out = export_checkpoint(path, out_dir, dtype, hashes=not no_hash, max_shard_size=max_shard_size, merge=merge)
+    if is_adapter_checkpoint(path / HF_DIR) and not merge:
+        click.echo(f"exported the adapters of {path} -> {out} ({dtype}); load them with "
+                   f"PeftModel.from_pretrained(base_model, {str(out)!r})")
+    else:
+        click.echo(f"exported {path} -> {out} ({dtype}); load it with "
+                   f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Every field carries a one-line description; `ds-finetune config show-schema` pri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,6 +34,24 @@ class _Section(BaseModel):
         return value
 
 
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, le=65536, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear (every linear "
+                                  "layer but the LM head).")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter (e.g. [lm_head]).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("list at least one module name, or all-linear")
+        return value
+
+
 class ModelConfig(_Section):
     name_or_path: Optional[str] = Field(
         None, description="Hugging Face model name or local folder to load weights from (or use `config`).")
@@ -42,6 +60,9 @@ class ModelConfig(_Section):
     tokenizer: Optional[str] = Field(
         None, description="Tokenizer name or folder; defaults to `name_or_path`.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    lora: Optional[LoraConfig] = Field(
+        None, description="Train LoRA adapters on a frozen base (needs the `lora` extra, peft); checkpoints hold "
+                          "only the adapters.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -297,11 +318,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 # ------------------------------------------------------------------------------------------ fingerprint
 
-def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str) -> dict:
-    """What resume compares. `exact` keys change the computed steps if changed; `harmless` ones do not."""
+def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str, base_files: dict | None = None) -> dict:
+    """What resume compares. `exact` keys change the computed steps if changed; `harmless` ones do not.
+    `base_files` ({file: sha256} of a LoRA run's base model) is part of the identity: the checkpoint holds
+    only the adapters, so the base must be the same files."""
     return {
         "exact": {
-            "model": cfg.model.model_dump(mode="json"),
+            # With base_files, the files are the base's identity, not the folder they lie in.
+            "model": cfg.model.model_dump(mode="json", exclude={"name_or_path"} if base_files else None),
+            **({"model.base_files": base_files} if base_files else {}),
             "data": {**cfg.data.model_dump(mode="json", exclude={"cache_dir", "path", "num_proc"}),
                      "content_sha256": data_hash},
             "train.seed": cfg.train.seed,

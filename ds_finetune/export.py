@@ -28,17 +28,21 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"  # save_pretrained's default
 def write_hf_files(tag_dir: Path, model, tokenizer) -> None:
     """Called on rank 0 during a save, before the files are hashed into the manifest."""
     target = tag_dir / HF_DIR
+    from ds_finetune import lora
+
     model.config.save_pretrained(target)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    lora.write_adapter_config(target, model)
 
 
 def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bool = True,
-                      max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+                      max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, merge: bool = False) -> Path:
     """Stream the checkpoint's weights into `out_dir` shard by shard, tensor by tensor (cast one at a
-    time): memory is bounded by one tensor, whatever the model's size."""
-    from ds_finetune import reshard
+    time): memory is bounded by one tensor, whatever the model's size. A LoRA checkpoint becomes a PEFT
+    adapter folder, or with `merge` the base model with the adapters merged (memory: the whole model)."""
+    from ds_finetune import lora, reshard
 
     if not path.is_dir() or step_of_tag(path.name) is None:
         raise UserError(f"export error: {path} is not a checkpoint folder (expected .../checkpoints/step_N)")
@@ -51,6 +55,10 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bo
         raise UserError(f"export error: {path} has no {HF_DIR}/config.json (saved by an older ds-finetune)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"export error: {out_dir} is not empty; pick a new folder")
+    adapters = lora.is_adapter_checkpoint(path / HF_DIR)
+    if merge and not adapters:
+        raise UserError(f"export error: {path} is a full fine-tuning checkpoint; --merge is for LoRA checkpoints "
+                        f"(export it without --merge)")
     if reshard.has_resharded(info):  # an earlier converted resume left plain safetensors: cheaper to read
         target = reshard.resharded_dir(info)
         source = reshard.open_resharded(target, lambda m: reshard.verify_share(target, m, 0, 1, hashes))
@@ -58,8 +66,14 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bo
     else:
         source = reshard.open_source(info)
         names, shapes = source.names, source.shapes
+    read = lambda name: source.read(name, "weights")  # noqa: E731
+    if merge:
+        base_files = info.manifest["trainer_state"].get("fingerprint", {}).get("exact", {}).get("model.base_files")
+        return lora.export_merged(path / HF_DIR, out_dir, names, read, DTYPES[dtype], base_files, max_bytes)
+    if adapters:
+        return lora.export_adapter(path / HF_DIR, out_dir, names, read, DTYPES[dtype])
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_weights(out_dir, names, shapes, DTYPES[dtype], lambda name: source.read(name, "weights"), max_bytes)
+    write_weights(out_dir, names, shapes, DTYPES[dtype], read, max_bytes)
     for f in sorted((path / HF_DIR).iterdir()):
         shutil.copy2(f, out_dir / f.name)
     _set_config_dtype(out_dir / "config.json", dtype)

@@ -41,6 +41,9 @@ def build_model(cfg: RunConfig, ds_config: dict):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     del keep_alive
+    if cfg.model.lora is not None:
+        from ds_finetune.lora import apply_lora
+        model = apply_lora(model, cfg.model.lora, cfg.train.seed, cfg.model.name_or_path)
     model.train()  # from_pretrained returns the model in eval mode: dropout would silently be off
     return model
 

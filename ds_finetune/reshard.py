@@ -200,6 +200,8 @@ def load_weights(model, copy: ConvertedCopy) -> None:
     import deepspeed
 
     for name, p in model.named_parameters():
+        if not p.requires_grad and name not in copy.meta["shapes"]:
+            continue  # a LoRA run's frozen base: loaded from its own files, not saved in the checkpoint
         value = copy.read(name, "weights")
         if tuple(value.shape) != tuple(getattr(p, "ds_shape", p.shape)):
             raise UserError(f"checkpoint error: {name} has shape {tuple(value.shape)} in the checkpoint but "
@@ -231,6 +233,8 @@ def load_optimizer_state(engine, copy: ConvertedCopy) -> None:
     ds_internals.link_optimizer_state(engine)
     stage = engine.zero_optimization_stage()
     for name, p in engine.module.named_parameters():
+        if not p.requires_grad:  # frozen: no optimizer state
+            continue
         for key in ("exp_avg", "exp_avg_sq"):
             value = copy.read(name, key).to(p.device)
             if stage == 0:

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ds_finetune import reshard, resume
+from ds_finetune import lora, reshard, resume
 from ds_finetune.checkpoint import Checkpointer, TrainState, remove_checkpoints, tag_for_step
 from ds_finetune.config import RunConfig, config_fingerprint, load_config, split_resume_arg
+from ds_finetune.data.cache import cache_root
 from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, TokenizedData, collate, load_tokenizer, prepare_data,
                               unit_targets, unit_tokens)
 from ds_finetune.dist import barrier, decide, init_distributed, seed_everything
@@ -87,6 +88,14 @@ def total_steps_of(cfg: RunConfig, order: EpochOrder, global_batch: int) -> int:
     return min(total, t.max_steps) if t.max_steps else total
 
 
+def lora_base_files(cfg: RunConfig, is_main: bool) -> dict | None:
+    """A LoRA run's base model files and their hashes (rank 0 hashes, once per file version)."""
+    if cfg.model.lora is None or cfg.model.name_or_path is None:
+        return None  # a random-init base is identified by model.config and the seed
+    return decide(lambda: lora.base_model_files(cfg.model.name_or_path, cache_root(cfg.data) / "file-hashes"),
+                  runs_here=is_main)
+
+
 def write_run_files(cfg: RunConfig, ds_config: dict) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +109,8 @@ def setup(args) -> tuple[Run, TrainState]:
     is_main = rank == 0
     if cfg.logging.wandb is not None:
         decide(check_wandb_installed, runs_here=is_main)  # before anything long
+    if cfg.model.lora is not None:
+        decide(lora.check_peft_installed, runs_here=is_main)
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     # Prepared by the CLI before the launch, or here by the first rank to take the cache's lock while
@@ -116,7 +127,7 @@ def setup(args) -> tuple[Run, TrainState]:
     layout = resume.resolve_layout(cfg, world, resume_from, is_main)
     ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum)
     total_steps = total_steps_of(cfg, order, layout.global_batch)
-    fingerprint = config_fingerprint(cfg, layout.global_batch, data.content_hash)
+    fingerprint = config_fingerprint(cfg, layout.global_batch, data.content_hash, lora_base_files(cfg, is_main))
     if resume_from is not None:
         resume.check_resumable(resume_from, fingerprint, args.allow_config_change)
         if args.discard_newer:
@@ -138,7 +149,8 @@ def setup(args) -> tuple[Run, TrainState]:
 
     checkpointer = Checkpointer(engine, cfg.checkpoint, cfg.checkpoint_dir, rank, world,
                                 saved_step=0, extra_client_state={"param_group_names": param_group_names(model)},
-                                write_extra=lambda tag_dir: write_hf_files(tag_dir, engine.module, tok))
+                                write_extra=lambda tag_dir: write_hf_files(tag_dir, engine.module, tok),
+                                trainable_only=cfg.model.lora is not None)
     # What this run is, saved with every checkpoint (differs from a resumed checkpoint's only under
     # --allow-config-change).
     identity = dict(seed=cfg.train.seed, global_batch=layout.global_batch, data_format_version=DATA_FORMAT_VERSION,
@@ -153,7 +165,7 @@ def setup(args) -> tuple[Run, TrainState]:
     if is_main:
         write_run_files(cfg, ds_config)
     barrier()
-    loss_fn = make_loss_fn(model, cfg.train.loss_chunk_tokens)
+    loss_fn = make_loss_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens)
     return Run(cfg, engine, loss_fn, tok, data, order, layout, total_steps, rank, checkpointer, evaluator), state
 
 

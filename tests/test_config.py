@@ -14,8 +14,9 @@ import yaml
 from click.testing import CliRunner
 
 from ds_finetune.cli import main
-from ds_finetune.config import (CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, ModelConfig, RunConfig,
-                                TrainConfig, WandbConfig, changed_exact_keys, config_fingerprint, load_config)
+from ds_finetune.config import (CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, LoraConfig, ModelConfig,
+                                RunConfig, TrainConfig, WandbConfig, changed_exact_keys, config_fingerprint,
+                                load_config)
 from ds_finetune.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,6 +302,7 @@ def test_show_schema_lists_every_field_with_its_description():
     expected = {f"{s}.{n}": f.description for s, m in SECTIONS.items() for n, f in m.model_fields.items()}
     expected["output_dir"] = RunConfig.model_fields["output_dir"].description
     expected.update({f"logging.wandb.{n}": f.description for n, f in WandbConfig.model_fields.items()})
+    expected.update({f"model.lora.{n}": f.description for n, f in LoraConfig.model_fields.items()})
     assert set(by_key) == set(expected)
     for key, description in expected.items():
         assert by_key[key].endswith(f": {description}"), by_key[key]

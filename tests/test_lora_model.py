@@ -1,0 +1,89 @@
+"""LoRA in-process: what `model.lora` builds, its config errors, and the base's place in the fingerprint."""
+import sys
+
+import pytest
+import torch
+
+import harness
+from ds_finetune.config import changed_exact_keys, config_fingerprint, load_config
+from ds_finetune.errors import UserError
+
+LORA = ["model.lora.r=4", "model.lora.alpha=8"]
+
+
+def build(overrides, rng_seed: int):
+    from ds_finetune.model import build_model
+
+    cfg = load_config(harness.TINY, ["output_dir=/tmp/unused", *overrides])
+    torch.manual_seed(rng_seed)
+    return build_model(cfg, {})
+
+
+def test_lora_freezes_the_base_and_starts_the_adapters_from_the_seed():
+    plain = build([], 0)
+    a, b = build(LORA, 0), build(LORA, 99)  # different RNG before the build: the same adapters
+    trainable = [n for n, p in a.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert {n for n, _ in a.named_parameters()} == {n for n, _ in b.named_parameters()}
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        if pa.requires_grad:
+            assert torch.equal(pa, pb), name
+    # q_proj and the MLP are adapted (all-linear), the LM head is not
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert {"q_proj", "v_proj", "gate_proj", "down_proj"} <= adapted and "lm_head" not in adapted
+    # the base is the plain model's weights, untouched
+    base = dict(a.get_base_model().named_parameters())
+    for name, p in plain.named_parameters():
+        key = name if name in base else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(base[key], p), name
+
+
+def test_lora_on_chosen_modules_with_a_full_head():
+    model = build([*LORA, "model.lora.target_modules=[q_proj,v_proj]", "model.lora.modules_to_save=[lm_head]"], 0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n} == {"q_proj", "v_proj"}
+    assert any("lm_head.modules_to_save" in n for n in trainable)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.lora.target_modules=[]", "model.lora.target_modules"),
+    ("model.lora.rank=8", "model.lora.rank: unknown key"),
+    ("model.lora.r=0", "model.lora.r"),
+])
+def test_lora_config_mistakes_are_one_line(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config(harness.TINY, ["output_dir=/tmp/unused", *LORA, override])
+    assert needle in e.value.message and "\n" not in e.value.message
+
+
+def test_lora_target_the_model_lacks_is_a_user_error():
+    with pytest.raises(UserError, match="model.lora: .*no_such_proj"):
+        build([*LORA, "model.lora.target_modules=[no_such_proj]"], 0)
+
+
+def test_missing_peft_names_the_extra(monkeypatch):
+    from ds_finetune.lora import check_peft_installed
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'ds-finetune\[lora\]'"):
+        check_peft_installed()
+
+
+def test_the_base_files_not_the_folder_are_a_lora_runs_identity(tmp_path):
+    from ds_finetune.lora import base_model_files
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"weights")
+    (base / "tokenizer.json").write_text("{}")  # the tokenizer is fingerprinted with the data, not here
+    files = base_model_files(str(base), tmp_path / "memo")
+    assert set(files) == {"config.json", "model.safetensors"}
+    cfg = load_config(harness.TINY, ["output_dir=/tmp/unused", *LORA, "model.config=null",
+                                     f"model.name_or_path={base}", "model.tokenizer=assets/tiny-tokenizer"])
+    moved = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": "/elsewhere"})})
+    saved = config_fingerprint(cfg, 8, "data", files)
+    assert changed_exact_keys(saved, config_fingerprint(moved, 8, "data", files)) == []
+    (base / "model.safetensors").write_bytes(b"other weights")
+    changed = base_model_files(str(base), tmp_path / "memo")
+    assert changed_exact_keys(saved, config_fingerprint(cfg, 8, "data", changed)) == ["model.base_files.model.safetensors"]
