@@ -1,0 +1,92 @@
+"""LoRA against full fine-tuning on the checkpoint bench's model (a 40M-param Llama whose full ZeRO-2
+checkpoint is ~645 MB): checkpoint size, the training stall a save causes, and step time, LoRA ÷ full.
+
+Both runs start from the same pretrained folder (the model saved once with `save_pretrained`), train the
+same steps on the same data on 2 ranks at ZeRO 2, and save every `EVERY` steps. A save's stall is the
+interval of the step that ends with a save minus the median interval of the steps that do not (the
+end-of-step times in metrics.jsonl are taken before the save, so the save lands in the next interval).
+The runs alternate, each repeated, so load from other jobs falls on both.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from common import TOKENIZER, WORK, Job, llama, log, long_rows, median, ours_argv, read_jsonl, run_config, step_intervals
+
+SIZE_TARGET = 0.05
+EVERY = 4
+
+
+def make_base(model: dict) -> Path:
+    """The bench model as a pretrained folder (the frozen base of the LoRA run, the start of the full one)."""
+    from ds_finetune.config import validate_config
+    from ds_finetune.dist import seed_everything
+    from ds_finetune.model import build_model
+
+    folder = WORK / "lora-base"
+    if (folder / "config.json").exists():
+        return folder
+    cfg = validate_config({"model": {"config": model, "tokenizer": str(TOKENIZER)},
+                           "data": {"path": "unused"}, "train": {"max_steps": 1}, "output_dir": str(WORK / "unused")})
+    seed_everything(1234)
+    tmp = WORK / "lora-base.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_model(cfg, {}).save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def one_run(kind: str, config: Path, base: Path, steps: int, rep: int) -> dict:
+    out = WORK / "runs" / f"lora-{kind}-{rep}"
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = ["model.config=null", f"model.name_or_path={base}", f"output_dir={out}"]
+    if kind == "lora":
+        overrides += ["model.lora.r=16", "model.lora.alpha=32"]
+    Job(ours_argv(config, overrides), WORK / "logs" / f"lora-{kind}-{rep}.log").start().wait(1200)
+    times = [r["time"] for r in read_jsonl(out / "metrics.jsonl")]
+    intervals = step_intervals(times, skip=0)  # intervals[i] ends at step i + 2
+    with_save = [dt for i, dt in enumerate(intervals) if (i + 1) % EVERY == 0 and i >= 2]
+    without = [dt for i, dt in enumerate(intervals) if (i + 1) % EVERY != 0 and i >= 2]
+    tag = out / "checkpoints" / f"step_{EVERY:08d}"
+    manifest = json.loads((tag / "manifest.json").read_text())
+    step_s = median(without)
+    return {"step_s": step_s, "stall_s": median([dt - step_s for dt in with_save]),
+            "ckpt_bytes": sum(f["size"] for f in manifest["files"].values())}
+
+
+def run(quick: bool) -> dict:
+    reps, steps = (1, 2 * EVERY + 1) if quick else (2, 4 * EVERY + 1)
+    model = llama(640, 8, 1728, 10, 10, 256)
+    base = make_base(model)
+    config = run_config("lora", model, long_rows(), max_length=64, micro=1, accum=1, steps=steps,
+                        output_dir=WORK / "runs" / "lora-unused",
+                        checkpoint={"every_steps": EVERY, "keep_last": 0})
+    results = {"full": [], "lora": []}
+    for rep in range(reps):
+        for kind in ("full", "lora") if rep % 2 == 0 else ("lora", "full"):
+            results[kind].append(one_run(kind, config, base, steps, rep))
+            log(f"lora: {kind} rep {rep}: {results[kind][-1]}")
+    full, lora = ({k: median([r[k] for r in results[kind]]) for k in ("step_s", "stall_s", "ckpt_bytes")}
+                  for kind in ("full", "lora"))
+    size_ratio = lora["ckpt_bytes"] / full["ckpt_bytes"]
+    note = (f"40M-param Llama from a pretrained folder, ZeRO 2, 2 ranks, LoRA r=16 on every linear layer; "
+            f"{reps} runs each, {steps} steps, a save every {EVERY}")
+    return {
+        "figures": [
+            {"id": "lora_ckpt_size", "figure": "checkpoint size, LoRA / full fine-tuning",
+             "ours": lora["ckpt_bytes"] / 1e6, "baseline": full["ckpt_bytes"] / 1e6, "unit": "MB",
+             "ratio": size_ratio, "target": ["<=", SIZE_TARGET], "met": size_ratio <= SIZE_TARGET, "note": note},
+            {"id": "lora_save_stall", "figure": "training stall per save, LoRA / full fine-tuning",
+             "ours": lora["stall_s"], "baseline": full["stall_s"], "unit": "s",
+             "ratio": lora["stall_s"] / full["stall_s"], "target": None, "met": None,
+             "note": "a save step's interval minus the median step"},
+            {"id": "lora_step_time", "figure": "step time, LoRA / full fine-tuning",
+             "ours": lora["step_s"], "baseline": full["step_s"], "unit": "s",
+             "ratio": lora["step_s"] / full["step_s"], "target": None, "met": None,
+             "note": "median step without a save"},
+        ],
+        "raw": results,
+    }
