@@ -132,6 +132,7 @@ class Checkpointer:
                  extra_client_state: dict, write_extra=None, trainable_only: bool = False):
         self.engine, self.cfg, self.dir, self.rank, self.world = engine, ckpt_cfg, ckpt_dir, rank, world
         self.trainable_only = trainable_only  # LoRA: the frozen base is not saved (it is fingerprinted)
+        self.in_flight = None  # async_save: (BackgroundWrite, tag dir, trainer state) of the uncommitted save
         self.extra_client_state = extra_client_state  # constant for the run (e.g. param group names)
         self.write_extra = write_extra                # rank 0 writes more files into the tag dir
         self.saved_step, self.last_save_time = saved_step, time.time()
@@ -151,14 +152,44 @@ class Checkpointer:
         return (self.cfg.save_final or self.cfg.export_final) and self.saved_step != step
 
     def save(self, state: TrainState) -> Path:
+        """Save `state.step`: written and committed now, or with `async_save` handed to a background writer
+        (committed later by `finish`). A save still in flight is committed first: at most one at a time."""
+        from ds_finetune.async_save import BackgroundWrite
         from ds_finetune.dist import all_gather, capture_rng
 
+        self.finish()
         client_state = {"rng_states": all_gather(capture_rng()), **self.extra_client_state}
-        path = save_checkpoint(self.engine, self.dir, state.step, client_state, state.to_manifest(),
-                               self.cfg.keep_last, self.rank, self.world, self.write_extra, self.cfg.keep_best,
-                               self.trainable_only)
+        if self.cfg.async_save:
+            background = BackgroundWrite(self.rank, state.step)
+            path, _ = write_files(self.engine, self.dir, state.step, client_state, self.rank, self.write_extra,
+                                  self.trainable_only, background)
+            background.start()
+            self.in_flight = (background, path, state.to_manifest())
+        else:
+            path = save_checkpoint(self.engine, self.dir, state.step, client_state, state.to_manifest(),
+                                   self.cfg.keep_last, self.rank, self.world, self.write_extra, self.cfg.keep_best,
+                                   self.trainable_only)
         self.saved_step, self.last_save_time = state.step, time.time()
         return path
+
+    def writing(self) -> bool:
+        """This rank's background write is still running (the ranks agree on it in the step's reduce)."""
+        return self.in_flight is not None and not self.in_flight[0].done()
+
+    def finish(self) -> Path | None:
+        """Commit the save in flight once this rank's files are durable (waiting for them); every rank calls
+        it at the same step. Returns the committed tag dir, or None when no save was in flight."""
+        if self.in_flight is None:
+            return None
+        background, tag_dir, trainer_state = self.in_flight
+        self.in_flight = None
+        try:
+            own = background.relative(tag_dir)
+        except (OSError, RuntimeError) as e:  # sent to every rank through the commit
+            own = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        commit_files(self.engine, tag_dir, background.step, own, trainer_state, self.cfg.keep_last, self.rank,
+                     self.world, self.cfg.keep_best)
+        return tag_dir
 
     def restore(self, info: "CheckpointInfo") -> list:
         """Load a verified native checkpoint into the engine (weights, optimizer, LR schedule); returns
@@ -177,7 +208,18 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, train
                     trainable_only: bool = False) -> Path:
     """Save and commit `step_N`. Returns the tag dir. Every rank calls this at the same step.
     `write_extra(tag_dir)` runs on rank 0 after DeepSpeed's files are written; its files are committed too."""
+    tag_dir, own = write_files(engine, ckpt_dir, step, client_state, rank, write_extra, trainable_only)
+    commit_files(engine, tag_dir, step, own, trainer_state, keep_last, rank, world_size, keep_best)
+    return tag_dir
+
+
+def write_files(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, write_extra=None,
+                trainable_only: bool = False, background=None) -> tuple[Path, dict]:
+    """DeepSpeed's save of `step_N` on this rank: (tag dir, {file: size/sha256} of the files it wrote), or,
+    with a `background` writer, the files collected for it to write (and {})."""
     import torch.distributed as dist
+
+    from ds_finetune import ds_internals
 
     tag_dir = ckpt_dir / tag_for_step(step)
     try:
@@ -187,26 +229,39 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, train
             if tag_dir.exists():  # a leftover of a crashed or abandoned attempt: never mix files into it
                 remove_tree(tag_dir)
         dist.barrier()
-        written = record_shard_writes(engine, rank, step)
+        if background is None:
+            written = record_shard_writes(engine, rank, step)
+        else:
+            written = {}
+            ds_internals.route_checkpoint_writes(engine, background.collect)
         engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=trainable_only)
         if rank == 0 and write_extra is not None:
             write_extra(tag_dir)
         fault_point("after_shards", rank, step)
-        own = {str(Path(path).relative_to(tag_dir)): meta for path, meta in written.items()}
+        return tag_dir, {str(Path(path).relative_to(tag_dir)): meta for path, meta in written.items()}
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         raise disk_error(ckpt_dir, e) from e
+
+
+def commit_files(engine, tag_dir: Path, step: int, own: dict | str, trainer_state: dict, keep_last: int,
+                 rank: int, world_size: int, keep_best: bool = False) -> None:
+    """Every rank sends its files (or its write error, a string) to rank 0, which commits `step_N` and
+    applies retention; every rank returns once committed, or raises the same error."""
     from ds_finetune.dist import all_gather, decide
 
     parts = all_gather(own)
+    ckpt_dir = tag_dir.parent
 
     def commit():
+        failed = [part for part in parts if isinstance(part, str)]
+        if failed:
+            raise disk_error(ckpt_dir, OSError(failed[0]))
         files = {name: meta for part in parts for name, meta in part.items()}
         _commit(engine, tag_dir, step, files, trainer_state, rank, world_size)
         apply_retention(ckpt_dir, keep_last, newest_committed=step, rank=rank, keep_best=keep_best)
 
-    decide(commit, runs_here=rank == 0)  # every rank returns once committed, or raises rank 0's disk error
-    return tag_dir
+    decide(commit, runs_here=rank == 0)
 
 
 def _commit(engine, tag_dir: Path, step: int, files: dict, trainer_state: dict, rank: int, world_size: int) -> None:

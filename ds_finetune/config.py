@@ -161,6 +161,9 @@ class CheckpointConfig(_Section):
     verify_hashes: bool = Field(True, description="sha256-check files before loading (sizes are always checked).")
     export_final: bool = Field(False, description="At the end, export a Hugging Face model to OUTPUT_DIR/final_model.")
     keep_best: bool = Field(False, description="Keep the checkpoint with the lowest eval loss out of keep_last.")
+    async_save: bool = Field(
+        False, description="Write checkpoints from a host-memory copy in a background thread while training "
+                           "continues (host memory: one save of this rank's state).")
 
 
 class WandbConfig(_Section):

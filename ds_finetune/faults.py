@@ -4,7 +4,9 @@
 
 At the named phase on rank R (at step N) the whole job is SIGKILLed at once, like a node crash, or, for
 the `enospc*` phases, the write fails with ENOSPC. `torn_shard` kills the job in the middle of a shard's
-bytes (the file is left half written); `mid_shards` after a complete file. "The job" is every process that inherited the same
+bytes (the file is left half written); `mid_shards` after a complete file; `async_write` and
+`async_written` (checkpoint.async_save) in the background writer, after a file and after the last file,
+while training goes on. "The job" is every process that inherited the same
 DS_FINETUNE_FAULT and DS_FINETUNE_FAULT_ID (the ranks, the launcher and the CLI): launchers put ranks in
 other process groups (torchrun: other sessions), so no group kill fits, and the id (set per launch by
 the tests) keeps two jobs with the same spec on one machine apart.
@@ -23,7 +25,7 @@ from ds_finetune.errors import UserError
 
 PHASES = ("mid_accum", "after_step", "before_save", "torn_shard", "mid_shards", "after_shards", "after_manifest_tmp",
           "after_manifest_rename", "before_latest_rename", "after_latest_rename", "during_retention",
-          "enospc", "enospc_manifest", "enospc_latest", "mid_convert", "slow_save")
+          "enospc", "enospc_manifest", "enospc_latest", "mid_convert", "slow_save", "async_write", "async_written")
 
 
 @functools.lru_cache(maxsize=8)

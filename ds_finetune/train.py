@@ -177,14 +177,16 @@ class StepOutcome:
     loss_sum: float        # summed token losses of the global batch
     stop: bool             # some rank was asked to stop (SIGTERM/SIGINT)
     time_to_save: bool     # rank 0's clock says `every_minutes` have passed
+    writing: bool          # some rank's background checkpoint write is still running
 
 
-def agree_on_step(local_sum: torch.Tensor, signum: int, time_to_save: bool) -> StepOutcome:
+def agree_on_step(local_sum: torch.Tensor, signum: int, time_to_save: bool, writing: bool) -> StepOutcome:
     import torch.distributed as dist
 
-    values = torch.tensor([float(local_sum), float(signum), float(time_to_save)], dtype=torch.float64)
+    values = torch.tensor([float(local_sum), float(signum), float(time_to_save), float(writing)],
+                          dtype=torch.float64)
     dist.all_reduce(values)
-    return StepOutcome(float(values[0]), bool(values[1] > 0), bool(values[2] > 0))
+    return StepOutcome(float(values[0]), bool(values[1] > 0), bool(values[2] > 0), bool(values[3] > 0))
 
 
 class StopSignal:
@@ -211,9 +213,16 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
     pad_id = run.tokenizer.pad_token_id  # any id works (padding is masked out of attention and loss)
 
     def save(reason: str) -> Path:
+        commit_background_save()  # at most one save in flight
         path = ckpt.save(state)
-        metrics.message(f"[ds-finetune] saved {path} ({reason})")
+        written = "writing it in the background" if ckpt.in_flight else "saved"
+        metrics.message(f"[ds-finetune] {written} {path} ({reason})")
         return path
+
+    def commit_background_save() -> None:
+        path = ckpt.finish()
+        if path is not None:
+            metrics.message(f"[ds-finetune] saved {path} (written in the background)")
 
     while state.step < run.total_steps:
         units = run.order.units(state.epoch)
@@ -233,7 +242,7 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
         local_sum = train_step(engine, run.loss_fn, micro_batches, global_targets, layout.grad_accum, layout.world_size,
                                after_micro_step=lambda: fault_point("mid_accum", rank, state.step + 1))
         fault_point("after_step", rank, state.step + 1)
-        outcome = agree_on_step(local_sum, stop.signum, ckpt.time_due())
+        outcome = agree_on_step(local_sum, stop.signum, ckpt.time_due(), ckpt.writing())
 
         step_tokens = unit_tokens(data, step_units)
         state.offset += gb
@@ -248,15 +257,18 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
             state.eval_loss, state.eval_step = run.evaluator.evaluate(engine, run.loss_fn), state.step
             record.update(eval_loss=state.eval_loss, eval_ppl=math.exp(min(state.eval_loss, 50.0)))
         metrics.log(record, step_tokens)
+        if ckpt.in_flight and not outcome.writing:  # every rank's files are durable
+            commit_background_save()
 
         if outcome.stop:  # a rank that got no signal itself reports SIGTERM's code
-            return stop_after_signal(run, state, metrics, save, stop.signum or signal.SIGTERM)
+            return stop_after_signal(run, state, metrics, save, stop.signum or signal.SIGTERM, commit_background_save)
         reason = ckpt.due(state.step, outcome.time_to_save)
         if reason:
             save(reason)
 
     if ckpt.needs_final_save(state.step):
         save("final")
+    commit_background_save()
     if cfg.checkpoint.export_final:
         if rank == 0:
             out = export_checkpoint(cfg.checkpoint_dir / tag_for_step(state.step),
@@ -267,10 +279,12 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
     return 0
 
 
-def stop_after_signal(run: Run, state: TrainState, metrics, save, signum: int) -> int:
+def stop_after_signal(run: Run, state: TrainState, metrics, save, signum: int, commit_background_save) -> int:
     """Every rank agreed to stop after this step: save (unless disabled) and exit with 128 + signal."""
     if run.cfg.checkpoint.save_on_signal:
         path = save("stop requested")
+    commit_background_save()  # this save, or one still in flight: committed before the exit
+    if run.cfg.checkpoint.save_on_signal:
         metrics.message(f"[ds-finetune] stopped by signal at step {state.step}; resume with --resume "
                         f"(checkpoint {path})")
     else:

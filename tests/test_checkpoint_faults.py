@@ -36,8 +36,19 @@ def low_stage_chain(stage: int) -> list:
     ]
 
 
+# checkpoint.async_save: the files are written by a background thread while training goes on, and committed
+# by the main loop later. (DS_FINETUNE_FAULT, does that step commit before the kill?)
+ASYNC_CHAIN = [
+    ("async_write:rank1@step3", False),      # a kill while rank 1's background write runs
+    ("torn_shard@step4", False),             # a shard half written by the background thread
+    ("async_written:rank1@step5", False),    # every file durable, the commit not yet made
+    ("after_manifest_rename@step6", True),   # the commit, made by the main loop steps later
+    ("during_retention@step7", True),
+]
+
+
 def test_chains_cover_every_save_phase():
-    chained = {spec.split("@")[0].split(":")[0] for spec, *_ in CHAIN + low_stage_chain(0)}
+    chained = {spec.split("@")[0].split(":")[0] for spec, *_ in CHAIN + low_stage_chain(0) + ASYNC_CHAIN}
     assert chained | {"mid_accum", "after_step", "enospc", "mid_convert", "slow_save"} == set(PHASES)  # mid_convert: test_reshard_resume
 
 
@@ -86,6 +97,29 @@ def test_kill_at_every_save_phase_keeps_committed_checkpoints_and_resumes_bitwis
     assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in ref]
     assert harness.committed_steps(ckpt_dir) == [9, 10]
     assert not [p for p in ckpt_dir.iterdir() if p.name.startswith(".trash-")]
+
+
+@pytest.mark.multiproc
+def test_kill_at_every_background_save_phase_keeps_committed_checkpoints_and_resumes_bitwise(reference_run,
+                                                                                              tmp_path):
+    overrides = ["train.zero_stage=2", "checkpoint.async_save=true"]  # harmless: the reference is synchronous
+    ckpt_dir = tmp_path / "checkpoints"
+    for i, (fault, commits) in enumerate(ASYNC_CHAIN):
+        step = int(fault.split("@step")[1])
+        proc = harness.train(tmp_path, overrides, resume=None if i == 0 else "auto", fault=fault, expect_ok=False)
+        assert proc.returncode == -9, f"{fault}: {proc.returncode}\n{proc.stdout[-3000:]}"
+        assert "[fault injection]" in proc.stdout, f"{fault} never fired"
+        pick, _ = find_resumable_checkpoint(ckpt_dir)
+        assert pick.step == (step if commits else step - 1), (fault, pick.path)
+    # a background write that fails with ENOSPC on rank 1 stops every rank with one line at the commit
+    proc = harness.train(tmp_path, overrides, resume="auto", fault="enospc:rank1@step8", expect_ok=False)
+    harness.assert_one_line_error(proc, "checkpoint error: saving into", "MiB free")
+    assert find_resumable_checkpoint(ckpt_dir)[0].step == 7
+    final = harness.train(tmp_path, overrides, resume="auto")
+    assert "written in the background" in final.stdout
+    harness.assert_same_run(tmp_path, reference_run(2))
+    harness.assert_same_final_weights(tmp_path, reference_run(2))
+    assert harness.committed_steps(ckpt_dir) == [9, 10]
 
 
 @pytest.mark.multiproc

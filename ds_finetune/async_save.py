@@ -1,0 +1,92 @@
+"""Background checkpoint writes (`checkpoint.async_save`): DeepSpeed builds the save's state dicts as
+usual, but instead of writing each file, we copy its tensors into host memory (a snapshot, so training may
+change the live tensors at once) and a thread writes, hashes and fsyncs the files while training goes on.
+
+The commit is not the thread's: committing needs every rank's file list (a collective), so the main loop
+commits once every rank's writer has finished (the ranks learn it through the step's all-reduce), before
+the next save starts, and before a stop or the end. A crash while files are being written leaves a tag
+without a manifest: an unfinished save, skipped by --resume, removed at the next commit.
+
+Cost: host memory for one save's state of this rank (at most one save is in flight), and the copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from ds_finetune.faults import fault_point
+from ds_finetune.files import HashingFile
+
+
+def snapshot(obj, memo: dict | None = None):
+    """A copy of a state dict whose tensors no longer share memory with the live ones. Each storage is
+    copied once and every tensor is rebuilt on the copy with its own offset, shape and stride, so
+    torch.save writes exactly the bytes (and the sharing between tensors) it would have written."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in memo:
+            memo[key] = storage.clone()
+        copy = torch.empty(0, dtype=obj.dtype, device=obj.device)
+        copy.set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
+        if isinstance(obj, torch.nn.Parameter):
+            return torch.nn.Parameter(copy, requires_grad=obj.requires_grad)
+        return copy.requires_grad_(obj.requires_grad) if obj.is_leaf and obj.is_floating_point() else copy
+    if isinstance(obj, dict):
+        return type(obj)((k, snapshot(v, memo)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(snapshot(v, memo) for v in obj)
+    return obj  # numbers, strings, configs: built fresh for the save, never changed by training
+
+
+class BackgroundWrite:
+    """One save's files of this rank: collected as DeepSpeed hands them over, then written by a thread."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+        self.files: list[tuple[str, object]] = []
+        self.written: dict[str, dict] = {}
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def collect(self, state_dict, path) -> None:
+        """DeepSpeed's `checkpoint_engine.save`: keep a snapshot, write nothing yet."""
+        self.files.append((str(path), snapshot(state_dict)))
+
+    def start(self) -> None:
+        # A daemon: a job that dies with a write in flight must not wait for it (the save never commits).
+        self.thread = threading.Thread(target=self._write_all, name=f"ckpt-write-step{self.step}", daemon=True)
+        self.thread.start()
+
+    def _write_all(self) -> None:
+        try:
+            for i, (path, state) in enumerate(self.files):
+                fault_point("enospc", self.rank, self.step)
+                f = HashingFile(path, tear=lambda: fault_point("torn_shard", self.rank, self.step))
+                try:
+                    torch.save(state, f)
+                finally:
+                    self.written[path] = f.close()
+                self.files[i] = (path, None)  # the snapshot's memory goes as soon as its file is durable
+                fault_point("mid_shards", self.rank, self.step)
+                fault_point("async_write", self.rank, self.step)
+            fault_point("async_written", self.rank, self.step)
+        except BaseException as e:  # noqa: BLE001 - reported to every rank at the commit
+            self.error = e
+
+    def done(self) -> bool:
+        return self.thread is not None and not self.thread.is_alive()
+
+    def wait(self) -> dict[str, dict]:
+        """Block until written; {path: size/sha256}, or the write's error (raised)."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.written
+
+    def relative(self, tag_dir: Path) -> dict[str, dict]:
+        return {str(Path(p).relative_to(tag_dir)): meta for p, meta in self.wait().items()}
