@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -294,6 +295,25 @@ def run_config(name: str, model: dict, data: Path, max_length: int, micro: int, 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def save_stall_run(name: str, config: Path, overrides: list[str], every: int) -> dict:
+    """One ds-finetune run that saves every `every` steps: the median step without a save, the stall a save
+    causes (the interval of the step after a save minus that median: metrics.jsonl's end-of-step time is
+    taken before the save, so the save lands in the next interval), the whole run's steps, and the size
+    of the first checkpoint."""
+    out = WORK / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)
+    Job(ours_argv(config, [*overrides, f"output_dir={out}"]), WORK / "logs" / f"{name}.log").start().wait(1200)
+    times = [r["time"] for r in read_jsonl(out / "metrics.jsonl")]
+    intervals = step_intervals(times, skip=0)  # intervals[i] runs from the end of step i + 1 to step i + 2
+    with_save = [dt for i, dt in enumerate(intervals) if (i + 1) % every == 0 and i >= 2]
+    without = [dt for i, dt in enumerate(intervals) if (i + 1) % every != 0 and i >= 2]
+    manifest = json.loads((out / "checkpoints" / f"step_{every:08d}" / "manifest.json").read_text())
+    step_s = median(without)
+    return {"step_s": step_s, "stall_s": median([dt - step_s for dt in with_save]),
+            "mean_interval_s": sum(intervals[2:]) / len(intervals[2:]),
+            "ckpt_bytes": sum(f["size"] for f in manifest["files"].values())}
 
 
 def warm_cache(config: Path) -> float:

@@ -2,19 +2,16 @@
 checkpoint is ~645 MB): checkpoint size, the training stall a save causes, and step time, LoRA ÷ full.
 
 Both runs start from the same pretrained folder (the model saved once with `save_pretrained`), train the
-same steps on the same data on 2 ranks at ZeRO 2, and save every `EVERY` steps. A save's stall is the
-interval of the step that ends with a save minus the median interval of the steps that do not (the
-end-of-step times in metrics.jsonl are taken before the save, so the save lands in the next interval).
-The runs alternate, each repeated, so load from other jobs falls on both.
+same steps on the same data on 2 ranks at ZeRO 2, and save every `EVERY` steps (`common.save_stall_run`
+measures a save's stall). The runs alternate, each repeated, so load from other jobs falls on both.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from common import TOKENIZER, WORK, Job, llama, log, long_rows, median, ours_argv, read_jsonl, run_config, step_intervals
+from common import TOKENIZER, WORK, llama, log, long_rows, median, run_config, save_stall_run
 
 SIZE_TARGET = 0.05
 EVERY = 4
@@ -39,24 +36,6 @@ def make_base(model: dict) -> Path:
     return folder
 
 
-def one_run(kind: str, config: Path, base: Path, steps: int, rep: int) -> dict:
-    out = WORK / "runs" / f"lora-{kind}-{rep}"
-    shutil.rmtree(out, ignore_errors=True)
-    overrides = ["model.config=null", f"model.name_or_path={base}", f"output_dir={out}"]
-    if kind == "lora":
-        overrides += ["model.lora.r=16", "model.lora.alpha=32"]
-    Job(ours_argv(config, overrides), WORK / "logs" / f"lora-{kind}-{rep}.log").start().wait(1200)
-    times = [r["time"] for r in read_jsonl(out / "metrics.jsonl")]
-    intervals = step_intervals(times, skip=0)  # intervals[i] ends at step i + 2
-    with_save = [dt for i, dt in enumerate(intervals) if (i + 1) % EVERY == 0 and i >= 2]
-    without = [dt for i, dt in enumerate(intervals) if (i + 1) % EVERY != 0 and i >= 2]
-    tag = out / "checkpoints" / f"step_{EVERY:08d}"
-    manifest = json.loads((tag / "manifest.json").read_text())
-    step_s = median(without)
-    return {"step_s": step_s, "stall_s": median([dt - step_s for dt in with_save]),
-            "ckpt_bytes": sum(f["size"] for f in manifest["files"].values())}
-
-
 def run(quick: bool) -> dict:
     reps, steps = (1, 2 * EVERY + 1) if quick else (2, 4 * EVERY + 1)
     model = llama(640, 8, 1728, 10, 10, 256)
@@ -67,7 +46,9 @@ def run(quick: bool) -> dict:
     results = {"full": [], "lora": []}
     for rep in range(reps):
         for kind in ("full", "lora") if rep % 2 == 0 else ("lora", "full"):
-            results[kind].append(one_run(kind, config, base, steps, rep))
+            overrides = ["model.config=null", f"model.name_or_path={base}"]
+            overrides += ["model.lora.r=16", "model.lora.alpha=32"] if kind == "lora" else []
+            results[kind].append(save_stall_run(f"lora-{kind}-{rep}", config, overrides, EVERY))
             log(f"lora: {kind} rep {rep}: {results[kind][-1]}")
     full, lora = ({k: median([r[k] for r in results[kind]]) for k in ("step_s", "stall_s", "ckpt_bytes")}
                   for kind in ("full", "lora"))

@@ -36,7 +36,7 @@ import report  # noqa: E402
 
 SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "resume_cost",
             "side-by-side": "side_by_side", "loss": "loss_memory", "data": "data_prep", "elastic": "elastic",
-            "lora": "lora_cost", "gpu": "gpu"}
+            "lora": "lora_cost", "async": "async_cost", "gpu": "gpu"}
 
 
 def parse_args(argv=None):

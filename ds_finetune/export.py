@@ -27,9 +27,9 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"  # save_pretrained's default
 
 def write_hf_files(tag_dir: Path, model, tokenizer) -> None:
     """Called on rank 0 during a save, before the files are hashed into the manifest."""
-    target = tag_dir / HF_DIR
     from ds_finetune import lora
 
+    target = tag_dir / HF_DIR
     model.config.save_pretrained(target)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(target)
@@ -66,7 +66,10 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bo
     else:
         source = reshard.open_source(info)
         names, shapes = source.names, source.shapes
-    read = lambda name: source.read(name, "weights")  # noqa: E731
+
+    def read(name: str) -> torch.Tensor:
+        return source.read(name, "weights")
+
     if merge:
         base_files = info.manifest["trainer_state"].get("fingerprint", {}).get("exact", {}).get("model.base_files")
         return lora.export_merged(path / HF_DIR, out_dir, names, read, DTYPES[dtype], base_files, max_bytes)
