@@ -19,7 +19,7 @@ def run(quick: bool) -> dict:
     reps, steps = (1, 2 * EVERY + 1) if quick else (2, 4 * EVERY + 1)
     config = run_config("async", llama(640, 8, 1728, 10, 10, 256), long_rows(), max_length=64, micro=1, accum=1,
                         steps=steps, output_dir=WORK / "runs" / "async-unused",
-                        checkpoint={"every_steps": EVERY, "keep_last": 2})
+                        checkpoint={"every_steps": EVERY, "keep_last": 0})
     results = {"sync": [], "async": []}
     for rep in range(reps):
         for kind in ("sync", "async") if rep % 2 == 0 else ("async", "sync"):
