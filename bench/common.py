@@ -297,14 +297,16 @@ def run_config(name: str, model: dict, data: Path, max_length: int, micro: int, 
     return path
 
 
-def save_stall_run(name: str, config: Path, overrides: list[str], every: int) -> dict:
+def save_stall_run(name: str, config: Path, overrides: list[str], every: int, nproc: int = NPROC,
+                   env_extra: dict | None = None) -> dict:
     """One ds-finetune run that saves every `every` steps: the median step without a save, the stall a save
     causes (the interval of the step after a save minus that median: metrics.jsonl's end-of-step time is
     taken before the save, so the save lands in the next interval), the whole run's steps, and the size
     of the first checkpoint."""
     out = WORK / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
-    Job(ours_argv(config, [*overrides, f"output_dir={out}"]), WORK / "logs" / f"{name}.log").start().wait(1200)
+    Job(ours_argv(config, [*overrides, f"output_dir={out}"], nproc=nproc), WORK / "logs" / f"{name}.log",
+        env_extra).start().wait(1200)
     times = [r["time"] for r in read_jsonl(out / "metrics.jsonl")]
     intervals = step_intervals(times, skip=0)  # intervals[i] runs from the end of step i + 1 to step i + 2
     with_save = [dt for i, dt in enumerate(intervals) if (i + 1) % every == 0 and i >= 2]
