@@ -195,8 +195,8 @@ class Checkpointer:
         """Load a verified native checkpoint into the engine (weights, optimizer, LR schedule); returns
         every saved rank's RNG state."""
         load_path, client_state = self.engine.load_checkpoint(
-            str(info.path.parent), tag=info.tag, load_module_strict=not self.trainable_only, load_optimizer_states=True,
-            load_lr_scheduler_states=True)
+            str(info.path.parent), tag=info.tag, load_module_strict=not self.trainable_only,
+            load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise UserError(f"checkpoint error: DeepSpeed could not load {info.path}; run "
                             f"`ds-finetune ckpt verify {info.path}`")
