@@ -9,8 +9,9 @@ target, and runs the LM head and the cross-entropy over `loss_chunk_tokens` of t
 (`FusedLinearCrossEntropy`): each chunk's gradients are taken in the forward, while its logits exist, so at
 most one chunk of logits exists at once and backward has nothing to recompute.
 
-The head runs as a module call inside the model's forward (a forward hook on the base model), so under
-ZeRO-3 DeepSpeed's hooks gather its weight (tied embeddings included) and release it as for any layer.
+The head runs as a module call inside the model's forward (a forward hook on the base model calls it, its
+own forward replaced by the fused loss for that one call), so under ZeRO-3 DeepSpeed's hooks gather its
+weight (tied embeddings included) and release it as for any layer.
 
 A change here that sums the token losses or their gradients in another order changes a run's weights at
 float-noise level: give it a new `config.CHUNKED_LOSS_IMPLEMENTATION`, so resuming across it is refused.
@@ -148,6 +149,12 @@ class ChunkedLoss:
         if not isinstance(self.head, torch.nn.Linear):
             raise UserError(f"config error: train.loss_chunk_tokens: the output head of {type(model).__name__} "
                             f"is a {type(self.head).__name__}, not a Linear; set train.loss_chunk_tokens=0")
+        # The chunked loss takes the head's own logits: a model that transforms them before its loss
+        # (Gemma 2's soft-capping, Cohere's and Granite's logit scales) would silently train on another loss.
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            if getattr(model.config, key, None) not in (None, 1, 1.0):
+                raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} transforms its "
+                                f"logits ({key}), which the chunked loss does not; set train.loss_chunk_tokens=0")
         self.labels, self.result = None, None
         model.base_model.register_forward_hook(self._after_base_model)
 

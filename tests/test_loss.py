@@ -152,3 +152,10 @@ def test_a_head_that_is_not_a_linear_is_refused():
     model.set_output_embeddings(torch.nn.Sequential(torch.nn.Linear(64, 512)))
     with pytest.raises(UserError, match="not a Linear"):
         ChunkedLoss(model, 7)
+
+
+def test_a_model_that_transforms_its_logits_is_refused():
+    model = tiny_model()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(UserError, match="final_logit_softcapping"):
+        ChunkedLoss(model, 7)
