@@ -41,31 +41,43 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
     """Summed CE of `hidden @ weight.T + bias` against `targets` (fp32), `chunk_tokens` rows at a time,
     and, as asked, the gradients of that sum for hidden, weight and bias (None where not asked).
 
-    Per chunk: logits in the head's dtype, upcast to fp32 as the full path does; loss = logsumexp - the
-    target's logit; d loss / d logits = softmax - onehot, made in place in the logits' memory. That
-    gradient goes back to the head's dtype (as the full path's `.float()` backward does) for the two
-    matmuls: grad_hidden = g @ W and grad_W += g.T @ h. grad_W and grad_bias sum over chunks in fp32, so
-    a bf16 head does not round once per chunk (the full path sums all rows inside one matmul)."""
-    n = targets.numel()
+    Per chunk: logits in the head's dtype, upcast to fp32 as the full path does; loss = log(sum(exp(x -
+    max))) + max - the target's logit; d loss / d logits = softmax - onehot. All of it happens in place in
+    one fp32 logits buffer reused by every chunk: a fresh chunk-sized tensor per step (logsumexp's
+    temporaries, say) costs more in page faults on CPU than the arithmetic. The gradient goes back to the
+    head's dtype (as the full path's `.float()` backward does) for the two matmuls: grad_hidden = g @ W and
+    grad_W += g.T @ h. grad_W and grad_bias sum over chunks in fp32, so a bf16 head does not round once per
+    chunk (the full path sums all rows inside one matmul)."""
+    n, fp32_head = targets.numel(), weight.dtype == hidden.dtype == torch.float32
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     g_hidden = torch.empty_like(hidden) if grad_hidden else None
     g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
     g_bias = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
               if grad_weight and bias is not None else None)
+    buffer = torch.empty((min(n, chunk_tokens), weight.size(0)), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        logits = F.linear(h, weight, bias).float()  # a new tensor either way: ours to overwrite below
-        lse = torch.logsumexp(logits, dim=-1)
-        total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        logits = buffer[:t.numel()]
+        if not fp32_head:
+            logits.copy_(F.linear(h, weight, bias))
+        elif bias is None:  # what F.linear computes, written into the buffer
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        target_logit = logits.gather(1, t[:, None])
+        row_max = logits.amax(1, keepdim=True)
+        exp = logits.sub_(row_max).exp_()
+        row_sum = exp.sum(1, keepdim=True)
+        total += (row_sum.log() + row_max - target_logit).sum()
         if not (grad_hidden or grad_weight):
             continue
-        g = logits.sub_(lse[:, None]).exp_()  # softmax, over the logits' memory: one chunk-sized buffer
+        g = exp.div_(row_sum)  # softmax
         g[torch.arange(t.numel(), device=g.device), t] -= 1.0
         g = g.to(weight.dtype)
         if grad_hidden:
             torch.mm(g, weight, out=g_hidden[start:start + chunk_tokens])
         if grad_weight:
-            if g_weight.dtype == h.dtype:
+            if fp32_head:
                 g_weight.addmm_(g.t(), h)
             else:  # a bf16 product per chunk, summed in fp32
                 g_weight += g.t() @ h
