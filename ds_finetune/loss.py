@@ -50,7 +50,7 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
     chunk (the full path sums all rows inside one matmul)."""
     n, fp32_head = targets.numel(), weight.dtype == hidden.dtype == torch.float32
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    g_hidden = torch.empty_like(hidden) if grad_hidden else None
+    g_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None
     g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
     g_bias = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
               if grad_weight and bias is not None else None)
