@@ -321,6 +321,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 # ------------------------------------------------------------------------------------------ fingerprint
 
+# The chunked loss's implementation (ds_finetune/loss.py), in the fingerprint of chunked runs only: one
+# that sums token losses or gradients in another order moves the weights at float-noise level, so a
+# checkpoint saved by another is refused as a changed setting would be. A full-logits run
+# (loss_chunk_tokens 0) records none and resumes across such changes. Checkpoints from before this key
+# (chunks recomputed in backward) lack it, so they are refused too.
+CHUNKED_LOSS_IMPLEMENTATION = "fused-linear-ce-v1"
+
+
 def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str, base_files: dict | None = None) -> dict:
     """What resume compares. `exact` keys change the computed steps if changed; `harmless` ones do not.
     `base_files` ({file: sha256} of a LoRA run's base model) is part of the identity: the checkpoint holds
@@ -335,6 +343,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str, base_f
             "train.seed": cfg.train.seed,
             "train.global_batch": global_batch,
             "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,  # changes the summation order
+            **({"train.loss_implementation": CHUNKED_LOSS_IMPLEMENTATION} if cfg.train.loss_chunk_tokens else {}),
             "eval.fraction": cfg.eval.fraction,  # which rows are trained on
             "train.optimizer": {k: getattr(cfg.train, k) for k in (
                 "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",

@@ -5,20 +5,25 @@ The full path (`train.loss_chunk_tokens: 0`) takes the model's logits for every 
 fp32 and takes a log-softmax: ~10 bytes x tokens x vocabulary, which for a 150k vocabulary and 8k tokens is
 more than a 0.5B model's weights and Adam state together. The chunked path asks the model for no logits
 (`logits_to_keep` with no position), takes the final hidden states, keeps only the positions that have a
-target, and runs the LM head and the cross-entropy over `loss_chunk_tokens` of them at a time, each chunk
-checkpointed (its logits are recomputed in backward), so at most one chunk of logits exists at once.
+target, and runs the LM head and the cross-entropy over `loss_chunk_tokens` of them at a time
+(`FusedLinearCrossEntropy`): each chunk's gradients are taken in the forward, while its logits exist, so at
+most one chunk of logits exists at once and backward has nothing to recompute.
 
-The head runs as a module call inside the model's forward (a forward hook on the base model), so under
-ZeRO-3 DeepSpeed's hooks gather its weight (tied embeddings included) and release it as for any layer.
+The head runs as a module call inside the model's forward (a forward hook on the base model calls it, its
+own forward replaced by the fused loss for that one call), so under ZeRO-3 DeepSpeed's hooks gather its
+weight (tied embeddings included) and release it as for any layer.
+
+A change here that sums the token losses or their gradients in another order changes a run's weights at
+float-noise level: give it a new `config.CHUNKED_LOSS_IMPLEMENTATION`, so resuming across it is refused.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ds_finetune.data import IGNORE_INDEX
 from ds_finetune.errors import UserError
@@ -30,22 +35,118 @@ def full_loss_sum(engine, input_ids, attention_mask, labels) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _chunk_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+# ------------------------------------------------------------------------------- fused linear + CE
+
+def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: bool, grad_weight: bool):
+    """Summed CE of `hidden @ weight.T + bias` against `targets` (fp32), `chunk_tokens` rows at a time,
+    and, as asked, the gradients of that sum for hidden, weight and bias (None where not asked).
+
+    Per chunk: logits in the head's dtype, upcast to fp32 as the full path does; loss = log(sum(exp(x -
+    max))) + max - the target's logit; d loss / d logits = softmax - onehot. All of it happens in place in
+    one fp32 logits buffer reused by every chunk: a fresh chunk-sized tensor per step (logsumexp's
+    temporaries, say) costs more in page faults on CPU than the arithmetic. The gradient goes back to the
+    head's dtype (as the full path's `.float()` backward does) for the two matmuls: grad_hidden = g @ W and
+    grad_W += g.T @ h. grad_W and grad_bias sum over chunks in fp32, so a bf16 head does not round once per
+    chunk (the full path sums all rows inside one matmul)."""
+    n, fp32_head = targets.numel(), weight.dtype == hidden.dtype == torch.float32
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    g_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None
+    g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
+    g_bias = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+              if grad_weight and bias is not None else None)
+    buffer = torch.empty((min(n, chunk_tokens), weight.size(0)), dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, chunk_tokens):
+        h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        logits = buffer[:t.numel()]
+        if not fp32_head:
+            logits.copy_(F.linear(h, weight, bias))
+        elif bias is None:  # what F.linear computes, written into the buffer
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        target_logit = logits.gather(1, t[:, None])
+        row_max = logits.amax(1, keepdim=True)
+        exp = logits.sub_(row_max).exp_()
+        row_sum = exp.sum(1, keepdim=True)
+        total += (row_sum.log() + row_max - target_logit).sum()
+        if not (grad_hidden or grad_weight):
+            continue
+        g = exp.div_(row_sum)  # softmax
+        g[torch.arange(t.numel(), device=g.device), t] -= 1.0
+        g = g.to(weight.dtype)
+        if grad_hidden:
+            torch.mm(g, weight, out=g_hidden[start:start + chunk_tokens])
+        if grad_weight:
+            if fp32_head:
+                g_weight.addmm_(g.t(), h)
+            else:  # a bf16 product per chunk, summed in fp32
+                g_weight += g.t() @ h
+            if g_bias is not None:
+                g_bias += g.sum(0, dtype=torch.float32)
+    if g_weight is not None:
+        g_weight = g_weight.to(weight.dtype)
+        g_bias = None if g_bias is None else g_bias.to(bias.dtype)
+    return total, g_hidden, g_weight, g_bias
 
 
-def chunked_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head, chunk_tokens: int) -> torch.Tensor:
-    """Summed cross-entropy of the target positions, `chunk_tokens` positions through the head at a time."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][keep], targets[keep]  # non-target positions never reach the head
-    if 0 < targets.numel() <= chunk_tokens:  # one chunk: it is the only logits anyway, no need to recompute
-        return _chunk_loss_sum(head, hidden, targets)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_chunk_loss_sum, head, hidden[part], targets[part], use_reentrant=False)
-    return total
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden[i] @ weight.T + bias, targets[i]) whose gradients are computed in the forward.
+
+    Checkpointing each chunk (recomputing its logits in backward) costs one more head matmul per token;
+    here the forward does the three matmuls the full path does (logits, grad of hidden, grad of the
+    weight) while the chunk's logits exist, and keeps only the gradients (the size of hidden and of the
+    weight). Backward scales them by the incoming scalar gradient (train_step's normalisation, a loss
+    scale); the weight's gradient is returned for the weight input, so it reaches the parameter through
+    autograd as any layer's does (ZeRO's gradient hooks see it)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        total, g_hidden, g_weight, g_bias = _chunked_ce(hidden, weight, bias, targets, chunk_tokens,
+                                                         want_hidden, want_weight)
+        ctx.save_for_backward(g_hidden, g_weight, g_bias)
+        ctx.used = False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # The stored gradients are scaled in place (no second copy of the weight's gradient), so the
+        # graph cannot be walked twice; say so rather than return twice-scaled gradients.
+        if ctx.used:
+            raise RuntimeError("FusedLinearCrossEntropy: backward through the same graph twice is not supported")
+        ctx.used = True
+        # A Python number: bf16 gradients are scaled in fp32 arithmetic, the scale itself not rounded to
+        # bf16 (it is ~1/targets: rounding it would bias every gradient of the step alike).
+        scale = float(grad_output)
+        grads = [None if g is None else g.mul_(scale) for g in ctx.saved_tensors]
+        return grads[0], grads[1], grads[2], None, None
+
+
+def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens: int) -> torch.Tensor:
+    """Summed CE of the head over rows of `hidden` (2-D) against `targets`; no gradients are taken in
+    forward when none can be asked for (evaluation under no_grad)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, weight, bias))
+    if not needs_grad:
+        return _chunked_ce(hidden, weight, bias, targets, chunk_tokens, False, False)[0]
+    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens)
+
+
+# ------------------------------------------------------------------------------------ in the model
+
+@contextmanager
+def _forward_replaced(module, forward):
+    """Calls of `module` run `forward` instead of its own, with its hooks unchanged.
+
+    ZeRO-3 gathers a module's parameters in a forward pre-hook, releases them in a forward hook and wraps
+    the output so backward gathers them again: only inside the module's own call is `head.weight` the
+    full tensor (outside, it is an empty partition). An instance attribute shadows the class's forward
+    for the duration of one call, and parameter names stay those of the model (checkpoints unchanged)."""
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 class ChunkedLoss:
@@ -57,12 +158,32 @@ class ChunkedLoss:
             raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} cannot skip its logits "
                             f"(no logits_to_keep argument); set train.loss_chunk_tokens=0")
         self.head, self.chunk_tokens = model.get_output_embeddings(), chunk_tokens
+        if not isinstance(self.head, torch.nn.Linear):
+            raise UserError(f"config error: train.loss_chunk_tokens: the output head of {type(model).__name__} "
+                            f"is a {type(self.head).__name__}, not a Linear; set train.loss_chunk_tokens=0")
+        # The chunked loss takes the head's own logits: a model that transforms them before its loss
+        # (Gemma 2's soft-capping, Cohere's and Granite's logit scales) would silently train on another loss.
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            if getattr(model.config, key, None) not in (None, 1, 1.0):
+                raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} transforms its "
+                                f"logits ({key}), which the chunked loss does not; set train.loss_chunk_tokens=0")
         self.labels, self.result = None, None
         model.base_model.register_forward_hook(self._after_base_model)
 
     def _after_base_model(self, module, args, output):
-        if self.labels is not None:
-            self.result = chunked_loss_sum(output.last_hidden_state, self.labels, self.head, self.chunk_tokens)
+        if self.labels is None:
+            return
+        targets = self.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        hidden = output.last_hidden_state[:, :-1][keep]  # non-target positions never reach the head
+        targets = targets[keep]
+        head, chunk = self.head, self.chunk_tokens
+
+        def loss_of(h):  # runs as the head's forward: its weight is gathered here under ZeRO-3
+            return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk)
+
+        with _forward_replaced(head, loss_of):
+            self.result = head(hidden)
 
     def __call__(self, engine, input_ids, attention_mask, labels) -> torch.Tensor:
         self.labels = labels

@@ -279,6 +279,17 @@ def test_harmless_changes_are_not_reported(overrides):
     assert changed_exact_keys(saved, current) == []
 
 
+def test_a_chunked_checkpoint_from_another_loss_implementation_is_reported():
+    """The chunked loss's implementation is part of a chunked run's fingerprint (its summation order);
+    a full-logits run records none, so a change of the chunked implementation does not touch it."""
+    saved = fingerprint()
+    del saved["exact"]["train.loss_implementation"]  # as saved before the fused loss
+    assert changed_exact_keys(saved, fingerprint()) == ["train.loss_implementation"]
+    full = fingerprint(["train.loss_chunk_tokens=0"])
+    assert "train.loss_implementation" not in full["exact"]
+    assert changed_exact_keys(full, fingerprint(["train.loss_chunk_tokens=0"])) == []
+
+
 def test_moving_the_same_data_elsewhere_is_not_reported():
     saved = fingerprint(data_hash="c" * 64)
     moved = fingerprint(["data.path=elsewhere/chat.jsonl"], data_hash="c" * 64)

@@ -1,0 +1,161 @@
+"""The fused linear cross-entropy of the chunked loss, in process: its loss and gradients (hidden, weight,
+bias) against `F.cross_entropy(hidden @ W.T + b)` with autograd, and the chunked loss of a tiny model
+against the full-logits path (tied and untied embeddings, gradient checkpointing). ZeRO 0-3 is
+covered by the one-step comparison in test_training.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harness
+from ds_finetune.config import load_config
+from ds_finetune.data import IGNORE_INDEX
+from ds_finetune.errors import UserError
+from ds_finetune.loss import ChunkedLoss, FusedLinearCrossEntropy, full_loss_sum, fused_linear_cross_entropy
+from ds_finetune.model import build_model
+from ds_finetune.zero import zero_config_for_run
+
+
+def inputs(n=50, hidden=16, vocab=97, bias=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(vocab, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, vocab, (n,), generator=g)
+    return h, w, b, t
+
+
+def loss_and_grads(fn, h, w, b, t, scale):
+    params = [x for x in (h, w, b) if x is not None]
+    for x in params:
+        x.grad = None
+    loss = fn(h, w, b, t)
+    (loss * scale).backward()
+    return loss.detach(), [x.grad.clone() for x in params]
+
+
+def reference(h, w, b, t):
+    return F.cross_entropy(F.linear(h, w, b).float(), t, reduction="sum")
+
+
+def assert_close(actual, expected, rel):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    diff = (actual.float() - expected.float()).abs().max().item()
+    assert diff <= rel * max(1.0, expected.float().abs().max().item()), diff
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 256])  # one row a chunk, uneven chunks, exactly one, more than all
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_loss_and_gradients_equal_the_reference(chunk, bias):
+    h, w, b, t = inputs(bias=bias)
+    scale = 0.37  # what train_step's normalisation does to the incoming gradient
+    ref_loss, ref_grads = loss_and_grads(reference, h, w, b, t, scale)
+    loss, grads = loss_and_grads(lambda *a: fused_linear_cross_entropy(*a, chunk), h, w, b, t, scale)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert len(grads) == len(ref_grads)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, 1e-6)
+
+
+def test_the_comparison_fails_for_a_wrong_reduction_or_gradient():
+    """The tolerance above separates right from wrong: a mean instead of a sum, or the gradient of the
+    softmax without the target's -1, is far outside it."""
+    h, w, b, t = inputs()
+    ref_loss, ref_grads = loss_and_grads(reference, h, w, b, t, 1.0)
+    mean_loss, _ = loss_and_grads(lambda *a: reference(*a) / t.numel(), h, w, b, t, 1.0)
+    assert mean_loss.item() != pytest.approx(ref_loss.item(), rel=1e-6)
+    no_onehot = torch.softmax(F.linear(h, w, b).float(), -1).detach()
+    with pytest.raises(AssertionError):
+        assert_close(no_onehot.t() @ h.detach(), ref_grads[1], 1e-6)
+
+
+def test_bf16_head_upcasts_each_chunk():
+    """bf16 weights: fp32 loss from upcast logits; gradients in bf16 as the reference's, to bf16 rounding."""
+    h, w, b, t = inputs(dtype=torch.bfloat16, bias=False)
+    ref_loss, ref_grads = loss_and_grads(reference, h, w, b, t, 0.01)
+    loss, grads = loss_and_grads(lambda *a: fused_linear_cross_entropy(*a, 16), h, w, b, t, 0.01)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-3)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, 2e-2)
+
+
+def test_no_grad_and_frozen_inputs_take_no_gradient():
+    h, w, b, t = inputs()
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(h, w, b, t, 7)
+    assert loss.grad_fn is None and loss.item() == pytest.approx(reference(h, w, b, t).item(), rel=1e-6)
+    frozen = w.detach()  # a frozen head: only hidden gets a gradient
+    fused_linear_cross_entropy(h, frozen, None, t, 7).backward()
+    assert h.grad is not None and frozen.grad is None
+
+
+def test_no_target_gives_zero_loss_and_zero_gradients():
+    h, w, b, t = inputs(n=0)
+    loss = fused_linear_cross_entropy(h, w, b, t, 7)
+    loss.backward()
+    assert loss.item() == 0.0 and w.grad.abs().sum() == 0 and h.grad.shape == h.shape
+
+
+def test_a_second_backward_through_the_same_graph_is_refused():
+    h, w, b, t = inputs()
+    loss = FusedLinearCrossEntropy.apply(h, w, b, t, 7)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+# ----------------------------------------------------------------------------------- in the model
+
+def tiny_model(*overrides):
+    cfg = load_config(harness.TINY, [*overrides, "output_dir=/tmp/unused"])
+    torch.manual_seed(0)
+    return build_model(cfg, zero_config_for_run(cfg, 1))
+
+
+def batch(seed=1, rows=3, length=40, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (rows, length), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 30:] = 0  # a padded row
+    labels = input_ids.clone()
+    labels[:, :12] = IGNORE_INDEX  # prompts
+    labels[2, 30:] = IGNORE_INDEX
+    return input_ids, attention_mask, labels
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["model.config.tie_word_embeddings=true"], ["train.gradient_checkpointing=true"],
+    ["model.config.tie_word_embeddings=true", "train.gradient_checkpointing=true"],
+])
+def test_chunked_loss_of_the_model_equals_the_full_logits_path(overrides):
+    model = tiny_model("model.config.attention_dropout=0.0", *overrides)
+    chunked = ChunkedLoss(model, 7)
+    results = []
+    for loss_fn in (full_loss_sum, chunked, full_loss_sum):  # the hook stays idle during full_loss_sum
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model, *batch())
+        (loss * 0.01).backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full, full_grads), (ours, grads), (again, _) = results
+    assert again == full
+    assert ours == pytest.approx(full, rel=1e-6)
+    assert set(grads) == set(full_grads)
+    for name, g in grads.items():
+        assert_close(g, full_grads[name], 1e-6)
+    assert "forward" not in vars(model.get_output_embeddings())  # the head's own forward is back
+
+
+def test_a_head_that_is_not_a_linear_is_refused():
+    model = tiny_model()
+    model.set_output_embeddings(torch.nn.Sequential(torch.nn.Linear(64, 512)))
+    with pytest.raises(UserError, match="not a Linear"):
+        ChunkedLoss(model, 7)
+
+
+def test_a_model_that_transforms_its_logits_is_refused():
+    model = tiny_model()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(UserError, match="final_logit_softcapping"):
+        ChunkedLoss(model, 7)
