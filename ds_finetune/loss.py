@@ -158,6 +158,8 @@ class ChunkedLoss:
             raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} cannot skip its logits "
                             f"(no logits_to_keep argument); set train.loss_chunk_tokens=0")
         self.head, self.chunk_tokens = model.get_output_embeddings(), chunk_tokens
+        if hasattr(self.head, "modules_to_save"):  # LoRA's modules_to_save: the trained copy is what runs
+            self.head = self.head.modules_to_save[self.head.active_adapter]
         if not isinstance(self.head, torch.nn.Linear):
             raise UserError(f"config error: train.loss_chunk_tokens: the output head of {type(model).__name__} "
                             f"is a {type(self.head).__name__}, not a Linear; set train.loss_chunk_tokens=0")

@@ -39,10 +39,17 @@ def test_lora_freezes_the_base_and_starts_the_adapters_from_the_seed():
 
 
 def test_lora_on_chosen_modules_with_a_full_head():
+    from ds_finetune.lora import hf_model
+    from ds_finetune.loss import ChunkedLoss
+
     model = build([*LORA, "model.lora.target_modules=[q_proj,v_proj]", "model.lora.modules_to_save=[lm_head]"], 0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n} == {"q_proj", "v_proj"}
-    assert any("lm_head.modules_to_save" in n for n in trainable)
+    head = [n for n in trainable if "lm_head" in n]
+    assert head == ["base_model.model.lm_head.modules_to_save.default.weight"]
+    # the chunked loss runs the trained copy of the head, not the frozen original
+    chunked = ChunkedLoss(hf_model(model), 16)
+    assert chunked.head.weight is dict(model.named_parameters())[head[0]]
 
 
 @pytest.mark.parametrize("override, needle", [
