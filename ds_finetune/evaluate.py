@@ -18,6 +18,7 @@ import torch
 
 from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate, prepare_data
 from ds_finetune.dist import capture_rng, restore_rng
+from ds_finetune.loss import to_device
 
 
 def held_out_rows(num_rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,12 +60,11 @@ class Evaluator:
                     start = (b * self.world + self.rank) * self.micro_batch_size
                     mine = self.rows[start:start + self.micro_batch_size]
                     units = (mine if len(mine) else self.rows[:1]).reshape(-1, 1)
-                    input_ids, attention_mask, labels = collate(self.data, units, self.pad_id)
+                    batch = collate(self.data, units, self.pad_id)  # one row a unit: never packed
                     if not len(mine):
-                        labels.fill_(IGNORE_INDEX)  # same forward as every other rank, nothing counted
-                    loss = loss_fn(engine, input_ids.to(engine.device), attention_mask.to(engine.device),
-                                   labels.to(engine.device))
-                    totals += torch.tensor([float(loss), float((labels[:, 1:] != IGNORE_INDEX).sum())],
+                        batch.labels.fill_(IGNORE_INDEX)  # same forward as every other rank, nothing counted
+                    loss = loss_fn(engine, *to_device(batch, engine.device))
+                    totals += torch.tensor([float(loss), float((batch.labels[:, 1:] != IGNORE_INDEX).sum())],
                                            dtype=torch.float64)
         finally:
             module.train()
