@@ -54,6 +54,9 @@ class ModelConfig(_Section):
         return self
 
 
+_ADDED_AT_DEFAULT = {("chat_turns", "all")}
+
+
 class DataConfig(_Section):
     path: str = Field(..., description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name.")
     format: Literal["text", "prompt_completion", "chat"] = Field(
@@ -67,6 +70,9 @@ class DataConfig(_Section):
     prompt_field: str = Field("prompt", description="Column holding the prompt (format prompt_completion).")
     completion_field: str = Field("completion", description="Column holding the completion (prompt_completion).")
     messages_field: str = Field("messages", description="Column holding the chat messages (format chat).")
+    chat_turns: Literal["all", "last"] = Field(
+        "all", description="Chat rows: all (one row per conversation, every reply a target) | last (one row per "
+                           "assistant turn, trained on that turn only; for templates that are not prefix-stable).")
     cache_dir: Optional[str] = Field(
         None, description="Tokenized-data cache; default $DS_FINETUNE_CACHE or ~/.cache/ds-finetune.")
     num_proc: Optional[int] = Field(
@@ -81,6 +87,12 @@ class DataConfig(_Section):
     @property
     def packs(self) -> bool:
         return self.packing != "none"
+
+    def settings(self, exclude: set) -> dict:
+        """The settings as JSON values, less `exclude`; a setting added after caches and checkpoints existed
+        is left out at its default (which computes what they did), so those still match."""
+        values = self.model_dump(mode="json", exclude=exclude)
+        return {k: v for k, v in values.items() if (k, v) not in _ADDED_AT_DEFAULT}
 
 
 class TrainConfig(_Section):
@@ -342,7 +354,7 @@ def data_fingerprint(data: DataConfig) -> dict:
     """The data settings resume compares. `packing: shared` is what `packing: true` computed before
     packs were isolated, so it is recorded as `true` was; `isolated` is recorded as itself, so resuming a
     checkpoint of an old packed run with `packing: true` is refused (its losses change)."""
-    fields = data.model_dump(mode="json", exclude={"cache_dir", "path", "num_proc"})
+    fields = data.settings(exclude={"cache_dir", "path", "num_proc"})
     return {**fields, "packing": _PACKING_AS_SAVED_BEFORE[data.packing]}
 
 

@@ -21,8 +21,15 @@ from ds_finetune.dist import capture_rng, restore_rng
 from ds_finetune.loss import to_device
 
 
-def held_out_rows(num_rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows to train on, rows to evaluate), both sorted; the split depends on (num_rows, fraction, seed)."""
+def held_out_rows(num_rows: int, fraction: float, seed: int, groups: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to train on, rows to evaluate), both sorted; the split depends on (num_rows, fraction, seed).
+    With `groups` (a dataset row per row) whole groups are held out: the turns of one conversation
+    (data.chat_turns: last) are never split between training and evaluation."""
+    if groups is not None:
+        ids = np.unique(groups)
+        held = np.isin(groups, ids[held_out_rows(len(ids), fraction, seed)[1]])
+        return np.flatnonzero(~held), np.flatnonzero(held)
     n_eval = max(1, round(num_rows * fraction))
     shuffled = np.random.default_rng([seed, 0xE7A1]).permutation(num_rows)
     return np.sort(shuffled[n_eval:]), np.sort(shuffled[:n_eval])
@@ -83,7 +90,9 @@ def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=No
         train_rows, eval_rows = None, np.arange(eval_data.num_rows)
     else:
         eval_data = data
-        train_rows, eval_rows = held_out_rows(data.num_rows, e.fraction, cfg.train.seed)
+        turns = cfg.data.format == "chat" and cfg.data.chat_turns == "last"
+        train_rows, eval_rows = held_out_rows(data.num_rows, e.fraction, cfg.train.seed,
+                                              groups=np.asarray(data.row_ids) if turns else None)
     evaluator = Evaluator(eval_data, eval_rows, e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches,
                           e.every_steps, rank, world, tok.pad_token_id)
     return evaluator, train_rows
