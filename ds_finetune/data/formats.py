@@ -124,13 +124,15 @@ def _encode(tok, texts: list[str], offsets: bool = False):
     only add Python overhead (no truncation or padding configured); the same ids either way."""
     backend = getattr(tok, "backend_tokenizer", None)
     if not texts:
-        return {"input_ids": [], "offset_mapping": []}
+        return {"input_ids": [], "encodings": []}
     if backend is None or backend.truncation or backend.padding:
-        return tok(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+        out = tok(texts, add_special_tokens=False)
+        return {"input_ids": out["input_ids"], "encodings": out.encodings}
     if not offsets:
         return {"input_ids": [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]}
+    # The Encoding objects, not their offsets: a Python tuple per token costs more than the tokenizing.
     encs = backend.encode_batch(texts, add_special_tokens=False)
-    return {"input_ids": [e.ids for e in encs], "offset_mapping": [e.offsets for e in encs]}
+    return {"input_ids": [e.ids for e in encs], "encodings": encs}
 
 
 def _text_seqs(tok, texts: list[str]):
@@ -211,16 +213,49 @@ def _chat_seqs(tok, conversations: list[list], ats: list[str], turns: str = "all
             entries.append((k, *generation_masked(tok, messages)))
     texts = [e[1] for e in entries if isinstance(e[1], str)]
     encoded = _encode(tok, texts, offsets=True)
-    encoded = iter(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    encoded = iter(zip(encoded["input_ids"], encoded["encodings"]))
     for k, text, spans in entries:
         if not isinstance(text, str):
             yield k, text, spans  # generation-tag rows: (ids, mask) already
             continue
-        ids, offs = next(encoded)
-        yield k, ids, _span_mask(text, offs, spans)
+        ids, encoding = next(encoded)
+        yield k, ids, _span_mask(text, encoding, len(ids), spans)
 
 
-def _span_mask(text: str, offs, spans) -> np.ndarray:
+def _span_mask(text: str, encoding, n: int, spans) -> np.ndarray:
+    """The tokens with a character in a span, from a few character<->token lookups per span; from every
+    token's offsets where a lookup finds no token (the same mask either way)."""
+    mask = np.zeros(n, dtype=bool)
+    for a, b, cut_inside_token in spans:
+        tokens = _span_tokens(text, encoding, n, a, b, cut_inside_token)
+        if tokens is None:
+            return _span_mask_from_offsets(text, encoding.offsets, spans)
+        mask[tokens[0]:tokens[1]] = True
+    return mask
+
+
+def _span_tokens(text: str, encoding, n: int, a: int, b: int, cut_inside_token: bool) -> tuple[int, int] | None:
+    """[first, end) of the tokens that _span_mask_from_offsets marks for the span [a, b), or None. Offsets
+    are in text order; several tokens may share a character (bytes of one character), hence the widening."""
+    if cut_inside_token and b < len(text):
+        t = encoding.char_to_token(b)
+        if t is None:
+            return None
+        start = encoding.token_to_chars(t)[0]
+        b = len(text[:start].rstrip()) if start < b else b
+    if b <= a:
+        return None
+    first, last = encoding.char_to_token(a), encoding.char_to_token(b - 1)
+    if first is None or last is None:
+        return None
+    while first > 0 and encoding.token_to_chars(first - 1)[1] > a:
+        first -= 1
+    while last + 1 < n and encoding.token_to_chars(last + 1)[0] < b:
+        last += 1
+    return first, last + 1
+
+
+def _span_mask_from_offsets(text: str, offs, spans) -> np.ndarray:
     o = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
     mask = np.zeros(len(o), dtype=bool)
     for a, b, cut_inside_token in spans:
