@@ -355,7 +355,7 @@ def data_fingerprint(data: DataConfig) -> dict:
     packs were isolated, so it is recorded as `true` was; `isolated` is recorded as itself, so resuming a
     checkpoint of an old packed run with `packing: true` is refused (its losses change)."""
     fields = data.settings(exclude={"cache_dir", "path", "num_proc"})
-    return {**fields, "packing": _PACKING_AS_SAVED_BEFORE[data.packing]}
+    return {**fields, "packing": _PACKING_AS_SAVED_BEFORE.get(data.packing, data.packing)}
 
 
 def changed_exact_keys(saved: dict, current: dict) -> list[str]:
