@@ -67,7 +67,7 @@ def main():
 
     times = []
     for micro_batches in steps:
-        for input_ids, attention_mask, labels in micro_batches:
+        for input_ids, attention_mask, labels, _ in micro_batches:
             loss = engine(input_ids=input_ids.to(engine.device), attention_mask=attention_mask.to(engine.device),
                           labels=labels.to(engine.device)).loss
             engine.backward(loss)

@@ -75,21 +75,45 @@ class ModelConfig(_Section):
         return self
 
 
+_ADDED_AT_DEFAULT = {("chat_turns", "all")}
+
+
 class DataConfig(_Section):
     path: str = Field(..., description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name.")
     format: Literal["text", "prompt_completion", "chat"] = Field(
         "text", description="Row format: text | prompt_completion | chat (messages + chat template).")
     split: str = Field("train", description="Dataset split to train on.")
     max_length: int = Field(512, ge=8, le=1_048_576, description="Tokens per sequence; longer rows are truncated.")
-    packing: bool = Field(False, description="Concatenate rows into sequences of up to max_length tokens.")
+    packing: Literal["none", "isolated", "shared"] = Field(
+        "none", description="Concatenate rows into sequences of up to max_length tokens: none (false) | isolated "
+                            "(true; each row attends only to itself) | shared (rows of a pack attend to each other).")
     text_field: str = Field("text", description="Column holding the text (format text).")
     prompt_field: str = Field("prompt", description="Column holding the prompt (format prompt_completion).")
     completion_field: str = Field("completion", description="Column holding the completion (prompt_completion).")
     messages_field: str = Field("messages", description="Column holding the chat messages (format chat).")
+    chat_turns: Literal["all", "last"] = Field(
+        "all", description="Chat rows: all (one row per conversation, every reply a target) | last (one row per "
+                           "assistant turn, trained on that turn only; for templates that are not prefix-stable).")
     cache_dir: Optional[str] = Field(
         None, description="Tokenized-data cache; default $DS_FINETUNE_CACHE or ~/.cache/ds-finetune.")
     num_proc: Optional[int] = Field(
         None, ge=1, le=1024, description="Worker processes that tokenize the data (default: all cores).")
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_bools(cls, value):
+        # `packing: true` meant "pack" before packs were isolated; it now means the isolated kind.
+        return {True: "isolated", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @property
+    def packs(self) -> bool:
+        return self.packing != "none"
+
+    def settings(self, exclude: set) -> dict:
+        """The settings as JSON values, less `exclude`; a setting added after caches and checkpoints existed
+        is left out at its default (which computes what they did), so those still match."""
+        values = self.model_dump(mode="json", exclude=exclude)
+        return {k: v for k, v in values.items() if (k, v) not in _ADDED_AT_DEFAULT}
 
 
 class TrainConfig(_Section):
@@ -338,8 +362,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str, base_f
             # With base_files, the files are the base's identity, not the folder they lie in.
             "model": cfg.model.model_dump(mode="json", exclude={"name_or_path"} if base_files else None),
             **({"model.base_files": base_files} if base_files else {}),
-            "data": {**cfg.data.model_dump(mode="json", exclude={"cache_dir", "path", "num_proc"}),
-                     "content_sha256": data_hash},
+            "data": {**data_fingerprint(cfg.data), "content_sha256": data_hash},
             "train.seed": cfg.train.seed,
             "train.global_batch": global_batch,
             "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,  # changes the summation order
@@ -357,6 +380,19 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str, base_f
             "logging": cfg.logging.model_dump(mode="json"),
         },
     }
+
+
+# How a checkpoint saved before packs were isolated recorded `data.packing` (a bool): the same
+# computation must compare equal, a changed one must not.
+_PACKING_AS_SAVED_BEFORE = {"none": False, "shared": True, "isolated": "isolated"}
+
+
+def data_fingerprint(data: DataConfig) -> dict:
+    """The data settings resume compares. `packing: shared` is what `packing: true` computed before
+    packs were isolated, so it is recorded as `true` was; `isolated` is recorded as itself, so resuming a
+    checkpoint of an old packed run with `packing: true` is refused (its losses change)."""
+    fields = data.settings(exclude={"cache_dir", "path", "num_proc"})
+    return {**fields, "packing": _PACKING_AS_SAVED_BEFORE.get(data.packing, data.packing)}
 
 
 def changed_exact_keys(saved: dict, current: dict) -> list[str]:

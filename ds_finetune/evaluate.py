@@ -18,10 +18,18 @@ import torch
 
 from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate, prepare_data
 from ds_finetune.dist import capture_rng, restore_rng
+from ds_finetune.loss import to_device
 
 
-def held_out_rows(num_rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows to train on, rows to evaluate), both sorted; the split depends on (num_rows, fraction, seed)."""
+def held_out_rows(num_rows: int, fraction: float, seed: int, groups: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to train on, rows to evaluate), both sorted; the split depends on (num_rows, fraction, seed).
+    With `groups` (a dataset row per row) whole groups are held out: the turns of one conversation
+    (data.chat_turns: last) are never split between training and evaluation."""
+    if groups is not None:
+        ids = np.unique(groups)
+        held = np.isin(groups, ids[held_out_rows(len(ids), fraction, seed)[1]])
+        return np.flatnonzero(~held), np.flatnonzero(held)
     n_eval = max(1, round(num_rows * fraction))
     shuffled = np.random.default_rng([seed, 0xE7A1]).permutation(num_rows)
     return np.sort(shuffled[n_eval:]), np.sort(shuffled[:n_eval])
@@ -59,12 +67,11 @@ class Evaluator:
                     start = (b * self.world + self.rank) * self.micro_batch_size
                     mine = self.rows[start:start + self.micro_batch_size]
                     units = (mine if len(mine) else self.rows[:1]).reshape(-1, 1)
-                    input_ids, attention_mask, labels = collate(self.data, units, self.pad_id)
+                    batch = collate(self.data, units, self.pad_id)  # one row a unit: never packed
                     if not len(mine):
-                        labels.fill_(IGNORE_INDEX)  # same forward as every other rank, nothing counted
-                    loss = loss_fn(engine, input_ids.to(engine.device), attention_mask.to(engine.device),
-                                   labels.to(engine.device))
-                    totals += torch.tensor([float(loss), float((labels[:, 1:] != IGNORE_INDEX).sum())],
+                        batch.labels.fill_(IGNORE_INDEX)  # same forward as every other rank, nothing counted
+                    loss = loss_fn(engine, *to_device(batch, engine.device))
+                    totals += torch.tensor([float(loss), float((batch.labels[:, 1:] != IGNORE_INDEX).sum())],
                                            dtype=torch.float64)
         finally:
             module.train()
@@ -83,7 +90,9 @@ def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=No
         train_rows, eval_rows = None, np.arange(eval_data.num_rows)
     else:
         eval_data = data
-        train_rows, eval_rows = held_out_rows(data.num_rows, e.fraction, cfg.train.seed)
+        turns = cfg.data.format == "chat" and cfg.data.chat_turns == "last"
+        train_rows, eval_rows = held_out_rows(data.num_rows, e.fraction, cfg.train.seed,
+                                              groups=np.asarray(data.row_ids) if turns else None)
     evaluator = Evaluator(eval_data, eval_rows, e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches,
                           e.every_steps, rank, world, tok.pad_token_id)
     return evaluator, train_rows

@@ -29,8 +29,17 @@ from ds_finetune.data import IGNORE_INDEX
 from ds_finetune.errors import UserError
 
 
-def full_loss_sum(engine, input_ids, attention_mask, labels) -> torch.Tensor:
-    logits = engine(input_ids=input_ids, attention_mask=attention_mask).logits
+def model_inputs(input_ids, attention_mask, position_ids=None) -> dict:
+    """The model's keyword arguments for a micro-batch. With `position_ids` (isolated packing) there is no
+    2-D mask and no KV cache: only then does transformers read pack boundaries from the positions and build
+    a block-diagonal mask (masking_utils._preprocess_mask_arguments); with a cache it would not."""
+    if position_ids is None:
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids, "use_cache": False}
+
+
+def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None) -> torch.Tensor:
+    logits = engine(**model_inputs(input_ids, attention_mask, position_ids)).logits
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -187,10 +196,10 @@ class ChunkedLoss:
         with _forward_replaced(head, loss_of):
             self.result = head(hidden)
 
-    def __call__(self, engine, input_ids, attention_mask, labels) -> torch.Tensor:
+    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None) -> torch.Tensor:
         self.labels = labels
         try:
-            engine(input_ids=input_ids, attention_mask=attention_mask,
+            engine(**model_inputs(input_ids, attention_mask, position_ids),
                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
             return self.result
         finally:
@@ -198,8 +207,12 @@ class ChunkedLoss:
 
 
 def make_loss_fn(model, chunk_tokens: int):
-    """(engine, input_ids, attention_mask, labels) -> summed token loss of the micro-batch."""
+    """(engine, input_ids, attention_mask, labels, position_ids=None) -> summed token loss of the micro-batch."""
     return full_loss_sum if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens)
+
+
+def to_device(tensors, device) -> list:
+    return [None if t is None else t.to(device) for t in tensors]
 
 
 def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
@@ -211,9 +224,8 @@ def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_a
     micro-step's sum is scaled by grad_accum * world_size / global_targets to cancel both."""
     scale = grad_accum * world_size / global_targets
     local_sum = torch.zeros((), dtype=torch.float64)
-    for input_ids, attention_mask, labels in micro_batches:
-        loss_sum = loss_fn(engine, input_ids.to(engine.device), attention_mask.to(engine.device),
-                           labels.to(engine.device))
+    for batch in micro_batches:  # data.Batch: input_ids, attention_mask, labels, position_ids
+        loss_sum = loss_fn(engine, *to_device(batch, engine.device))
         engine.backward(loss_sum * scale)
         engine.step()
         local_sum += loss_sum.detach().double().cpu()

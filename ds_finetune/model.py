@@ -8,7 +8,9 @@ and loads them with the engine.
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 
 import torch
 
@@ -46,6 +48,27 @@ def build_model(cfg: RunConfig, ds_config: dict):
         model = apply_lora(model, cfg.model.lora, cfg.train.seed, cfg.model.name_or_path)
     model.train()  # from_pretrained returns the model in eval mode: dropout would silently be off
     return model
+
+
+def check_isolated_packing(model, micro_batch_size: int) -> None:
+    """`data.packing: isolated` relies on transformers building a block-diagonal mask from position ids.
+    Refuse, before training, the models that would silently let packed rows attend to each other:
+    modeling code that does not build its masks with transformers' masking_utils (remote code, state-space
+    models), and flash attention with more than one sequence a micro-batch (its kernels read pack
+    boundaries from the positions only for a batch of one: `_is_packed_sequence`)."""
+    impl = str(getattr(model.config, "_attn_implementation", None) or "")
+    module = sys.modules.get(type(model.base_model).__module__)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    fix = "set data.packing: shared (rows attend to each other) or none"
+    if "masking_utils import" not in source:
+        raise UserError(f"config error: data.packing: isolated: {type(model).__name__} does not build its attention "
+                        f"masks with transformers' masking_utils, so packed rows cannot be kept apart; {fix}")
+    if "flash" in impl and micro_batch_size > 1:
+        raise UserError(f"config error: data.packing: isolated with {impl} keeps packed rows apart only with "
+                        f"train.micro_batch_size=1 (got {micro_batch_size}); set it to 1, use sdpa, or {fix}")
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int):

@@ -34,7 +34,7 @@ from ds_finetune.export import export_checkpoint, write_hf_files
 from ds_finetune.faults import fault_point
 from ds_finetune.loss import make_loss_fn, train_step
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
-from ds_finetune.model import build_engine, build_model, param_group_names
+from ds_finetune.model import build_engine, build_model, check_isolated_packing, param_group_names
 from ds_finetune.nodes import check_shared_checkpoint_dir
 from ds_finetune.sampler import BatchLayout, steps_in_epoch
 from ds_finetune.zero import zero_config_for_run
@@ -64,7 +64,7 @@ class Run:
     """What the loop needs, fixed for the whole run."""
     cfg: RunConfig
     engine: object
-    loss_fn: object      # (engine, input_ids, attention_mask, labels) -> summed token loss
+    loss_fn: object      # (engine, input_ids, attention_mask, labels, position_ids) -> summed token loss
     tokenizer: object
     data: TokenizedData
     order: EpochOrder
@@ -120,7 +120,7 @@ def setup(args) -> tuple[Run, TrainState]:
     if is_main and data.skipped_rows:
         resume.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
     evaluator, train_rows = build_evaluator(cfg, tok, data, rank, world, say)
-    order = EpochOrder(data, cfg.train.seed, cfg.data.packing, cfg.data.max_length, rows=train_rows)
+    order = EpochOrder(data, cfg.train.seed, cfg.data.packs, cfg.data.max_length, rows=train_rows)
 
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
     resume_from = resume.choose_checkpoint(cfg, args.resume, args.overwrite, args.discard_newer, rank)
@@ -141,6 +141,8 @@ def setup(args) -> tuple[Run, TrainState]:
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank, stage and world size
     model = build_model(cfg, ds_config)
+    if cfg.data.packing == "isolated":
+        check_isolated_packing(model, layout.micro_batch_size)
     if converted is not None:
         reshard.load_weights(model, converted)  # one tensor at a time
     engine = build_engine(model, cfg, ds_config, total_steps)
@@ -211,6 +213,7 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
     cfg, engine, data, layout, rank = run.cfg, run.engine, run.data, run.layout, run.rank
     gb, ckpt = layout.global_batch, run.checkpointer
     pad_id = run.tokenizer.pad_token_id  # any id works (padding is masked out of attention and loss)
+    isolate = cfg.data.packing == "isolated"
 
     def save(reason: str) -> Path:
         commit_background_save()  # at most one save in flight
@@ -236,7 +239,7 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
             continue
         step_units = units[layout.step_slice(state.offset)]
         global_targets = unit_targets(data, step_units)
-        micro_batches = [collate(data, units[layout.micro_slice(state.offset, m, rank)], pad_id)
+        micro_batches = [collate(data, units[layout.micro_slice(state.offset, m, rank)], pad_id, isolate)
                          for m in range(layout.grad_accum)]
         lr = engine.get_lr()[0]
         local_sum = train_step(engine, run.loss_fn, micro_batches, global_targets, layout.grad_accum, layout.world_size,

@@ -268,7 +268,8 @@ def test_without_packing_each_unit_is_one_row(tiny):
 def test_collate_pads_right_with_the_pad_id_and_masks_labels(tiny, pad_id):
     d = tiny["prompt_completion"]
     units = [np.array([3]), np.array([10, 11]), np.array([7])]
-    input_ids, attention, labels = collate(d, units, pad_id)
+    input_ids, attention, labels, positions = collate(d, units, pad_id)
+    assert positions is None  # not isolated: the model numbers positions itself
     rows = [[d.row(int(i)) for i in u] for u in units]
     seqs = [(np.concatenate([r[0] for r in rs]), np.concatenate([r[1] for r in rs])) for rs in rows]
     width = max(len(s[0]) for s in seqs)
@@ -290,7 +291,7 @@ def test_unit_targets_counts_the_shifted_labels(fmt, packing, tiny):
     units = plan_units(d, epoch_permutation(d.num_rows, 1, 0), packing, 128)
     for start in range(0, 64, 8):
         batch = units[start:start + 8]
-        input_ids, attention, labels = collate(d, batch, 2)
+        input_ids, attention, labels, _ = collate(d, batch, 2)
         assert (labels[:, 0] == IGNORE_INDEX).all()
         assert unit_targets(d, batch) == int((labels[:, 1:] != IGNORE_INDEX).sum()) > 0
         assert unit_tokens(d, batch) == int(attention.sum())
@@ -346,7 +347,7 @@ def test_the_cache_key_follows_everything_that_changes_tokens(tok, tmp_path):
     assert key(base.model_copy(update={"format": "prompt_completion"})) != k
     assert key(base.model_copy(update={"text_field": "prompt"})) != k
     # Packing is planned from the cached rows: it does not change them.
-    assert key(base.model_copy(update={"packing": True})) == k
+    assert key(base.model_copy(update={"packing": "isolated"})) == k
     # The same bytes under the same file name elsewhere are the same data.
     (tmp_path / "copy").mkdir()
     copy = tmp_path / "copy" / "rows.jsonl"

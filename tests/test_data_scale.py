@@ -292,6 +292,35 @@ def test_every_reply_token_is_a_target_whatever_the_templates_whitespace(name, t
     assert [tok.decode(r).strip() for r in runs] == ["red red<|end|>", last]
 
 
+@pytest.mark.parametrize("name", [None, *TEMPLATES])
+def test_masks_from_token_lookups_equal_masks_from_every_tokens_offsets(name):
+    """The chat masks are found with a few character->token lookups per reply; the reference marks every
+    token whose offsets overlap a reply (the implementation before), on text with characters that
+    span several tokens (emoji, CJK, combining marks) and templates whose renderings part inside a token."""
+    import random
+    from ds_finetune.data import formats
+    tok = data.load_tokenizer(str(TOKENIZER))
+    if name is not None:
+        tok.chat_template = TEMPLATES[name]
+    rng = random.Random(3)
+    pieces = ["red", "blue", " ", "\n", "😀", "日本語", "é", "e\u0301", "<|end|>", "  ", "x" * 7, "🇫🇷"]
+    render = formats.chat_renderer(tok, [])
+    checked = 0
+    for _ in range(300):
+        messages = []
+        for _ in range(rng.randint(1, 3)):
+            for role in ("user", "assistant"):
+                messages.append({"role": role, "content": "".join(rng.choices(pieces, k=rng.randint(1, 6)))})
+        text = render(messages, False)
+        spans = formats.reply_spans(render, messages, text, "test")
+        encoding = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+        got = formats._span_mask(text, encoding, len(encoding.ids), spans)
+        expected = formats._span_mask_from_offsets(text, encoding.offsets, spans)
+        assert got.tolist() == expected.tolist(), messages
+        checked += bool(expected.any())
+    assert checked > 250
+
+
 # ------------------------------------------------------------------------------- longer than a timeout
 
 @pytest.mark.multiproc

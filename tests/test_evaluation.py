@@ -5,6 +5,7 @@ import json
 import math
 import signal
 
+import numpy as np
 import pytest
 
 import harness
@@ -79,3 +80,11 @@ def test_held_out_rows_are_a_seeded_split_never_trained_on():
     assert len(held) == 40 and len(train) == 360 and not set(train) & set(held)
     again_train, again_held = held_out_rows(400, 0.1, seed=1234)
     assert list(held) == list(again_held) and list(held) != list(held_out_rows(400, 0.1, seed=7)[1])
+
+
+def test_held_out_groups_are_whole_conversations():
+    groups = np.repeat(np.arange(50), [1 + i % 3 for i in range(50)])  # a conversation's turns are neighbours
+    train, held = held_out_rows(len(groups), 0.2, seed=1234, groups=groups)
+    assert sorted([*train, *held]) == list(range(len(groups)))
+    assert not set(groups[train]) & set(groups[held])
+    assert len(set(groups[held])) == 10

@@ -80,7 +80,7 @@ def cache_root(data_cfg) -> Path:
 
 def cache_path(data_cfg, data_hash: str, tok) -> Path:
     key = json.dumps({"v": DATA_FORMAT_VERSION, "data": data_hash, "tok": tokenizer_fingerprint(tok),
-                      **data_cfg.model_dump(mode="json", exclude=NOT_IN_KEY)}, sort_keys=True)
+                      **data_cfg.settings(exclude=NOT_IN_KEY)}, sort_keys=True)
     return cache_root(data_cfg) / "tokenized" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 

@@ -3,6 +3,8 @@ order; and collation into right-padded tensors."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ds_finetune.data.cache import TokenizedData
@@ -50,24 +52,41 @@ class EpochOrder:
         return self._units
 
 
-def collate(data: TokenizedData, units: list[np.ndarray], pad_id: int):
-    """Right-padded (input_ids, attention_mask, labels) tensors for the given units, plus their target count.
-    Rows of a pack are concatenated; attention within a pack spans its rows (no cross-row masking)."""
+class Batch(NamedTuple):
+    """A micro-batch as the model takes it. For isolated packing `attention_mask` is None and `position_ids`
+    restart at 0 at every row: transformers then builds a block-diagonal causal mask from the positions
+    (masking_utils.find_packed_sequence_indices), so no token attends to another row of its pack.
+    Otherwise `position_ids` is None and the model numbers positions itself."""
+    input_ids: object
+    attention_mask: object
+    labels: object
+    position_ids: object = None
+
+
+def collate(data: TokenizedData, units: list[np.ndarray], pad_id: int, isolate: bool = False) -> Batch:
+    """Right-padded tensors of the given units. Rows of a pack are concatenated; with `isolate` each row
+    gets its own positions (and attends only to itself), else attention spans the rows of a pack."""
     import torch
 
     seqs = []
     for unit in units:
         parts = [data.row(int(i)) for i in unit]
-        seqs.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
-    width = max(len(ids) for ids, _ in seqs)
+        seqs.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                     [len(p[0]) for p in parts]))
+    width = max(len(ids) for ids, _, _ in seqs)
     input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     labels = np.full((len(seqs), width), IGNORE_INDEX, dtype=np.int64)
     attention = np.zeros((len(seqs), width), dtype=np.int64)
-    for j, (ids, mask) in enumerate(seqs):
+    positions = np.zeros((len(seqs), width), dtype=np.int64)
+    for j, (ids, mask, row_lengths) in enumerate(seqs):
         input_ids[j, :len(ids)] = ids
         labels[j, :len(ids)] = np.where(mask, ids, IGNORE_INDEX)
         attention[j, :len(ids)] = 1
-    return torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(labels)
+        # Padding is a segment of its own (positions from 0 again): no row attends to it either way.
+        positions[j] = np.concatenate([np.arange(n) for n in [*row_lengths, width - len(ids)]])
+    if isolate:
+        return Batch(torch.from_numpy(input_ids), None, torch.from_numpy(labels), torch.from_numpy(positions))
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(labels))
 
 
 def unit_targets(data: TokenizedData, units: list[np.ndarray]) -> int:
