@@ -97,7 +97,7 @@ def test_lora_checkpoint_holds_the_adapters_and_exports_compute_what_training_di
     batches = held_out_batches(ref)
     for model in (with_adapter, merged):
         assert eval_loss(model, batches) == pytest.approx(logged["eval_loss"], rel=1e-5)
-    ids = batches[0][0]
+    ids = batches[0].input_ids
     with torch.no_grad():
         torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
 
@@ -119,9 +119,9 @@ def eval_loss(model, batches) -> float:
 
     total = targets = 0.0
     with torch.no_grad():
-        for input_ids, attention_mask, labels in batches:
-            total += float(full_loss_sum(model, input_ids, attention_mask, labels))
-            targets += float((labels[:, 1:] != -100).sum())
+        for batch in batches:
+            total += float(full_loss_sum(model, batch.input_ids, batch.attention_mask, batch.labels))
+            targets += float((batch.labels[:, 1:] != -100).sum())
     return total / targets
 
 
