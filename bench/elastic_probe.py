@@ -17,7 +17,7 @@ from deepspeed.utils import zero_to_fp32  # noqa: E402,F401  (imported by the wo
 from safetensors import safe_open  # noqa: E402,F401
 
 from ds_finetune import export, resume  # noqa: E402
-from ds_finetune.checkpoint import inspect_checkpoint  # noqa: E402
+from ds_finetune.verify import inspect_checkpoint  # noqa: E402
 
 
 def status_kb(field: str) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
-from ds_finetune.files import HashingFile, fsync_dir, hash_and_sync, sha256_file, write_atomic
+from ds_finetune.files import HashingFile, fsync_dir, hash_and_sync, write_atomic
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -191,7 +191,7 @@ class Checkpointer:
                      self.world, self.cfg.keep_best)
         return tag_dir
 
-    def restore(self, info: "CheckpointInfo") -> list:
+    def restore(self, info) -> list:
         """Load a verified native checkpoint into the engine (weights, optimizer, LR schedule); returns
         every saved rank's RNG state."""
         load_path, client_state = self.engine.load_checkpoint(
@@ -341,23 +341,7 @@ def apply_retention(ckpt_dir: Path, keep_last: int, newest_committed: int, rank:
     return removed
 
 
-# ------------------------------------------------------------------------------------ verify / discover
-
-@dataclass
-class CheckpointInfo:
-    tag: str
-    path: Path
-    step: int
-    status: str                      # complete | incomplete | corrupt
-    manifest: dict | None = None
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        if self.manifest:
-            return sum(f["size"] for f in self.manifest["files"].values())
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-
+# ---------------------------------------------------------------------------------------------- manifest
 
 def read_manifest(tag_dir: Path) -> dict | None:
     """The manifest, None when absent (an uncommitted save); a damaged one raises ValueError."""
@@ -371,52 +355,3 @@ def read_manifest(tag_dir: Path) -> dict | None:
         return manifest
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{MANIFEST} is unreadable ({e})")
-
-
-def verify_files(tag_dir: Path, manifest: dict, hashes: bool = True) -> list[str]:
-    problems = []
-    for name, meta in sorted(manifest["files"].items()):
-        path = tag_dir / name
-        if not path.is_file():
-            problems.append(f"missing file {name}")
-            continue
-        size = path.stat().st_size
-        if size != meta["size"]:
-            problems.append(f"{name}: size {size} != {meta['size']} in the manifest")
-        elif hashes and sha256_file(path) != meta["sha256"]:
-            problems.append(f"{name}: sha256 differs from the manifest (the file was changed or damaged)")
-    return problems
-
-
-def inspect_checkpoint(tag_dir: Path, hashes: bool = True) -> CheckpointInfo:
-    step = step_of_tag(tag_dir.name)
-    step = step if step is not None else -1
-    try:
-        manifest = read_manifest(tag_dir)
-    except ValueError as e:
-        return CheckpointInfo(tag_dir.name, tag_dir, step, "corrupt", None, [str(e)])
-    if manifest is None:
-        return CheckpointInfo(tag_dir.name, tag_dir, step, "incomplete", None, ["no manifest: the save never committed"])
-    problems = verify_files(tag_dir, manifest, hashes)
-    return CheckpointInfo(tag_dir.name, tag_dir, int(manifest.get("step", step)),
-                          "corrupt" if problems else "complete", manifest, problems)
-
-
-def list_checkpoints(ckpt_dir: Path, hashes: bool = True) -> list[CheckpointInfo]:
-    return [inspect_checkpoint(p, hashes) for p in tag_dirs(ckpt_dir)]
-
-
-def has_checkpoints(ckpt_dir: Path) -> bool:
-    return bool(tag_dirs(ckpt_dir))
-
-
-def find_resumable_checkpoint(ckpt_dir: Path, hashes: bool = True) -> tuple[CheckpointInfo | None, list[str]]:
-    """Newest complete, intact checkpoint, verifying newest first and stopping at the first good one.
-    Returns it (or None) and one report line per newer checkpoint that was skipped."""
-    skipped = []
-    for p in reversed(tag_dirs(ckpt_dir)):
-        info = inspect_checkpoint(p, hashes)
-        if info.status == "complete":
-            return info, skipped
-        skipped.append(f"skipping {info.status} checkpoint {p}: {'; '.join(info.problems)}")
-    return None, skipped

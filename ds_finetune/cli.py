@@ -220,7 +220,8 @@ def ckpt_list(run_dir, as_json, no_hash):
     """Every checkpoint with step, time, size, ZeRO stage, world size, status; `*` marks what --resume picks."""
     import time as _time
 
-    from ds_finetune.checkpoint import best_checkpoint, find_resumable_checkpoint, list_checkpoints
+    from ds_finetune.checkpoint import best_checkpoint
+    from ds_finetune.verify import find_resumable_checkpoint, list_checkpoints
 
     ckpt_dir = _checkpoint_dir_of(run_dir)
     if not ckpt_dir.is_dir():
@@ -257,7 +258,8 @@ def ckpt_list(run_dir, as_json, no_hash):
 @user_errors_exit
 def ckpt_verify(path, no_hash):
     """Check a checkpoint against its manifest; exit 0 only if intact."""
-    from ds_finetune.checkpoint import inspect_checkpoint, step_of_tag
+    from ds_finetune.checkpoint import step_of_tag
+    from ds_finetune.verify import inspect_checkpoint
 
     if not path.is_dir() or step_of_tag(path.name) is None:
         raise UserError(f"{path}: not a checkpoint folder (expected .../checkpoints/step_N)")

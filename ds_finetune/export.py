@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ds_finetune.checkpoint import CheckpointInfo, inspect_checkpoint, step_of_tag
+from ds_finetune.checkpoint import step_of_tag
+from ds_finetune.verify import CheckpointInfo, inspect_checkpoint
 from ds_finetune.errors import UserError
 from ds_finetune.tensorfiles import nbytes, parse_size, plan_shards, write_safetensors
 

@@ -14,7 +14,7 @@ own forward replaced by the fused loss for that one call), so under ZeRO-3 DeepS
 weight (tied embeddings included) and release it as for any layer.
 
 A change here that sums the token losses or their gradients in another order changes a run's weights at
-float-noise level: give it a new `config.CHUNKED_LOSS_IMPLEMENTATION`, so resuming across it is refused.
+float-noise level: give it a new `fingerprint.CHUNKED_LOSS_IMPLEMENTATION`, so resuming across it is refused.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ds_finetune.checkpoint import MANIFEST, CheckpointInfo, remove_tree, verify_files
+from ds_finetune.checkpoint import MANIFEST, remove_tree
+from ds_finetune.verify import CheckpointInfo, verify_files
 from ds_finetune.files import hash_and_sync, write_atomic
 from ds_finetune.errors import UserError
 from ds_finetune.files import fsync_dir

@@ -15,8 +15,11 @@ from pathlib import Path
 
 from ds_finetune import checkpoint as ckpt
 from ds_finetune import reshard
-from ds_finetune.checkpoint import CheckpointInfo, TrainState
-from ds_finetune.config import RunConfig, changed_exact_keys
+from ds_finetune import verify
+from ds_finetune.checkpoint import TrainState
+from ds_finetune.verify import CheckpointInfo
+from ds_finetune.config import RunConfig
+from ds_finetune.fingerprint import changed_exact_keys
 from ds_finetune.data import DATA_FORMAT_VERSION
 from ds_finetune.dist import all_gather, decide, restore_rng
 from ds_finetune.errors import UserError
@@ -41,7 +44,7 @@ def choose_checkpoint(cfg: RunConfig, resume: str | None, overwrite: bool, disca
 def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool, discard_newer: bool) -> CheckpointInfo | None:
     ckpt_dir, hashes = cfg.checkpoint_dir, cfg.checkpoint.verify_hashes
     if resume is None:
-        if ckpt.has_checkpoints(ckpt_dir) and not overwrite:
+        if verify.has_checkpoints(ckpt_dir) and not overwrite:
             raise UserError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run or "
                             f"--overwrite to delete them and start over")
         _say_metrics_replaced(cfg)
@@ -51,7 +54,7 @@ def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool, discar
         if not path.is_dir():
             raise UserError(f"checkpoint error: {path}: no such checkpoint folder; see `ds-finetune ckpt list "
                             f"{cfg.output_dir}`")
-        info = ckpt.inspect_checkpoint(path, hashes)
+        info = verify.inspect_checkpoint(path, hashes)
         if info.status != "complete":
             raise UserError(f"checkpoint error: {path} is {info.status} ({'; '.join(info.problems)[:300]}); "
                             f"pick another with `ds-finetune ckpt list {path.parent}`")
@@ -64,7 +67,7 @@ def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool, discar
                             f"(and their metrics lines) aside into {ckpt_dir}/discarded-*/, or --resume "
                             f"without a path to continue from the newest")
         return info
-    info, skipped = ckpt.find_resumable_checkpoint(ckpt_dir, hashes)
+    info, skipped = verify.find_resumable_checkpoint(ckpt_dir, hashes)
     for line in skipped:
         say(line)
     if info is None:

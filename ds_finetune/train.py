@@ -23,7 +23,7 @@ import torch
 
 from ds_finetune import lora, reshard, resume
 from ds_finetune.checkpoint import Checkpointer, TrainState, remove_checkpoints, tag_for_step
-from ds_finetune.config import RunConfig, config_fingerprint, load_config, split_resume_arg
+from ds_finetune.config import RunConfig, load_config, split_resume_arg
 from ds_finetune.data.cache import cache_root
 from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, TokenizedData, collate, load_tokenizer, prepare_data,
                               unit_targets, unit_tokens)
@@ -32,6 +32,7 @@ from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
 from ds_finetune.export import export_checkpoint, write_hf_files
 from ds_finetune.faults import fault_point
+from ds_finetune.fingerprint import config_fingerprint
 from ds_finetune.loss import make_loss_fn, train_step
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
 from ds_finetune.model import build_engine, build_model, check_isolated_packing, param_group_names

@@ -184,7 +184,7 @@ def assert_same_final_weights(got_dir: Path, ref_dir: Path) -> None:
     """The newest checkpoints of both runs hold bitwise the same full fp32 weights."""
     import torch
 
-    from ds_finetune.checkpoint import find_resumable_checkpoint
+    from ds_finetune.verify import find_resumable_checkpoint
     from ds_finetune.reshard import consolidate
     got, _ = find_resumable_checkpoint(Path(got_dir) / "checkpoints")
     ref, _ = find_resumable_checkpoint(Path(ref_dir) / "checkpoints")

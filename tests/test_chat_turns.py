@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from ds_finetune import data
-from ds_finetune.config import DataConfig, changed_exact_keys, config_fingerprint, load_config
+from ds_finetune.config import DataConfig, load_config
+from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.data.formats import generation_masked
 from ds_finetune.errors import UserError
 

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 import harness
-from ds_finetune.checkpoint import LATEST, MANIFEST, find_resumable_checkpoint, inspect_checkpoint
+from ds_finetune.checkpoint import LATEST, MANIFEST
+from ds_finetune.verify import find_resumable_checkpoint, inspect_checkpoint
 from ds_finetune.faults import PHASES
 
 # (DS_FINETUNE_FAULT, does the save of that step commit before the kill?)

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from ds_finetune.cli import main
 from ds_finetune.config import (CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, LoraConfig, ModelConfig,
-                                RunConfig, TrainConfig, WandbConfig, changed_exact_keys, config_fingerprint,
-                                load_config)
+                                RunConfig, TrainConfig, WandbConfig, load_config)
+from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import harness
-from ds_finetune.checkpoint import find_resumable_checkpoint
+from ds_finetune.verify import find_resumable_checkpoint
 
 pytestmark = pytest.mark.multiproc
 CLI = str(harness.BIN / "ds-finetune")

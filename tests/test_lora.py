@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import harness
-from ds_finetune.checkpoint import find_resumable_checkpoint
+from ds_finetune.verify import find_resumable_checkpoint
 
 pytestmark = pytest.mark.multiproc
 CLI = str(harness.BIN / "ds-finetune")

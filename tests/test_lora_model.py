@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import harness
-from ds_finetune.config import changed_exact_keys, config_fingerprint, load_config
+from ds_finetune.config import load_config
+from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.errors import UserError
 
 LORA = ["model.lora.r=4", "model.lora.alpha=8"]

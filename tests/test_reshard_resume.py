@@ -9,7 +9,7 @@ import torch
 
 import harness
 from ds_finetune import reshard
-from ds_finetune.checkpoint import find_resumable_checkpoint
+from ds_finetune.verify import find_resumable_checkpoint
 from ds_finetune.reshard import consolidate
 
 pytestmark = pytest.mark.multiproc

@@ -1,0 +1,69 @@
+"""The config fingerprint that resume compares: `exact` keys change the computed steps if changed (a resume
+with a change is refused, naming them), `harmless` ones do not."""
+
+from __future__ import annotations
+
+from ds_finetune.config import DataConfig, RunConfig
+
+
+# The chunked loss's implementation (ds_finetune/loss.py), in the fingerprint of chunked runs only: one
+# that sums token losses or gradients in another order moves the weights at float-noise level, so a
+# checkpoint saved by another is refused as a changed setting would be. A full-logits run
+# (loss_chunk_tokens 0) records none and resumes across such changes. Checkpoints from before this key
+# (chunks recomputed in backward) lack it, so they are refused too.
+CHUNKED_LOSS_IMPLEMENTATION = "fused-linear-ce-v1"
+
+
+def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str, base_files: dict | None = None) -> dict:
+    """What resume compares. `exact` keys change the computed steps if changed; `harmless` ones do not.
+    `base_files` ({file: sha256} of a LoRA run's base model) is part of the identity: the checkpoint holds
+    only the adapters, so the base must be the same files."""
+    return {
+        "exact": {
+            # With base_files, the files are the base's identity, not the folder they lie in.
+            "model": cfg.model.model_dump(mode="json", exclude={"name_or_path"} if base_files else None),
+            **({"model.base_files": base_files} if base_files else {}),
+            "data": {**data_fingerprint(cfg.data), "content_sha256": data_hash},
+            "train.seed": cfg.train.seed,
+            "train.global_batch": global_batch,
+            "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,  # changes the summation order
+            **({"train.loss_implementation": CHUNKED_LOSS_IMPLEMENTATION} if cfg.train.loss_chunk_tokens else {}),
+            "eval.fraction": cfg.eval.fraction,  # which rows are trained on
+            "train.optimizer": {k: getattr(cfg.train, k) for k in (
+                "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
+                "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},
+        },
+        "harmless": {
+            "train.max_steps": cfg.train.max_steps,
+            "train.epochs": cfg.train.epochs,
+            "checkpoint": cfg.checkpoint.model_dump(mode="json"),
+            "eval": cfg.eval.model_dump(mode="json", exclude={"fraction"}),
+            "logging": cfg.logging.model_dump(mode="json"),
+        },
+    }
+
+
+# How a checkpoint saved before packs were isolated recorded `data.packing` (a bool): the same
+# computation must compare equal, a changed one must not.
+_PACKING_AS_SAVED_BEFORE = {"none": False, "shared": True, "isolated": "isolated"}
+
+
+def data_fingerprint(data: DataConfig) -> dict:
+    """The data settings resume compares. `packing: shared` is what `packing: true` computed before
+    packs were isolated, so it is recorded as `true` was; `isolated` is recorded as itself, so resuming a
+    checkpoint of an old packed run with `packing: true` is refused (its losses change)."""
+    fields = data.settings(exclude={"cache_dir", "path", "num_proc"})
+    return {**fields, "packing": _PACKING_AS_SAVED_BEFORE.get(data.packing, data.packing)}
+
+
+def changed_exact_keys(saved: dict, current: dict) -> list[str]:
+    """Keys of the `exact` fingerprint whose values differ (nested dicts are compared per sub-key)."""
+    changed = []
+    a, b = saved.get("exact", {}), current.get("exact", {})
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            changed += [f"{key}.{k}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+        elif va != vb:
+            changed.append(key)
+    return changed

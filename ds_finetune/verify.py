@@ -1,0 +1,76 @@
+"""Verifying and finding checkpoints: a checkpoint's status from its manifest (sizes, and sha256 unless
+told not to), before anything in it is unpickled; every checkpoint of a run; the newest intact one for
+--resume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ds_finetune.checkpoint import read_manifest, step_of_tag, tag_dirs
+from ds_finetune.files import sha256_file
+
+
+@dataclass
+class CheckpointInfo:
+    tag: str
+    path: Path
+    step: int
+    status: str                      # complete | incomplete | corrupt
+    manifest: dict | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        if self.manifest:
+            return sum(f["size"] for f in self.manifest["files"].values())
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def verify_files(tag_dir: Path, manifest: dict, hashes: bool = True) -> list[str]:
+    problems = []
+    for name, meta in sorted(manifest["files"].items()):
+        path = tag_dir / name
+        if not path.is_file():
+            problems.append(f"missing file {name}")
+            continue
+        size = path.stat().st_size
+        if size != meta["size"]:
+            problems.append(f"{name}: size {size} != {meta['size']} in the manifest")
+        elif hashes and sha256_file(path) != meta["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (the file was changed or damaged)")
+    return problems
+
+
+def inspect_checkpoint(tag_dir: Path, hashes: bool = True) -> CheckpointInfo:
+    step = step_of_tag(tag_dir.name)
+    step = step if step is not None else -1
+    try:
+        manifest = read_manifest(tag_dir)
+    except ValueError as e:
+        return CheckpointInfo(tag_dir.name, tag_dir, step, "corrupt", None, [str(e)])
+    if manifest is None:
+        return CheckpointInfo(tag_dir.name, tag_dir, step, "incomplete", None, ["no manifest: the save never committed"])
+    problems = verify_files(tag_dir, manifest, hashes)
+    return CheckpointInfo(tag_dir.name, tag_dir, int(manifest.get("step", step)),
+                          "corrupt" if problems else "complete", manifest, problems)
+
+
+def list_checkpoints(ckpt_dir: Path, hashes: bool = True) -> list[CheckpointInfo]:
+    return [inspect_checkpoint(p, hashes) for p in tag_dirs(ckpt_dir)]
+
+
+def has_checkpoints(ckpt_dir: Path) -> bool:
+    return bool(tag_dirs(ckpt_dir))
+
+
+def find_resumable_checkpoint(ckpt_dir: Path, hashes: bool = True) -> tuple[CheckpointInfo | None, list[str]]:
+    """Newest complete, intact checkpoint, verifying newest first and stopping at the first good one.
+    Returns it (or None) and one report line per newer checkpoint that was skipped."""
+    skipped = []
+    for p in reversed(tag_dirs(ckpt_dir)):
+        info = inspect_checkpoint(p, hashes)
+        if info.status == "complete":
+            return info, skipped
+        skipped.append(f"skipping {info.status} checkpoint {p}: {'; '.join(info.problems)}")
+    return None, skipped
