@@ -209,6 +209,17 @@ def snapshot(folder: Path) -> list:
                   for p in Path(folder).rglob("*") if p.is_file())
 
 
+def target_runs(ids, mask) -> list[list[int]]:
+    """The runs of consecutive target tokens of a row (each reply's targets, in order)."""
+    runs, current = [], []
+    for t, m in zip(list(ids), list(mask)):
+        if m:
+            current.append(int(t))
+        elif current:
+            runs, current = runs + [current], []
+    return runs + ([current] if current else [])
+
+
 def assert_one_line_error(proc, *needles) -> str:
     """A user error: non-zero exit, exactly one `error:` line naming every needle, no traceback."""
     assert proc.returncode != 0

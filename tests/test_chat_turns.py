@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import harness
+
 from ds_finetune import data
 from ds_finetune.config import DataConfig, load_config
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
@@ -68,13 +70,7 @@ def rows(tok, d: data.TokenizedData) -> list[tuple[str, list[str]]]:
     out = []
     for i in range(d.num_rows):
         ids, mask = d.row(i)
-        runs, current = [], []
-        for t, m in zip(ids.tolist(), mask.tolist()):
-            if m:
-                current.append(t)
-            elif current:
-                runs, current = runs + [current], []
-        runs += [current] if current else []
+        runs = harness.target_runs(ids.tolist(), mask.tolist())
         out.append((tok.decode(ids.tolist()), [tok.decode(r) for r in runs]))
     return out
 
@@ -131,12 +127,16 @@ def test_generation_tags_mask_what_the_prefix_path_masks_where_both_work(tmp_pat
         assert mask.tolist() == expected_mask.tolist(), i
 
 
-def test_chat_turns_is_in_the_cache_key_and_the_fingerprint(tmp_path):
+def reasoning_cache_inputs(tmp_path):
+    """(data config, tokenizer, content hash) of a one-conversation file: what the cache key is made of."""
     src = tmp_path / "c.jsonl"
     src.write_text(json.dumps({"messages": REASONING}) + "\n")
     cfg = DataConfig(path=str(src), format="chat", cache_dir=str(tmp_path))
-    tok = tokenizer()
-    h = data.content_hash(data.resolve_data_files(cfg.path), cfg.path, cfg.split)
+    return cfg, tokenizer(), data.content_hash(data.resolve_data_files(cfg.path), cfg.path, cfg.split)
+
+
+def test_chat_turns_is_in_the_cache_key_and_the_fingerprint(tmp_path):
+    cfg, tok, h = reasoning_cache_inputs(tmp_path)
     assert data.cache_path(cfg, h, tok) != data.cache_path(cfg.model_copy(update={"chat_turns": "last"}), h, tok)
 
     tiny = REPO / "configs" / "tiny.yaml"
@@ -150,11 +150,7 @@ def test_chat_turns_is_in_the_cache_key_and_the_fingerprint(tmp_path):
 def test_a_cache_key_from_before_chat_turns_is_unchanged_at_the_default(tmp_path):
     """The key as the version without data.chat_turns computed it: the same data keeps its cache."""
     import hashlib
-    src = tmp_path / "c.jsonl"
-    src.write_text(json.dumps({"messages": REASONING}) + "\n")
-    cfg = DataConfig(path=str(src), format="chat", cache_dir=str(tmp_path))
-    tok = tokenizer()
-    h = data.content_hash(data.resolve_data_files(cfg.path), cfg.path, cfg.split)
+    cfg, tok, h = reasoning_cache_inputs(tmp_path)
     before = {k: v for k, v in cfg.model_dump(mode="json", exclude=data.cache.NOT_IN_KEY).items() if k != "chat_turns"}
     key = json.dumps({"v": data.DATA_FORMAT_VERSION, "data": h, "tok": data.tokenizer_fingerprint(tok), **before},
                      sort_keys=True)

@@ -280,13 +280,7 @@ def test_every_reply_token_is_a_target_whatever_the_templates_whitespace(name, t
     src = write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation}])
     d = data.prepare_data(DataConfig(path=str(src), format="chat", cache_dir=str(tmp_path)), tok)
     ids, mask = d.row(0)
-    runs, current = [], []
-    for t, m in zip(ids.tolist(), mask.tolist()):
-        if m:
-            current.append(t)
-        elif current:
-            runs, current = runs + [current], []
-    runs += [current] if current else []
+    runs = harness.target_runs(ids.tolist(), mask.tolist())
     # What the template writes after the last turn (an eos) belongs to the last reply's targets.
     last = "blue<|end|>\n<|eos|>" if "eos_token" in TEMPLATES[name] else "blue<|end|>"
     assert [tok.decode(r).strip() for r in runs] == ["red red<|end|>", last]
