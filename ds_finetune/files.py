@@ -3,7 +3,9 @@ hashes what is written through it."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
 from pathlib import Path
 
@@ -45,33 +47,94 @@ def hash_and_sync(path: Path) -> dict:
 
 
 class HashingFile:
-    """What DeepSpeed's shards are written through: sha256 and size are computed as the bytes stream out
+    """What checkpoint files are written through: sha256 and size are computed as the bytes stream out
     (no second read of a multi-GB file), and the file is fsynced before it counts as written.
+
+    Bytes go to disk with O_DIRECT where the file system allows it, from one page-aligned buffer: a
+    buffered write costs the kernel about 1.5 s of CPU per GB to copy into and flush the page cache, which
+    a background save takes from training (this machine: 0.5 s vs 0.05 s of CPU for 320 MB, same wall
+    time). Elsewhere (tmpfs, some network file systems) it falls back to ordinary writes.
     `tear()` is called once, with the bytes so far on disk, after the first 4 KiB (the `torn_shard` fault)."""
 
     TEAR_AFTER = 4096
+    ALIGN = 4096       # O_DIRECT: buffer address, file offset and length multiples of the block size
+    CHUNK = 8 << 20
+    DIRECT = True      # tests turn it off to cover the fallback
 
     def __init__(self, path: str, tear=None):
-        self.file = open(path, "wb")
+        self.fd, self.direct = open_for_writing(path, self.DIRECT)
+        self.buf = mmap.mmap(-1, self.CHUNK)  # anonymous mmap: page-aligned
+        self.fill = 0
         self.sha = hashlib.sha256()
         self.size = 0
         self.tear = tear
 
     def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        written = self.file.write(data)
+        view = memoryview(data).cast("B")
+        written = len(view)
+        self.sha.update(view)  # releases the GIL on large buffers
+        self.size += written
+        while len(view):
+            n = min(len(view), self.CHUNK - self.fill)
+            self.buf[self.fill:self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == self.CHUNK:
+                self._write_aligned()
         if self.tear is not None and self.size >= self.TEAR_AFTER:
-            self.file.flush()
+            self._write_aligned()
             self.tear, tear = None, self.tear
             tear()
         return written
 
     def flush(self) -> None:
-        self.file.flush()
+        """Nothing: bytes reach the file in aligned chunks and at close (torch.save calls this)."""
+
+    def _write_aligned(self) -> None:
+        """Write the buffer's largest block-aligned prefix; keep the rest (< ALIGN bytes) at its start."""
+        n = self.fill - self.fill % self.ALIGN
+        write_all(self.fd, memoryview(self.buf)[:n])
+        rest = self.fill - n
+        if rest:
+            self.buf[:rest] = self.buf[n:self.fill]
+        self.fill = rest
 
     def close(self) -> dict:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        try:
+            if self.fill:
+                if self.direct:  # the tail is padded to a whole block, then the file cut to its true size
+                    padded = -(-self.fill // self.ALIGN) * self.ALIGN
+                    self.buf[self.fill:padded] = bytes(padded - self.fill)
+                    write_all(self.fd, memoryview(self.buf)[:padded])
+                    os.ftruncate(self.fd, self.size)
+                else:
+                    write_all(self.fd, memoryview(self.buf)[:self.fill])
+                self.fill = 0
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.buf.close()
         return {"size": self.size, "sha256": self.sha.hexdigest()}
+
+
+    def abandon(self) -> None:
+        """Close without writing the rest (the file is being given up)."""
+        os.close(self.fd)
+        self.buf.close()
+
+
+def open_for_writing(path: str, direct: bool) -> tuple[int, bool]:
+    """(fd, direct): the file created or truncated, with O_DIRECT if asked and the file system takes it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
+                raise
+    return os.open(path, flags, 0o644), False
+
+
+def write_all(fd: int, view: memoryview) -> None:
+    while len(view):
+        view = view[os.write(fd, view):]

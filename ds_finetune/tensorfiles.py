@@ -63,7 +63,7 @@ def write_safetensors(path: Path, names: list[str], shapes: dict, dtype: torch.d
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # its bytes, no copy
             del t
     except BaseException:
-        f.file.close()
+        f.abandon()
         raise
     return f.close()
 

@@ -1,6 +1,7 @@
 """The host-memory snapshot behind background checkpoint writes (checkpoint.async_save), in-process."""
 import io
 
+import pytest
 import torch
 
 from ds_finetune.async_save import BackgroundWrite, snapshot
@@ -51,3 +52,22 @@ def test_background_write_writes_hashes_and_reports_errors(tmp_path):
         assert "no-such-dir" in str(e)
     else:
         raise AssertionError("a failed write must be raised to the caller")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_hashing_file_writes_every_byte_across_chunks_and_a_ragged_tail(tmp_path, monkeypatch, direct):
+    import hashlib
+    import os
+
+    from ds_finetune.files import HashingFile
+
+    monkeypatch.setattr(HashingFile, "CHUNK", 3 * HashingFile.ALIGN)  # small, so writes cross chunk boundaries
+    monkeypatch.setattr(HashingFile, "DIRECT", direct)
+    pieces = [os.urandom(n) for n in (1, 4095, 4097, 20000, 0, 12288, 7)]  # 40,485 bytes: not block-aligned
+    f = HashingFile(str(tmp_path / "x.bin"))
+    for piece in pieces:
+        assert f.write(memoryview(piece)) == len(piece)
+    meta = f.close()
+    data = b"".join(pieces)
+    assert (tmp_path / "x.bin").read_bytes() == data
+    assert meta == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -59,7 +59,7 @@ def test_a_torn_shard_is_half_written_and_the_rest_of_the_job_is_killed(tmp_path
     f.write(b"x" * 3000)
     f.write(b"y" * 3000)
     f.write(b"z" * 3000)
-    assert torn == [6000]  # on disk when the kill would land: more than nothing, less than the file
+    assert len(torn) == 1 and 0 < torn[0] < 9000  # on disk when the kill would land: some, not all of it
     assert f.close()["size"] == 9000
 
 
