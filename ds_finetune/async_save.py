@@ -1,6 +1,8 @@
 """Background checkpoint writes (`checkpoint.async_save`): DeepSpeed builds the save's state dicts as
-usual, but instead of writing each file, we copy its tensors into host memory (a snapshot, so training may
-change the live tensors at once) and a thread writes, hashes and fsyncs the files while training goes on.
+usual, but instead of writing each file we keep it, and a thread copies its tensors into host memory (a
+snapshot) and then writes, hashes and fsyncs the files while training goes on. The copy overlaps the next
+step's forward and backward: only the optimizer step changes saved tensors, so the main loop waits for
+the copy (`wait_until_copied`) just before it, and rarely has to.
 
 The commit is not the thread's: committing needs every rank's file list (a collective), so the main loop
 commits once every rank's writer has finished (the ranks learn it through the step's all-reduce), before
@@ -30,7 +32,7 @@ def snapshot(obj, memo: dict | None = None):
         storage = obj.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         if key not in memo:
-            memo[key] = storage.clone()
+            memo[key] = copy_storage(storage)
         copy = torch.empty(0, dtype=obj.dtype, device=obj.device)
         copy.set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
         if isinstance(obj, torch.nn.Parameter):
@@ -43,6 +45,13 @@ def snapshot(obj, memo: dict | None = None):
     return obj  # numbers, strings, configs: built fresh for the save, never changed by training
 
 
+def copy_storage(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+    """A copy made by a tensor op: those release the GIL (UntypedStorage.clone does not), so the training
+    thread runs while the writer thread copies."""
+    whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+    return whole.clone().untyped_storage()
+
+
 class BackgroundWrite:
     """One save's files of this rank: collected as DeepSpeed hands them over, then written by a thread."""
 
@@ -52,10 +61,11 @@ class BackgroundWrite:
         self.written: dict[str, dict] = {}
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.copied = threading.Event()  # the snapshot is taken: training may change the live tensors
 
     def collect(self, state_dict, path) -> None:
-        """DeepSpeed's `checkpoint_engine.save`: keep a snapshot, write nothing yet."""
-        self.files.append((str(path), snapshot(state_dict)))
+        """DeepSpeed's `checkpoint_engine.save`: keep the state dict (live tensors); nothing is written yet."""
+        self.files.append((str(path), state_dict))
 
     def start(self) -> None:
         # A daemon: a job that dies with a write in flight must not wait for it (the save never commits).
@@ -64,6 +74,11 @@ class BackgroundWrite:
 
     def _write_all(self) -> None:
         try:
+            try:
+                memo: dict = {}  # one copy of a storage that several files share
+                self.files = [(path, snapshot(state, memo)) for path, state in self.files]
+            finally:
+                self.copied.set()  # also on failure: the error is reported at the commit
             for i, (path, state) in enumerate(self.files):
                 fault_point("enospc", self.rank, self.step)
                 f = HashingFile(path, tear=lambda: fault_point("torn_shard", self.rank, self.step))
@@ -77,6 +92,10 @@ class BackgroundWrite:
             fault_point("async_written", self.rank, self.step)
         except BaseException as e:  # noqa: BLE001 - reported to every rank at the commit
             self.error = e
+
+    def wait_until_copied(self) -> None:
+        """Block until the snapshot is taken; before anything changes the saved tensors."""
+        self.copied.wait()
 
     def done(self) -> bool:
         return self.thread is not None and not self.thread.is_alive()

@@ -172,6 +172,11 @@ class Checkpointer:
         self.saved_step, self.last_save_time = state.step, time.time()
         return path
 
+    def before_update(self) -> None:
+        """The optimizer is about to change the weights: a background save must have its snapshot by now."""
+        if self.in_flight is not None:
+            self.in_flight[0].wait_until_copied()
+
     def writing(self) -> bool:
         """This rank's background write is still running (the ranks agree on it in the step's reduce)."""
         return self.in_flight is not None and not self.in_flight[0].done()

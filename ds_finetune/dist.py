@@ -62,6 +62,15 @@ def rank_environment(environ) -> dict[str, str]:
     return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **found}
 
 
+def intra_op_threads(env, cores: int, local_world: int) -> int:
+    """Threads a CPU rank computes with: OMP_NUM_THREADS where set (torchrun sets 1 for several ranks a
+    node), else the node's cores shared out among its ranks."""
+    try:
+        return max(1, int(env["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return max(1, cores // max(1, local_world))
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Join the process group the launcher set up; returns (rank, world size, local rank)."""
     import deepspeed
@@ -72,9 +81,10 @@ def init_distributed() -> tuple[int, int, int]:
     world = int(os.environ["WORLD_SIZE"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
     if get_accelerator().device_name() == "cpu":
-        # One intra-op thread pool per rank sized to its share of the cores; fixed, so the float
-        # reduction order (and the bitwise result) is the same in the reference and the resumed run.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        # One intra-op thread pool per rank: OMP_NUM_THREADS if set, else its share of the cores; fixed,
+        # so the float reduction order (and the bitwise result) is the same in the reference and the
+        # resumed run. (Idle OpenMP workers spin, so extra threads would take a core from a background save.)
+        torch.set_num_threads(intra_op_threads(os.environ, os.cpu_count() or 1, local_world))
     else:
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)

@@ -216,7 +216,7 @@ def to_device(tensors, device) -> list:
 
 
 def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
-               after_micro_step=None) -> torch.Tensor:
+               after_micro_step=None, before_update=None) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
 
     The step's loss is (sum of token losses over the global batch) / (targets in the global batch).
@@ -227,6 +227,8 @@ def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_a
     for batch in micro_batches:  # data.Batch: input_ids, attention_mask, labels, position_ids
         loss_sum = loss_fn(engine, *to_device(batch, engine.device))
         engine.backward(loss_sum * scale)
+        if before_update is not None and engine.is_gradient_accumulation_boundary():
+            before_update()  # this step() changes the weights and optimizer state
         engine.step()
         local_sum += loss_sum.detach().double().cpu()
         if after_micro_step is not None:

@@ -244,7 +244,8 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
                          for m in range(layout.grad_accum)]
         lr = engine.get_lr()[0]
         local_sum = train_step(engine, run.loss_fn, micro_batches, global_targets, layout.grad_accum, layout.world_size,
-                               after_micro_step=lambda: fault_point("mid_accum", rank, state.step + 1))
+                               after_micro_step=lambda: fault_point("mid_accum", rank, state.step + 1),
+                               before_update=ckpt.before_update)
         fault_point("after_step", rank, state.step + 1)
         outcome = agree_on_step(local_sum, stop.signum, ckpt.time_due(), ckpt.writing())
 

@@ -71,3 +71,52 @@ def test_hashing_file_writes_every_byte_across_chunks_and_a_ragged_tail(tmp_path
     data = b"".join(pieces)
     assert (tmp_path / "x.bin").read_bytes() == data
     assert meta == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_the_copy_is_taken_before_wait_until_copied_returns_and_training_may_then_change_the_state(tmp_path,
+                                                                                                   monkeypatch):
+    import time
+
+    from ds_finetune import async_save
+
+    def slow_snapshot(obj, memo=None):
+        time.sleep(0.3)  # a copy that takes a while: the caller must wait for it, not race it
+        return snapshot(obj, memo)
+
+    monkeypatch.setattr(async_save, "snapshot", slow_snapshot)
+    flat, state = state_like_deepspeeds()
+    before = saved_bytes(state)
+    writer = BackgroundWrite(rank=0, step=1)
+    writer.collect(state, tmp_path / "a.pt")  # keeps the live state: nothing copied yet
+    writer.start()
+    writer.wait_until_copied()
+    flat.add_(100)  # the optimizer step
+    state["optimizer"]["state"][0]["exp_avg"].mul_(3)
+    writer.wait()
+    assert saved_bytes(torch.load(tmp_path / "a.pt", weights_only=False)) == before
+
+
+def test_train_step_waits_for_a_background_copy_only_before_the_step_that_updates(tmp_path):
+    from ds_finetune.loss import train_step
+
+    calls = []
+
+    class Engine:  # DeepSpeed's accumulation: step() updates on every grad_accum-th micro-batch
+        device, micro_steps = "cpu", 0
+
+        def backward(self, loss):
+            calls.append("backward")
+
+        def is_gradient_accumulation_boundary(self):
+            return (self.micro_steps + 1) % 3 == 0
+
+        def step(self):
+            calls.append("update" if self.is_gradient_accumulation_boundary() else "step")
+            self.micro_steps += 1
+
+    def loss_fn(engine, *batch):
+        return torch.tensor(1.0)
+
+    train_step(Engine(), loss_fn, [[torch.zeros(1)]] * 3, global_targets=3, grad_accum=3, world_size=1,
+               before_update=lambda: calls.append("wait"))
+    assert calls == ["backward", "step", "backward", "step", "backward", "wait", "update"]
