@@ -81,7 +81,7 @@ class BackgroundWrite:
                 self.copied.set()  # also on failure: the error is reported at the commit
             for i, (path, state) in enumerate(self.files):
                 fault_point("enospc", self.rank, self.step)
-                f = HashingFile(path, tear=lambda: fault_point("torn_shard", self.rank, self.step))
+                f = HashingFile(path, tear=lambda: fault_point("torn_shard", self.rank, self.step), direct=True)
                 try:
                     torch.save(state, f)
                 finally:

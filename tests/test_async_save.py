@@ -62,9 +62,8 @@ def test_hashing_file_writes_every_byte_across_chunks_and_a_ragged_tail(tmp_path
     from ds_finetune.files import HashingFile
 
     monkeypatch.setattr(HashingFile, "CHUNK", 3 * HashingFile.ALIGN)  # small, so writes cross chunk boundaries
-    monkeypatch.setattr(HashingFile, "DIRECT", direct)
     pieces = [os.urandom(n) for n in (1, 4095, 4097, 20000, 0, 12288, 7)]  # 40,485 bytes: not block-aligned
-    f = HashingFile(str(tmp_path / "x.bin"))
+    f = HashingFile(str(tmp_path / "x.bin"), direct=direct)
     for piece in pieces:
         assert f.write(memoryview(piece)) == len(piece)
     meta = f.close()
