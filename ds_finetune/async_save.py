@@ -24,16 +24,17 @@ from ds_finetune.files import HashingFile
 
 
 def snapshot(obj, memo: dict | None = None):
-    """A copy of a state dict whose tensors no longer share memory with the live ones. Each storage is
-    copied once and every tensor is rebuilt on the copy with its own offset, shape and stride, so
-    torch.save writes exactly the bytes (and the sharing between tensors) it would have written."""
+    """A host-memory copy of a state dict whose tensors no longer share memory with the live ones. Each
+    storage is copied once and every tensor is rebuilt on the copy with its own offset, shape and stride,
+    so torch.save writes exactly the bytes (and the sharing between tensors) it would have written; only
+    GPU tensors are recorded as host tensors."""
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         if key not in memo:
             memo[key] = copy_storage(storage)
-        copy = torch.empty(0, dtype=obj.dtype, device=obj.device)
+        copy = torch.empty(0, dtype=obj.dtype)
         copy.set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
         if isinstance(obj, torch.nn.Parameter):
             return torch.nn.Parameter(copy, requires_grad=obj.requires_grad)
@@ -46,10 +47,11 @@ def snapshot(obj, memo: dict | None = None):
 
 
 def copy_storage(storage: torch.UntypedStorage) -> torch.UntypedStorage:
-    """A copy made by a tensor op: those release the GIL (UntypedStorage.clone does not), so the training
-    thread runs while the writer thread copies."""
+    """A host-memory copy, made by a tensor op: those release the GIL (UntypedStorage.clone does not), so
+    the training thread runs while the writer thread copies. A GPU storage is copied to the host (DeepSpeed
+    loads every checkpoint file onto the CPU first, so where it was saved from does not matter)."""
     whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-    return whole.clone().untyped_storage()
+    return whole.to("cpu", copy=True).untyped_storage()
 
 
 class BackgroundWrite:
