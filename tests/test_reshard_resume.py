@@ -56,9 +56,8 @@ def test_converted_state_loads_exactly_into_every_stage(saved_at_step4, referenc
     info, _ = find_resumable_checkpoint(saved_at_step4(3) / "checkpoints")
     target = write_resharded(info)
     out = tmp_path / "roundtrip.json"
-    proc = harness.run([str(harness.BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={harness.free_port()}",
-                        str(harness.ROOT / "tests" / "scripts" / "roundtrip_resharded.py"), str(target), str(out),
-                        "0", "1", "2", "3"])
+    proc = harness.run(harness.ranks_argv(harness.ROOT / "tests" / "scripts" / "roundtrip_resharded.py",
+                                          [str(target), str(out), "0", "1", "2", "3"], 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = {int(k): v for k, v in __import__("json").loads(out.read_text()).items()}
     for stage in STAGES:
@@ -176,6 +175,6 @@ def test_a_damaged_converted_copy_is_a_clear_error(saved_at_step4, tmp_path):
     target = reshard.write_resharded(info, shard_bytes=20_000)
     shard = next(target.glob("exp_avg-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-4] + b"\0\0\0\1")
-    # one rank (a torchrun launch would add its own report of the failed rank)
+    # one rank: its one error line is the whole output
     proc = harness.train(run, ["train.zero_stage=2"], nproc=1, resume="auto", expect_ok=False)
     harness.assert_one_line_error(proc, "converted copy", "damaged", "delete it")

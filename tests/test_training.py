@@ -94,8 +94,7 @@ def test_same_global_batch_split_differently_gives_same_loss_and_weights(tmp_pat
     chunk_specs = [spec for pair in CHUNK_PAIRS for spec in pair]
     single = harness.run([harness.PY, script, str(tmp_path), "4x1", "2x2", "1x4", *chunk_specs])
     assert single.returncode == 0, single.stderr[-3000:]
-    double = harness.run([str(harness.BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={harness.free_port()}",
-                          script, str(tmp_path), "1x2"])
+    double = harness.run(harness.ranks_argv(script, [str(tmp_path), "1x2"], 2))
     assert double.returncode == 0, double.stderr[-3000:]
     runs = ["1-4x1", "1-2x2", "1-1x4", "2-1x2"] + [f"1-{spec}" for spec in chunk_specs]
     losses = {r: json.loads((tmp_path / f"loss{r}.json").read_text()) for r in runs}
