@@ -95,7 +95,7 @@ def test_the_copy_is_taken_before_wait_until_copied_returns_and_training_may_the
     assert saved_bytes(torch.load(tmp_path / "a.pt", weights_only=False)) == before
 
 
-def test_train_step_waits_for_a_background_copy_only_before_the_step_that_updates(tmp_path):
+def test_train_step_waits_for_a_background_copy_only_before_the_step_that_updates():
     from ds_finetune.loss import train_step
 
     calls = []
