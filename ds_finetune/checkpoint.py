@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ds_finetune.errors import UserError
+from ds_finetune.errors import UserError, first_line
 from ds_finetune.faults import fault_point
 from ds_finetune.files import HashingFile, fsync_dir, hash_and_sync, write_atomic
 
@@ -117,8 +117,7 @@ def disk_error(ckpt_dir: Path, err: BaseException) -> UserError:
         free_text = f"{free:,.0f} MiB free"
     except OSError:
         free_text = "free space unknown"
-    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return UserError(f"checkpoint error: saving into {ckpt_dir} failed ({first}; {free_text}); the previous "
+    return UserError(f"checkpoint error: saving into {ckpt_dir} failed ({first_line(err)}; {free_text}); the previous "
                      f"complete checkpoint is intact - free space or set checkpoint.dir, then --resume", exit_code=3)
 
 
@@ -191,7 +190,7 @@ class Checkpointer:
         try:
             own = background.relative(tag_dir)
         except (OSError, RuntimeError) as e:  # sent to every rank through the commit
-            own = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            own = first_line(e)
         commit_files(self.engine, tag_dir, background.step, own, trainer_state, self.cfg.keep_last, self.rank,
                      self.world, self.cfg.keep_best)
         return tag_dir

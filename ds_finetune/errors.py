@@ -13,3 +13,9 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's first message line for a one-line error (its type's name when it has no message)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

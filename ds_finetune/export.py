@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ds_finetune.checkpoint import step_of_tag
+from ds_finetune.checkpoint import TrainState, step_of_tag
 from ds_finetune.verify import CheckpointInfo, inspect_checkpoint
 from ds_finetune.errors import UserError
 from ds_finetune.tensorfiles import nbytes, parse_size, plan_shards, write_safetensors
@@ -72,7 +72,8 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bo
         return source.read(name, "weights")
 
     if merge:
-        base_files = info.manifest["trainer_state"].get("fingerprint", {}).get("exact", {}).get("model.base_files")
+        fingerprint = TrainState.from_manifest(info.manifest).fingerprint or {}
+        base_files = fingerprint.get("exact", {}).get("model.base_files")
         return lora.export_merged(path / HF_DIR, out_dir, names, read, DTYPES[dtype], base_files, max_bytes)
     if adapters:
         return lora.export_adapter(path / HF_DIR, out_dir, names, read, DTYPES[dtype])

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ds_finetune.errors import UserError
+from ds_finetune.errors import UserError, first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_CONFIGS = ("config.json", "generation_config.json")
 BASE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")  # weights, shard indexes, config
 
 
@@ -52,7 +53,7 @@ def apply_lora(model, lora_cfg, seed: int, base_name: str | None):
     try:
         return peft.get_peft_model(model, peft_config(lora_cfg, base_name))
     except ValueError as e:  # e.g. target modules the model does not have
-        raise UserError(f"config error: model.lora: {str(e).splitlines()[0][:300]}") from None
+        raise UserError(f"config error: model.lora: {first_line(e, 300)}") from None
 
 
 def is_lora(model) -> bool:
@@ -120,9 +121,7 @@ def export_adapter(hf_dir: Path, out_dir: Path, names: list[str], read, dtype: t
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(out_dir / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
-    for f in sorted(hf_dir.iterdir()):
-        if f.name not in ("config.json", "generation_config.json"):  # the folder is an adapter, not a model
-            shutil.copy2(f, out_dir / f.name)
+    copy_hf_files(hf_dir, out_dir, skip=MODEL_CONFIGS)  # the folder is an adapter, not a model
     return out_dir
 
 
@@ -144,10 +143,15 @@ def export_merged(hf_dir: Path, out_dir: Path, names: list[str], read, dtype: to
     peft.set_peft_model_state_dict(model, state)
     merged = model.merge_and_unload().to(dtype)
     merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    for f in sorted(hf_dir.iterdir()):
-        if f.name not in (ADAPTER_CONFIG, "config.json", "generation_config.json"):
-            shutil.copy2(f, out_dir / f.name)
+    copy_hf_files(hf_dir, out_dir, skip=(ADAPTER_CONFIG, *MODEL_CONFIGS))  # save_pretrained wrote the configs
     return out_dir
+
+
+def copy_hf_files(hf_dir: Path, out_dir: Path, skip: tuple[str, ...]) -> None:
+    """The checkpoint's `hf/` files (tokenizer, configs) into an export, less `skip`."""
+    for f in sorted(hf_dir.iterdir()):
+        if f.name not in skip:
+            shutil.copy2(f, out_dir / f.name)
 
 
 def check_same_base(base_name: str, saved: dict) -> None:

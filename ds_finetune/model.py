@@ -15,7 +15,7 @@ import sys
 import torch
 
 from ds_finetune.config import RunConfig
-from ds_finetune.errors import UserError
+from ds_finetune.errors import UserError, first_line
 
 
 def build_model(cfg: RunConfig, ds_config: dict):
@@ -38,7 +38,7 @@ def build_model(cfg: RunConfig, ds_config: dict):
             model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError) as e:
         source = cfg.model.name_or_path or "model.config"
-        raise UserError(f"model error: cannot build the model from {source} ({str(e).splitlines()[0][:200]})")
+        raise UserError(f"model error: cannot build the model from {source} ({first_line(e)})")
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -56,6 +56,9 @@ def check_isolated_packing(model, micro_batch_size: int) -> None:
     modeling code that does not build its masks with transformers' masking_utils (remote code, state-space
     models), and flash attention with more than one sequence a micro-batch (its kernels read pack
     boundaries from the positions only for a batch of one: `_is_packed_sequence`)."""
+    from ds_finetune.lora import hf_model
+
+    model = hf_model(model)  # under LoRA, the transformers model inside peft's wrapper
     impl = str(getattr(model.config, "_attn_implementation", None) or "")
     module = sys.modules.get(type(model.base_model).__module__)
     try:

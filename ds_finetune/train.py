@@ -286,10 +286,9 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
 
 def stop_after_signal(run: Run, state: TrainState, metrics, save, signum: int, commit_background_save) -> int:
     """Every rank agreed to stop after this step: save (unless disabled) and exit with 128 + signal."""
-    if run.cfg.checkpoint.save_on_signal:
-        path = save("stop requested")
+    path = save("stop requested") if run.cfg.checkpoint.save_on_signal else None
     commit_background_save()  # this save, or one still in flight: committed before the exit
-    if run.cfg.checkpoint.save_on_signal:
+    if path is not None:
         metrics.message(f"[ds-finetune] stopped by signal at step {state.step}; resume with --resume "
                         f"(checkpoint {path})")
     else:

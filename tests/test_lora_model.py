@@ -95,3 +95,10 @@ def test_the_base_files_not_the_folder_are_a_lora_runs_identity(tmp_path):
     (base / "model.safetensors").write_bytes(b"other weights")
     changed = base_model_files(str(base), tmp_path / "memo")
     assert changed_exact_keys(saved, config_fingerprint(cfg, 8, "data", changed)) == ["model.base_files.model.safetensors"]
+
+
+def test_isolated_packing_accepts_a_lora_model():
+    """The packing check reads the transformers model inside peft's wrapper (peft's own module builds no masks)."""
+    from ds_finetune.model import check_isolated_packing
+
+    check_isolated_packing(build(LORA, 0), micro_batch_size=2)

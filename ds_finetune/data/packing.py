@@ -81,9 +81,10 @@ def collate(data: TokenizedData, units: list[np.ndarray], pad_id: int, isolate: 
     for j, (ids, mask, row_lengths) in enumerate(seqs):
         input_ids[j, :len(ids)] = ids
         labels[j, :len(ids)] = np.where(mask, ids, IGNORE_INDEX)
-        attention[j, :len(ids)] = 1
-        # Padding is a segment of its own (positions from 0 again): no row attends to it either way.
-        positions[j] = np.concatenate([np.arange(n) for n in [*row_lengths, width - len(ids)]])
+        if isolate:  # padding is a segment of its own (positions from 0 again): no row attends to it
+            positions[j] = np.concatenate([np.arange(n) for n in [*row_lengths, width - len(ids)]])
+        else:
+            attention[j, :len(ids)] = 1
     if isolate:
         return Batch(torch.from_numpy(input_ids), None, torch.from_numpy(labels), torch.from_numpy(positions))
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(labels))

@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ds_finetune.errors import UserError
+from ds_finetune.errors import UserError, first_line
 from ds_finetune.files import sha256_file
 
 LOCAL_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -196,7 +196,7 @@ def _parquet_rows(f: Path, chunk_rows: int):
             for row in batch.to_pylist():
                 yield str(f), row
     except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
-        raise UserError(f"data error: {f}: cannot read it as Parquet ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"data error: {f}: cannot read it as Parquet ({first_line(e)})") from None
 
 
 def _dataset_rows(data_cfg, chunk_rows: int):
@@ -207,8 +207,7 @@ def _dataset_rows(data_cfg, chunk_rows: int):
     try:
         ds = datasets.load_dataset(data_cfg.path, split=data_cfg.split)
     except Exception as e:  # datasets raises many types for unusable input; all are the user's to fix
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"data error: cannot load {data_cfg.path!r}: {first[:300]}") from None
+        raise UserError(f"data error: cannot load {data_cfg.path!r}: {first_line(e, 300)}") from None
     for batch in ds.iter(batch_size=chunk_rows):  # Arrow-backed: memory-mapped, read a batch at a time
         columns = list(batch)
         for values in zip(*(batch[c] for c in columns)):
