@@ -13,7 +13,7 @@ noisy; absolute times are not stable), from medians of interleaved repetitions:
   8. loss          peak RSS and step time, chunked loss vs full logits     (bench/loss_memory.py)
 
 Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick).
-Scratch files go to build/bench/.
+Scratch files go to build/bench/; each section's run folders (checkpoints) are deleted when it ends.
 
     python bench/run.py [--quick] [--only overhead,resume,...]
 """
@@ -24,6 +24,7 @@ import argparse
 import importlib
 import os
 import shlex
+import shutil
 import sys
 import time
 import traceback
@@ -64,6 +65,8 @@ def run_sections(names: list[str], quick: bool) -> tuple[dict, list, dict, dict]
             errors[name] = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             results[name] = {"error": errors[name]}
             continue
+        finally:  # a full bench writes ~40 GB of checkpoints; its figures are taken, the folders are not needed
+            shutil.rmtree(WORK / "runs", ignore_errors=True)
         result["wall_s"] = round(time.time() - t0, 1)
         results[name] = result
         figures += result.get("figures", [])
