@@ -312,6 +312,7 @@ def save_stall_run(name: str, config: Path, overrides: list[str], every: int, np
     with_save = [dt for i, dt in enumerate(intervals) if (i + 1) % every == 0 and i >= 2]
     without = [dt for i, dt in enumerate(intervals) if (i + 1) % every != 0 and i >= 2]
     manifest = json.loads((out / "checkpoints" / f"step_{every:08d}" / "manifest.json").read_text())
+    shutil.rmtree(out)  # ~2.5 GB of checkpoints a run at the async section's size; only the figures are kept
     step_s = median(without)
     return {"step_s": step_s, "stall_s": median([dt - step_s for dt in with_save]),
             "mean_interval_s": sum(intervals[2:]) / len(intervals[2:]),

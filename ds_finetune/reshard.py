@@ -117,17 +117,23 @@ def share_of(names: list[str], shapes: dict, rank: int, world: int) -> list[str]
     return out
 
 
-def write_share(src, names: list[str], folder: Path, rank: int, shard_bytes: int = SHARD_BYTES) -> dict:
-    """Convert `names` into `folder`, key by key and tensor by tensor. Returns {"files": {file: size,
-    sha256}, "tensors": {key: {name: file}}}."""
+def write_share(src, names: list[str], folder: Path, rank: int, shard_bytes: int = SHARD_BYTES,
+                progress=lambda: None) -> dict:
+    """Convert `names` into `folder`, key by key and tensor by tensor, calling `progress()` before each
+    tensor. Returns {"files": {file: size, sha256}, "tensors": {key: {name: file}}}."""
     shapes = {n: src.shapes[n] for n in names}
     sizes = {n: nbytes(shapes[n], torch.float32) for n in names}
     files, tensors = {}, {key: {} for key in TENSOR_FILES}
+
+    def read(name: str, key: str) -> torch.Tensor:
+        progress()
+        return src.read(name, key)
+
     for key in TENSOR_FILES:
         for i, shard in enumerate(plan_shards(names, sizes, shard_bytes)):
             fname = f"{key}-r{rank:05d}-{i:05d}.safetensors"
             files[fname] = write_safetensors(folder / fname, shard, shapes, torch.float32,
-                                             lambda name, key=key: src.read(name, key))
+                                             lambda name, key=key: read(name, key))
             tensors[key].update({name: fname for name in shard})
     return {"files": files, "tensors": tensors}
 

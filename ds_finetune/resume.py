@@ -154,6 +154,14 @@ Converted = reshard.ConvertedCopy  # a checkpoint from another stage or world si
 CONVERT_POLL_S = 0.1
 
 
+def convert_stall_s() -> float:
+    """How long a rank may show no sign of life during a conversion before the others give up: DeepSpeed's
+    collective timeout (DEEPSPEED_TIMEOUT, in minutes, 10 by default), the bound the user already set for
+    a stuck rank. DS_FINETUNE_CONVERT_STALL_S (seconds) overrides it, for tests."""
+    override = os.environ.get("DS_FINETUNE_CONVERT_STALL_S")
+    return float(override) if override else 60.0 * int(os.environ.get("DEEPSPEED_TIMEOUT", "10"))
+
+
 def needs_conversion(info: CheckpointInfo | None, stage: int, world: int) -> bool:
     return info is not None and (info.manifest["zero_stage"], info.manifest["world_size"]) != (stage, world)
 
@@ -193,28 +201,63 @@ def _manifest_of(info: CheckpointInfo) -> dict:
 
 def _convert_share(info: CheckpointInfo, tmp: Path, rank: int, world: int) -> None:
     """Write this rank's share into `tmp` and report it in `tmp/.done-rR.json` (or the error in
-    `.error-rR`); rank 0 waits for every report, then commits; the others wait for the commit."""
+    `.error-rR`); rank 0 waits for every report, then commits; the others wait for the commit. A rank
+    shows it is alive by touching `tmp/.alive-rR` at every tensor (rank 0 also while it waits): a rank
+    that hangs cannot report an error, so the others give up after `convert_stall_s()` without a sign."""
+    watch = _Watch(tmp, convert_stall_s())
     try:
         src = reshard.open_source(info)
-        part = reshard.write_share(src, reshard.share_of(src.names, src.shapes, rank, world), tmp, rank)
+        share = reshard.share_of(src.names, src.shapes, rank, world)
+        part = reshard.write_share(src, share, tmp, rank, progress=lambda: _beat(tmp, rank))
         fault_point("mid_convert", rank, info.step)
+        fault_point("hang_convert", rank, info.step)
         ckpt.write_atomic(tmp / f".done-r{rank}.json", json.dumps(part))
         if rank == 0:
-            parts = [json.loads(p.read_text()) for p in _wait_for(tmp, lambda: _reports(tmp, world))]
-            for p in tmp.glob(".done-r*.json"):
+            parts = [json.loads(p.read_text()) for p in _wait_for(tmp, lambda: _reports(tmp, world, watch))]
+            for p in [*tmp.glob(".done-r*.json"), *tmp.glob(".alive-r*")]:
                 p.unlink()
             reshard.commit(reshard.resharded_dir(info), tmp, parts, reshard.source_meta(info, src))
     except Exception as e:  # every rank must learn of it, or they would wait for the commit forever
         message = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         ckpt.write_atomic(tmp / f".error-r{rank}", message)
         raise
-    if rank != 0:
-        _wait_for(tmp, lambda: reshard.has_resharded(info) or None)
+    if rank != 0:  # reported, so no more beats (rank 0 is about to move the folder); rank 0 is watched
+        _wait_for(tmp, lambda: reshard.has_resharded(info) or watch.check([0]))
 
 
-def _reports(tmp: Path, world: int) -> list[Path] | None:
+def _reports(tmp: Path, world: int, watch: "_Watch") -> list[Path] | None:
+    _beat(tmp, 0)  # the other ranks watch rank 0 until it commits
     done = [tmp / f".done-r{r}.json" for r in range(world)]
+    watch.check([r for r, p in enumerate(done) if not p.exists()])
     return done if all(p.exists() for p in done) else None
+
+
+def _beat(tmp: Path, rank: int) -> None:
+    (tmp / f".alive-r{rank}").touch()
+
+
+class _Watch:
+    """Whether ranks still show signs of life: a rank's `.alive-rR` counts while its mtime keeps changing,
+    timed on this host's clock, so the clocks of other nodes do not matter."""
+
+    def __init__(self, tmp: Path, stall_s: float):
+        self.tmp, self.stall_s, self.started, self.seen = tmp, stall_s, time.monotonic(), {}
+
+    def check(self, ranks: list[int]) -> None:
+        now = time.monotonic()
+        for r in ranks:
+            try:
+                mtime = (self.tmp / f".alive-r{r}").stat().st_mtime_ns
+            except FileNotFoundError:
+                mtime = None
+            last, since = self.seen.get(r, (None, self.started))
+            if mtime != last:
+                self.seen[r] = (mtime, now)
+            elif now - since > self.stall_s:
+                raise UserError(f"checkpoint error: rank {r} has shown no progress converting {self.tmp.parent} "
+                                f"for {self.stall_s:.0f} s (a hung process or file system); stop the job and "
+                                f"resume again, the conversion starts over (DEEPSPEED_TIMEOUT, in minutes, sets "
+                                f"this limit)")
 
 
 def _wait_for(tmp: Path, ready):

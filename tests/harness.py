@@ -111,9 +111,9 @@ def kill_job(proc: subprocess.Popen) -> None:
 
 
 def train(out_dir: Path, overrides=(), nproc: int = 2, resume: str | None = None, flags=(),
-          fault: str | None = None, expect_ok: bool = True) -> subprocess.CompletedProcess:
+          fault: str | None = None, expect_ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = run(train_argv(out_dir, overrides, nproc, resume, flags),
-               {"DS_FINETUNE_FAULT": fault} if fault else None)
+               {**(env or {}), **({"DS_FINETUNE_FAULT": fault} if fault else {})} or None)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -156,8 +156,13 @@ def test_streamed_conversion_equals_a_whole_model_consolidation(saved_at_step4, 
     assert copy.meta["optimizer_step"] == 4 and copy.meta["global_steps"] == 4
 
 
-def test_a_crash_mid_conversion_is_never_used_and_resume_converts_again(saved_at_step4, reference_run, tmp_path):
+def test_a_crash_or_a_hang_mid_conversion_is_never_used_and_resume_converts_again(saved_at_step4, reference_run,
+                                                                                  tmp_path):
     run = shutil.copytree(saved_at_step4(2), tmp_path / "run")
+    # rank 1 hangs after writing its share: rank 0 gives up on it in one line instead of waiting forever
+    proc = harness.train(run, ["train.zero_stage=3"], resume="auto", fault="hang_convert:rank1", expect_ok=False,
+                         env={"DS_FINETUNE_CONVERT_STALL_S": "4"})
+    harness.assert_one_line_error(proc, "rank 1 has shown no progress", "for 4 s", "resume again")
     proc = harness.train(run, ["train.zero_stage=3"], resume="auto", fault="mid_convert", expect_ok=False)
     assert proc.returncode == -9, proc.stdout[-2000:]
     info, _ = find_resumable_checkpoint(run / "checkpoints")
