@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ds_finetune.checkpoint import TrainState, step_of_tag
-from ds_finetune.verify import CheckpointInfo, inspect_checkpoint
+from ds_finetune.verify import CheckpointInfo, inspect_checkpoint, verify_files
 from ds_finetune.errors import UserError
 from ds_finetune.tensorfiles import nbytes, parse_size, plan_shards, write_safetensors
 
@@ -62,7 +62,7 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bo
                         f"(export it without --merge)")
     if reshard.has_resharded(info):  # an earlier converted resume left plain safetensors: cheaper to read
         target = reshard.resharded_dir(info)
-        source = reshard.open_resharded(target, lambda m: reshard.verify_share(target, m, 0, 1, hashes))
+        source = reshard.open_resharded(target, lambda m: verify_files(target, m, hashes))
         names, shapes = source.names, {n: tuple(s) for n, s in source.meta["shapes"].items()}
     else:
         source = reshard.open_source(info)

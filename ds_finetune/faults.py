@@ -6,7 +6,8 @@ At the named phase on rank R (at step N) the whole job is SIGKILLed at once, lik
 the `enospc*` phases, the write fails with ENOSPC. `torn_shard` kills the job in the middle of a shard's
 bytes (the file is left half written); `mid_shards` after a complete file; `async_write` and
 `async_written` (checkpoint.async_save) in the background writer, after a file and after the last file,
-while training goes on; `hang_convert` makes the rank sleep for an hour after its conversion share.
+while training goes on; `hang_convert` and `hang_verify` make the rank sleep for an hour after its
+conversion share and before hashing its share of a checkpoint at resume.
 "The job" is every process that inherited the same DS_FINETUNE_FAULT and DS_FINETUNE_FAULT_ID (the
 ranks, the launcher and the CLI): launchers put ranks in other process groups (torchrun: other
 sessions), so no group kill fits, and the id (set per launch by the tests) keeps two jobs with the same
@@ -26,8 +27,8 @@ from ds_finetune.errors import UserError
 
 PHASES = ("mid_accum", "after_step", "before_save", "torn_shard", "mid_shards", "after_shards", "after_manifest_tmp",
           "after_manifest_rename", "before_latest_rename", "after_latest_rename", "during_retention",
-          "enospc", "enospc_manifest", "enospc_latest", "mid_convert", "hang_convert", "slow_save", "async_write",
-          "async_written")
+          "enospc", "enospc_manifest", "enospc_latest", "mid_convert", "hang_convert", "hang_verify", "slow_save",
+          "async_write", "async_written")
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,7 +54,7 @@ def fault_point(phase: str, rank: int, step: int) -> None:
     if phase == "slow_save":  # a save as long as a large model's (DS_FINETUNE_SLOW_SAVE_S seconds)
         time.sleep(float(os.environ.get("DS_FINETUNE_SLOW_SAVE_S", "35")))
         return
-    if phase == "hang_convert":  # a rank that hangs instead of crashing: it never reports anything
+    if phase.startswith("hang_"):  # a rank that hangs instead of crashing: it never reports anything
         time.sleep(3600)
         return
     if phase.startswith("enospc"):

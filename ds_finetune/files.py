@@ -10,11 +10,14 @@ import os
 from pathlib import Path
 
 
-def sha256_file(path: Path, fsync: bool = False) -> str:
+def sha256_file(path: Path, fsync: bool = False, progress=None) -> str:
+    """The file's sha256; `progress(n)` is called after each chunk of n bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+            if progress:
+                progress(len(chunk))
         if fsync:
             os.fsync(f.fileno())
     return h.hexdigest()

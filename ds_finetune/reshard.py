@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ds_finetune.checkpoint import MANIFEST, remove_tree
-from ds_finetune.verify import CheckpointInfo, verify_files
+from ds_finetune.verify import CheckpointInfo
 from ds_finetune.files import hash_and_sync, write_atomic
 from ds_finetune.errors import UserError
 from ds_finetune.files import fsync_dir
@@ -117,17 +117,23 @@ def share_of(names: list[str], shapes: dict, rank: int, world: int) -> list[str]
     return out
 
 
+def share_bytes(src, names: list[str]) -> int:
+    """Bytes `write_share` writes for `names` (the fp32 weights and both moments)."""
+    return len(TENSOR_FILES) * sum(nbytes(src.shapes[n], torch.float32) for n in names)
+
+
 def write_share(src, names: list[str], folder: Path, rank: int, shard_bytes: int = SHARD_BYTES,
-                progress=lambda: None) -> dict:
-    """Convert `names` into `folder`, key by key and tensor by tensor, calling `progress()` before each
-    tensor. Returns {"files": {file: size, sha256}, "tensors": {key: {name: file}}}."""
+                progress=lambda n: None) -> dict:
+    """Convert `names` into `folder`, key by key and tensor by tensor, calling `progress(n)` after each
+    tensor of n bytes is read. Returns {"files": {file: size, sha256}, "tensors": {key: {name: file}}}."""
     shapes = {n: src.shapes[n] for n in names}
     sizes = {n: nbytes(shapes[n], torch.float32) for n in names}
     files, tensors = {}, {key: {} for key in TENSOR_FILES}
 
     def read(name: str, key: str) -> torch.Tensor:
-        progress()
-        return src.read(name, key)
+        value = src.read(name, key)
+        progress(sizes[name])
+        return value
 
     for key in TENSOR_FILES:
         for i, shard in enumerate(plan_shards(names, sizes, shard_bytes)):
@@ -192,12 +198,6 @@ def open_resharded(path: Path, verify_files_of=None) -> ConvertedCopy:
     if problems:
         raise UserError(f"checkpoint error: converted copy {path} is damaged ({problems[0]}); delete it to convert again")
     return ConvertedCopy(path, json.loads((path / "meta.json").read_text()))
-
-
-def verify_share(path: Path, manifest: dict, rank: int, world: int, hashes: bool = True) -> list[str]:
-    """Check this rank's share of the copy's files (the ranks of a job split the hashing)."""
-    names = sorted(manifest["files"])[rank::world]
-    return verify_files(path, {"files": {n: manifest["files"][n] for n in names}}, hashes)
 
 
 # ------------------------------------------------------------------------------------- into an engine

@@ -21,10 +21,11 @@ from ds_finetune.verify import CheckpointInfo
 from ds_finetune.config import RunConfig
 from ds_finetune.fingerprint import changed_exact_keys
 from ds_finetune.data import DATA_FORMAT_VERSION
-from ds_finetune.dist import all_gather, decide, restore_rng
+from ds_finetune.dist import barrier, decide, restore_rng
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
 from ds_finetune.files import fsync_dir, write_atomic
+from ds_finetune.rendezvous import Meter, Rendezvous
 from ds_finetune.sampler import BatchLayout
 
 
@@ -35,13 +36,68 @@ def say(text: str) -> None:
 # ------------------------------------------------------------------------------------------------ choose
 
 def choose_checkpoint(cfg: RunConfig, resume: str | None, overwrite: bool, discard_newer: bool,
-                      rank: int) -> CheckpointInfo | None:
-    """The checkpoint to continue (None: start fresh). `resume` is None, "auto" or a path. Rank 0
-    decides (it may hash many files); the others receive its decision or its error."""
-    return decide(lambda: _choose_on_rank0(cfg, resume, overwrite, discard_newer), runs_here=rank == 0)
+                      rank: int, world: int) -> CheckpointInfo | None:
+    """The checkpoint to continue (None: start fresh). `resume` is None, "auto" or a path. The hashing,
+    which grows with the model, is split among the ranks and waited for on files; then rank 0 decides
+    and the others receive its decision or its error."""
+    checked, board = {}, None
+    if resume is not None and cfg.checkpoint.verify_hashes:
+        board = Path(cfg.output_dir) / f"{VERIFY_PREFIX}{decide(lambda: uuid.uuid4().hex[:12], rank == 0)}"
+        checked = _hash_candidates(cfg, resume, board, rank, world)
+    try:
+        return decide(lambda: _choose_on_rank0(cfg, resume, overwrite, discard_newer, checked), runs_here=rank == 0)
+    finally:  # decide returned or raised on every rank, so every rank has read the reports; a refusal too
+        if rank == 0 and board is not None:  # changes nothing in the run folder
+            for old in Path(cfg.output_dir).glob(VERIFY_PREFIX + "*"):  # this one, and a crashed attempt's
+                shutil.rmtree(old, ignore_errors=True)
 
 
-def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool, discard_newer: bool) -> CheckpointInfo | None:
+VERIFY_PREFIX = ".verify-"
+
+
+def _hash_candidates(cfg: RunConfig, resume: str, board: Path, rank: int, world: int) -> dict[str, list[str]]:
+    """Hash the checkpoints --resume looks at (newest first, up to the first intact one; or the one
+    named), each rank a share of every one's files. {tag folder: problems}, the same on every rank."""
+    candidates = [Path(resume)] if resume != "auto" else list(reversed(ckpt.tag_dirs(cfg.checkpoint_dir)))
+    checked = {}
+    for tag_dir in candidates:
+        try:
+            manifest = ckpt.read_manifest(tag_dir) if tag_dir.is_dir() else None
+        except ValueError:
+            manifest = None
+        if manifest is None:
+            continue  # nothing to hash; rank 0 reports it
+        checked[str(tag_dir)] = hash_together(tag_dir, manifest, board / tag_dir.name, rank, world)
+        if not checked[str(tag_dir)]:
+            break
+    return checked
+
+
+def hash_together(folder: Path, manifest: dict, board_dir: Path, rank: int, world: int) -> list[str]:
+    """Every problem with the manifest's files in `folder`; each rank hashes a share, all wait on files."""
+    board_dir.mkdir(parents=True, exist_ok=True)
+    board = Rendezvous(board_dir, rank, world, f"verifying {folder}")
+    files = manifest["files"]
+    mine = verify.share_of_files(files, rank, world)
+    meter = Meter(say if rank == 0 else None, f"verifying {folder.name} (rank 0's share)",
+                  sum(files[n]["size"] for n in mine))
+
+    def hashed(n: int) -> None:
+        board.beat()
+        meter.add(n)
+
+    try:
+        board.beat()
+        fault_point("hang_verify", rank, int(manifest.get("step", -1)))
+        board.report(verify.verify_files(folder, {"files": {n: files[n] for n in mine}}, progress=hashed))
+        return [problem for part in board.reports() for problem in part]
+    except Exception as e:  # the others must not wait for this rank's report
+        board.fail(e)
+        raise
+
+
+def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool, discard_newer: bool,
+                     checked: dict | None = None) -> CheckpointInfo | None:
     ckpt_dir, hashes = cfg.checkpoint_dir, cfg.checkpoint.verify_hashes
     if resume is None:
         if verify.has_checkpoints(ckpt_dir) and not overwrite:
@@ -54,7 +110,7 @@ def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool, discar
         if not path.is_dir():
             raise UserError(f"checkpoint error: {path}: no such checkpoint folder; see `ds-finetune ckpt list "
                             f"{cfg.output_dir}`")
-        info = verify.inspect_checkpoint(path, hashes)
+        info = verify.inspect_checkpoint(path, hashes, checked)
         if info.status != "complete":
             raise UserError(f"checkpoint error: {path} is {info.status} ({'; '.join(info.problems)[:300]}); "
                             f"pick another with `ds-finetune ckpt list {path.parent}`")
@@ -67,7 +123,7 @@ def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool, discar
                             f"(and their metrics lines) aside into {ckpt_dir}/discarded-*/, or --resume "
                             f"without a path to continue from the newest")
         return info
-    info, skipped = verify.find_resumable_checkpoint(ckpt_dir, hashes)
+    info, skipped = verify.find_resumable_checkpoint(ckpt_dir, hashes, checked)
     for line in skipped:
         say(line)
     if info is None:
@@ -151,17 +207,6 @@ def resolve_layout(cfg: RunConfig, world: int, resume_from: CheckpointInfo | Non
 
 Converted = reshard.ConvertedCopy  # a checkpoint from another stage or world size, read tensor by tensor
 
-CONVERT_POLL_S = 0.1
-
-
-def convert_stall_s() -> float:
-    """How long a rank may show no sign of life during a conversion before the others give up: DeepSpeed's
-    collective timeout (DEEPSPEED_TIMEOUT, in minutes, 10 by default), the bound the user already set for
-    a stuck rank. DS_FINETUNE_CONVERT_STALL_S (seconds) overrides it, for tests."""
-    override = os.environ.get("DS_FINETUNE_CONVERT_STALL_S")
-    return float(override) if override else 60.0 * int(os.environ.get("DEEPSPEED_TIMEOUT", "10"))
-
-
 def needs_conversion(info: CheckpointInfo | None, stage: int, world: int) -> bool:
     return info is not None and (info.manifest["zero_stage"], info.manifest["world_size"]) != (stage, world)
 
@@ -178,19 +223,23 @@ def convert(info: CheckpointInfo, stage: int, world: int, rank: int) -> Converte
         say(f"converting {info.path} (ZeRO {m['zero_stage']}, {m['world_size']} ranks) for ZeRO {stage} on "
             f"{world} ranks" + (" (reusing the converted copy)" if cached else
                                      f" ({world} ranks share the work)" if world > 1 else ""))
+        for old in [*info.path.glob(reshard.TMP_PREFIX + "*"), *info.path.glob(VERIFY_PREFIX + "*")]:
+            shutil.rmtree(old, ignore_errors=True)  # a crashed conversion's or verification's leftovers
         if cached:
             return None
-        for old in info.path.glob(reshard.TMP_PREFIX + "*"):
-            shutil.rmtree(old, ignore_errors=True)
         tmp = info.path / f"{reshard.TMP_PREFIX}{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         return tmp.name
 
     tmp_name = decide(plan, runs_here=rank == 0)
     if tmp_name is None:
-        problems = [p for part in all_gather(reshard.verify_share(reshard.resharded_dir(info), _manifest_of(info),
-                                                                  rank, world)) for p in part]
-        return reshard.open_resharded(reshard.resharded_dir(info), lambda _: problems)
+        target = reshard.resharded_dir(info)
+        board = info.path / f"{VERIFY_PREFIX}{decide(lambda: uuid.uuid4().hex[:12], rank == 0)}"
+        problems = hash_together(target, _manifest_of(info), board, rank, world)
+        barrier()  # every rank has read the reports
+        if rank == 0:
+            shutil.rmtree(board, ignore_errors=True)
+        return reshard.open_resharded(target, lambda _: problems)
     _convert_share(info, info.path / tmp_name, rank, world)
     return reshard.open_resharded(reshard.resharded_dir(info))
 
@@ -200,76 +249,32 @@ def _manifest_of(info: CheckpointInfo) -> dict:
 
 
 def _convert_share(info: CheckpointInfo, tmp: Path, rank: int, world: int) -> None:
-    """Write this rank's share into `tmp` and report it in `tmp/.done-rR.json` (or the error in
-    `.error-rR`); rank 0 waits for every report, then commits; the others wait for the commit. A rank
-    shows it is alive by touching `tmp/.alive-rR` at every tensor (rank 0 also while it waits): a rank
-    that hangs cannot report an error, so the others give up after `convert_stall_s()` without a sign."""
-    watch = _Watch(tmp, convert_stall_s())
+    """Write this rank's share into `tmp` and report it (`rendezvous`); rank 0 waits for every report,
+    then commits; the others wait for the commit, watching rank 0."""
+    board = Rendezvous(tmp, rank, world, f"converting {info.path}")
     try:
         src = reshard.open_source(info)
         share = reshard.share_of(src.names, src.shapes, rank, world)
-        part = reshard.write_share(src, share, tmp, rank, progress=lambda: _beat(tmp, rank))
+        meter = Meter(say if rank == 0 else None, "converting (rank 0's share)", reshard.share_bytes(src, share))
+
+        def converted(n: int) -> None:
+            board.beat()
+            meter.add(n)
+
+        board.beat()
+        part = reshard.write_share(src, share, tmp, rank, progress=converted)
         fault_point("mid_convert", rank, info.step)
         fault_point("hang_convert", rank, info.step)
-        ckpt.write_atomic(tmp / f".done-r{rank}.json", json.dumps(part))
+        board.report(part)
         if rank == 0:
-            parts = [json.loads(p.read_text()) for p in _wait_for(tmp, lambda: _reports(tmp, world, watch))]
-            for p in [*tmp.glob(".done-r*.json"), *tmp.glob(".alive-r*")]:
-                p.unlink()
+            parts = board.reports()
+            board.clear_markers()
             reshard.commit(reshard.resharded_dir(info), tmp, parts, reshard.source_meta(info, src))
     except Exception as e:  # every rank must learn of it, or they would wait for the commit forever
-        message = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        ckpt.write_atomic(tmp / f".error-r{rank}", message)
+        board.fail(e)
         raise
     if rank != 0:  # reported, so no more beats (rank 0 is about to move the folder); rank 0 is watched
-        _wait_for(tmp, lambda: reshard.has_resharded(info) or watch.check([0]))
-
-
-def _reports(tmp: Path, world: int, watch: "_Watch") -> list[Path] | None:
-    _beat(tmp, 0)  # the other ranks watch rank 0 until it commits
-    done = [tmp / f".done-r{r}.json" for r in range(world)]
-    watch.check([r for r, p in enumerate(done) if not p.exists()])
-    return done if all(p.exists() for p in done) else None
-
-
-def _beat(tmp: Path, rank: int) -> None:
-    (tmp / f".alive-r{rank}").touch()
-
-
-class _Watch:
-    """Whether ranks still show signs of life: a rank's `.alive-rR` counts while its mtime keeps changing,
-    timed on this host's clock, so the clocks of other nodes do not matter."""
-
-    def __init__(self, tmp: Path, stall_s: float):
-        self.tmp, self.stall_s, self.started, self.seen = tmp, stall_s, time.monotonic(), {}
-
-    def check(self, ranks: list[int]) -> None:
-        now = time.monotonic()
-        for r in ranks:
-            try:
-                mtime = (self.tmp / f".alive-r{r}").stat().st_mtime_ns
-            except FileNotFoundError:
-                mtime = None
-            last, since = self.seen.get(r, (None, self.started))
-            if mtime != last:
-                self.seen[r] = (mtime, now)
-            elif now - since > self.stall_s:
-                raise UserError(f"checkpoint error: rank {r} has shown no progress converting {self.tmp.parent} "
-                                f"for {self.stall_s:.0f} s (a hung process or file system); stop the job and "
-                                f"resume again, the conversion starts over (DEEPSPEED_TIMEOUT, in minutes, sets "
-                                f"this limit)")
-
-
-def _wait_for(tmp: Path, ready):
-    """Poll until `ready()` returns something; a rank's error report ends the wait with that error."""
-    while True:
-        result = ready()
-        if result:
-            return result
-        errors = sorted(tmp.glob(".error-r*")) if tmp.exists() else []
-        if errors:
-            raise UserError(errors[0].read_text())
-        time.sleep(CONVERT_POLL_S)
+        board.wait_until(lambda: reshard.has_resharded(info) or board.check_alive([0]))
 
 
 # ----------------------------------------------------------------------------------------------- restore

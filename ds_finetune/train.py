@@ -124,7 +124,7 @@ def setup(args) -> tuple[Run, TrainState]:
     order = EpochOrder(data, cfg.train.seed, cfg.data.packs, cfg.data.max_length, rows=train_rows)
 
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
-    resume_from = resume.choose_checkpoint(cfg, args.resume, args.overwrite, args.discard_newer, rank)
+    resume_from = resume.choose_checkpoint(cfg, args.resume, args.overwrite, args.discard_newer, rank, world)
     layout = resume.resolve_layout(cfg, world, resume_from, is_main)
     ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum)
     total_steps = total_steps_of(cfg, order, layout.global_batch)

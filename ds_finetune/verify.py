@@ -27,7 +27,9 @@ class CheckpointInfo:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
-def verify_files(tag_dir: Path, manifest: dict, hashes: bool = True) -> list[str]:
+def verify_files(tag_dir: Path, manifest: dict, hashes: bool = True, progress=None) -> list[str]:
+    """What is wrong with the files the manifest lists (sizes, and sha256 unless `hashes` is false);
+    `progress(n)` is called as n more bytes are hashed."""
     problems = []
     for name, meta in sorted(manifest["files"].items()):
         path = tag_dir / name
@@ -37,12 +39,26 @@ def verify_files(tag_dir: Path, manifest: dict, hashes: bool = True) -> list[str
         size = path.stat().st_size
         if size != meta["size"]:
             problems.append(f"{name}: size {size} != {meta['size']} in the manifest")
-        elif hashes and sha256_file(path) != meta["sha256"]:
+        elif hashes and sha256_file(path, progress=progress) != meta["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (the file was changed or damaged)")
     return problems
 
 
-def inspect_checkpoint(tag_dir: Path, hashes: bool = True) -> CheckpointInfo:
+def share_of_files(files: dict, rank: int, world: int) -> list[str]:
+    """This rank's share of a manifest's files for hashing, balanced by size (largest first, each to the
+    least loaded rank), the same on every rank."""
+    loads, mine = [0] * world, []
+    for name in sorted(files, key=lambda n: (-files[n]["size"], n)):
+        r = loads.index(min(loads))
+        loads[r] += files[name]["size"]
+        if r == rank:
+            mine.append(name)
+    return mine
+
+
+def inspect_checkpoint(tag_dir: Path, hashes: bool = True, checked: dict | None = None) -> CheckpointInfo:
+    """The checkpoint's status. `checked` ({tag folder: problems}) holds what the ranks of a resuming job
+    already found by splitting the hashing among them; a folder in it is not checked again."""
     step = step_of_tag(tag_dir.name)
     step = step if step is not None else -1
     try:
@@ -50,8 +66,10 @@ def inspect_checkpoint(tag_dir: Path, hashes: bool = True) -> CheckpointInfo:
     except ValueError as e:
         return CheckpointInfo(tag_dir.name, tag_dir, step, "corrupt", None, [str(e)])
     if manifest is None:
-        return CheckpointInfo(tag_dir.name, tag_dir, step, "incomplete", None, ["no manifest: the save never committed"])
-    problems = verify_files(tag_dir, manifest, hashes)
+        return CheckpointInfo(tag_dir.name, tag_dir, step, "incomplete", None,
+                              ["no manifest: the save never committed"])
+    known = (checked or {}).get(str(tag_dir))
+    problems = known if known is not None else verify_files(tag_dir, manifest, hashes)
     return CheckpointInfo(tag_dir.name, tag_dir, int(manifest.get("step", step)),
                           "corrupt" if problems else "complete", manifest, problems)
 
@@ -64,12 +82,13 @@ def has_checkpoints(ckpt_dir: Path) -> bool:
     return bool(tag_dirs(ckpt_dir))
 
 
-def find_resumable_checkpoint(ckpt_dir: Path, hashes: bool = True) -> tuple[CheckpointInfo | None, list[str]]:
+def find_resumable_checkpoint(ckpt_dir: Path, hashes: bool = True, checked: dict | None = None
+                              ) -> tuple[CheckpointInfo | None, list[str]]:
     """Newest complete, intact checkpoint, verifying newest first and stopping at the first good one.
     Returns it (or None) and one report line per newer checkpoint that was skipped."""
     skipped = []
     for p in reversed(tag_dirs(ckpt_dir)):
-        info = inspect_checkpoint(p, hashes)
+        info = inspect_checkpoint(p, hashes, checked)
         if info.status == "complete":
             return info, skipped
         skipped.append(f"skipping {info.status} checkpoint {p}: {'; '.join(info.problems)}")

@@ -9,7 +9,7 @@ import pytest
 
 import harness
 from ds_finetune.checkpoint import LATEST, MANIFEST
-from ds_finetune.verify import find_resumable_checkpoint, inspect_checkpoint
+from ds_finetune.verify import find_resumable_checkpoint, inspect_checkpoint, share_of_files
 from ds_finetune.faults import PHASES
 
 # (DS_FINETUNE_FAULT, does the save of that step commit before the kill?)
@@ -48,8 +48,8 @@ ASYNC_CHAIN = [
 
 def test_chains_cover_every_save_phase():
     chained = {spec.split("@")[0].split(":")[0] for spec, *_ in CHAIN + low_stage_chain(0) + ASYNC_CHAIN}
-    # *_convert: test_reshard_resume
-    elsewhere = {"mid_accum", "after_step", "enospc", "slow_save", "mid_convert", "hang_convert"}
+    # *_convert, hang_verify: test_reshard_resume
+    elsewhere = {"mid_accum", "after_step", "enospc", "slow_save", "mid_convert", "hang_convert", "hang_verify"}
     assert chained | elsewhere == set(PHASES)
 
 
@@ -199,10 +199,17 @@ def test_damaged_checkpoint_is_detected_and_skipped(finished_run, tmp_path, how)
 def test_resume_skips_a_damaged_newest_checkpoint_and_an_empty_latest(finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    damage(run / "checkpoints" / "step_00000010", "flip")
+    # the ranks split the hashing: damage a file that rank 1 hashes, so rank 0 learns of it from rank 1
+    newest = run / "checkpoints" / "step_00000010"
+    rank1_file = newest / share_of_files(json.loads((newest / MANIFEST).read_text())["files"], 1, 2)[0]
+    data = bytearray(rank1_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    rank1_file.write_bytes(bytes(data))
     (run / "checkpoints" / LATEST).write_text("")  # DeepSpeed's own resume would now fail; ours ignores it
     proc = harness.train(run, ["train.zero_stage=2", "train.max_steps=11"], resume="auto")
     assert "skipping corrupt checkpoint" in proc.stdout and "resumed from" in proc.stdout
+    assert f"{rank1_file.name}: sha256 differs" in proc.stdout
+    assert not list(run.glob(".verify-*"))  # the ranks' reports are gone
     assert "step_00000009" in proc.stdout.split("resumed from")[1].splitlines()[0]
     rows = harness.metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 12))

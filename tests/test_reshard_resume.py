@@ -9,7 +9,7 @@ import torch
 
 import harness
 from ds_finetune import reshard
-from ds_finetune.verify import find_resumable_checkpoint
+from ds_finetune.verify import find_resumable_checkpoint, verify_files
 from ds_finetune.reshard import consolidate
 
 pytestmark = pytest.mark.multiproc
@@ -146,7 +146,7 @@ def test_streamed_conversion_equals_a_whole_model_consolidation(saved_at_step4, 
     assert all(part["files"] for part in parts)  # both ranks converted a share
     target = reshard.commit(reshard.resharded_dir(info), tmp, parts, reshard.source_meta(info, src))
     assert len(list(target.glob("weights-*.safetensors"))) > 2  # several shards per key
-    copy = reshard.open_resharded(target, lambda m: reshard.verify_share(target, m, 0, 1))
+    copy = reshard.open_resharded(target, lambda m: verify_files(target, m))
     expected = whole_model_consolidation(info)
     for key in ("weights", "exp_avg", "exp_avg_sq"):
         assert sorted(copy.names) == sorted(expected[key]), key
@@ -159,10 +159,12 @@ def test_streamed_conversion_equals_a_whole_model_consolidation(saved_at_step4, 
 def test_a_crash_or_a_hang_mid_conversion_is_never_used_and_resume_converts_again(saved_at_step4, reference_run,
                                                                                   tmp_path):
     run = shutil.copytree(saved_at_step4(2), tmp_path / "run")
-    # rank 1 hangs after writing its share: rank 0 gives up on it in one line instead of waiting forever
-    proc = harness.train(run, ["train.zero_stage=3"], resume="auto", fault="hang_convert:rank1", expect_ok=False,
-                         env={"DS_FINETUNE_CONVERT_STALL_S": "4"})
-    harness.assert_one_line_error(proc, "rank 1 has shown no progress", "for 4 s", "resume again")
+    # rank 1 hangs before hashing its share of the checkpoint, then after writing its conversion share:
+    # rank 0 gives up on it in one line instead of waiting forever
+    for fault, doing in [("hang_verify:rank1", "verifying"), ("hang_convert:rank1", "converting")]:
+        proc = harness.train(run, ["train.zero_stage=3"], resume="auto", fault=fault, expect_ok=False,
+                             env={"DS_FINETUNE_STALL_S": "4"})
+        harness.assert_one_line_error(proc, f"rank 1 has shown no progress {doing}", "for 4 s", "resume again")
     proc = harness.train(run, ["train.zero_stage=3"], resume="auto", fault="mid_convert", expect_ok=False)
     assert proc.returncode == -9, proc.stdout[-2000:]
     info, _ = find_resumable_checkpoint(run / "checkpoints")
