@@ -220,14 +220,15 @@ def ckpt_list(run_dir, as_json, no_hash):
     """Every checkpoint with step, time, size, ZeRO stage, world size, status; `*` marks what --resume picks."""
     import time as _time
 
-    from ds_finetune.checkpoint import best_checkpoint
-    from ds_finetune.verify import find_resumable_checkpoint, list_checkpoints
+    from ds_finetune.checkpoint import best_checkpoint, tag_dirs
+    from ds_finetune.verify import list_checkpoints, manifest_bytes, resume_pick
 
     ckpt_dir = _checkpoint_dir_of(run_dir)
     if not ckpt_dir.is_dir():
         raise UserError(f"{run_dir}: no such run or checkpoint folder")
-    infos = list_checkpoints(ckpt_dir, hashes=not no_hash)
-    pick, _ = find_resumable_checkpoint(ckpt_dir, hashes=not no_hash)
+    total = 0 if no_hash else sum(manifest_bytes(p) for p in tag_dirs(ckpt_dir))
+    infos = list_checkpoints(ckpt_dir, hashes=not no_hash, progress=byte_bar("hashing", total))
+    pick = resume_pick(infos)
     best = best_checkpoint(ckpt_dir)
     rows = [{"tag": c.tag, "step": c.step, "status": c.status, "size_bytes": c.size,
              "time": c.manifest.get("time") if c.manifest else None,
@@ -252,6 +253,19 @@ def ckpt_list(run_dir, as_json, no_hash):
     click.echo("* = the checkpoint `--resume` would pick" if pick else "--resume would start fresh: nothing complete")
 
 
+def byte_bar(desc: str, total: int):
+    """A progress bar in bytes on stderr where it is a terminal (none in logs); returns its update(n)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=None)
+
+    def update(n: int) -> None:
+        bar.update(n)
+        if bar.n >= total:
+            bar.close()
+    return update
+
+
 @ckpt.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--no-hash", is_flag=True, help="Check sizes only.")
@@ -259,11 +273,12 @@ def ckpt_list(run_dir, as_json, no_hash):
 def ckpt_verify(path, no_hash):
     """Check a checkpoint against its manifest; exit 0 only if intact."""
     from ds_finetune.checkpoint import step_of_tag
-    from ds_finetune.verify import inspect_checkpoint
+    from ds_finetune.verify import inspect_checkpoint, manifest_bytes
 
     if not path.is_dir() or step_of_tag(path.name) is None:
         raise UserError(f"{path}: not a checkpoint folder (expected .../checkpoints/step_N)")
-    info = inspect_checkpoint(path, hashes=not no_hash)
+    progress = None if no_hash else byte_bar("hashing", manifest_bytes(path))
+    info = inspect_checkpoint(path, hashes=not no_hash, progress=progress)
     if info.status == "complete":
         click.echo(f"{path}: intact ({len(info.manifest['files'])} files, {info.size / 2**20:.1f} MB, "
                    f"step {info.step}, ZeRO {info.manifest['zero_stage']}, world {info.manifest['world_size']})")
@@ -289,7 +304,8 @@ def ckpt_export(path, out_dir, dtype, no_hash, max_shard_size, merge):
     from ds_finetune.export import HF_DIR, export_checkpoint
     from ds_finetune.lora import is_adapter_checkpoint
 
-    out = export_checkpoint(path, out_dir, dtype, hashes=not no_hash, max_shard_size=max_shard_size, merge=merge)
+    out = export_checkpoint(path, out_dir, dtype, hashes=not no_hash, max_shard_size=max_shard_size, merge=merge,
+                            bar=byte_bar)
     if is_adapter_checkpoint(path / HF_DIR) and not merge:
         click.echo(f"exported the adapters of {path} -> {out} ({dtype}); load them with "
                    f"PeftModel.from_pretrained(base_model, {str(out)!r})")

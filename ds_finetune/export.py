@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ds_finetune.checkpoint import TrainState, step_of_tag
-from ds_finetune.verify import CheckpointInfo, inspect_checkpoint, verify_files
+from ds_finetune.verify import CheckpointInfo, inspect_checkpoint, manifest_bytes, verify_files
 from ds_finetune.errors import UserError
 from ds_finetune.tensorfiles import nbytes, parse_size, plan_shards, write_safetensors
 
@@ -39,16 +39,19 @@ def write_hf_files(tag_dir: Path, model, tokenizer) -> None:
 
 
 def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bool = True,
-                      max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, merge: bool = False) -> Path:
+                      max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, merge: bool = False,
+                      bar=lambda desc, total: None) -> Path:
     """Stream the checkpoint's weights into `out_dir` shard by shard, tensor by tensor (cast one at a
     time): memory is bounded by one tensor, whatever the model's size. A LoRA checkpoint becomes a PEFT
-    adapter folder, or with `merge` the base model with the adapters merged (memory: the whole model)."""
+    adapter folder, or with `merge` the base model with the adapters merged (memory: the whole model).
+    `bar(desc, total_bytes)` returns a progress callback (or None) for the hashing and for the reading."""
     from ds_finetune import lora, reshard
 
     if not path.is_dir() or step_of_tag(path.name) is None:
         raise UserError(f"export error: {path} is not a checkpoint folder (expected .../checkpoints/step_N)")
     max_bytes = parse_size(max_shard_size)
-    info: CheckpointInfo = inspect_checkpoint(path, hashes)
+    info: CheckpointInfo = inspect_checkpoint(path, hashes, progress=bar("hashing", manifest_bytes(path))
+                                              if hashes else None)
     if info.status != "complete":
         raise UserError(f"export error: {path} is {info.status} ({'; '.join(info.problems)[:300]}); export a "
                         f"complete checkpoint (see `ds-finetune ckpt list {path.parent}`)")
@@ -68,8 +71,12 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bo
         source = reshard.open_source(info)
         names, shapes = source.names, source.shapes
 
+    progress = bar("reading weights", sum(nbytes(shapes[n], torch.float32) for n in names)) or (lambda n: None)
+
     def read(name: str) -> torch.Tensor:
-        return source.read(name, "weights")
+        value = source.read(name, "weights")
+        progress(nbytes(shapes[name], torch.float32))
+        return value
 
     if merge:
         fingerprint = TrainState.from_manifest(info.manifest).fingerprint or {}

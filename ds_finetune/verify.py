@@ -56,9 +56,11 @@ def share_of_files(files: dict, rank: int, world: int) -> list[str]:
     return mine
 
 
-def inspect_checkpoint(tag_dir: Path, hashes: bool = True, checked: dict | None = None) -> CheckpointInfo:
+def inspect_checkpoint(tag_dir: Path, hashes: bool = True, checked: dict | None = None,
+                       progress=None) -> CheckpointInfo:
     """The checkpoint's status. `checked` ({tag folder: problems}) holds what the ranks of a resuming job
-    already found by splitting the hashing among them; a folder in it is not checked again."""
+    already found by splitting the hashing among them; a folder in it is not checked again. `progress(n)`:
+    n more bytes hashed."""
     step = step_of_tag(tag_dir.name)
     step = step if step is not None else -1
     try:
@@ -69,13 +71,27 @@ def inspect_checkpoint(tag_dir: Path, hashes: bool = True, checked: dict | None 
         return CheckpointInfo(tag_dir.name, tag_dir, step, "incomplete", None,
                               ["no manifest: the save never committed"])
     known = (checked or {}).get(str(tag_dir))
-    problems = known if known is not None else verify_files(tag_dir, manifest, hashes)
+    problems = known if known is not None else verify_files(tag_dir, manifest, hashes, progress)
     return CheckpointInfo(tag_dir.name, tag_dir, int(manifest.get("step", step)),
                           "corrupt" if problems else "complete", manifest, problems)
 
 
-def list_checkpoints(ckpt_dir: Path, hashes: bool = True) -> list[CheckpointInfo]:
-    return [inspect_checkpoint(p, hashes) for p in tag_dirs(ckpt_dir)]
+def list_checkpoints(ckpt_dir: Path, hashes: bool = True, progress=None) -> list[CheckpointInfo]:
+    return [inspect_checkpoint(p, hashes, progress=progress) for p in tag_dirs(ckpt_dir)]
+
+
+def resume_pick(infos: list[CheckpointInfo]) -> CheckpointInfo | None:
+    """What --resume picks from a run's listed checkpoints (oldest first): the newest complete one."""
+    return next((c for c in reversed(infos) if c.status == "complete"), None)
+
+
+def manifest_bytes(tag_dir: Path) -> int:
+    """The bytes the checkpoint's manifest lists (0 without a readable manifest): what hashing it reads."""
+    try:
+        manifest = read_manifest(tag_dir)
+    except ValueError:
+        return 0
+    return sum(f["size"] for f in manifest["files"].values()) if manifest else 0
 
 
 def has_checkpoints(ckpt_dir: Path) -> bool:

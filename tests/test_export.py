@@ -91,6 +91,17 @@ def test_export_in_shards_of_a_given_size(saved_at_step4, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: export error: --max-shard-size 'big'")
     assert "Traceback" not in bad.stderr
+    # the export's progress (a bar in a terminal): every byte hashed and every weight read is reported
+    from ds_finetune.export import export_checkpoint
+    seen = {}
+
+    def bar(desc, total):
+        seen[desc] = [total, 0]
+        return lambda n: seen[desc].__setitem__(1, seen[desc][1] + n)
+
+    export_checkpoint(info.path, tmp_path / "hf2", max_shard_size="200KB", bar=bar)
+    assert seen["hashing"] == [info.size, info.size] and info.size > 0
+    assert seen["reading weights"] == [sum(t.numel() * 4 for t in saved_weights(info).values())] * 2
 
 
 def test_export_of_tied_embeddings_matches_save_pretrained(tmp_path):
