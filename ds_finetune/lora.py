@@ -78,14 +78,28 @@ def base_folder(name_or_path: str) -> Path:
                         f"({type(e).__name__}); download it first or point model.name_or_path at a folder") from None
 
 
-def base_model_files(name_or_path: str, memo_dir: Path) -> dict[str, str]:
-    """{file name: sha256} of the base model's config and weight files: a LoRA run's identity."""
+def base_model_files(name_or_path: str, memo_dir: Path, board=None) -> dict[str, str]:
+    """{file name: sha256} of the base model's config and weight files: a LoRA run's identity. With a
+    `rendezvous.Rendezvous`, each rank hashes a share of the files (a 70B base is ~140 GB) and all get all."""
     from ds_finetune.data.sources import file_sha256
+    from ds_finetune.verify import share_of_files
 
     folder = base_folder(name_or_path)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in BASE_WEIGHT_SUFFIXES
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in BASE_WEIGHT_SUFFIXES
                    and not p.name.startswith(("tokenizer", "special_tokens", "generation_config")))
-    return {p.name: file_sha256(p, memo_dir) for p in files}
+    if board is None:
+        return {name: file_sha256(folder / name, memo_dir) for name in files}
+    mine = share_of_files({name: {"size": (folder / name).stat().st_size} for name in files}, board.rank, board.world)
+    try:
+        hashes = {}
+        for name in mine:
+            board.beat()
+            hashes[name] = file_sha256(folder / name, memo_dir)
+        board.report(hashes)
+        return dict(sorted(kv for part in board.reports() for kv in part.items()))
+    except Exception as e:  # the others must not wait for this rank's report
+        board.fail(e)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------ export

@@ -14,13 +14,35 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
+from ds_finetune.dist import barrier, decide
 from ds_finetune.errors import UserError
 from ds_finetune.files import write_atomic
 
 POLL_S = 0.1
+SCRATCH_PREFIX = ".rendezvous-"
+
+
+@contextmanager
+def scratch_folder(parent: Path, rank: int):
+    """A new folder under `parent` that every rank agrees on, for one piece of shared work. When the
+    block ends, every rank has read what it needed (a barrier) and rank 0 removes it. Leftovers of a
+    crashed job are removed by rank 0 before the next one is made."""
+    def make():
+        for old in parent.glob(SCRATCH_PREFIX + "*"):
+            shutil.rmtree(old, ignore_errors=True)
+        return f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}"
+
+    folder = parent / decide(make, runs_here=rank == 0)
+    yield folder
+    barrier()
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def stall_s() -> float:
@@ -33,6 +55,7 @@ def stall_s() -> float:
 
 class Rendezvous:
     def __init__(self, folder: Path, rank: int, world: int, what: str):
+        folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.rank, self.world, self.what = folder, rank, world, what  # what: "converting X"
         self.stall_s, self.started, self.seen = stall_s(), time.monotonic(), {}
 

@@ -21,11 +21,11 @@ from ds_finetune.verify import CheckpointInfo
 from ds_finetune.config import RunConfig
 from ds_finetune.fingerprint import changed_exact_keys
 from ds_finetune.data import DATA_FORMAT_VERSION
-from ds_finetune.dist import barrier, decide, restore_rng
+from ds_finetune.dist import decide, restore_rng
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
 from ds_finetune.files import fsync_dir, write_atomic
-from ds_finetune.rendezvous import Meter, Rendezvous
+from ds_finetune.rendezvous import Meter, Rendezvous, scratch_folder
 from ds_finetune.sampler import BatchLayout
 
 
@@ -40,22 +40,14 @@ def choose_checkpoint(cfg: RunConfig, resume: str | None, overwrite: bool, disca
     """The checkpoint to continue (None: start fresh). `resume` is None, "auto" or a path. The hashing,
     which grows with the model, is split among the ranks and waited for on files; then rank 0 decides
     and the others receive its decision or its error."""
-    checked, board = {}, None
+    checked = {}
     if resume is not None and cfg.checkpoint.verify_hashes:
-        board = Path(cfg.output_dir) / f"{VERIFY_PREFIX}{decide(lambda: uuid.uuid4().hex[:12], rank == 0)}"
-        checked = _hash_candidates(cfg, resume, board, rank, world)
-    try:
-        return decide(lambda: _choose_on_rank0(cfg, resume, overwrite, discard_newer, checked), runs_here=rank == 0)
-    finally:  # decide returned or raised on every rank, so every rank has read the reports; a refusal too
-        if rank == 0 and board is not None:  # changes nothing in the run folder
-            for old in Path(cfg.output_dir).glob(VERIFY_PREFIX + "*"):  # this one, and a crashed attempt's
-                shutil.rmtree(old, ignore_errors=True)
+        with scratch_folder(cfg.checkpoint_dir, rank) as scratch:  # a folder every node sees (checked before)
+            checked = _hash_candidates(cfg, resume, scratch, rank, world)
+    return decide(lambda: _choose_on_rank0(cfg, resume, overwrite, discard_newer, checked), runs_here=rank == 0)
 
 
-VERIFY_PREFIX = ".verify-"
-
-
-def _hash_candidates(cfg: RunConfig, resume: str, board: Path, rank: int, world: int) -> dict[str, list[str]]:
+def _hash_candidates(cfg: RunConfig, resume: str, scratch: Path, rank: int, world: int) -> dict[str, list[str]]:
     """Hash the checkpoints --resume looks at (newest first, up to the first intact one; or the one
     named), each rank a share of every one's files. {tag folder: problems}, the same on every rank."""
     candidates = [Path(resume)] if resume != "auto" else list(reversed(ckpt.tag_dirs(cfg.checkpoint_dir)))
@@ -67,7 +59,7 @@ def _hash_candidates(cfg: RunConfig, resume: str, board: Path, rank: int, world:
             manifest = None
         if manifest is None:
             continue  # nothing to hash; rank 0 reports it
-        checked[str(tag_dir)] = hash_together(tag_dir, manifest, board / tag_dir.name, rank, world)
+        checked[str(tag_dir)] = hash_together(tag_dir, manifest, scratch / tag_dir.name, rank, world)
         if not checked[str(tag_dir)]:
             break
     return checked
@@ -75,7 +67,6 @@ def _hash_candidates(cfg: RunConfig, resume: str, board: Path, rank: int, world:
 
 def hash_together(folder: Path, manifest: dict, board_dir: Path, rank: int, world: int) -> list[str]:
     """Every problem with the manifest's files in `folder`; each rank hashes a share, all wait on files."""
-    board_dir.mkdir(parents=True, exist_ok=True)
     board = Rendezvous(board_dir, rank, world, f"verifying {folder}")
     files = manifest["files"]
     mine = verify.share_of_files(files, rank, world)
@@ -223,10 +214,10 @@ def convert(info: CheckpointInfo, stage: int, world: int, rank: int) -> Converte
         say(f"converting {info.path} (ZeRO {m['zero_stage']}, {m['world_size']} ranks) for ZeRO {stage} on "
             f"{world} ranks" + (" (reusing the converted copy)" if cached else
                                      f" ({world} ranks share the work)" if world > 1 else ""))
-        for old in [*info.path.glob(reshard.TMP_PREFIX + "*"), *info.path.glob(VERIFY_PREFIX + "*")]:
-            shutil.rmtree(old, ignore_errors=True)  # a crashed conversion's or verification's leftovers
         if cached:
             return None
+        for old in info.path.glob(reshard.TMP_PREFIX + "*"):  # a crashed conversion's leftovers
+            shutil.rmtree(old, ignore_errors=True)
         tmp = info.path / f"{reshard.TMP_PREFIX}{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         return tmp.name
@@ -234,11 +225,8 @@ def convert(info: CheckpointInfo, stage: int, world: int, rank: int) -> Converte
     tmp_name = decide(plan, runs_here=rank == 0)
     if tmp_name is None:
         target = reshard.resharded_dir(info)
-        board = info.path / f"{VERIFY_PREFIX}{decide(lambda: uuid.uuid4().hex[:12], rank == 0)}"
-        problems = hash_together(target, _manifest_of(info), board, rank, world)
-        barrier()  # every rank has read the reports
-        if rank == 0:
-            shutil.rmtree(board, ignore_errors=True)
+        with scratch_folder(info.path, rank) as scratch:
+            problems = hash_together(target, _manifest_of(info), scratch, rank, world)
         return reshard.open_resharded(target, lambda _: problems)
     _convert_share(info, info.path / tmp_name, rank, world)
     return reshard.open_resharded(reshard.resharded_dir(info))

@@ -37,6 +37,7 @@ from ds_finetune.loss import make_loss_fn, train_step
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
 from ds_finetune.model import build_engine, build_model, check_isolated_packing, param_group_names
 from ds_finetune.nodes import check_shared_checkpoint_dir
+from ds_finetune.rendezvous import Rendezvous, scratch_folder
 from ds_finetune.sampler import BatchLayout, steps_in_epoch
 from ds_finetune.zero import zero_config_for_run
 
@@ -89,12 +90,13 @@ def total_steps_of(cfg: RunConfig, order: EpochOrder, global_batch: int) -> int:
     return min(total, t.max_steps) if t.max_steps else total
 
 
-def lora_base_files(cfg: RunConfig, is_main: bool) -> dict | None:
-    """A LoRA run's base model files and their hashes (rank 0 hashes, once per file version)."""
+def lora_base_files(cfg: RunConfig, rank: int, world: int) -> dict | None:
+    """A LoRA run's base model files and their hashes (the ranks share the hashing, once per file version)."""
     if cfg.model.lora is None or cfg.model.name_or_path is None:
         return None  # a random-init base is identified by model.config and the seed
-    return decide(lambda: lora.base_model_files(cfg.model.name_or_path, cache_root(cfg.data) / "file-hashes"),
-                  runs_here=is_main)
+    with scratch_folder(cfg.checkpoint_dir, rank) as scratch:  # a folder every node sees (checked before)
+        board = Rendezvous(scratch, rank, world, f"hashing the base model {cfg.model.name_or_path}")
+        return lora.base_model_files(cfg.model.name_or_path, cache_root(cfg.data) / "file-hashes", board)
 
 
 def write_run_files(cfg: RunConfig, ds_config: dict) -> None:
@@ -128,7 +130,7 @@ def setup(args) -> tuple[Run, TrainState]:
     layout = resume.resolve_layout(cfg, world, resume_from, is_main)
     ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum)
     total_steps = total_steps_of(cfg, order, layout.global_batch)
-    fingerprint = config_fingerprint(cfg, layout.global_batch, data.content_hash, lora_base_files(cfg, is_main))
+    fingerprint = config_fingerprint(cfg, layout.global_batch, data.content_hash, lora_base_files(cfg, rank, world))
     if resume_from is not None:
         resume.check_resumable(resume_from, fingerprint, args.allow_config_change)
         if args.discard_newer:

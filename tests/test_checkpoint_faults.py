@@ -209,7 +209,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_an_empty_latest(finished_r
     proc = harness.train(run, ["train.zero_stage=2", "train.max_steps=11"], resume="auto")
     assert "skipping corrupt checkpoint" in proc.stdout and "resumed from" in proc.stdout
     assert f"{rank1_file.name}: sha256 differs" in proc.stdout
-    assert not list(run.glob(".verify-*"))  # the ranks' reports are gone
+    assert not list(run.rglob(".rendezvous-*"))  # the ranks' reports are gone
     assert "step_00000009" in proc.stdout.split("resumed from")[1].splitlines()[0]
     rows = harness.metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 12))

@@ -40,8 +40,7 @@ def test_the_limit_is_deepspeeds_collective_timeout(monkeypatch):
 
 def test_every_rank_gets_every_report_in_rank_order_and_an_error_stops_the_wait(tmp_path, monkeypatch):
     monkeypatch.setattr(rendezvous, "POLL_S", 0.01)
-    boards = [Rendezvous(tmp_path / "ok", r, 3, "x") for r in range(3)]
-    (tmp_path / "ok").mkdir()
+    boards = [Rendezvous(tmp_path / "ok", r, 3, "x") for r in range(3)]  # each makes the folder if missing
     got = {}
 
     def rank(r):
@@ -56,7 +55,6 @@ def test_every_rank_gets_every_report_in_rank_order_and_an_error_stops_the_wait(
         t.join(5)
     assert got == {r: [{"rank": 0}, {"rank": 1}, {"rank": 2}] for r in range(3)}
 
-    (tmp_path / "bad").mkdir()
     failing, waiting = Rendezvous(tmp_path / "bad", 1, 2, "x"), Rendezvous(tmp_path / "bad", 0, 2, "x")
     failing.fail(UserError("checkpoint error: rank 1 could not read shard 3"))
     waiting.report([])
@@ -80,3 +78,14 @@ def test_a_meter_says_done_total_rate_and_time_left_at_most_every_period():
     time.sleep(0.06)
     meter.add(1_000_000_000)
     assert len(said) == 1 and said[0].startswith("verifying step_9: 2.0 of 4.0 GB (") and "s left)" in said[0]
+
+
+def test_a_scratch_folder_is_removed_after_its_work_and_a_crashed_jobs_leftover_before(tmp_path, monkeypatch):
+    monkeypatch.setattr(rendezvous, "decide", lambda fn, runs_here: fn())  # one rank: no process group
+    monkeypatch.setattr(rendezvous, "barrier", lambda: None)
+    leftover = tmp_path / f"{rendezvous.SCRATCH_PREFIX}crashed"
+    (leftover / "step_00000009").mkdir(parents=True)
+    with rendezvous.scratch_folder(tmp_path, rank=0) as scratch:
+        assert not leftover.exists() and scratch.parent == tmp_path
+        Rendezvous(scratch / "step_00000010", 0, 1, "x").report([])
+    assert list(tmp_path.iterdir()) == []
