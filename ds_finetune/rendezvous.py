@@ -108,8 +108,8 @@ class Rendezvous:
             if mtime != last:
                 self.seen[r] = (mtime, now)
             elif now - since > self.stall_s:
-                raise UserError(f"checkpoint error: rank {r} has shown no progress {self.what} for "
-                                f"{self.stall_s:.0f} s (a hung process or file system); stop the job and resume "
+                raise UserError(f"rank {r} has shown no progress {self.what} for "
+                                f"{self.stall_s:.0f} s (a hung process or file system); stop the job and start it "
                                 f"again (DEEPSPEED_TIMEOUT, in minutes, sets this limit)")
 
 

@@ -164,7 +164,7 @@ def test_a_crash_or_a_hang_mid_conversion_is_never_used_and_resume_converts_agai
     for fault, doing in [("hang_verify:rank1", "verifying"), ("hang_convert:rank1", "converting")]:
         proc = harness.train(run, ["train.zero_stage=3"], resume="auto", fault=fault, expect_ok=False,
                              env={"DS_FINETUNE_STALL_S": "4"})
-        harness.assert_one_line_error(proc, f"rank 1 has shown no progress {doing}", "for 4 s", "resume again")
+        harness.assert_one_line_error(proc, f"rank 1 has shown no progress {doing}", "for 4 s", "start it again")
     proc = harness.train(run, ["train.zero_stage=3"], resume="auto", fault="mid_convert", expect_ok=False)
     assert proc.returncode == -9, proc.stdout[-2000:]
     info, _ = find_resumable_checkpoint(run / "checkpoints")
