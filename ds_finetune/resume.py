@@ -134,7 +134,8 @@ def _say_metrics_replaced(cfg: RunConfig) -> None:
     """A fresh start rewrites metrics.jsonl: say so before it happens when an earlier attempt left lines."""
     path = Path(cfg.output_dir) / "metrics.jsonl"
     if path.exists() and path.stat().st_size > 0:
-        lines = sum(1 for _ in path.open(encoding="utf-8", errors="replace"))
+        with path.open(encoding="utf-8", errors="replace") as f:
+            lines = sum(1 for _ in f)
         say(f"{path} holds {lines} lines of an earlier attempt; starting fresh replaces them")
 
 
