@@ -40,11 +40,11 @@ def write_hf_files(tag_dir: Path, model, tokenizer) -> None:
 
 def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bool = True,
                       max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, merge: bool = False,
-                      bar=lambda desc, total: None) -> Path:
+                      bar=lambda desc, total: (lambda n: None)) -> Path:
     """Stream the checkpoint's weights into `out_dir` shard by shard, tensor by tensor (cast one at a
     time): memory is bounded by one tensor, whatever the model's size. A LoRA checkpoint becomes a PEFT
     adapter folder, or with `merge` the base model with the adapters merged (memory: the whole model).
-    `bar(desc, total_bytes)` returns a progress callback (or None) for the hashing and for the reading."""
+    `bar(desc, total_bytes)` returns a progress callback, for the hashing and for the reading."""
     from ds_finetune import lora, reshard
 
     if not path.is_dir() or step_of_tag(path.name) is None:
@@ -71,7 +71,7 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bo
         source = reshard.open_source(info)
         names, shapes = source.names, source.shapes
 
-    progress = bar("reading weights", sum(nbytes(shapes[n], torch.float32) for n in names)) or (lambda n: None)
+    progress = bar("reading weights", sum(nbytes(shapes[n], torch.float32) for n in names))
 
     def read(name: str) -> torch.Tensor:
         value = source.read(name, "weights")

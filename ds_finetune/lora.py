@@ -90,16 +90,12 @@ def base_model_files(name_or_path: str, memo_dir: Path, board=None) -> dict[str,
     if board is None:
         return {name: file_sha256(folder / name, memo_dir) for name in files}
     mine = share_of_files({name: {"size": (folder / name).stat().st_size} for name in files}, board.rank, board.world)
-    try:
-        hashes = {}
-        for name in mine:
-            board.beat()
-            hashes[name] = file_sha256(folder / name, memo_dir)
-        board.report(hashes)
-        return dict(sorted(kv for part in board.reports() for kv in part.items()))
-    except Exception as e:  # the others must not wait for this rank's report
-        board.fail(e)
-        raise
+
+    def hashed(name: str) -> str:
+        board.beat()
+        return file_sha256(folder / name, memo_dir)
+
+    return dict(sorted(kv for part in board.gather(lambda: {n: hashed(n) for n in mine}) for kv in part.items()))
 
 
 # ------------------------------------------------------------------------------------------------ export

@@ -69,6 +69,17 @@ class Rendezvous:
         message = err.message if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         write_atomic(self.folder / f".error-r{self.rank}", message)
 
+    def gather(self, work) -> list:
+        """Do this rank's share (`work()`, which beats as it goes), report its result and return every
+        rank's, in rank order. An exception is reported to the others first, so they do not wait for it."""
+        try:
+            self.beat()
+            self.report(work())
+            return self.reports()
+        except Exception as e:
+            self.fail(e)
+            raise
+
     def reports(self) -> list:
         """Every rank's report, in rank order, once all are there (beating while it waits)."""
         done = [self.folder / f".done-r{r}.json" for r in range(self.world)]

@@ -77,14 +77,11 @@ def hash_together(folder: Path, manifest: dict, board_dir: Path, rank: int, worl
         board.beat()
         meter.add(n)
 
-    try:
-        board.beat()
+    def my_share() -> list[str]:
         fault_point("hang_verify", rank, int(manifest.get("step", -1)))
-        board.report(verify.verify_files(folder, {"files": {n: files[n] for n in mine}}, progress=hashed))
-        return [problem for part in board.reports() for problem in part]
-    except Exception as e:  # the others must not wait for this rank's report
-        board.fail(e)
-        raise
+        return verify.verify_files(folder, {"files": {n: files[n] for n in mine}}, progress=hashed)
+
+    return [problem for part in board.gather(my_share) for problem in part]
 
 
 def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool, discard_newer: bool,
