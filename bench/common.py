@@ -275,13 +275,13 @@ def llama(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int
             "pad_token_id": 2, "bos_token_id": 0, "eos_token_id": 1}
 
 
-def run_config(name: str, model: dict, data: Path, max_length: int, micro: int, accum: int, steps: int,
-               output_dir: Path, **sections) -> Path:
+def run_config(name: str, model_config: dict, data_path: Path, max_length: int, micro: int, accum: int,
+               steps: int, output_dir: Path, **sections) -> Path:
     """Write a ds-finetune run config (YAML) under build/bench/configs and return its path.
-    `sections` are extra keys per section, e.g. checkpoint={"every_steps": 5}."""
+    `sections` are extra keys per section, e.g. checkpoint={"every_steps": 5}, model={"dtype": "bf16"}."""
     cfg = {
-        "model": {"config": model, "tokenizer": str(TOKENIZER), "dtype": "fp32"},
-        "data": {"path": str(data), "format": "text", "max_length": max_length},
+        "model": {"config": model_config, "tokenizer": str(TOKENIZER), "dtype": "fp32"},
+        "data": {"path": str(data_path), "format": "text", "max_length": max_length},
         "train": {"micro_batch_size": micro, "grad_accum": accum, "max_steps": steps, "lr": 3e-4,
                   "lr_schedule": "cosine", "warmup_steps": 2, "weight_decay": 0.01, "grad_clip": 1.0,
                   "zero_stage": 2, "seed": 1234},

@@ -2,7 +2,9 @@
 usual, but instead of writing each file we keep it, and a thread copies its tensors into host memory (a
 snapshot) and then writes, hashes and fsyncs the files while training goes on. The copy overlaps the next
 step's forward and backward: only the optimizer step changes saved tensors, so the main loop waits for
-the copy (`wait_until_copied`) just before it, and rarely has to.
+the copy (`wait_until_copied`) just before it, and rarely has to. From a GPU the copy runs on a stream of
+its own into pinned host memory (torch's caching host allocator reuses those blocks save after save),
+starting from an event recorded when the save was taken: the compute stream never waits for it.
 
 The commit is not the thread's: committing needs every rank's file list (a collective), so the main loop
 commits once every rank's writer has finished (the ranks learn it through the step's all-reduce), before
@@ -14,6 +16,7 @@ Cost: host memory for one save's state of this rank (at most one save is in flig
 
 from __future__ import annotations
 
+from copy import deepcopy
 import threading
 from pathlib import Path
 
@@ -43,15 +46,50 @@ def snapshot(obj, memo: dict | None = None):
         return type(obj)((k, snapshot(v, memo)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(snapshot(v, memo) for v in obj)
-    return obj  # numbers, strings, configs: built fresh for the save, never changed by training
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        return obj
+    # Any other object may be live training state: under fp16 ZeRO's state dicts hold the engine's own
+    # DynamicLossScaler, which the next step changes while this thread would still be pickling it.
+    return deepcopy(obj)
 
 
 def copy_storage(storage: torch.UntypedStorage) -> torch.UntypedStorage:
     """A host-memory copy, made by a tensor op: those release the GIL (UntypedStorage.clone does not), so
-    the training thread runs while the writer thread copies. A GPU storage is copied to the host (DeepSpeed
-    loads every checkpoint file onto the CPU first, so where it was saved from does not matter)."""
+    the training thread runs while the writer thread copies. A GPU storage is copied to pinned host memory
+    on the current (the writer's) stream, asynchronously: the caller synchronizes that stream before it
+    reads the copy (DeepSpeed loads every checkpoint file onto the CPU first, so where it was saved from
+    does not matter)."""
     whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-    return whole.to("cpu", copy=True).untyped_storage()
+    if whole.device.type == "cpu":
+        return whole.to("cpu", copy=True).untyped_storage()
+    host = torch.empty(whole.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(whole, non_blocking=True)
+    return host.untyped_storage()
+
+
+class DeviceCopy:
+    """Where the snapshot's device-to-host copies run: on a GPU, a stream of the writer's own that starts
+    once the compute stream has reached the save (an event recorded by the training thread); on the CPU,
+    where the copy is a plain memcpy, nothing."""
+
+    def __init__(self):
+        from ds_finetune.dist import on_cuda
+
+        self.stream = self.saved = None
+        if on_cuda():
+            self.saved = torch.cuda.Event()
+            self.saved.record()  # in the training thread, on the compute stream, at the save
+
+    def run(self, copy):
+        """`copy()` on the copy stream, returning once its copies are complete."""
+        if self.saved is None:
+            return copy()
+        self.stream = torch.cuda.Stream()
+        self.stream.wait_event(self.saved)
+        with torch.cuda.stream(self.stream):
+            result = copy()
+        self.stream.synchronize()
+        return result
 
 
 class BackgroundWrite:
@@ -64,12 +102,14 @@ class BackgroundWrite:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.copied = threading.Event()  # the snapshot is taken: training may change the live tensors
+        self.device_copy: DeviceCopy | None = None
 
     def collect(self, state_dict, path) -> None:
         """DeepSpeed's `checkpoint_engine.save`: keep the state dict (live tensors); nothing is written yet."""
         self.files.append((str(path), state_dict))
 
     def start(self) -> None:
+        self.device_copy = DeviceCopy()  # here, in the training thread: marks where the saved state is final
         # A daemon: a job that dies with a write in flight must not wait for it (the save never commits).
         self.thread = threading.Thread(target=self._write_all, name=f"ckpt-write-step{self.step}", daemon=True)
         self.thread.start()
@@ -78,7 +118,7 @@ class BackgroundWrite:
         try:
             try:
                 memo: dict = {}  # one copy of a storage that several files share
-                self.files = [(path, snapshot(state, memo)) for path, state in self.files]
+                self.files = self.device_copy.run(lambda: [(path, snapshot(state, memo)) for path, state in self.files])
             finally:
                 self.copied.set()  # also on failure: the error is reported at the commit
             for i, (path, state) in enumerate(self.files):

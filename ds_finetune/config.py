@@ -140,6 +140,10 @@ class TrainConfig(_Section):
         256, ge=0, description="Target tokens per chunk of LM head + cross-entropy (logits never held for all "
                                "tokens); 0 computes the full logits.")
     seed: int = Field(1234, ge=0, lt=2**32, description="Seed for init, data order and dropout.")
+    deterministic: bool = Field(
+        True, description="On CUDA: deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS "
+                          "workspace), so a resumed run is bitwise the uninterrupted one; costs some speed. "
+                          "CPU runs are deterministic either way.")
 
     @model_validator(mode="after")
     def _check(self):

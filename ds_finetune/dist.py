@@ -1,7 +1,11 @@
-"""The process group, the one way ranks agree on a decision, and each rank's RNG.
+"""The process group, every collective the package makes, the one way ranks agree on a decision, and
+each rank's RNG.
 
-`decide` is the single pattern for "some ranks do a piece of work, every rank learns the result or the
-error": a rank that failed never leaves the others waiting in a collective forever.
+Collectives live here only (a test keeps it so): their tensors are built on `collective_device()`, the
+accelerator's current device, because NCCL serves CUDA tensors only; a CPU tensor there fails with "No
+backend type associated with device type cpu". `decide` is the single pattern for "some ranks do a piece
+of work, every rank learns the result or the error": a rank that failed never leaves the others waiting
+in a collective forever.
 
 RNG states are encoded as plain lists (JSON-able), the same for native checkpoints (`client_state`) and
 for the stage-independent copy (`meta.json`), so one `restore_rng` reads both.
@@ -80,16 +84,43 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.setdefault(key, value)
     world = int(os.environ["WORLD_SIZE"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    if get_accelerator().device_name() == "cpu":
-        # One intra-op thread pool per rank: OMP_NUM_THREADS if set, else its share of the cores; fixed,
-        # so the float reduction order (and the bitwise result) is the same in the reference and the
-        # resumed run. (Idle OpenMP workers spin, so extra threads would take a core from a background save.)
-        torch.set_num_threads(intra_op_threads(os.environ, os.cpu_count() or 1, local_world))
-    else:
-        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+    # One intra-op thread pool per rank: OMP_NUM_THREADS if set, else its share of the node's cores. On the
+    # CPU it is fixed so the float reduction order (the bitwise result) is the same in the reference and the
+    # resumed run, and idle OpenMP workers (they spin) leave a core to a background save; on a GPU node it
+    # keeps 8 ranks' optimizer-offload Adam (OpenMP, sized by torch's setting) from each taking every core.
+    torch.set_num_threads(intra_op_threads(os.environ, os.cpu_count() or 1, local_world))
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(device_index(int(os.environ["LOCAL_RANK"]), get_accelerator().device_count()))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     import torch.distributed as dist
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """The accelerator this rank drives. Launchers that start one process a GPU on a node with all GPUs
+    visible (deepspeed, torchrun) make it LOCAL_RANK; a scheduler that binds one GPU to each task (SLURM's
+    --gpus-per-task=1) shows every task its own GPU as device 0."""
+    if visible < 1:
+        raise UserError("no accelerator device is visible to this process (check CUDA_VISIBLE_DEVICES and the "
+                        "scheduler's GPU binding), or run on the CPU with DS_ACCELERATOR=cpu")
+    return local_rank if local_rank < visible else local_rank % visible
+
+
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: the accelerator's current device (the CPU on a CPU run)."""
+    from deepspeed.accelerator import get_accelerator
+    return torch.device(get_accelerator().current_device_name())
+
+
+def sum_over_ranks(values: list) -> list[float]:
+    """Every rank's `values` (numbers or 0-dim tensors on any device) summed elementwise in float64, as
+    Python floats; one all-reduce, and the only host sync is reading its result."""
+    import torch.distributed as dist
+
+    device = collective_device()
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def barrier() -> None:
@@ -139,9 +170,30 @@ def capture_rng() -> dict:
     state = {"python": [version, list(internal), gauss],
              "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
              "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
+    if on_cuda():
         state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
+
+
+def set_deterministic(enabled: bool) -> None:
+    """train.deterministic on CUDA: kernels that give the same bits every time, so a resumed run repeats the
+    uninterrupted one (same world size, stage and GPU kind). cuBLAS needs a fixed workspace (set before its
+    first handle, i.e. before the model exists); torch then picks the deterministic backward of SDPA's
+    memory-efficient and flash kernels (their default accumulates with atomics) and refuses, naming it, an
+    op that has none. CPU kernels are deterministic already."""
+    if not (enabled and on_cuda()):
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def on_cuda() -> bool:
+    """The run computes on CUDA devices (not merely: a CUDA device exists; a CPU-accelerator run on a GPU
+    machine must not create CUDA contexts)."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name() == "cuda"
 
 
 def restore_rng(state: dict) -> None:
@@ -150,5 +202,5 @@ def restore_rng(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and on_cuda():
         torch.cuda.set_rng_state(torch.as_tensor(state["cuda"], dtype=torch.uint8))

@@ -117,8 +117,9 @@ class ZeroCheckpoint:
     def _open_stage0(self) -> None:
         ms = self.model_states
         names = [n for group in ms["param_group_names"] for n in group]
-        index = [i for group in ms["optimizer"]["param_groups"] for i in group["params"]]
-        self.state0 = {name: ms["optimizer"]["state"].get(i, {}) for name, i in zip(names, index)}
+        optimizer, self.masters0 = stage0_optimizer_state(ms["optimizer"], names)
+        index = [i for group in optimizer["param_groups"] for i in group["params"]]
+        self.state0 = {name: optimizer["state"].get(i, {}) for name, i in zip(names, index)}
         self.shapes = {name: ms["module"][name].shape for name in names}
         self.step = max([0.0] + [float(s["step"]) for s in self.state0.values() if "step" in s])
 
@@ -189,7 +190,10 @@ class ZeroCheckpoint:
     def read(self, name: str, key: str) -> torch.Tensor:
         """The full fp32 tensor of one parameter (a fresh copy, not a view of the files)."""
         if self.stage == 0:
-            src = self.model_states["module"][name] if key == "weights" else self.state0[name].get(key)
+            if key == "weights":
+                src = self.masters0.get(name, self.model_states["module"][name])
+            else:
+                src = self.state0[name].get(key)
             if src is None:
                 return torch.zeros(self.shapes[name], dtype=torch.float32)
             out = src.to(torch.float32, copy=True).contiguous()
@@ -208,6 +212,21 @@ class ZeroCheckpoint:
     def _release(self, t: torch.Tensor) -> None:
         if self.mapped:
             release_pages(t)
+
+
+def stage0_optimizer_state(saved: dict, names: list[str]) -> tuple[dict, dict]:
+    """(the torch optimizer's state dict, {name: fp32 master weight}) of a ZeRO-0 model states file. In
+    bf16/fp16 DeepSpeed 0.19 wraps the client optimizer in `FP16_UnfusedOptimizer`: its state dict holds the
+    torch one under `optimizer_state_dict` and the fp32 masters, in the groups' order, under `fp32_groups`;
+    the module holds only their bf16/fp16 rounding. In fp32 the state dict is torch's and the module's
+    weights are the masters."""
+    if "optimizer_state_dict" not in saved:
+        return saved, {}
+    masters = [t for group in saved["fp32_groups"] for t in group]
+    if len(masters) != len(names):
+        raise UserError(f"checkpoint error: {len(masters)} fp32 master weights for {len(names)} parameters; "
+                        f"the checkpoint does not match its own layout")
+    return saved["optimizer_state_dict"], dict(zip(names, masters))
 
 
 def _cut(sizes: list[int], offset: int, numel: int) -> list[tuple[int, int, int]]:
@@ -232,6 +251,8 @@ def optimizer_and_state_keys(engine):
     at stage 0, ZeRO's flat fp32 partitions at stages 1-3 (not its param_groups, which ZeRO swaps in
     only during step())."""
     opt = engine.optimizer
+    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # stage 0 in bf16/fp16: FP16_UnfusedOptimizer
+        return opt.optimizer, [p for group in opt.fp32_groups for p in group]
     if hasattr(opt, "single_partition_of_fp32_groups"):
         return opt.optimizer, list(opt.single_partition_of_fp32_groups)
     if hasattr(opt, "fp32_partitioned_groups_flat"):
@@ -239,11 +260,25 @@ def optimizer_and_state_keys(engine):
     return opt, [p for group in opt.param_groups for p in group["params"]]
 
 
+def stage0_masters(engine) -> dict[int, torch.Tensor]:
+    """id(module parameter) -> the fp32 master DeepSpeed updates in its place at stage 0 in bf16/fp16
+    (`FP16_UnfusedOptimizer` keeps them in `fp32_groups`, parallel to `fp16_groups`); empty otherwise."""
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() != 0 or not hasattr(opt, "fp32_groups"):
+        return {}
+    return {id(p): m for low, high in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(low, high)}
+
+
 def link_optimizer_state(engine) -> None:
     """ZeRO 1/2 link each parameter's fragment to the optimizer state lazily; do it now, so
     `safe_set_full_optimizer_state` can write into it before the first step."""
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def loss_scale(engine) -> float:
+    """fp16's current loss scale (every DeepSpeed fp16 optimizer wrapper has `loss_scale`); 1 otherwise."""
+    return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
 
 
 def set_step_counters(engine, global_steps: int, global_samples: int, skipped_steps: int) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate, prepare_data
-from ds_finetune.dist import capture_rng, restore_rng
+from ds_finetune.dist import capture_rng, restore_rng, sum_over_ranks
 from ds_finetune.loss import to_device
 
 
@@ -56,11 +56,9 @@ class Evaluator:
 
     def evaluate(self, engine, loss_fn) -> float:
         """The mean token loss over the eval rows (every rank calls this at the same step)."""
-        import torch.distributed as dist
-
         rng, module = capture_rng(), engine.module
         module.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
+        loss_sum, targets = torch.zeros((), dtype=torch.float64, device=engine.device), 0
         try:
             with torch.no_grad():
                 for b in range(self.batches()):
@@ -70,14 +68,13 @@ class Evaluator:
                     batch = collate(self.data, units, self.pad_id)  # one row a unit: never packed
                     if not len(mine):
                         batch.labels.fill_(IGNORE_INDEX)  # same forward as every other rank, nothing counted
-                    loss = loss_fn(engine, *to_device(batch, engine.device))
-                    totals += torch.tensor([float(loss), float((batch.labels[:, 1:] != IGNORE_INDEX).sum())],
-                                           dtype=torch.float64)
+                    loss_sum += loss_fn(engine, *to_device(batch, engine.device)).double()  # stays on the device
+                    targets += int((batch.labels[:, 1:] != IGNORE_INDEX).sum())  # host labels: no device sync
         finally:
             module.train()
             restore_rng(rng)
-        dist.all_reduce(totals)
-        return float(totals[0] / totals[1])
+        loss_sum, targets = sum_over_ranks([loss_sum, targets])
+        return loss_sum / targets
 
 
 def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=None):

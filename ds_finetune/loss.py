@@ -38,7 +38,7 @@ def model_inputs(input_ids, attention_mask, position_ids=None) -> dict:
     return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids, "use_cache": False}
 
 
-def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None) -> torch.Tensor:
+def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0) -> torch.Tensor:
     logits = engine(**model_inputs(input_ids, attention_mask, position_ids)).logits
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
@@ -46,7 +46,8 @@ def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None) 
 
 # ------------------------------------------------------------------------------- fused linear + CE
 
-def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: bool, grad_weight: bool):
+def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: bool, grad_weight: bool,
+                grad_scale: float = 1.0):
     """Summed CE of `hidden @ weight.T + bias` against `targets` (fp32), `chunk_tokens` rows at a time,
     and, as asked, the gradients of that sum for hidden, weight and bias (None where not asked).
 
@@ -56,8 +57,14 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
     temporaries, say) costs more in page faults on CPU than the arithmetic. The gradient goes back to the
     head's dtype (as the full path's `.float()` backward does) for the two matmuls: grad_hidden = g @ W and
     grad_W += g.T @ h. grad_W and grad_bias sum over chunks in fp32, so a bf16 head does not round once per
-    chunk (the full path sums all rows inside one matmul)."""
+    chunk (the full path sums all rows inside one matmul).
+
+    An fp16 head: fp16 flushes values below ~6e-8 to zero, so backward's incoming gradient (the loss scale
+    times train_step's normalisation) must multiply the softmax before the cast, as it does in the full
+    path's fp32 logits. It is not known yet, so `grad_scale` (its expected value) is applied here and
+    divided out in backward; grad_W and grad_bias then stay fp32 until backward has scaled them."""
     n, fp32_head = targets.numel(), weight.dtype == hidden.dtype == torch.float32
+    fp16_head = weight.dtype == torch.float16
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     g_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None
     g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
@@ -82,6 +89,8 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
             continue
         g = exp.div_(row_sum)  # softmax
         g[torch.arange(t.numel(), device=g.device), t] -= 1.0
+        if fp16_head:
+            g.mul_(grad_scale)
         g = g.to(weight.dtype)
         if grad_hidden:
             torch.mm(g, weight, out=g_hidden[start:start + chunk_tokens])
@@ -92,7 +101,7 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
                 g_weight += g.t() @ h
             if g_bias is not None:
                 g_bias += g.sum(0, dtype=torch.float32)
-    if g_weight is not None:
+    if g_weight is not None and not fp16_head:
         g_weight = g_weight.to(weight.dtype)
         g_bias = None if g_bias is None else g_bias.to(bias.dtype)
     return total, g_hidden, g_weight, g_bias
@@ -109,11 +118,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     autograd as any layer's does (ZeRO's gradient hooks see it)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, grad_scale=1.0):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         total, g_hidden, g_weight, g_bias = _chunked_ce(hidden, weight, bias, targets, chunk_tokens,
-                                                         want_hidden, want_weight)
+                                                         want_hidden, want_weight, grad_scale)
         ctx.save_for_backward(g_hidden, g_weight, g_bias)
+        ctx.pre_scale = grad_scale if weight.dtype == torch.float16 else 1.0
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.used = False
         return total
 
@@ -126,19 +137,21 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.used = True
         # A Python number: bf16 gradients are scaled in fp32 arithmetic, the scale itself not rounded to
         # bf16 (it is ~1/targets: rounding it would bias every gradient of the step alike).
-        scale = float(grad_output)
-        grads = [None if g is None else g.mul_(scale) for g in ctx.saved_tensors]
-        return grads[0], grads[1], grads[2], None, None
+        scale = float(grad_output) / ctx.pre_scale
+        grads = [None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return grads[0], grads[1], grads[2], None, None, None
 
 
-def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens: int) -> torch.Tensor:
+def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens: int, grad_scale: float = 1.0
+                               ) -> torch.Tensor:
     """Summed CE of the head over rows of `hidden` (2-D) against `targets`; no gradients are taken in
-    forward when none can be asked for (evaluation under no_grad)."""
+    forward when none can be asked for (evaluation under no_grad). `grad_scale`: the gradient backward is
+    expected to bring (used by fp16 heads only, see `_chunked_ce`)."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
     if not needs_grad:
         return _chunked_ce(hidden, weight, bias, targets, chunk_tokens, False, False)[0]
-    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens)
+    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, grad_scale)
 
 
 # ------------------------------------------------------------------------------------ in the model
@@ -178,7 +191,7 @@ class ChunkedLoss:
             if getattr(model.config, key, None) not in (None, 1, 1.0):
                 raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} transforms its "
                                 f"logits ({key}), which the chunked loss does not; set train.loss_chunk_tokens=0")
-        self.labels, self.result = None, None
+        self.labels, self.result, self.grad_scale = None, None, 1.0
         model.base_model.register_forward_hook(self._after_base_model)
 
     def _after_base_model(self, module, args, output):
@@ -188,16 +201,16 @@ class ChunkedLoss:
         keep = targets != IGNORE_INDEX
         hidden = output.last_hidden_state[:, :-1][keep]  # non-target positions never reach the head
         targets = targets[keep]
-        head, chunk = self.head, self.chunk_tokens
+        head, chunk, grad_scale = self.head, self.chunk_tokens, self.grad_scale
 
         def loss_of(h):  # runs as the head's forward: its weight is gathered here under ZeRO-3
-            return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk)
+            return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk, grad_scale)
 
         with _forward_replaced(head, loss_of):
             self.result = head(hidden)
 
-    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None) -> torch.Tensor:
-        self.labels = labels
+    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0) -> torch.Tensor:
+        self.labels, self.grad_scale = labels, grad_scale
         try:
             engine(**model_inputs(input_ids, attention_mask, position_ids),
                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
@@ -207,7 +220,8 @@ class ChunkedLoss:
 
 
 def make_loss_fn(model, chunk_tokens: int):
-    """(engine, input_ids, attention_mask, labels, position_ids=None) -> summed token loss of the micro-batch."""
+    """(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0) -> summed token loss of the
+    micro-batch; `grad_scale` is the gradient backward will bring to that sum (see `train_step`)."""
     return full_loss_sum if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens)
 
 
@@ -221,16 +235,21 @@ def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_a
 
     The step's loss is (sum of token losses over the global batch) / (targets in the global batch).
     DeepSpeed divides each micro-step's loss by grad_accum and averages gradients over ranks, so each
-    micro-step's sum is scaled by grad_accum * world_size / global_targets to cancel both."""
+    micro-step's sum is scaled by grad_accum * world_size / global_targets to cancel both. Backward then
+    brings the loss that gradient times fp16's loss scale over grad_accum, which the fused loss needs to
+    know in advance under fp16."""
+    from ds_finetune.ds_internals import loss_scale
+
     scale = grad_accum * world_size / global_targets
-    local_sum = torch.zeros((), dtype=torch.float64)
+    expected_grad = scale * loss_scale(engine) / grad_accum
+    local_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per micro-step
     for batch in micro_batches:  # data.Batch: input_ids, attention_mask, labels, position_ids
-        loss_sum = loss_fn(engine, *to_device(batch, engine.device))
+        loss_sum = loss_fn(engine, *to_device(batch, engine.device), grad_scale=expected_grad)
         engine.backward(loss_sum * scale)
         if before_update is not None and engine.is_gradient_accumulation_boundary():
             before_update()  # this step() changes the weights and optimizer state
         engine.step()
-        local_sum += loss_sum.detach().double().cpu()
+        local_sum += loss_sum.detach().double()
         if after_micro_step is not None:
             after_micro_step()
     return local_sum

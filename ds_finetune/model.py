@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from ds_finetune.dist import on_cuda
+
 from ds_finetune.config import RunConfig
 from ds_finetune.errors import UserError, first_line
 
@@ -98,15 +100,25 @@ def param_group_names(model) -> list[list[str]]:
     return [decay, no_decay]
 
 
+def adamw(groups: list[dict], t, offloaded: bool):
+    """The AdamW doing the update: torch's, or with the optimizer offloaded from GPUs DeepSpeed's CPU Adam
+    (vectorised C++; torch's would be several times slower there, which is why DeepSpeed refuses a client
+    optimizer with offload by default). CPU runs keep torch's: no JIT-built op, and the same arithmetic
+    with and without offload."""
+    if offloaded:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+
+
 def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int):
     import deepspeed
 
     params = dict(model.named_parameters())
     decay, no_decay = ([params[n] for n in names] for names in param_group_names(model))
     t = cfg.train
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = adamw(groups, t, offloaded=t.offload_optimizer != "none" and on_cuda())
     schedule = lr_lambda(cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,

@@ -13,9 +13,9 @@ tensor (and a shard's mapped pages), never by the model:
   every rank's RNG, which file holds which tensor) and a manifest, then renames the folder to
   `step_N/resharded/`. A crash before the rename leaves only a temp folder, which is never read.
 * `ConvertedCopy` reads the copy back one tensor at a time: `load_weights` fills the model before
-  `deepspeed.initialize` (ZeRO then builds its fp32 master copies from it); `load_optimizer_state` fills
-  the moments, step count, LR schedule and DeepSpeed's counters after it, through
-  `safe_set_full_optimizer_state` (each rank keeps only its partition of each tensor).
+  `deepspeed.initialize`; `load_optimizer_state` fills, after it, the fp32 master weights (in bf16/fp16
+  the engine built them from the module's rounded weights), the moments, step count, LR schedule and
+  DeepSpeed's counters, through `safe_set_full_*` (each rank keeps only its partition of each tensor).
 """
 
 from __future__ import annotations
@@ -221,8 +221,30 @@ def load_weights(model, copy: ConvertedCopy) -> None:
         del value
 
 
+def load_master_weights(engine, copy: ConvertedCopy) -> None:
+    """bf16/fp16: the fp32 weights into the fp32 masters the optimizer updates. `deepspeed.initialize` cast
+    the module to bf16/fp16 and built the masters from that rounding; left so, the first update would
+    start from weights rounded to 8 bits of mantissa."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    from ds_finetune import ds_internals
+
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return  # the module's fp32 weights are the masters
+    masters = ds_internals.stage0_masters(engine)
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        value = copy.read(name, "weights").to(p.device)
+        if masters:
+            masters[id(p)].data.copy_(value.view_as(masters[id(p)]))
+        else:
+            safe_set_full_fp32_param(p, value)  # copies only this rank's partition
+        del value
+
+
 def load_optimizer_state(engine, copy: ConvertedCopy) -> None:
-    """Adam moments, step count, LR schedule and DeepSpeed's step counters, on any ZeRO stage."""
+    """fp32 masters, Adam moments, step count, LR schedule and DeepSpeed's step counters, on any ZeRO stage."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
     from ds_finetune import ds_internals
@@ -236,16 +258,19 @@ def load_optimizer_state(engine, copy: ConvertedCopy) -> None:
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] = step.clone()
+        # DeepSpeedCPUAdam (offload from GPUs) counts steps in a Python int, torch's AdamW in a tensor
+        state["step"] = int(step) if type(base).__name__ == "DeepSpeedCPUAdam" else step.clone()
     ds_internals.link_optimizer_state(engine)
-    stage = engine.zero_optimization_stage()
+    load_master_weights(engine, copy)
+    stage, masters = engine.zero_optimization_stage(), ds_internals.stage0_masters(engine)
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:  # frozen: no optimizer state
             continue
         for key in ("exp_avg", "exp_avg_sq"):
             value = copy.read(name, key).to(p.device)
-            if stage == 0:
-                base.state[p][key].copy_(value.view_as(base.state[p][key]))
+            if stage == 0:  # the state is keyed by the parameter, or by its fp32 master in bf16/fp16
+                state = base.state[masters.get(id(p), p)][key]
+                state.copy_(value.view_as(state))
             else:
                 safe_set_full_optimizer_state(p, value, key)  # copies only this rank's partition
             del value

@@ -27,7 +27,8 @@ from ds_finetune.config import RunConfig, load_config, split_resume_arg
 from ds_finetune.data.cache import cache_root
 from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, TokenizedData, collate, load_tokenizer, prepare_data,
                               unit_targets, unit_tokens)
-from ds_finetune.dist import barrier, decide, init_distributed, seed_everything
+from ds_finetune.dist import (barrier, decide, init_distributed, on_cuda, seed_everything, set_deterministic,
+                              sum_over_ranks)
 from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
 from ds_finetune.export import export_checkpoint, write_hf_files
@@ -109,6 +110,7 @@ def write_run_files(cfg: RunConfig, ds_config: dict) -> None:
 def setup(args) -> tuple[Run, TrainState]:
     rank, world, _ = init_distributed()
     cfg = load_config(args.config, args.overrides)
+    set_deterministic(cfg.train.deterministic)  # before anything computes on the device
     is_main = rank == 0
     if cfg.logging.wandb is not None:
         decide(check_wandb_installed, runs_here=is_main)  # before anything long
@@ -128,7 +130,7 @@ def setup(args) -> tuple[Run, TrainState]:
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
     resume_from = resume.choose_checkpoint(cfg, args.resume, args.overwrite, args.discard_newer, rank, world)
     layout = resume.resolve_layout(cfg, world, resume_from, is_main)
-    ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum)
+    ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum, on_gpu=on_cuda())
     total_steps = total_steps_of(cfg, order, layout.global_batch)
     fingerprint = config_fingerprint(cfg, layout.global_batch, data.content_hash, lora_base_files(cfg, rank, world))
     if resume_from is not None:
@@ -186,12 +188,8 @@ class StepOutcome:
 
 
 def agree_on_step(local_sum: torch.Tensor, signum: int, time_to_save: bool, writing: bool) -> StepOutcome:
-    import torch.distributed as dist
-
-    values = torch.tensor([float(local_sum), float(signum), float(time_to_save), float(writing)],
-                          dtype=torch.float64)
-    dist.all_reduce(values)
-    return StepOutcome(float(values[0]), bool(values[1] > 0), bool(values[2] > 0), bool(values[3] > 0))
+    loss_sum, stop, time_up, still_writing = sum_over_ranks([local_sum, signum, time_to_save, writing])
+    return StepOutcome(loss_sum, stop > 0, time_up > 0, still_writing > 0)
 
 
 class StopSignal:
@@ -276,12 +274,12 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
     if ckpt.needs_final_save(state.step):
         save("final")
     commit_background_save()
-    if cfg.checkpoint.export_final:
-        if rank == 0:
-            out = export_checkpoint(cfg.checkpoint_dir / tag_for_step(state.step),
-                                    Path(cfg.output_dir) / "final_model", cfg.model.dtype)
-            metrics.message(f"[ds-finetune] exported a Hugging Face model to {out}")
-        barrier()
+    if cfg.checkpoint.export_final and rank == 0:
+        # Rank 0 alone, and no rank waits for it: an export longer than the process-group timeout would
+        # otherwise end in the NCCL watchdog's abort. The other ranks exit; the launcher waits for all.
+        out = export_checkpoint(cfg.checkpoint_dir / tag_for_step(state.step),
+                                Path(cfg.output_dir) / "final_model", cfg.model.dtype)
+        metrics.message(f"[ds-finetune] exported a Hugging Face model to {out}")
     metrics.message(f"[ds-finetune] done: {state.step} steps; outputs in {cfg.output_dir}")
     return 0
 

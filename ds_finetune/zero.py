@@ -19,7 +19,10 @@ def build_zero_config(
     grad_clip: float = 1.0,
     offload_optimizer: Literal["none", "cpu"] = "none",
     offload_param: Literal["none", "cpu"] = "none",
+    on_gpu: bool = True,
 ) -> dict:
+    """`on_gpu`: overlap the gradient reduction with backward and pin offloaded memory (what GPUs want);
+    off for CPU runs, where there is no transfer to overlap and nothing to pin."""
     if stage not in (0, 1, 2, 3):
         raise UserError(f"zero stage must be 0, 1, 2 or 3 (got {stage})")
     if offload_param != "none" and stage != 3:
@@ -33,16 +36,16 @@ def build_zero_config(
     zero: dict = {"stage": stage}
     if stage in (1, 2):
         # Bucket sizes are DeepSpeed's defaults, written out so the file says what ran.
-        zero.update({"contiguous_gradients": True, "overlap_comm": False,
+        zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu,
                      "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000})
     if stage == 3:
-        zero.update({"contiguous_gradients": True, "overlap_comm": False, "reduce_bucket_size": 500_000_000,
+        zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu, "reduce_bucket_size": 500_000_000,
                      "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
                      "stage3_gather_16bit_weights_on_model_save": False})
     if offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": offload_optimizer, "pin_memory": False}
+        zero["offload_optimizer"] = {"device": offload_optimizer, "pin_memory": on_gpu}
     if offload_param != "none":
-        zero["offload_param"] = {"device": offload_param, "pin_memory": False}
+        zero["offload_param"] = {"device": offload_param, "pin_memory": on_gpu}
 
     config = {
         "train_batch_size": micro_batch_size * grad_accum * world_size,
@@ -57,14 +60,16 @@ def build_zero_config(
         "wall_clock_breakdown": False,
     }
     if offload_optimizer != "none":
-        # We pass a client torch.optim.AdamW (no JIT-built ops needed); let ZeRO-Offload accept it.
+        # On the CPU we pass a client torch.optim.AdamW (no JIT-built ops needed); let ZeRO-Offload accept it.
+        # (On GPUs model.build_engine passes DeepSpeedCPUAdam, which DeepSpeed takes anyway.)
         config["zero_force_ds_cpu_optimizer"] = False
     return config
 
 
-def zero_config_for_run(cfg, world_size: int, micro: int | None = None, accum: int | None = None) -> dict:
+def zero_config_for_run(cfg, world_size: int, micro: int | None = None, accum: int | None = None,
+                        on_gpu: bool = False) -> dict:
     if micro is None or accum is None:
         micro, accum, _ = cfg.batch_layout(world_size)
     t = cfg.train
     return build_zero_config(t.zero_stage, micro, accum, world_size, cfg.model.dtype, t.grad_clip,
-                             t.offload_optimizer, t.offload_param)
+                             t.offload_optimizer, t.offload_param, on_gpu)

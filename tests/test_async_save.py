@@ -109,13 +109,35 @@ def test_train_step_waits_for_a_background_copy_only_before_the_step_that_update
         def is_gradient_accumulation_boundary(self):
             return (self.micro_steps + 1) % 3 == 0
 
+        def fp16_enabled(self):
+            return False
+
         def step(self):
             calls.append("update" if self.is_gradient_accumulation_boundary() else "step")
             self.micro_steps += 1
 
-    def loss_fn(engine, *batch):
+    def loss_fn(engine, *batch, grad_scale=1.0):
         return torch.tensor(1.0)
 
     train_step(Engine(), loss_fn, [[torch.zeros(1)]] * 3, global_targets=3, grad_accum=3, world_size=1,
                before_update=lambda: calls.append("wait"))
     assert calls == ["backward", "step", "backward", "step", "backward", "wait", "update"]
+
+
+def test_a_snapshot_shares_no_object_with_the_live_state():
+    """fp16: ZeRO's optimizer state dict holds the engine's live DynamicLossScaler; the step after a
+    background save changes it while the writer may still be pickling. The snapshot holds a copy taken
+    before that step, so the file has the scale of the saved step."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=1,
+                               consecutive_hysteresis=False)
+    live = {"loss_scaler": scaler, "state": {"step": 3, "tag": "step_3"}, "fp32": [torch.ones(2)]}
+    copy = snapshot(live)
+    scaler.cur_scale /= 2  # what the next step does on an overflow (update_scale)
+    assert scaler.cur_scale == 2.0**15
+    assert copy["loss_scaler"] is not scaler and copy["loss_scaler"].cur_scale == 2.0**16
+    buffer = io.BytesIO()
+    torch.save(copy, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False)["loss_scaler"].cur_scale == 2.0**16

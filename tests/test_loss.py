@@ -159,3 +159,43 @@ def test_a_model_that_transforms_its_logits_is_refused():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(UserError, match="final_logit_softcapping"):
         ChunkedLoss(model, 7)
+
+
+def fp16_grads(fn):
+    """grad_W in fp16 of an fp16 head whose softmax has many terms below fp16's smallest subnormal
+    (~6e-8): a wide vocabulary, spread logits; backward brings fp16's loss scale times a 1/targets
+    normalisation. Also the fp32 path's grad_W, for reference."""
+    h, w, _, t = inputs(n=64, hidden=16, vocab=4000, bias=False, seed=3)
+    expected_grad = 2.0**16 / 4000  # loss scale x normalisation
+    h16, w16 = (h.detach() * 1).half().requires_grad_(), (w.detach() * 6).half().requires_grad_()
+    (fn(h16, w16, t, expected_grad) * expected_grad).backward()
+    h32, w32 = h16.detach().float().requires_grad_(), w16.detach().float().requires_grad_()
+    (reference(h32, w32, None, t) * expected_grad).backward()
+    return w16.grad, w32.grad
+
+
+def full_path(h, w, t, expected_grad):  # fp32 logits: the scale multiplies before anything is fp16 again
+    return reference(h, w, None, t)
+
+
+def flushed(grad: torch.Tensor) -> float:
+    return (grad == 0).float().mean().item()
+
+
+def test_fp16_head_keeps_small_softmax_terms_with_the_loss_scale():
+    """The fused loss in fp16 with a loss scale equals the fp32 path within fp16 rounding, and flushes no
+    more gradient entries to zero than the full-logits fp16 path: the scale multiplies the softmax before
+    the cast to fp16, as in the full path's fp32 logits."""
+    got, want = fp16_grads(lambda h, w, t, g: fused_linear_cross_entropy(h, w, None, t, 16, grad_scale=g))
+    full, _ = fp16_grads(full_path)
+    assert got.dtype == torch.float16
+    assert ((got.float() - want).norm() / want.norm()).item() < 5e-3
+    assert flushed(full) > 0.1  # the case does reach below fp16's range
+    assert flushed(got) <= flushed(full) + 0.005
+
+
+def test_fp16_head_without_the_scale_loses_the_small_terms():
+    """What the test above guards against: cast first, scale in backward, and many more entries flush."""
+    got, _ = fp16_grads(lambda h, w, t, g: fused_linear_cross_entropy(h, w, None, t, 16))  # no expected grad
+    full, _ = fp16_grads(full_path)
+    assert flushed(got) > flushed(full) + 0.1

@@ -96,7 +96,8 @@ def all_values(node):
 def test_every_zero_variant_is_accepted_by_deepspeed_with_intended_values(
         request, stage, dtype, offload_optimizer, offload_param, micro, accum, world):
     grad_clip = 0.5 if stage % 2 else 1.0
-    config = build_zero_config(stage, micro, accum, world, dtype, grad_clip, offload_optimizer, offload_param)
+    config = build_zero_config(stage, micro, accum, world, dtype, grad_clip, offload_optimizer, offload_param,
+                               on_gpu=False)
     assert "auto" not in [v for v in all_values(config) if isinstance(v, str)]
 
     ds = parse_with_deepspeed(config, world, request)
@@ -119,6 +120,16 @@ def test_every_zero_variant_is_accepted_by_deepspeed_with_intended_values(
         assert ds.zero_config.offload_param is None
     if stage > 0:
         assert ds.zero_config.overlap_comm is False and ds.zero_config.contiguous_gradients is True
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gpu_configs_overlap_the_reduction_and_pin_offloaded_memory(request, stage):
+    config = build_zero_config(stage, 1, 1, 2, "bf16", 1.0, "cpu", "cpu" if stage == 3 else "none", on_gpu=True)
+    ds = parse_with_deepspeed(config, 2, request)
+    assert ds.zero_config.overlap_comm is True
+    assert ds.zero_config.offload_optimizer.pin_memory is True
+    if stage == 3:
+        assert ds.zero_config.offload_param.pin_memory is True
 
 
 @pytest.mark.parametrize("kwargs, named", [

@@ -1,0 +1,80 @@
+"""What a GPU run needs that the CPU twin does not show by itself, checked in process: every collective's
+tensors on the accelerator's current device (NCCL serves CUDA tensors only), the device a rank drives
+under SLURM's one-GPU-per-task binding, deterministic CUDA kernels, the RNG of the accelerator in use."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_finetune import dist
+from ds_finetune.errors import UserError
+
+PACKAGE = Path(dist.__file__).resolve().parent
+COLLECTIVE = re.compile(r"\b(?:dist|torch\.distributed)\.(all_reduce|all_gather\w*|broadcast\w*|reduce\w*|gather\w*|"
+                        r"scatter\w*|all_to_all\w*|send|recv|isend|irecv)\(")
+
+
+def test_collectives_are_made_in_dist_only():
+    """dist.py builds every collective's tensors on collective_device(); anywhere else a collective could
+    meet a CPU tensor under NCCL ("No backend type associated with device type cpu") at step 1."""
+    found = [f"{path.relative_to(PACKAGE)}:{i}: {line.strip()}"
+             for path in PACKAGE.rglob("*.py") if path.name != "dist.py"
+             for i, line in enumerate(path.read_text().splitlines(), 1) if COLLECTIVE.search(line)]
+    assert found == []
+    assert COLLECTIVE.search("    dist.all_reduce(values)")  # the pattern does see one
+
+
+def test_sum_over_ranks_builds_its_tensor_on_the_accelerators_current_device(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    seen = []
+
+    def all_reduce(t, *args, **kwargs):
+        seen.append(t.device)
+        raise StopIteration  # a meta tensor holds no values to read back
+
+    monkeypatch.setattr(type(get_accelerator()), "current_device_name", lambda self: "meta")
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with pytest.raises(StopIteration):
+        dist.sum_over_ranks([torch.tensor(2.0, dtype=torch.float64), 1, True])  # a CPU tensor among them
+    assert seen == [torch.device("meta")]
+
+
+def test_sum_over_ranks_on_one_rank(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: t.mul_(2))  # two equal ranks
+    assert dist.sum_over_ranks([torch.tensor(1.5, dtype=torch.float64), 3, False]) == [3.0, 6.0, 0.0]
+
+
+@pytest.mark.parametrize("local_rank, visible, index", [(0, 8, 0), (5, 8, 5), (3, 1, 0), (5, 4, 1)])
+def test_the_device_a_rank_drives(local_rank, visible, index):
+    """LOCAL_RANK where the node's GPUs are all visible; device 0 where SLURM binds one GPU per task."""
+    assert dist.device_index(local_rank, visible) == index
+
+
+def test_no_visible_device_is_one_line():
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES"):
+        dist.device_index(0, 0)
+
+
+def test_deterministic_cuda_settings(monkeypatch):
+    calls = []
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, **kw: calls.append(on))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(dist, "on_cuda", lambda: True)
+    dist.set_deterministic(False)
+    assert calls == [] and "CUBLAS_WORKSPACE_CONFIG" not in __import__("os").environ
+    dist.set_deterministic(True)
+    assert calls == [True] and __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
+
+
+def test_a_cpu_run_touches_no_cuda_rng_even_where_cuda_exists(monkeypatch):
+    """A CPU-accelerator run on a GPU machine must not create CUDA contexts for its RNG."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: pytest.fail("CUDA RNG read by a CPU run"))
+    state = dist.capture_rng()
+    assert "cuda" not in state
+    dist.restore_rng({**state, "cuda": [0]})  # a checkpoint from a GPU run, resumed on the CPU
