@@ -124,17 +124,68 @@ def disk_error(ckpt_dir: Path, err: BaseException) -> UserError:
 # ------------------------------------------------------------------------------------------ Checkpointer
 
 class Checkpointer:
-    """Built once per run: decides when a save is due, saves and commits, and restores a native checkpoint.
-    Every rank holds one and calls `save` at the same step."""
+    """Built once per run, one on every rank: owns saving. The loop calls `after_step` after every
+    optimizer step, `stop` when the ranks agreed to stop on a signal, and `close` at the end; the
+    Checkpointer decides what is due, saves (now or in the background), commits, reports through `say`,
+    and runs the final save and export. It also restores a native checkpoint."""
 
     def __init__(self, engine, ckpt_cfg, ckpt_dir: Path, rank: int, world: int, saved_step: int,
-                 extra_client_state: dict, write_extra=None, trainable_only: bool = False):
+                 extra_client_state: dict, write_extra=None, trainable_only: bool = False,
+                 export_to: Path | None = None, export_dtype: str = "fp32"):
         self.engine, self.cfg, self.dir, self.rank, self.world = engine, ckpt_cfg, ckpt_dir, rank, world
+        self.export_to, self.export_dtype = export_to, export_dtype  # checkpoint.export_final
         self.trainable_only = trainable_only  # LoRA: the frozen base is not saved (it is fingerprinted)
         self.in_flight = None  # async_save: (BackgroundWrite, tag dir, trainer state) of the uncommitted save
         self.extra_client_state = extra_client_state  # constant for the run (e.g. param group names)
         self.write_extra = write_extra                # rank 0 writes more files into the tag dir
         self.saved_step, self.last_save_time = saved_step, time.time()
+
+    # -- the loop's three calls (every rank, at the same step)
+
+    def after_step(self, state: TrainState, writing_anywhere: bool, time_to_save: bool, say) -> None:
+        """After optimizer step `state.step`: commit a background save once no rank is still writing it
+        (the ranks agreed on both flags in the step's all-reduce), then save if one is due."""
+        if self.in_flight is not None and not writing_anywhere:
+            self._commit_in_flight(say)
+        reason = self.due(state.step, time_to_save)
+        if reason:
+            self._save(state, reason, say)
+
+    def stop(self, state: TrainState, say) -> None:
+        """The ranks agreed to stop after this step (SIGTERM/SIGINT): save unless disabled, and commit."""
+        path = self._save(state, "stop requested", say) if self.cfg.save_on_signal else None
+        self._commit_in_flight(say)  # this save, or one still in flight: committed before the exit
+        if path is not None:
+            say(f"[ds-finetune] stopped by signal at step {state.step}; resume with --resume (checkpoint {path})")
+        else:
+            say(f"[ds-finetune] stopped by signal at step {state.step} without saving "
+                f"(checkpoint.save_on_signal=false)")
+
+    def close(self, state: TrainState, say) -> None:
+        """The run is done: the final save if one is due, every save committed, the final export."""
+        if self.needs_final_save(state.step):
+            self._save(state, "final", say)
+        self._commit_in_flight(say)
+        if self.export_to is not None and self.rank == 0:
+            # Rank 0 alone, and no rank waits for it: an export longer than the process-group timeout would
+            # otherwise end in the NCCL watchdog's abort. The other ranks exit; the launcher waits for all.
+            from ds_finetune.export import export_checkpoint  # export imports this module
+            out = export_checkpoint(self.dir / tag_for_step(state.step), self.export_to, self.export_dtype)
+            say(f"[ds-finetune] exported a Hugging Face model to {out}")
+
+    def _save(self, state: TrainState, reason: str, say) -> Path:
+        self._commit_in_flight(say)  # at most one save in flight
+        path = self.save(state)
+        written = "writing it in the background" if self.in_flight else "saved"
+        say(f"[ds-finetune] {written} {path} ({reason})")
+        return path
+
+    def _commit_in_flight(self, say) -> None:
+        path = self.finish()
+        if path is not None:
+            say(f"[ds-finetune] saved {path} (written in the background)")
+
+    # -- the pieces
 
     def time_due(self) -> bool:
         """Rank 0's clock says `every_minutes` have passed (the ranks agree on it through the step's reduce)."""

@@ -1,5 +1,5 @@
-"""The summed token loss of a micro-batch, without ever holding the logits of every position, and one
-optimizer step over a rank's micro-batches normalised by the global batch's target tokens (`train_step`).
+"""The summed token loss of a micro-batch, without ever holding the logits of every position (the
+optimizer step that normalises it by the global batch's target tokens is `objective.train_step`).
 
 The full path (`train.loss_chunk_tokens: 0`) takes the model's logits for every position, copies them to
 fp32 and takes a log-softmax: ~10 bytes x tokens x vocabulary, which for a 150k vocabulary and 8k tokens is
@@ -227,29 +227,3 @@ def make_loss_fn(model, chunk_tokens: int):
 
 def to_device(tensors, device) -> list:
     return [None if t is None else t.to(device) for t in tensors]
-
-
-def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
-               after_micro_step=None, before_update=None) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
-
-    The step's loss is (sum of token losses over the global batch) / (targets in the global batch).
-    DeepSpeed divides each micro-step's loss by grad_accum and averages gradients over ranks, so each
-    micro-step's sum is scaled by grad_accum * world_size / global_targets to cancel both. Backward then
-    brings the loss that gradient times fp16's loss scale over grad_accum, which the fused loss needs to
-    know in advance under fp16."""
-    from ds_finetune.ds_internals import loss_scale
-
-    scale = grad_accum * world_size / global_targets
-    expected_grad = scale * loss_scale(engine) / grad_accum
-    local_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per micro-step
-    for batch in micro_batches:  # data.Batch: input_ids, attention_mask, labels, position_ids
-        loss_sum = loss_fn(engine, *to_device(batch, engine.device), grad_scale=expected_grad)
-        engine.backward(loss_sum * scale)
-        if before_update is not None and engine.is_gradient_accumulation_boundary():
-            before_update()  # this step() changes the weights and optimizer state
-        engine.step()
-        local_sum += loss_sum.detach().double()
-        if after_micro_step is not None:
-            after_micro_step()
-    return local_sum

@@ -14,18 +14,26 @@ import time
 from pathlib import Path
 
 
+def metrics_lines(path: Path) -> list[tuple[int, str]]:
+    """(step, line) of each line of metrics.jsonl, up to a torn one: a kill mid-line leaves a last line that
+    does not parse, and it (with anything after it) belongs to the interrupted attempt. The one reader of
+    the file's lines for truncating and discarding."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append((int(json.loads(line)["step"]), line))
+        except (ValueError, KeyError, TypeError):
+            break
+    return out
+
+
 def truncate_metrics(path: Path, keep_through_step: int) -> None:
     """Keep only lines with step <= keep_through_step (all lines removed for a fresh start). Atomic."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            break  # a torn last line from a kill: everything after it is from the interrupted attempt
-        if step <= keep_through_step:
-            kept.append(line)
+    kept = [line for step, line in metrics_lines(path) if step <= keep_through_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
     os.replace(tmp, path)

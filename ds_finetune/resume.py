@@ -1,7 +1,8 @@
 """Resume: choose the checkpoint, check that this run can continue it, convert it when the ZeRO stage or
 world size changed, and restore the engine, each rank's RNG and the trainer's progress.
 
-`choose_checkpoint` runs before the engine exists (it decides the batch layout); `restore` after.
+Three calls from setup: `plan` before the model exists (it decides the batch layout and converts),
+`load_converted_weights` into the model before the engine is built, `apply` once the engine exists.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from ds_finetune import checkpoint as ckpt
@@ -21,16 +23,62 @@ from ds_finetune.verify import CheckpointInfo
 from ds_finetune.config import RunConfig
 from ds_finetune.fingerprint import changed_exact_keys
 from ds_finetune.data import DATA_FORMAT_VERSION
-from ds_finetune.dist import decide, restore_rng
+from ds_finetune.dist import barrier, decide, restore_rng
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
 from ds_finetune.files import fsync_dir, write_atomic
+from ds_finetune.metrics import metrics_lines
 from ds_finetune.rendezvous import Meter, Rendezvous, scratch_folder
 from ds_finetune.sampler import BatchLayout
 
 
 def say(text: str) -> None:
     print(f"[ds-finetune] {text}", flush=True)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What this run continues (source None: a fresh start) and how."""
+    source: CheckpointInfo | None
+    layout: BatchLayout           # a resumed run keeps the checkpoint's global batch on any world size
+    fingerprint: dict             # what this run is (config_fingerprint), checked against the source's
+    converted: reshard.ConvertedCopy | None  # the source converted for another stage or world size
+
+
+def plan(cfg: RunConfig, args, rank: int, world: int, fingerprint_of) -> ResumePlan:
+    """Choose the checkpoint (--resume, --overwrite, --discard-newer), check that this run continues it
+    (`fingerprint_of(global_batch)` is this run's fingerprint), and convert it if the ZeRO stage or world
+    size changed. Every rank calls it and gets the same plan."""
+    source = choose_checkpoint(cfg, args.resume, args.overwrite, args.discard_newer, rank, world)
+    layout = resolve_layout(cfg, world, source, rank == 0)
+    fingerprint = fingerprint_of(layout.global_batch)
+    if source is not None:
+        check_resumable(source, fingerprint, args.allow_config_change)
+        if args.discard_newer:
+            discard_newer(source, cfg, rank)
+    elif args.overwrite and rank == 0:
+        ckpt.remove_checkpoints(cfg.checkpoint_dir)
+    converted = None
+    if needs_conversion(source, cfg.train.zero_stage, world):
+        converted = convert(source, cfg.train.zero_stage, world, rank)
+    barrier()
+    return ResumePlan(source, layout, fingerprint, converted)
+
+
+def load_converted_weights(resume_plan: ResumePlan, model) -> None:
+    """A converted checkpoint's weights into the model, before the engine is built (one tensor at a time)."""
+    if resume_plan.converted is not None:
+        reshard.load_weights(model, resume_plan.converted)
+
+
+def apply(resume_plan: ResumePlan, checkpointer: ckpt.Checkpointer, rank: int) -> TrainState:
+    """The engine's state, this rank's RNG and the trainer's progress from the plan's checkpoint; a fresh
+    TrainState when there is none."""
+    if resume_plan.source is None:
+        return TrainState()
+    state = restore(checkpointer, resume_plan.source, resume_plan.converted, rank)
+    checkpointer.saved_step = state.step
+    return state
 
 
 # ------------------------------------------------------------------------------------------------ choose
@@ -149,7 +197,7 @@ def discard_newer(info: CheckpointInfo, cfg: RunConfig, rank: int) -> None:
         aside.mkdir()
         metrics = output_dir / "metrics.jsonl"
         if metrics.exists():
-            lines = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _step_of(line) > info.step]
+            lines = [line for step, line in metrics_lines(metrics) if step > info.step]
             write_atomic(aside / "metrics.jsonl", "".join(line + "\n" for line in lines))
         for p in reversed(newer):
             os.replace(p, aside / p.name)
@@ -159,13 +207,6 @@ def discard_newer(info: CheckpointInfo, cfg: RunConfig, rank: int) -> None:
         say(f"moved {', '.join(p.name for p in newer)} aside into {aside}")
 
     decide(move_aside, runs_here=rank == 0)
-
-
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # a torn line was written after every complete one
 
 
 def check_resumable(info: CheckpointInfo, fingerprint: dict, allow_change: bool) -> None:

@@ -21,20 +21,22 @@ from pathlib import Path
 
 import torch
 
-from ds_finetune import lora, reshard, resume
-from ds_finetune.checkpoint import Checkpointer, TrainState, remove_checkpoints, tag_for_step
+from deepspeed import DeepSpeedEngine
+
+from ds_finetune import lora, resume
+from ds_finetune.checkpoint import Checkpointer, TrainState
 from ds_finetune.config import RunConfig, load_config, split_resume_arg
 from ds_finetune.data.cache import cache_root
-from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, TokenizedData, collate, load_tokenizer, prepare_data,
-                              unit_targets, unit_tokens)
+from ds_finetune.data import DATA_FORMAT_VERSION, EpochOrder, TokenizedData, load_tokenizer, prepare_data, unit_tokens
 from ds_finetune.dist import (barrier, decide, init_distributed, on_cuda, seed_everything, set_deterministic,
                               sum_over_ranks)
 from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
-from ds_finetune.export import export_checkpoint, write_hf_files
+from ds_finetune.export import write_hf_files
+from ds_finetune.objective import SFT
 from ds_finetune.faults import fault_point
 from ds_finetune.fingerprint import config_fingerprint
-from ds_finetune.loss import make_loss_fn, train_step
+from ds_finetune.loss import make_loss_fn
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
 from ds_finetune.model import build_engine, build_model, check_isolated_packing, param_group_names
 from ds_finetune.nodes import check_shared_checkpoint_dir
@@ -66,9 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Run:
     """What the loop needs, fixed for the whole run."""
     cfg: RunConfig
-    engine: object
-    loss_fn: object      # (engine, input_ids, attention_mask, labels, position_ids) -> summed token loss
-    tokenizer: object
+    engine: DeepSpeedEngine
+    objective: SFT
     data: TokenizedData
     order: EpochOrder
     layout: BatchLayout
@@ -128,28 +129,19 @@ def setup(args) -> tuple[Run, TrainState]:
     order = EpochOrder(data, cfg.train.seed, cfg.data.packs, cfg.data.max_length, rows=train_rows)
 
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
-    resume_from = resume.choose_checkpoint(cfg, args.resume, args.overwrite, args.discard_newer, rank, world)
-    layout = resume.resolve_layout(cfg, world, resume_from, is_main)
+    plan = resume.plan(cfg, args, rank, world,
+                       lambda global_batch: config_fingerprint(cfg, global_batch, data.content_hash,
+                                                               lora_base_files(cfg, rank, world)))
+    layout = plan.layout
     ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum, on_gpu=on_cuda())
     total_steps = total_steps_of(cfg, order, layout.global_batch)
-    fingerprint = config_fingerprint(cfg, layout.global_batch, data.content_hash, lora_base_files(cfg, rank, world))
-    if resume_from is not None:
-        resume.check_resumable(resume_from, fingerprint, args.allow_config_change)
-        if args.discard_newer:
-            resume.discard_newer(resume_from, cfg, rank)
-    elif args.overwrite and is_main:
-        remove_checkpoints(cfg.checkpoint_dir)
-    converted = None
-    if resume.needs_conversion(resume_from, cfg.train.zero_stage, world):
-        converted = resume.convert(resume_from, cfg.train.zero_stage, world, rank)
-    barrier()
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank, stage and world size
     model = build_model(cfg, ds_config)
-    if cfg.data.packing == "isolated":
+    isolate = cfg.data.packing == "isolated"
+    if isolate:
         check_isolated_packing(model, layout.micro_batch_size)
-    if converted is not None:
-        reshard.load_weights(model, converted)  # one tensor at a time
+    resume.load_converted_weights(plan, model)  # a checkpoint of another stage or world size, before the engine
     engine = build_engine(model, cfg, ds_config, total_steps)
     # Dropout RNG: rank r draws from seed + r (a rank a resumed run did not have gets the same rule).
     seed_everything(cfg.train.seed + rank)
@@ -157,23 +149,22 @@ def setup(args) -> tuple[Run, TrainState]:
     checkpointer = Checkpointer(engine, cfg.checkpoint, cfg.checkpoint_dir, rank, world,
                                 saved_step=0, extra_client_state={"param_group_names": param_group_names(model)},
                                 write_extra=lambda tag_dir: write_hf_files(tag_dir, engine.module, tok),
-                                trainable_only=cfg.model.lora is not None)
+                                trainable_only=cfg.model.lora is not None,
+                                export_to=Path(cfg.output_dir) / "final_model" if cfg.checkpoint.export_final else None,
+                                export_dtype=cfg.model.dtype)
     # What this run is, saved with every checkpoint (differs from a resumed checkpoint's only under
     # --allow-config-change).
     identity = dict(seed=cfg.train.seed, global_batch=layout.global_batch, data_format_version=DATA_FORMAT_VERSION,
-                    fingerprint=fingerprint)
-    if resume_from is None:
-        state = TrainState(**identity)
-    else:
-        state = replace(resume.restore(checkpointer, resume_from, converted, rank), **identity)
-        checkpointer.saved_step = state.step
+                    fingerprint=plan.fingerprint)
+    state = replace(resume.apply(plan, checkpointer, rank), **identity)
     if cfg.logging.wandb is not None:
         state.wandb_run_id = state.wandb_run_id or secrets.token_hex(4)  # rank 0's is the one saved
     if is_main:
         write_run_files(cfg, ds_config)
     barrier()
-    loss_fn = make_loss_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens)
-    return Run(cfg, engine, loss_fn, tok, data, order, layout, total_steps, rank, checkpointer, evaluator), state
+    objective = SFT(data, layout, make_loss_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens),
+                    tok.pad_token_id, isolate, rank, checkpointer.before_update)
+    return Run(cfg, engine, objective, data, order, layout, total_steps, rank, checkpointer, evaluator), state
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -211,23 +202,9 @@ class StopSignal:
 # ------------------------------------------------------------------------------------------------ loop
 
 def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
-    cfg, engine, data, layout, rank = run.cfg, run.engine, run.data, run.layout, run.rank
-    gb, ckpt = layout.global_batch, run.checkpointer
-    pad_id = run.tokenizer.pad_token_id  # any id works (padding is masked out of attention and loss)
-    isolate = cfg.data.packing == "isolated"
-
-    def save(reason: str) -> Path:
-        commit_background_save()  # at most one save in flight
-        path = ckpt.save(state)
-        written = "writing it in the background" if ckpt.in_flight else "saved"
-        metrics.message(f"[ds-finetune] {written} {path} ({reason})")
-        return path
-
-    def commit_background_save() -> None:
-        path = ckpt.finish()
-        if path is not None:
-            metrics.message(f"[ds-finetune] saved {path} (written in the background)")
-
+    """The loop: each step takes the next global batch of the epoch order, runs the objective's step, agrees
+    with the other ranks on its outcome, logs it and hands it to the Checkpointer."""
+    cfg, gb = run.cfg, run.layout.global_batch
     while state.step < run.total_steps:
         units = run.order.units(state.epoch)
         if len(units) < gb:  # possible only with packing, where each epoch packs differently
@@ -238,63 +215,34 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
                 break
             state.epoch, state.offset = state.epoch + 1, 0
             continue
-        step_units = units[layout.step_slice(state.offset)]
-        global_targets = unit_targets(data, step_units)
-        micro_batches = [collate(data, units[layout.micro_slice(state.offset, m, rank)], pad_id, isolate)
-                         for m in range(layout.grad_accum)]
-        lr = engine.get_lr()[0]
-        local_sum = train_step(engine, run.loss_fn, micro_batches, global_targets, layout.grad_accum, layout.world_size,
-                               after_micro_step=lambda: fault_point("mid_accum", rank, state.step + 1),
-                               before_update=ckpt.before_update)
-        fault_point("after_step", rank, state.step + 1)
-        outcome = agree_on_step(local_sum, stop.signum, ckpt.time_due(), ckpt.writing())
+        step_units = units[run.layout.step_slice(state.offset)]
+        lr = run.engine.get_lr()[0]
+        result = run.objective.step(run.engine, units, state.offset, state.step + 1)
+        fault_point("after_step", run.rank, state.step + 1)
+        outcome = agree_on_step(result.loss_sum, stop.signum, run.checkpointer.time_due(), run.checkpointer.writing())
 
-        step_tokens = unit_tokens(data, step_units)
+        step_tokens = unit_tokens(run.data, step_units)
         state.offset += gb
         state.step += 1
         state.consumed_samples += gb
         state.tokens += step_tokens
-        record = {"step": state.step, "loss": outcome.loss_sum / global_targets, "lr": lr, "epoch": state.epoch,
+        record = {"step": state.step, "loss": outcome.loss_sum / result.targets, "lr": lr, "epoch": state.epoch,
                   "consumed_samples": state.consumed_samples, "tokens": state.tokens, "time": time.time()}
         if cfg.logging.sample_ids:
-            record["sample_ids"] = [int(x) for u in step_units for x in data.row_ids[u]]
+            record["sample_ids"] = [int(x) for u in step_units for x in run.data.row_ids[u]]
         if run.evaluator is not None and run.evaluator.due(state.step, run.total_steps):
-            state.eval_loss, state.eval_step = run.evaluator.evaluate(engine, run.loss_fn), state.step
+            state.eval_loss, state.eval_step = run.evaluator.evaluate(run.engine, run.objective.loss_fn), state.step
             record.update(eval_loss=state.eval_loss, eval_ppl=math.exp(min(state.eval_loss, 50.0)))
         metrics.log(record, step_tokens)
-        if ckpt.in_flight and not outcome.writing:  # every rank's files are durable
-            commit_background_save()
 
         if outcome.stop:  # a rank that got no signal itself reports SIGTERM's code
-            return stop_after_signal(run, state, metrics, save, stop.signum or signal.SIGTERM, commit_background_save)
-        reason = ckpt.due(state.step, outcome.time_to_save)
-        if reason:
-            save(reason)
+            run.checkpointer.stop(state, metrics.message)
+            return 128 + (stop.signum or signal.SIGTERM)
+        run.checkpointer.after_step(state, outcome.writing, outcome.time_to_save, metrics.message)
 
-    if ckpt.needs_final_save(state.step):
-        save("final")
-    commit_background_save()
-    if cfg.checkpoint.export_final and rank == 0:
-        # Rank 0 alone, and no rank waits for it: an export longer than the process-group timeout would
-        # otherwise end in the NCCL watchdog's abort. The other ranks exit; the launcher waits for all.
-        out = export_checkpoint(cfg.checkpoint_dir / tag_for_step(state.step),
-                                Path(cfg.output_dir) / "final_model", cfg.model.dtype)
-        metrics.message(f"[ds-finetune] exported a Hugging Face model to {out}")
+    run.checkpointer.close(state, metrics.message)
     metrics.message(f"[ds-finetune] done: {state.step} steps; outputs in {cfg.output_dir}")
     return 0
-
-
-def stop_after_signal(run: Run, state: TrainState, metrics, save, signum: int, commit_background_save) -> int:
-    """Every rank agreed to stop after this step: save (unless disabled) and exit with 128 + signal."""
-    path = save("stop requested") if run.cfg.checkpoint.save_on_signal else None
-    commit_background_save()  # this save, or one still in flight: committed before the exit
-    if path is not None:
-        metrics.message(f"[ds-finetune] stopped by signal at step {state.step}; resume with --resume "
-                        f"(checkpoint {path})")
-    else:
-        metrics.message(f"[ds-finetune] stopped by signal at step {state.step} without saving "
-                        f"(checkpoint.save_on_signal=false)")
-    return 128 + signum
 
 
 def main(argv=None) -> None:

@@ -96,7 +96,7 @@ def test_the_copy_is_taken_before_wait_until_copied_returns_and_training_may_the
 
 
 def test_train_step_waits_for_a_background_copy_only_before_the_step_that_updates():
-    from ds_finetune.loss import train_step
+    from ds_finetune.objective import train_step
 
     calls = []
 

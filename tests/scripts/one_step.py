@@ -20,7 +20,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from ds_finetune.data import EpochOrder, prepare_data  # noqa: E402
 from ds_finetune.dist import init_distributed, seed_everything  # noqa: E402
-from ds_finetune.loss import make_loss_fn, train_step  # noqa: E402
+from ds_finetune.loss import make_loss_fn  # noqa: E402
+from ds_finetune.objective import train_step  # noqa: E402
 from ds_finetune.model import build_engine, build_model  # noqa: E402
 from ds_finetune.config import load_config  # noqa: E402
 from ds_finetune.data import collate, load_tokenizer, unit_targets  # noqa: E402
