@@ -12,6 +12,11 @@ conversion share and before hashing its share of a checkpoint at resume.
 ranks, the launcher and the CLI): launchers put ranks in other process groups (torchrun: other
 sessions), so no group kill fits, and the id (set per launch by the tests) keeps two jobs with the same
 spec on one machine apart.
+
+Every fault that fires prints one line, `[fault injection] ACTION at PHASE rank R step N` (ACTION: SIGKILL,
+ENOSPC, sleeping S s, hanging), which the tests assert; a training process whose spec was aimed at its rank
+and never fired ends with an error (`unfired_fault`), so a test with a wrong phase or step cannot pass
+without its event.
 """
 
 from __future__ import annotations
@@ -47,20 +52,41 @@ def _fires(phase: str, rank: int, step: int) -> bool:
     return spec is not None and spec[0] == phase and spec[1] == rank and spec[2] in (None, step)
 
 
+_fired = False  # this process's spec fired
+
+
 def fault_point(phase: str, rank: int, step: int) -> None:
     """Kill the job (or fail the write, for `enospc`) when DS_FINETUNE_FAULT names this phase, rank and step."""
+    global _fired
     if not _fires(phase, rank, step):
         return
+    _fired = True
     if phase == "slow_save":  # a save as long as a large model's (DS_FINETUNE_SLOW_SAVE_S seconds)
-        time.sleep(float(os.environ.get("DS_FINETUNE_SLOW_SAVE_S", "35")))
+        seconds = float(os.environ.get("DS_FINETUNE_SLOW_SAVE_S", "35"))
+        _announce(f"sleeping {seconds:g} s", phase, rank, step)
+        time.sleep(seconds)
         return
     if phase.startswith("hang_"):  # a rank that hangs instead of crashing: it never reports anything
+        _announce("hanging", phase, rank, step)
         time.sleep(3600)
         return
     if phase.startswith("enospc"):
+        _announce("ENOSPC", phase, rank, step)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected by DS_FINETUNE_FAULT)")
-    print(f"[fault injection] SIGKILL at {phase} rank {rank} step {step}", flush=True)
+    _announce("SIGKILL", phase, rank, step)
     kill_job()
+
+
+def _announce(action: str, phase: str, rank: int, step: int) -> None:
+    print(f"[fault injection] {action} at {phase} rank {rank} step {step}", flush=True)
+
+
+def unfired_fault(rank: int) -> str | None:
+    """The DS_FINETUNE_FAULT spec aimed at this rank if it never fired in this process, else None."""
+    spec = parse_fault(os.environ.get("DS_FINETUNE_FAULT", "").strip())
+    if spec is None or spec[1] != rank or _fired:
+        return None
+    return os.environ["DS_FINETUNE_FAULT"]
 
 
 def _job_marker(environ) -> tuple:

@@ -34,7 +34,7 @@ from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
 from ds_finetune.export import write_hf_files
 from ds_finetune.objective import SFT
-from ds_finetune.faults import fault_point
+from ds_finetune.faults import fault_point, unfired_fault
 from ds_finetune.fingerprint import config_fingerprint
 from ds_finetune.loss import make_loss_fn
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
@@ -256,6 +256,11 @@ def main(argv=None) -> None:
             metrics = MetricsWriter(Path(run.cfg.output_dir), state.step, run.total_steps, lg.tensorboard,
                                     lg.progress_bar, wandb)
         code = fit(run, state, metrics, StopSignal())
+        unfired = unfired_fault(run.rank)
+        if unfired and code == 0:  # a test whose fault never happened must not pass (this rank's own line)
+            print(f"error: DS_FINETUNE_FAULT={unfired} never fired (no such phase, rank or step in this run)",
+                  file=sys.stderr, flush=True)
+            code = 4
     except UserError as e:
         # Every rank reaches the same error; one line from rank 0 is enough.
         if os.environ.get("RANK", "0") == "0":

@@ -112,11 +112,22 @@ def kill_job(proc: subprocess.Popen) -> None:
 
 def train(out_dir: Path, overrides=(), nproc: int = 2, resume: str | None = None, flags=(),
           fault: str | None = None, expect_ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A training job; with `fault`, it must print the fault's own line (it fired: phase, rank, and step
+    when the spec names one), else the test fails here."""
     proc = run(train_argv(out_dir, overrides, nproc, resume, flags),
                {**(env or {}), **({"DS_FINETUNE_FAULT": fault} if fault else {})} or None)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    if fault:
+        assert fault_line(fault) in proc.stdout, f"{fault} never fired:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
     return proc
+
+
+def fault_line(fault: str) -> str:
+    """What a fault prints when it fires (ds_finetune.faults): ` at PHASE rank R step [N]`."""
+    from ds_finetune.faults import parse_fault
+    phase, rank, step = parse_fault(fault)
+    return f" at {phase} rank {rank} step" + ("" if step is None else f" {step}\n")
 
 
 def read_jsonl(path: Path, strict: bool = True) -> list[dict]:

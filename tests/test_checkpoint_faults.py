@@ -2,8 +2,10 @@
 checkpoint, --resume picks the newest committed one, and the run still ends bitwise equal to the
 uninterrupted reference. Damaged checkpoints are detected before anything is unpickled."""
 import json
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -46,11 +48,12 @@ ASYNC_CHAIN = [
 ]
 
 
-def test_chains_cover_every_save_phase():
-    chained = {spec.split("@")[0].split(":")[0] for spec, *_ in CHAIN + low_stage_chain(0) + ASYNC_CHAIN}
-    # *_convert, hang_verify: test_reshard_resume
-    elsewhere = {"mid_accum", "after_step", "enospc", "slow_save", "mid_convert", "hang_convert", "hang_verify"}
-    assert chained | elsewhere == set(PHASES)
+def test_the_tests_fire_every_fault_phase():
+    """Every phase appears as a fault spec in a test (each launch with a fault asserts that it fired:
+    harness.train, and a training process whose fault never fired exits non-zero)."""
+    sources = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    fired = {phase for phase in PHASES if re.search(rf"[\"']{phase}(?::rank[^\"']*)?(?:@step[^\"']*)?[\"']", sources)}
+    assert fired == set(PHASES), set(PHASES) - fired
 
 
 def test_a_torn_shard_is_half_written_and_the_rest_of_the_job_is_killed(tmp_path):
@@ -85,6 +88,9 @@ def test_kill_at_every_save_phase_keeps_committed_checkpoints_and_resumes_bitwis
             assert before[-1] in after, (fault, before, after)
         pick, _ = find_resumable_checkpoint(ckpt_dir)
         assert pick is not None and pick.step == expected and inspect_checkpoint(pick.path).status == "complete"
+        # `latest` (for DeepSpeed's tools; resume never reads it) moves only once a commit replaced it
+        latest = step if fault.split("@")[0] in ("after_latest_rename", "during_retention") else step - 1
+        assert (ckpt_dir / LATEST).read_text() == f"step_{latest:08d}", fault
     if chain == CHAIN:
         # a save that fails with ENOSPC stops the run with one line; the previous checkpoint stays selected
         proc = harness.train(tmp_path, overrides, resume="auto", fault="enospc:rank1@step10", expect_ok=False)
@@ -229,3 +235,25 @@ def test_verify_passes_an_intact_checkpoint(tmp_path):
     (tag / "a.pt").write_bytes(b"abd")
     bad = subprocess.run([str(harness.BIN / "ds-finetune"), "ckpt", "verify", str(tag)], capture_output=True, text=True)
     assert bad.returncode == 1 and "sha256" in bad.stderr
+
+
+def test_a_fault_that_never_fires_fails_the_run(monkeypatch):
+    from ds_finetune import faults
+
+    monkeypatch.setenv("DS_FINETUNE_FAULT", "after_step:rank1@step99")
+    monkeypatch.setattr(faults, "_fired", False)
+    faults.fault_point("after_step", 1, 3)  # another step: nothing happens
+    assert faults.unfired_fault(1) == "after_step:rank1@step99"
+    assert faults.unfired_fault(0) is None  # aimed at rank 1 only
+    monkeypatch.setenv("DS_FINETUNE_FAULT", "slow_save:rank1")
+    monkeypatch.setenv("DS_FINETUNE_SLOW_SAVE_S", "0")
+    faults.fault_point("slow_save", 1, 3)
+    assert faults.unfired_fault(1) is None
+
+
+@pytest.mark.multiproc
+def test_a_training_run_whose_fault_never_fired_exits_non_zero(tmp_path):
+    proc = harness.run(harness.train_argv(tmp_path, ["train.max_steps=2"], nproc=1),
+                       {"DS_FINETUNE_FAULT": "after_step@step99"})
+    assert proc.returncode == 4
+    assert "error: DS_FINETUNE_FAULT=after_step@step99 never fired" in proc.stderr

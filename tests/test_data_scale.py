@@ -327,3 +327,5 @@ def test_a_run_whose_data_takes_longer_than_deepspeed_timeout_trains(tmp_path):
                         "DS_FINETUNE_CACHE": str(tmp_path / "cache")}, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [r["step"] for r in harness.metrics(out)] == [1, 2]
+    # one rank prepared for 65 s (the other waited on the lock file: a collective would have timed out)
+    assert proc.stdout.count("[fault injection] sleeping 65 s while preparing the data") == 1

@@ -81,6 +81,7 @@ def test_sigterm_saves_at_a_step_boundary_and_resumes_bitwise(reference_run, tmp
     assert len(steps) == 1, output[-3000:]
     stop_step = steps[0]
     assert f"stopped by signal at step {stop_step}" in output and f"step_{stop_step:08d}" in output
+    assert f"[fault injection] sleeping 35 s at slow_save rank 0 step {stop_step}\n" in output  # the slow save ran
     assert harness.metrics(tmp_path)[-1]["step"] == stop_step < 30
     harness.train(tmp_path, no_periodic, resume="auto")
     harness.assert_same_run(tmp_path, ref)

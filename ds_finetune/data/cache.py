@@ -141,6 +141,8 @@ def _injected_delay(heartbeat) -> None:
     """DS_FINETUNE_PREPARE_DELAY=seconds: a slow preparation, for the test that ranks wait for it longer
     than DeepSpeed's collective timeout."""
     delay = float(os.environ.get("DS_FINETUNE_PREPARE_DELAY", "0") or 0)
+    if delay:
+        print(f"[fault injection] sleeping {delay:g} s while preparing the data (pid {os.getpid()})", flush=True)
     end = time.time() + delay
     while time.time() < end:
         time.sleep(min(1.0, end - time.time()))
