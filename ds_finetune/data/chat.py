@@ -7,8 +7,8 @@ A conversation's replies are located by the first of three ways that finds all o
    content. The rendering must be that text with each marker put back as the content (or the content less
    surrounding whitespace, for templates that trim it); the generation prompt plays no part, so templates
    whose generation prompt has whitespace the assistant turn lacks are located too;
-2. prefixes: the reply is what follows the generation prompt in the rendering that ends with it, unchanged
-   once later turns follow (templates that rewrite the last reply, e.g. reformat its reasoning);
+2. prefixes: the reply is what follows the generation prompt (up to whitespace) in the rendering that ends
+   with it, unchanged once later turns follow (templates that rewrite a reply, e.g. reformat its reasoning);
 3. the template's own {% generation %} tags.
 
 A span starts at the reply's content (whitespace the template writes before it is not the reply) and
@@ -84,39 +84,43 @@ def reply_spans(tok, render: ChatRenderer, messages: list, targets: list[int], a
     text = render(messages, False)
     if not targets:
         return text, []
+    spans = locate(render, messages, targets, text)
+    if None not in spans:
+        return text, spans
+    if has_generation_tags(tok):
+        return tagged_spans(tok, messages, only_last=turns == "last")
+    raise UserError(_refusal(render, messages, targets, at, turns))
+
+
+def locate(render, messages: list, targets: list[int], text: str) -> list[Span | None]:
+    """Each reply's span from the markers, else from the prefix renderings; None where neither finds it."""
     spans = marker_spans(render, messages, targets, text)
-    if spans is None:
-        spans = prefix_spans(render, messages, targets, text)
-    if spans is None and has_generation_tags(tok):
-        text, spans = tagged_spans(tok, messages, only_last=turns == "last")
-    if spans is None:
-        raise UserError(_refusal(tok, render, messages, targets, at, turns))
-    return text, spans
+    return [span if span is not None else prefix_span(render, messages, j, text) for span, j in zip(spans, targets)]
 
 
-def marker_spans(render, messages: list, targets: list[int], text: str) -> list[Span] | None:
-    """The replies' spans when `text` is the rendering with markers in place of their contents and each
-    marker put back as its content (or the content less surrounding whitespace); None otherwise."""
+def marker_spans(render, messages: list, targets: list[int], text: str) -> list[Span | None]:
+    """The replies' spans where `text` is the rendering with markers in place of their contents, each marker
+    put back as its content (or the content less surrounding whitespace). A reply the template rewrites
+    (e.g. reformats its reasoning) is None, and the walk picks up again at the template's text after it."""
     if MARK in text:
-        return None
+        return [None] * len(targets)
     markers = {j: f"{MARK}{n}{MARK}" for n, j in enumerate(targets)}
     marked = [dict(m, content=markers[j]) if j in markers else m for j, m in enumerate(messages)]
     pieces = _split(render(marked, False), [markers[j] for j in targets])
     if pieces is None:
-        return None
-    spans, pos = [], 0
+        return [None] * len(targets)
+    spans, pos = [], 0  # pos: where pieces[n] is in text; None once lost
     for n, j in enumerate(targets):
-        if not text.startswith(pieces[n], pos):
-            return None
-        pos += len(pieces[n])
-        content = _rendered_content(text, pos, messages[j]["content"], pieces[n + 1], n + 1 == len(targets))
-        if content is None:
-            return None
-        start, pos = pos, pos + len(content)
-        ending = pieces[-1] if j + 1 == len(messages) else _ending(render, marked[:j + 1], markers[j])
-        shared = _common_prefix_len(ending, text[pos:pos + len(ending)])
-        spans.append((start, pos + len(ending[:shared].rstrip()), shared < len(ending)))
-    return spans
+        last = n + 1 == len(targets)
+        span = None
+        if pos is not None and text.startswith(pieces[n], pos):
+            ending = pieces[-1] if j + 1 == len(messages) else _ending(render, marked[:j + 1], markers[j])
+            span = _marked_reply(text, pos + len(pieces[n]), messages[j]["content"], ending, pieces[n + 1], last)
+        spans.append(span)
+        if not last:
+            found = text.find(pieces[n + 1], pos) if span is None and pos is not None else -1
+            pos = span[3] if span is not None else (found if found >= 0 else None)
+    return [span[:3] if span is not None else None for span in spans]
 
 
 def _split(rendered: str, markers: list[str]) -> list[str] | None:
@@ -131,13 +135,16 @@ def _split(rendered: str, markers: list[str]) -> list[str] | None:
     return pieces + [rendered[pos:]] if MARK not in rendered[pos:] else None
 
 
-def _rendered_content(text: str, pos: int, content: str, following: str, last: bool) -> str | None:
-    """The content as the template wrote it at `pos`, followed by the template's next piece of text."""
+def _marked_reply(text: str, pos: int, content: str, ending: str, following: str, last: bool):
+    """(start, end, cut_inside_token, where its content ends) of the reply whose content the template wrote
+    at `pos`, followed by its end-of-turn text (what `ending` and `following` share), or None. The last
+    reply's `following` text must end the rendering."""
+    shared = _common_prefix_len(ending, following)
     for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
         after = pos + len(candidate)
-        if text.startswith(candidate, pos) and text.startswith(following, after) \
-                and (not last or after + len(following) == len(text)):
-            return candidate
+        if text.startswith(candidate, pos) and text.startswith(following[:shared], after) \
+                and (not last or text[after:] == following):
+            return pos, after + len(ending[:shared].rstrip()), shared < len(ending), after
     return None
 
 
@@ -147,21 +154,35 @@ def _ending(render, marked: list, marker: str) -> str:
     return rendered[rendered.index(marker) + len(marker):]
 
 
-def prefix_spans(render, messages: list, targets: list[int], text: str) -> list[Span] | None:
-    """The replies' spans when each reply is what follows the generation prompt (up to whitespace) in the
-    rendering that ends with the reply, and the full rendering still has it; None otherwise."""
-    spans = []
-    for i in targets:
-        upto = text if i + 1 == len(messages) else render(messages[:i + 1], False)
-        prompt = render(messages[:i], True)
-        start = _common_prefix_len(prompt, upto)
-        if prompt[start:].strip():
-            return None  # the generation prompt is not where the reply's turn starts
-        end = _common_prefix_len(upto, text)
-        if end < len(upto) and messages[i]["content"].strip() not in text[start:end]:
-            return None  # the reply is rendered differently once later turns follow
-        spans.append((start, max(start, len(text[:end].rstrip())), end < len(upto)))
-    return spans
+def prefix_span(render, messages: list, i: int, text: str) -> Span | None:
+    """Reply i's span when it is what follows the generation prompt (compared without its whitespace) in
+    the rendering that ends with the reply, and the full rendering still has it there; else None."""
+    upto = text if i + 1 == len(messages) else render(messages[:i + 1], False)
+    start = _after_prompt(render(messages[:i], True), upto)
+    if start is None:
+        return None  # the generation prompt is not how the reply's turn starts
+    end = _common_prefix_len(upto, text)
+    if end < len(upto) and messages[i]["content"].strip() not in text[start:end]:
+        return None  # the reply is rendered differently once later turns follow
+    return start, max(start, len(text[:end].rstrip())), end < len(upto)
+
+
+def _after_prompt(prompt: str, upto: str) -> int | None:
+    """Where the reply starts in `upto`: after the generation prompt's text, matched character by character
+    but for whitespace (templates often put more or less of it in the prompt than in the turn), and after
+    the whitespace that follows it in `upto` when the prompt is not a plain prefix; None if they differ."""
+    pos = _common_prefix_len(prompt, upto)
+    if pos == len(prompt):
+        return pos
+    for c in prompt[pos:]:
+        if c.isspace():
+            continue
+        while pos < len(upto) and upto[pos].isspace():
+            pos += 1
+        if pos == len(upto) or upto[pos] != c:
+            return None
+        pos += 1
+    return len(upto) - len(upto[pos:].lstrip())
 
 
 def has_generation_tags(tok) -> bool:
@@ -179,18 +200,15 @@ def tagged_spans(tok, messages: list, only_last: bool = False) -> tuple[str, lis
     return text, spans[-1:] if only_last else spans
 
 
-def _refusal(tok, render, messages: list, targets: list[int], at: str, turns: str) -> str:
+def _refusal(render, messages: list, targets: list[int], at: str, turns: str) -> str:
     """The one-line refusal; it names data.chat_turns: last where one row per turn would be located."""
     head = f"data error: {at}: the chat template rewrites an assistant reply (its content is not in the " \
-           f"rendered conversation, e.g. a reasoning part dropped once later turns follow)"
-    tags = "" if has_generation_tags(tok) else " and has no {% generation %} tags"
-    if turns == "all" and all(marker_spans(render, messages[:i + 1], [i], render(messages[:i + 1], False))
-                              or prefix_spans(render, messages[:i + 1], [i], render(messages[:i + 1], False))
+           f"rendered conversation where the template's own text puts it, e.g. reasoning dropped once later " \
+           f"turns follow) and has no {{% generation %}} tags, so its tokens cannot be located"
+    if turns == "all" and all(None not in locate(render, messages[:i + 1], [i], render(messages[:i + 1], False))
                               for i in targets):
-        return f"{head}{tags}, so its tokens cannot be located in one rendering; set data.chat_turns: last " \
-               f"(one row per assistant turn)"
-    return f"{head}{tags}, so its tokens cannot be located; add {{% generation %}} tags around each reply " \
-           f"in the template (tokenizer.chat_template)"
+        return f"{head} in one rendering; set data.chat_turns: last (one row per assistant turn)"
+    return f"{head}; add {{% generation %}} tags around each reply in the template (tokenizer.chat_template)"
 
 
 def _common_prefix_len(a: str, b: str) -> int:
