@@ -79,7 +79,7 @@ R1 = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|>
       "{% if add_generation_prompt %}{{ '<|assistant|><think>\\n' }}{% endif %}")
 
 F, T = False, True
-# name: (template, conversation, pieces of its rendering (text, target)); conversation None: TWO_TURNS.
+# name: (template (None: the shipped one), conversation (None: TWO_TURNS), pieces of its rendering (text, target)).
 CASES = {
     "vicuna: generation prompt ' ASSISTANT:\\n', default system prompt": (VICUNA, None, [
         ("A chat between a user and an assistant.\nUSER: Say red.\nASSISTANT: ", F), ("red red" + EOS, T),
@@ -115,6 +115,11 @@ CASES = {
         {"role": "assistant", "content": "<think>r2</think>A2"}], [
         ("<|user|>\nQ1<|end|>\n<|assistant|>\n", F), ("A1<|end|>", T), ("\n<|user|>\nQ2<|end|>\n<|assistant|>\n", F),
         ("<think>\nr2\n</think>\n\nA2<|end|>", T), ("\n", F)]),
+    "a reply that opens the conversation (shipped template)": (None, [
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Say red."},
+        {"role": "assistant", "content": "red"}], [
+        ("<|assistant|>\n", F), ("Hello.<|end|>", T), ("\n<|user|>\nSay red.<|end|>\n<|assistant|>\n", F),
+        ("red<|end|>", T), ("\n", F)]),
 }
 # Rows of data.chat_turns: last (one per reply, trained on that reply only) for a template that drops
 # reasoning: the earlier reply as the template renders history, the last one with its reasoning.
@@ -124,9 +129,10 @@ LAST_TURNS = [
      ("<think>\nr2\n</think>\n\nA2<|end|>", T), ("\n", F)]]
 
 
-def tokenizer(template: str):
+def tokenizer(template: str | None):
     tok = data.load_tokenizer(str(TOKENIZER))
-    tok.chat_template = template
+    if template is not None:
+        tok.chat_template = template
     return tok
 
 

@@ -1,20 +1,22 @@
 """Chat masks: where each assistant reply and its end-of-turn marker lie in a conversation rendered with the
 tokenizer's chat template, as character spans, and the tokens those spans cover (docs/design.md, "Chat masks").
 
-A conversation's replies are located by the first of three ways that finds all of them:
+Each reply is located by the first of three ways that finds it:
 
-1. markers (the usual way): the conversation rendered again with a unique marker in place of each reply's
-   content. The rendering must be that text with each marker put back as the content (or the content less
-   surrounding whitespace, for templates that trim it); the generation prompt plays no part, so templates
-   whose generation prompt has whitespace the assistant turn lacks are located too;
-2. prefixes: the reply is what follows the generation prompt (up to whitespace) in the rendering that ends
-   with it, unchanged once later turns follow (templates that rewrite a reply, e.g. reformat its reasoning);
-3. the template's own {% generation %} tags.
+1. prefixes (the usual way): the reply is what follows the generation prompt in the rendering that ends
+   with the reply, the same once later turns follow. A generation prompt with whitespace the assistant
+   turn lacks (an extra newline, indentation) is matched without its whitespace;
+2. markers: the conversation rendered again with a unique marker in place of each reply's content; the
+   rendering must be that text with the marker put back as the content (or the content less surrounding
+   whitespace, for templates that trim it). For replies the prefixes miss: a template that renders a reply
+   differently once it is no longer the last turn, or whose generation prompt is not its turn's header;
+3. the template's own {% generation %} tags, for the whole conversation.
 
-A span starts at the reply's content (whitespace the template writes before it is not the reply) and
-ends after the template's end-of-turn text: what it writes after the reply when the reply ends the
-conversation, as far as the full rendering has it too, less trailing whitespace (a newline after the end
-marker is layout). What follows the last turn (such as an eos) belongs to the last reply.
+A span starts where the model starts generating: after the generation prompt, or at the content (whitespace
+the template writes before it is not the reply) where the prompt does not say; it ends after the template's
+end-of-turn text: what it writes after the reply when the reply ends the conversation, as far as the full
+rendering has it too, less trailing whitespace (a newline after the end marker is layout). What follows
+the last turn (such as an eos) belongs to the last reply.
 """
 
 from __future__ import annotations
@@ -40,24 +42,24 @@ def plain(messages: list) -> bool:
 
 
 class ChatRenderer:
-    """render(messages, generation_prompt) -> str. The compiled template called directly (a fifth of
-    apply_chat_template's cost, which converts every message on every call) for plain messages, once it has
-    rendered the first plain conversation exactly as apply_chat_template does; apply_chat_template otherwise."""
+    """for_conversation(messages) -> render(messages, generation_prompt) -> str, for that conversation and
+    its parts. The compiled template called directly (a fifth of apply_chat_template's cost, which converts
+    every message on every call) for plain messages, once it has rendered the first plain conversation
+    exactly as apply_chat_template does; apply_chat_template otherwise."""
 
     def __init__(self, tok):
         self.tok, self._fast, self._checked = tok, None, False
 
-    def __call__(self, messages: list, generation_prompt: bool) -> str:
-        if not messages:
-            return ""  # apply_chat_template refuses an empty conversation
-        if plain(messages):
-            if not self._checked:
-                self._fast, self._checked = self._compiled(messages), True
-            if self._fast is not None:
-                return self._fast(messages, generation_prompt)
-        return self.slow(messages, generation_prompt)
+    def for_conversation(self, messages: list):
+        if messages and plain(messages) and not self._checked:
+            self._fast, self._checked = self._compiled(messages), True
+        return self._fast if self._fast is not None and plain(messages) else self.slow
 
     def slow(self, messages: list, generation_prompt: bool) -> str:
+        if not messages:  # apply_chat_template refuses an empty conversation; the prompt of a reply that opens one
+            from transformers.utils.chat_template_utils import render_jinja_template
+            return render_jinja_template([[]], chat_template=self.tok.chat_template,
+                                         add_generation_prompt=generation_prompt, **self.tok.special_tokens_map)[0][0]
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     def _compiled(self, sample: list):
@@ -77,10 +79,13 @@ class ChatRenderer:
 
 # ------------------------------------------------------------------------------------------- the replies
 
-def reply_spans(tok, render: ChatRenderer, messages: list, targets: list[int], at: str,
+def reply_spans(tok, renderer: ChatRenderer, messages: list, targets: list[int], at: str,
                 turns: str = "all") -> tuple[str, list[Span]]:
     """(rendering of `messages`, spans of the replies `targets` (message indices) in it). Refuses in one
     line when the replies cannot be located; `turns` only shapes that line's advice."""
+    if not messages:
+        return "", []
+    render = renderer.for_conversation(messages)
     text = render(messages, False)
     if not targets:
         return text, []
@@ -93,9 +98,13 @@ def reply_spans(tok, render: ChatRenderer, messages: list, targets: list[int], a
 
 
 def locate(render, messages: list, targets: list[int], text: str) -> list[Span | None]:
-    """Each reply's span from the markers, else from the prefix renderings; None where neither finds it."""
-    spans = marker_spans(render, messages, targets, text)
-    return [span if span is not None else prefix_span(render, messages, j, text) for span, j in zip(spans, targets)]
+    """Each reply's span from the prefix renderings, else from the markers; None where neither finds it.
+    Prefixes first: they give what the model generates after the generation prompt (a space the turn has
+    after its header and the prompt lacks is generated, so a target), as the masks were before markers."""
+    spans = [prefix_span(render, messages, j, text) for j in targets]
+    if None in spans:
+        spans = [span or marked for span, marked in zip(spans, marker_spans(render, messages, targets, text))]
+    return spans
 
 
 def marker_spans(render, messages: list, targets: list[int], text: str) -> list[Span | None]:
@@ -168,11 +177,13 @@ def prefix_span(render, messages: list, i: int, text: str) -> Span | None:
 
 
 def _after_prompt(prompt: str, upto: str) -> int | None:
-    """Where the reply starts in `upto`: after the generation prompt's text, matched character by character
-    but for whitespace (templates often put more or less of it in the prompt than in the turn), and after
-    the whitespace that follows it in `upto` when the prompt is not a plain prefix; None if they differ."""
+    """Where the reply starts in `upto`, the rendering that ends with it: after the generation prompt, if
+    the prompt is a prefix of it up to trailing whitespace (the prompt's newline may be missing in the turn);
+    else after the prompt's text matched without whitespace (templates put more or less of it in the
+    prompt than in the turn) and, where the prompt ends with whitespace, after the turn's whitespace there
+    too (the model is given it). None if the texts differ."""
     pos = _common_prefix_len(prompt, upto)
-    if pos == len(prompt):
+    if not prompt[pos:].strip():
         return pos
     for c in prompt[pos:]:
         if c.isspace():
@@ -182,7 +193,7 @@ def _after_prompt(prompt: str, upto: str) -> int | None:
         if pos == len(upto) or upto[pos] != c:
             return None
         pos += 1
-    return len(upto) - len(upto[pos:].lstrip())
+    return len(upto) - len(upto[pos:].lstrip()) if prompt[-1].isspace() else pos
 
 
 def has_generation_tags(tok) -> bool:
