@@ -233,3 +233,13 @@ def test_the_pieces_mask_is_computed_from_the_pieces_alone():
     pieces = tok.convert_ids_to_tokens(ids)
     assert pieces[-1] == "Ġred" and mask[-1] and not any(mask[:-1])
     assert np.count_nonzero(mask) == 1
+
+
+def test_a_conversation_the_template_refuses_is_one_line_naming_the_row(tmp_path):
+    template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UserError) as info:
+        prepare(tokenizer(template), tmp_path, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert info.value.message.endswith("(row 1): the chat template refuses this conversation: Conversation roles "
+                                       "must alternate user/assistant")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 
+import jinja2
 import numpy as np
 
 from ds_finetune.errors import UserError
@@ -86,15 +87,17 @@ def reply_spans(tok, renderer: ChatRenderer, messages: list, targets: list[int],
     if not messages:
         return "", []
     render = renderer.for_conversation(messages)
-    text = render(messages, False)
-    if not targets:
-        return text, []
-    spans = locate(render, messages, targets, text)
-    if None not in spans:
-        return text, spans
-    if has_generation_tags(tok):
-        return tagged_spans(tok, messages, only_last=turns == "last")
-    raise UserError(_refusal(render, messages, targets, at, turns))
+    try:
+        text = render(messages, False)
+        spans = locate(render, messages, targets, text)
+        if None not in spans:
+            return text, spans
+        if has_generation_tags(tok):
+            return tagged_spans(tok, messages, only_last=turns == "last")
+        message = _refusal(render, messages, targets, at, turns)
+    except jinja2.TemplateError as e:  # the template's raise_exception(...): a row it does not accept
+        message = f"data error: {at}: the chat template refuses this conversation: {e}"
+    raise UserError(message)
 
 
 def locate(render, messages: list, targets: list[int], text: str) -> list[Span | None]:
@@ -103,7 +106,11 @@ def locate(render, messages: list, targets: list[int], text: str) -> list[Span |
     after its header and the prompt lacks is generated, so a target), as the masks were before markers."""
     spans = [prefix_span(render, messages, j, text) for j in targets]
     if None in spans:
-        spans = [span or marked for span, marked in zip(spans, marker_spans(render, messages, targets, text))]
+        try:
+            marked = marker_spans(render, messages, targets, text)
+        except jinja2.TemplateError:  # a template that inspects the content refuses a marker: not this way
+            marked = [None] * len(targets)
+        spans = [span or by_marker for span, by_marker in zip(spans, marked)]
     return spans
 
 
