@@ -53,7 +53,8 @@ ALPACA = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Instructio
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n\\n' + m['content'] | trim }}"
           "{{ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n\\n' }}{% endif %}")
 # Mistral-like (worked before): the assistant's header is the end of the user turn; no generation prompt.
-MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+MISTRAL = ("{{ bos_token }}{% for m in messages %}"
+           "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
            "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
 # Qwen3-like: a reply's reasoning is dropped once a later user turn follows, and reformatted in the turns
 # after the last user message (`<think>\n...\n</think>\n\n`); the generation prompt is indented.
@@ -71,7 +72,8 @@ DROPS_REASONING_TAGGED = _DROP + "{% generation %}" + _REPLY + "{% endgeneration
 # Writes replies upper-cased: rewritten, but the same once later turns follow, so the generation prompt
 # (here with whitespace the turn lacks) says where each starts.
 SHOUTS = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + (m['content'] | upper if m['role'] == 'assistant' "
-          "else m['content']) + '<|end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ ' <|assistant|>\\n' }}{% endif %}")
+          "else m['content']) + '<|end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ ' <|assistant|>\\n' }}{% endif %}")
 # DeepSeek-R1-like: drops every reply's reasoning, and its generation prompt opens a reasoning block that
 # no rendered turn has: a reply with reasoning cannot be located, alone or not.
 R1 = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|>' + m['content'].split('</think>')[-1] "
