@@ -93,7 +93,7 @@ class DataConfig(_Section):
     messages_field: str = Field("messages", description="Column holding the chat messages (format chat).")
     chat_turns: Literal["all", "last"] = Field(
         "all", description="Chat rows: all (one row per conversation, every reply a target) | last (one row per "
-                           "assistant turn, trained on that turn only; for templates that are not prefix-stable).")
+                           "assistant turn, trained on that turn only; for templates that rewrite earlier replies).")
     cache_dir: Optional[str] = Field(
         None, description="Tokenized-data cache; default $DS_FINETUNE_CACHE or ~/.cache/ds-finetune.")
     num_proc: Optional[int] = Field(

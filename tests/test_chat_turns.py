@@ -16,7 +16,7 @@ import harness
 from ds_finetune import data
 from ds_finetune.config import DataConfig, load_config
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
-from ds_finetune.data.formats import generation_masked
+from ds_finetune.data.chat import span_mask, tagged_spans
 from ds_finetune.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_a_template_that_drops_reasoning_is_refused_in_one_line_naming_chat_turn
         prepare(tokenizer(QWEN3_LIKE), tmp_path, [REASONING])
     message = info.value.message
     assert message.startswith("data error: ") and "\n" not in message
-    assert "prefix-stably" in message and "data.chat_turns: last" in message and "{% generation %}" in message
+    assert "cannot be located" in message and "data.chat_turns: last" in message and "{% generation %}" in message
 
 
 def test_generation_tags_give_the_masks_of_a_template_that_drops_reasoning(tmp_path):
@@ -114,13 +114,15 @@ def test_chat_turns_last_keeps_a_default_system_prompt_in_every_row(tmp_path):
                              ["blue<|end|>"])]
 
 
-def test_generation_tags_mask_what_the_prefix_path_masks_where_both_work(tmp_path):
+def test_generation_tags_mask_what_the_markers_mask_where_both_work(tmp_path):
     tok, tagged = tokenizer(), tokenizer(SHIPPED_TAGGED)
     d = data.prepare_data(DataConfig(path=str(TINY / "chat.jsonl"), format="chat", max_length=4096,
                                      cache_dir=str(tmp_path)), tok)
     conversations = [json.loads(line)["messages"] for line in (TINY / "chat.jsonl").read_text().splitlines()]
     for i, messages in enumerate(conversations[:100]):
-        ids, mask = generation_masked(tagged, messages)
+        text, spans = tagged_spans(tagged, messages)
+        encoding = tagged.backend_tokenizer.encode(text, add_special_tokens=False)
+        ids, mask = encoding.ids, span_mask(text, encoding, len(encoding.ids), spans)
         mask[0] = False  # a row's first token is never a target (the cache's invariant)
         expected_ids, expected_mask = d.row(i)
         assert ids == expected_ids.tolist()

@@ -286,32 +286,44 @@ def test_every_reply_token_is_a_target_whatever_the_templates_whitespace(name, t
     assert [tok.decode(r).strip() for r in runs] == ["red red<|end|>", last]
 
 
+def mask_from_every_tokens_offsets(text: str, offsets, spans) -> list[bool]:
+    """The reference (the implementation before the lookups): a token is a target if one of its characters
+    is in a span; where a span ends inside a token (the renderings parted there), that token is not."""
+    o = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    mask = np.zeros(len(o), dtype=bool)
+    for a, b, cut_inside_token in spans:
+        if cut_inside_token:
+            straddling = o[(o[:, 0] < b) & (o[:, 1] > b), 0]
+            b = len(text[:int(straddling.min())].rstrip()) if len(straddling) else b
+        mask |= (o[:, 0] < b) & (o[:, 1] > a) & (b > a)
+    return mask.tolist()
+
+
 @pytest.mark.parametrize("name", [None, *TEMPLATES])
 def test_masks_from_token_lookups_equal_masks_from_every_tokens_offsets(name):
     """The chat masks are found with a few character->token lookups per reply; the reference marks every
-    token whose offsets overlap a reply (the implementation before), on text with characters that
-    span several tokens (emoji, CJK, combining marks) and templates whose renderings part inside a token."""
+    token whose offsets overlap a reply, on text with characters that span several tokens (emoji, CJK,
+    combining marks) and templates whose renderings part inside a token."""
     import random
-    from ds_finetune.data import formats
+    from ds_finetune.data import chat
     tok = data.load_tokenizer(str(TOKENIZER))
     if name is not None:
         tok.chat_template = TEMPLATES[name]
     rng = random.Random(3)
     pieces = ["red", "blue", " ", "\n", "😀", "日本語", "é", "e\u0301", "<|end|>", "  ", "x" * 7, "🇫🇷"]
-    render = formats.chat_renderer(tok, [])
+    render = chat.ChatRenderer(tok)
     checked = 0
     for _ in range(300):
         messages = []
         for _ in range(rng.randint(1, 3)):
             for role in ("user", "assistant"):
                 messages.append({"role": role, "content": "".join(rng.choices(pieces, k=rng.randint(1, 6)))})
-        text = render(messages, False)
-        spans = formats.reply_spans(render, messages, text, "test")
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        text, spans = chat.reply_spans(tok, render, messages, replies, "test")
         encoding = tok.backend_tokenizer.encode(text, add_special_tokens=False)
-        got = formats._span_mask(text, encoding, len(encoding.ids), spans)
-        expected = formats._span_mask_from_offsets(text, encoding.offsets, spans)
-        assert got.tolist() == expected.tolist(), messages
-        checked += bool(expected.any())
+        got = chat.span_mask(text, encoding, len(encoding.ids), spans)
+        assert got.tolist() == mask_from_every_tokens_offsets(text, encoding.offsets, spans), messages
+        checked += bool(got.any())
     assert checked > 250
 
 

@@ -10,7 +10,7 @@ rank can compute the global batch's target count without talking to the others (
 
     sources.py   files, content hash, streaming rows      formats.py  rows -> ids and target masks
     parallel.py  worker processes, in order               cache.py    .npy cache folder, lock, mmap reads
-    packing.py   units (rows or packs), collation
+    packing.py   units (rows or packs), collation         chat.py     chat replies located, chat masks
 """
 
 from __future__ import annotations
