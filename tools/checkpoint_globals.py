@@ -4,10 +4,12 @@
     python tools/checkpoint_globals.py RUN_OR_CKPT_DIR ...   # list the globals of every *.pt below them
     python tools/checkpoint_globals.py --survey WORK_DIR     # train tiny runs of every variant, then list
 
-The survey saves (2 steps, a checkpoint each) at ZeRO 0-3 in fp32 and bf16, fp16 where DeepSpeed's
-accelerator allows it, with LoRA, optimizer (and parameter) offload and background saves, and prints for
-every global torch's safe unpickler would have to resolve the variants whose files name it, marking those
-outside the allowlist. Rerun it when DeepSpeed, torch or peft changes version.
+The survey saves (2 ranks, 2 steps, a checkpoint each) at ZeRO 0-3 in fp32, bf16 and fp16, with LoRA,
+optimizer (and parameter) offload and background saves, and prints every global beyond torch's own
+allowlist that their files name, with the variants that need it, marking those outside ours ('!'), then
+every file the safe loader refuses. DeepSpeed's CPU accelerator refuses fp16 on CPUs without mkldnn fp16;
+the survey tells it fp16 works (`--fp16-shim`: the saved state's types are what matters, not its speed).
+Rerun it when DeepSpeed, torch or peft changes version.
 """
 
 from __future__ import annotations
@@ -76,7 +78,11 @@ def survey(work: Path) -> list[Path]:
     for name, overrides in runs.items():
         out = work / name
         if not (out / "checkpoints").is_dir():
-            proc = harness.train(out, [*overrides, "train.max_steps=2"], nproc=2, expect_ok=False)
+            argv = harness.train_argv(out, [*overrides, "train.max_steps=2"], nproc=2)
+            if "fp16" in name:
+                script = argv.index(str(ROOT / "launch" / "train.py"))
+                argv[script:script] = [str(Path(__file__).resolve()), "--fp16-shim"]
+            proc = harness.run(argv)
             if proc.returncode != 0:
                 last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:]
                 print(f"{name}: training failed ({proc.returncode}): {last}", flush=True)
@@ -86,7 +92,22 @@ def survey(work: Path) -> list[Path]:
     return done
 
 
+def fp16_shim(argv: list[str]) -> None:
+    """Run a training script with DeepSpeed's CPU accelerator saying it supports fp16."""
+    import runpy
+
+    import torch
+    from deepspeed.accelerator import cpu_accelerator
+
+    cpu_accelerator.CPU_Accelerator.is_fp16_supported = lambda self: True
+    cpu_accelerator.CPU_Accelerator.supported_dtypes = lambda self: [torch.float, torch.bfloat16, torch.float16]
+    sys.argv = argv
+    runpy.run_path(argv[0], run_name="__main__")
+
+
 def main(argv: list[str]) -> None:
+    if argv[0] == "--fp16-shim":
+        return fp16_shim(argv[1:])
     from ds_finetune.ds_internals import CHECKPOINT_GLOBALS
 
     folders = survey(Path(argv[1])) if argv[0] == "--survey" else [Path(a) for a in argv]
