@@ -61,15 +61,15 @@ def route_checkpoint_writes(engine, save) -> bool:
 
 # What a checkpoint file may hold besides what torch's safe unpickler (`weights_only=True`) allows by itself
 # (tensors, dtypes, devices, OrderedDict, torch.Size, plain values): the classes DeepSpeed 0.19 pickles into
-# its files, found by saving every variant (ZeRO 0-3, fp32/bf16, LoRA, offload, background saves:
+# its files, found by saving every variant (ZeRO 0-3, fp32/bf16/fp16, LoRA, offload, background saves:
 # tools/checkpoint_globals.py lists them). Our own state is plain values (client_state, manifest.json).
 # The safe unpickler rebuilds an allowed class with `cls.__new__` and a `__dict__` update (or calls it, for
 # an enum value); each of these has no `__new__`, `__setstate__` or `__init__` that does more than assign
 # attributes, so a file can make it hold odd values but never run code.
 CHECKPOINT_GLOBALS = (
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",         # ZeRO 1/2 optimizer state: the (unit) loss scale
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # the same under fp16 (not savable on a CPU)
-    "deepspeed.runtime.zero.config.ZeroStageEnum",           # ZeRO 1/2 optimizer state: zero_stage
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",         # ZeRO 1-3 optimizer state: the (unit) loss scale
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # the same under fp16
+    "deepspeed.runtime.zero.config.ZeroStageEnum",           # ZeRO 1-3 optimizer state: zero_stage
     "deepspeed.utils.tensor_fragment.fragment_address",      # ZeRO 1/2 optimizer state: param_slice_mappings
 )
 
