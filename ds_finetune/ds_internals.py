@@ -9,7 +9,8 @@ What is private and why we use it:
   the whole model.
 * `engine.checkpoint_engine.load`: replaced before `load_checkpoint` so DeepSpeed's own loads go through
   `load_checkpoint_file` (torch's safe unpickler) instead of its `torch.load(..., weights_only=False)`.
-* The classes DeepSpeed pickles into its files (`CHECKPOINT_GLOBALS`), which that loader allows.
+* The classes DeepSpeed pickles into its files (`safe_pickle.CHECKPOINT_GLOBALS`, by name), which that
+  loader allows (`checkpoint_globals` imports them).
 * ZeRO's flat fp32 groups, `_lazy_init_hp_params_optimizer_state` and the engine's step counters:
   filling the optimizer state of a fresh engine from a converted checkpoint.
 
@@ -21,14 +22,14 @@ from __future__ import annotations
 import ctypes
 import importlib
 import mmap
-import pickle
-import re
 import sys
 from pathlib import Path
 
 import torch
 
+from ds_finetune import safe_pickle
 from ds_finetune.errors import UserError
+from ds_finetune.safe_pickle import CHECKPOINT_GLOBALS, UnsafeCheckpointFile  # noqa: F401 - used by callers
 
 TESTED_MINOR = (0, 19)
 
@@ -59,27 +60,12 @@ def route_checkpoint_writes(engine, save) -> bool:
 
 # ------------------------------------------------------------------------------------------------ load
 
-# What a checkpoint file may hold besides what torch's safe unpickler (`weights_only=True`) allows by itself
-# (tensors, dtypes, devices, OrderedDict, torch.Size, plain values): the classes DeepSpeed 0.19 pickles into
-# its files, found by saving every variant (ZeRO 0-3, fp32/bf16/fp16, LoRA, offload, background saves:
-# tools/checkpoint_globals.py lists them). Our own state is plain values (client_state, manifest.json).
-# The safe unpickler rebuilds an allowed class with `cls.__new__` and a `__dict__` update (or calls it, for
-# an enum value); each of these has no `__new__`, `__setstate__` or `__init__` that does more than assign
-# attributes, so a file can make it hold odd values but never run code.
-CHECKPOINT_GLOBALS = (
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",         # ZeRO 1-3 optimizer state: the (unit) loss scale
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # the same under fp16
-    "deepspeed.runtime.zero.config.ZeroStageEnum",           # ZeRO 1-3 optimizer state: zero_stage
-    "deepspeed.utils.tensor_fragment.fragment_address",      # ZeRO 1/2 optimizer state: param_slice_mappings
-)
-
-
 def checkpoint_globals() -> list:
-    """The classes CHECKPOINT_GLOBALS names."""
+    """[(class, name)] for every name in safe_pickle.CHECKPOINT_GLOBALS: the allowlist of the safe loader."""
     out = []
     for name in CHECKPOINT_GLOBALS:
         module, _, attr = name.rpartition(".")
-        out.append(getattr(importlib.import_module(module), attr))
+        out.append((getattr(importlib.import_module(module), attr), name))
     return out
 
 
@@ -87,28 +73,7 @@ def load_checkpoint_file(path, map_location="cpu", mmap: bool = False):
     """torch.load through torch's safe unpickler, allowing CHECKPOINT_GLOBALS besides torch's own. A file
     that needs any other global (a class, or a function such as os.system that a crafted file would call)
     is refused, nothing of it having run: a one-line UserError naming the file and the global."""
-    with torch.serialization.safe_globals(checkpoint_globals()):
-        try:
-            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointFile(path, _refused(e)) from None
-
-
-class UnsafeCheckpointFile(UserError):
-    def __init__(self, path, what: str):
-        self.path, self.what = path, what
-        super().__init__(f"checkpoint error: {path} is unsafe to load: {what}; nothing in it was run or loaded "
-                         f"(a checkpoint holds tensors and plain values only)")
-
-
-def _refused(err: pickle.UnpicklingError) -> str:
-    """What torch's safe unpickler refused, in a few words, from its long message."""
-    text = str(err)
-    m = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", text)
-    if m:
-        return f"it needs {m.group(1)}, which a checkpoint may not hold"
-    m = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    return (m.group(1) if m else text.strip().splitlines()[0] if text.strip() else "refused")[:200]
+    return safe_pickle.load(path, checkpoint_globals(), map_location, mmap)
 
 
 def route_checkpoint_reads(engine) -> None:

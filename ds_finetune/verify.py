@@ -49,16 +49,16 @@ def unsafe_files(tag_dir: Path) -> tuple[list[str], list[str]]:
     """(unsafe, unreadable): the pickled files (`*.pt`) that torch's safe unpickler refuses, or that cannot
     be read at all. Each is opened as it will be loaded, its tensors memory-mapped and never read: this
     costs the pickles, not the tensors."""
-    from ds_finetune import ds_internals
+    from ds_finetune import safe_pickle
 
     unsafe, unreadable = [], []
     for path in sorted(tag_dir.rglob("*.pt")):
         name = str(path.relative_to(tag_dir))
         try:
-            ds_internals.load_mapped(path)
-        except ds_internals.UnsafeCheckpointFile as e:
+            safe_pickle.check(path)
+        except safe_pickle.UnsafeCheckpointFile as e:
             unsafe.append(f"{name} is unsafe to load: {e.what}")
-        except (UserError, OSError, RuntimeError, ValueError, EOFError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever a damaged file makes torch raise: not loadable
             unreadable.append(f"{name} is unreadable ({first_line(e)})")
     return unsafe, unreadable
 

@@ -81,9 +81,9 @@ def test_the_allowlist_holds_classes_whose_rebuilding_runs_no_code():
     """The safe unpickler rebuilds an allowed class with __new__ and a __dict__ update (or __setstate__),
     or calls it: none of these may be overridden (an enum's value lookup aside). Their __init__ methods
     assign attributes only (reviewed: DeepSpeed's loss scalers, fragment_address is a dataclass)."""
-    classes = ds_internals.checkpoint_globals()
-    assert len(classes) == len(ds_internals.CHECKPOINT_GLOBALS)
-    for name, cls in zip(ds_internals.CHECKPOINT_GLOBALS, classes):
+    pairs = ds_internals.checkpoint_globals()
+    assert [name for _, name in pairs] == list(ds_internals.CHECKPOINT_GLOBALS)
+    for cls, name in pairs:
         assert isinstance(cls, type) and f"{cls.__module__}.{cls.__qualname__}" == name
         if issubclass(cls, enum.Enum):
             assert set(vars(cls)) & {"__setstate__", "__reduce_ex__", "_missing_"} == set(), name
@@ -92,6 +92,28 @@ def test_the_allowlist_holds_classes_whose_rebuilding_runs_no_code():
             hooks = {"__new__", "__setstate__", "__reduce__", "__reduce_ex__", "__setattr__", "__getattr__",
                      "__getattribute__", "__set_name__", "__init_subclass__"} & set(vars(base))
             assert not hooks, (name, base, hooks)
+
+
+def test_the_check_decides_as_the_loader_without_importing_deepspeed(tmp_path):
+    """`ckpt verify`/`list` check files with placeholders for the allowed classes (no DeepSpeed import:
+    `list --json` stays clean JSON); a file holding DeepSpeed's classes passes, a payload does not."""
+    import sys
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.save({"s": LossScaler(1.0), "z": ZeroStageEnum.weights, "f": fragment_address(3, 4),
+                "t": torch.ones(2)}, tmp_path / "ok.pt")
+    torch.save({"payload": Payload(tmp_path / "ran")}, tmp_path / "bad.pt")
+    code = ("import sys; from ds_finetune import safe_pickle; safe_pickle.check(sys.argv[1]); "
+            "assert 'deepspeed' not in sys.modules; print('ok')")
+    ok = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ok.pt")], capture_output=True, text=True)
+    assert ok.stdout.strip() == "ok", ok.stderr[-2000:]
+    from ds_finetune import safe_pickle
+    with pytest.raises(safe_pickle.UnsafeCheckpointFile, match="posix.system"):
+        safe_pickle.check(tmp_path / "bad.pt")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_fp16_loss_scaler_state_round_trips_through_the_safe_loader(tmp_path):

@@ -1,5 +1,5 @@
 """Which Python classes checkpoint files hold: what the safe loader's allowlist must name
-(ds_internals.CHECKPOINT_GLOBALS), found by saving for real.
+(safe_pickle.CHECKPOINT_GLOBALS), found by saving for real.
 
     python tools/checkpoint_globals.py RUN_OR_CKPT_DIR ...   # list the globals of every *.pt below them
     python tools/checkpoint_globals.py --survey WORK_DIR     # train tiny runs of every variant, then list
@@ -108,7 +108,7 @@ def fp16_shim(argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if argv[0] == "--fp16-shim":
         return fp16_shim(argv[1:])
-    from ds_finetune.ds_internals import CHECKPOINT_GLOBALS
+    from ds_finetune.safe_pickle import CHECKPOINT_GLOBALS
 
     folders = survey(Path(argv[1])) if argv[0] == "--survey" else [Path(a) for a in argv]
     found, refused = scan(folders)
