@@ -6,7 +6,8 @@ it owns, and sends the list to rank 0; rank 0 writes `manifest.json` to a temp n
 into place and fsyncs the folder. **The manifest's presence is the commit.** Only then is `DIR/latest`
 replaced (temp + fsync + rename; same format as DeepSpeed's so its tools still work) and are old
 checkpoints purged. Resume never trusts `latest`: it scans manifests, newest first, and verifies sizes
-and sha256 before DeepSpeed unpickles anything (DeepSpeed loads with `weights_only=False`).
+and sha256 before anything is unpickled; every load, DeepSpeed's included, goes through torch's safe
+unpickler (`ds_internals.load_checkpoint_file`), so a crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -249,6 +250,9 @@ class Checkpointer:
     def restore(self, info) -> list:
         """Load a verified native checkpoint into the engine (weights, optimizer, LR schedule); returns
         every saved rank's RNG state."""
+        from ds_finetune import ds_internals
+
+        ds_internals.route_checkpoint_reads(self.engine)  # DeepSpeed's loads through the safe unpickler
         load_path, client_state = self.engine.load_checkpoint(
             str(info.path.parent), tag=info.tag, load_module_strict=not self.trainable_only,
             load_optimizer_states=True, load_lr_scheduler_states=True)

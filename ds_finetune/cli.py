@@ -249,8 +249,11 @@ def ckpt_list(run_dir, as_json, no_hash):
         click.echo(f"{'*' if r['resume_pick'] else ' '} {r['tag']:<16} {r['step']:>7} {when:<19} "
                    f"{r['size_bytes'] / 2**20:>8.1f}MB {r['zero_stage'] if r['zero_stage'] is not None else '-':>4} "
                    f"{r['world_size'] or '-':>5}  {r['status']}" + ("  (best eval loss)" if r["best_eval"] else "")
-                   + (f" ({'; '.join(r['problems'])})" if r["status"] == "corrupt" else ""))
-    click.echo("* = the checkpoint `--resume` would pick" if pick else "--resume would start fresh: nothing complete")
+                   + (f" ({'; '.join(r['problems'])})" if r["status"] in ("corrupt", "unsafe") else ""))
+    unsafe = next((r for r in reversed(rows) if r["status"] in ("complete", "unsafe")), None)
+    click.echo("* = the checkpoint `--resume` would pick" if pick else
+               f"--resume would refuse: {unsafe['tag']} is unsafe to load" if unsafe else
+               "--resume would start fresh: nothing complete")
 
 
 def byte_bar(desc: str, total: int):

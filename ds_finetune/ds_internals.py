@@ -7,6 +7,10 @@ What is private and why we use it:
   `*_optim_states.pt` (flat fp32 partitions, their alignment paddings, the moments in the same layout):
   `ZeroCheckpoint` reads them memory-mapped and merges one parameter at a time, as zero_to_fp32 merges
   the whole model.
+* `engine.checkpoint_engine.load`: replaced before `load_checkpoint` so DeepSpeed's own loads go through
+  `load_checkpoint_file` (torch's safe unpickler) instead of its `torch.load(..., weights_only=False)`.
+* The classes DeepSpeed pickles into its files (`safe_pickle.CHECKPOINT_GLOBALS`, by name), which that
+  loader allows (`checkpoint_globals` imports them).
 * ZeRO's flat fp32 groups, `_lazy_init_hp_params_optimizer_state` and the engine's step counters:
   filling the optimizer state of a fresh engine from a converted checkpoint.
 
@@ -16,13 +20,16 @@ Tested with DeepSpeed 0.19 only; another minor version is refused in one line (s
 from __future__ import annotations
 
 import ctypes
+import importlib
 import mmap
 import sys
 from pathlib import Path
 
 import torch
 
+from ds_finetune import safe_pickle
 from ds_finetune.errors import UserError
+from ds_finetune.safe_pickle import CHECKPOINT_GLOBALS, UnsafeCheckpointFile  # noqa: F401 - used by callers
 
 TESTED_MINOR = (0, 19)
 
@@ -51,6 +58,36 @@ def route_checkpoint_writes(engine, save) -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------------------------ load
+
+def checkpoint_globals() -> list:
+    """[(class, name)] for every name in safe_pickle.CHECKPOINT_GLOBALS: the allowlist of the safe loader."""
+    out = []
+    for name in CHECKPOINT_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        out.append((getattr(importlib.import_module(module), attr), name))
+    return out
+
+
+def load_checkpoint_file(path, map_location="cpu", mmap: bool = False):
+    """torch.load through torch's safe unpickler, allowing CHECKPOINT_GLOBALS besides torch's own. A file
+    that needs any other global (a class, or a function such as os.system that a crafted file would call)
+    is refused, nothing of it having run: a one-line UserError naming the file and the global."""
+    return safe_pickle.load(path, checkpoint_globals(), map_location, mmap)
+
+
+def route_checkpoint_reads(engine) -> None:
+    """Make this engine's `load_checkpoint` read every file with `load_checkpoint_file` (DeepSpeed's own
+    loads unpickle with weights_only=False). An engine with another checkpoint engine is refused: its
+    loads cannot be made safe."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise UserError(f"checkpoint error: DeepSpeed's {type(engine.checkpoint_engine).__name__} cannot be made to "
+                        f"load checkpoints safely; remove the checkpoint engine from the DeepSpeed config")
+    engine.checkpoint_engine.load = lambda path, map_location=None: load_checkpoint_file(path, map_location)
+
+
 # ------------------------------------------------------------------------------------ read partitions
 
 MADV_DONTNEED = 4  # Linux
@@ -58,15 +95,15 @@ TENSOR_KEYS = ("weights", "exp_avg", "exp_avg_sq")
 
 
 def load_mapped(path: Path) -> tuple[dict, bool]:
-    """torch.load with every tensor memory-mapped (its pages are read only when touched); a file in the
-    legacy format cannot be mapped and is loaded whole. Returns (state, mapped). Only called on files
-    the checkpoint's manifest has verified (sizes and sha256)."""
+    """A checkpoint file loaded safely (`load_checkpoint_file`) with every tensor memory-mapped (its pages
+    are read only when touched); a file in the legacy format cannot be mapped and is loaded whole. Returns
+    (state, mapped). Only called on files the checkpoint's manifest has verified (sizes and sha256)."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False), True
+        return load_checkpoint_file(path, mmap=True), True
     except RuntimeError as e:
         if "mmap" not in str(e):
             raise
-        return torch.load(path, map_location="cpu", weights_only=False), False
+        return load_checkpoint_file(path), False
 
 
 _libc = None

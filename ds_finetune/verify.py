@@ -1,6 +1,6 @@
 """Verifying and finding checkpoints: a checkpoint's status from its manifest (sizes, and sha256 unless
-told not to), before anything in it is unpickled; every checkpoint of a run; the newest intact one for
---resume."""
+told not to), before anything in it is unpickled, then whether torch's safe unpickler accepts its pickled
+files; every checkpoint of a run; the newest intact one for --resume."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_finetune.checkpoint import read_manifest, step_of_tag, tag_dirs
+from ds_finetune.errors import UserError, first_line
 from ds_finetune.files import sha256_file
 
 
@@ -16,7 +17,7 @@ class CheckpointInfo:
     tag: str
     path: Path
     step: int
-    status: str                      # complete | incomplete | corrupt
+    status: str                      # complete | incomplete | corrupt | unsafe
     manifest: dict | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -42,6 +43,24 @@ def verify_files(tag_dir: Path, manifest: dict, hashes: bool = True, progress=No
         elif hashes and sha256_file(path, progress=progress) != meta["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (the file was changed or damaged)")
     return problems
+
+
+def unsafe_files(tag_dir: Path) -> tuple[list[str], list[str]]:
+    """(unsafe, unreadable): the pickled files (`*.pt`) that torch's safe unpickler refuses, or that cannot
+    be read at all. Each is opened as it will be loaded, its tensors memory-mapped and never read: this
+    costs the pickles, not the tensors."""
+    from ds_finetune import safe_pickle
+
+    unsafe, unreadable = [], []
+    for path in sorted(tag_dir.rglob("*.pt")):
+        name = str(path.relative_to(tag_dir))
+        try:
+            safe_pickle.check(path)
+        except safe_pickle.UnsafeCheckpointFile as e:
+            unsafe.append(f"{name} is unsafe to load: {e.what}")
+        except Exception as e:  # noqa: BLE001 - whatever a damaged file makes torch raise: not loadable
+            unreadable.append(f"{name} is unreadable ({first_line(e)})")
+    return unsafe, unreadable
 
 
 def share_of_files(files: dict, rank: int, world: int) -> list[str]:
@@ -72,8 +91,12 @@ def inspect_checkpoint(tag_dir: Path, hashes: bool = True, checked: dict | None 
                               ["no manifest: the save never committed"])
     known = (checked or {}).get(str(tag_dir))
     problems = known if known is not None else verify_files(tag_dir, manifest, hashes, progress)
-    return CheckpointInfo(tag_dir.name, tag_dir, int(manifest.get("step", step)),
-                          "corrupt" if problems else "complete", manifest, problems)
+    status = "corrupt" if problems else "complete"
+    if not problems:  # intact: may it be loaded?
+        unsafe, problems = unsafe_files(tag_dir)
+        status = "unsafe" if unsafe else "corrupt" if problems else "complete"
+        problems = unsafe + problems
+    return CheckpointInfo(tag_dir.name, tag_dir, int(manifest.get("step", step)), status, manifest, problems)
 
 
 def list_checkpoints(ckpt_dir: Path, hashes: bool = True, progress=None) -> list[CheckpointInfo]:
@@ -81,8 +104,10 @@ def list_checkpoints(ckpt_dir: Path, hashes: bool = True, progress=None) -> list
 
 
 def resume_pick(infos: list[CheckpointInfo]) -> CheckpointInfo | None:
-    """What --resume picks from a run's listed checkpoints (oldest first): the newest complete one."""
-    return next((c for c in reversed(infos) if c.status == "complete"), None)
+    """What --resume picks from a run's listed checkpoints (oldest first): the newest complete one, unless
+    an unsafe one is newer (then --resume refuses: None)."""
+    c = next((c for c in reversed(infos) if c.status in ("complete", "unsafe")), None)
+    return c if c is not None and c.status == "complete" else None
 
 
 def manifest_bytes(tag_dir: Path) -> int:
@@ -101,10 +126,14 @@ def has_checkpoints(ckpt_dir: Path) -> bool:
 def find_resumable_checkpoint(ckpt_dir: Path, hashes: bool = True, checked: dict | None = None
                               ) -> tuple[CheckpointInfo | None, list[str]]:
     """Newest complete, intact checkpoint, verifying newest first and stopping at the first good one.
-    Returns it (or None) and one report line per newer checkpoint that was skipped."""
+    Returns it (or None) and one report line per newer checkpoint that was skipped. An intact checkpoint
+    that is unsafe to load is not skipped but refused: it was made to look committed."""
     skipped = []
     for p in reversed(tag_dirs(ckpt_dir)):
         info = inspect_checkpoint(p, hashes, checked)
+        if info.status == "unsafe":
+            raise UserError(f"checkpoint error: {p}/{info.problems[0]}; nothing was loaded or changed - resume "
+                            f"another checkpoint with --resume PATH")
         if info.status == "complete":
             return info, skipped
         skipped.append(f"skipping {info.status} checkpoint {p}: {'; '.join(info.problems)}")

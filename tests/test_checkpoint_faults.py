@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import harness
 from ds_finetune.checkpoint import LATEST, MANIFEST
@@ -226,13 +227,15 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_an_empty_latest(finished_r
 def test_verify_passes_an_intact_checkpoint(tmp_path):
     tag = tmp_path / "step_00000001"
     tag.mkdir()
-    (tag / "a.pt").write_bytes(b"abc")
+    torch.save({"w": torch.ones(2)}, tag / "a.pt")  # a file torch's safe unpickler loads
     from ds_finetune.files import hash_and_sync
     (tag / MANIFEST).write_text(json.dumps({"step": 1, "zero_stage": 2, "world_size": 2,
                                             "files": {"a.pt": hash_and_sync(tag / "a.pt")}}))
     ok = subprocess.run([str(harness.BIN / "ds-finetune"), "ckpt", "verify", str(tag)], capture_output=True, text=True)
     assert ok.returncode == 0 and "intact" in ok.stdout
-    (tag / "a.pt").write_bytes(b"abd")
+    data = bytearray((tag / "a.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01  # damaged, same size: the sha256 says so before anything is unpickled
+    (tag / "a.pt").write_bytes(bytes(data))
     bad = subprocess.run([str(harness.BIN / "ds-finetune"), "ckpt", "verify", str(tag)], capture_output=True, text=True)
     assert bad.returncode == 1 and "sha256" in bad.stderr
 

@@ -143,3 +143,19 @@ def test_lora_resume_on_another_base_is_refused(base_model, lora_reference, tmp_
     line = harness.assert_one_line_error(proc, "model.base_files.model.safetensors", "--allow-config-change")
     assert "model.name_or_path" not in line  # the files are the identity, not where they lie
     assert harness.snapshot(run / "checkpoints") == before
+
+
+def test_lora_export_refuses_a_checkpoint_carrying_a_payload(lora_reference, tmp_path):
+    """An optimizer file of a LoRA checkpoint given a pickled call, the manifest rewritten to match: both
+    exports refuse it in one line and the call never runs (tests/test_safe_load.py has the other loads)."""
+    from test_safe_load import craft
+
+    run = harness.copy_run(lora_reference(2), tmp_path / "run")
+    info, _ = find_resumable_checkpoint(run / "checkpoints")
+    marker = tmp_path / "payload-ran"
+    craft(info.path, marker, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    for flags in ([], ["--merge"]):
+        proc = subprocess.run([CLI, "ckpt", "export", str(info.path), str(tmp_path / "out"), *flags],
+                              capture_output=True, text=True, env=harness.child_env(), cwd=harness.ROOT)
+        harness.assert_one_line_error(proc, "zero_pp_rank_1_mp_rank_00_optim_states.pt", "posix.system")
+    assert not marker.exists() and not (tmp_path / "out").exists()
