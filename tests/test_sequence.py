@@ -145,6 +145,7 @@ ONE_STEP = [f"4x1:{s}" for s in ("s0", "s1", "s2", "s3", "s3:tied", "s1:c0:tied"
 DP2_SP2 = ["2x1:s1", "2x1:s3:tied"]  # 2 sequences a data-parallel group x 2 groups: the same global batch of 4
 
 
+@pytest.mark.multiproc
 def test_one_step_at_sp2_and_dp2_sp2_gives_the_loss_and_weights_of_sp1(tmp_path):
     from safetensors.torch import load_file
     script = str(harness.ROOT / "tests" / "scripts" / "one_step.py")
@@ -173,6 +174,7 @@ SP_RUN = ["train.zero_stage=3", "model.config.attention_dropout=0.0", "eval.frac
 SP2 = [*SP_RUN, "train.sequence_parallel=2"]
 
 
+@pytest.mark.multiproc
 def test_sigkill_at_sp2_resumes_bitwise_and_resumes_across_sp_degrees(tmp_path):
     ref, run, cross = tmp_path / "ref", tmp_path / "run", tmp_path / "cross"
     harness.train(ref, SP2)
