@@ -64,6 +64,7 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
     from ds_finetune.launcher import (LaunchSpec, build_launch_argv, check_launch_tools, has_accelerator,
                                       launch_env, per_node_launch_argvs, processes_per_host, run_launcher,
                                       world_size_of)
+    from ds_finetune.sequence import check_config, layout_line
     from ds_finetune.zero import zero_config_for_run
 
     resume, overrides = split_resume_arg(resume, overrides)
@@ -76,6 +77,7 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
     on_accelerator = has_accelerator()
     world = world_size_of(spec, on_accelerator)
     micro, accum, global_batch = cfg.batch_layout(world)
+    check_config(cfg)  # what the config alone says about a sequence-parallel layout (the model is not built here)
     # --no-ssh --dry-run without --node-rank shows every node's command; the first line is node 0's.
     nodes = per_node_launch_argvs(spec, on_accelerator) if no_ssh and dry_run else []
     argv = nodes[0][1] if nodes and node_rank is None else build_launch_argv(spec, on_accelerator)
@@ -92,6 +94,7 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
     click.echo(prefix + shlex.join(argv))
     if dry_run:
         click.echo(f"# world_size={world} micro_batch_size={micro} grad_accum={accum} global_batch={global_batch}")
+        click.echo(layout_line(cfg.train.sequence_parallel, world, cfg.data.max_length))
         if nodes:
             click.echo(f"# --no-ssh: run on each node its own command (node rank = hostfile order); every node "
                        f"must reach {master_addr}:{master_port or 29500} and see the same output_dir")

@@ -139,6 +139,9 @@ class TrainConfig(_Section):
     loss_chunk_tokens: int = Field(
         256, ge=0, description="Target tokens per chunk of LM head + cross-entropy (logits never held for all "
                                "tokens); 0 computes the full logits.")
+    sequence_parallel: int = Field(
+        1, ge=1, le=1024, description="Ranks that share one sequence, each holding a slice of its length (DeepSpeed "
+                                      "Ulysses); divides the world size, whose quotient is the data-parallel size.")
     seed: int = Field(1234, ge=0, lt=2**32, description="Seed for init, data order and dropout.")
     deterministic: bool = Field(
         True, description="On CUDA: deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS "
@@ -223,27 +226,40 @@ class RunConfig(_Section):
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
 
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks that take different sequences: the world size over train.sequence_parallel, or a UserError."""
+        sp = self.train.sequence_parallel
+        if world_size % sp:
+            fits = [d for d in range(1, world_size + 1) if world_size % d == 0]
+            raise UserError(f"config error: train.sequence_parallel={sp} does not divide the world size {world_size}; "
+                            f"use a world size that is a multiple of {sp}, or train.sequence_parallel in {fits[:12]}")
+        return world_size // sp
+
     def batch_layout(self, world_size: int, keep_global_batch: int | None = None) -> tuple[int, int, int]:
-        """(micro_batch_size, grad_accum, global_batch) for this world size, or a UserError.
+        """(micro_batch_size, grad_accum, global_batch) for this world size, or a UserError. Under sequence
+        parallelism the sequences of a step are shared out over the data-parallel size (world / SP).
 
         `keep_global_batch` (the global batch of a checkpoint being resumed) wins over grad_accum when
         train.global_batch_size is unset: resuming on another world size recomputes grad_accum so the
         global batch, and with it the data order and the loss, stay the same (docs/design.md)."""
-        t = self.train
+        t, sp = self.train, self.train.sequence_parallel
+        dp = self.data_parallel_size(world_size)
         target = t.global_batch_size
         if target is None and keep_global_batch is not None \
-                and keep_global_batch != t.micro_batch_size * t.grad_accum * world_size:
+                and keep_global_batch != t.micro_batch_size * t.grad_accum * dp:
             target = keep_global_batch
         if target is None:
-            return t.micro_batch_size, t.grad_accum, t.micro_batch_size * t.grad_accum * world_size
-        per_step = t.micro_batch_size * world_size
+            return t.micro_batch_size, t.grad_accum, t.micro_batch_size * t.grad_accum * dp
+        per_step = t.micro_batch_size * dp
         if target % per_step:
             key = "train.global_batch_size" if t.global_batch_size else "the checkpoint's global batch"
-            micro_ok = [m for m in range(1, target + 1) if target % (m * world_size) == 0]
-            world_ok = [w for w in range(1, target + 1) if target % (t.micro_batch_size * w) == 0]
+            micro_ok = [m for m in range(1, target + 1) if target % (m * dp) == 0]
+            world_ok = [w * sp for w in range(1, target + 1) if target % (t.micro_batch_size * w) == 0]
             micro_hint = f"train.micro_batch_size in {micro_ok[:12]} or " if micro_ok else ""
-            raise UserError(f"config error: {key} {target} is not divisible by micro_batch_size×world_size="
-                            f"{t.micro_batch_size}×{world_size}; use {micro_hint}a world size in {world_ok[:12]}")
+            ranks = f"world_size={t.micro_batch_size}×{world_size}" if sp == 1 else \
+                f"data-parallel size={t.micro_batch_size}×{dp} (world {world_size} / sequence_parallel {sp})"
+            raise UserError(f"config error: {key} {target} is not divisible by micro_batch_size×{ranks}; "
+                            f"use {micro_hint}a world size in {world_ok[:12]}")
         return t.micro_batch_size, target // per_step, target
 
     def to_yaml(self) -> str:

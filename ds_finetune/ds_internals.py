@@ -322,3 +322,30 @@ def set_step_counters(engine, global_steps: int, global_samples: int, skipped_st
     engine.global_steps = global_steps
     engine.global_samples = global_samples
     engine.skipped_steps = skipped_steps
+
+
+# ------------------------------------------------------------------------------ sequence parallelism
+
+def registered_ulysses(impl: str):
+    """The `UlyssesSPAttentionHF` that `register_with_transformers` put behind transformers' attention
+    function `impl` (it returns only the mpu; the module is a variable of the wrapper it registers)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    fn = ALL_ATTENTION_FUNCTIONS[impl]
+    for cell in getattr(fn, "__closure__", None) or ():
+        if isinstance(cell.cell_contents, UlyssesSPAttentionHF):
+            return cell.cell_contents
+    raise RuntimeError(f"no Ulysses module behind the {impl} attention function: DeepSpeed's registration changed")
+
+
+def set_ulysses_batch_size(ulysses, rows: int) -> None:
+    """Ulysses reshapes with the micro-batch size it was registered with (the sequence length it takes from
+    each call); an evaluation batch may hold fewer rows, so its batch dimension is set per call."""
+    if ulysses.batch_size == rows:
+        return
+    ulysses.batch_size = rows
+    for name in ("required_query_shape", "required_key_value_shape", "required_context_shape"):
+        shape = list(getattr(ulysses, name))
+        shape[1] = rows
+        setattr(ulysses, name, torch.Size(shape))

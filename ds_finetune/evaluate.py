@@ -42,9 +42,10 @@ class Evaluator:
     micro_batch_size: int
     max_batches: int
     every_steps: int
-    rank: int
+    rank: int               # under sequence parallelism: the data-parallel rank and size (a group shares rows)
     world: int
     pad_id: int
+    counts_targets: bool = True  # one rank of a sequence-parallel group counts its rows' targets
 
     def due(self, step: int, total_steps: int) -> bool:
         return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
@@ -69,7 +70,8 @@ class Evaluator:
                     if not len(mine):
                         batch.labels.fill_(IGNORE_INDEX)  # same forward as every other rank, nothing counted
                     loss_sum += loss_fn(engine, *to_device(batch, engine.device)).double()  # stays on the device
-                    targets += int((batch.labels[:, 1:] != IGNORE_INDEX).sum())  # host labels: no device sync
+                    if self.counts_targets:  # host labels: no device sync
+                        targets += int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
         finally:
             module.train()
             restore_rng(rng)
@@ -77,8 +79,10 @@ class Evaluator:
         return loss_sum / targets
 
 
-def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=None):
-    """(Evaluator or None, the rows to train on or None for all). `say` reports waits for the eval data."""
+def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=None, counts_targets: bool = True):
+    """(Evaluator or None, the rows to train on or None for all). `say` reports waits for the eval data.
+    Under sequence parallelism `rank` and `world` are the data-parallel rank and size, and one rank of each
+    group `counts_targets`."""
     e = cfg.eval
     if not e.enabled:
         return None, None
@@ -91,5 +95,5 @@ def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=No
         train_rows, eval_rows = held_out_rows(data.num_rows, e.fraction, cfg.train.seed,
                                               groups=np.asarray(data.row_ids) if turns else None)
     evaluator = Evaluator(eval_data, eval_rows, e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches,
-                          e.every_steps, rank, world, tok.pad_token_id)
+                          e.every_steps, rank, world, tok.pad_token_id, counts_targets)
     return evaluator, train_rows

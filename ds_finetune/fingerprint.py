@@ -36,6 +36,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str, base_f
         "harmless": {
             "train.max_steps": cfg.train.max_steps,
             "train.epochs": cfg.train.epochs,
+            "train.sequence_parallel": cfg.train.sequence_parallel,  # recorded; a resume says when it changed
             "checkpoint": cfg.checkpoint.model_dump(mode="json"),
             "eval": cfg.eval.model_dump(mode="json", exclude={"fraction"}),
             "logging": cfg.logging.model_dump(mode="json"),

@@ -38,9 +38,14 @@ def model_inputs(input_ids, attention_mask, position_ids=None) -> dict:
     return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids, "use_cache": False}
 
 
-def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0) -> torch.Tensor:
+def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0,
+                  shifted=False) -> torch.Tensor:
+    """`shifted`: labels[:, t] is already the target of position t (a sequence-parallel slice, whose last
+    position's target is the next slice's first token); else it is the token at t, the target of t - 1."""
     logits = engine(**model_inputs(input_ids, attention_mask, position_ids)).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+    if not shifted:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -191,15 +196,18 @@ class ChunkedLoss:
             if getattr(model.config, key, None) not in (None, 1, 1.0):
                 raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} transforms its "
                                 f"logits ({key}), which the chunked loss does not; set train.loss_chunk_tokens=0")
-        self.labels, self.result, self.grad_scale = None, None, 1.0
+        self.labels, self.result, self.grad_scale, self.shifted = None, None, 1.0, False
         model.base_model.register_forward_hook(self._after_base_model)
 
     def _after_base_model(self, module, args, output):
         if self.labels is None:
             return
-        targets = self.labels[:, 1:]
+        hidden = output.last_hidden_state
+        targets = self.labels if self.shifted else self.labels[:, 1:]
+        if not self.shifted:
+            hidden = hidden[:, :-1]
         keep = targets != IGNORE_INDEX
-        hidden = output.last_hidden_state[:, :-1][keep]  # non-target positions never reach the head
+        hidden = hidden[keep]  # non-target positions never reach the head
         targets = targets[keep]
         head, chunk, grad_scale = self.head, self.chunk_tokens, self.grad_scale
 
@@ -209,8 +217,10 @@ class ChunkedLoss:
         with _forward_replaced(head, loss_of):
             self.result = head(hidden)
 
-    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0) -> torch.Tensor:
-        self.labels, self.grad_scale = labels, grad_scale
+    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0,
+                 shifted=False) -> torch.Tensor:
+        """`shifted`: as for `full_loss_sum`."""
+        self.labels, self.grad_scale, self.shifted = labels, grad_scale, shifted
         try:
             engine(**model_inputs(input_ids, attention_mask, position_ids),
                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
@@ -220,8 +230,9 @@ class ChunkedLoss:
 
 
 def make_loss_fn(model, chunk_tokens: int):
-    """(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0) -> summed token loss of the
-    micro-batch; `grad_scale` is the gradient backward will bring to that sum (see `train_step`)."""
+    """(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0, shifted=False) -> summed
+    token loss of the micro-batch; `grad_scale` is the gradient backward will bring to that sum (see
+    `train_step`); `shifted`: the labels are already aligned with the positions they are targets of."""
     return full_loss_sum if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens)
 
 

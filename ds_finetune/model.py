@@ -111,7 +111,8 @@ def adamw(groups: list[dict], t, offloaded: bool):
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
 
 
-def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int):
+def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int, mpu=None):
+    """`mpu`: the sequence-parallel groups of a run with train.sequence_parallel > 1 (`sequence.attach`)."""
     import deepspeed
 
     params = dict(model.named_parameters())
@@ -121,7 +122,7 @@ def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int):
     optimizer = adamw(groups, t, offloaded=t.offload_optimizer != "none" and on_cuda())
     schedule = lr_lambda(cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
+        model=model, optimizer=optimizer, config=ds_config, mpu=mpu,
         # A callable, so the scheduler drives the optimizer DeepSpeed wraps; DeepSpeed saves and loads it.
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     return engine

@@ -3,7 +3,9 @@
 The loop (`train.fit`) hands the objective the step's units of the epoch order and gets back this rank's
 summed loss and the global batch's target count; it never sees micro-batches, the loss function or the
 hooks around DeepSpeed's step. Supervised fine-tuning (`SFT`) is the objective today; one with other
-batches or another loss (preference pairs, sequence shards) is another class with the same `step`.
+batches or another loss (preference pairs) is another class with the same `step`. Sequence parallelism
+is not one: its groups take the micro-batches of data-parallel ranks and its loss function slices them
+(`sequence.ShardedLoss`).
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ class SFT:
     loss_fn: Callable        # (engine, input_ids, attention_mask, labels, position_ids, grad_scale=) -> summed loss
     pad_id: int              # any id works: padding is masked out of attention and loss
     isolate: bool            # data.packing: isolated (each row of a pack attends to itself only)
-    rank: int
+    rank: int                # this process (fault points name it)
     before_update: Callable  # called right before the engine's step changes weights and optimizer state
+    data_rank: int | None = None  # the share of the global batch it takes: its data-parallel rank under
+    #                               sequence parallelism (a group shares micro-batches; the loss slices them)
 
     def step(self, engine, units: list[np.ndarray], offset: int, step: int) -> StepResult:
         """Optimizer step `step` (1-based) over the global batch starting at `offset` of `units`."""
         layout = self.layout
-        micro_batches = [collate(self.data, units[layout.micro_slice(offset, m, self.rank)], self.pad_id, self.isolate)
+        share = self.rank if self.data_rank is None else self.data_rank
+        micro_batches = [collate(self.data, units[layout.micro_slice(offset, m, share)], self.pad_id, self.isolate)
                          for m in range(layout.grad_accum)]
         targets = unit_targets(self.data, units[layout.step_slice(offset)])
         loss_sum = train_step(engine, self.loss_fn, micro_batches, targets, layout.grad_accum, layout.world_size,

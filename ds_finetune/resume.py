@@ -54,6 +54,8 @@ def plan(cfg: RunConfig, args, rank: int, world: int, fingerprint_of) -> ResumeP
     fingerprint = fingerprint_of(layout.global_batch)
     if source is not None:
         check_resumable(source, fingerprint, args.allow_config_change)
+        if rank == 0:
+            say_sequence_parallel_change(source, fingerprint)
         if args.discard_newer:
             discard_newer(source, cfg, rank)
     elif args.overwrite and rank == 0:
@@ -223,14 +225,26 @@ def check_resumable(info: CheckpointInfo, fingerprint: dict, allow_change: bool)
         say(f"warning: continuing with changed {', '.join(changed)} (--allow-config-change)")
 
 
+def say_sequence_parallel_change(info: CheckpointInfo, fingerprint: dict) -> None:
+    """SP is not part of the exact fingerprint (like the ZeRO stage: the same steps to float noise), but it
+    is recorded, and a resume on another degree says so."""
+    was = TrainState.from_manifest(info.manifest).fingerprint.get("harmless", {}).get("train.sequence_parallel", 1)
+    now = fingerprint["harmless"]["train.sequence_parallel"]
+    if was != now:
+        say(f"sequence parallelism changed: {info.path.name} was saved at train.sequence_parallel={was}, this run "
+            f"uses {now} (the same steps to float noise; ZeRO partitions over all ranks either way)")
+
+
 def resolve_layout(cfg: RunConfig, world: int, resume_from: CheckpointInfo | None, is_main: bool) -> BatchLayout:
     """This run's batch layout; a resumed run keeps the checkpoint's global batch on any world size."""
     saved_global_batch = TrainState.from_manifest(resume_from.manifest).global_batch if resume_from else None
     micro, accum, global_batch = cfg.batch_layout(world, keep_global_batch=saved_global_batch)
+    dp = cfg.data_parallel_size(world)  # under sequence parallelism, the groups that take different sequences
     if is_main and (micro, accum) != cfg.batch_layout(world)[:2]:
-        say(f"keeping the checkpoint's global batch {global_batch} on {world} ranks: grad_accum={accum} "
+        groups = f"{world} ranks" if dp == world else f"{dp} data-parallel groups"
+        say(f"keeping the checkpoint's global batch {global_batch} on {groups}: grad_accum={accum} "
             f"(micro_batch_size={micro})")
-    return BatchLayout(micro, accum, world)
+    return BatchLayout(micro, accum, dp)
 
 
 # ----------------------------------------------------------------------------------------------- convert

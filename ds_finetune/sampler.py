@@ -25,7 +25,7 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
 class BatchLayout:
     micro_batch_size: int
     grad_accum: int
-    world_size: int
+    world_size: int  # ranks taking different sequences: the data-parallel size (world / train.sequence_parallel)
 
     @property
     def global_batch(self) -> int:

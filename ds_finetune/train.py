@@ -42,6 +42,7 @@ from ds_finetune.model import build_engine, build_model, check_isolated_packing,
 from ds_finetune.nodes import check_shared_checkpoint_dir
 from ds_finetune.rendezvous import Rendezvous, scratch_folder
 from ds_finetune.sampler import BatchLayout, steps_in_epoch
+from ds_finetune.sequence import SequenceGroup, ShardedLoss, attach
 from ds_finetune.zero import zero_config_for_run
 
 
@@ -125,7 +126,9 @@ def setup(args) -> tuple[Run, TrainState]:
     data = prepare_data(cfg.data, tok, say=say)
     if is_main and data.skipped_rows:
         resume.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
-    evaluator, train_rows = build_evaluator(cfg, tok, data, rank, world, say)
+    group = SequenceGroup.of(cfg.train.sequence_parallel, world, rank)  # DP x SP; SP=1: every rank its own
+    evaluator, train_rows = build_evaluator(cfg, tok, data, group.dp_rank, group.dp_size, say,
+                                            counts_targets=group.rank == 0)
     order = EpochOrder(data, cfg.train.seed, cfg.data.packs, cfg.data.max_length, rows=train_rows)
 
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
@@ -141,8 +144,10 @@ def setup(args) -> tuple[Run, TrainState]:
     isolate = cfg.data.packing == "isolated"
     if isolate:
         check_isolated_packing(model, layout.micro_batch_size)
+    # Ulysses replaces the model's attention function before the engine exists (its groups are the mpu).
+    mpu, ulysses = attach(model, group.size, layout.micro_batch_size, isolate) if group.size > 1 else (None, None)
     resume.load_converted_weights(plan, model)  # a checkpoint of another stage or world size, before the engine
-    engine = build_engine(model, cfg, ds_config, total_steps)
+    engine = build_engine(model, cfg, ds_config, total_steps, mpu=mpu)
     # Dropout RNG: rank r draws from seed + r (a rank a resumed run did not have gets the same rule).
     seed_everything(cfg.train.seed + rank)
 
@@ -162,8 +167,11 @@ def setup(args) -> tuple[Run, TrainState]:
     if is_main:
         write_run_files(cfg, ds_config)
     barrier()
-    objective = SFT(data, layout, make_loss_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens),
-                    tok.pad_token_id, isolate, rank, checkpointer.before_update)
+    loss_fn = make_loss_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens)
+    if group.size > 1:  # each rank computes the loss of its slice of every sequence
+        loss_fn = ShardedLoss(loss_fn, group, ulysses, tok.pad_token_id)
+    objective = SFT(data, layout, loss_fn, tok.pad_token_id, isolate, rank, checkpointer.before_update,
+                    data_rank=group.dp_rank)
     return Run(cfg, engine, objective, data, order, layout, total_steps, rank, checkpointer, evaluator), state
 
 

@@ -68,8 +68,10 @@ def build_zero_config(
 
 def zero_config_for_run(cfg, world_size: int, micro: int | None = None, accum: int | None = None,
                         on_gpu: bool = False) -> dict:
+    """DeepSpeed's batch is per data-parallel rank: under sequence parallelism world / SP of them."""
     if micro is None or accum is None:
         micro, accum, _ = cfg.batch_layout(world_size)
     t = cfg.train
-    return build_zero_config(t.zero_stage, micro, accum, world_size, cfg.model.dtype, t.grad_clip,
+    data_parallel = cfg.data_parallel_size(world_size)
+    return build_zero_config(t.zero_stage, micro, accum, data_parallel, cfg.model.dtype, t.grad_clip,
                              t.offload_optimizer, t.offload_param, on_gpu)

@@ -100,13 +100,18 @@ def test_example_configs_validate_with_dry_run():
     cli = str(Path(sys.executable).with_name("ds-finetune"))
     for argv in (["configs/qwen2.5-0.5b-sft-zero2.yaml", "--num-gpus", "8"],
                  ["configs/qwen2.5-0.5b-lora-zero2.yaml", "--num-gpus", "8"],
-                 ["configs/llama3-8b-zero3-offload.yaml", "--hostfile", "configs/hostfile.example"]):
+                 ["configs/llama3-8b-zero3-offload.yaml", "--hostfile", "configs/hostfile.example"],
+                 ["configs/llama3-8b-32k-sp4-zero3.yaml", "--num-gpus", "8"]):
         proc = subprocess.run([cli, "train", *argv, "--dry-run"], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert "deepspeed" in proc.stdout.splitlines()[0]
     proc = subprocess.run([cli, "train", "configs/llama3-8b-zero3-offload.yaml", "--hostfile",
                            "configs/hostfile.example", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
     assert "world_size=16 micro_batch_size=1 grad_accum=4 global_batch=64" in proc.stdout
+    proc = subprocess.run([cli, "train", "configs/llama3-8b-32k-sp4-zero3.yaml", "--num-gpus", "8", "--dry-run"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert "world_size=8 micro_batch_size=1 grad_accum=8 global_batch=16" in proc.stdout
+    assert "data_parallel=2 × sequence_parallel=4; up to 8192 tokens of a sequence per rank" in proc.stdout
 
 
 def test_benchmark_table_is_the_one_generated_from_the_results_file_it_names():

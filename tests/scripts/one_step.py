@@ -1,11 +1,13 @@
 """One optimizer step of the tiny model on the first global batch, for each run spec given; writes the
 step's loss and the updated full fp32 weights. Run as 1 process or under torchrun.
 
-A spec is MICROxACCUM[:sSTAGE][:cCHUNK][:tied] (defaults: ZeRO 2, the config's loss_chunk_tokens, untied
-embeddings); outputs are named after the world size and the spec.
+A spec is MICROxACCUM[:sSTAGE][:cCHUNK][:tied][:pSP] (defaults: ZeRO 2, the config's loss_chunk_tokens, untied
+embeddings, no sequence parallelism); outputs are named after the world size and the spec. MICROxACCUM
+is per data-parallel rank (world / SP of them). One SP degree a process (Ulysses registers once).
 
     python one_step.py OUT_DIR 4x1 2x2 1x4 4x1:s3:c0:tied        (world size 1)
     torchrun --nproc_per_node 2 one_step.py OUT_DIR 1x2
+    torchrun --nproc_per_node 2 one_step.py OUT_DIR 4x1:s3:p2    (one sequence shared by 2 ranks)
 """
 import json
 import os
@@ -26,6 +28,7 @@ from ds_finetune.model import build_engine, build_model  # noqa: E402
 from ds_finetune.config import load_config  # noqa: E402
 from ds_finetune.data import collate, load_tokenizer, unit_targets  # noqa: E402
 from ds_finetune.sampler import BatchLayout  # noqa: E402
+from ds_finetune.sequence import SequenceGroup, ShardedLoss, attach  # noqa: E402
 from ds_finetune.zero import zero_config_for_run  # noqa: E402
 
 out_dir, splits = Path(sys.argv[1]), sys.argv[2:]
@@ -36,6 +39,7 @@ for split in splits:
     extra = [f"train.zero_stage={o[1:]}" for o in options if o.startswith("s")]
     extra += [f"train.loss_chunk_tokens={o[1:]}" for o in options if o.startswith("c")]
     extra += ["model.config.tie_word_embeddings=true" for o in options if o == "tied"]
+    extra += [f"train.sequence_parallel={o[1:]}" for o in options if o.startswith("p")]
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
                       [f"train.micro_batch_size={micro}", f"train.grad_accum={accum}", "train.zero_stage=2", *extra,
                        "train.max_steps=1", "train.warmup_steps=0", "train.lr_schedule=constant",
@@ -48,19 +52,24 @@ for split in splits:
     tok = load_tokenizer(cfg.model.tokenizer)
     data = prepare_data(cfg.data, tok)
     order = EpochOrder(data, cfg.train.seed, False, cfg.data.max_length)
-    layout = BatchLayout(micro, accum, world)
+    group = SequenceGroup.of(cfg.train.sequence_parallel, world, rank)
+    layout = BatchLayout(micro, accum, group.dp_size)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, ds_config)
     loss_fn = make_loss_fn(model, cfg.train.loss_chunk_tokens)
-    engine = build_engine(model, cfg, ds_config, 1)
+    mpu = None
+    if group.size > 1:
+        mpu, ulysses = attach(model, group.size, micro)
+        loss_fn = ShardedLoss(loss_fn, group, ulysses, 2)
+    engine = build_engine(model, cfg, ds_config, 1, mpu=mpu)
     units = order.units(0)
     targets = unit_targets(data, units[layout.step_slice(0)])
-    batches = [collate(data, units[layout.micro_slice(0, m, rank)], 2) for m in range(accum)]
+    batches = [collate(data, units[layout.micro_slice(0, m, group.dp_rank)], 2) for m in range(accum)]
     def full_fp32(p):  # ZeRO 0 has no fp32 master copy apart from the (fp32) parameter itself
         return (safe_get_full_fp32_param(p) if cfg.train.zero_stage > 0 else p).detach().clone().contiguous()
 
     initial = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
-    local = train_step(engine, loss_fn, batches, targets, accum, world)
+    local = train_step(engine, loss_fn, batches, targets, accum, group.dp_size)
     dist.all_reduce(local)
     weights = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
     if rank == 0:

@@ -1,0 +1,173 @@
+"""Sequence parallelism (`train.sequence_parallel: N`, DeepSpeed Ulysses): N ranks share each sequence.
+
+The world is DP x SP: ranks r = dp_rank * SP + sp_rank, so the ranks of one sequence-parallel group are
+consecutive (DeepSpeed's `parallel_state_sp` builds its groups so). The data order, the global batch and
+the loss do not know about SP: a global batch is still `micro_batch_size x grad_accum x DP` sequences, and
+each group takes the micro-batches a rank of a DP-only run of DP ranks would take.
+
+What changes is below the objective seam, in `ShardedLoss`: it takes the micro-batch a group shares,
+shifts the labels by one position (so the target of a shard's last position, the first token of the next
+shard, is not lost at the border), pads the width to a multiple of SP, gives every token its global
+position, and hands the model this rank's slice of the length. Ulysses' attention all-to-alls the slices
+into whole sequences of 1/SP of the heads (the model's attention implementation runs on those, causal by
+the positions) and back. The fused chunked loss then runs on the slice's targets, so each token's loss is
+computed on exactly one rank; the sum over every rank is the global batch's summed loss, and DeepSpeed
+sums gradients over the SP group and averages them over DP, which `objective.train_step` already
+normalises for DP ranks. So a step at SP=2 computes the loss and the gradient of SP=1 (to float noise).
+
+ZeRO partitions over all ranks (DeepSpeed's sequence-data-parallel group), so a checkpoint's files do not
+depend on SP: a run resumes on another SP degree on the same world size without conversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds_finetune.data import IGNORE_INDEX
+from ds_finetune.data.packing import Batch
+from ds_finetune.errors import UserError
+
+# The attention implementations Ulysses wraps (it refuses eager: that needs a 4-D mask, which it drops).
+SUPPORTED_ATTENTION = ("sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass(frozen=True)
+class SequenceGroup:
+    """Where this rank sits in the DP x SP layout."""
+    size: int        # SP: ranks sharing a sequence
+    rank: int        # this rank's slice of each sequence (0 .. size-1)
+    dp_size: int     # groups taking different sequences
+    dp_rank: int
+
+    @classmethod
+    def of(cls, sp: int, world: int, rank: int) -> "SequenceGroup":
+        if world % sp:
+            raise UserError(f"config error: train.sequence_parallel={sp} does not divide the world size {world}")
+        return cls(sp, rank % sp, world // sp, rank // sp)
+
+
+def layout_line(sp: int, world: int, max_length: int) -> str:
+    """What --dry-run prints about the DP x SP layout."""
+    per_rank = -(-max_length // sp)
+    return (f"# layout: data_parallel={world // sp} × sequence_parallel={sp}; up to {per_rank} tokens of a sequence "
+            f"per rank (data.max_length {max_length})")
+
+
+# -------------------------------------------------------------------------------------------- sharding
+
+def shard(batch: Batch, rank: int, size: int, pad_id: int) -> Batch:
+    """This rank's slice of the length of every sequence of `batch` (a collated micro-batch).
+
+    Returns (input_ids, None, labels, position_ids), each [rows, width / size], where `labels` are already
+    shifted: labels[:, t] is the target of position t (the token at t + 1, or IGNORE_INDEX). The width is
+    padded to a multiple of `size` with pad tokens that are no target. Positions are global: 0.. per row,
+    or the batch's own (isolated packing restarts them at every packed row). No attention mask: rows are
+    right-padded, so under causal attention no real token sees a pad."""
+    input_ids, _, labels, position_ids = batch
+    rows, width = input_ids.shape
+    padded = -(-width // size) * size
+    if position_ids is None:
+        position_ids = torch.arange(padded, device=input_ids.device).expand(rows, padded)
+    elif padded > width:  # the pad tail continues the last segment's positions
+        tail = position_ids[:, -1:] + torch.arange(1, padded - width + 1, device=input_ids.device)
+        position_ids = torch.cat([position_ids, tail], dim=1)
+    if padded > width:
+        input_ids = torch.nn.functional.pad(input_ids, (0, padded - width), value=pad_id)
+        labels = torch.nn.functional.pad(labels, (0, padded - width), value=IGNORE_INDEX)
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    n = padded // size
+    part = slice(rank * n, (rank + 1) * n)
+    return Batch(input_ids[:, part].contiguous(), None, shifted[:, part].contiguous(),
+                 position_ids[:, part].contiguous())
+
+
+class ShardedLoss:
+    """A loss function (`loss.make_loss_fn`) that takes the micro-batch the SP group shares and returns the
+    summed token loss of this rank's slice of it. The same call signature, so the objective and the
+    evaluator run unchanged."""
+
+    def __init__(self, inner, group: SequenceGroup, ulysses, pad_id: int):
+        self.inner, self.group, self.ulysses, self.pad_id = inner, group, ulysses, pad_id
+
+    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0):
+        from ds_finetune.ds_internals import set_ulysses_batch_size
+
+        part = shard(Batch(input_ids, attention_mask, labels, position_ids), self.group.rank, self.group.size,
+                     self.pad_id)
+        set_ulysses_batch_size(self.ulysses, input_ids.shape[0])  # an eval batch may hold fewer rows
+        return self.inner(engine, part.input_ids, None, part.labels, part.position_ids, grad_scale=grad_scale,
+                          shifted=True)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+def check_config(cfg) -> None:
+    """What the run config alone says about its sequence-parallel layout (for --dry-run, before any model
+    exists): the heads of an inline model.config, and isolated packing with attention that is not flash."""
+    sp = cfg.train.sequence_parallel
+    if sp == 1:
+        return
+    inline = cfg.model.config or {}
+    impl = str(inline.get("attn_implementation") or inline.get("_attn_implementation") or "sdpa")
+    if "num_attention_heads" in inline:
+        heads = inline["num_attention_heads"]
+        check_heads(sp, heads, inline.get("num_key_value_heads") or heads)
+    check_attention(sp, impl, cfg.data.packing == "isolated")
+
+
+def check_model(model, sp: int, isolate: bool) -> str:
+    """The model's attention implementation, or a one-line UserError if Ulysses cannot split it over `sp`
+    ranks."""
+    config = model.config
+    impl = str(getattr(config, "_attn_implementation", None) or "eager")
+    text = config.get_text_config()
+    check_heads(sp, text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    check_attention(sp, impl, isolate)
+    return impl
+
+
+def check_heads(sp: int, heads: int, kv: int) -> None:
+    """The query heads must divide by SP, the KV heads divide by SP or SP by them (DeepSpeed then
+    replicates them)."""
+    if heads % sp:
+        fits = [d for d in range(2, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0)]
+        raise UserError(f"config error: train.sequence_parallel={sp} does not divide the model's {heads} attention "
+                        f"heads; use train.sequence_parallel in {[1, *fits][:12]}")
+    if not (kv % sp == 0 or sp % kv == 0):
+        raise UserError(f"config error: train.sequence_parallel={sp} and the model's {kv} key/value heads: one must "
+                        f"divide the other (DeepSpeed Ulysses)")
+
+
+def check_attention(sp: int, impl: str, isolate: bool) -> None:
+    """Ulysses wraps sdpa, flex and flash attention (eager needs the 4-D mask it drops). Isolated packing
+    needs attention that reads row boundaries from the gathered positions: flash (varlen); with sdpa or
+    flex Ulysses attends causally over the whole pack."""
+    if impl not in SUPPORTED_ATTENTION:
+        raise UserError(f"config error: train.sequence_parallel={sp} needs sdpa, flex or flash attention; the model "
+                        f"uses {impl} (set model.config.attn_implementation: sdpa)")
+    if isolate and "flash" not in impl:
+        raise UserError(f"config error: data.packing: isolated with train.sequence_parallel={sp} and {impl} attention "
+                        f"would let packed rows attend to each other; set data.packing: shared or none, or use "
+                        f"flash attention")
+
+
+_registered: dict = {}  # (sp, impl) -> (mpu, ulysses): Ulysses replaces the attention function once a process
+
+
+def attach(model, sp: int, micro_batch_size: int, isolate: bool = False):
+    """Register Ulysses for the model's attention (every call of that implementation in this process is
+    sequence-parallel from now on) and return (mpu for deepspeed.initialize, the Ulysses module)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    from ds_finetune.ds_internals import registered_ulysses
+    from ds_finetune.lora import hf_model
+
+    model = hf_model(model)
+    impl = check_model(model, sp, isolate)
+    if (sp, impl) not in _registered:
+        mpu = UlyssesSPAttentionHF.register_with_transformers(model, impl, sp, micro_batch_size,
+                                                              seq_length_is_variable=True)
+        _registered[sp, impl] = mpu, registered_ulysses(impl)
+    return _registered[sp, impl]
