@@ -111,33 +111,42 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
 # ------------------------------------------------------------------------------------------------- data
 
 def prepare_with_progress(cfg) -> None:
-    """Build the run's tokenized-data cache here, with a progress bar, unless it is there already."""
+    """Build the run's tokenized-data cache here (each source of a mixture on its own), with a progress bar,
+    unless it is there already."""
+    from ds_finetune.data import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    sources = cfg.data.source_configs() if cfg.data.is_mixture else [(None, None, cfg.data)]
+    for name, _, data_cfg in sources:
+        _prepare_one(data_cfg, tok, f"source {name}: " if name else "")
+
+
+def _prepare_one(data_cfg, tok, label: str) -> None:
     import time
 
     from tqdm import tqdm
 
-    from ds_finetune.data import ensure_prepared, load_tokenizer, read_meta
+    from ds_finetune.data import ensure_prepared, read_meta
     from ds_finetune.data.sources import estimate_rows
 
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     t0, bar = time.time(), None
 
     def progress(rows: int, tokens: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=estimate_rows(cfg.data), unit=" rows", desc="preparing data", file=sys.stderr,
+            bar = tqdm(total=estimate_rows(data_cfg), unit=" rows", desc=f"{label}preparing data", file=sys.stderr,
                        mininterval=0.5, dynamic_ncols=True)
         bar.update(rows - bar.n)
         bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
 
     try:
-        path, _, built = ensure_prepared(cfg.data, tok, progress=progress)
+        path, _, built = ensure_prepared(data_cfg, tok, progress=progress)
     finally:
         if bar is not None:
             bar.close()
     meta = read_meta(path)
     what = f"prepared in {time.time() - t0:.1f} s" if built else "ready"
-    click.echo(f"data {what}: {meta['rows']:,} rows, {meta['tokens']:,} tokens"
+    click.echo(f"{label}data {what}: {meta['rows']:,} rows, {meta['tokens']:,} tokens"
                + (f", {meta['skipped_rows']:,} rows skipped (no target after masking/truncation)"
                   if meta["skipped_rows"] else "") + f" ({path})", err=True)
 
