@@ -245,6 +245,7 @@ def ckpt_list(run_dir, as_json, no_hash):
              "world_size": c.manifest.get("world_size") if c.manifest else None,
              "resume_pick": pick is not None and c.path == pick.path, "best_eval": c.path == best,
              "eval_loss": c.manifest.get("trainer_state", {}).get("eval_loss") if c.manifest else None,
+             "mix_changed_at": ((c.manifest or {}).get("trainer_state", {}).get("mix") or {}).get("changed_at", []),
              "problems": c.problems} for c in infos]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -258,6 +259,8 @@ def ckpt_list(run_dir, as_json, no_hash):
         click.echo(f"{'*' if r['resume_pick'] else ' '} {r['tag']:<16} {r['step']:>7} {when:<19} "
                    f"{r['size_bytes'] / 2**20:>8.1f}MB {r['zero_stage'] if r['zero_stage'] is not None else '-':>4} "
                    f"{r['world_size'] or '-':>5}  {r['status']}" + ("  (best eval loss)" if r["best_eval"] else "")
+                   + (f"  (mix changed at step {', '.join(map(str, r['mix_changed_at']))})"
+                      if r["mix_changed_at"] else "")
                    + (f" ({'; '.join(r['problems'])})" if r["status"] == "corrupt" else ""))
     click.echo("* = the checkpoint `--resume` would pick" if pick else "--resume would start fresh: nothing complete")
 

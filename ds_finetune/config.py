@@ -77,7 +77,7 @@ class ModelConfig(_Section):
 
 
 _ADDED_AT_DEFAULT = {("chat_turns", "all"), ("sources", None)}
-_FORMAT_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
+SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
@@ -150,7 +150,7 @@ class DataConfig(_Section):
         """(name, weight, the source as a one-file data config) of each source of a mixture."""
         return [(s.name, s.weight, self.model_copy(update={
             "path": s.path, "sources": None,
-            **{k: getattr(s, k) for k in _FORMAT_FIELDS if getattr(s, k) is not None}})) for s in self.sources]
+            **{k: getattr(s, k) for k in SOURCE_FIELDS if getattr(s, k) is not None}})) for s in self.sources]
 
     @field_validator("packing", mode="before")
     @classmethod

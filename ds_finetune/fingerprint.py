@@ -3,7 +3,7 @@ with a change is refused, naming them), `harmless` ones do not."""
 
 from __future__ import annotations
 
-from ds_finetune.config import DataConfig, RunConfig
+from ds_finetune.config import SOURCE_FIELDS, DataConfig, RunConfig
 
 
 # The chunked loss's implementation (ds_finetune/loss.py), in the fingerprint of chunked runs only: one
@@ -65,12 +65,10 @@ def sources_fingerprint(data: DataConfig, hashes: dict) -> dict:
     `<name>.weight`, so a resume with a changed mix names the source and what changed."""
     out = {}
     for name, weight, source in data.source_configs():
-        out[name] = {**{k: getattr(source, k) for k in _SOURCE_FIELDS}, "content_sha256": hashes[name]}
+        out[name] = {**{k: getattr(source, k) for k in SOURCE_FIELDS}, "content_sha256": hashes[name]}
         out[f"{name}.weight"] = weight
     return out
 
-
-_SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
 
 
 def changed_exact_keys(saved: dict, current: dict) -> list[str]:

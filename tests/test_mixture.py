@@ -116,6 +116,10 @@ def test_resuming_from_the_saved_position_continues_the_same_stream_and_costs_no
     saved = TrainState.from_manifest({"trainer_state": json.loads(json.dumps(state.to_manifest()))})
     assert saved.mix["n"] == 15 * 24 and len(saved.mix["cursors"]) == 3  # the whole position: O(sources)
     assert first + take(MixtureOrder(data, [0.6, 0.3, 0.1], SEED, False, 64), saved, [24] * 25) == ref
+    # The position computed from the sample count alone is the one the stream reached.
+    order = MixtureOrder(data, [0.6, 0.3, 0.1], SEED, False, 64)
+    computed = TrainState(consumed_samples=15 * 24, mix=order.position_at(15 * 24))
+    assert first + take(order, computed, [24] * 25) == ref
     # Far into a run: the blend's counts come from one period, not from replaying the samples.
     assert Blend([0.6, 0.3, 0.1]).counts(5_000_003).tolist() == [3_000_002, 1_500_001, 500_000]
 

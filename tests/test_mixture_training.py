@@ -57,6 +57,8 @@ def test_a_changed_mix_continues_from_the_position_with_the_new_weights(referenc
         in proc.stdout, proc.stdout[-3000:]
     assert re.search(r"the data mix changed at step 10; weights now chat=0\.1, text=0\.1, prompt_completion=0\.8",
                      proc.stdout), proc.stdout[-3000:]
+    listed = harness.run([str(harness.BIN / "ds-finetune"), "ckpt", "list", str(out), "--no-hash"])
+    assert re.search(r"step_00000014 .* \(mix changed at step 10\)", listed.stdout), listed.stdout
     rows = harness.metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 15))
     assert [r["loss"] for r in rows[:10]] == [r["loss"] for r in harness.metrics(ref)]

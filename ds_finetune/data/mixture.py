@@ -118,6 +118,15 @@ class MixtureOrder:
                 "cursors": {name: list(saved.get(name, [0, 0])) for name in self.data.names},
                 "changed_at": mix.get("changed_at", []) + ([step] if mix else [])}
 
+    def position_at(self, n: int) -> dict:
+        """The position after the first n samples of a run with these weights from the start, computed
+        rather than replayed: O(period + sources). Rows only: a pack's rows depend on the packs before it."""
+        assert not self.packing, "a packed mixture's position is only known by taking its packs"
+        counts = self.blend.counts(n)
+        return {"weights": self.weights, "n": n, "changed_at": [],
+                "cursors": {name: list(divmod(int(c), part.num_rows))
+                            for name, c, part in zip(self.data.names, counts, self.data.parts)}}
+
     # ------------------------------------------------------------------------------------ one source
 
     def _take(self, s: int, cursor: list, count: int) -> tuple[list, list]:
