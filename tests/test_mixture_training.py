@@ -10,6 +10,8 @@ from ds_finetune.checkpoint import TrainState, read_manifest
 from ds_finetune.config import load_config
 from ds_finetune.data import epoch_order, load_tokenizer, prepare_training_data
 
+pytestmark = pytest.mark.multiproc
+
 STAGE = ["train.zero_stage=1"]
 
 
