@@ -14,6 +14,7 @@ noisy; absolute times are not stable), from medians of interleaved repetitions:
   9. lora          checkpoint size, save stall, step time: LoRA vs full    (bench/lora_cost.py)
  10. async         save stall per checkpoint, background vs synchronous    (bench/async_cost.py)
  11. verify        resume hashing, 2 ranks sharing vs 1 process alone      (bench/verify_split.py)
+ 12. mixture       a mixture's resume at sample 5M vs 0; order RSS vs rows  (bench/mixture.py)
 
 Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick).
 Scratch files go to build/bench/; each section's run folders (checkpoints) are deleted when it ends.
@@ -40,7 +41,8 @@ import report  # noqa: E402
 
 SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "resume_cost",
             "side-by-side": "side_by_side", "loss": "loss_memory", "data": "data_prep", "elastic": "elastic",
-            "lora": "lora_cost", "async": "async_cost", "verify": "verify_split", "gpu": "gpu"}
+            "lora": "lora_cost", "async": "async_cost", "verify": "verify_split", "mixture": "mixture",
+            "gpu": "gpu"}
 
 
 def parse_args(argv=None):

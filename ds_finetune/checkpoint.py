@@ -67,6 +67,16 @@ class TrainState:
     eval_loss: float | None = None  # the latest evaluation, and the step it was run at
     eval_step: int = 0
     wandb_run_id: str | None = None  # one W&B run across resumes
+    mix: dict = field(default_factory=dict)  # a mixture's position (data.MixtureOrder.position)
+
+    def advance(self, position: dict, samples: int, tokens: int) -> None:
+        """Past one optimizer step: the order's position after it (data.StepBatch.position), the samples
+        and tokens it took."""
+        for key, value in position.items():
+            setattr(self, key, value)
+        self.step += 1
+        self.consumed_samples += samples
+        self.tokens += tokens
 
     def to_manifest(self) -> dict:
         return asdict(self)

@@ -94,7 +94,8 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
     click.echo(prefix + shlex.join(argv))
     if dry_run:
         click.echo(f"# world_size={world} micro_batch_size={micro} grad_accum={accum} global_batch={global_batch}")
-        click.echo(layout_line(cfg.train.sequence_parallel, world, cfg.data.max_length))
+        if cfg.train.sequence_parallel > 1:
+            click.echo(layout_line(cfg.train.sequence_parallel, world, cfg.data.max_length))
         if nodes:
             click.echo(f"# --no-ssh: run on each node its own command (node rank = hostfile order); every node "
                        f"must reach {master_addr}:{master_port or 29500} and see the same output_dir")
@@ -114,33 +115,42 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
 # ------------------------------------------------------------------------------------------------- data
 
 def prepare_with_progress(cfg) -> None:
-    """Build the run's tokenized-data cache here, with a progress bar, unless it is there already."""
+    """Build the run's tokenized-data cache here (each source of a mixture on its own), with a progress bar,
+    unless it is there already."""
+    from ds_finetune.data import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    sources = cfg.data.source_configs() if cfg.data.is_mixture else [(None, None, cfg.data)]
+    for name, _, data_cfg in sources:
+        _prepare_one(data_cfg, tok, f"source {name}: " if name else "")
+
+
+def _prepare_one(data_cfg, tok, label: str) -> None:
     import time
 
     from tqdm import tqdm
 
-    from ds_finetune.data import ensure_prepared, load_tokenizer, read_meta
+    from ds_finetune.data import ensure_prepared, read_meta
     from ds_finetune.data.sources import estimate_rows
 
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     t0, bar = time.time(), None
 
     def progress(rows: int, tokens: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=estimate_rows(cfg.data), unit=" rows", desc="preparing data", file=sys.stderr,
+            bar = tqdm(total=estimate_rows(data_cfg), unit=" rows", desc=f"{label}preparing data", file=sys.stderr,
                        mininterval=0.5, dynamic_ncols=True)
         bar.update(rows - bar.n)
         bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
 
     try:
-        path, _, built = ensure_prepared(cfg.data, tok, progress=progress)
+        path, _, built = ensure_prepared(data_cfg, tok, progress=progress)
     finally:
         if bar is not None:
             bar.close()
     meta = read_meta(path)
     what = f"prepared in {time.time() - t0:.1f} s" if built else "ready"
-    click.echo(f"data {what}: {meta['rows']:,} rows, {meta['tokens']:,} tokens"
+    click.echo(f"{label}data {what}: {meta['rows']:,} rows, {meta['tokens']:,} tokens"
                + (f", {meta['skipped_rows']:,} rows skipped (no target after masking/truncation)"
                   if meta["skipped_rows"] else "") + f" ({path})", err=True)
 
@@ -239,6 +249,7 @@ def ckpt_list(run_dir, as_json, no_hash):
              "world_size": c.manifest.get("world_size") if c.manifest else None,
              "resume_pick": pick is not None and c.path == pick.path, "best_eval": c.path == best,
              "eval_loss": c.manifest.get("trainer_state", {}).get("eval_loss") if c.manifest else None,
+             "mix_changed_at": ((c.manifest or {}).get("trainer_state", {}).get("mix") or {}).get("changed_at", []),
              "problems": c.problems} for c in infos]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -252,6 +263,8 @@ def ckpt_list(run_dir, as_json, no_hash):
         click.echo(f"{'*' if r['resume_pick'] else ' '} {r['tag']:<16} {r['step']:>7} {when:<19} "
                    f"{r['size_bytes'] / 2**20:>8.1f}MB {r['zero_stage'] if r['zero_stage'] is not None else '-':>4} "
                    f"{r['world_size'] or '-':>5}  {r['status']}" + ("  (best eval loss)" if r["best_eval"] else "")
+                   + (f"  (mix changed at step {', '.join(map(str, r['mix_changed_at']))})"
+                      if r["mix_changed_at"] else "")
                    + (f" ({'; '.join(r['problems'])})" if r["status"] in ("corrupt", "unsafe") else ""))
     unsafe = next((r for r in reversed(rows) if r["status"] in ("complete", "unsafe")), None)
     click.echo("* = the checkpoint `--resume` would pick" if pick else

@@ -6,6 +6,7 @@ Every field carries a one-line description; `ds-finetune config show-schema` pri
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
@@ -75,11 +76,40 @@ class ModelConfig(_Section):
         return self
 
 
-_ADDED_AT_DEFAULT = {("chat_turns", "all")}
+_ADDED_AT_DEFAULT = {("chat_turns", "all"), ("sources", None)}
+SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+class SourceConfig(_Section):
+    """One source of a mixture; a format field left out takes the data section's value."""
+    path: str = Field(..., description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name.")
+    weight: float = Field(..., gt=0, description="Share of the samples (weights need not sum to 1).")
+    name: Optional[str] = Field(None, description="Name in metrics (loss/NAME); default the file stem; unique.")
+    format: Optional[Literal["text", "prompt_completion", "chat"]] = Field(None, description="As data.format.")
+    split: Optional[str] = Field(None, description="As data.split.")
+    text_field: Optional[str] = Field(None, description="As data.text_field.")
+    prompt_field: Optional[str] = Field(None, description="As data.prompt_field.")
+    completion_field: Optional[str] = Field(None, description="As data.completion_field.")
+    messages_field: Optional[str] = Field(None, description="As data.messages_field.")
+    chat_turns: Optional[Literal["all", "last"]] = Field(None, description="As data.chat_turns.")
+
+    @model_validator(mode="after")
+    def _named(self):
+        # The file stem of `chat.jsonl` or of a folder `code/`, the last part of a dataset name.
+        self.name = self.name if self.name is not None else Path(self.path.rstrip("/")).stem
+        if not _METRIC_NAME.fullmatch(self.name):
+            raise ValueError(f"source name {self.name!r} is not a valid metric key (letters, digits, _ . -, at "
+                             f"most 64); set its `name`")
+        return self
 
 
 class DataConfig(_Section):
-    path: str = Field(..., description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name.")
+    path: Optional[str] = Field(None, description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name "
+                                                  "(or use `sources`).")
+    sources: Optional[list[SourceConfig]] = Field(
+        None, description="A mixture: a list of {path, weight, name, format and its fields, split}; samples are "
+                          "drawn from each source in proportion to its weight (docs/design.md, Data mixtures).")
     format: Literal["text", "prompt_completion", "chat"] = Field(
         "text", description="Row format: text | prompt_completion | chat (messages + chat template).")
     split: str = Field("train", description="Dataset split to train on.")
@@ -98,6 +128,29 @@ class DataConfig(_Section):
         None, description="Tokenized-data cache; default $DS_FINETUNE_CACHE or ~/.cache/ds-finetune.")
     num_proc: Optional[int] = Field(
         None, ge=1, le=1024, description="Worker processes that tokenize the data (default: all cores).")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.path is None) == (self.sources is None):
+            raise ValueError("set exactly one of data.path or data.sources")
+        if self.sources is not None:
+            names = [s.name for s in self.sources]
+            if not names:
+                raise ValueError("data.sources: list at least one source")
+            if len(set(names)) < len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise ValueError(f"data.sources: duplicate source name {twice[0]!r}; give each source a unique `name`")
+        return self
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.sources is not None
+
+    def source_configs(self) -> list[tuple[str, float, "DataConfig"]]:
+        """(name, weight, the source as a one-file data config) of each source of a mixture."""
+        return [(s.name, s.weight, self.model_copy(update={
+            "path": s.path, "sources": None,
+            **{k: getattr(s, k) for k in SOURCE_FIELDS if getattr(s, k) is not None}})) for s in self.sources]
 
     @field_validator("packing", mode="before")
     @classmethod
@@ -221,6 +274,13 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     output_dir: str = Field(..., description="Run folder: metrics, configs, checkpoints.")
+
+    @model_validator(mode="after")
+    def _eval_of_a_mixture(self):
+        if self.data.is_mixture and self.eval.fraction > 0:
+            raise ValueError("set eval.path, not eval.fraction, with data.sources (a held-out share of a mixture is "
+                             "not supported yet)")
+        return self
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -375,7 +435,8 @@ def schema_lines() -> list[str]:
             key = f"{section}.{name}" if section else name
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             lines.append(f"{key} (default {default}): {field.description}")
-            nested = [a for a in get_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+            args = [b for a in get_args(field.annotation) for b in (get_args(a) if get_origin(a) is list else [a])]
+            nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
             for sub_name, sub in (nested[0].model_fields.items() if nested else ()):
                 sub_default = "required" if sub.is_required() else repr(sub.get_default(call_default_factory=True))
                 lines.append(f"{key}.{sub_name} (default {sub_default}): {sub.description}")

@@ -87,7 +87,7 @@ def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=No
     if not e.enabled:
         return None, None
     if e.path is not None:
-        eval_data = prepare_data(cfg.data.model_copy(update={"path": e.path}), tok, say=say)
+        eval_data = prepare_data(cfg.data.model_copy(update={"path": e.path, "sources": None}), tok, say=say)
         train_rows, eval_rows = None, np.arange(eval_data.num_rows)
     else:
         eval_data = data

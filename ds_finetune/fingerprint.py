@@ -3,7 +3,7 @@ with a change is refused, naming them), `harmless` ones do not."""
 
 from __future__ import annotations
 
-from ds_finetune.config import DataConfig, RunConfig
+from ds_finetune.config import SOURCE_FIELDS, DataConfig, RunConfig
 
 
 # The chunked loss's implementation (ds_finetune/loss.py), in the fingerprint of chunked runs only: one
@@ -14,16 +14,20 @@ from ds_finetune.config import DataConfig, RunConfig
 CHUNKED_LOSS_IMPLEMENTATION = "fused-linear-ce-v1"
 
 
-def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str, base_files: dict | None = None) -> dict:
+def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
+                       base_files: dict | None = None) -> dict:
     """What resume compares. `exact` keys change the computed steps if changed; `harmless` ones do not.
+    `data_hash`: the content hash of data.path, or {source name: its hash} of data.sources.
     `base_files` ({file: sha256} of a LoRA run's base model) is part of the identity: the checkpoint holds
     only the adapters, so the base must be the same files."""
+    data = ({"data": data_fingerprint(cfg.data), "data.sources": sources_fingerprint(cfg.data, data_hash)}
+            if cfg.data.is_mixture else {"data": {**data_fingerprint(cfg.data), "content_sha256": data_hash}})
     return {
         "exact": {
             # With base_files, the files are the base's identity, not the folder they lie in.
             "model": cfg.model.model_dump(mode="json", exclude={"name_or_path"} if base_files else None),
             **({"model.base_files": base_files} if base_files else {}),
-            "data": {**data_fingerprint(cfg.data), "content_sha256": data_hash},
+            **data,
             "train.seed": cfg.train.seed,
             "train.global_batch": global_batch,
             "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,  # changes the summation order
@@ -53,8 +57,19 @@ def data_fingerprint(data: DataConfig) -> dict:
     """The data settings resume compares. `packing: shared` is what `packing: true` computed before
     packs were isolated, so it is recorded as `true` was; `isolated` is recorded as itself, so resuming a
     checkpoint of an old packed run with `packing: true` is refused (its losses change)."""
-    fields = data.settings(exclude={"cache_dir", "path", "num_proc"})
+    fields = data.settings(exclude={"cache_dir", "path", "num_proc", "sources"})
     return {**fields, "packing": _PACKING_AS_SAVED_BEFORE.get(data.packing, data.packing)}
+
+
+def sources_fingerprint(data: DataConfig, hashes: dict) -> dict:
+    """A mixture's sources: `<name>` (what the source is: its content and format settings) and
+    `<name>.weight`, so a resume with a changed mix names the source and what changed."""
+    out = {}
+    for name, weight, source in data.source_configs():
+        out[name] = {**{k: getattr(source, k) for k in SOURCE_FIELDS}, "content_sha256": hashes[name]}
+        out[f"{name}.weight"] = weight
+    return out
+
 
 
 def changed_exact_keys(saved: dict, current: dict) -> list[str]:

@@ -39,20 +39,26 @@ def model_inputs(input_ids, attention_mask, position_ids=None) -> dict:
 
 
 def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0,
-                  shifted=False) -> torch.Tensor:
-    """`shifted`: labels[:, t] is already the target of position t (a sequence-parallel slice, whose last
-    position's target is the next slice's first token); else it is the token at t, the target of t - 1."""
+                  shifted=False, token_losses=None) -> torch.Tensor:
+    """The summed token loss. `shifted`: labels[:, t] is already the target of position t (a
+    sequence-parallel slice, whose last position's target is the next slice's first token); else it is the
+    token at t, the target of t - 1. With `token_losses` (a buffer of one float per target token, in
+    row-major order) each target token's loss is written there too, apart from the sum (which stays as it was)."""
     logits = engine(**model_inputs(input_ids, attention_mask, position_ids)).logits
     if not shifted:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    flat, targets = logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1)
+    if token_losses is not None:
+        with torch.no_grad():
+            token_losses.copy_(F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="none")
+                               [targets != IGNORE_INDEX])
+    return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 # ------------------------------------------------------------------------------- fused linear + CE
 
 def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: bool, grad_weight: bool,
-                grad_scale: float = 1.0):
+                grad_scale: float = 1.0, token_losses=None):
     """Summed CE of `hidden @ weight.T + bias` against `targets` (fp32), `chunk_tokens` rows at a time,
     and, as asked, the gradients of that sum for hidden, weight and bias (None where not asked).
 
@@ -89,7 +95,10 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
         row_max = logits.amax(1, keepdim=True)
         exp = logits.sub_(row_max).exp_()
         row_sum = exp.sum(1, keepdim=True)
-        total += (row_sum.log() + row_max - target_logit).sum()
+        losses = row_sum.log() + row_max - target_logit
+        total += losses.sum()
+        if token_losses is not None:  # per-source metrics: a copy, the sum above is unchanged
+            token_losses[start:start + t.numel()] = losses[:, 0].detach()
         if not (grad_hidden or grad_weight):
             continue
         g = exp.div_(row_sum)  # softmax
@@ -123,10 +132,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     autograd as any layer's does (ZeRO's gradient hooks see it)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, grad_scale=1.0):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, grad_scale=1.0, token_losses=None):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         total, g_hidden, g_weight, g_bias = _chunked_ce(hidden, weight, bias, targets, chunk_tokens,
-                                                         want_hidden, want_weight, grad_scale)
+                                                         want_hidden, want_weight, grad_scale, token_losses)
         ctx.save_for_backward(g_hidden, g_weight, g_bias)
         ctx.pre_scale = grad_scale if weight.dtype == torch.float16 else 1.0
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -144,19 +153,19 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         # bf16 (it is ~1/targets: rounding it would bias every gradient of the step alike).
         scale = float(grad_output) / ctx.pre_scale
         grads = [None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
-def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens: int, grad_scale: float = 1.0
-                               ) -> torch.Tensor:
+def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens: int, grad_scale: float = 1.0,
+                               token_losses=None) -> torch.Tensor:
     """Summed CE of the head over rows of `hidden` (2-D) against `targets`; no gradients are taken in
     forward when none can be asked for (evaluation under no_grad). `grad_scale`: the gradient backward is
     expected to bring (used by fp16 heads only, see `_chunked_ce`)."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
     if not needs_grad:
-        return _chunked_ce(hidden, weight, bias, targets, chunk_tokens, False, False)[0]
-    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, grad_scale)
+        return _chunked_ce(hidden, weight, bias, targets, chunk_tokens, False, False, token_losses=token_losses)[0]
+    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, grad_scale, token_losses)
 
 
 # ------------------------------------------------------------------------------------ in the model
@@ -196,7 +205,7 @@ class ChunkedLoss:
             if getattr(model.config, key, None) not in (None, 1, 1.0):
                 raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} transforms its "
                                 f"logits ({key}), which the chunked loss does not; set train.loss_chunk_tokens=0")
-        self.labels, self.result, self.grad_scale, self.shifted = None, None, 1.0, False
+        self.labels, self.result, self.grad_scale, self.shifted, self.token_losses = None, None, 1.0, False, None
         model.base_model.register_forward_hook(self._after_base_model)
 
     def _after_base_model(self, module, args, output):
@@ -209,30 +218,31 @@ class ChunkedLoss:
         keep = targets != IGNORE_INDEX
         hidden = hidden[keep]  # non-target positions never reach the head
         targets = targets[keep]
-        head, chunk, grad_scale = self.head, self.chunk_tokens, self.grad_scale
+        head, chunk, grad_scale, token_losses = self.head, self.chunk_tokens, self.grad_scale, self.token_losses
 
         def loss_of(h):  # runs as the head's forward: its weight is gathered here under ZeRO-3
-            return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk, grad_scale)
+            return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk, grad_scale, token_losses)
 
         with _forward_replaced(head, loss_of):
             self.result = head(hidden)
 
     def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0,
-                 shifted=False) -> torch.Tensor:
-        """`shifted`: as for `full_loss_sum`."""
-        self.labels, self.grad_scale, self.shifted = labels, grad_scale, shifted
+                 shifted=False, token_losses=None) -> torch.Tensor:
+        """`shifted`, `token_losses`: as for `full_loss_sum`."""
+        self.labels, self.grad_scale, self.shifted, self.token_losses = labels, grad_scale, shifted, token_losses
         try:
             engine(**model_inputs(input_ids, attention_mask, position_ids),
                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
             return self.result
         finally:
-            self.labels, self.result = None, None
+            self.labels, self.result, self.token_losses = None, None, None
 
 
 def make_loss_fn(model, chunk_tokens: int):
-    """(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0, shifted=False) -> summed
-    token loss of the micro-batch; `grad_scale` is the gradient backward will bring to that sum (see
-    `train_step`); `shifted`: the labels are already aligned with the positions they are targets of."""
+    """(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0, shifted=False,
+    token_losses=None) -> summed token loss of the micro-batch; `grad_scale` is the gradient backward will
+    bring to that sum (see `train_step`); `shifted`: the labels are already aligned with the positions they
+    are targets of; `token_losses`, a buffer of one float per target token, receives each one's loss."""
     return full_loss_sum if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens)
 
 

@@ -1,22 +1,22 @@
 """The training objective: what one optimizer step computes from its share of the global batch.
 
 The loop (`train.fit`) hands the objective the step's units of the epoch order and gets back this rank's
-summed loss and the global batch's target count; it never sees micro-batches, the loss function or the
-hooks around DeepSpeed's step. Supervised fine-tuning (`SFT`) is the objective today; one with other
-batches or another loss (preference pairs) is another class with the same `step`. Sequence parallelism
-is not one: its groups take the micro-batches of data-parallel ranks and its loss function slices them
-(`sequence.ShardedLoss`).
+summed loss and the global batch's target count (for a mixture, both per source too); it never sees
+micro-batches, the loss function or the hooks around DeepSpeed's step. Supervised fine-tuning (`SFT`) is
+the objective today; one with other batches or another loss (preference pairs) is another class with the
+same `step`. Sequence parallelism is not one: its groups take the micro-batches of data-parallel ranks and
+its loss function slices them (`sequence.ShardedLoss`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ds_finetune.data import TokenizedData, collate, unit_targets
+from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate, unit_targets
 from ds_finetune.ds_internals import loss_scale
 from ds_finetune.faults import fault_point
 from ds_finetune.loss import to_device
@@ -27,6 +27,21 @@ from ds_finetune.sampler import BatchLayout
 class StepResult:
     loss_sum: torch.Tensor   # this rank's summed token losses, on the device (the loop reduces it)
     targets: int             # target tokens of the whole global batch (every rank knows them)
+    # A mixture: each source's name -> its target tokens in the global batch, and this rank's summed token
+    # losses per source (in that order, on the device; the loop reduces them with the step's loss).
+    source_targets: dict = field(default_factory=dict)
+    source_sums: list = field(default_factory=list)
+
+
+def source_metrics(source_targets: dict, source_sums: list[float]) -> dict:
+    """`loss/<name>` (the global-token mean of the source's targets in the step; absent when the step had
+    none) and `tokens/<name>` (those targets) of each source, from the sums reduced over the ranks."""
+    out = {}
+    for (name, targets), loss_sum in zip(source_targets.items(), source_sums):
+        if targets:
+            out[f"loss/{name}"] = loss_sum / targets
+        out[f"tokens/{name}"] = targets
+    return out
 
 
 @dataclass(frozen=True)
@@ -39,36 +54,66 @@ class SFT:
     isolate: bool            # data.packing: isolated (each row of a pack attends to itself only)
     rank: int                # this process (fault points name it)
     before_update: Callable  # called right before the engine's step changes weights and optimizer state
+    sources: tuple = ()      # a mixture's source names (data.MixedData), for the per-source losses
     data_rank: int | None = None  # the share of the global batch it takes: its data-parallel rank under
     #                               sequence parallelism (a group shares micro-batches; the loss slices them)
 
-    def step(self, engine, units: list[np.ndarray], offset: int, step: int) -> StepResult:
-        """Optimizer step `step` (1-based) over the global batch starting at `offset` of `units`."""
+    def step(self, engine, units, step: int) -> StepResult:
+        """Optimizer step `step` (1-based) over the global batch `units`."""
         layout = self.layout
         share = self.rank if self.data_rank is None else self.data_rank
-        micro_batches = [collate(self.data, units[layout.micro_slice(offset, m, share)], self.pad_id, self.isolate)
-                         for m in range(layout.grad_accum)]
-        targets = unit_targets(self.data, units[layout.step_slice(offset)])
+        mine = [units[layout.micro_slice(0, m, share)] for m in range(layout.grad_accum)]
+        micro_batches = [collate(self.data, u, self.pad_id, self.isolate) for u in mine]
+        targets = unit_targets(self.data, units)
+        token_losses = [self._token_buffer(b, engine.device) for b in micro_batches] if self.sources else None
         loss_sum = train_step(engine, self.loss_fn, micro_batches, targets, layout.grad_accum, layout.world_size,
                               after_micro_step=lambda: fault_point("mid_accum", self.rank, step),
-                              before_update=self.before_update)
-        return StepResult(loss_sum, targets)
+                              before_update=self.before_update, token_losses=token_losses)
+        if not self.sources:
+            return StepResult(loss_sum, targets)
+        return StepResult(loss_sum, targets, self._source_targets(units),
+                          self._source_sums(mine, micro_batches, token_losses, engine.device))
+
+    # --------------------------------------------------------------------------- per-source losses
+
+    def _unit_sources(self, units) -> np.ndarray:
+        return self.data.source_of([int(u[0]) for u in units])  # a unit's rows are of one source
+
+    def _source_targets(self, units) -> dict:
+        per_unit = [int(np.sum(self.data.row_targets[u])) for u in units]
+        counts = np.bincount(self._unit_sources(units), weights=per_unit, minlength=len(self.sources))
+        return {name: int(n) for name, n in zip(self.sources, counts)}
+
+    @staticmethod
+    def _token_buffer(batch, device) -> torch.Tensor:
+        return torch.empty(int((batch.labels[:, 1:] != IGNORE_INDEX).sum()), dtype=torch.float32, device=device)
+
+    def _source_sums(self, mine, micro_batches, token_losses, device) -> list:
+        """This rank's summed token losses per source: each target token's loss (row-major, as the loss
+        functions write them) added to its sequence's source."""
+        sums = torch.zeros(len(self.sources), dtype=torch.float64, device=device)
+        for units, batch, losses in zip(mine, micro_batches, token_losses):
+            sequence_of_token = (batch.labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0].numpy()
+            source = torch.from_numpy(self._unit_sources(units)[sequence_of_token]).to(device)
+            sums.index_add_(0, source, losses.double())
+        return list(sums)
 
 
 def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
-               after_micro_step=None, before_update=None) -> torch.Tensor:
+               after_micro_step=None, before_update=None, token_losses=None) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
 
     The step's loss is (sum of token losses over the global batch) / (targets in the global batch).
     DeepSpeed divides each micro-step's loss by grad_accum and averages gradients over ranks, so each
     micro-step's sum is scaled by grad_accum * world_size / global_targets to cancel both. Backward then
     brings the loss that gradient times fp16's loss scale over grad_accum, which the fused loss needs to
-    know in advance under fp16."""
+    know in advance under fp16. `token_losses`: a buffer per micro-batch for each target token's loss."""
     scale = grad_accum * world_size / global_targets
     expected_grad = scale * loss_scale(engine) / grad_accum
     local_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per micro-step
-    for batch in micro_batches:  # data.Batch: input_ids, attention_mask, labels, position_ids
-        loss_sum = loss_fn(engine, *to_device(batch, engine.device), grad_scale=expected_grad)
+    for i, batch in enumerate(micro_batches):  # data.Batch: input_ids, attention_mask, labels, position_ids
+        per_token = {} if token_losses is None else {"token_losses": token_losses[i]}
+        loss_sum = loss_fn(engine, *to_device(batch, engine.device), grad_scale=expected_grad, **per_token)
         engine.backward(loss_sum * scale)
         if before_update is not None and engine.is_gradient_accumulation_boundary():
             before_update()  # this step() changes the weights and optimizer state

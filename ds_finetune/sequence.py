@@ -109,6 +109,9 @@ def check_config(cfg) -> None:
     sp = cfg.train.sequence_parallel
     if sp == 1:
         return
+    if getattr(cfg.data, "sources", None):  # per-source losses need each token's loss, which slices split
+        raise UserError("config error: data.sources (a mixture) with train.sequence_parallel > 1 is not supported "
+                        "yet; train the mixture with train.sequence_parallel=1")
     inline = cfg.model.config or {}
     impl = str(inline.get("attn_implementation") or inline.get("_attn_implementation") or "sdpa")
     if "num_attention_heads" in inline:

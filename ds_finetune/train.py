@@ -27,13 +27,14 @@ from ds_finetune import lora, resume
 from ds_finetune.checkpoint import Checkpointer, TrainState
 from ds_finetune.config import RunConfig, load_config, split_resume_arg
 from ds_finetune.data.cache import cache_root
-from ds_finetune.data import DATA_FORMAT_VERSION, EpochOrder, TokenizedData, load_tokenizer, prepare_data, unit_tokens
+from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, MixedData, MixtureOrder, TokenizedData, epoch_order,
+                              load_tokenizer, prepare_training_data, unit_tokens)
 from ds_finetune.dist import (barrier, decide, init_distributed, on_cuda, seed_everything, set_deterministic,
                               sum_over_ranks)
 from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
 from ds_finetune.export import write_hf_files
-from ds_finetune.objective import SFT
+from ds_finetune.objective import SFT, StepResult, source_metrics
 from ds_finetune.faults import fault_point, unfired_fault
 from ds_finetune.fingerprint import config_fingerprint
 from ds_finetune.loss import make_loss_fn
@@ -41,7 +42,7 @@ from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_in
 from ds_finetune.model import build_engine, build_model, check_isolated_packing, param_group_names
 from ds_finetune.nodes import check_shared_checkpoint_dir
 from ds_finetune.rendezvous import Rendezvous, scratch_folder
-from ds_finetune.sampler import BatchLayout, steps_in_epoch
+from ds_finetune.sampler import BatchLayout
 from ds_finetune.sequence import SequenceGroup, ShardedLoss, attach
 from ds_finetune.zero import zero_config_for_run
 
@@ -71,26 +72,13 @@ class Run:
     cfg: RunConfig
     engine: DeepSpeedEngine
     objective: SFT
-    data: TokenizedData
-    order: EpochOrder
+    data: TokenizedData | MixedData
+    order: EpochOrder | MixtureOrder
     layout: BatchLayout
     total_steps: int
     rank: int
     checkpointer: Checkpointer
     evaluator: Evaluator | None
-
-
-def total_steps_of(cfg: RunConfig, order: EpochOrder, global_batch: int) -> int:
-    t = cfg.train
-    # Packing makes the steps of an epoch depend on its order, so count them epoch by epoch.
-    per_epoch = [steps_in_epoch(len(order.units(e)), global_batch) for e in range(t.epochs or 1)]
-    if min(per_epoch) == 0:
-        raise UserError(f"data error: {cfg.data.path}: {order.num_rows} usable rows make fewer units than one "
-                        f"global batch ({global_batch}); add data or lower the batch size")
-    if t.epochs is None:
-        return t.max_steps
-    total = sum(per_epoch)
-    return min(total, t.max_steps) if t.max_steps else total
 
 
 def lora_base_files(cfg: RunConfig, rank: int, world: int) -> dict | None:
@@ -123,13 +111,13 @@ def setup(args) -> tuple[Run, TrainState]:
     # Prepared by the CLI before the launch, or here by the first rank to take the cache's lock while
     # the others wait on the file (no collective: preparing may take longer than DEEPSPEED_TIMEOUT).
     say = resume.say if is_main else (lambda msg: None)
-    data = prepare_data(cfg.data, tok, say=say)
+    data = prepare_training_data(cfg.data, tok, say=say)
     if is_main and data.skipped_rows:
         resume.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
     group = SequenceGroup.of(cfg.train.sequence_parallel, world, rank)  # DP x SP; SP=1: every rank its own
     evaluator, train_rows = build_evaluator(cfg, tok, data, group.dp_rank, group.dp_size, say,
                                             counts_targets=group.rank == 0)
-    order = EpochOrder(data, cfg.train.seed, cfg.data.packs, cfg.data.max_length, rows=train_rows)
+    order = epoch_order(cfg, data, train_rows)
 
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
     plan = resume.plan(cfg, args, rank, world,
@@ -137,7 +125,7 @@ def setup(args) -> tuple[Run, TrainState]:
                                                                lora_base_files(cfg, rank, world)))
     layout = plan.layout
     ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum, on_gpu=on_cuda())
-    total_steps = total_steps_of(cfg, order, layout.global_batch)
+    total_steps = order.total_steps(cfg.train, layout.global_batch)
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank, stage and world size
     model = build_model(cfg, ds_config)
@@ -162,6 +150,8 @@ def setup(args) -> tuple[Run, TrainState]:
     identity = dict(seed=cfg.train.seed, global_batch=layout.global_batch, data_format_version=DATA_FORMAT_VERSION,
                     fingerprint=plan.fingerprint)
     state = replace(resume.apply(plan, checkpointer, rank), **identity)
+    if is_main and isinstance(order, MixtureOrder) and plan.source is not None:
+        say_mix_change(order, state)
     if cfg.logging.wandb is not None:
         state.wandb_run_id = state.wandb_run_id or secrets.token_hex(4)  # rank 0's is the one saved
     if is_main:
@@ -171,8 +161,15 @@ def setup(args) -> tuple[Run, TrainState]:
     if group.size > 1:  # each rank computes the loss of its slice of every sequence
         loss_fn = ShardedLoss(loss_fn, group, ulysses, tok.pad_token_id)
     objective = SFT(data, layout, loss_fn, tok.pad_token_id, isolate, rank, checkpointer.before_update,
-                    data_rank=group.dp_rank)
+                    sources=tuple(data.names) if isinstance(data, MixedData) else (), data_rank=group.dp_rank)
     return Run(cfg, engine, objective, data, order, layout, total_steps, rank, checkpointer, evaluator), state
+
+
+def say_mix_change(order: MixtureOrder, state: TrainState) -> None:
+    changes = order.position(state.mix, state.step).get("changed_at", [])
+    if changes:
+        resume.say(f"the data mix changed at step {', '.join(map(str, changes))}; weights now "
+                   + ", ".join(f"{n}={w:g}" for n, w in order.weights.items()))
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -184,11 +181,13 @@ class StepOutcome:
     stop: bool             # some rank was asked to stop (SIGTERM/SIGINT)
     time_to_save: bool     # rank 0's clock says `every_minutes` have passed
     writing: bool          # some rank's background checkpoint write is still running
+    source_sums: list      # a mixture: summed token losses per source (StepResult.source_targets' order)
 
 
-def agree_on_step(local_sum: torch.Tensor, signum: int, time_to_save: bool, writing: bool) -> StepOutcome:
-    loss_sum, stop, time_up, still_writing = sum_over_ranks([local_sum, signum, time_to_save, writing])
-    return StepOutcome(loss_sum, stop > 0, time_up > 0, still_writing > 0)
+def agree_on_step(result: StepResult, signum: int, time_to_save: bool, writing: bool) -> StepOutcome:
+    loss_sum, stop, time_up, still_writing, *source_sums = sum_over_ranks(
+        [result.loss_sum, signum, time_to_save, writing, *result.source_sums])
+    return StepOutcome(loss_sum, stop > 0, time_up > 0, still_writing > 0, source_sums)
 
 
 class StopSignal:
@@ -210,34 +209,25 @@ class StopSignal:
 # ------------------------------------------------------------------------------------------------ loop
 
 def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
-    """The loop: each step takes the next global batch of the epoch order, runs the objective's step, agrees
+    """The loop: each step takes the next global batch of the order, runs the objective's step, agrees
     with the other ranks on its outcome, logs it and hands it to the Checkpointer."""
     cfg, gb = run.cfg, run.layout.global_batch
     while state.step < run.total_steps:
-        units = run.order.units(state.epoch)
-        if len(units) < gb:  # possible only with packing, where each epoch packs differently
-            raise UserError(f"data error: epoch {state.epoch} packs into {len(units)} sequences, fewer than one "
-                            f"global batch ({gb}); add data or lower the batch size")
-        if state.offset + gb > len(units):  # epoch done (a last partial batch is dropped)
-            if cfg.train.epochs is not None and state.epoch + 1 >= cfg.train.epochs:
-                break
-            state.epoch, state.offset = state.epoch + 1, 0
-            continue
-        step_units = units[run.layout.step_slice(state.offset)]
+        batch = run.order.batch(state, gb)
+        if batch is None:  # train.epochs are done
+            break
         lr = run.engine.get_lr()[0]
-        result = run.objective.step(run.engine, units, state.offset, state.step + 1)
+        result = run.objective.step(run.engine, batch.units, state.step + 1)
         fault_point("after_step", run.rank, state.step + 1)
-        outcome = agree_on_step(result.loss_sum, stop.signum, run.checkpointer.time_due(), run.checkpointer.writing())
+        outcome = agree_on_step(result, stop.signum, run.checkpointer.time_due(), run.checkpointer.writing())
 
-        step_tokens = unit_tokens(run.data, step_units)
-        state.offset += gb
-        state.step += 1
-        state.consumed_samples += gb
-        state.tokens += step_tokens
+        step_tokens = unit_tokens(run.data, batch.units)
+        state.advance(batch.position, gb, step_tokens)
         record = {"step": state.step, "loss": outcome.loss_sum / result.targets, "lr": lr, "epoch": state.epoch,
-                  "consumed_samples": state.consumed_samples, "tokens": state.tokens, "time": time.time()}
+                  "consumed_samples": state.consumed_samples, "tokens": state.tokens, "time": time.time(),
+                  **source_metrics(result.source_targets, outcome.source_sums)}
         if cfg.logging.sample_ids:
-            record["sample_ids"] = [int(x) for u in step_units for x in run.data.row_ids[u]]
+            record["sample_ids"] = [int(x) for u in batch.units for x in run.data.row_ids[u]]
         if run.evaluator is not None and run.evaluator.due(state.step, run.total_steps):
             state.eval_loss, state.eval_step = run.evaluator.evaluate(run.engine, run.objective.loss_fn), state.step
             record.update(eval_loss=state.eval_loss, eval_ppl=math.exp(min(state.eval_loss, 50.0)))

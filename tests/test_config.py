@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from ds_finetune.cli import main
 from ds_finetune.config import (CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, LoraConfig, ModelConfig,
-                                RunConfig, TrainConfig, WandbConfig, load_config)
+                                RunConfig, SourceConfig, TrainConfig, WandbConfig, load_config)
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.errors import UserError
 
@@ -314,8 +314,9 @@ def test_show_schema_lists_every_field_with_its_description():
     expected["output_dir"] = RunConfig.model_fields["output_dir"].description
     expected.update({f"logging.wandb.{n}": f.description for n, f in WandbConfig.model_fields.items()})
     expected.update({f"model.lora.{n}": f.description for n, f in LoraConfig.model_fields.items()})
+    expected.update({f"data.sources.{n}": f.description for n, f in SourceConfig.model_fields.items()})
     assert set(by_key) == set(expected)
     for key, description in expected.items():
         assert by_key[key].endswith(f": {description}"), by_key[key]
     assert "train.zero_stage (default 2): " in by_key["train.zero_stage"]
-    assert "data.path (default required): " in by_key["data.path"]
+    assert "data.path (default None): " in by_key["data.path"]

@@ -10,7 +10,9 @@ rank can compute the global batch's target count without talking to the others (
 
     sources.py   files, content hash, streaming rows      formats.py  rows -> ids and target masks
     parallel.py  worker processes, in order               cache.py    .npy cache folder, lock, mmap reads
-    packing.py   units (rows or packs), collation         chat.py     chat replies located, chat masks
+    packing.py   units (rows or packs), collation, the order of one source (EpochOrder)
+    blend.py     a mixture's order as arithmetic           mixture.py  a mixture's rows and order
+    chat.py      chat replies located, chat masks
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from pathlib import Path
 
 from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_cache, cache_path, cache_root,
                                     ensure_cache, read_cache, read_meta, tokenizer_fingerprint)
-from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, collate, plan_units, unit_targets,
+from ds_finetune.data.mixture import MixedData, MixtureOrder
+from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, StepBatch, collate, plan_units, unit_targets,
                                       unit_tokens)
 from ds_finetune.data.sources import content_hash, resolve_data_files
 from ds_finetune.errors import UserError
 
-__all__ = ["DATA_FORMAT_VERSION", "IGNORE_INDEX", "EpochOrder", "TokenizedData", "build_cache", "cache_path",
-           "collate", "content_hash", "ensure_prepared", "load_tokenizer", "plan_units", "prepare_data",
-           "read_cache", "read_meta", "resolve_data_files", "tokenizer_fingerprint", "unit_targets", "unit_tokens"]
+__all__ = ["DATA_FORMAT_VERSION", "IGNORE_INDEX", "EpochOrder", "MixedData", "MixtureOrder", "StepBatch",
+           "TokenizedData", "build_cache", "cache_path", "collate", "content_hash", "ensure_prepared",
+           "epoch_order", "load_tokenizer", "plan_units", "prepare_data", "prepare_training_data", "read_cache",
+           "read_meta", "resolve_data_files", "tokenizer_fingerprint", "unit_targets", "unit_tokens"]
 
 
 def locate(data_cfg, tok) -> tuple[list[Path] | None, str, Path]:
@@ -50,6 +54,24 @@ def prepare_data(data_cfg, tok, say=None) -> TokenizedData:
     else the first rank to get the lock builds it while the others wait on the file, not on a collective."""
     path, data_hash, _ = ensure_prepared(data_cfg, tok, progress=periodic_progress(say) if say else None, say=say)
     return read_cache(path, data_hash)
+
+
+def prepare_training_data(data_cfg, tok, say=None) -> TokenizedData | MixedData:
+    """The rows of data.path, or of every source of data.sources as one view (each source prepared and
+    cached on its own, so a changed source rebuilds only itself)."""
+    if not data_cfg.is_mixture:
+        return prepare_data(data_cfg, tok, say=say)
+    sources = data_cfg.source_configs()
+    return MixedData([name for name, _, _ in sources], [prepare_data(c, tok, say=say) for _, _, c in sources])
+
+
+def epoch_order(cfg, data, train_rows=None) -> EpochOrder | MixtureOrder:
+    """The run's order of units: one source's epochs, or a mixture's stream."""
+    d = cfg.data
+    if d.is_mixture:
+        return MixtureOrder(data, [s.weight for s in d.sources], cfg.train.seed, d.packs, d.max_length)
+    return EpochOrder(data, cfg.train.seed, d.packs, d.max_length, rows=train_rows, epochs=cfg.train.epochs,
+                      label=d.path)
 
 
 def periodic_progress(say, every_s: float = 10.0):

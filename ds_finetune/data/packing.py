@@ -3,12 +3,14 @@ order; and collation into right-padded tensors."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from ds_finetune.data.cache import TokenizedData
-from ds_finetune.sampler import epoch_permutation
+from ds_finetune.errors import UserError
+from ds_finetune.sampler import epoch_permutation, steps_in_epoch
 
 IGNORE_INDEX = -100
 
@@ -30,14 +32,50 @@ def plan_units(data: TokenizedData, order: np.ndarray, packing: bool, max_length
     return units
 
 
+@dataclass(frozen=True)
+class StepBatch:
+    """The units (rows or packs) of one global batch, and the position after it: the TrainState fields
+    to set once the step is done."""
+    units: object
+    position: dict
+
+
 class EpochOrder:
     """The units (rows or packs) of each epoch in order; planned once per epoch, O(1) to index after.
-    `rows`: the rows trained on (all of them unless some are held out for evaluation)."""
+    `rows`: the rows trained on (all of them unless some are held out for evaluation). The position is
+    (epoch, offset); `train.epochs` ends the run (`batch` returns None)."""
 
-    def __init__(self, data: TokenizedData, seed: int, packing: bool, max_length: int, rows: np.ndarray | None = None):
+    def __init__(self, data: TokenizedData, seed: int, packing: bool, max_length: int, rows: np.ndarray | None = None,
+                 epochs: int | None = None, label: str = "data.path"):
         self.data, self.seed, self.packing, self.max_length = data, seed, packing, max_length
-        self.rows = rows
+        self.rows, self.epochs, self.label = rows, epochs, label
         self._epoch, self._units = None, None
+
+    def total_steps(self, train, global_batch: int) -> int:
+        # Packing makes the steps of an epoch depend on its order, so count them epoch by epoch.
+        per_epoch = [steps_in_epoch(len(self.units(e)), global_batch) for e in range(train.epochs or 1)]
+        if min(per_epoch) == 0:
+            raise UserError(f"data error: {self.label}: {self.num_rows} usable rows make fewer units than one "
+                            f"global batch ({global_batch}); add data or lower the batch size")
+        if train.epochs is None:
+            return train.max_steps
+        total = sum(per_epoch)
+        return min(total, train.max_steps) if train.max_steps else total
+
+    def batch(self, state, global_batch: int) -> StepBatch | None:
+        """The next global batch from (state.epoch, state.offset), or None when train.epochs are done."""
+        epoch, offset = state.epoch, state.offset
+        while True:
+            units = self.units(epoch)
+            if len(units) < global_batch:  # possible only with packing, where each epoch packs differently
+                raise UserError(f"data error: epoch {epoch} packs into {len(units)} sequences, fewer than one "
+                                f"global batch ({global_batch}); add data or lower the batch size")
+            if offset + global_batch <= len(units):
+                return StepBatch(units[offset:offset + global_batch], {"epoch": epoch, "offset": offset + global_batch})
+            # Epoch done (a last partial batch is dropped).
+            if self.epochs is not None and epoch + 1 >= self.epochs:
+                return None
+            epoch, offset = epoch + 1, 0
 
     @property
     def num_rows(self) -> int:
