@@ -75,6 +75,7 @@ def test_kill_at_every_save_phase_keeps_committed_checkpoints_and_resumes_bitwis
                                                                                    chain):
     overrides = [f"train.zero_stage={stage}"]
     ckpt_dir = tmp_path / "checkpoints"
+    latest = None
     for i, (fault, commits) in enumerate(chain):
         step = int(fault.split("@step")[1])
         before = harness.committed_steps(ckpt_dir)
@@ -89,8 +90,12 @@ def test_kill_at_every_save_phase_keeps_committed_checkpoints_and_resumes_bitwis
             assert before[-1] in after, (fault, before, after)
         pick, _ = find_resumable_checkpoint(ckpt_dir)
         assert pick is not None and pick.step == expected and inspect_checkpoint(pick.path).status == "complete"
-        # `latest` (for DeepSpeed's tools; resume never reads it) moves only once a commit replaced it
-        latest = step if fault.split("@")[0] in ("after_latest_rename", "during_retention") else step - 1
+        # `latest` (for DeepSpeed's tools; resume never reads it) moves only when a save got past its rename:
+        # this attempt's saves before the fault step did, the fault step's did only after that phase
+        if step - 1 > (before[-1] if before else 0):
+            latest = step - 1
+        if fault.split("@")[0] in ("after_latest_rename", "during_retention"):
+            latest = step
         assert (ckpt_dir / LATEST).read_text() == f"step_{latest:08d}", fault
     if chain == CHAIN:
         # a save that fails with ENOSPC stops the run with one line; the previous checkpoint stays selected
