@@ -42,7 +42,7 @@ import report  # noqa: E402
 SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "resume_cost",
             "side-by-side": "side_by_side", "loss": "loss_memory", "data": "data_prep", "elastic": "elastic",
             "lora": "lora_cost", "async": "async_cost", "verify": "verify_split", "mixture": "mixture",
-            "gpu": "gpu"}
+            "gpu": "gpu", "dpo": "dpo_memory"}
 
 
 def parse_args(argv=None):

@@ -152,7 +152,9 @@ def _prepare_one(data_cfg, tok, label: str) -> None:
     what = f"prepared in {time.time() - t0:.1f} s" if built else "ready"
     click.echo(f"{label}data {what}: {meta['rows']:,} rows, {meta['tokens']:,} tokens"
                + (f", {meta['skipped_rows']:,} rows skipped (no target after masking/truncation)"
-                  if meta["skipped_rows"] else "") + f" ({path})", err=True)
+                  if meta["skipped_rows"] else "")
+               + (f", {meta['truncated_pairs']:,} pairs truncated (prompt's end kept)" if meta.get("truncated_pairs") else "")
+               + f" ({path})", err=True)
 
 
 @main.group()

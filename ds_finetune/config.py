@@ -76,7 +76,8 @@ class ModelConfig(_Section):
         return self
 
 
-_ADDED_AT_DEFAULT = {("chat_turns", "all"), ("sources", None)}
+_ADDED_AT_DEFAULT = {("chat_turns", "all"), ("sources", None), ("chosen_field", "chosen"),
+                     ("rejected_field", "rejected"), ("max_prompt_length", None)}
 SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
@@ -110,8 +111,9 @@ class DataConfig(_Section):
     sources: Optional[list[SourceConfig]] = Field(
         None, description="A mixture: a list of {path, weight, name, format and its fields, split}; samples are "
                           "drawn from each source in proportion to its weight (docs/design.md, Data mixtures).")
-    format: Literal["text", "prompt_completion", "chat"] = Field(
-        "text", description="Row format: text | prompt_completion | chat (messages + chat template).")
+    format: Literal["text", "prompt_completion", "chat", "preference"] = Field(
+        "text", description="Row format: text | prompt_completion | chat (messages + chat template) | preference "
+                            "(prompt, chosen, rejected; for train.objective dpo).")
     split: str = Field("train", description="Dataset split to train on.")
     max_length: int = Field(512, ge=8, le=1_048_576, description="Tokens per sequence; longer rows are truncated.")
     packing: Literal["none", "isolated", "shared"] = Field(
@@ -121,6 +123,11 @@ class DataConfig(_Section):
     prompt_field: str = Field("prompt", description="Column holding the prompt (format prompt_completion).")
     completion_field: str = Field("completion", description="Column holding the completion (prompt_completion).")
     messages_field: str = Field("messages", description="Column holding the chat messages (format chat).")
+    chosen_field: str = Field("chosen", description="Column holding the preferred completion (format preference).")
+    rejected_field: str = Field("rejected", description="Column holding the dispreferred completion (format "
+                                                        "preference).")
+    max_prompt_length: Optional[int] = Field(
+        None, ge=1, description="Format preference: keep the last N tokens of a longer prompt (None: all of it).")
     chat_turns: Literal["all", "last"] = Field(
         "all", description="Chat rows: all (one row per conversation, every reply a target) | last (one row per "
                            "assistant turn, trained on that turn only; for templates that rewrite earlier replies).")
@@ -196,6 +203,9 @@ class TrainConfig(_Section):
         1, ge=1, le=1024, description="Ranks that share one sequence, each holding a slice of its length (DeepSpeed "
                                       "Ulysses); divides the world size, whose quotient is the data-parallel size.")
     seed: int = Field(1234, ge=0, lt=2**32, description="Seed for init, data order and dropout.")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="sft (next-token loss on the targets) | dpo (preference pairs, data.format preference; "
+                           "see the dpo section).")
     deterministic: bool = Field(
         True, description="On CUDA: deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS "
                           "workspace), so a resumed run is bitwise the uninterrupted one; costs some speed. "
@@ -213,6 +223,14 @@ class TrainConfig(_Section):
             raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                              f"train.micro_batch_size={self.micro_batch_size}")
         return self
+
+
+class DpoConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: rewards are beta x (policy - reference) log-probs.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="sigmoid (DPO) | ipo (squared, on per-token mean log-ratios) | hinge (SLiC).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid only: the probability that a pair's labels are flipped (cDPO).")
 
 
 class EvalConfig(_Section):
@@ -273,6 +291,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     output_dir: str = Field(..., description="Run folder: metrics, configs, checkpoints.")
 
     @model_validator(mode="after")
@@ -280,6 +299,25 @@ class RunConfig(_Section):
         if self.data.is_mixture and self.eval.fraction > 0:
             raise ValueError("set eval.path, not eval.fraction, with data.sources (a held-out share of a mixture is "
                              "not supported yet)")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_the_data(self):
+        dpo, pairs = self.train.objective == "dpo", self.data.format == "preference"
+        if dpo and not pairs:
+            raise ValueError(f"train.objective dpo needs data.format preference (got {self.data.format})")
+        if pairs and not dpo:
+            raise ValueError("data.format preference needs train.objective dpo")
+        if dpo and self.data.packs:
+            raise ValueError("data.packing is not supported with train.objective dpo; set data.packing=false")
+        if dpo and self.data.is_mixture:
+            raise ValueError("data.sources is not supported with train.objective dpo yet; use one data.path")
+        if dpo and self.train.sequence_parallel > 1:
+            raise ValueError("train.sequence_parallel > 1 is not supported with train.objective dpo yet; set "
+                             "train.sequence_parallel=1")
+        if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
+            raise ValueError(f"data.max_prompt_length ({self.data.max_prompt_length}) must be below "
+                             f"data.max_length ({self.data.max_length})")
         return self
 
     @property
@@ -352,7 +390,7 @@ def format_validation_error(err: ValidationError) -> str:
         if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)) and got is not None:
             msg += f" (got {_one_line(got if not isinstance(got, str) else repr(got))})"
         # A model validator's message already names its keys (`train.offload_param needs ...`).
-        parts.append(msg if msg.startswith(("set ", f"{key}.")) else f"{key}: {msg}")
+        parts.append(msg if not e["loc"] or msg.startswith(("set ", f"{key}.")) else f"{key}: {msg}")
     return "config error: " + "; ".join(parts)
 
 

@@ -29,7 +29,7 @@ import torch
 
 from ds_finetune import safe_pickle
 from ds_finetune.errors import UserError
-from ds_finetune.safe_pickle import CHECKPOINT_GLOBALS, UnsafeCheckpointFile  # noqa: F401 - used by callers
+from ds_finetune.safe_pickle import CHECKPOINT_GLOBALS
 
 TESTED_MINOR = (0, 19)
 

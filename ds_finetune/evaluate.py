@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate, prepare_data
+from ds_finetune.data import TokenizedData, prepare_data
+from ds_finetune.data.packing import pair_units
 from ds_finetune.dist import capture_rng, restore_rng, sum_over_ranks
-from ds_finetune.loss import to_device
 
 
 def held_out_rows(num_rows: int, fraction: float, seed: int, groups: np.ndarray | None = None
@@ -46,6 +46,7 @@ class Evaluator:
     world: int
     pad_id: int
     counts_targets: bool = True  # one rank of a sequence-parallel group counts its rows' targets
+    pairs: bool = False     # data.format preference: `rows` are pair indices
 
     def due(self, step: int, total_steps: int) -> bool:
         return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
@@ -55,28 +56,35 @@ class Evaluator:
         n = math.ceil(len(self.rows) / per_round)
         return min(n, self.max_batches) if self.max_batches else n
 
-    def evaluate(self, engine, loss_fn) -> float:
-        """The mean token loss over the eval rows (every rank calls this at the same step)."""
+    def evaluate(self, engine, objective) -> dict[str, float]:
+        """`eval_loss` (the mean token loss over the eval rows, and `eval_ppl`; for DPO the mean pair loss)
+        and the objective's other metrics `eval_<name>` (every rank calls this at the same step)."""
         rng, module = capture_rng(), engine.module
         module.eval()
-        loss_sum, targets = torch.zeros((), dtype=torch.float64, device=engine.device), 0
+        loss_sum, count, sums = torch.zeros((), dtype=torch.float64, device=engine.device), 0, {}
         try:
             with torch.no_grad():
                 for b in range(self.batches()):
                     start = (b * self.world + self.rank) * self.micro_batch_size
                     mine = self.rows[start:start + self.micro_batch_size]
-                    units = (mine if len(mine) else self.rows[:1]).reshape(-1, 1)
-                    batch = collate(self.data, units, self.pad_id)  # one row a unit: never packed
-                    if not len(mine):
-                        batch.labels.fill_(IGNORE_INDEX)  # same forward as every other rank, nothing counted
-                    loss_sum += loss_fn(engine, *to_device(batch, engine.device)).double()  # stays on the device
-                    if self.counts_targets:  # host labels: no device sync
-                        targets += int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+                    units = self.units(mine if len(mine) else self.rows[:1])
+                    batch_loss, batch_count, batch_sums = objective.eval_batch(engine, self.data, units, bool(len(mine)))
+                    loss_sum += batch_loss  # stays on the device
+                    count += batch_count if self.counts_targets else 0
+                    sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
         finally:
             module.train()
             restore_rng(rng)
-        loss_sum, targets = sum_over_ranks([loss_sum, targets])
-        return loss_sum / targets
+        names = list(sums)
+        loss_sum, count, *totals = sum_over_ranks([loss_sum, count, *(sums[k] for k in names)])
+        scores = {"eval_loss": loss_sum / count}
+        if not self.pairs:  # a pair's loss is no token loss: no perplexity
+            scores["eval_ppl"] = math.exp(min(scores["eval_loss"], 50.0))
+        return {**scores, **{f"eval_{k}": v / count for k, v in zip(names, totals)}}
+
+    def units(self, rows: np.ndarray) -> np.ndarray:
+        """Eval units of `rows`: one row each, or with `pairs` a pair's two rows (rows are pair indices)."""
+        return pair_units(rows) if self.pairs else rows.reshape(-1, 1)
 
 
 def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=None, counts_targets: bool = True):
@@ -92,8 +100,12 @@ def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=No
     else:
         eval_data = data
         turns = cfg.data.format == "chat" and cfg.data.chat_turns == "last"
+        pairs = cfg.data.format == "preference"  # a pair's rows share its row id: whole pairs are held out
         train_rows, eval_rows = held_out_rows(data.num_rows, e.fraction, cfg.train.seed,
-                                              groups=np.asarray(data.row_ids) if turns else None)
+                                              groups=np.asarray(data.row_ids) if turns or pairs else None)
+    pairs = cfg.data.format == "preference"
+    if pairs:  # pair indices (pair p is rows 2p, 2p+1)
+        eval_rows = eval_rows[eval_rows % 2 == 0] // 2
     evaluator = Evaluator(eval_data, eval_rows, e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches,
-                          e.every_steps, rank, world, tok.pad_token_id, counts_targets)
+                          e.every_steps, rank, world, tok.pad_token_id, counts_targets, pairs)
     return evaluator, train_rows

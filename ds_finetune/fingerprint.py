@@ -33,6 +33,9 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,  # changes the summation order
             **({"train.loss_implementation": CHUNKED_LOSS_IMPLEMENTATION} if cfg.train.loss_chunk_tokens else {}),
             "eval.fraction": cfg.eval.fraction,  # which rows are trained on
+            # Only in DPO runs, so SFT checkpoints from before the objective existed still match.
+            **({"train.objective": "dpo", "dpo": cfg.dpo.model_dump(mode="json")}
+               if cfg.train.objective == "dpo" else {}),
             "train.optimizer": {k: getattr(cfg.train, k) for k in (
                 "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
                 "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},

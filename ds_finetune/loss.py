@@ -168,6 +168,100 @@ def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens: int,
     return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, grad_scale, token_losses)
 
 
+# ------------------------------------------------------------- per-sequence log-probs (preference)
+
+def _chunk_logits(h, weight, bias, buffer):
+    """The chunk's logits in fp32, written into `buffer` (as `_chunked_ce` computes them)."""
+    if weight.dtype == h.dtype == torch.float32:
+        return torch.mm(h, weight.t(), out=buffer) if bias is None else torch.addmm(bias, h, weight.t(), out=buffer)
+    return buffer.copy_(F.linear(h, weight, bias))
+
+
+def _token_logps(hidden, weight, bias, targets, chunk_tokens: int) -> torch.Tensor:
+    """log p(target) of every row of `hidden` (fp32), `chunk_tokens` rows at a time."""
+    n = targets.numel()
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    buffer = torch.empty((min(n, chunk_tokens), weight.size(0)), dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, chunk_tokens):
+        t = targets[start:start + chunk_tokens]
+        logits = _chunk_logits(hidden[start:start + chunk_tokens], weight, bias, buffer[:t.numel()])
+        target_logit = logits.gather(1, t[:, None])[:, 0]
+        row_max = logits.amax(1)
+        out[start:start + t.numel()] = target_logit - row_max - logits.sub_(row_max[:, None]).exp_().sum(1).log_()
+    return out
+
+
+def _segment_sums(values, counts: list[int]) -> torch.Tensor:
+    """Sums of consecutive segments of `values` (a sequence's tokens are consecutive): one sum per segment,
+    each in a fixed order (no atomics: the same bits on every device and run)."""
+    return torch.stack([part.sum() for part in torch.split(values, counts)])
+
+
+class FusedLinearSequenceLogps(torch.autograd.Function):
+    """Per-sequence summed log-probs of the head's targets, `chunk_tokens` rows at a time; never all logits.
+
+    The gradient of a sequence's log-prob is weighted by a number that only the whole batch's log-probs
+    decide (DPO's sigmoid of the margin), so it cannot be taken in the forward as the token loss's is: the
+    forward keeps no logits, and backward recomputes each chunk's logits once (one head matmul more than
+    the forward's), forms w x (onehot - softmax) with each token's sequence weight w, and takes the gradients
+    of hidden (g @ W) and of the head (g.T @ h, summed over chunks in fp32)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, counts, chunk_tokens):
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.counts, ctx.chunk_tokens = counts, chunk_tokens
+        return _segment_sums(_token_logps(hidden, weight, bias, targets, chunk_tokens), counts)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        chunk, n = ctx.chunk_tokens, targets.numel()
+        w = torch.repeat_interleave(grad_output.float(), torch.as_tensor(ctx.counts, device=grad_output.device))
+        g_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        g_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if bias is not None and ctx.needs_input_grad[2] else None
+        buffer = torch.empty((min(n, chunk), weight.size(0)), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = _chunk_logits(h, weight, bias, buffer[:t.numel()])
+            row_max = logits.amax(1, keepdim=True)
+            g = logits.sub_(row_max).exp_()
+            g.div_(g.sum(1, keepdim=True)).mul_(-w[start:start + t.numel(), None])  # -w x softmax
+            g[torch.arange(t.numel(), device=g.device), t] += w[start:start + t.numel()]
+            g = g.to(weight.dtype)
+            if g_hidden is not None:
+                torch.mm(g, weight, out=g_hidden[start:start + chunk])
+            if g_weight is not None:
+                if weight.dtype == torch.float32:
+                    g_weight.addmm_(g.t(), h)
+                else:  # a bf16 product per chunk, summed in fp32 (as _chunked_ce)
+                    g_weight += g.t() @ h
+            if g_bias is not None:
+                g_bias += g.sum(0, dtype=torch.float32)
+        return (g_hidden, None if g_weight is None else g_weight.to(weight.dtype),
+                None if g_bias is None else g_bias.to(bias.dtype), None, None, None)
+
+
+def fused_sequence_logps(hidden, weight, bias, targets, counts: list[int], chunk_tokens: int) -> torch.Tensor:
+    """Summed log-probs of `targets` per sequence (`counts` consecutive rows of `hidden` each)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, weight, bias))
+    if not needs_grad:
+        return _segment_sums(_token_logps(hidden, weight, bias, targets, chunk_tokens), counts)
+    return FusedLinearSequenceLogps.apply(hidden, weight, bias, targets, counts, chunk_tokens)
+
+
+def full_sequence_logps(engine, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Per-sequence summed log-probs from the full logits (train.loss_chunk_tokens: 0)."""
+    logits = engine(**model_inputs(input_ids, attention_mask)).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logps = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    return (logps * keep).sum(1)
+
+
 # ------------------------------------------------------------------------------------ in the model
 
 @contextmanager
@@ -206,6 +300,7 @@ class ChunkedLoss:
                 raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} transforms its "
                                 f"logits ({key}), which the chunked loss does not; set train.loss_chunk_tokens=0")
         self.labels, self.result, self.grad_scale, self.shifted, self.token_losses = None, None, 1.0, False, None
+        self.per_sequence = False
         model.base_model.register_forward_hook(self._after_base_model)
 
     def _after_base_model(self, module, args, output):
@@ -219,8 +314,11 @@ class ChunkedLoss:
         hidden = hidden[keep]  # non-target positions never reach the head
         targets = targets[keep]
         head, chunk, grad_scale, token_losses = self.head, self.chunk_tokens, self.grad_scale, self.token_losses
+        counts = keep.sum(1).tolist() if self.per_sequence else None
 
         def loss_of(h):  # runs as the head's forward: its weight is gathered here under ZeRO-3
+            if counts is not None:
+                return fused_sequence_logps(h, head.weight, head.bias, targets, counts, chunk)
             return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk, grad_scale, token_losses)
 
         with _forward_replaced(head, loss_of):
@@ -236,6 +334,19 @@ class ChunkedLoss:
             return self.result
         finally:
             self.labels, self.result, self.token_losses = None, None, None
+
+    def sequence_logps(self, engine, input_ids, attention_mask, labels) -> torch.Tensor:
+        """Per-sequence summed log-probs of the targets (every sequence must have at least one)."""
+        self.per_sequence = True
+        try:
+            return self(engine, input_ids, attention_mask, labels)
+        finally:
+            self.per_sequence = False
+
+
+def make_sequence_logps_fn(model, chunk_tokens: int):
+    """(engine, input_ids, attention_mask, labels) -> summed target log-probs of each sequence."""
+    return full_sequence_logps if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens).sequence_logps
 
 
 def make_loss_fn(model, chunk_tokens: int):

@@ -111,7 +111,12 @@ class MetricsWriter:
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
             if "eval_loss" in record:
                 self.tb.add_scalar("eval/loss", record["eval_loss"], record["step"])
+            if "eval_ppl" in record:
                 self.tb.add_scalar("eval/ppl", record["eval_ppl"], record["step"])
+            for key, value in record.items():  # an objective's own metrics (DPO: rewards/chosen, ...)
+                if "/" in key:
+                    where, name = ("eval", key[5:]) if key.startswith("eval_") else ("train", key)
+                    self.tb.add_scalar(f"{where}/{name}", value, record["step"])
         if self.bar is not None:
             now = time.time()
             tps = step_tokens / max(now - self.last_time, 1e-9)

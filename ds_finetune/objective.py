@@ -3,9 +3,9 @@
 The loop (`train.fit`) hands the objective the step's units of the epoch order and gets back this rank's
 summed loss and the global batch's target count (for a mixture, both per source too); it never sees
 micro-batches, the loss function or the hooks around DeepSpeed's step. Supervised fine-tuning (`SFT`) is
-the objective today; one with other batches or another loss (preference pairs) is another class with the
-same `step`. Sequence parallelism is not one: its groups take the micro-batches of data-parallel ranks and
-its loss function slices them (`sequence.ShardedLoss`).
+here; preference pairs (`dpo.DPO`) are another class with the same `step` (and `eval_batch`), whose
+`StepResult.sums` carry its metrics into the step's all-reduce. Sequence parallelism is not one: its groups
+take the micro-batches of data-parallel ranks and its loss function slices them (`sequence.ShardedLoss`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class StepResult:
     # losses per source (in that order, on the device; the loop reduces them with the step's loss).
     source_targets: dict = field(default_factory=dict)
     source_sums: list = field(default_factory=list)
+    sums: dict = field(default_factory=dict)  # metric name -> this rank's sum, reduced with the loss, / targets
 
 
 def source_metrics(source_targets: dict, source_sums: list[float]) -> dict:
@@ -66,9 +67,9 @@ class SFT:
         micro_batches = [collate(self.data, u, self.pad_id, self.isolate) for u in mine]
         targets = unit_targets(self.data, units)
         token_losses = [self._token_buffer(b, engine.device) for b in micro_batches] if self.sources else None
-        loss_sum = train_step(engine, self.loss_fn, micro_batches, targets, layout.grad_accum, layout.world_size,
-                              after_micro_step=lambda: fault_point("mid_accum", self.rank, step),
-                              before_update=self.before_update, token_losses=token_losses)
+        loss_sum, _ = train_step(engine, self.loss_fn, micro_batches, targets, layout.grad_accum, layout.world_size,
+                                 after_micro_step=lambda: fault_point("mid_accum", self.rank, step),
+                                 before_update=self.before_update, token_losses=token_losses)
         if not self.sources:
             return StepResult(loss_sum, targets)
         return StepResult(loss_sum, targets, self._source_targets(units),
@@ -98,10 +99,22 @@ class SFT:
             sums.index_add_(0, source, losses.double())
         return list(sums)
 
+    def eval_batch(self, engine, data: TokenizedData, units: np.ndarray, counted: bool
+                   ) -> tuple[torch.Tensor, int, dict]:
+        """(summed token loss, target tokens, no other sums) of eval units of `data`; a batch not `counted`
+        (a rank whose share ran out) runs the same forward and counts nothing."""
+        batch = collate(data, units, self.pad_id)  # one row a unit: never packed
+        if not counted:
+            batch.labels.fill_(IGNORE_INDEX)
+        loss_sum = self.loss_fn(engine, *to_device(batch, engine.device)).double()  # stays on the device
+        return loss_sum, int((batch.labels[:, 1:] != IGNORE_INDEX).sum()), {}  # host labels: no device sync
+
 
 def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
-               after_micro_step=None, before_update=None, token_losses=None) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
+               after_micro_step=None, before_update=None, token_losses=None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over this rank's micro-batches; returns this rank's summed token loss and, for a
+    loss_fn that returns (loss, metric sums), the metric sums added over the micro-batches.
 
     The step's loss is (sum of token losses over the global batch) / (targets in the global batch).
     DeepSpeed divides each micro-step's loss by grad_accum and averages gradients over ranks, so each
@@ -111,9 +124,13 @@ def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_a
     scale = grad_accum * world_size / global_targets
     expected_grad = scale * loss_scale(engine) / grad_accum
     local_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per micro-step
+    extra_sum = None
     for i, batch in enumerate(micro_batches):  # data.Batch: input_ids, attention_mask, labels, position_ids
         per_token = {} if token_losses is None else {"token_losses": token_losses[i]}
         loss_sum = loss_fn(engine, *to_device(batch, engine.device), grad_scale=expected_grad, **per_token)
+        if isinstance(loss_sum, tuple):
+            loss_sum, extra = loss_sum
+            extra_sum = extra if extra_sum is None else extra_sum + extra
         engine.backward(loss_sum * scale)
         if before_update is not None and engine.is_gradient_accumulation_boundary():
             before_update()  # this step() changes the weights and optimizer state
@@ -121,4 +138,4 @@ def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_a
         local_sum += loss_sum.detach().double()
         if after_micro_step is not None:
             after_micro_step()
-    return local_sum
+    return local_sum, extra_sum

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import secrets
 import signal
@@ -18,8 +17,6 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
 
 from deepspeed import DeepSpeedEngine
 
@@ -35,6 +32,8 @@ from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
 from ds_finetune.export import write_hf_files
 from ds_finetune.objective import SFT, StepResult, source_metrics
+from ds_finetune.dpo import DPO
+from ds_finetune.reference import dpo_objective
 from ds_finetune.faults import fault_point, unfired_fault
 from ds_finetune.fingerprint import config_fingerprint
 from ds_finetune.loss import make_loss_fn
@@ -71,7 +70,7 @@ class Run:
     """What the loop needs, fixed for the whole run."""
     cfg: RunConfig
     engine: DeepSpeedEngine
-    objective: SFT
+    objective: SFT | DPO
     data: TokenizedData | MixedData
     order: EpochOrder | MixtureOrder
     layout: BatchLayout
@@ -114,6 +113,8 @@ def setup(args) -> tuple[Run, TrainState]:
     data = prepare_training_data(cfg.data, tok, say=say)
     if is_main and data.skipped_rows:
         resume.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
+    if is_main and data.truncated_pairs:
+        resume.say(f"truncated {data.truncated_pairs} pairs to data.max_length/max_prompt_length (the prompt's end kept)")
     group = SequenceGroup.of(cfg.train.sequence_parallel, world, rank)  # DP x SP; SP=1: every rank its own
     evaluator, train_rows = build_evaluator(cfg, tok, data, group.dp_rank, group.dp_size, say,
                                             counts_targets=group.rank == 0)
@@ -145,6 +146,15 @@ def setup(args) -> tuple[Run, TrainState]:
                                 trainable_only=cfg.model.lora is not None,
                                 export_to=Path(cfg.output_dir) / "final_model" if cfg.checkpoint.export_final else None,
                                 export_dtype=cfg.model.dtype)
+    if cfg.train.objective == "dpo":  # a precomputed reference is computed here, before a checkpoint is loaded
+        objective = dpo_objective(cfg, engine, model, data, evaluator, layout, tok.pad_token_id, rank, world,
+                                  checkpointer.before_update, plan.converted is None, say)
+    else:
+        loss_fn = make_loss_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens)
+        if group.size > 1:  # each rank computes the loss of its slice of every sequence
+            loss_fn = ShardedLoss(loss_fn, group, ulysses, tok.pad_token_id)
+        objective = SFT(data, layout, loss_fn, tok.pad_token_id, isolate, rank, checkpointer.before_update,
+                        sources=tuple(data.names) if isinstance(data, MixedData) else (), data_rank=group.dp_rank)
     # What this run is, saved with every checkpoint (differs from a resumed checkpoint's only under
     # --allow-config-change).
     identity = dict(seed=cfg.train.seed, global_batch=layout.global_batch, data_format_version=DATA_FORMAT_VERSION,
@@ -157,11 +167,6 @@ def setup(args) -> tuple[Run, TrainState]:
     if is_main:
         write_run_files(cfg, ds_config)
     barrier()
-    loss_fn = make_loss_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens)
-    if group.size > 1:  # each rank computes the loss of its slice of every sequence
-        loss_fn = ShardedLoss(loss_fn, group, ulysses, tok.pad_token_id)
-    objective = SFT(data, layout, loss_fn, tok.pad_token_id, isolate, rank, checkpointer.before_update,
-                    sources=tuple(data.names) if isinstance(data, MixedData) else (), data_rank=group.dp_rank)
     return Run(cfg, engine, objective, data, order, layout, total_steps, rank, checkpointer, evaluator), state
 
 
@@ -182,12 +187,14 @@ class StepOutcome:
     time_to_save: bool     # rank 0's clock says `every_minutes` have passed
     writing: bool          # some rank's background checkpoint write is still running
     source_sums: list      # a mixture: summed token losses per source (StepResult.source_targets' order)
+    sums: dict             # the objective's other metrics (StepResult.sums), summed over the global batch
 
 
 def agree_on_step(result: StepResult, signum: int, time_to_save: bool, writing: bool) -> StepOutcome:
-    loss_sum, stop, time_up, still_writing, *source_sums = sum_over_ranks(
-        [result.loss_sum, signum, time_to_save, writing, *result.source_sums])
-    return StepOutcome(loss_sum, stop > 0, time_up > 0, still_writing > 0, source_sums)
+    names, n = list(result.sums), len(result.source_sums)
+    loss_sum, stop, time_up, still_writing, *rest = sum_over_ranks(
+        [result.loss_sum, signum, time_to_save, writing, *result.source_sums, *(result.sums[k] for k in names)])
+    return StepOutcome(loss_sum, stop > 0, time_up > 0, still_writing > 0, rest[:n], dict(zip(names, rest[n:])))
 
 
 class StopSignal:
@@ -225,12 +232,14 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
         state.advance(batch.position, gb, step_tokens)
         record = {"step": state.step, "loss": outcome.loss_sum / result.targets, "lr": lr, "epoch": state.epoch,
                   "consumed_samples": state.consumed_samples, "tokens": state.tokens, "time": time.time(),
-                  **source_metrics(result.source_targets, outcome.source_sums)}
+                  **source_metrics(result.source_targets, outcome.source_sums),
+                  **{k: v / result.targets for k, v in outcome.sums.items()}}
         if cfg.logging.sample_ids:
-            record["sample_ids"] = [int(x) for u in batch.units for x in run.data.row_ids[u]]
+            record["sample_ids"] = run.order.sample_ids(batch.units)
         if run.evaluator is not None and run.evaluator.due(state.step, run.total_steps):
-            state.eval_loss, state.eval_step = run.evaluator.evaluate(run.engine, run.objective.loss_fn), state.step
-            record.update(eval_loss=state.eval_loss, eval_ppl=math.exp(min(state.eval_loss, 50.0)))
+            scores = run.evaluator.evaluate(run.engine, run.objective)
+            state.eval_loss, state.eval_step = scores["eval_loss"], state.step
+            record.update(scores)
         metrics.log(record, step_tokens)
 
         if outcome.stop:  # a rank that got no signal itself reports SIGTERM's code

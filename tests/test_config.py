@@ -14,15 +14,15 @@ import yaml
 from click.testing import CliRunner
 
 from ds_finetune.cli import main
-from ds_finetune.config import (CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, LoraConfig, ModelConfig,
-                                RunConfig, SourceConfig, TrainConfig, WandbConfig, load_config)
+from ds_finetune.config import (CheckpointConfig, DataConfig, DpoConfig, EvalConfig, LoggingConfig, LoraConfig,
+                                ModelConfig, RunConfig, SourceConfig, TrainConfig, WandbConfig, load_config)
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
-            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "dpo": DpoConfig}
 
 
 def cli_command() -> list[str]:

@@ -100,6 +100,7 @@ def test_example_configs_validate_with_dry_run():
     cli = str(Path(sys.executable).with_name("ds-finetune"))
     for argv in (["configs/qwen2.5-0.5b-sft-zero2.yaml", "--num-gpus", "8"],
                  ["configs/qwen2.5-0.5b-lora-zero2.yaml", "--num-gpus", "8"],
+                 ["configs/qwen2.5-0.5b-dpo-lora.yaml", "--num-gpus", "8"],
                  ["configs/llama3-8b-zero3-offload.yaml", "--hostfile", "configs/hostfile.example"],
                  ["configs/llama3-8b-32k-sp4-zero3.yaml", "--num-gpus", "8"]):
         proc = subprocess.run([cli, "train", *argv, "--dry-run"], cwd=ROOT, capture_output=True, text=True)

@@ -71,7 +71,7 @@ def epoch_order(cfg, data, train_rows=None) -> EpochOrder | MixtureOrder:
     if d.is_mixture:
         return MixtureOrder(data, [s.weight for s in d.sources], cfg.train.seed, d.packs, d.max_length)
     return EpochOrder(data, cfg.train.seed, d.packs, d.max_length, rows=train_rows, epochs=cfg.train.epochs,
-                      label=d.path)
+                      label=d.path, pairs=d.format == "preference")
 
 
 def periodic_progress(say, every_s: float = 10.0):

@@ -46,10 +46,12 @@ class TokenizedData:
     """Memory-mapped tokenized rows: row i is input_ids[offsets[i]:offsets[i+1]]. Invariant: a row's first
     token is never a target, so a pack's target count is the sum of its rows' (docs/design.md, "Loss")."""
 
-    def __init__(self, arrays: dict, content_hash: str, skipped_rows: int):
+    def __init__(self, arrays: dict, content_hash: str, skipped_rows: int, truncated_pairs: int = 0,
+                 path: Path | None = None):
         self.input_ids, self.target_mask, self.offsets = arrays["input_ids"], arrays["target_mask"], arrays["offsets"]
         self.lengths, self.row_targets, self.row_ids = arrays["lengths"], arrays["row_targets"], arrays["row_ids"]
-        self.content_hash, self.skipped_rows = content_hash, skipped_rows
+        self.content_hash, self.skipped_rows, self.truncated_pairs = content_hash, skipped_rows, truncated_pairs
+        self.path = path  # the cache folder (a DPO run's precomputed reference lies beside it)
 
     @property
     def num_rows(self) -> int:
@@ -153,7 +155,7 @@ def _injected_delay(heartbeat) -> None:
 def _write_arrays(data_cfg, tok, files, folder: Path, progress, heartbeat) -> dict:
     out = {name: NpyAppender(folder / f"{name}.npy", dtype) for name, dtype in ARRAYS.items()}
     out["offsets"].append(np.zeros(1, np.int64))
-    tokens, rows, skipped = 0, 0, 0
+    tokens, rows, skipped, truncated = 0, 0, 0, 0
     for chunk in tokenized_chunks(data_cfg, tok, files):
         for name in ("input_ids", "target_mask", "lengths", "row_targets", "row_ids"):
             out[name].append(getattr(chunk, name))
@@ -161,6 +163,7 @@ def _write_arrays(data_cfg, tok, files, folder: Path, progress, heartbeat) -> di
         tokens += len(chunk.input_ids)
         rows += chunk.rows_read
         skipped += chunk.skipped
+        truncated += chunk.truncated_pairs
         if progress:
             progress(rows, tokens)
         if heartbeat:
@@ -172,13 +175,14 @@ def _write_arrays(data_cfg, tok, files, folder: Path, progress, heartbeat) -> di
                         f"nothing to train on (check data.format and data.max_length)")
     for writer in out.values():
         writer.finish()
-    return {"rows_read": rows, "rows": rows - skipped, "skipped_rows": skipped, "tokens": tokens}
+    return {"rows_read": rows, "rows": rows - skipped, "skipped_rows": skipped, "tokens": tokens,
+            **({"truncated_pairs": truncated} if data_cfg.format == "preference" else {})}
 
 
 def read_cache(path: Path, data_hash: str) -> TokenizedData:
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
     meta = json.loads((path / "meta.json").read_text())
-    return TokenizedData(arrays, data_hash, int(meta["skipped_rows"]))
+    return TokenizedData(arrays, data_hash, int(meta["skipped_rows"]), int(meta.get("truncated_pairs", 0)), path)
 
 
 def read_meta(path: Path) -> dict:

@@ -29,6 +29,7 @@ class ChunkArrays:
     row_ids: np.ndarray      # int64, dataset row index per kept row
     rows_read: int
     skipped: int
+    truncated_pairs: int = 0  # format preference: pairs that truncation cut
 
 
 # ------------------------------------------------------------------------------------- worker process
@@ -81,6 +82,12 @@ def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
     ats = [_at(where, first + k) for k, (where, _) in enumerate(items)]
     if cfg.format == "text":
         seqs = _text_seqs(tok, [_field(r, cfg.text_field, at, "text", "text_field") for r, at in zip(rows, ats)])
+    elif cfg.format == "preference":
+        from ds_finetune.data.preference import preference_seqs
+        seqs, cut = preference_seqs(tok, cfg, rows, ats)
+        kept = _keep_rows(seqs, cfg.max_length, first, len(items))
+        kept.truncated_pairs = cut
+        return kept
     elif cfg.format == "prompt_completion":
         prompts = [_field(r, cfg.prompt_field, at, cfg.format, "prompt_field") for r, at in zip(rows, ats)]
         completions = [_field(r, cfg.completion_field, at, cfg.format, "completion_field") for r, at in zip(rows, ats)]

@@ -50,6 +50,7 @@ class MixedData:
         self.row_ids = _Concat([p.row_ids for p in parts], self.bases, id_base)
         self.content_hash = {n: p.content_hash for n, p in zip(names, parts)}
         self.skipped_rows = sum(p.skipped_rows for p in parts)
+        self.truncated_pairs = sum(p.truncated_pairs for p in parts)
 
     @property
     def num_rows(self) -> int:
@@ -106,6 +107,10 @@ class MixtureOrder:
         consumed = state.consumed_samples + global_batch
         return StepBatch(units, {"epoch": consumed // self.epoch_units, "offset": consumed % self.epoch_units,
                                  "mix": {**mix, "n": mix["n"] + global_batch, "cursors": cursors}})
+
+    def sample_ids(self, units) -> list[int]:
+        """The (mixture-unique) dataset row ids of `units`, for metrics.jsonl."""
+        return [int(x) for u in units for x in self.data.row_ids[u]]
 
     def position(self, mix: dict, step: int) -> dict:
         """The position to continue from: the saved one, or, when the weights (or the sources) differ from

@@ -43,12 +43,17 @@ class StepBatch:
 class EpochOrder:
     """The units (rows or packs) of each epoch in order; planned once per epoch, O(1) to index after.
     `rows`: the rows trained on (all of them unless some are held out for evaluation). The position is
-    (epoch, offset); `train.epochs` ends the run (`batch` returns None)."""
+    (epoch, offset); `train.epochs` ends the run (`batch` returns None). With `pairs` (data.format
+    preference: pair p is rows 2p and 2p+1) the order is over pairs and a unit is a pair's two rows,
+    chosen first."""
 
     def __init__(self, data: TokenizedData, seed: int, packing: bool, max_length: int, rows: np.ndarray | None = None,
-                 epochs: int | None = None, label: str = "data.path"):
+                 epochs: int | None = None, label: str = "data.path", pairs: bool = False):
         self.data, self.seed, self.packing, self.max_length = data, seed, packing, max_length
-        self.rows, self.epochs, self.label = rows, epochs, label
+        self.epochs, self.label, self.pairs = epochs, label, pairs
+        if pairs:  # the pairs' first rows, as pair indices
+            rows = (np.arange(0, data.num_rows, 2) if rows is None else rows[np.asarray(rows) % 2 == 0]) // 2
+        self.rows = rows
         self._epoch, self._units = None, None
 
     def total_steps(self, train, global_batch: int) -> int:
@@ -79,6 +84,7 @@ class EpochOrder:
 
     @property
     def num_rows(self) -> int:
+        """Rows (pairs, with `pairs`) in the order."""
         return self.data.num_rows if self.rows is None else len(self.rows)
 
     def units(self, epoch: int) -> list[np.ndarray]:
@@ -86,8 +92,19 @@ class EpochOrder:
             order = epoch_permutation(self.num_rows, self.seed, epoch)
             if self.rows is not None:
                 order = self.rows[order]
-            self._epoch, self._units = epoch, plan_units(self.data, order, self.packing, self.max_length)
+            self._epoch = epoch
+            self._units = pair_units(order) if self.pairs else plan_units(self.data, order, self.packing,
+                                                                          self.max_length)
         return self._units
+
+    def sample_ids(self, units) -> list[int]:
+        """The dataset row ids of `units` (one per pair with `pairs`), for metrics.jsonl."""
+        return [int(x) for u in units for x in self.data.row_ids[u[:1] if self.pairs else u]]
+
+
+def pair_units(pairs: np.ndarray) -> np.ndarray:
+    """Units of preference pairs: rows (2p, 2p+1), chosen first."""
+    return np.stack([2 * pairs, 2 * pairs + 1], axis=1)
 
 
 class Batch(NamedTuple):

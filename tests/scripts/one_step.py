@@ -69,7 +69,7 @@ for split in splits:
         return (safe_get_full_fp32_param(p) if cfg.train.zero_stage > 0 else p).detach().clone().contiguous()
 
     initial = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
-    local = train_step(engine, loss_fn, batches, targets, accum, group.dp_size)
+    local, _ = train_step(engine, loss_fn, batches, targets, accum, group.dp_size)
     dist.all_reduce(local)
     weights = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
     if rank == 0:

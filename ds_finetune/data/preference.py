@@ -1,0 +1,88 @@
+"""The `preference` format: rows of (prompt, chosen, rejected) for train.objective dpo.
+
+A row is either strings (`prompt`, `chosen`, `rejected`) or TRL's conversational layout: `prompt` a list of
+messages, `chosen`/`rejected` the assistant messages that answer it, rendered with the chat template (the
+prompt with the generation prompt; a completion is what the rendering of prompt + completion adds to it).
+Each pair becomes two consecutive rows of the cache, chosen at an even index and rejected right after it,
+both sharing the pair's `row_ids` entry, so pair p is rows 2p and 2p+1. The targets are the completion's
+tokens only (string completions end with eos, as prompt_completion's do).
+
+Truncation keeps the prompt's end: a prompt is cut to its last `data.max_prompt_length` tokens, then each
+completion to what `data.max_length` leaves after the prompt; the pairs that lost any token are counted.
+A prompt that leaves no room for a completion, a missing field, an empty completion or chosen identical
+to rejected is a one-line error naming the row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ds_finetune.errors import UserError
+
+
+def _strings_or_messages(row: dict, name: str, setting: str, at: str, chat: bool):
+    value = row.get(name)
+    kind = list if chat else str
+    if not isinstance(value, kind):
+        what = "missing" if value is None else f"not a {'list of messages' if chat else 'string'}"
+        layout = "message lists" if chat else "strings"
+        raise UserError(f"data error: {at}: field {name!r} is {what} (format preference needs prompt, chosen and "
+                        f"rejected, all {layout}; set data.{setting} if the column has another name)")
+    return value
+
+
+def preference_seqs(tok, cfg, rows: list[dict], ats: list[str]):
+    """(index in the chunk, ids, mask) for each row of the chunk's pairs (chosen, then rejected), already
+    truncated; and the number of pairs truncation cut."""
+    from ds_finetune.data.chat import ChatRenderer
+    from ds_finetune.data.formats import _check_messages, _encode
+
+    fields = [(cfg.prompt_field, "prompt_field"), (cfg.chosen_field, "chosen_field"),
+              (cfg.rejected_field, "rejected_field")]
+    prompts, chosens, rejecteds = [], [], []
+    renderer = ChatRenderer(tok)
+    for row, at in zip(rows, ats):
+        chat = isinstance(row.get(cfg.prompt_field), list)
+        p, c, r = (_strings_or_messages(row, name, setting, at, chat) for name, setting in fields)
+        if chat:
+            for messages in (p, c, r):
+                _check_messages(messages, at)
+            render = renderer.for_conversation(p + c)
+            prompt = render(p, True)
+            full = [render(p + m, False) for m in (c, r)]
+            if not all(f.startswith(prompt) for f in full):
+                raise UserError(f"data error: {at}: the chat template does not render the prompt with its generation "
+                                f"prompt as the start of prompt + completion; completions cannot be located")
+            p, c, r = prompt, full[0][len(prompt):], full[1][len(prompt):]
+        if not c.strip() or not r.strip():
+            raise UserError(f"data error: {at}: {'chosen' if not c.strip() else 'rejected'} is empty; a pair needs "
+                            f"two non-empty completions")
+        if c == r:
+            raise UserError(f"data error: {at}: chosen and rejected are identical; a pair must differ")
+        prompts.append(p)
+        chosens.append((c, chat))
+        rejecteds.append((r, chat))
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = [tok.eos_token_id]
+    prompt_ids = _encode(tok, prompts)["input_ids"]
+    chosen_ids = _encode(tok, [c for c, _ in chosens])["input_ids"]
+    rejected_ids = _encode(tok, [r for r, _ in rejecteds])["input_ids"]
+    out, cut = [], 0
+    for k, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
+        chat = chosens[k][1]
+        p = list(p) if chat else bos + list(p)
+        c, r = (list(x) if chat else list(x) + eos for x in (c, r))
+        keep_prompt = len(p) if cfg.max_prompt_length is None else min(len(p), cfg.max_prompt_length)
+        room = cfg.max_length - keep_prompt
+        if keep_prompt == 0 or room < 1:
+            what = "empty" if keep_prompt == 0 else f"{keep_prompt} tokens, leaving no room for a completion"
+            hint = "" if keep_prompt == 0 else (f" in data.max_length={cfg.max_length}; set data.max_prompt_length "
+                                                f"below it (the prompt's end is kept) or raise data.max_length")
+            raise UserError(f"data error: {ats[k]}: the prompt is {what}{hint}")
+        cut += keep_prompt < len(p) or len(c) > room or len(r) > room
+        p = p[len(p) - keep_prompt:]
+        for completion in (c, r):
+            completion = completion[:room]
+            out.append((k, np.asarray(p + completion, dtype=np.int32),
+                        np.asarray([False] * len(p) + [True] * len(completion), dtype=bool)))
+    return out, cut

@@ -1,0 +1,157 @@
+"""Direct preference optimisation (train.objective: dpo): the loss, its metrics and the objective's step.
+
+A unit of the epoch order is a pair (its chosen and rejected rows, `data.preference`); the global batch
+counts pairs. A micro-batch of B pairs runs as one forward of 2B sequences, the chosen ones first (TRL's
+concatenated batch), and its per-sequence summed target log-probs come from the fused chunked head
+(`loss.fused_sequence_logps`; no logits for every position at once). The reference log-probs are the
+base's: with LoRA the same model with its adapters disabled (no second model), else precomputed once
+before training (`reference.py`) and read by row.
+
+The loss and metrics are TRL's (DPOTrainer, f-divergence reverse KL), per pair, with
+d = (policy - reference log-prob of chosen) - (the same of rejected):
+  sigmoid  -logsigmoid(beta d) (1 - eps) - logsigmoid(-beta d) eps      (eps: dpo.label_smoothing, cDPO)
+  hinge    relu(1 - beta d)
+  ipo      (d' - 1 / (2 beta))^2, d' the same difference of log-ratios each divided by its completion's tokens
+and the step's loss is their mean over the global batch's pairs. rewards/chosen = beta x chosen log-ratio
+(rejected alike), rewards/margins their difference, rewards/accuracies the share of pairs whose chosen
+reward is higher, logps/chosen and logps/rejected the policy's summed log-probs: each a mean over the
+pairs, summed on each rank and reduced with the loss in the step's one all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate
+from ds_finetune.faults import fault_point
+from ds_finetune.loss import to_device
+from ds_finetune.objective import StepResult, train_step
+from ds_finetune.sampler import BatchLayout
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, n_tokens: torch.Tensor, beta: float, loss_type: str,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-pair losses, the METRICS summed over the pairs as one float64 vector) of B pairs from the
+    per-sequence log-probs of the concatenated batch ([2B]: chosen then rejected) and the completion token
+    counts (for ipo)."""
+    chosen, rejected = policy.chunk(2)
+    ref_chosen, ref_rejected = reference.to(policy.dtype).chunk(2)
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        n_chosen, n_rejected = n_tokens.to(policy.dtype).clamp(min=1).chunk(2)
+        losses = (chosen_ratio / n_chosen - rejected_ratio / n_rejected - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown dpo.loss_type {loss_type!r}")
+    with torch.no_grad():
+        r_chosen, r_rejected = beta * chosen_ratio, beta * rejected_ratio
+        sums = torch.stack([r_chosen.sum(), r_rejected.sum(), (r_chosen > r_rejected).float().sum(),
+                            (r_chosen - r_rejected).sum(), chosen.sum(), rejected.sum()]).double()
+    return losses, sums
+
+
+class PairBatch(NamedTuple):
+    """A micro-batch of B pairs as 2B sequences, chosen first; `rows`: each sequence's cache row."""
+    input_ids: object
+    attention_mask: object
+    labels: object
+    rows: object
+
+
+def collate_pairs(data: TokenizedData, units: np.ndarray, pad_id: int) -> PairBatch:
+    rows = np.concatenate([units[:, 0], units[:, 1]])
+    batch = collate(data, rows.reshape(-1, 1), pad_id)
+    return PairBatch(batch.input_ids, batch.attention_mask, batch.labels, torch.from_numpy(rows.astype(np.int64)))
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+class AdaptersOff:
+    """The reference of a LoRA run: the same model with its adapters disabled, in eval mode (no dropout,
+    no RNG drawn), under no_grad. No second model; one forward without a graph per micro-batch."""
+
+    def __init__(self, logps_fn):
+        self.logps_fn = logps_fn
+
+    def __call__(self, engine, input_ids, attention_mask, labels, rows) -> torch.Tensor:
+        module = engine.module
+        training = module.training
+        module.eval()
+        try:
+            with torch.no_grad(), module.disable_adapter():
+                return self.logps_fn(engine, input_ids, attention_mask, labels)
+        finally:
+            module.train(training)
+
+
+class Precomputed:
+    """Reference log-probs computed once before training (`reference.py`), one float per cache row."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    def __call__(self, engine, input_ids, attention_mask, labels, rows) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.values[rows.cpu().numpy()], dtype=np.float32)).to(input_ids.device)
+
+
+# ------------------------------------------------------------------------------------------ objective
+
+@dataclass(frozen=True)
+class DPOLoss:
+    """A micro-batch's summed pair losses and metric sums (train_step's loss_fn contract)."""
+    logps_fn: Callable   # (engine, input_ids, attention_mask, labels) -> [2B] summed target log-probs
+    reference: Callable  # (engine, input_ids, attention_mask, labels, rows) -> [2B], no graph
+    beta: float
+    loss_type: str
+    label_smoothing: float
+
+    def __call__(self, engine, input_ids, attention_mask, labels, rows, grad_scale=1.0):
+        reference = self.reference(engine, input_ids, attention_mask, labels, rows)
+        policy = self.logps_fn(engine, input_ids, attention_mask, labels)
+        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+        losses, sums = dpo_loss(policy, reference, n_tokens, self.beta, self.loss_type, self.label_smoothing)
+        return losses.sum(), sums
+
+
+@dataclass(frozen=True)
+class DPO:
+    """The DPO objective: `step` as SFT's, over pairs; the loss is the mean pair loss of the global batch."""
+    data: TokenizedData
+    layout: BatchLayout
+    loss_fn: DPOLoss
+    pad_id: int
+    rank: int
+    before_update: Callable
+    eval_loss_fn: DPOLoss | None = None  # with the eval data's reference, where it has its own (eval.path)
+
+    def step(self, engine, units: np.ndarray, step: int) -> StepResult:
+        layout = self.layout
+        micro_batches = [collate_pairs(self.data, units[layout.micro_slice(0, m, self.rank)], self.pad_id)
+                         for m in range(layout.grad_accum)]
+        pairs = layout.global_batch
+        loss_sum, sums = train_step(engine, self.loss_fn, micro_batches, pairs, layout.grad_accum,
+                                    layout.world_size, after_micro_step=lambda: fault_point("mid_accum", self.rank, step),
+                                    before_update=self.before_update)
+        return StepResult(loss_sum, pairs, sums=dict(zip(METRICS, sums)))
+
+    def eval_batch(self, engine, data: TokenizedData, units: np.ndarray, counted: bool
+                   ) -> tuple[torch.Tensor, int, dict]:
+        """(summed pair loss, pairs, metric sums) of eval pairs; a batch not `counted` runs the same forwards
+        and counts nothing."""
+        batch = collate_pairs(data, units, self.pad_id)
+        loss_fn = self.eval_loss_fn if data is not self.data and self.eval_loss_fn is not None else self.loss_fn
+        loss_sum, sums = loss_fn(engine, *to_device(batch, engine.device))
+        weight = 1.0 if counted else 0.0
+        return loss_sum.double() * weight, len(units) if counted else 0, dict(zip(METRICS, sums * weight))

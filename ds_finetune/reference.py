@@ -1,0 +1,152 @@
+"""The DPO objective's setup and, without LoRA, its reference log-probs computed once before training.
+
+With LoRA the reference is the model with its adapters disabled (`dpo.AdaptersOff`). Without LoRA it is
+the base model before any step: every pair's summed target log-probs are computed in one pass over the
+data before training, while the engine still holds the base's weights, and stored beside the token cache,
+in `<cache_dir>/reference/<key>/logps.npy` (float32, one value per cache row, memory-mapped by every
+rank). The key is the token cache's folder (the data and its tokenization), the model (its config or
+folder, with the size and mtime of its files), the dtype and the loss path: a later run or resume of the
+same data and base finds it and computes nothing.
+
+The pass is sharded: blocks of `train.micro_batch_size` pairs, block b on rank b mod world; each rank runs
+the same number of forwards (ZeRO-3 gathers parameters in every one). A rank writes each block to
+`<key>.partial/block-N.npy` (atomic rename) as it finishes it, so a pass killed midway continues where it
+was: the next start skips the rounds whose blocks are all on disk. A block's values depend only on its
+pairs, not on the world size or which rank computed it. Rank 0 then joins the blocks into `logps.npy`
+and commits the folder by renaming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ds_finetune import lora
+from ds_finetune.dist import barrier, capture_rng, decide, restore_rng
+from ds_finetune.dpo import DPO, AdaptersOff, DPOLoss, Precomputed, collate_pairs
+from ds_finetune.errors import UserError
+from ds_finetune.faults import fault_point
+from ds_finetune.files import fsync_dir
+from ds_finetune.loss import make_sequence_logps_fn, to_device
+
+REFERENCE_VERSION = 1  # bump when the stored values would change
+
+
+def dpo_objective(cfg, engine, model, data, evaluator, layout, pad_id: int, rank: int, world: int, before_update,
+                  weights_are_base: bool, say) -> DPO:
+    """The DPO objective of a run: its loss with the reference that fits (adapters off, or precomputed
+    while `weights_are_base`, i.e. before a checkpoint's weights are loaded)."""
+    logps_fn = make_sequence_logps_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens)
+    d = cfg.dpo
+
+    def loss(reference):
+        return DPOLoss(logps_fn, reference, d.beta, d.loss_type, d.label_smoothing)
+
+    if cfg.model.lora is not None:
+        return DPO(data, layout, loss(AdaptersOff(logps_fn)), pad_id, rank, before_update)
+    block = cfg.train.micro_batch_size
+
+    def reference_of(dataset):
+        return Precomputed(reference_logps(cfg, engine, logps_fn, dataset, block, pad_id, rank, world,
+                                           weights_are_base, say))
+    eval_loss = None
+    if evaluator is not None and evaluator.data is not data:
+        eval_loss = loss(reference_of(evaluator.data))
+    return DPO(data, layout, loss(reference_of(data)), pad_id, rank, before_update, eval_loss)
+
+
+def reference_key(cfg, data, block: int) -> str:
+    model = cfg.model.model_dump(mode="json")
+    folder = Path(cfg.model.name_or_path) if cfg.model.name_or_path else None
+    if folder is not None and folder.is_dir():  # a changed weight file is another base
+        model["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    if cfg.model.name_or_path is None:
+        model["seed"] = cfg.train.seed  # a randomly initialised base is drawn from the seed
+    key = {"v": REFERENCE_VERSION, "data": data.path.name, "model": model, "block": block,
+           "loss_chunk_tokens": cfg.train.loss_chunk_tokens}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def reference_logps(cfg, engine, logps_fn, data, block: int, pad_id: int, rank: int, world: int,
+                    weights_are_base: bool, say) -> np.ndarray:
+    """The stored reference log-probs of `data` (one per row), computed first if they are not there."""
+    folder = data.path.parent.parent / "reference" / reference_key(cfg, data, block)
+    partial = folder.with_name(folder.name + ".partial")
+    if not decide(folder.is_dir, runs_here=rank == 0):
+        if not weights_are_base:
+            raise UserError(f"data error: the reference log-probs of this run ({folder}) are gone and the model now "
+                            f"holds a checkpoint converted from another ZeRO stage or world size; resume on the "
+                            f"checkpoint's own stage and world size once (it recomputes them), or restore the folder")
+        _compute(engine, logps_fn, data, block, pad_id, rank, world, partial, say)
+        if rank == 0:
+            _commit(partial, folder, data.num_rows, block)
+        barrier()
+    return np.load(folder / "logps.npy", mmap_mode="r")
+
+
+def _compute(engine, logps_fn, data, block: int, pad_id: int, rank: int, world: int, partial: Path, say) -> None:
+    n_pairs = data.num_rows // 2
+    n_blocks = math.ceil(n_pairs / block)
+    rounds = math.ceil(n_blocks / world)
+
+    def done_rounds():
+        partial.mkdir(parents=True, exist_ok=True)
+        have = {p.name for p in partial.glob("block-*.npy")}
+        return [r for r in range(rounds)
+                if all(f"block-{b:08d}.npy" in have for b in range(r * world, min(n_blocks, (r + 1) * world)))]
+    done = set(decide(done_rounds, runs_here=rank == 0))  # one view of the disk for every rank
+    todo = [r for r in range(rounds) if r not in done]
+    if rank == 0:
+        say(f"computing the reference log-probs of {n_pairs} pairs ({len(done)} of {rounds} rounds done before)")
+    rng, module = capture_rng(), engine.module
+    module.eval()
+    try:
+        with torch.no_grad():
+            for r in todo:
+                b = r * world + rank
+                pairs = np.arange(b * block, min(n_pairs, (b + 1) * block)) if b < n_blocks else np.arange(1)
+                units = np.stack([2 * pairs, 2 * pairs + 1], axis=1)
+                batch = collate_pairs(data, units, pad_id)
+                values = logps_fn(engine, *to_device(batch[:3], engine.device)).float().cpu().numpy()
+                if b < n_blocks:  # else a forward only to keep ZeRO-3's gathers in step
+                    _write_block(partial / f"block-{b:08d}.npy", batch.rows.numpy(), values)
+                fault_point("mid_reference", rank, r + 1)
+    finally:
+        module.train()
+        restore_rng(rng)
+    barrier()
+
+
+def _write_block(path: Path, rows: np.ndarray, values: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.stack([rows.astype(np.float64), values.astype(np.float64)]))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _commit(partial: Path, folder: Path, num_rows: int, block: int) -> None:
+    logps = np.full(num_rows, np.nan, dtype=np.float32)
+    for path in sorted(partial.glob("block-*.npy")):
+        rows, values = np.load(path)
+        logps[rows.astype(np.int64)] = values.astype(np.float32)
+    if np.isnan(logps).any():
+        raise UserError(f"data error: reference log-probs missing for {int(np.isnan(logps).sum())} rows in {partial}; "
+                        f"remove that folder and start again")
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    np.save(tmp / "logps.npy", logps)
+    (tmp / "meta.json").write_text(json.dumps({"rows": num_rows, "block_pairs": block, "version": REFERENCE_VERSION}))
+    fsync_dir(tmp)
+    os.rename(tmp, folder)
+    fsync_dir(folder.parent)
+    shutil.rmtree(partial, ignore_errors=True)

@@ -1,0 +1,250 @@
+"""DPO: the preference format, the loss against TRL's DPOTrainer (the anchor), the fused per-sequence
+log-probs, and, in real runs, exact resume after SIGKILL and the precomputed reference's pass."""
+from __future__ import annotations
+
+import copy
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harness
+from ds_finetune.config import load_config
+from ds_finetune.data import IGNORE_INDEX, EpochOrder, load_tokenizer, prepare_data
+from ds_finetune.dpo import METRICS, AdaptersOff, DPOLoss, dpo_loss
+from ds_finetune.errors import UserError
+from ds_finetune.loss import ChunkedLoss, full_sequence_logps, fused_sequence_logps
+from test_loss import tiny_model
+
+PAIRS = harness.ROOT / "data" / "tiny" / "preference.jsonl"
+DPO = ["train.objective=dpo", "data.format=preference", f"data.path={PAIRS}"]
+
+
+def config(tmp_path, *overrides):
+    return load_config(harness.TINY, [*DPO, f"data.cache_dir={tmp_path / 'cache'}", *overrides,
+                                      f"output_dir={tmp_path / 'out'}"])
+
+
+# ------------------------------------------------------------------------------------------- format
+
+def test_pairs_are_consecutive_rows_with_the_completion_as_targets(tmp_path):
+    cfg = config(tmp_path)
+    tok = load_tokenizer(cfg.model.tokenizer)
+    data = prepare_data(cfg.data, tok)
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    assert data.num_rows == 2 * len(rows) and list(data.row_ids[:4]) == [0, 0, 1, 1]
+    for p, row in enumerate(rows[:6]):
+        (c_ids, c_mask), (r_ids, _) = data.row(2 * p), data.row(2 * p + 1)
+        prompt = int(np.argmax(c_mask))
+        assert list(c_ids[:prompt]) == list(r_ids[:prompt]) and not c_mask[:prompt].any() and c_mask[prompt:].all()
+        completion = tok.decode(c_ids[prompt:])
+        chosen = row["chosen"] if isinstance(row["chosen"], str) else row["chosen"][0]["content"]
+        assert chosen.strip() in completion
+        if isinstance(row["chosen"], str):  # strings end with eos, as prompt_completion's do
+            assert c_ids[-1] == tok.eos_token_id and r_ids[-1] == tok.eos_token_id
+    units = EpochOrder(data, 1, False, 128, pairs=True).units(0)
+    assert units.shape == (len(rows), 2) and (units[:, 1] == units[:, 0] + 1).all() and (units[:, 0] % 2 == 0).all()
+
+
+def test_truncation_keeps_the_prompts_end_and_counts_the_cut_pairs(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "word " * 60 + "END", "chosen": " yes " * 30, "rejected": " no"}) + "\n"
+                    + json.dumps({"prompt": "short", "chosen": " a", "rejected": " b"}) + "\n")
+    cfg = config(tmp_path, f"data.path={path}", "data.max_length=40", "data.max_prompt_length=20")
+    tok = load_tokenizer(cfg.model.tokenizer)
+    data = prepare_data(cfg.data, tok)
+    assert data.truncated_pairs == 1 and data.num_rows == 4
+    ids, mask = data.row(0)
+    assert len(ids) == 40 and int((~mask).sum()) == 20 and "END" in tok.decode(ids[:20])
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"prompt": "p", "chosen": " a"}, "'rejected' is missing"),
+    ({"prompt": "p", "chosen": " a", "rejected": " "}, "rejected is empty"),
+    ({"prompt": "p", "chosen": " same", "rejected": " same"}, "identical"),
+    ({"prompt": "x " * 200, "chosen": " a", "rejected": " b"}, "max_prompt_length"),
+])
+def test_a_bad_pair_is_one_line_naming_its_row(tmp_path, row, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "ok", "chosen": " a", "rejected": " b"}) + "\n" + json.dumps(row) + "\n")
+    cfg = config(tmp_path, f"data.path={path}")
+    with pytest.raises(UserError) as e:
+        prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer))
+    assert "bad.jsonl:2" in e.value.message and needle in e.value.message and "\n" not in e.value.message
+
+
+def test_dpo_needs_the_preference_format(tmp_path):
+    with pytest.raises(UserError, match="train.objective dpo needs data.format preference"):
+        load_config(harness.TINY, ["train.objective=dpo", "output_dir=x"])
+    with pytest.raises(UserError, match="data.format preference needs train.objective dpo"):
+        load_config(harness.TINY, ["data.format=preference", "output_dir=x"])
+
+
+# -------------------------------------------------------------------------------------------- loss
+
+def test_per_sequence_log_probs_and_gradients_equal_autograd_on_full_logits():
+    g = torch.Generator().manual_seed(0)
+    h64, w64, b64 = (torch.randn(37, 16, generator=g, dtype=torch.float64), torch.randn(50, 16, generator=g,
+                     dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64))
+    t, counts = torch.randint(0, 50, (37,), generator=g), [10, 0, 20, 7]
+    weights = torch.randn(4, generator=g, dtype=torch.float64)
+    want = [x.clone().requires_grad_() for x in (h64, w64, b64)]
+    full = torch.log_softmax(F.linear(*want), -1).gather(1, t[:, None])[:, 0]
+    expected = torch.stack([part.sum() for part in torch.split(full, counts)])
+    (expected * weights).sum().backward()
+    for chunk in (1, 8, 64):
+        got = [x.float().requires_grad_() for x in (h64, w64, b64)]
+        logps = fused_sequence_logps(*got, t, counts, chunk)
+        (logps * weights.float()).sum().backward()
+        assert torch.allclose(logps.double(), expected.detach(), rtol=1e-6, atol=1e-5)
+        for a, b in zip(got, want):
+            assert torch.allclose(a.grad.double(), b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_label_smoothing_is_conservative_dpo():
+    policy, reference = torch.tensor([-3.0, -5.0, -4.0, -2.0]), torch.tensor([-3.5, -4.0, -4.5, -2.5])
+    losses, _ = dpo_loss(policy, reference, torch.tensor([3, 4, 5, 6]), 0.2, "sigmoid", 0.1)
+    d = (policy[:2] - reference[:2]) - (policy[2:] - reference[2:])
+    assert torch.allclose(losses, -0.9 * F.logsigmoid(0.2 * d) - 0.1 * F.logsigmoid(-0.2 * d))
+
+
+class Engine:
+    """What the loss functions use of a DeepSpeed engine: a call and `.module`."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def _trl_pairs(n=8):
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    return [r for r in rows if isinstance(r["prompt"], str)][:n]
+
+
+@pytest.mark.parametrize("loss_type, lora", [("sigmoid", False), ("ipo", False), ("hinge", False), ("sigmoid", True),
+                                             ("ipo", True)])
+def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(tmp_path, loss_type, lora):
+    """TRL's DPOTrainer.compute_loss on its own collated batch against our DPOLoss on the same tokens: the
+    loss and TRL's six metrics to 1e-5, and every parameter's gradient to 1e-5. With LoRA both take the
+    reference from the same model with its adapters disabled."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tok = load_tokenizer(str(harness.ROOT / "assets" / "tiny-tokenizer"))
+    base = tiny_model("model.config.attention_dropout=0.0")
+    g = torch.Generator().manual_seed(3)
+    policy, reference = (base, None) if lora else (copy.deepcopy(base), base)
+    peft_config, ours_reference = None, copy.deepcopy(base)
+    if lora:  # TRL wraps the model itself: a new adapter, the reference is the base with adapters disabled
+        import peft
+        peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss_type], report_to=[],
+                         per_device_train_batch_size=len(_trl_pairs()), use_cpu=True, max_length=None,
+                         dataloader_num_workers=0, bf16=False)  # fp32 as ours (TRL defaults to bf16 autocast)
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tok,
+                             train_dataset=Dataset.from_list(_trl_pairs()), peft_config=peft_config)
+    policy = trainer.model
+    with torch.no_grad():  # policy != reference, so rewards and margins are not all zero
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    # Ours: the same weights in a model TRL has not patched (its fused head wraps the model's forward).
+    ours = tiny_model("model.config.attention_dropout=0.0")
+    if lora:
+        ours = peft.get_peft_model(ours, copy.deepcopy(peft_config))
+    ours.load_state_dict(policy.state_dict())
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    labels = input_ids.masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+    logps_fn = ChunkedLoss(ours.get_base_model() if lora else ours, 5).sequence_logps
+    if lora:
+        ref_fn = AdaptersOff(logps_fn)
+    else:
+        ref_logps = ChunkedLoss(ours_reference, 5).sequence_logps
+
+        def ref_fn(engine, *a):
+            with torch.no_grad():
+                return ref_logps(ours_reference, *a[:3])
+    engine = Engine(ours)
+    loss_sum, sums = DPOLoss(logps_fn, ref_fn, 0.1, loss_type, 0.0)(engine, input_ids, attention_mask, labels, None)
+    pairs = input_ids.size(0) // 2
+    (loss_sum / pairs).backward()
+    assert (loss_sum / pairs).item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    for name, value in zip(METRICS, (sums / pairs).tolist()):
+        assert value == pytest.approx(trl_metrics[name], abs=1e-5), name
+    assert trl_metrics["rewards/margins"] != 0
+    trl_grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert trl_grads.keys() == our_grads.keys() and trl_grads
+    for n in trl_grads:
+        torch.testing.assert_close(our_grads[n], trl_grads[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_full_logits_path_gives_the_chunked_log_probs():
+    model = tiny_model("model.config.attention_dropout=0.0")
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, 512, (4, 30), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[3, 20:] = 0
+    labels = input_ids.masked_fill(torch.arange(30) < 10, IGNORE_INDEX)
+    labels[3, 20:] = IGNORE_INDEX
+    chunked = ChunkedLoss(model, 7).sequence_logps(model, input_ids, attention_mask, labels)
+    full = full_sequence_logps(model, input_ids, attention_mask, labels)
+    assert torch.allclose(chunked, full, atol=1e-4, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ real runs
+
+LORA = [*DPO, "model.lora.r=8", "train.zero_stage=2", "eval.fraction=0.05", "eval.every_steps=3"]
+
+
+@pytest.mark.multiproc
+def test_dpo_lora_killed_mid_accumulation_resumes_bitwise(tmp_path):
+    """Two ranks, ZeRO-2, LoRA (reference: adapters disabled), dropout on, held-out pairs evaluated every 3
+    steps: SIGKILL on rank 1 inside step 5's accumulation, --resume from step 4; losses, DPO metrics (train
+    and eval), samples and final adapters as the uninterrupted run's."""
+    ref, got = tmp_path / "ref", tmp_path / "got"
+    harness.train(ref, LORA)
+    killed = harness.train(got, LORA, fault="mid_accum:rank1@step5", expect_ok=False)
+    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stdout[-2000:]
+    assert harness.committed_steps(got / "checkpoints")[-1] == 4
+    resumed = harness.train(got, LORA, resume="auto")
+    assert "step_00000004" in resumed.stdout
+    harness.assert_same_run(got, ref)
+    rows, ref_rows = harness.metrics(got), harness.metrics(ref)
+    for name in [*METRICS, "eval_loss", *(f"eval_{m}" for m in METRICS)]:
+        assert [repr(r.get(name)) for r in rows] == [repr(r.get(name)) for r in ref_rows], name
+    assert [r["step"] for r in rows if "eval_rewards/accuracies" in r] == [3, 6, 9, 10]
+    # The adapters start as the reference (only the policy's dropout, 0.1 in harness.BASE, moves it off log 2).
+    assert rows[0]["loss"] == pytest.approx(np.log(2), abs=5e-3)
+    assert rows[-1]["rewards/margins"] != 0
+    harness.assert_same_final_weights(got, ref)
+
+
+@pytest.mark.multiproc
+def test_precomputed_reference_pass_killed_midway_continues_to_a_fresh_pass_values(tmp_path):
+    """Full fine-tuning: the reference pass is killed after its 3rd round; the next start keeps the rounds on
+    disk, computes the rest and trains; its stored log-probs equal, bitwise, a fresh pass on two ranks."""
+    run = [*DPO, "train.max_steps=2", "train.zero_stage=2", "model.config.attention_dropout=0.0"]
+    killed = harness.train(tmp_path / "a", [*run, f"data.cache_dir={tmp_path / 'c1'}"], nproc=1,
+                           fault="mid_reference@step3", expect_ok=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
+    partial = list((tmp_path / "c1" / "reference").glob("*.partial"))
+    assert len(partial) == 1 and len(list(partial[0].glob("block-*.npy"))) == 3
+    resumed = harness.train(tmp_path / "a", [*run, f"data.cache_dir={tmp_path / 'c1'}"], nproc=1, resume="auto")
+    assert "3 of 100 rounds done before" in resumed.stdout
+    assert harness.metrics(tmp_path / "a")[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    harness.train(tmp_path / "b", [*run, f"data.cache_dir={tmp_path / 'c2'}"], nproc=2)
+    (a,), (b,) = ((p / "reference").glob("*/logps.npy") for p in (tmp_path / "c1", tmp_path / "c2"))
+    assert a.parent.name == b.parent.name  # the same key: data and base, not the world size
+    assert np.array_equal(np.load(a), np.load(b))
+    assert not list((tmp_path / "c1" / "reference").glob("*.partial"))
