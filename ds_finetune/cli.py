@@ -60,7 +60,8 @@ def main():
 def train(config_path, overrides, resume, overwrite, allow_config_change, discard_newer, num_gpus, num_nodes, hostfile,
           include, exclude, master_addr, master_port, launcher, no_ssh, node_rank, dry_run):
     """Validate CONFIG and run it under the `deepspeed` launcher."""
-    from ds_finetune.config import load_config, split_resume_arg
+    from ds_finetune.config import load_config
+    from ds_finetune.config_text import split_resume_arg
     from ds_finetune.launcher import (LaunchSpec, build_launch_argv, check_launch_tools, has_accelerator,
                                       launch_env, per_node_launch_argvs, processes_per_host, run_launcher,
                                       world_size_of)

@@ -22,7 +22,8 @@ from deepspeed import DeepSpeedEngine
 
 from ds_finetune import lora, resume
 from ds_finetune.checkpoint import Checkpointer, TrainState
-from ds_finetune.config import RunConfig, load_config, split_resume_arg
+from ds_finetune.config import RunConfig, load_config
+from ds_finetune.config_text import split_resume_arg
 from ds_finetune.data.cache import cache_root
 from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, MixedData, MixtureOrder, TokenizedData, epoch_order,
                               load_tokenizer, prepare_training_data, unit_tokens)

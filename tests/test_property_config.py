@@ -13,7 +13,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ds_finetune.config import RunConfig, apply_overrides, validate_config
+from ds_finetune.config import RunConfig, validate_config
+from ds_finetune.config_text import apply_overrides
 from ds_finetune.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
