@@ -7,7 +7,7 @@ optimizer step so the Adam moments exist, then repeats, rotating the order each 
            fsyncs it (what `dd bs=4M conv=fsync` does), rank 1 waits: the disk's own speed;
   nohash   `engine.save_checkpoint` + fsync of every file and folder: DeepSpeed's serialisation, no hashing,
            no manifest (fsync is included because without it the figure is page-cache speed, not disk);
-  ours     `ds_finetune.checkpoint.save_checkpoint`: the same save plus sha256 of every file, fsync,
+  ours     `ds_finetune.checkpoint.commit.save_checkpoint`: the same save plus sha256 of every file, fsync,
            manifest commit and `latest` - what a training run pays at every checkpoint.
 
 Each timing runs from a barrier to a barrier. Rank 0 writes {"bytes", "rounds": [{kind: seconds}]} to --out.
@@ -44,7 +44,7 @@ def disk_write(path: Path, nbytes: int, block: bytes) -> None:
 
 def fsync_tree(root: Path, rank: int) -> None:
     """Rank 0 fsyncs every file of the tag (the save has returned, so all are written)."""
-    from ds_finetune.checkpoint import fsync_dir
+    from ds_finetune.files import fsync_dir
     if rank != 0:
         return
     for p in sorted(root.rglob("*")):
@@ -70,7 +70,7 @@ def main():
     import torch
     import torch.distributed as dist
 
-    from ds_finetune import checkpoint as ckpt
+    from ds_finetune.checkpoint import commit as ckpt
     from ds_finetune.config import load_config
     from ds_finetune.dist import all_gather, capture_rng, init_distributed, seed_everything
     from ds_finetune.model import build_engine, build_model
@@ -110,7 +110,7 @@ def main():
         fsync_tree(d / "step_00000001", rank)
 
     def save_ours(d: Path):
-        ckpt.save_checkpoint(engine, d, 1, client_state, trainer_state, keep_last=1, rank=rank, world_size=world)
+        ckpt.save_checkpoint(ckpt.SaveSpec(engine, d, rank, world, keep_last=1), 1, client_state, trainer_state)
 
     # A first, untimed save gives the byte count the disk baseline writes (and warms DeepSpeed's code paths).
     probe = scratch / "probe"

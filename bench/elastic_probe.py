@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from deepspeed.utils import zero_to_fp32  # noqa: E402,F401  (imported by the work itself; part of the baseline)
 from safetensors import safe_open  # noqa: E402,F401
 
-from ds_finetune import export, resume  # noqa: E402
-from ds_finetune.verify import inspect_checkpoint  # noqa: E402
+from ds_finetune.checkpoint import convert, export  # noqa: E402
+from ds_finetune.checkpoint.verify import inspect_checkpoint  # noqa: E402
 
 
 def status_kb(field: str) -> int:
@@ -47,7 +47,7 @@ def main() -> None:
     barrier()
     base = reset_peak()
     t0 = time.time()
-    resume.convert(info, 3, world, rank)
+    convert.convert(info, 3, world, rank, print)
     seconds = time.time() - t0
     rows = all_gather({"baseline": base, "peak": status_kb("VmHWM"), "seconds": seconds})
     if rank == 0:

@@ -58,8 +58,8 @@ def check_export() -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ds_finetune.export import export_checkpoint
-    from ds_finetune.verify import find_resumable_checkpoint
+    from ds_finetune.checkpoint.export import export_checkpoint
+    from ds_finetune.checkpoint.verify import find_resumable_checkpoint
 
     info, _ = find_resumable_checkpoint(WORK / "ref" / "checkpoints")
     out = export_checkpoint(info.path, WORK / "export", "bf16")

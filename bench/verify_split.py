@@ -1,5 +1,5 @@
 """Resume-time hashing of a checkpoint: every rank hashing a share of the files and waiting for the others'
-findings on files (`resume.hash_together`, what a resume does now), against one process hashing them all
+findings on files (`verify.hash_together`, what a resume does now), against one process hashing them all
 (what rank 0 did alone before, while the other ranks waited in a collective that DeepSpeed's timeout
 ends). The files are sized like a 2-rank ZeRO-2 checkpoint (two large optimizer partitions, two model
 files, small ones), ~2 GB; the page cache is warm, so this is the hashing, not the disk. The ranks are
@@ -35,7 +35,7 @@ def make_checkpoint(folder: Path, sizes: list[int]) -> dict:
 
 
 def one_process(folder: Path, manifest: dict) -> float:
-    from ds_finetune.verify import verify_files
+    from ds_finetune.checkpoint.verify import verify_files
 
     t0 = time.perf_counter()
     assert verify_files(folder, manifest) == []
@@ -43,12 +43,12 @@ def one_process(folder: Path, manifest: dict) -> float:
 
 
 def ranks(folder: Path, manifest: dict, world: int) -> float:
-    from ds_finetune.resume import hash_together
+    from ds_finetune.checkpoint.verify import hash_together
 
     board = folder.parent / f"board-{time.time_ns()}"
     t0 = time.perf_counter()
     with mp.get_context("fork").Pool(world) as pool:
-        found = pool.starmap(hash_together, [(folder, manifest, board, r, world) for r in range(world)])
+        found = pool.starmap(hash_together, [(folder, manifest, board, r, world, print) for r in range(world)])
     elapsed = time.perf_counter() - t0
     assert found == [[]] * world
     shutil.rmtree(board)

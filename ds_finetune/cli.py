@@ -236,8 +236,8 @@ def ckpt_list(run_dir, as_json, no_hash):
     """Every checkpoint with step, time, size, ZeRO stage, world size, status; `*` marks what --resume picks."""
     import time as _time
 
-    from ds_finetune.checkpoint import best_checkpoint, tag_dirs
-    from ds_finetune.verify import list_checkpoints, manifest_bytes, resume_pick
+    from ds_finetune.checkpoint.layout import best_checkpoint, tag_dirs
+    from ds_finetune.checkpoint.verify import list_checkpoints, manifest_bytes, resume_pick
 
     ckpt_dir = _checkpoint_dir_of(run_dir)
     if not ckpt_dir.is_dir():
@@ -294,8 +294,8 @@ def byte_bar(desc: str, total: int):
 @user_errors_exit
 def ckpt_verify(path, no_hash):
     """Check a checkpoint against its manifest; exit 0 only if intact."""
-    from ds_finetune.checkpoint import step_of_tag
-    from ds_finetune.verify import inspect_checkpoint, manifest_bytes
+    from ds_finetune.checkpoint.layout import step_of_tag
+    from ds_finetune.checkpoint.verify import inspect_checkpoint, manifest_bytes
 
     if not path.is_dir() or step_of_tag(path.name) is None:
         raise UserError(f"{path}: not a checkpoint folder (expected .../checkpoints/step_N)")
@@ -323,7 +323,7 @@ def ckpt_verify(path, no_hash):
 def ckpt_export(path, out_dir, dtype, no_hash, max_shard_size, merge):
     """Write a Hugging Face model folder from a checkpoint of any ZeRO stage (a LoRA checkpoint: a PEFT
     adapter folder, or with --merge the merged model)."""
-    from ds_finetune.export import HF_DIR, export_checkpoint
+    from ds_finetune.checkpoint.export import HF_DIR, export_checkpoint
     from ds_finetune.lora import is_adapter_checkpoint
 
     out = export_checkpoint(path, out_dir, dtype, hashes=not no_hash, max_shard_size=max_shard_size, merge=merge,

@@ -170,6 +170,11 @@ class DataConfig(_Section):
     def packs(self) -> bool:
         return self.packing != "none"
 
+    @property
+    def isolates(self) -> bool:
+        """Packed rows attend only to themselves (position ids restart at every row)."""
+        return self.packing == "isolated"
+
     def settings(self, exclude: set) -> dict:
         """The settings as JSON values, less `exclude`; a setting added after caches and checkpoints existed
         is left out at its default (which computes what they did), so those still match."""

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from ds_finetune import safe_pickle
+from ds_finetune.checkpoint import safe_pickle
+from ds_finetune.checkpoint.safe_pickle import CHECKPOINT_GLOBALS
 from ds_finetune.errors import UserError
-from ds_finetune.safe_pickle import CHECKPOINT_GLOBALS
 
 TESTED_MINOR = (0, 19)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ds_finetune.errors import UserError, first_line
+from ds_finetune.hashing import hash_shared
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -78,24 +79,13 @@ def base_folder(name_or_path: str) -> Path:
                         f"({type(e).__name__}); download it first or point model.name_or_path at a folder") from None
 
 
-def base_model_files(name_or_path: str, memo_dir: Path, board=None) -> dict[str, str]:
-    """{file name: sha256} of the base model's config and weight files: a LoRA run's identity. With a
-    `rendezvous.Rendezvous`, each rank hashes a share of the files (a 70B base is ~140 GB) and all get all."""
-    from ds_finetune.data.sources import file_sha256
-    from ds_finetune.verify import share_of_files
-
+def base_model_files(name_or_path: str, board=None) -> dict[str, str]:
+    """{file name: sha256} of the base model's config and weight files: a LoRA run's identity (remembered,
+    and with a `rendezvous.Rendezvous` split between the ranks: `hashing.hash_shared`)."""
     folder = base_folder(name_or_path)
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in BASE_WEIGHT_SUFFIXES
                    and not p.name.startswith(("tokenizer", "special_tokens", "generation_config")))
-    if board is None:
-        return {name: file_sha256(folder / name, memo_dir) for name in files}
-    mine = share_of_files({name: {"size": (folder / name).stat().st_size} for name in files}, board.rank, board.world)
-
-    def hashed(name: str) -> str:
-        board.beat()
-        return file_sha256(folder / name, memo_dir)
-
-    return dict(sorted(kv for part in board.gather(lambda: {n: hashed(n) for n in mine}) for kv in part.items()))
+    return hash_shared({name: folder / name for name in files}, board)
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -165,9 +155,7 @@ def copy_hf_files(hf_dir: Path, out_dir: Path, skip: tuple[str, ...]) -> None:
 
 
 def check_same_base(base_name: str, saved: dict) -> None:
-    from ds_finetune.data.cache import default_cache_dir
-
-    now = base_model_files(base_name, default_cache_dir() / "file-hashes")
+    now = base_model_files(base_name)
     changed = sorted(name for name in set(saved) | set(now) if saved.get(name) != now.get(name))
     if changed:
         raise UserError(f"export error: the base model {base_name} is not the one the adapters were trained on "

@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+from ds_finetune.errors import UserError
+
 
 def metrics_lines(path: Path) -> list[tuple[int, str]]:
     """(step, line) of each line of metrics.jsonl, up to a torn one: a kill mid-line leaves a last line that
@@ -74,7 +76,6 @@ def check_wandb_installed() -> None:
     try:
         import wandb  # noqa: F401
     except ImportError:
-        from ds_finetune.errors import UserError
         raise UserError("config error: logging.wandb needs the wandb package; pip install 'ds-finetune[wandb]' "
                         "(or remove logging.wandb)")
 

@@ -18,6 +18,7 @@ from ds_finetune.dist import on_cuda
 
 from ds_finetune.config import RunConfig
 from ds_finetune.errors import UserError, first_line
+from ds_finetune.lora import apply_lora, hf_model
 
 
 def build_model(cfg: RunConfig, ds_config: dict):
@@ -46,7 +47,6 @@ def build_model(cfg: RunConfig, ds_config: dict):
         model.config.use_cache = False
     del keep_alive
     if cfg.model.lora is not None:
-        from ds_finetune.lora import apply_lora
         model = apply_lora(model, cfg.model.lora, cfg.train.seed, cfg.model.name_or_path)
     model.train()  # from_pretrained returns the model in eval mode: dropout would silently be off
     return model
@@ -58,8 +58,6 @@ def check_isolated_packing(model, micro_batch_size: int) -> None:
     modeling code that does not build its masks with transformers' masking_utils (remote code, state-space
     models), and flash attention with more than one sequence a micro-batch (its kernels read pack
     boundaries from the positions only for a batch of one: `_is_packed_sequence`)."""
-    from ds_finetune.lora import hf_model
-
     model = hf_model(model)  # under LoRA, the transformers model inside peft's wrapper
     impl = str(getattr(model.config, "_attn_implementation", None) or "")
     module = sys.modules.get(type(model.base_model).__module__)

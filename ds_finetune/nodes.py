@@ -19,6 +19,7 @@ import socket
 import time
 from pathlib import Path
 
+from ds_finetune.dist import all_gather, decide
 from ds_finetune.errors import UserError
 
 PROBE_PREFIX = ".ds-finetune-probe-"
@@ -118,8 +119,6 @@ def remove_stale_probes(ckpt_dir: Path, nonce: str, now: float | None = None) ->
 def check_shared_checkpoint_dir(ckpt_dir: Path, rank: int, world: int) -> None:
     """Every rank calls this at start, before a checkpoint is picked or written. Raises the same UserError
     on every rank when some node does not see rank 0's checkpoint dir (or cannot write it)."""
-    from ds_finetune.dist import all_gather, decide
-
     nonce = decide(lambda: secrets.token_hex(8), runs_here=rank == 0)
     error = write_probe(ckpt_dir, nonce, rank)
     node_rank = os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK"))  # DeepSpeed's launch.py / torchrun

@@ -27,7 +27,9 @@ import torch
 
 from ds_finetune.data import IGNORE_INDEX
 from ds_finetune.data.packing import Batch
+from ds_finetune.ds_internals import registered_ulysses, set_ulysses_batch_size
 from ds_finetune.errors import UserError
+from ds_finetune.lora import hf_model
 
 # The attention implementations Ulysses wraps (it refuses eager: that needs a 4-D mask, which it drops).
 SUPPORTED_ATTENTION = ("sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -92,8 +94,6 @@ class ShardedLoss:
         self.inner, self.group, self.ulysses, self.pad_id = inner, group, ulysses, pad_id
 
     def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0):
-        from ds_finetune.ds_internals import set_ulysses_batch_size
-
         part = shard(Batch(input_ids, attention_mask, labels, position_ids), self.group.rank, self.group.size,
                      self.pad_id)
         set_ulysses_batch_size(self.ulysses, input_ids.shape[0])  # an eval batch may hold fewer rows
@@ -117,7 +117,7 @@ def check_config(cfg) -> None:
     if "num_attention_heads" in inline:
         heads = inline["num_attention_heads"]
         check_heads(sp, heads, inline.get("num_key_value_heads") or heads)
-    check_attention(sp, impl, cfg.data.packing == "isolated")
+    check_attention(sp, impl, cfg.data.isolates)
 
 
 def check_model(model, sp: int, isolate: bool) -> str:
@@ -163,9 +163,6 @@ def attach(model, sp: int, micro_batch_size: int, isolate: bool = False):
     """Register Ulysses for the model's attention (every call of that implementation in this process is
     sequence-parallel from now on) and return (mpu for deepspeed.initialize, the Ulysses module)."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-
-    from ds_finetune.ds_internals import registered_ulysses
-    from ds_finetune.lora import hf_model
 
     model = hf_model(model)
     impl = check_model(model, sp, isolate)

@@ -20,18 +20,19 @@ from pathlib import Path
 
 from deepspeed import DeepSpeedEngine
 
-from ds_finetune import lora, resume
-from ds_finetune.checkpoint import Checkpointer, TrainState
+from ds_finetune import lora
+from ds_finetune.checkpoint import resume
+from ds_finetune.checkpoint.manager import Checkpointer
+from ds_finetune.checkpoint.layout import TrainState
 from ds_finetune.config import RunConfig, load_config
 from ds_finetune.config_text import split_resume_arg
-from ds_finetune.data.cache import cache_root
 from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, MixedData, MixtureOrder, TokenizedData, epoch_order,
                               load_tokenizer, prepare_training_data, unit_tokens)
 from ds_finetune.dist import (barrier, decide, init_distributed, on_cuda, seed_everything, set_deterministic,
                               sum_over_ranks)
 from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
-from ds_finetune.export import write_hf_files
+from ds_finetune.checkpoint.export import write_hf_files
 from ds_finetune.objective import SFT, StepResult, source_metrics
 from ds_finetune.dpo import DPO
 from ds_finetune.reference import dpo_objective
@@ -87,7 +88,7 @@ def lora_base_files(cfg: RunConfig, rank: int, world: int) -> dict | None:
         return None  # a random-init base is identified by model.config and the seed
     with scratch_folder(cfg.checkpoint_dir, rank) as scratch:  # a folder every node sees (checked before)
         board = Rendezvous(scratch, rank, world, f"hashing the base model {cfg.model.name_or_path}")
-        return lora.base_model_files(cfg.model.name_or_path, cache_root(cfg.data) / "file-hashes", board)
+        return lora.base_model_files(cfg.model.name_or_path, board)
 
 
 def write_run_files(cfg: RunConfig, ds_config: dict) -> None:
@@ -131,7 +132,7 @@ def setup(args) -> tuple[Run, TrainState]:
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank, stage and world size
     model = build_model(cfg, ds_config)
-    isolate = cfg.data.packing == "isolated"
+    isolate = cfg.data.isolates
     if isolate:
         check_isolated_packing(model, layout.micro_batch_size)
     # Ulysses replaces the model's attention function before the engine exists (its groups are the mpu).

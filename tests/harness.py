@@ -168,7 +168,7 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.02, alive=None
 
 
 def committed_steps(ckpt_dir: Path) -> list[int]:
-    from ds_finetune.checkpoint import MANIFEST, step_of_tag
+    from ds_finetune.checkpoint.layout import MANIFEST, step_of_tag
     if not ckpt_dir.is_dir():
         return []
     return sorted(step_of_tag(p.name) for p in ckpt_dir.iterdir()
@@ -201,8 +201,8 @@ def assert_same_final_weights(got_dir: Path, ref_dir: Path) -> None:
     """The newest checkpoints of both runs hold bitwise the same full fp32 weights."""
     import torch
 
-    from ds_finetune.verify import find_resumable_checkpoint
-    from ds_finetune.reshard import consolidate
+    from ds_finetune.checkpoint.verify import find_resumable_checkpoint
+    from ds_finetune.checkpoint.reshard import consolidate
     got, _ = find_resumable_checkpoint(Path(got_dir) / "checkpoints")
     ref, _ = find_resumable_checkpoint(Path(ref_dir) / "checkpoints")
     assert got.step == ref.step, (got.path, ref.path)

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from ds_finetune.async_save import BackgroundWrite, snapshot
+from ds_finetune.checkpoint.async_save import BackgroundWrite, snapshot
 
 
 def saved_bytes(obj) -> bytes:
@@ -76,7 +76,7 @@ def test_the_copy_is_taken_before_wait_until_copied_returns_and_training_may_the
                                                                                                    monkeypatch):
     import time
 
-    from ds_finetune import async_save
+    from ds_finetune.checkpoint import async_save
 
     def slow_snapshot(obj, memo=None):
         time.sleep(0.3)  # a copy that takes a while: the caller must wait for it, not race it

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import harness
-from ds_finetune.export import export_checkpoint
-from ds_finetune.verify import find_resumable_checkpoint
+from ds_finetune.checkpoint.export import export_checkpoint
+from ds_finetune.checkpoint.verify import find_resumable_checkpoint
 
 pytestmark = pytest.mark.multiproc
 BF16 = ["model.dtype=bf16"]

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import harness
-from ds_finetune.checkpoint import LATEST, MANIFEST
-from ds_finetune.verify import find_resumable_checkpoint, inspect_checkpoint, share_of_files
+from ds_finetune.checkpoint.layout import LATEST, MANIFEST
+from ds_finetune.checkpoint.verify import find_resumable_checkpoint, inspect_checkpoint
+from ds_finetune.hashing import share_of_files
 from ds_finetune.faults import PHASES
 
 # (DS_FINETUNE_FAULT, does the save of that step commit before the kill?)

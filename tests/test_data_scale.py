@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
-from ds_finetune import data
+from ds_finetune import data, hashing
 from ds_finetune.config import DataConfig
 from ds_finetune.data import cache, parallel, sources
 from ds_finetune.errors import UserError
@@ -208,8 +208,8 @@ def test_data_prepare_builds_once_and_then_reports_ready(tmp_path):
 def test_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
     src = write_jsonl(tmp_path / "rows.jsonl", chat_rows(3))
     memo, reads = tmp_path / "memo", []
-    real = sources.sha256_file
-    monkeypatch.setattr(sources, "sha256_file", lambda p: reads.append(p) or real(p))
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p: reads.append(p) or real(p))
     first = sources.content_hash([src], "", "train", memo)
     assert sources.content_hash([src], "", "train", memo) == first and len(reads) == 1
     assert sources.content_hash([src], "", "train") == first  # the memo holds the content hash itself

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import harness
-from ds_finetune.checkpoint import MANIFEST, apply_retention, best_checkpoint, tag_for_step
+from ds_finetune.checkpoint.layout import MANIFEST, apply_retention, best_checkpoint, tag_for_step
 from ds_finetune.evaluate import held_out_rows
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import harness
-from ds_finetune.verify import find_resumable_checkpoint
+from ds_finetune.checkpoint.verify import find_resumable_checkpoint
 
 pytestmark = pytest.mark.multiproc
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import harness
-from ds_finetune.verify import find_resumable_checkpoint
+from ds_finetune.checkpoint.verify import find_resumable_checkpoint
 
 pytestmark = pytest.mark.multiproc
 CLI = str(harness.BIN / "ds-finetune")
@@ -92,7 +92,7 @@ def test_export_in_shards_of_a_given_size(saved_at_step4, tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: export error: --max-shard-size 'big'")
     assert "Traceback" not in bad.stderr
     # the export's progress (a bar in a terminal): every byte hashed and every weight read is reported
-    from ds_finetune.export import export_checkpoint
+    from ds_finetune.checkpoint.export import export_checkpoint
     seen = {}
 
     def bar(desc, total):

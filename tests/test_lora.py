@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import harness
-from ds_finetune.verify import find_resumable_checkpoint
+from ds_finetune.checkpoint.verify import find_resumable_checkpoint
 
 pytestmark = pytest.mark.multiproc
 CLI = str(harness.BIN / "ds-finetune")
@@ -71,7 +71,7 @@ def test_lora_checkpoint_holds_the_adapters_and_exports_compute_what_training_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ds_finetune.reshard import consolidate
+    from ds_finetune.checkpoint.reshard import consolidate
 
     ref = lora_reference(2)
     info, _ = find_resumable_checkpoint(ref / "checkpoints")

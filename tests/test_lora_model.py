@@ -77,15 +77,17 @@ def test_missing_peft_names_the_extra(monkeypatch):
         check_peft_installed()
 
 
-def test_the_base_files_not_the_folder_are_a_lora_runs_identity(tmp_path):
+def test_the_base_files_not_the_folder_are_a_lora_runs_identity(tmp_path, monkeypatch):
     from ds_finetune.lora import base_model_files
+
+    monkeypatch.setenv("DS_FINETUNE_CACHE", str(tmp_path / "cache"))  # the hash memo
 
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
     (base / "model.safetensors").write_bytes(b"weights")
     (base / "tokenizer.json").write_text("{}")  # the tokenizer is fingerprinted with the data, not here
-    files = base_model_files(str(base), tmp_path / "memo")
+    files = base_model_files(str(base))
     assert set(files) == {"config.json", "model.safetensors"}
     cfg = load_config(harness.TINY, ["output_dir=/tmp/unused", *LORA, "model.config=null",
                                      f"model.name_or_path={base}", "model.tokenizer=assets/tiny-tokenizer"])
@@ -93,7 +95,7 @@ def test_the_base_files_not_the_folder_are_a_lora_runs_identity(tmp_path):
     saved = config_fingerprint(cfg, 8, "data", files)
     assert changed_exact_keys(saved, config_fingerprint(moved, 8, "data", files)) == []
     (base / "model.safetensors").write_bytes(b"other weights")
-    changed = base_model_files(str(base), tmp_path / "memo")
+    changed = base_model_files(str(base))
     assert changed_exact_keys(saved, config_fingerprint(cfg, 8, "data", changed)) == ["model.base_files.model.safetensors"]
 
 

@@ -204,7 +204,7 @@ def run_nodes(cluster: Cluster, out: Path, **kw) -> list[str]:
 
 def newest_manifest(out: Path) -> dict:
     import json
-    from ds_finetune.checkpoint import MANIFEST, tag_for_step
+    from ds_finetune.checkpoint.layout import MANIFEST, tag_for_step
     step = harness.committed_steps(out / "checkpoints")[-1]
     return json.loads((out / "checkpoints" / tag_for_step(step) / MANIFEST).read_text())
 

@@ -9,7 +9,7 @@ import pytest
 from ds_finetune import rendezvous
 from ds_finetune.errors import UserError
 from ds_finetune.rendezvous import Meter, Rendezvous
-from ds_finetune.verify import share_of_files
+from ds_finetune.hashing import share_of_files
 
 
 def test_the_wait_gives_up_on_a_rank_that_shows_no_progress_and_only_then(tmp_path, monkeypatch):

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import harness
-from ds_finetune import reshard
-from ds_finetune.verify import find_resumable_checkpoint, verify_files
-from ds_finetune.reshard import consolidate
+from ds_finetune.checkpoint import reshard
+from ds_finetune.checkpoint.convert import convert_here
+from ds_finetune.checkpoint.verify import find_resumable_checkpoint, verify_files
+from ds_finetune.checkpoint.reshard import consolidate
 
 pytestmark = pytest.mark.multiproc
 STAGES = [0, 1, 2, 3]
@@ -54,9 +55,8 @@ def test_converted_state_loads_exactly_into_every_stage(saved_at_step4, referenc
     """The Adam moments and weights read back from an engine of each stage equal the converted ones; in
     bf16 the fp32 masters too (not the bf16 rounding the engine built them from), at ZeRO 0 as well
     (where DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer)."""
-    from ds_finetune.reshard import write_resharded
     info, _ = find_resumable_checkpoint(saved_at_step4(3) / "checkpoints")
-    target = write_resharded(info)
+    target = convert_here(info)
     out = tmp_path / "roundtrip.json"
     proc = harness.run(harness.ranks_argv(harness.ROOT / "tests" / "scripts" / "roundtrip_resharded.py",
                                           [str(target), str(out), "0", "1", "2", "3", "0:bf16", "1:bf16",
@@ -183,7 +183,7 @@ def test_a_crash_or_a_hang_mid_conversion_is_never_used_and_resume_converts_agai
 def test_a_damaged_converted_copy_is_a_clear_error(saved_at_step4, tmp_path):
     run = shutil.copytree(saved_at_step4(0), tmp_path / "run")
     info, _ = find_resumable_checkpoint(run / "checkpoints")
-    target = reshard.write_resharded(info, shard_bytes=20_000)
+    target = convert_here(info, shard_bytes=20_000)
     shard = next(target.glob("exp_avg-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-4] + b"\0\0\0\1")
     # one rank: its one error line is the whole output

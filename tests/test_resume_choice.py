@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import harness
-from ds_finetune import resume
+from ds_finetune.checkpoint import resume
 from ds_finetune.config import load_config
 from ds_finetune.errors import UserError
 

@@ -110,7 +110,7 @@ def test_the_check_decides_as_the_loader_without_importing_deepspeed(tmp_path):
             "assert 'deepspeed' not in sys.modules; print('ok')")
     ok = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ok.pt")], capture_output=True, text=True)
     assert ok.stdout.strip() == "ok", ok.stderr[-2000:]
-    from ds_finetune import safe_pickle
+    from ds_finetune.checkpoint import safe_pickle
     with pytest.raises(safe_pickle.UnsafeCheckpointFile, match="posix.system"):
         safe_pickle.check(tmp_path / "bad.pt")
     assert not (tmp_path / "ran").exists()
@@ -133,7 +133,7 @@ def test_fp16_loss_scaler_state_round_trips_through_the_safe_loader(tmp_path):
 def test_client_state_and_trainer_state_are_plain_values():
     """What we put into DeepSpeed's files (client_state) pickles without a single global; what the manifest
     holds is JSON."""
-    from ds_finetune.checkpoint import TrainState
+    from ds_finetune.checkpoint.layout import TrainState
     from ds_finetune.dist import capture_rng
 
     buf = io.BytesIO()

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from ds_finetune.errors import UserError
-from ds_finetune.reshard import share_of
-from ds_finetune.tensorfiles import parse_size, plan_shards, read_tensor, write_safetensors
+from ds_finetune.checkpoint.reshard import share_of
+from ds_finetune.checkpoint.tensorfiles import parse_size, plan_shards, read_tensor, write_safetensors
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

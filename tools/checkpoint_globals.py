@@ -108,7 +108,7 @@ def fp16_shim(argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if argv[0] == "--fp16-shim":
         return fp16_shim(argv[1:])
-    from ds_finetune.safe_pickle import CHECKPOINT_GLOBALS
+    from ds_finetune.checkpoint.safe_pickle import CHECKPOINT_GLOBALS
 
     folders = survey(Path(argv[1])) if argv[0] == "--survey" else [Path(a) for a in argv]
     found, refused = scan(folders)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_cache, cache_path, cache_root,
+from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_cache, cache_path,
                                     ensure_cache, read_cache, read_meta, tokenizer_fingerprint)
 from ds_finetune.data.mixture import MixedData, MixtureOrder
 from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, StepBatch, collate, plan_units, unit_targets,
                                       unit_tokens)
 from ds_finetune.data.sources import content_hash, resolve_data_files
 from ds_finetune.errors import UserError
+from ds_finetune.hashing import memo_dir
 
 __all__ = ["DATA_FORMAT_VERSION", "IGNORE_INDEX", "EpochOrder", "MixedData", "MixtureOrder", "StepBatch",
            "TokenizedData", "build_cache", "cache_path", "collate", "content_hash", "ensure_prepared",
@@ -36,7 +37,7 @@ __all__ = ["DATA_FORMAT_VERSION", "IGNORE_INDEX", "EpochOrder", "MixedData", "Mi
 def locate(data_cfg, tok) -> tuple[list[Path] | None, str, Path]:
     """(data files, content hash, cache folder) of a data config."""
     files = resolve_data_files(data_cfg.path)
-    data_hash = content_hash(files, data_cfg.path, data_cfg.split, memo_dir=cache_root(data_cfg) / "file-hashes")
+    data_hash = content_hash(files, data_cfg.path, data_cfg.split, memo_dir=memo_dir())
     return files, data_hash, cache_path(data_cfg, data_hash, tok)
 
 

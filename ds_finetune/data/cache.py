@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_finetune.data.sources import check_not_blank
 from ds_finetune.data.parallel import tokenized_chunks
+from ds_finetune.data.sources import check_not_blank
 from ds_finetune.errors import UserError
 from ds_finetune.files import fsync_dir
+from ds_finetune.hashing import default_cache_dir
 
 # Bump when tokenization or masking changes meaning: it is part of the cache key and of checkpoints.
 # 2: chat targets end at the turn's end marker (whitespace the template puts after it is not a target).
@@ -70,10 +71,6 @@ def tokenizer_fingerprint(tok) -> str:
     h.update(str(getattr(tok, "chat_template", "")).encode())
     h.update(str((tok.bos_token_id, tok.eos_token_id)).encode())
     return h.hexdigest()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DS_FINETUNE_CACHE", Path.home() / ".cache" / "ds-finetune"))
 
 
 def cache_root(data_cfg) -> Path:

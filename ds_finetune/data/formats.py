@@ -83,7 +83,7 @@ def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
     if cfg.format == "text":
         seqs = _text_seqs(tok, [_field(r, cfg.text_field, at, "text", "text_field") for r, at in zip(rows, ats)])
     elif cfg.format == "preference":
-        from ds_finetune.data.preference import preference_seqs
+        from ds_finetune.data.preference import preference_seqs  # it imports this module's helpers
         seqs, cut = preference_seqs(tok, cfg, rows, ats)
         kept = _keep_rows(seqs, cfg.max_length, first, len(items))
         kept.truncated_pairs = cut

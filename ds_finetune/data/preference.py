@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ds_finetune.data.chat import ChatRenderer
+from ds_finetune.data.formats import _check_messages, _encode
 from ds_finetune.errors import UserError
 
 
@@ -34,9 +36,6 @@ def _strings_or_messages(row: dict, name: str, setting: str, at: str, chat: bool
 def preference_seqs(tok, cfg, rows: list[dict], ats: list[str]):
     """(index in the chunk, ids, mask) for each row of the chunk's pairs (chosen, then rejected), already
     truncated; and the number of pairs truncation cut."""
-    from ds_finetune.data.chat import ChatRenderer
-    from ds_finetune.data.formats import _check_messages, _encode
-
     fields = [(cfg.prompt_field, "prompt_field"), (cfg.chosen_field, "chosen_field"),
               (cfg.rejected_field, "rejected_field")]
     prompts, chosens, rejecteds = [], [], []

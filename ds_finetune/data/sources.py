@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ds_finetune.errors import UserError, first_line
-from ds_finetune.files import sha256_file
+from ds_finetune.hashing import remembered_sha256
 
 LOCAL_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -94,33 +94,8 @@ def content_hash(files: list[Path] | None, dataset_name: str, split: str, memo_d
         h.update(f"datasets:{dataset_name}:{split}".encode())
         return h.hexdigest()
     for f in files:
-        h.update(f"{f.name}:{file_sha256(f, memo_dir)}".encode())
+        h.update(f"{f.name}:{remembered_sha256(f, memo_dir)}".encode())
     return h.hexdigest()
-
-
-def file_sha256(path: Path, memo_dir: Path | None) -> str:
-    if memo_dir is None:
-        return sha256_file(path)
-    st = path.stat()
-    version = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-    memo = memo_dir / (hashlib.sha256(version["path"].encode()).hexdigest()[:32] + ".json")
-    try:
-        saved = json.loads(memo.read_text())
-        if {k: saved.get(k) for k in version} == version:
-            return saved["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass  # no memo yet, or a torn/foreign one: hash again
-    digest = sha256_file(path)
-    try:
-        memo_dir.mkdir(parents=True, exist_ok=True)
-        # A unique temp name, then a rename: several ranks may write the same memo at once. No fsync:
-        # a memo lost in a crash only costs a re-hash.
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**version, "sha256": digest}))
-        os.replace(tmp, memo)
-    except OSError:
-        pass  # a read-only cache dir only costs the next start a re-hash
-    return digest
 
 
 # ------------------------------------------------------------------------------------------------- read

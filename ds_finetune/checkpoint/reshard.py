@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from ds_finetune.checkpoint import MANIFEST, remove_tree
-from ds_finetune.verify import CheckpointInfo
-from ds_finetune.files import hash_and_sync, write_atomic
+from ds_finetune import ds_internals
+from ds_finetune.checkpoint.layout import MANIFEST, remove_tree
+from ds_finetune.checkpoint.tensorfiles import nbytes, plan_shards, read_tensor, write_safetensors
+from ds_finetune.checkpoint.verify import CheckpointInfo
 from ds_finetune.errors import UserError
+from ds_finetune.files import hash_and_sync, write_atomic
 from ds_finetune.files import fsync_dir
-from ds_finetune.tensorfiles import nbytes, plan_shards, read_tensor, write_safetensors
 
 RESHARDED_DIR = "resharded"
 TMP_PREFIX = f".{RESHARDED_DIR}.tmp-"
@@ -45,8 +46,6 @@ SHARD_BYTES = 128 * 2**20  # bounds the converted copy's files (and a reader's m
 
 def open_source(info: CheckpointInfo):
     """A verified checkpoint, read parameter by parameter (nothing is loaded before `read`)."""
-    from ds_finetune import ds_internals
-
     if info.status != "complete":
         raise UserError(f"checkpoint error: {info.path} is {info.status}; pick a complete one (`ds-finetune ckpt list`)")
     return ds_internals.ZeroCheckpoint(info.path, info.manifest["zero_stage"], info.manifest["world_size"])
@@ -163,15 +162,6 @@ def commit(target: Path, tmp: Path, parts: list[dict], meta: dict) -> Path:
     return target
 
 
-def write_resharded(info: CheckpointInfo, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Convert in this one process (tools and tests; a resuming job splits the work, see resume.convert)."""
-    src = open_source(info)
-    tmp = info.path / f"{TMP_PREFIX}{os.getpid()}"
-    tmp.mkdir()
-    part = write_share(src, src.names, tmp, 0, shard_bytes)
-    return commit(resharded_dir(info), tmp, [part], source_meta(info, src))
-
-
 # ------------------------------------------------------------------------------------------- read back
 
 @dataclass(frozen=True)
@@ -227,8 +217,6 @@ def load_master_weights(engine, copy: ConvertedCopy) -> None:
     start from weights rounded to 8 bits of mantissa."""
     from deepspeed.utils import safe_set_full_fp32_param
 
-    from ds_finetune import ds_internals
-
     if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         return  # the module's fp32 weights are the masters
     masters = ds_internals.stage0_masters(engine)
@@ -246,8 +234,6 @@ def load_master_weights(engine, copy: ConvertedCopy) -> None:
 def load_optimizer_state(engine, copy: ConvertedCopy) -> None:
     """fp32 masters, Adam moments, step count, LR schedule and DeepSpeed's step counters, on any ZeRO stage."""
     from deepspeed.utils import safe_set_full_optimizer_state
-
-    from ds_finetune import ds_internals
 
     meta = copy.meta
     base, keys = ds_internals.optimizer_and_state_keys(engine)

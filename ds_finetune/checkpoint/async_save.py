@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ds_finetune.checkpoint.commit import write_shard
+from ds_finetune.dist import on_cuda
 from ds_finetune.faults import fault_point
-from ds_finetune.files import HashingFile
 
 
 def snapshot(obj, memo: dict | None = None):
@@ -73,8 +74,6 @@ class DeviceCopy:
     where the copy is a plain memcpy, nothing."""
 
     def __init__(self):
-        from ds_finetune.dist import on_cuda
-
         self.stream = self.saved = None
         if on_cuda():
             self.saved = torch.cuda.Event()
@@ -122,14 +121,8 @@ class BackgroundWrite:
             finally:
                 self.copied.set()  # also on failure: the error is reported at the commit
             for i, (path, state) in enumerate(self.files):
-                fault_point("enospc", self.rank, self.step)
-                f = HashingFile(path, tear=lambda: fault_point("torn_shard", self.rank, self.step), direct=True)
-                try:
-                    torch.save(state, f)
-                finally:
-                    self.written[path] = f.close()
+                self.written[path] = write_shard(state, path, self.rank, self.step, direct=True)
                 self.files[i] = (path, None)  # the snapshot's memory goes as soon as its file is durable
-                fault_point("mid_shards", self.rank, self.step)
                 fault_point("async_write", self.rank, self.step)
             fault_point("async_written", self.rank, self.step)
         except BaseException as e:  # noqa: BLE001 - reported to every rank at the commit

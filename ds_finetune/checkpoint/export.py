@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ds_finetune.checkpoint import TrainState, step_of_tag
-from ds_finetune.verify import CheckpointInfo, inspect_checkpoint, manifest_bytes, verify_files
+from ds_finetune import lora
+from ds_finetune.checkpoint import reshard
+from ds_finetune.checkpoint.layout import TrainState, step_of_tag
+from ds_finetune.checkpoint.tensorfiles import nbytes, parse_size, plan_shards, write_safetensors
+from ds_finetune.checkpoint.verify import CheckpointInfo, inspect_checkpoint, manifest_bytes, verify_files
 from ds_finetune.errors import UserError
-from ds_finetune.tensorfiles import nbytes, parse_size, plan_shards, write_safetensors
 
 HF_DIR = "hf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,8 +30,6 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"  # save_pretrained's default
 
 def write_hf_files(tag_dir: Path, model, tokenizer) -> None:
     """Called on rank 0 during a save, before the files are hashed into the manifest."""
-    from ds_finetune import lora
-
     target = tag_dir / HF_DIR
     model.config.save_pretrained(target)
     if getattr(model, "generation_config", None) is not None:
@@ -45,8 +45,6 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bo
     time): memory is bounded by one tensor, whatever the model's size. A LoRA checkpoint becomes a PEFT
     adapter folder, or with `merge` the base model with the adapters merged (memory: the whole model).
     `bar(desc, total_bytes)` returns a progress callback, for the hashing and for the reading."""
-    from ds_finetune import lora, reshard
-
     if not path.is_dir() or step_of_tag(path.name) is None:
         raise UserError(f"export error: {path} is not a checkpoint folder (expected .../checkpoints/step_N)")
     max_bytes = parse_size(max_shard_size)

@@ -7,28 +7,24 @@ Three calls from setup: `plan` before the model exists (it decides the batch lay
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_finetune import checkpoint as ckpt
-from ds_finetune import reshard
-from ds_finetune import verify
-from ds_finetune.checkpoint import TrainState
-from ds_finetune.verify import CheckpointInfo
+from ds_finetune.checkpoint import layout as ckpt, reshard, verify
+from ds_finetune.checkpoint.layout import TrainState
+from ds_finetune.checkpoint.convert import convert, needs_conversion
+from ds_finetune.checkpoint.manager import Checkpointer
+from ds_finetune.checkpoint.verify import CheckpointInfo, hash_together
 from ds_finetune.config import RunConfig
-from ds_finetune.fingerprint import changed_exact_keys
 from ds_finetune.data import DATA_FORMAT_VERSION
 from ds_finetune.dist import barrier, decide, restore_rng
 from ds_finetune.errors import UserError
-from ds_finetune.faults import fault_point
 from ds_finetune.files import fsync_dir, write_atomic
+from ds_finetune.fingerprint import changed_exact_keys
 from ds_finetune.metrics import metrics_lines
-from ds_finetune.rendezvous import Meter, Rendezvous, scratch_folder
+from ds_finetune.rendezvous import scratch_folder
 from ds_finetune.sampler import BatchLayout
 
 
@@ -62,7 +58,7 @@ def plan(cfg: RunConfig, args, rank: int, world: int, fingerprint_of) -> ResumeP
         ckpt.remove_checkpoints(cfg.checkpoint_dir)
     converted = None
     if needs_conversion(source, cfg.train.zero_stage, world):
-        converted = convert(source, cfg.train.zero_stage, world, rank)
+        converted = convert(source, cfg.train.zero_stage, world, rank, say)
     barrier()
     return ResumePlan(source, layout, fingerprint, converted)
 
@@ -73,7 +69,7 @@ def load_converted_weights(resume_plan: ResumePlan, model) -> None:
         reshard.load_weights(model, resume_plan.converted)
 
 
-def apply(resume_plan: ResumePlan, checkpointer: ckpt.Checkpointer, rank: int) -> TrainState:
+def apply(resume_plan: ResumePlan, checkpointer: Checkpointer, rank: int) -> TrainState:
     """The engine's state, this rank's RNG and the trainer's progress from the plan's checkpoint; a fresh
     TrainState when there is none."""
     if resume_plan.source is None:
@@ -109,29 +105,10 @@ def _hash_candidates(cfg: RunConfig, resume: str, scratch: Path, rank: int, worl
             manifest = None
         if manifest is None:
             continue  # nothing to hash; rank 0 reports it
-        checked[str(tag_dir)] = hash_together(tag_dir, manifest, scratch / tag_dir.name, rank, world)
+        checked[str(tag_dir)] = hash_together(tag_dir, manifest, scratch / tag_dir.name, rank, world, say)
         if not checked[str(tag_dir)]:
             break
     return checked
-
-
-def hash_together(folder: Path, manifest: dict, board_dir: Path, rank: int, world: int) -> list[str]:
-    """Every problem with the manifest's files in `folder`; each rank hashes a share, all wait on files."""
-    board = Rendezvous(board_dir, rank, world, f"verifying {folder}")
-    files = manifest["files"]
-    mine = verify.share_of_files(files, rank, world)
-    meter = Meter(say if rank == 0 else None, f"verifying {folder.name} (rank 0's share)",
-                  sum(files[n]["size"] for n in mine))
-
-    def hashed(n: int) -> None:
-        board.beat()
-        meter.add(n)
-
-    def my_share() -> list[str]:
-        fault_point("hang_verify", rank, int(manifest.get("step", -1)))
-        return verify.verify_files(folder, {"files": {n: files[n] for n in mine}}, progress=hashed)
-
-    return [problem for part in board.gather(my_share) for problem in part]
 
 
 def _choose_on_rank0(cfg: RunConfig, resume: str | None, overwrite: bool, discard_newer: bool,
@@ -247,80 +224,9 @@ def resolve_layout(cfg: RunConfig, world: int, resume_from: CheckpointInfo | Non
     return BatchLayout(micro, accum, dp)
 
 
-# ----------------------------------------------------------------------------------------------- convert
-
-Converted = reshard.ConvertedCopy  # a checkpoint from another stage or world size, read tensor by tensor
-
-def needs_conversion(info: CheckpointInfo | None, stage: int, world: int) -> bool:
-    return info is not None and (info.manifest["zero_stage"], info.manifest["world_size"]) != (stage, world)
-
-
-def convert(info: CheckpointInfo, stage: int, world: int, rank: int) -> Converted:
-    """Convert the checkpoint to the stage-independent copy once (every rank converts a share of the
-    parameters; rank 0 commits), or reuse the copy an earlier resume committed. The ranks wait for each
-    other on files, not in a collective: a conversion may take longer than DeepSpeed's process-group
-    timeout."""
-    m = info.manifest
-
-    def plan():  # rank 0: reuse, or a fresh temp folder (leftovers of a crashed conversion go first)
-        cached = reshard.has_resharded(info)
-        say(f"converting {info.path} (ZeRO {m['zero_stage']}, {m['world_size']} ranks) for ZeRO {stage} on "
-            f"{world} ranks" + (" (reusing the converted copy)" if cached else
-                                     f" ({world} ranks share the work)" if world > 1 else ""))
-        if cached:
-            return None
-        for old in info.path.glob(reshard.TMP_PREFIX + "*"):  # a crashed conversion's leftovers
-            shutil.rmtree(old, ignore_errors=True)
-        tmp = info.path / f"{reshard.TMP_PREFIX}{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()
-        return tmp.name
-
-    tmp_name = decide(plan, runs_here=rank == 0)
-    if tmp_name is None:
-        target = reshard.resharded_dir(info)
-        with scratch_folder(info.path, rank) as scratch:
-            problems = hash_together(target, _manifest_of(info), scratch, rank, world)
-        return reshard.open_resharded(target, lambda _: problems)
-    _convert_share(info, info.path / tmp_name, rank, world)
-    return reshard.open_resharded(reshard.resharded_dir(info))
-
-
-def _manifest_of(info: CheckpointInfo) -> dict:
-    return json.loads((reshard.resharded_dir(info) / ckpt.MANIFEST).read_text())
-
-
-def _convert_share(info: CheckpointInfo, tmp: Path, rank: int, world: int) -> None:
-    """Write this rank's share into `tmp` and report it (`rendezvous`); rank 0 waits for every report,
-    then commits; the others wait for the commit, watching rank 0."""
-    board = Rendezvous(tmp, rank, world, f"converting {info.path}")
-    try:
-        src = reshard.open_source(info)
-        share = reshard.share_of(src.names, src.shapes, rank, world)
-        meter = Meter(say if rank == 0 else None, "converting (rank 0's share)", reshard.share_bytes(src, share))
-
-        def converted(n: int) -> None:
-            board.beat()
-            meter.add(n)
-
-        board.beat()
-        part = reshard.write_share(src, share, tmp, rank, progress=converted)
-        fault_point("mid_convert", rank, info.step)
-        fault_point("hang_convert", rank, info.step)
-        board.report(part)
-        if rank == 0:
-            parts = board.reports()
-            board.clear_markers()
-            reshard.commit(reshard.resharded_dir(info), tmp, parts, reshard.source_meta(info, src))
-    except Exception as e:  # every rank must learn of it, or they would wait for the commit forever
-        board.fail(e)
-        raise
-    if rank != 0:  # reported, so no more beats (rank 0 is about to move the folder); rank 0 is watched
-        board.wait_until(lambda: reshard.has_resharded(info) or board.check_alive([0]))
-
-
 # ----------------------------------------------------------------------------------------------- restore
 
-def restore(checkpointer: ckpt.Checkpointer, info: CheckpointInfo, converted: Converted | None,
+def restore(checkpointer: Checkpointer, info: CheckpointInfo, converted: reshard.ConvertedCopy | None,
             rank: int) -> TrainState:
     """Engine state (natively, or from the converted copy), this rank's RNG, and the trainer's progress.
     A converted checkpoint's weights are already in the model (`reshard.load_weights` before the engine)."""

@@ -7,9 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_finetune.checkpoint import read_manifest, step_of_tag, tag_dirs
+from ds_finetune.checkpoint.layout import read_manifest, step_of_tag, tag_dirs
 from ds_finetune.errors import UserError, first_line
+from ds_finetune.faults import fault_point
 from ds_finetune.files import sha256_file
+from ds_finetune.hashing import share_of_files
+from ds_finetune.rendezvous import Meter, Rendezvous
 
 
 @dataclass
@@ -49,7 +52,7 @@ def unsafe_files(tag_dir: Path) -> tuple[list[str], list[str]]:
     """(unsafe, unreadable): the pickled files (`*.pt`) that torch's safe unpickler refuses, or that cannot
     be read at all. Each is opened as it will be loaded, its tensors memory-mapped and never read: this
     costs the pickles, not the tensors."""
-    from ds_finetune import safe_pickle
+    from ds_finetune.checkpoint import safe_pickle  # torch: `ckpt list` and a status need not import it
 
     unsafe, unreadable = [], []
     for path in sorted(tag_dir.rglob("*.pt")):
@@ -61,18 +64,6 @@ def unsafe_files(tag_dir: Path) -> tuple[list[str], list[str]]:
         except Exception as e:  # noqa: BLE001 - whatever a damaged file makes torch raise: not loadable
             unreadable.append(f"{name} is unreadable ({first_line(e)})")
     return unsafe, unreadable
-
-
-def share_of_files(files: dict, rank: int, world: int) -> list[str]:
-    """This rank's share of a manifest's files for hashing, balanced by size (largest first, each to the
-    least loaded rank), the same on every rank."""
-    loads, mine = [0] * world, []
-    for name in sorted(files, key=lambda n: (-files[n]["size"], n)):
-        r = loads.index(min(loads))
-        loads[r] += files[name]["size"]
-        if r == rank:
-            mine.append(name)
-    return mine
 
 
 def inspect_checkpoint(tag_dir: Path, hashes: bool = True, checked: dict | None = None,
@@ -138,3 +129,23 @@ def find_resumable_checkpoint(ckpt_dir: Path, hashes: bool = True, checked: dict
             return info, skipped
         skipped.append(f"skipping {info.status} checkpoint {p}: {'; '.join(info.problems)}")
     return None, skipped
+
+
+def hash_together(folder: Path, manifest: dict, board_dir: Path, rank: int, world: int, say) -> list[str]:
+    """Every problem with the manifest's files in `folder`; each rank hashes a share (`hashing.share_of_files`)
+    and all wait on files in `board_dir`, not in a collective. Rank 0's progress goes to `say`."""
+    board = Rendezvous(board_dir, rank, world, f"verifying {folder}")
+    files = manifest["files"]
+    mine = share_of_files(files, rank, world)
+    meter = Meter(say if rank == 0 else None, f"verifying {folder.name} (rank 0's share)",
+                  sum(files[n]["size"] for n in mine))
+
+    def hashed(n: int) -> None:
+        board.beat()
+        meter.add(n)
+
+    def my_share() -> list[str]:
+        fault_point("hang_verify", rank, int(manifest.get("step", -1)))
+        return verify_files(folder, {"files": {n: files[n] for n in mine}}, progress=hashed)
+
+    return [problem for part in board.gather(my_share) for problem in part]
