@@ -204,20 +204,21 @@ def test_full_logits_path_gives_the_chunked_log_probs():
 
 # ------------------------------------------------------------------------------------------ real runs
 
-LORA = [*DPO, "model.lora.r=8", "train.zero_stage=2", "eval.fraction=0.05", "eval.every_steps=3"]
+LORA = [*DPO, "model.lora.r=8", "eval.fraction=0.05", "eval.every_steps=3"]
 
 
 @pytest.mark.multiproc
-def test_dpo_lora_killed_mid_accumulation_resumes_bitwise(tmp_path):
-    """Two ranks, ZeRO-2, LoRA (reference: adapters disabled), dropout on, held-out pairs evaluated every 3
+@pytest.mark.parametrize("stage", [2, 3])
+def test_dpo_lora_killed_mid_accumulation_resumes_bitwise(tmp_path, stage):
+    """Two ranks, ZeRO-2 and ZeRO-3, LoRA (reference: adapters disabled), dropout on, held-out pairs evaluated every 3
     steps: SIGKILL on rank 1 inside step 5's accumulation, --resume from step 4; losses, DPO metrics (train
     and eval), samples and final adapters as the uninterrupted run's."""
-    ref, got = tmp_path / "ref", tmp_path / "got"
-    harness.train(ref, LORA)
-    killed = harness.train(got, LORA, fault="mid_accum:rank1@step5", expect_ok=False)
+    ref, got, run = tmp_path / "ref", tmp_path / "got", [*LORA, f"train.zero_stage={stage}"]
+    harness.train(ref, run)
+    killed = harness.train(got, run, fault="mid_accum:rank1@step5", expect_ok=False)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stdout[-2000:]
     assert harness.committed_steps(got / "checkpoints")[-1] == 4
-    resumed = harness.train(got, LORA, resume="auto")
+    resumed = harness.train(got, run, resume="auto")
     assert "step_00000004" in resumed.stdout
     harness.assert_same_run(got, ref)
     rows, ref_rows = harness.metrics(got), harness.metrics(ref)
@@ -248,3 +249,55 @@ def test_precomputed_reference_pass_killed_midway_continues_to_a_fresh_pass_valu
     assert a.parent.name == b.parent.name  # the same key: data and base, not the world size
     assert np.array_equal(np.load(a), np.load(b))
     assert not list((tmp_path / "c1" / "reference").glob("*.partial"))
+
+
+# Full fine-tuning at ZeRO 3, the reference precomputed: one uninterrupted run and one killed inside step
+# 5's accumulation (newest checkpoint: step 4), made once for the module and resumed by the tests below.
+FULL3 = [*DPO, "train.zero_stage=3"]
+
+
+@pytest.fixture(scope="module")
+def full_dpo_zero3(tmp_path_factory):
+    ref, killed = tmp_path_factory.mktemp("dpo3-ref"), tmp_path_factory.mktemp("dpo3-killed")
+    harness.train(ref, FULL3)
+    proc = harness.train(killed, FULL3, fault="mid_accum:rank1@step5", expect_ok=False)
+    assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), proc.stdout[-2000:]
+    assert harness.committed_steps(killed / "checkpoints")[-1] == 4
+    return ref, killed
+
+
+@pytest.mark.multiproc
+def test_dpo_full_zero3_killed_mid_accumulation_resumes_bitwise(full_dpo_zero3, tmp_path):
+    """Two ranks, ZeRO-3, full fine-tuning (reference precomputed), dropout on: the run SIGKILLed on rank 1
+    inside step 5 resumes from step 4 with the uninterrupted run's losses, DPO metrics, samples and final
+    weights, bitwise."""
+    ref, killed = full_dpo_zero3
+    got = harness.copy_run(killed, tmp_path / "got")
+    resumed = harness.train(got, FULL3, resume="auto")
+    assert "step_00000004" in resumed.stdout and "converting" not in resumed.stdout
+    harness.assert_same_run(got, ref)
+    rows, ref_rows = harness.metrics(got), harness.metrics(ref)
+    for name in METRICS:
+        assert [repr(r[name]) for r in rows] == [repr(r[name]) for r in ref_rows], name
+    assert rows[-1]["rewards/margins"] != 0 and rows[-1]["loss"] != rows[0]["loss"]  # it trained
+    harness.assert_same_final_weights(got, ref)
+
+
+@pytest.mark.multiproc
+def test_dpo_full_zero3_checkpoint_resumes_under_zero2(full_dpo_zero3, tmp_path):
+    """The killed ZeRO-3 run resumed under ZeRO 2 (its checkpoint converted, the stored reference reused):
+    the same steps and samples as the uninterrupted ZeRO-3 run, losses and DPO metrics within 1e-5 (the
+    rewards: 1e-5 of the log-probs they are differences of)."""
+    ref, killed = full_dpo_zero3
+    got = harness.copy_run(killed, tmp_path / "got")
+    proc = harness.train(got, [*DPO, "train.zero_stage=2"], resume="auto")
+    assert "converting" in proc.stdout and "for ZeRO 2 on 2 ranks" in proc.stdout, proc.stdout[-2000:]
+    assert "computing the reference log-probs" not in proc.stdout
+    harness.assert_close_run(got, ref)
+    rows, ref_rows = harness.metrics(got), harness.metrics(ref)
+    assert len(rows) == len(ref_rows) == 10
+    for r, a in zip(rows, ref_rows):
+        # rewards are beta x differences of summed log-probs: their float noise is that of the log-probs
+        noise = 1e-5 * max(abs(a["logps/chosen"]), abs(a["logps/rejected"]))
+        for name in METRICS:
+            assert r[name] == pytest.approx(a[name], rel=1e-5, abs=noise), (a["step"], name, r[name], a[name])
