@@ -27,7 +27,6 @@ import torch
 
 from ds_finetune.data import IGNORE_INDEX
 from ds_finetune.data.packing import Batch
-from ds_finetune.ds_internals import registered_ulysses, set_ulysses_batch_size
 from ds_finetune.errors import UserError
 from ds_finetune.lora import hf_model
 
@@ -96,6 +95,7 @@ class ShardedLoss:
     def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0):
         part = shard(Batch(input_ids, attention_mask, labels, position_ids), self.group.rank, self.group.size,
                      self.pad_id)
+        from ds_finetune.ds_internals import set_ulysses_batch_size  # DeepSpeed: see `attach`
         set_ulysses_batch_size(self.ulysses, input_ids.shape[0])  # an eval batch may hold fewer rows
         return self.inner(engine, part.input_ids, None, part.labels, part.position_ids, grad_scale=grad_scale,
                           shifted=True)
@@ -162,7 +162,11 @@ _registered: dict = {}  # (sp, impl) -> (mpu, ulysses): Ulysses replaces the att
 def attach(model, sp: int, micro_batch_size: int, isolate: bool = False):
     """Register Ulysses for the model's attention (every call of that implementation in this process is
     sequence-parallel from now on) and return (mpu for deepspeed.initialize, the Ulysses module)."""
+    # DeepSpeed is imported here, not at the top: `ds-finetune train --dry-run` checks the layout with this
+    # module without paying DeepSpeed's import (seconds, and its accelerator line on stdout).
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    from ds_finetune.ds_internals import registered_ulysses
 
     model = hf_model(model)
     impl = check_model(model, sp, isolate)

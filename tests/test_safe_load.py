@@ -106,7 +106,7 @@ def test_the_check_decides_as_the_loader_without_importing_deepspeed(tmp_path):
     torch.save({"s": LossScaler(1.0), "z": ZeroStageEnum.weights, "f": fragment_address(3, 4),
                 "t": torch.ones(2)}, tmp_path / "ok.pt")
     torch.save({"payload": Payload(tmp_path / "ran")}, tmp_path / "bad.pt")
-    code = ("import sys; from ds_finetune import safe_pickle; safe_pickle.check(sys.argv[1]); "
+    code = ("import sys; from ds_finetune.checkpoint import safe_pickle; safe_pickle.check(sys.argv[1]); "
             "assert 'deepspeed' not in sys.modules; print('ok')")
     ok = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ok.pt")], capture_output=True, text=True)
     assert ok.stdout.strip() == "ok", ok.stderr[-2000:]
