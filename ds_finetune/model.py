@@ -44,6 +44,9 @@ def build_model(cfg: RunConfig, ds_config: dict):
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.train.tiled_mlp:
+        from ds_finetune.tiled_mlp import apply_tiled_mlp
+        apply_tiled_mlp(model)
     del keep_alive
     if cfg.model.lora is not None:
         from ds_finetune.lora import apply_lora
