@@ -1,5 +1,5 @@
-"""Run ds-finetune's real training (launch/train.py's setup and loop) in this rank and report, per step, the
-memory and time of every step, as JSON; launched by bench/long_context.py under torchrun.
+"""Run ds-finetune's real training (launch/train.py's setup and loop) in this rank and report the memory and
+time of every step as JSON; launched by bench/long_context.py under torchrun.
 
     torchrun --nproc_per_node N long_probe.py OUT_JSON --config RUN.yaml [overrides...]
 
