@@ -202,6 +202,9 @@ class TrainConfig(_Section):
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="Offload optimizer state (ZeRO 1-3).")
     offload_param: Literal["none", "cpu"] = Field("none", description="Offload parameters (ZeRO 3 only).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    tiled_mlp: bool = Field(
+        False, description="Run each decoder layer's MLP over the sequence in tiles (DeepSpeed's TiledMLP, as ALST): "
+                           "its intermediate activations exist one tile at a time; backward recomputes each tile.")
     loss_chunk_tokens: int = Field(
         256, ge=0, description="Target tokens per chunk of LM head + cross-entropy (logits never held for all "
                                "tokens); 0 computes the full logits.")

@@ -32,6 +32,8 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             "train.global_batch": global_batch,
             "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,  # changes the summation order
             **({"train.loss_implementation": CHUNKED_LOSS_IMPLEMENTATION} if cfg.train.loss_chunk_tokens else {}),
+            # Tiles sum the MLP's weight gradients in another order; only when on, so older checkpoints match.
+            **({"train.tiled_mlp": True} if cfg.train.tiled_mlp else {}),
             "eval.fraction": cfg.eval.fraction,  # which rows are trained on
             # Only in DPO runs, so SFT checkpoints from before the objective existed still match.
             **({"train.objective": "dpo", "dpo": cfg.dpo.model_dump(mode="json")}

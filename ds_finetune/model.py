@@ -19,6 +19,7 @@ from ds_finetune.dist import on_cuda
 from ds_finetune.config import RunConfig
 from ds_finetune.errors import UserError, first_line
 from ds_finetune.lora import apply_lora, hf_model
+from ds_finetune.tiled_mlp import apply_tiled_mlp
 
 
 def build_model(cfg: RunConfig, ds_config: dict):
@@ -45,6 +46,8 @@ def build_model(cfg: RunConfig, ds_config: dict):
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.train.tiled_mlp:
+        apply_tiled_mlp(model)
     del keep_alive
     if cfg.model.lora is not None:
         model = apply_lora(model, cfg.model.lora, cfg.train.seed, cfg.model.name_or_path)

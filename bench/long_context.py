@@ -1,0 +1,152 @@
+"""`make bench` section `long`: what sequence parallelism (`train.sequence_parallel`, DeepSpeed Ulysses) buys
+a rank on one long sequence. SP=2 is 2 ranks sharing each sequence (DP=1); SP=1, the baseline, is 1 rank
+training the whole sequence: the same sequence and the same global batch on each layout, compared per rank.
+
+1. Memory at 16,384 tokens: per-rank peak RSS, SP=2 / SP=1, two ways: the step's increment (the peak
+   during step 2 above the RSS once the engine was built: activations, gradients, the all-to-all buffers,
+   which SP divides, and the optimizer state, which ZeRO-3 partitions over the 2 ranks) and the process's
+   total peak (with the imports, the model, the ZeRO partitions and the data). SP=2's figure is its larger
+   rank's. Target <= 0.6 on both.
+2. Longest sequence within a per-rank cap, SP=2 / SP=1: the cap is SP=1's median total peak at 16,384
+   tokens in this invocation (what one rank needs to train that sequence alone), and each layout's longest
+   length is extrapolated linearly from its total peaks at 4,096, 8,192 and 16,384 tokens (a least-squares
+   line; its worst residual is recorded). Linear because nothing here grows faster with the length: sdpa on
+   the CPU runs its flash kernel (no length x length scores), the loss is the fused chunked one. Not a search
+   by training at each length: a 32k-token step takes minutes on this machine. Target >= 1.8.
+3. Step time at 16,384 tokens, SP=2 / SP=1 (no target): each rank computes with one core (OMP_NUM_THREADS,
+   as every section), so SP=2 uses two cores where SP=1 uses one.
+
+The model is a random Llama sized for this machine (4 layers, hidden 128, 4 query / 2 key-value heads) with
+Llama-2's 32,000-token vocabulary, so the head and the loss (fused, 256 targets a chunk) are a real share;
+fp32, ZeRO-3 as configs/llama3-8b-32k-sp4-zero3.yaml, no gradient checkpointing. Each run trains 2 steps
+of one full-length sequence (step 1 allocates the optimizer state; step 2 is measured, by bench/long_probe.py
+reading /proc in each rank); runs alternate SP=1, SP=2, SP=2, SP=1, ... at every length, 3 repetitions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from common import BENCH, WORK, Job, log, median, run_config, torchrun, warm_cache, write_text_dataset
+
+VOCAB = 32_000
+MAIN, FIT = 16_384, (4_096, 8_192, 16_384)
+QUICK_MAIN, QUICK_FIT = 4_096, (1_024, 2_048, 4_096)
+STEPS = 2  # step 1 warm-up (optimizer state, first all-to-alls); step 2 measured
+MiB = 2**20
+
+
+def model_config(max_length: int) -> dict:
+    return {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 128, "intermediate_size": 384,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": max_length, "attn_implementation": "sdpa", "tie_word_embeddings": False,
+            "pad_token_id": 2, "bos_token_id": 0, "eos_token_id": 1}
+
+
+def long_config(length: int, sp: int):
+    # ~1.6 tokens a word with the shipped tokenizer: 12,000 words fill 16,384 tokens (rows are truncated to
+    # max_length, so every step trains exactly `length` tokens).
+    words = max(1_000, length * 3 // 4)
+    data = write_text_dataset(WORK / "data" / f"long-rows-8-w{words}.jsonl", rows=8, words_per_row=words, seed=7)
+    return run_config(f"long-{length}-sp{sp}", model_config(length), data, max_length=length, micro=1, accum=1,
+                      steps=STEPS, output_dir=WORK / "runs" / f"long-{length}-sp{sp}",
+                      train={"zero_stage": 3, "loss_chunk_tokens": 256, "sequence_parallel": sp, "warmup_steps": 0})
+
+
+def one_run(length: int, sp: int, rep: int) -> dict:
+    """One launch: per-rank memory and step 2's time, from the probe's JSON."""
+    name = f"long-{length}-sp{sp}-{rep}"
+    out, report = WORK / "runs" / name, WORK / "runs" / f"{name}.json"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = torchrun(BENCH / "long_probe.py",
+                    [str(report), "--config", str(long_config(length, sp)), f"output_dir={out}"], nproc=sp)
+    Job(argv, WORK / "logs" / f"{name}.log").start().wait(900)
+    ranks = json.loads(report.read_text())["ranks"]
+    shutil.rmtree(out, ignore_errors=True)
+    report.unlink()
+    # The measured step's peak above the rank's RSS when its engine was built, not above the RSS just
+    # before the step: glibc keeps some of step 1's freed activations (blocks under its mmap threshold) in
+    # its heap, which would hide them from a before/after difference but not from the peak.
+    step = [(r["steps"][-1]["peak"] - r["base"], r["steps"][-1]) for r in ranks]
+    return {"step_mib": max(d for d, _ in step) / MiB,  # the larger rank's
+            "peak_mib": max(r["peak"] for r in ranks) / MiB, "base_mib": max(r["base"] for r in ranks) / MiB,
+            "rss_before_step_mib": max(s["rss_before"] for _, s in step) / MiB,
+            "step_s": max(s["seconds"] for _, s in step)}
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Least-squares y = a + b x; returns (a, b, the largest |residual|)."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    a = my - b * mx
+    return a, b, max(abs(y - a - b * x) for x, y in points)
+
+
+def longest_within(cap: float, peaks: dict, sp: int, lengths) -> dict:
+    """The length at which SP=sp's total peak per rank (`peaks[(length, sp)]`), fitted by a line over
+    `lengths`, reaches `cap`."""
+    a, b, residual = fit_line([(n, peaks[(n, sp)]) for n in lengths])
+    return {"tokens": (cap - a) / b, "mib_at_0": a, "mib_per_1k_tokens": b * 1024, "worst_residual_mib": residual}
+
+
+def reach_of(cap: float, peaks: dict, lengths) -> float:
+    return longest_within(cap, peaks, 2, lengths)["tokens"] / longest_within(cap, peaks, 1, lengths)["tokens"]
+
+
+def spread(xs: list[float]) -> list[float]:
+    return [min(xs), max(xs)]
+
+
+def run(quick: bool) -> dict:
+    main, lengths = (QUICK_MAIN, QUICK_FIT) if quick else (MAIN, FIT)
+    for n in lengths:  # tokenized once, before anything is measured (the cache does not depend on SP)
+        warm_cache(long_config(n, 1))
+    runs = {(n, sp): [] for n in lengths for sp in (1, 2)}
+    for rep in range(3):
+        for n in lengths:
+            for sp in ((1, 2) if rep % 2 == 0 else (2, 1)):
+                runs[(n, sp)].append(one_run(n, sp, rep))
+                log(f"long: {n} tokens, SP={sp}, rep {rep}: {runs[(n, sp)][-1]}")
+    a, b = runs[(main, 2)], runs[(main, 1)]
+    step_ratios = [x["step_mib"] / y["step_mib"] for x, y in zip(a, b)]
+    peak_ratios = [x["peak_mib"] / y["peak_mib"] for x, y in zip(a, b)]
+    time_ratios = [x["step_s"] / y["step_s"] for x, y in zip(a, b)]
+    # The reach from the medians, and from each repetition alone (its own cap and lines) for the spread.
+    cap = median([r["peak_mib"] for r in b])
+    medians = {key: median([r["peak_mib"] for r in rs]) for key, rs in runs.items()}
+    longest = {sp: longest_within(cap, medians, sp, lengths) for sp in (1, 2)}
+    reach = longest[2]["tokens"] / longest[1]["tokens"]
+    reach_reps = [reach_of(b[i]["peak_mib"], {key: rs[i]["peak_mib"] for key, rs in runs.items()}, lengths)
+                  for i in range(len(b))]
+    setup = (f"one {main:,}-token sequence a step; SP=2: 2 ranks (DP=1), SP=1: 1 rank; ZeRO-3, fp32, 4-layer "
+             f"hidden-128 Llama, vocab {VOCAB:,}, sdpa, fused loss (256); 3 alternating repetitions, medians; "
+             f"per rank (SP=2: the larger rank)")
+    return {
+        "figures": [
+            {"id": "long_step_rss", "figure": f"step's RSS increment per rank at {main // 1024}k tokens, SP=2 / SP=1",
+             "ours": median([r["step_mib"] for r in a]), "baseline": median([r["step_mib"] for r in b]),
+             "unit": "MiB", "ratio": median(step_ratios),
+             "spread": spread(step_ratios), "target": ["<=", 0.6], "met": median(step_ratios) <= 0.6,
+             "note": setup + "; peak during step 2 (VmHWM reset before it) minus RSS once the engine was built"},
+            {"id": "long_peak_rss", "figure": f"total peak RSS per rank at {main // 1024}k tokens, SP=2 / SP=1",
+             "ours": median([r["peak_mib"] for r in a]), "baseline": median([r["peak_mib"] for r in b]),
+             "unit": "MiB", "ratio": median(peak_ratios), "spread": spread(peak_ratios), "target": ["<=", 0.6],
+             "met": median(peak_ratios) <= 0.6,
+             "note": setup + "; the process's VmHWM: imports, model, ZeRO partitions, data and the steps"},
+            {"id": "long_reach", "figure": "longest sequence within a per-rank cap, SP=2 / SP=1 (extrapolated)",
+             "ours": longest[2]["tokens"], "baseline": longest[1]["tokens"], "unit": "tokens", "ratio": reach,
+             "spread": spread(reach_reps), "target": [">=", 1.8], "met": reach >= 1.8,
+             "note": (f"cap {cap:,.0f} MiB a rank (SP=1's median total peak at {main:,} tokens); each layout's "
+                      f"median total peaks at {', '.join(f'{n:,}' for n in lengths)} tokens fitted by a line "
+                      f"and solved for the cap: extrapolated, not trained at that length")},
+            {"id": "long_step_time", "figure": f"step time at {main // 1024}k tokens, SP=2 / SP=1",
+             "ours": median([r["step_s"] for r in a]), "baseline": median([r["step_s"] for r in b]), "unit": "s",
+             "ratio": median(time_ratios), "spread": spread(time_ratios), "target": None, "met": None,
+             "note": setup + "; step 2's wall time (the slower rank); one core a rank, so SP=2 computes on 2"},
+        ],
+        "cap_mib": cap,
+        "fits": {f"sp{sp}": v for sp, v in longest.items()},
+        "runs": {f"{n}-sp{sp}": v for (n, sp), v in runs.items()},
+    }
