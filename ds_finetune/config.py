@@ -1,5 +1,5 @@
 """Run config: the pydantic schema (one model per YAML section) and loading a config through it (the YAML,
-overrides and error format are config_text.py; the resume fingerprint is fingerprint.py).
+overrides, error format and field reference are config_text.py; the resume fingerprint is fingerprint.py).
 
 Every field carries a one-line description; `ds-finetune config show-schema` prints them.
 """
@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ds_finetune.config_text import apply_overrides, format_validation_error, load_raw_yaml
+from ds_finetune.config_text import apply_overrides, field_lines, format_validation_error, load_raw_yaml
 from ds_finetune.errors import UserError
 
 
@@ -83,11 +83,11 @@ SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_fi
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
-class SourceConfig(_Section):
-    """One source of a mixture; a format field left out takes the data section's value."""
+class EvalSourceConfig(_Section):
+    """One named source of eval.sources; a format field left out takes the data section's value."""
     path: str = Field(..., description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name.")
-    weight: float = Field(..., gt=0, description="Share of the samples (weights need not sum to 1).")
-    name: Optional[str] = Field(None, description="Name in metrics (loss/NAME); default the file stem; unique.")
+    name: Optional[str] = Field(
+        None, description="Name in metrics (loss/NAME, eval_loss/NAME); default the file stem; unique.")
     format: Optional[Literal["text", "prompt_completion", "chat"]] = Field(None, description="As data.format.")
     split: Optional[str] = Field(None, description="As data.split.")
     text_field: Optional[str] = Field(None, description="As data.text_field.")
@@ -104,6 +104,20 @@ class SourceConfig(_Section):
             raise ValueError(f"source name {self.name!r} is not a valid metric key (letters, digits, _ . -, at "
                              f"most 64); set its `name`")
         return self
+
+
+class SourceConfig(EvalSourceConfig):
+    """One source of a mixture: an eval source's fields and a weight."""
+    weight: float = Field(..., gt=0, description="Share of the samples (weights need not sum to 1).")
+
+
+def _unique_names(key: str, sources: list) -> None:
+    names = [s.name for s in sources]
+    if not names:
+        raise ValueError(f"{key}: list at least one source")
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{key}: duplicate source name {twice[0]!r}; give each source a unique `name`")
 
 
 class DataConfig(_Section):
@@ -142,12 +156,7 @@ class DataConfig(_Section):
         if (self.path is None) == (self.sources is None):
             raise ValueError("set exactly one of data.path or data.sources")
         if self.sources is not None:
-            names = [s.name for s in self.sources]
-            if not names:
-                raise ValueError("data.sources: list at least one source")
-            if len(set(names)) < len(names):
-                twice = sorted({n for n in names if names.count(n) > 1})
-                raise ValueError(f"data.sources: duplicate source name {twice[0]!r}; give each source a unique `name`")
+            _unique_names("data.sources", self.sources)
         return self
 
     @property
@@ -156,9 +165,12 @@ class DataConfig(_Section):
 
     def source_configs(self) -> list[tuple[str, float, "DataConfig"]]:
         """(name, weight, the source as a one-file data config) of each source of a mixture."""
-        return [(s.name, s.weight, self.model_copy(update={
-            "path": s.path, "sources": None,
-            **{k: getattr(s, k) for k in SOURCE_FIELDS if getattr(s, k) is not None}})) for s in self.sources]
+        return [(s.name, s.weight, self.one_source(s)) for s in self.sources]
+
+    def one_source(self, source: EvalSourceConfig) -> "DataConfig":
+        """A source of data.sources or eval.sources as a one-file data config (the rest from this section)."""
+        return self.model_copy(update={"path": source.path, "sources": None, **{
+            k: getattr(source, k) for k in SOURCE_FIELDS if getattr(source, k) is not None}})
 
     @field_validator("packing", mode="before")
     @classmethod
@@ -250,16 +262,21 @@ class EvalConfig(_Section):
     max_batches: int = Field(0, ge=0, description="Eval batches per rank (0: the whole eval set).")
     micro_batch_size: Optional[int] = Field(None, ge=1, description="Eval sequences per rank per batch; "
                                                                      "default train.micro_batch_size.")
+    sources: Optional[list[EvalSourceConfig]] = Field(
+        None, description="Or named held-out sources, {path, name, format and its fields, split} each (data.sources "
+                          "without weight): eval_loss/NAME per source beside eval_loss; max_batches is per source.")
 
     @model_validator(mode="after")
     def _one_source(self):
-        if self.path is not None and self.fraction > 0:
-            raise ValueError("set eval.path or eval.fraction, not both")
+        if (self.path is not None) + (self.sources is not None) + (self.fraction > 0) > 1:
+            raise ValueError("set one of eval.path, eval.sources or eval.fraction, not several")
+        if self.sources is not None:
+            _unique_names("eval.sources", self.sources)
         return self
 
     @property
     def enabled(self) -> bool:
-        return self.path is not None or self.fraction > 0
+        return self.path is not None or self.sources is not None or self.fraction > 0
 
 
 class CheckpointConfig(_Section):
@@ -306,8 +323,8 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _eval_of_a_mixture(self):
         if self.data.is_mixture and self.eval.fraction > 0:
-            raise ValueError("set eval.path, not eval.fraction, with data.sources (a held-out share of a mixture is "
-                             "not supported yet)")
+            raise ValueError("set eval.path or eval.sources, not eval.fraction, with data.sources (a held-out share "
+                             "of a mixture is not supported yet)")
         return self
 
     @model_validator(mode="after")
@@ -321,6 +338,8 @@ class RunConfig(_Section):
             raise ValueError("data.packing is not supported with train.objective dpo; set data.packing=false")
         if dpo and self.data.is_mixture:
             raise ValueError("data.sources is not supported with train.objective dpo yet; use one data.path")
+        if dpo and self.eval.sources is not None:
+            raise ValueError("eval.sources is not supported with train.objective dpo yet; use eval.path")
         if dpo and self.train.sequence_parallel > 1:
             raise ValueError("train.sequence_parallel > 1 is not supported with train.objective dpo yet; set "
                              "train.sequence_parallel=1")
@@ -387,20 +406,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def schema_lines() -> list[str]:
-    """`section.key (type, default): description` for every field, for show-schema and the README."""
-    lines = []
-    sections = [(None, RunConfig)] + [(name, f.annotation) for name, f in RunConfig.model_fields.items()
-                                     if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
-    for section, model in sections:
-        for name, field in model.model_fields.items():
-            if section is None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                continue
-            key = f"{section}.{name}" if section else name
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            lines.append(f"{key} (default {default}): {field.description}")
-            args = [b for a in get_args(field.annotation) for b in (get_args(a) if get_origin(a) is list else [a])]
-            nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-            for sub_name, sub in (nested[0].model_fields.items() if nested else ()):
-                sub_default = "required" if sub.is_required() else repr(sub.get_default(call_default_factory=True))
-                lines.append(f"{key}.{sub_name} (default {sub_default}): {sub.description}")
-    return lines
+    """`section.key (default ...): description` for every field, for show-schema and the README."""
+    return field_lines(RunConfig)

@@ -1,13 +1,13 @@
-"""The run config as text: YAML files, `key=value` overrides and the one-line error format of a
-validation error (the schema that types them is config.py)."""
+"""The run config as text: YAML files, `key=value` overrides, the one-line error format of a
+validation error and the one-line reference of every field (the schema that types them is config.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ds_finetune.errors import UserError
 
@@ -102,3 +102,24 @@ def split_resume_arg(resume: str | None, overrides: list[str]) -> tuple[str | No
     if resume and resume != "auto" and "=" in resume and not Path(resume).exists():
         return "auto", [resume, *overrides]
     return resume, list(overrides)
+
+
+def field_lines(root: type[BaseModel]) -> list[str]:
+    """`section.key (default ...): description` for every field of the config schema `root` (its sections
+    and their nested models, such as a list of sources)."""
+    lines = []
+    sections = [(None, root)] + [(name, f.annotation) for name, f in root.model_fields.items()
+                                  if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+    for section, model in sections:
+        for name, field in model.model_fields.items():
+            if section is None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                continue
+            key = f"{section}.{name}" if section else name
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"{key} (default {default}): {field.description}")
+            args = [b for a in get_args(field.annotation) for b in (get_args(a) if get_origin(a) is list else [a])]
+            nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            for sub_name, sub in (nested[0].model_fields.items() if nested else ()):
+                sub_default = "required" if sub.is_required() else repr(sub.get_default(call_default_factory=True))
+                lines.append(f"{key}.{sub_name} (default {sub_default}): {sub.description}")
+    return lines

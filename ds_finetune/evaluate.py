@@ -1,8 +1,10 @@
 """Evaluation: the held-out loss at a cadence, on every rank, without disturbing training.
 
-The eval rows are `eval.path` (tokenized and cached like the training data) or a share `eval.fraction` of
-the training data chosen from the seed alone and never trained on. The loss is the global-token mean:
-summed token losses of every eval row over the number of their target tokens, reduced over the ranks.
+The eval rows are `eval.path` (tokenized and cached like the training data), named `eval.sources`, or a
+share `eval.fraction` of the training data chosen from the seed alone and never trained on. The loss is
+the global-token mean: summed token losses of every eval row over the number of their target tokens,
+reduced over the ranks. Named sources are evaluated one after the other, so a batch never mixes them and
+each batch's loss is its source's (`eval_loss/<name>`, the same batches as that source alone as eval.path).
 Every rank runs the same number of batches (a rank whose share ran out runs a batch with no target), so
 under ZeRO-3 no rank skips a gathered forward. Dropout is off (`model.eval()`), no graph is built, and
 every RNG is put back afterwards: a run with evaluation trains bitwise as the same run without it.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ds_finetune.data import TokenizedData, prepare_data
+from ds_finetune.data import MixedData, TokenizedData, prepare_data, prepare_sources
 from ds_finetune.data.packing import pair_units
 from ds_finetune.dist import capture_rng, restore_rng, sum_over_ranks
 
@@ -37,50 +39,61 @@ def held_out_rows(num_rows: int, fraction: float, seed: int, groups: np.ndarray 
 
 @dataclass(frozen=True)
 class Evaluator:
-    data: TokenizedData
-    rows: np.ndarray        # eval row indices into `data`, in a fixed order
+    data: TokenizedData | MixedData
+    groups: tuple           # eval row indices into `data`, in a fixed order: one array per named source, or one
     micro_batch_size: int
-    max_batches: int
+    max_batches: int        # per group
     every_steps: int
     rank: int               # under sequence parallelism: the data-parallel rank and size (a group shares rows)
     world: int
     pad_id: int
     counts_targets: bool = True  # one rank of a sequence-parallel group counts its rows' targets
-    pairs: bool = False     # data.format preference: `rows` are pair indices
+    pairs: bool = False     # data.format preference: rows are pair indices
+    names: tuple = ()       # eval.sources: each group's name (eval_loss/<name>); empty: one unnamed group
 
     def due(self, step: int, total_steps: int) -> bool:
         return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
-    def batches(self) -> int:
-        per_round = self.micro_batch_size * self.world
-        n = math.ceil(len(self.rows) / per_round)
+    def batches(self, rows: np.ndarray) -> int:
+        """Batches every rank runs over `rows` (one group)."""
+        n = math.ceil(len(rows) / (self.micro_batch_size * self.world))
         return min(n, self.max_batches) if self.max_batches else n
 
     def evaluate(self, engine, objective) -> dict[str, float]:
-        """`eval_loss` (the mean token loss over the eval rows, and `eval_ppl`; for DPO the mean pair loss)
-        and the objective's other metrics `eval_<name>` (every rank calls this at the same step)."""
+        """`eval_loss` (the mean token loss over the eval rows, and `eval_ppl`; for DPO the mean pair loss),
+        `eval_loss/<name>` of each named source, and the objective's other metrics `eval_<name>` (every rank
+        calls this at the same step)."""
         rng, module = capture_rng(), engine.module
         module.eval()
-        loss_sum, count, sums = torch.zeros((), dtype=torch.float64, device=engine.device), 0, {}
         try:
             with torch.no_grad():
-                for b in range(self.batches()):
-                    start = (b * self.world + self.rank) * self.micro_batch_size
-                    mine = self.rows[start:start + self.micro_batch_size]
-                    units = self.units(mine if len(mine) else self.rows[:1])
-                    batch_loss, batch_count, batch_sums = objective.eval_batch(engine, self.data, units, bool(len(mine)))
-                    loss_sum += batch_loss  # stays on the device
-                    count += batch_count if self.counts_targets else 0
-                    sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
+                group_sums = [self._run_group(engine, objective, rows) for rows in self.groups]
         finally:
             module.train()
             restore_rng(rng)
-        names = list(sums)
-        loss_sum, count, *totals = sum_over_ranks([loss_sum, count, *(sums[k] for k in names)])
-        scores = {"eval_loss": loss_sum / count}
+        # One all-reduce: each group's loss sum, each group's target count, then the objective's sums.
+        n, names = len(self.groups), list(dict.fromkeys(k for _, _, sums in group_sums for k in sums))
+        totals = sum_over_ranks([*(loss for loss, _, _ in group_sums), *(count for _, count, _ in group_sums),
+                                 *(sum(sums.get(k, 0) for _, _, sums in group_sums) for k in names)])
+        losses, counts, others = totals[:n], totals[n:2 * n], totals[2 * n:]
+        scores = {"eval_loss": sum(losses) / sum(counts)}
         if not self.pairs:  # a pair's loss is no token loss: no perplexity
             scores["eval_ppl"] = math.exp(min(scores["eval_loss"], 50.0))
-        return {**scores, **{f"eval_{k}": v / count for k, v in zip(names, totals)}}
+        scores |= {f"eval_loss/{name}": loss / count for name, loss, count in zip(self.names, losses, counts) if count}
+        return {**scores, **{f"eval_{k}": v / sum(counts) for k, v in zip(names, others)}}
+
+    def _run_group(self, engine, objective, rows: np.ndarray) -> tuple[torch.Tensor, int, dict]:
+        """This rank's (summed loss on the device, counted targets, the objective's sums) over one group."""
+        loss_sum, count, sums = torch.zeros((), dtype=torch.float64, device=engine.device), 0, {}
+        for b in range(self.batches(rows)):
+            start = (b * self.world + self.rank) * self.micro_batch_size
+            mine = rows[start:start + self.micro_batch_size]
+            units = self.units(mine if len(mine) else rows[:1])
+            batch_loss, batch_count, batch_sums = objective.eval_batch(engine, self.data, units, bool(len(mine)))
+            loss_sum += batch_loss  # stays on the device
+            count += batch_count if self.counts_targets else 0
+            sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
+        return loss_sum, count, sums
 
     def units(self, rows: np.ndarray) -> np.ndarray:
         """Eval units of `rows`: one row each, or with `pairs` a pair's two rows (rows are pair indices)."""
@@ -94,6 +107,13 @@ def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=No
     e = cfg.eval
     if not e.enabled:
         return None, None
+    if e.sources is not None:  # a group of rows per source (MixedData: source s is rows bases[s]..)
+        eval_data = prepare_sources(cfg.data, e.sources, tok, say=say)
+        bases = eval_data.bases
+        evaluator = Evaluator(eval_data, tuple(np.arange(bases[s], bases[s + 1]) for s in range(len(e.sources))),
+                              e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches, e.every_steps, rank,
+                              world, tok.pad_token_id, counts_targets, names=tuple(eval_data.names))
+        return evaluator, None
     if e.path is not None:
         eval_data = prepare_data(cfg.data.model_copy(update={"path": e.path, "sources": None}), tok, say=say)
         train_rows, eval_rows = None, np.arange(eval_data.num_rows)
@@ -106,6 +126,6 @@ def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=No
     pairs = cfg.data.format == "preference"
     if pairs:  # pair indices (pair p is rows 2p, 2p+1)
         eval_rows = eval_rows[eval_rows % 2 == 0] // 2
-    evaluator = Evaluator(eval_data, eval_rows, e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches,
+    evaluator = Evaluator(eval_data, (eval_rows,), e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches,
                           e.every_steps, rank, world, tok.pad_token_id, counts_targets, pairs)
     return evaluator, train_rows

@@ -36,3 +36,17 @@ def saved_at_step4(tmp_path_factory):
             done[stage] = out
         return done[stage]
     return get
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group, for in-process code that calls a collective (torn down afterwards)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -14,8 +14,8 @@ import yaml
 from click.testing import CliRunner
 
 from ds_finetune.cli import main
-from ds_finetune.config import (CheckpointConfig, DataConfig, DpoConfig, EvalConfig, LoggingConfig, LoraConfig,
-                                ModelConfig, RunConfig, SourceConfig, TrainConfig, WandbConfig, load_config)
+from ds_finetune.config import (CheckpointConfig, DataConfig, DpoConfig, EvalConfig, EvalSourceConfig, LoggingConfig,
+                                LoraConfig, ModelConfig, RunConfig, SourceConfig, TrainConfig, WandbConfig, load_config)
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.errors import UserError
 
@@ -315,6 +315,7 @@ def test_show_schema_lists_every_field_with_its_description():
     expected.update({f"logging.wandb.{n}": f.description for n, f in WandbConfig.model_fields.items()})
     expected.update({f"model.lora.{n}": f.description for n, f in LoraConfig.model_fields.items()})
     expected.update({f"data.sources.{n}": f.description for n, f in SourceConfig.model_fields.items()})
+    expected.update({f"eval.sources.{n}": f.description for n, f in EvalSourceConfig.model_fields.items()})
     assert set(by_key) == set(expected)
     for key, description in expected.items():
         assert by_key[key].endswith(f": {description}"), by_key[key]

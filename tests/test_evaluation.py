@@ -7,15 +7,24 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 
 import harness
 from ds_finetune.checkpoint.layout import MANIFEST, apply_retention, best_checkpoint, tag_for_step
-from ds_finetune.evaluate import held_out_rows
+from ds_finetune.config import load_config
+from ds_finetune.data import load_tokenizer
+from ds_finetune.dist import seed_everything
+from ds_finetune.errors import UserError
+from ds_finetune.evaluate import build_evaluator, held_out_rows
+from ds_finetune.loss import full_loss_sum
+from ds_finetune.model import build_model
+from ds_finetune.objective import SFT
 
 
-def eval_file(tmp_path, rows=13):
-    lines = (harness.ROOT / "data" / "tiny" / "chat.jsonl").read_text().splitlines()[-rows:]
-    path = tmp_path / "eval.jsonl"
+def eval_file(tmp_path, rows=13, name="chat"):
+    """The last `rows` rows of data/tiny/NAME.jsonl (never in the first steps' batches) as a file."""
+    lines = (harness.ROOT / "data" / "tiny" / f"{name}.jsonl").read_text().splitlines()[-rows:]
+    path = tmp_path / f"{name}-eval.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -88,3 +97,90 @@ def test_held_out_groups_are_whole_conversations():
     assert sorted([*train, *held]) == list(range(len(groups)))
     assert not set(groups[train]) & set(groups[held])
     assert len(set(groups[held])) == 10
+
+
+# ---------------------------------------------------------------------------------------- eval per source
+
+class Engine(torch.nn.Module):
+    """What the evaluator and the full-logits loss use of a DeepSpeed engine: calling it, `module`, `device`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module, self.device = model, torch.device("cpu")
+
+    def forward(self, **inputs):
+        return self.module(**inputs)
+
+
+def scores_of(tmp_path, overrides):
+    """The scores of one evaluation of the tiny model (its seeded initial weights) on one rank."""
+    cfg = load_config(harness.TINY, ["train.loss_chunk_tokens=0", "eval.micro_batch_size=2", "data.num_proc=1",
+                                     f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}",
+                                     *overrides])
+    tok = load_tokenizer(str(harness.ROOT / cfg.model.tokenizer))
+    evaluator, train_rows = build_evaluator(cfg, tok, None, rank=0, world=1)
+    assert train_rows is None  # named sources or eval.path: every training row is trained on
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, {})
+    objective = SFT(None, None, full_loss_sum, tok.pad_token_id, False, 0, None)
+    return evaluator, evaluator.evaluate(Engine(model), objective), model
+
+
+def direct_loss(model, data, rows):
+    """(summed token loss, targets) of `rows`, each row alone through the model: no padding, no loss code."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in rows:
+            ids, mask = (torch.as_tensor(np.array(a)) for a in data.row(int(i)))
+            logits = model(input_ids=ids[None].long()).logits[0, :-1].double()
+            targets = mask[1:].bool()
+            total += float(torch.nn.functional.cross_entropy(logits[targets], ids[1:][targets].long(), reduction="sum"))
+            count += int(targets.sum())
+    return total, count
+
+
+@pytest.mark.parametrize("max_batches", [0, 2])
+def test_each_named_source_reports_the_loss_it_has_as_the_only_eval_set(one_rank_group, tmp_path, max_batches):
+    chat, text = eval_file(tmp_path, 7), eval_file(tmp_path, 5, "text")
+    named = f"eval.sources=[{{path: {chat}}}, {{path: {text}, format: text, name: prose}}]"
+    evaluator, scores, model = scores_of(tmp_path, [named, f"eval.max_batches={max_batches}"])
+    assert set(scores) == {"eval_loss", "eval_ppl", "eval_loss/chat-eval", "eval_loss/prose"}
+
+    # Each source's loss is bitwise that of a run whose eval set is that source alone (eval.path).
+    _, alone, _ = scores_of(tmp_path, [f"eval.path={chat}", f"eval.max_batches={max_batches}"])
+    assert scores["eval_loss/chat-eval"] == alone["eval_loss"]
+    _, alone, _ = scores_of(tmp_path, ["data.format=text", f"eval.path={text}", f"eval.max_batches={max_batches}"])
+    assert scores["eval_loss/prose"] == alone["eval_loss"]
+
+    # And it is the global-token mean over that source's rows (max_batches: per source), computed directly;
+    # eval_loss is the mean over every eval token, not the mean of the sources' means.
+    seen = {"chat-eval": 7, "prose": 5} if max_batches == 0 else {"chat-eval": 4, "prose": 4}
+    sums = {}
+    for s, name in enumerate(evaluator.names):
+        base = evaluator.data.bases[s]
+        sums[name] = direct_loss(model, evaluator.data, range(base, base + seen[name]))
+        assert scores[f"eval_loss/{name}"] == pytest.approx(sums[name][0] / sums[name][1], rel=1e-5)
+    overall = sum(t for t, _ in sums.values()) / sum(n for _, n in sums.values())
+    assert scores["eval_loss"] == pytest.approx(overall, rel=1e-5)
+    assert scores["eval_ppl"] == pytest.approx(math.exp(scores["eval_loss"]))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["eval.sources=[{path: a.jsonl}, {path: b/a.jsonl}]"], "eval.sources: duplicate source name 'a'"),
+    (["eval.sources=[]"], "eval.sources: list at least one source"),
+    (["eval.sources=[{path: a.jsonl, weight: 1}]"], "eval.sources.0.weight: unknown key"),
+    (["eval.sources=[{path: a.jsonl}]", "eval.path=b.jsonl"], "set one of eval.path, eval.sources or eval.fraction"),
+    (["train.objective=dpo", "data.format=preference", "eval.sources=[{path: a.jsonl}]"],
+     "eval.sources is not supported with train.objective dpo yet"),
+])
+def test_bad_eval_sources_are_one_line_config_errors(overrides, needle):
+    with pytest.raises(UserError) as e:
+        load_config(harness.TINY, overrides)
+    assert needle in e.value.message and "\n" not in e.value.message and e.value.exit_code == 2
+
+
+def test_a_missing_eval_source_file_is_a_one_line_data_error(tmp_path):
+    with pytest.raises(UserError) as e:
+        scores_of(tmp_path, [f"eval.sources=[{{path: {tmp_path / 'nowhere.jsonl'}}}]"])
+    assert "nowhere.jsonl: no such file or folder" in e.value.message and "eval.sources" in e.value.message
+    assert "\n" not in e.value.message

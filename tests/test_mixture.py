@@ -217,7 +217,7 @@ def test_bad_mixtures_are_one_line_errors_naming_the_key(data, needle):
 
 
 def test_a_held_out_fraction_of_a_mixture_is_refused():
-    with pytest.raises(UserError, match="set eval.path, not eval.fraction, with data.sources"):
+    with pytest.raises(UserError, match="set eval.path or eval.sources, not eval.fraction, with data.sources"):
         cfg_with({"sources": sources(1, 1)}, eval={"fraction": 0.1})
 
 

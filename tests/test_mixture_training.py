@@ -1,6 +1,10 @@
-"""Training on a data mixture with real ranks: a SIGKILL in the middle of a step resumes bitwise (losses,
-sample ids, per-source losses), per-source losses add up to the step's loss, and a changed mix continues
-from the checkpoint's position with the new weights. (The order's own properties are in test_mixture.py.)"""
+"""Training on a data mixture with real ranks, at ZeRO 3: a SIGKILL in the middle of a step resumes bitwise
+(losses, sample ids, per-source training and eval losses), a resume on one rank continues the same samples,
+per-source losses add up to the step's loss, and a changed mix continues from the checkpoint's position with
+the new weights. (The order's own properties are in test_mixture.py, eval per source in test_evaluation.py.)
+
+Dropout is off so that the resume on another world size can be compared within float noise; a resume's RNG
+with dropout on is covered by test_exact_resume.py. One uninterrupted run and one killed run are shared."""
 import re
 
 import harness
@@ -12,11 +16,14 @@ from ds_finetune.data import epoch_order, load_tokenizer, prepare_training_data
 
 pytestmark = pytest.mark.multiproc
 
-STAGE = ["train.zero_stage=1"]
+STAGE = ["train.zero_stage=3"]
+# Named eval sources at steps 5 and 10, one batch each per rank.
+EVAL = ["eval.sources=[{path: data/tiny/text.jsonl, format: text, name: prose}, "
+        "{path: data/tiny/chat.jsonl, format: chat}]", "eval.every_steps=5", "eval.max_batches=1"]
 
 
 def mix(chat=0.6, text=0.3, pc=0.1) -> list[str]:
-    return ["data.path=null",
+    return ["model.config.attention_dropout=0.0", *EVAL, "data.path=null",
             f"data.sources=[{{path: data/tiny/chat.jsonl, format: chat, weight: {chat}}}, "
             f"{{path: data/tiny/text.jsonl, format: text, weight: {text}}}, "
             f"{{path: data/tiny/prompt_completion.jsonl, format: prompt_completion, weight: {pc}}}]"]
@@ -26,18 +33,33 @@ NAMES = ("chat", "text", "prompt_completion")  # each source's default name: its
 
 
 def per_source(rows) -> list[dict]:
-    return [{k: repr(v) for k, v in r.items() if k.startswith(("loss/", "tokens/"))} for r in rows]
+    return [{k: repr(v) for k, v in r.items() if k.startswith(("loss/", "tokens/", "eval_"))} for r in rows]
 
 
-def test_a_mixture_killed_mid_step_resumes_bitwise(reference_run, tmp_path):
-    ref = reference_run(1, extra=tuple(mix()))
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed_in_step5(tmp_path_factory):
+    """A 2-rank mixture run SIGKILLed in the middle of step 5 (rank 1, between micro-steps); its newest
+    checkpoint is step 4. Each test resumes a copy."""
+    out = tmp_path_factory.mktemp("mix-killed")
     proc = harness.train(out, [*STAGE, *mix()], fault="mid_accum:rank1@step5", expect_ok=False)
     assert proc.returncode == -9, proc.stdout[-2000:]
+    assert harness.committed_steps(out / "checkpoints")[-1] == 4
+    return out
+
+
+def test_a_mixture_killed_mid_step_resumes_bitwise(reference_run, killed_in_step5, tmp_path):
+    ref = reference_run(3, extra=tuple(mix()))
+    out = harness.copy_run(killed_in_step5, tmp_path / "run")
     harness.train(out, [*STAGE, *mix()], resume="auto")
     harness.assert_same_run(out, ref)
     got, want = harness.metrics(out), harness.metrics(ref)
     assert per_source(got) == per_source(want)
+    evals = [r for r in want if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    assert all({"eval_ppl", "eval_loss/prose", "eval_loss/chat"} <= set(r) for r in evals)
+    # eval_loss is over every eval token, a token-weighted mean of the sources' losses: between them.
+    assert all(min(r["eval_loss/prose"], r["eval_loss/chat"]) < r["eval_loss"]
+               < max(r["eval_loss/prose"], r["eval_loss/chat"]) for r in evals)
 
     for row in want:  # per-source losses, weighted by their target tokens, are the step's loss
         tokens = {n: row[f"tokens/{n}"] for n in NAMES}
@@ -50,8 +72,21 @@ def test_a_mixture_killed_mid_step_resumes_bitwise(reference_run, tmp_path):
     assert [sum(lo <= i < lo + 400 for i in ids) for lo in (0, 400, 800)] == [48, 24, 8]
 
 
+def test_a_mixture_saved_on_two_ranks_continues_the_same_samples_on_one(reference_run, killed_in_step5, tmp_path):
+    ref = reference_run(3, extra=tuple(mix()))
+    out = harness.copy_run(killed_in_step5, tmp_path / "run")
+    proc = harness.train(out, [*STAGE, *mix()], nproc=1, resume="auto")
+    assert "grad_accum=4" in proc.stdout  # the global batch stays 8: 2 micro x 4 accum x 1 rank
+    harness.assert_close_run(out, ref)  # steps 5-10 on one rank: the same sample ids, losses within 1e-5
+    for got, want in zip(harness.metrics(out)[4:], harness.metrics(ref)[4:]):
+        for n in NAMES:
+            assert got[f"tokens/{n}"] == want[f"tokens/{n}"]
+            if want[f"tokens/{n}"]:  # a source without targets in the step has no loss/<name>
+                assert got[f"loss/{n}"] == pytest.approx(want[f"loss/{n}"], rel=1e-5), (got["step"], n)
+
+
 def test_a_changed_mix_continues_from_the_position_with_the_new_weights(reference_run, tmp_path, monkeypatch):
-    ref = reference_run(1, extra=tuple(mix()))
+    ref = reference_run(3, extra=tuple(mix()))
     out = harness.copy_run(ref, tmp_path / "run")
     new = mix(chat=0.1, text=0.1, pc=0.8)
     proc = harness.train(out, [*STAGE, *new, "train.max_steps=14"], resume="auto", flags=["--allow-config-change"])

@@ -299,19 +299,6 @@ def test_a_node_whose_output_dir_is_not_shared_is_named_in_one_line(cluster, tmp
 
 # ------------------------------------------------------------------- the probe itself, in one process
 
-@pytest.fixture
-def one_rank_group(tmp_path):
-    import torch.distributed as dist
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_the_shared_dir_check_is_cheap_and_leaves_no_files(one_rank_group, tmp_path):
     ckpt_dir = tmp_path / "out" / "checkpoints"
     nodes.check_shared_checkpoint_dir(ckpt_dir, 0, 1)  # warm-up: first collectives set up gloo buffers

@@ -30,8 +30,8 @@ from ds_finetune.hashing import memo_dir
 
 __all__ = ["DATA_FORMAT_VERSION", "IGNORE_INDEX", "EpochOrder", "MixedData", "MixtureOrder", "StepBatch",
            "TokenizedData", "build_cache", "cache_path", "collate", "content_hash", "ensure_prepared",
-           "epoch_order", "load_tokenizer", "plan_units", "prepare_data", "prepare_training_data", "read_cache",
-           "read_meta", "resolve_data_files", "tokenizer_fingerprint", "unit_targets", "unit_tokens"]
+           "epoch_order", "load_tokenizer", "plan_units", "prepare_data", "prepare_sources", "prepare_training_data",
+           "read_cache", "read_meta", "resolve_data_files", "tokenizer_fingerprint", "unit_targets", "unit_tokens"]
 
 
 def locate(data_cfg, tok) -> tuple[list[Path] | None, str, Path]:
@@ -62,8 +62,13 @@ def prepare_training_data(data_cfg, tok, say=None) -> TokenizedData | MixedData:
     cached on its own, so a changed source rebuilds only itself)."""
     if not data_cfg.is_mixture:
         return prepare_data(data_cfg, tok, say=say)
-    sources = data_cfg.source_configs()
-    return MixedData([name for name, _, _ in sources], [prepare_data(c, tok, say=say) for _, _, c in sources])
+    return prepare_sources(data_cfg, data_cfg.sources, tok, say=say)
+
+
+def prepare_sources(data_cfg, sources: list, tok, say=None) -> MixedData:
+    """Named sources (of data.sources or eval.sources) as one view, each prepared and cached as the data
+    section with its own path and format fields."""
+    return MixedData([s.name for s in sources], [prepare_data(data_cfg.one_source(s), tok, say=say) for s in sources])
 
 
 def epoch_order(cfg, data, train_rows=None) -> EpochOrder | MixtureOrder:

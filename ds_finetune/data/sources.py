@@ -40,7 +40,8 @@ def resolve_data_files(path: str) -> list[Path] | None:
             raise UserError(f"data error: {p}: mixes JSON and Parquet files; keep one kind per folder")
         return files
     if not _looks_like_dataset_name(path):
-        raise UserError(f"data error: {path}: no such file or folder; check data.path or data.sources")
+        raise UserError(f"data error: {path}: no such file or folder; check data.path, data.sources, eval.path "
+                        f"or eval.sources")
     return None
 
 
