@@ -1,42 +1,24 @@
-"""Run config: the pydantic schema (one model per YAML section) and loading a config through it (the YAML,
-overrides, error format and field reference are config_text.py; the resume fingerprint is fingerprint.py).
+"""Run config: the pydantic schema (one model per YAML section; `data` is data_config.py) and loading a
+config through it (the YAML, overrides, error format and field reference are config_text.py; the resume
+fingerprint is fingerprint.py).
 
 Every field carries a one-line description; `ds-finetune config show-schema` prints them.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ds_finetune.config_text import apply_overrides, field_lines, format_validation_error, load_raw_yaml
+from ds_finetune.config_text import Section, apply_overrides, field_lines, format_validation_error, load_raw_yaml
+from ds_finetune.data_config import DataConfig, EvalSourceConfig, unique_names
 from ds_finetune.errors import UserError
 
 
-class _Section(BaseModel):
-    # Unknown keys are errors: a typo in a config must never be silently ignored. inf/nan are never a
-    # sensible setting. YAML types `output_dir=2024` as an int; for a str field that is still the path.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False,
-                              coerce_numbers_to_str=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_as_number(cls, value, info):
-        # pydantic's lax mode takes True as 1 (even for Literal[0, 1, 2, 3]): `train.zero_stage=true` or
-        # `train.max_steps=yes` must be a wrong-type error, not stage 1 / one step.
-        annotation = cls.model_fields[info.field_name].annotation
-        numeric = annotation in (int, float, Optional[int], Optional[float]) or (
-            get_origin(annotation) is Literal and all(type(a) is int for a in get_args(annotation)))
-        if isinstance(value, bool) and numeric:
-            raise ValueError("Input should be a number, not true/false")
-        return value
-
-
-class LoraConfig(_Section):
+class LoraConfig(Section):
     r: int = Field(16, ge=1, le=65536, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -54,7 +36,7 @@ class LoraConfig(_Section):
         return value
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name_or_path: Optional[str] = Field(
         None, description="Hugging Face model name or local folder to load weights from (or use `config`).")
     config: Optional[dict[str, Any]] = Field(
@@ -77,124 +59,7 @@ class ModelConfig(_Section):
         return self
 
 
-_ADDED_AT_DEFAULT = {("chat_turns", "all"), ("sources", None), ("chosen_field", "chosen"),
-                     ("rejected_field", "rejected"), ("max_prompt_length", None)}
-SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
-_METRIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-
-
-class EvalSourceConfig(_Section):
-    """One named source of eval.sources; a format field left out takes the data section's value."""
-    path: str = Field(..., description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name.")
-    name: Optional[str] = Field(
-        None, description="Name in metrics (loss/NAME, eval_loss/NAME); default the file stem; unique.")
-    format: Optional[Literal["text", "prompt_completion", "chat"]] = Field(None, description="As data.format.")
-    split: Optional[str] = Field(None, description="As data.split.")
-    text_field: Optional[str] = Field(None, description="As data.text_field.")
-    prompt_field: Optional[str] = Field(None, description="As data.prompt_field.")
-    completion_field: Optional[str] = Field(None, description="As data.completion_field.")
-    messages_field: Optional[str] = Field(None, description="As data.messages_field.")
-    chat_turns: Optional[Literal["all", "last"]] = Field(None, description="As data.chat_turns.")
-
-    @model_validator(mode="after")
-    def _named(self):
-        # The file stem of `chat.jsonl` or of a folder `code/`, the last part of a dataset name.
-        self.name = self.name if self.name is not None else Path(self.path.rstrip("/")).stem
-        if not _METRIC_NAME.fullmatch(self.name):
-            raise ValueError(f"source name {self.name!r} is not a valid metric key (letters, digits, _ . -, at "
-                             f"most 64); set its `name`")
-        return self
-
-
-class SourceConfig(EvalSourceConfig):
-    """One source of a mixture: an eval source's fields and a weight."""
-    weight: float = Field(..., gt=0, description="Share of the samples (weights need not sum to 1).")
-
-
-def _unique_names(key: str, sources: list) -> None:
-    names = [s.name for s in sources]
-    if not names:
-        raise ValueError(f"{key}: list at least one source")
-    if len(set(names)) < len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"{key}: duplicate source name {twice[0]!r}; give each source a unique `name`")
-
-
-class DataConfig(_Section):
-    path: Optional[str] = Field(None, description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name "
-                                                  "(or use `sources`).")
-    sources: Optional[list[SourceConfig]] = Field(
-        None, description="A mixture: a list of {path, weight, name, format and its fields, split}; samples are "
-                          "drawn from each source in proportion to its weight (docs/design.md, Data mixtures).")
-    format: Literal["text", "prompt_completion", "chat", "preference"] = Field(
-        "text", description="Row format: text | prompt_completion | chat (messages + chat template) | preference "
-                            "(prompt, chosen, rejected; for train.objective dpo).")
-    split: str = Field("train", description="Dataset split to train on.")
-    max_length: int = Field(512, ge=8, le=1_048_576, description="Tokens per sequence; longer rows are truncated.")
-    packing: Literal["none", "isolated", "shared"] = Field(
-        "none", description="Concatenate rows into sequences of up to max_length tokens: none (false) | isolated "
-                            "(true; each row attends only to itself) | shared (rows of a pack attend to each other).")
-    text_field: str = Field("text", description="Column holding the text (format text).")
-    prompt_field: str = Field("prompt", description="Column holding the prompt (format prompt_completion).")
-    completion_field: str = Field("completion", description="Column holding the completion (prompt_completion).")
-    messages_field: str = Field("messages", description="Column holding the chat messages (format chat).")
-    chosen_field: str = Field("chosen", description="Column holding the preferred completion (format preference).")
-    rejected_field: str = Field("rejected", description="Column holding the dispreferred completion (format "
-                                                        "preference).")
-    max_prompt_length: Optional[int] = Field(
-        None, ge=1, description="Format preference: keep the last N tokens of a longer prompt (None: all of it).")
-    chat_turns: Literal["all", "last"] = Field(
-        "all", description="Chat rows: all (one row per conversation, every reply a target) | last (one row per "
-                           "assistant turn, trained on that turn only; for templates that rewrite earlier replies).")
-    cache_dir: Optional[str] = Field(
-        None, description="Tokenized-data cache; default $DS_FINETUNE_CACHE or ~/.cache/ds-finetune.")
-    num_proc: Optional[int] = Field(
-        None, ge=1, le=1024, description="Worker processes that tokenize the data (default: all cores).")
-
-    @model_validator(mode="after")
-    def _one_kind(self):
-        if (self.path is None) == (self.sources is None):
-            raise ValueError("set exactly one of data.path or data.sources")
-        if self.sources is not None:
-            _unique_names("data.sources", self.sources)
-        return self
-
-    @property
-    def is_mixture(self) -> bool:
-        return self.sources is not None
-
-    def source_configs(self) -> list[tuple[str, float, "DataConfig"]]:
-        """(name, weight, the source as a one-file data config) of each source of a mixture."""
-        return [(s.name, s.weight, self.one_source(s)) for s in self.sources]
-
-    def one_source(self, source: EvalSourceConfig) -> "DataConfig":
-        """A source of data.sources or eval.sources as a one-file data config (the rest from this section)."""
-        return self.model_copy(update={"path": source.path, "sources": None, **{
-            k: getattr(source, k) for k in SOURCE_FIELDS if getattr(source, k) is not None}})
-
-    @field_validator("packing", mode="before")
-    @classmethod
-    def _packing_bools(cls, value):
-        # `packing: true` meant "pack" before packs were isolated; it now means the isolated kind.
-        return {True: "isolated", False: "none"}.get(value, value) if isinstance(value, bool) else value
-
-    @property
-    def packs(self) -> bool:
-        return self.packing != "none"
-
-    @property
-    def isolates(self) -> bool:
-        """Packed rows attend only to themselves (position ids restart at every row)."""
-        return self.packing == "isolated"
-
-    def settings(self, exclude: set) -> dict:
-        """The settings as JSON values, less `exclude`; a setting added after caches and checkpoints existed
-        is left out at its default (which computes what they did), so those still match."""
-        values = self.model_dump(mode="json", exclude=exclude)
-        return {k: v for k, v in values.items() if (k, v) not in _ADDED_AT_DEFAULT}
-
-
-class TrainConfig(_Section):
+class TrainConfig(Section):
     micro_batch_size: int = Field(1, ge=1, description="Sequences per rank per micro-step.")
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step (derived if global_batch_size is set).")
     global_batch_size: Optional[int] = Field(
@@ -246,7 +111,7 @@ class TrainConfig(_Section):
         return self
 
 
-class DpoConfig(_Section):
+class DpoConfig(Section):
     beta: float = Field(0.1, gt=0, description="DPO temperature: rewards are beta x (policy - reference) log-probs.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
         "sigmoid", description="sigmoid (DPO) | ipo (squared, on per-token mean log-ratios) | hinge (SLiC).")
@@ -254,7 +119,7 @@ class DpoConfig(_Section):
         0.0, ge=0, lt=0.5, description="sigmoid only: the probability that a pair's labels are flipped (cDPO).")
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     path: Optional[str] = Field(None, description="Held-out data (file/folder/dataset, same format as data.path).")
     fraction: float = Field(0.0, ge=0, lt=1, description="Or hold out this share of data.path (chosen from the "
                                                          "seed, never trained on).")
@@ -271,7 +136,7 @@ class EvalConfig(_Section):
         if (self.path is not None) + (self.sources is not None) + (self.fraction > 0) > 1:
             raise ValueError("set one of eval.path, eval.sources or eval.fraction, not several")
         if self.sources is not None:
-            _unique_names("eval.sources", self.sources)
+            unique_names("eval.sources", self.sources)
         return self
 
     @property
@@ -279,7 +144,7 @@ class EvalConfig(_Section):
         return self.path is not None or self.sources is not None or self.fraction > 0
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     every_steps: int = Field(0, ge=0, description="Save every N optimizer steps (0: off).")
     every_minutes: float = Field(0.0, ge=0, description="Also save when this many minutes passed since the last save (0: off).")
     keep_last: int = Field(3, ge=0, description="Keep the newest K complete checkpoints (0: keep all).")
@@ -294,7 +159,7 @@ class CheckpointConfig(_Section):
                            "continues (host memory: one save of this rank's state).")
 
 
-class WandbConfig(_Section):
+class WandbConfig(Section):
     project: str = Field(..., description="W&B project.")
     entity: Optional[str] = Field(None, description="W&B entity (team or user); default: yours.")
     name: Optional[str] = Field(None, description="W&B run name; default: W&B's.")
@@ -302,7 +167,7 @@ class WandbConfig(_Section):
     mode: Literal["online", "offline", "disabled"] = Field("online", description="online | offline | disabled.")
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     progress_bar: bool = Field(True, description="Show a progress bar on rank 0.")
     tensorboard: bool = Field(True, description="Write TensorBoard scalars to OUTPUT_DIR/tensorboard.")
     sample_ids: bool = Field(False, description="Write each step's dataset row ids to metrics.jsonl.")
@@ -310,7 +175,7 @@ class LoggingConfig(_Section):
         None, description="Log to Weights & Biases from rank 0 (needs the `wandb` extra); one W&B run across resumes.")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig

@@ -1,15 +1,35 @@
-"""The run config as text: YAML files, `key=value` overrides, the one-line error format of a
-validation error and the one-line reference of every field (the schema that types them is config.py)."""
+"""The run config as text: how every section types a value (`Section`), YAML files, `key=value` overrides,
+the one-line error format of a validation error and the one-line reference of every field (the schema
+itself is config.py and data_config.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ds_finetune.errors import UserError
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo in a config must never be silently ignored. inf/nan are never a
+    # sensible setting. YAML types `output_dir=2024` as an int; for a str field that is still the path.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False,
+                              coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value, info):
+        # pydantic's lax mode takes True as 1 (even for Literal[0, 1, 2, 3]): `train.zero_stage=true` or
+        # `train.max_steps=yes` must be a wrong-type error, not stage 1 / one step.
+        annotation = cls.model_fields[info.field_name].annotation
+        numeric = annotation in (int, float, Optional[int], Optional[float]) or (
+            get_origin(annotation) is Literal and all(type(a) is int for a in get_args(annotation)))
+        if isinstance(value, bool) and numeric:
+            raise ValueError("Input should be a number, not true/false")
+        return value
 
 
 def _one_line(value: Any, limit: int = 80) -> str:

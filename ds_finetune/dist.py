@@ -123,6 +123,17 @@ def sum_over_ranks(values: list) -> list[float]:
     return t.tolist()
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of all ranks (`value` itself when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor(value, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def barrier() -> None:
     import torch.distributed as dist
     dist.barrier()

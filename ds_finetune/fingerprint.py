@@ -3,7 +3,8 @@ with a change is refused, naming them), `harmless` ones do not."""
 
 from __future__ import annotations
 
-from ds_finetune.config import SOURCE_FIELDS, DataConfig, RunConfig
+from ds_finetune.config import RunConfig
+from ds_finetune.data_config import SOURCE_FIELDS, DataConfig
 
 
 # The chunked loss's implementation (ds_finetune/loss.py), in the fingerprint of chunked runs only: one

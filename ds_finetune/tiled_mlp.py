@@ -15,6 +15,7 @@ import types
 
 import torch
 
+from ds_finetune.dist import max_over_ranks
 from ds_finetune.errors import UserError
 
 
@@ -46,7 +47,10 @@ def tiled_forward(untiled):
 
     def forward(self, x):
         tokens, hidden = x.shape[-2], x.shape[-1]
-        longest = agreed_length(tokens, x.device)
+        # Each tile is a ZeRO-3 gather, a collective, so every rank runs as many tiles: a shorter input is
+        # padded to the longest. With ceil(length / hidden) tiles torch.chunk, inside TiledMLP, makes exactly
+        # that many, which its gradient bookkeeping counts on.
+        longest = max_over_ranks(tokens)
         if longest > tokens:  # zero rows whose outputs are dropped: no gradient comes back through them
             x = torch.nn.functional.pad(x, (0, 0, 0, longest - tokens))
         # Every parameter of the MLP (LoRA adapters included): TiledMLP tells ZeRO that their gradients are
@@ -54,15 +58,3 @@ def tiled_forward(untiled):
         out = TiledMLP.apply(compute, self, x, math.ceil(longest / hidden), list(self.parameters()))
         return out[..., :tokens, :]
     return forward
-
-
-def agreed_length(tokens: int, device) -> int:
-    """The longest input over the ranks (this one's alone when not distributed). Each tile is a ZeRO-3
-    gather, a collective, so every rank must run as many tiles: a shorter input is padded to the longest.
-    With ceil(length / hidden) tiles torch.chunk, inside TiledMLP, makes exactly that many, which its
-    gradient bookkeeping counts on."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tokens
-    count = torch.tensor(tokens, device=device)
-    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-    return int(count.item())

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ds_finetune import data
-from ds_finetune.config import DataConfig
+from ds_finetune.data_config import DataConfig
 from ds_finetune.errors import UserError
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tiny-tokenizer"

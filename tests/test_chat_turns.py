@@ -14,7 +14,8 @@ import pytest
 import harness
 
 from ds_finetune import data
-from ds_finetune.config import DataConfig, load_config
+from ds_finetune.config import load_config
+from ds_finetune.data_config import DataConfig
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.data.chat import span_mask, tagged_spans
 from ds_finetune.errors import UserError

@@ -14,8 +14,9 @@ import yaml
 from click.testing import CliRunner
 
 from ds_finetune.cli import main
-from ds_finetune.config import (CheckpointConfig, DataConfig, DpoConfig, EvalConfig, EvalSourceConfig, LoggingConfig,
-                                LoraConfig, ModelConfig, RunConfig, SourceConfig, TrainConfig, WandbConfig, load_config)
+from ds_finetune.config import (CheckpointConfig, DpoConfig, EvalConfig, LoggingConfig, LoraConfig, ModelConfig,
+                                RunConfig, TrainConfig, WandbConfig, load_config)
+from ds_finetune.data_config import DataConfig, EvalSourceConfig, SourceConfig
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.errors import UserError
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ds_finetune import data
-from ds_finetune.config import DataConfig
+from ds_finetune.data_config import DataConfig
 from ds_finetune.data import IGNORE_INDEX, collate, plan_units, unit_targets, unit_tokens
 from ds_finetune.errors import UserError
 from ds_finetune.sampler import epoch_permutation

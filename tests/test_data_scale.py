@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from ds_finetune import data, hashing
-from ds_finetune.config import DataConfig
+from ds_finetune.data_config import DataConfig
 from ds_finetune.data import cache, parallel, sources
 from ds_finetune.errors import UserError
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ds_finetune import data
-from ds_finetune.config import DataConfig, load_config
+from ds_finetune.config import load_config
+from ds_finetune.data_config import DataConfig
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.data import IGNORE_INDEX, collate, plan_units
 from ds_finetune.errors import UserError

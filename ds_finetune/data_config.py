@@ -1,0 +1,129 @@
+"""The `data` section of the run config (and the named sources of `eval.sources`): one file or a
+mixture of sources, each with its format and fields."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from ds_finetune.config_text import Section
+
+
+_ADDED_AT_DEFAULT = {("chat_turns", "all"), ("sources", None), ("chosen_field", "chosen"),
+                     ("rejected_field", "rejected"), ("max_prompt_length", None)}
+SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+class EvalSourceConfig(Section):
+    """One named source of eval.sources; a format field left out takes the data section's value."""
+    path: str = Field(..., description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name.")
+    name: Optional[str] = Field(
+        None, description="Name in metrics (loss/NAME, eval_loss/NAME); default the file stem; unique.")
+    format: Optional[Literal["text", "prompt_completion", "chat"]] = Field(None, description="As data.format.")
+    split: Optional[str] = Field(None, description="As data.split.")
+    text_field: Optional[str] = Field(None, description="As data.text_field.")
+    prompt_field: Optional[str] = Field(None, description="As data.prompt_field.")
+    completion_field: Optional[str] = Field(None, description="As data.completion_field.")
+    messages_field: Optional[str] = Field(None, description="As data.messages_field.")
+    chat_turns: Optional[Literal["all", "last"]] = Field(None, description="As data.chat_turns.")
+
+    @model_validator(mode="after")
+    def _named(self):
+        # The file stem of `chat.jsonl` or of a folder `code/`, the last part of a dataset name.
+        self.name = self.name if self.name is not None else Path(self.path.rstrip("/")).stem
+        if not _METRIC_NAME.fullmatch(self.name):
+            raise ValueError(f"source name {self.name!r} is not a valid metric key (letters, digits, _ . -, at "
+                             f"most 64); set its `name`")
+        return self
+
+
+class SourceConfig(EvalSourceConfig):
+    """One source of a mixture: an eval source's fields and a weight."""
+    weight: float = Field(..., gt=0, description="Share of the samples (weights need not sum to 1).")
+
+
+def unique_names(key: str, sources: list) -> None:
+    names = [s.name for s in sources]
+    if not names:
+        raise ValueError(f"{key}: list at least one source")
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{key}: duplicate source name {twice[0]!r}; give each source a unique `name`")
+
+
+class DataConfig(Section):
+    path: Optional[str] = Field(None, description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name "
+                                                  "(or use `sources`).")
+    sources: Optional[list[SourceConfig]] = Field(
+        None, description="A mixture: a list of {path, weight, name, format and its fields, split}; samples are "
+                          "drawn from each source in proportion to its weight (docs/design.md, Data mixtures).")
+    format: Literal["text", "prompt_completion", "chat", "preference"] = Field(
+        "text", description="Row format: text | prompt_completion | chat (messages + chat template) | preference "
+                            "(prompt, chosen, rejected; for train.objective dpo).")
+    split: str = Field("train", description="Dataset split to train on.")
+    max_length: int = Field(512, ge=8, le=1_048_576, description="Tokens per sequence; longer rows are truncated.")
+    packing: Literal["none", "isolated", "shared"] = Field(
+        "none", description="Concatenate rows into sequences of up to max_length tokens: none (false) | isolated "
+                            "(true; each row attends only to itself) | shared (rows of a pack attend to each other).")
+    text_field: str = Field("text", description="Column holding the text (format text).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt (format prompt_completion).")
+    completion_field: str = Field("completion", description="Column holding the completion (prompt_completion).")
+    messages_field: str = Field("messages", description="Column holding the chat messages (format chat).")
+    chosen_field: str = Field("chosen", description="Column holding the preferred completion (format preference).")
+    rejected_field: str = Field("rejected", description="Column holding the dispreferred completion (format "
+                                                        "preference).")
+    max_prompt_length: Optional[int] = Field(
+        None, ge=1, description="Format preference: keep the last N tokens of a longer prompt (None: all of it).")
+    chat_turns: Literal["all", "last"] = Field(
+        "all", description="Chat rows: all (one row per conversation, every reply a target) | last (one row per "
+                           "assistant turn, trained on that turn only; for templates that rewrite earlier replies).")
+    cache_dir: Optional[str] = Field(
+        None, description="Tokenized-data cache; default $DS_FINETUNE_CACHE or ~/.cache/ds-finetune.")
+    num_proc: Optional[int] = Field(
+        None, ge=1, le=1024, description="Worker processes that tokenize the data (default: all cores).")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.path is None) == (self.sources is None):
+            raise ValueError("set exactly one of data.path or data.sources")
+        if self.sources is not None:
+            unique_names("data.sources", self.sources)
+        return self
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.sources is not None
+
+    def source_configs(self) -> list[tuple[str, float, "DataConfig"]]:
+        """(name, weight, the source as a one-file data config) of each source of a mixture."""
+        return [(s.name, s.weight, self.one_source(s)) for s in self.sources]
+
+    def one_source(self, source: EvalSourceConfig) -> "DataConfig":
+        """A source of data.sources or eval.sources as a one-file data config (the rest from this section)."""
+        return self.model_copy(update={"path": source.path, "sources": None, **{
+            k: getattr(source, k) for k in SOURCE_FIELDS if getattr(source, k) is not None}})
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_bools(cls, value):
+        # `packing: true` meant "pack" before packs were isolated; it now means the isolated kind.
+        return {True: "isolated", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @property
+    def packs(self) -> bool:
+        return self.packing != "none"
+
+    @property
+    def isolates(self) -> bool:
+        """Packed rows attend only to themselves (position ids restart at every row)."""
+        return self.packing == "isolated"
+
+    def settings(self, exclude: set) -> dict:
+        """The settings as JSON values, less `exclude`; a setting added after caches and checkpoints existed
+        is left out at its default (which computes what they did), so those still match."""
+        values = self.model_dump(mode="json", exclude=exclude)
+        return {k: v for k, v in values.items() if (k, v) not in _ADDED_AT_DEFAULT}
