@@ -117,6 +117,10 @@ class DpoConfig(Section):
         "sigmoid", description="sigmoid (DPO) | ipo (squared, on per-token mean log-ratios) | hinge (SLiC).")
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="sigmoid only: the probability that a pair's labels are flipped (cDPO).")
+    reference: Literal["precomputed", "model"] = Field(
+        "precomputed", description="Full fine-tuning: the base's log-probs computed once before training "
+                                   "(precomputed) or by a frozen copy of the base run beside the policy (model; "
+                                   "ZeRO 3 partitions it too). With LoRA the base is the model with adapters off.")
 
 
 class EvalConfig(Section):
@@ -205,6 +209,9 @@ class RunConfig(Section):
             raise ValueError("data.sources is not supported with train.objective dpo yet; use one data.path")
         if dpo and self.eval.sources is not None:
             raise ValueError("eval.sources is not supported with train.objective dpo yet; use eval.path")
+        if dpo and self.dpo.reference == "model" and self.model.lora is not None:
+            raise ValueError("dpo.reference model is for full fine-tuning; with model.lora the reference is the "
+                             "base with its adapters off: remove dpo.reference")
         if dpo and self.train.sequence_parallel > 1:
             raise ValueError("train.sequence_parallel > 1 is not supported with train.objective dpo yet; set "
                              "train.sequence_parallel=1")

@@ -96,6 +96,18 @@ class AdaptersOff:
             module.train(training)
 
 
+class FrozenModel:
+    """The reference of `dpo.reference: model`: a frozen copy of the base as a DeepSpeed engine of its own
+    (no optimizer; partitioned under ZeRO 3), in eval mode, run under no_grad on every micro-batch."""
+
+    def __init__(self, ref_engine, logps_fn):
+        self.ref_engine, self.logps_fn = ref_engine, logps_fn
+
+    def __call__(self, engine, input_ids, attention_mask, labels, rows) -> torch.Tensor:
+        with torch.no_grad():
+            return self.logps_fn(self.ref_engine, input_ids, attention_mask, labels)
+
+
 class Precomputed:
     """Reference log-probs computed once before training (`reference.py`), one float per cache row."""
 

@@ -26,24 +26,26 @@ import shutil
 import uuid
 from pathlib import Path
 
+import deepspeed
 import numpy as np
 import torch
 
 from ds_finetune import lora
-from ds_finetune.dist import barrier, capture_rng, decide, restore_rng
-from ds_finetune.dpo import DPO, AdaptersOff, DPOLoss, Precomputed, collate_pairs
+from ds_finetune.dist import barrier, capture_rng, decide, restore_rng, seed_everything
+from ds_finetune.dpo import DPO, AdaptersOff, DPOLoss, FrozenModel, Precomputed, collate_pairs
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
 from ds_finetune.files import fsync_dir
 from ds_finetune.loss import make_sequence_logps_fn, to_device
+from ds_finetune.model import build_model
 
 REFERENCE_VERSION = 1  # bump when the stored values would change
 
 
-def dpo_objective(cfg, engine, model, data, evaluator, layout, pad_id: int, rank: int, world: int, before_update,
-                  weights_are_base: bool, say) -> DPO:
-    """The DPO objective of a run: its loss with the reference that fits (adapters off, or precomputed
-    while `weights_are_base`, i.e. before a checkpoint's weights are loaded)."""
+def dpo_objective(cfg, engine, model, ds_config: dict, data, evaluator, layout, pad_id: int, rank: int, world: int,
+                  before_update, weights_are_base: bool, say) -> DPO:
+    """The DPO objective of a run: its loss with the reference that fits (adapters off, a frozen copy of the
+    base, or precomputed while `weights_are_base`, i.e. before a checkpoint's weights are loaded)."""
     logps_fn = make_sequence_logps_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens)
     d = cfg.dpo
 
@@ -52,6 +54,8 @@ def dpo_objective(cfg, engine, model, data, evaluator, layout, pad_id: int, rank
 
     if cfg.model.lora is not None:
         return DPO(data, layout, loss(AdaptersOff(logps_fn)), pad_id, rank, before_update)
+    if d.reference == "model":
+        return DPO(data, layout, loss(frozen_base(cfg, ds_config)), pad_id, rank, before_update)
     block = cfg.train.micro_batch_size
 
     def reference_of(dataset):
@@ -61,6 +65,26 @@ def dpo_objective(cfg, engine, model, data, evaluator, layout, pad_id: int, rank
     if evaluator is not None and evaluator.data is not data:
         eval_loss = loss(reference_of(evaluator.data))
     return DPO(data, layout, loss(reference_of(data)), pad_id, rank, before_update, eval_loss)
+
+
+def frozen_base(cfg, ds_config: dict) -> FrozenModel:
+    """The base model again (built from the same seed, so an inline config draws the same weights), as an
+    engine without an optimizer: ZeRO 3 partitions it like the policy, a lower stage keeps it whole on every
+    rank (as TRL does). Every RNG is put back: the policy's dropout draws what it would without it."""
+    config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        config["zero_optimization"] = {"stage": 0}
+    rng = capture_rng()
+    try:
+        seed_everything(cfg.train.seed)
+        base = build_model(cfg, config)
+        base.eval()
+        base.requires_grad_(False)
+        ref_engine, *_ = deepspeed.initialize(model=base, config=config)
+        ref_engine.eval()
+    finally:
+        restore_rng(rng)
+    return FrozenModel(ref_engine, make_sequence_logps_fn(base, cfg.train.loss_chunk_tokens))
 
 
 def reference_key(cfg, data, block: int) -> str:

@@ -149,8 +149,8 @@ def setup(args) -> tuple[Run, TrainState]:
                                 export_to=Path(cfg.output_dir) / "final_model" if cfg.checkpoint.export_final else None,
                                 export_dtype=cfg.model.dtype)
     if cfg.train.objective == "dpo":  # a precomputed reference is computed here, before a checkpoint is loaded
-        objective = dpo_objective(cfg, engine, model, data, evaluator, layout, tok.pad_token_id, rank, world,
-                                  checkpointer.before_update, plan.converted is None, say)
+        objective = dpo_objective(cfg, engine, model, ds_config, data, evaluator, layout, tok.pad_token_id, rank,
+                                  world, checkpointer.before_update, plan.converted is None, say)
     else:
         loss_fn = make_loss_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens)
         if group.size > 1:  # each rank computes the loss of its slice of every sequence

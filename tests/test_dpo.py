@@ -301,3 +301,31 @@ def test_dpo_full_zero3_checkpoint_resumes_under_zero2(full_dpo_zero3, tmp_path)
         noise = 1e-5 * max(abs(a["logps/chosen"]), abs(a["logps/rejected"]))
         for name in METRICS:
             assert r[name] == pytest.approx(a[name], rel=1e-5, abs=noise), (a["step"], name, r[name], a[name])
+
+
+@pytest.mark.multiproc
+def test_a_frozen_model_reference_trains_as_the_precomputed_one_and_resumes_bitwise(full_dpo_zero3, tmp_path):
+    """dpo.reference: model (a frozen copy of the base as its own ZeRO-3 engine) gives the precomputed
+    reference's steps to float noise (same samples, losses and metrics within 1e-5: the same base, batched
+    otherwise), and, killed inside step 5 and resumed, the uninterrupted run's steps bitwise (the copy is
+    rebuilt from the base, and building it draws no random number the policy's dropout would have)."""
+    precomputed, _ = full_dpo_zero3
+    run = [*FULL3, "dpo.reference=model"]
+    ref, got = tmp_path / "ref", tmp_path / "got"
+    proc = harness.train(ref, run)
+    assert "computing the reference log-probs" not in proc.stdout
+    harness.assert_close_run(ref, precomputed)
+    for r, a in zip(harness.metrics(ref), harness.metrics(precomputed)):
+        noise = 1e-5 * max(abs(a["logps/chosen"]), abs(a["logps/rejected"]))
+        for name in METRICS:
+            assert r[name] == pytest.approx(a[name], rel=1e-5, abs=noise), (a["step"], name, r[name], a[name])
+    killed = harness.train(got, run, fault="mid_accum:rank1@step5", expect_ok=False)
+    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stdout[-2000:]
+    harness.train(got, run, resume="auto")
+    harness.assert_same_run(got, ref)
+    harness.assert_same_final_weights(got, ref)
+
+
+def test_a_frozen_model_reference_is_for_full_fine_tuning():
+    with pytest.raises(UserError, match="dpo.reference model is for full fine-tuning"):
+        load_config(harness.TINY, [*DPO, "dpo.reference=model", "model.lora.r=8", "output_dir=x"])
