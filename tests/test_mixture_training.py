@@ -1,10 +1,10 @@
-"""Training on a data mixture with real ranks, at ZeRO 3: a SIGKILL in the middle of a step resumes bitwise
-(losses, sample ids, per-source training and eval losses), a resume on one rank continues the same samples,
+"""Training on a data mixture with real ranks, at ZeRO 3 (and 1): a SIGKILL in the middle of a step resumes
+bitwise (losses, sample ids, per-source training and eval losses), a resume on one rank continues the same samples,
 per-source losses add up to the step's loss, and a changed mix continues from the checkpoint's position with
 the new weights. (The order's own properties are in test_mixture.py, eval per source in test_evaluation.py.)
 
-Dropout is off so that the resume on another world size can be compared within float noise; a resume's RNG
-with dropout on is covered by test_exact_resume.py. One uninterrupted run and one killed run are shared."""
+At ZeRO 3 dropout is off so that the resume on another world size can be compared within float noise (one
+uninterrupted run and one killed run are shared); the ZeRO-1 kill keeps dropout on, so its resumed RNG counts."""
 import re
 
 import harness
@@ -70,6 +70,19 @@ def test_a_mixture_killed_mid_step_resumes_bitwise(reference_run, killed_in_step
     # sample ids follow the sources' order in data.sources (400 rows each here).
     ids = [i for row in want for i in row["sample_ids"]]
     assert [sum(lo <= i < lo + 400 for i in ids) for lo in (0, 400, 800)] == [48, 24, 8]
+
+
+def test_a_mixture_killed_mid_step_at_zero_1_with_dropout_resumes_bitwise(reference_run, tmp_path):
+    """ZeRO 1, dropout on (the resumed RNG matters): the kill inside step 5 resumes to the uninterrupted
+    run's losses, sample ids and per-source losses, bitwise."""
+    run = ["train.zero_stage=1", *mix(), "model.config.attention_dropout=0.1"]
+    ref = reference_run(1, extra=tuple(run[1:]))
+    out = tmp_path / "run"
+    proc = harness.train(out, run, fault="mid_accum:rank1@step5", expect_ok=False)
+    assert proc.returncode == -9, proc.stdout[-2000:]
+    harness.train(out, run, resume="auto")
+    harness.assert_same_run(out, ref)
+    assert per_source(harness.metrics(out)) == per_source(harness.metrics(ref))
 
 
 def test_a_mixture_saved_on_two_ranks_continues_the_same_samples_on_one(reference_run, killed_in_step5, tmp_path):
