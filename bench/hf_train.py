@@ -69,12 +69,56 @@ def make_collator(pad_id: int):
     return collate
 
 
+# ------------------------------------------------- what the HF Trainer and TRL's DPOTrainer baselines share
+
+def trainer_settings(cfg) -> dict:
+    """TrainingArguments that mirror a ds-finetune run: optimizer, LR schedule, clipping, seeds, a loss
+    line every step (also TRL's DPOConfig, a TrainingArguments)."""
+    t = cfg.train
+    schedule = ({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": t.min_lr_ratio}}
+                if t.lr_schedule == "cosine" else {"lr_scheduler_type": t.lr_schedule})
+    return dict(learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+                adam_epsilon=t.adam_eps, max_grad_norm=t.grad_clip, warmup_steps=t.warmup_steps, optim="adamw_torch",
+                seed=t.seed, data_seed=t.seed, logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+                **schedule)
+
+
+def random_model(cfg):
+    """The run's inline model config, randomly initialised from its seed (as ds-finetune builds it)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    set_seed(cfg.train.seed)
+    inline = dict(cfg.model.config)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(inline.pop("model_type"), **inline),
+                                            dtype=torch.float32)
+
+
+def loss_log(path: str | None):
+    """A TrainerCallback writing {step, loss, time} per logged step to `path` (None: writes nothing)."""
+    from transformers import TrainerCallback
+
+    class LossLog(TrainerCallback):
+        def __init__(self):
+            self.file = open(path, "a") if path is not None else None
+
+        def write(self, record: dict) -> None:
+            if self.file is not None:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.write({"step": state.global_step, "loss": logs["loss"], "time": time.time()})
+
+    return LossLog
+
+
 def main():
     args = parse_args()
     import torch
     import torch.distributed as dist
-    from transformers import (AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments,
-                              set_seed)
+    from transformers import Trainer, TrainingArguments
 
     from ds_finetune.config import load_config
     from ds_finetune.data import load_tokenizer, prepare_data
@@ -83,50 +127,31 @@ def main():
 
     rank, world, _ = init_distributed()  # same backend and thread count as ds-finetune
     cfg = load_config(args.config, [])
-    t = cfg.train
     micro, accum, _ = cfg.batch_layout(world)
     data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer))
     save_at = {int(s) for s in args.save_at.split(",") if s}
 
-    class StepLog(TrainerCallback):
-        def __init__(self):
-            self.file = open(args.steps_log, "a") if rank == 0 else None
-
+    class StepLog(loss_log(args.steps_log if rank == 0 else None)):
         def on_train_begin(self, a, state, control, **kw):
-            if self.file is not None:
-                self.file.write(json.dumps({"event": "train_begin", "time": time.time()}) + "\n")
-                self.file.flush()
+            self.write({"event": "train_begin", "time": time.time()})
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step in save_at:
                 control.should_save = True
             return control
 
-        def on_log(self, a, state, control, logs=None, **kw):
-            if self.file is not None and logs and "loss" in logs:
-                self.file.write(json.dumps({"step": state.global_step, "loss": logs["loss"],
-                                            "time": time.time()}) + "\n")
-                self.file.flush()
-
-    set_seed(t.seed)
-    inline = dict(cfg.model.config)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(inline.pop("model_type"), **inline),
-                                             dtype=torch.float32)
-    schedule = ({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": t.min_lr_ratio}}
-                if t.lr_schedule == "cosine" else {"lr_scheduler_type": t.lr_schedule})
+    model = random_model(cfg)
     targs = TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
-        max_steps=args.max_steps or t.max_steps, learning_rate=t.lr, weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_eps, max_grad_norm=t.grad_clip,
-        warmup_steps=t.warmup_steps, optim="adamw_torch", seed=t.seed, data_seed=t.seed, logging_steps=1,
+        max_steps=args.max_steps or cfg.train.max_steps,
         # Saves happen only where StepLog asks (save_steps is out of reach).
         save_strategy="steps", save_steps=10**9,
-        save_only_model=False, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        save_only_model=False, report_to="none",
         remove_unused_columns=False, dataloader_pin_memory=False,  # our collator needs the "mask" field
         deepspeed=zero_config_for_run(cfg, world), ddp_backend="gloo",
         # Without use_cpu, accelerate finds no accelerator, calls the job non-distributed (world size 1)
         # and every rank trains on the whole dataset; with it: MULTI_CPU -> DeepSpeed, sharded as on GPUs.
-        use_cpu=not torch.cuda.is_available(), **schedule)
+        use_cpu=not torch.cuda.is_available(), **trainer_settings(cfg))
     trainer = Trainer(model=model, args=targs, train_dataset=RowsDataset(data),
                       data_collator=make_collator(cfg.model.config.get("pad_token_id", 0)), callbacks=[StepLog()])
     trainer.train(resume_from_checkpoint=args.resume)

@@ -10,6 +10,22 @@ import shutil
 from pathlib import Path
 
 
+# ----------------------------------------------------------------------------------------------- code
+
+def code_version(repo: Path) -> dict:
+    """The commit the bench measured, and whether tracked files differed from it (a figure from uncommitted
+    code does not describe any commit)."""
+    import subprocess
+
+    def git(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return {"commit": None, "uncommitted_changes": None}
+    return {"commit": head.stdout.strip(), "uncommitted_changes": git("diff", "--quiet", "HEAD").returncode != 0}
+
+
 # -------------------------------------------------------------------------------------------- machine
 
 def cpu_model() -> str:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, WORK, log  # noqa: E402
+from common import RESULTS, ROOT, WORK, log  # noqa: E402
 import report  # noqa: E402
 
 SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "resume_cost",
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     wall = time.time() - t0
     payload = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": "quick" if args.quick else "full",
+               **report.code_version(ROOT),
                "command": " ".join(map(shlex.quote, [sys.executable, *sys.argv])), "wall_s": round(wall, 1),
                "machine": machine, "figures": figures, "errors": errors, "skipped": skipped, "sections": results}
     report.write_json(RESULTS / f"{stem}.json", payload)

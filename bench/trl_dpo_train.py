@@ -16,10 +16,10 @@ as ds-finetune's metrics.jsonl).
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hf_train import loss_log, random_model, trainer_settings  # noqa: E402
 
 
 def parse_args():
@@ -33,46 +33,26 @@ def parse_args():
 
 def main():
     args = parse_args()
-    import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback, set_seed
 
     from ds_finetune.config import load_config
     from ds_finetune.data import load_tokenizer
     from ds_finetune.zero import zero_config_for_run
 
     cfg = load_config(args.config, [])
-    t = cfg.train
     micro, accum, _ = cfg.batch_layout(1)
     rows = [json.loads(line) for line in Path(cfg.data.path).read_text().splitlines() if line.strip()]
-    log = open(args.steps_log, "a")
-
-    class StepLog(TrainerCallback):
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                log.write(json.dumps({"step": state.global_step, "loss": logs["loss"], "time": time.time()}) + "\n")
-                log.flush()
-
-    set_seed(t.seed)
-    inline = dict(cfg.model.config)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(inline.pop("model_type"), **inline),
-                                             dtype=torch.float32)
-    schedule = ({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": t.min_lr_ratio}}
-                if t.lr_schedule == "cosine" else {"lr_scheduler_type": t.lr_schedule})
+    model = random_model(cfg)
     dpo_args = trl.DPOConfig(
         output_dir=args.out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
-        max_steps=t.max_steps, learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2, adam_epsilon=t.adam_eps, max_grad_norm=t.grad_clip, warmup_steps=t.warmup_steps,
-        optim="adamw_torch", seed=t.seed, data_seed=t.seed, logging_steps=1, save_strategy="no", report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, bf16=False, beta=cfg.dpo.beta,
-        loss_type=[cfg.dpo.loss_type], label_smoothing=cfg.dpo.label_smoothing, max_length=cfg.data.max_length,
-        precompute_ref_log_probs=True, deepspeed=zero_config_for_run(cfg, 1) if args.deepspeed else None,
-        **schedule)
+        max_steps=cfg.train.max_steps, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+        beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type], label_smoothing=cfg.dpo.label_smoothing,
+        max_length=cfg.data.max_length, precompute_ref_log_probs=True,
+        deepspeed=zero_config_for_run(cfg, 1) if args.deepspeed else None, **trainer_settings(cfg))
     trainer = trl.DPOTrainer(model=model, args=dpo_args, processing_class=load_tokenizer(cfg.model.tokenizer),
-                             train_dataset=Dataset.from_list(rows), callbacks=[StepLog()])
+                             train_dataset=Dataset.from_list(rows), callbacks=[loss_log(args.steps_log)()])
     trainer.train()
-    log.close()
 
 
 if __name__ == "__main__":

@@ -40,9 +40,7 @@ def convert(info: CheckpointInfo, stage: int, world: int, rank: int, say) -> res
             return None
         for old in info.path.glob(reshard.TMP_PREFIX + "*"):  # a crashed conversion's leftovers
             shutil.rmtree(old, ignore_errors=True)
-        tmp = info.path / f"{reshard.TMP_PREFIX}{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()
-        return tmp.name
+        return _new_temp_folder(info).name
 
     tmp_name = decide(plan, runs_here=rank == 0)
     if tmp_name is None:
@@ -56,10 +54,14 @@ def convert(info: CheckpointInfo, stage: int, world: int, rank: int, say) -> res
 
 def convert_here(info: CheckpointInfo, shard_bytes: int = reshard.SHARD_BYTES, say=lambda text: None) -> Path:
     """Convert in this one process (tools and tests): the same driver as a job's, with one rank."""
+    _convert_share(info, _new_temp_folder(info), 0, 1, say, shard_bytes)
+    return reshard.resharded_dir(info)
+
+
+def _new_temp_folder(info: CheckpointInfo) -> Path:
     tmp = info.path / f"{reshard.TMP_PREFIX}{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
-    _convert_share(info, tmp, 0, 1, say, shard_bytes)
-    return reshard.resharded_dir(info)
+    return tmp
 
 
 def _manifest_of(info: CheckpointInfo) -> dict:
