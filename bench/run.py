@@ -15,12 +15,9 @@ noisy; absolute times are not stable), from medians of interleaved repetitions:
  10. async         save stall per checkpoint, background vs synchronous    (bench/async_cost.py)
  11. verify        resume hashing, 2 ranks sharing vs 1 process alone      (bench/verify_split.py)
  12. mixture       a mixture's resume at sample 5M vs 0; order RSS vs rows  (bench/mixture.py)
-<<<<<<< HEAD
  13. dpo           DPO peak RSS and step time, chunked log-probs vs full     (bench/dpo_memory.py)
  14. dpo-trl       DPO steps/s and peak RSS vs TRL's DPOTrainer             (bench/dpo_trl.py)
-=======
- 13. long          per-rank RSS, reach, step time: SP=2 vs SP=1 at 16k     (bench/long_context.py)
->>>>>>> long-bench
+ 15. long          per-rank RSS, reach, step time: SP=2 vs SP=1 at 16k     (bench/long_context.py)
 
 Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick).
 Scratch files go to build/bench/; each section's run folders (checkpoints) are deleted when it ends.
@@ -48,11 +45,7 @@ import report  # noqa: E402
 SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "resume_cost",
             "side-by-side": "side_by_side", "loss": "loss_memory", "data": "data_prep", "elastic": "elastic",
             "lora": "lora_cost", "async": "async_cost", "verify": "verify_split", "mixture": "mixture",
-<<<<<<< HEAD
-            "gpu": "gpu", "dpo": "dpo_memory", "dpo-trl": "dpo_trl"}
-=======
-            "gpu": "gpu", "dpo": "dpo_memory", "long": "long_context"}
->>>>>>> long-bench
+            "gpu": "gpu", "dpo": "dpo_memory", "dpo-trl": "dpo_trl", "long": "long_context"}
 
 
 def parse_args(argv=None):
