@@ -5,12 +5,13 @@ training while they run), with 2 ranks (both cores of this machine train) and wi
 (a core free for the writer, as on a GPU node).
 
 Both runs train the same steps with a save every `EVERY` steps; `common.save_stall_run` measures the stall
-(the step after a save minus the median step without one). The runs alternate, each repeated.
+(the step after a save minus the median step without one) and its noise floor; a background save's stall
+is only claimed above that floor. The runs alternate, 3 of each.
 """
 
 from __future__ import annotations
 
-from common import WORK, llama, log, long_rows, median, run_config, save_stall_run
+from common import WORK, figure, llama, log, long_rows, median, run_config, save_stall_run
 
 TARGET = 0.15
 EVERY = 4
@@ -25,7 +26,7 @@ def measure(kind: str, config, rep: int, setup: str) -> dict:
 
 
 def run(quick: bool) -> dict:
-    reps, steps = (1, 2 * EVERY + 1) if quick else (2, 4 * EVERY + 1)
+    reps, steps = (1, 2 * EVERY + 1) if quick else (3, 3 * EVERY + 1)
     config = run_config("async", llama(640, 8, 1728, 10, 10, 256), long_rows(), max_length=64, micro=1, accum=1,
                         steps=steps, output_dir=WORK / "runs" / "async-unused",
                         checkpoint={"every_steps": EVERY, "keep_last": 0})
@@ -37,19 +38,22 @@ def run(quick: bool) -> dict:
         for rep in range(reps):
             for kind in ("sync", "async") if rep % 2 == 0 else ("async", "sync"):
                 results[kind].append(measure(kind, config, rep, setup))
-        sync, bg = ({k: median([r[k] for r in results[kind]]) for k in ("stall_s", "mean_interval_s", "ckpt_bytes")}
-                    for kind in ("sync", "async"))
-        stall_ratio = max(bg["stall_s"], 0.0) / sync["stall_s"]
-        note = (f"{sync['ckpt_bytes'] / 1e6:.0f} MB a save (40M params, ZeRO 2, {setup}); {reps} runs each, "
-                f"{steps} steps, a save every {EVERY}")
+        sync, bg = results["sync"], results["async"]
+        # A background save's stall is claimed only above its noise floor (the same measure on steps that
+        # saved nothing): a stall under the floor counts as the floor, never as less.
+        stalls = [max(r["stall_s"], r["floor_s"]) for r in bg]
+        floor = median([r["floor_s"] for r in bg])
+        note = (f"{sync[0]['ckpt_bytes'] / 1e6:.0f} MB a save (40M params, ZeRO 2, {setup}); {reps} runs each, "
+                f"{steps} steps, a save every {EVERY}; stall = the step after a save minus the median step; "
+                f"async stall taken as max(stall, noise floor), floor {floor:.3f} s (the same measure on the steps "
+                f"before a save), measured stall {median([r['stall_s'] for r in bg]):.3f} s")
+        tag = setup.split()[0]
         figures += [
-            {"id": f"async_stall_{setup.split()[0]}r", "figure": f"stall per save, async_save / sync ({setup})",
-             "ours": bg["stall_s"], "baseline": sync["stall_s"], "unit": "s", "ratio": stall_ratio,
-             "target": ["<=", TARGET], "met": stall_ratio <= TARGET, "note": note},
-            {"id": f"async_mean_step_{setup.split()[0]}r", "figure": f"mean step with saves, async / sync ({setup})",
-             "ours": bg["mean_interval_s"], "baseline": sync["mean_interval_s"], "unit": "s",
-             "ratio": bg["mean_interval_s"] / sync["mean_interval_s"], "target": None, "met": None,
-             "note": "includes what the writer threads take from training"},
+            figure(f"async_stall_{tag}r", f"stall per save, async_save / sync ({setup})", stalls,
+                   [r["stall_s"] for r in sync], "s", ("<=", TARGET), note),
+            figure(f"async_mean_step_{tag}r", f"mean step with saves, async / sync ({setup})",
+                   [r["mean_interval_s"] for r in bg], [r["mean_interval_s"] for r in sync], "s", None,
+                   "includes what the writer threads take from training"),
         ]
         raw[setup] = results
     return {"figures": figures, "raw": raw}

@@ -2,10 +2,13 @@
 
 Same model (same seed), same DeepSpeed config (ds-finetune's own generator), same optimizer param
 groups, same batches (the same tokenized cache, epoch order and collation, all collated before the
-clock starts) - and nothing else: the model's own loss, no metrics, no loss all-reduce, no checkpoint.
+clock starts), the same loss - and nothing else: no metrics, no loss all-reduce, no checkpoint.
+`--loss fused` computes the loss as ds-finetune does by default (its fused chunked cross-entropy,
+`train.loss_chunk_tokens` of the config, divided by the micro-batch's targets); `--loss model` takes the
+model's own loss (full logits), the pair of a ds-finetune run with `train.loss_chunk_tokens=0`.
 Rank 0 writes the wall-clock time at the end of every optimizer step to --out as JSON.
 
-    torchrun --nproc_per_node 2 bench/bare_loop.py --config RUN.yaml --steps N --out times.json
+    torchrun --nproc_per_node 2 bench/bare_loop.py --config RUN.yaml --steps N --loss fused --out times.json
 """
 
 import argparse
@@ -23,6 +26,7 @@ def main():
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--loss", choices=("fused", "model"), default="fused")
     args = p.parse_args()
 
     import deepspeed
@@ -33,6 +37,7 @@ def main():
     from ds_finetune.data import collate, load_tokenizer, prepare_data
     from ds_finetune.sampler import BatchLayout, epoch_permutation
     from ds_finetune.dist import init_distributed, seed_everything
+    from ds_finetune.loss import make_loss_fn
     from ds_finetune.zero import zero_config_for_run
 
     rank, world, _ = init_distributed()  # same backend and thread count as ds-finetune
@@ -65,11 +70,17 @@ def main():
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
 
+    fused = make_loss_fn(model, cfg.train.loss_chunk_tokens) if args.loss == "fused" else None
+
     times = []
     for micro_batches in steps:
         for input_ids, attention_mask, labels, _ in micro_batches:
-            loss = engine(input_ids=input_ids.to(engine.device), attention_mask=attention_mask.to(engine.device),
-                          labels=labels.to(engine.device)).loss
+            input_ids, attention_mask = input_ids.to(engine.device), attention_mask.to(engine.device)
+            if fused is None:
+                loss = engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels.to(engine.device)).loss
+            else:  # the summed token loss over the micro-batch's targets (counted on the host: no device sync)
+                targets = int((labels[:, 1:] != -100).sum())
+                loss = fused(engine, input_ids, attention_mask, labels.to(engine.device)) / targets
             engine.backward(loss)
             engine.step()
         times.append(time.time())

@@ -3,8 +3,10 @@
 Builds the engine exactly as ds-finetune does (its model/engine builders and DeepSpeed config), takes one
 optimizer step so the Adam moments exist, then repeats, rotating the order each round:
 
-  disk     rank 0 writes the checkpoint's byte count as one sequential stream of 4 MiB random blocks and
-           fsyncs it (what `dd bs=4M conv=fsync` does), rank 1 waits: the disk's own speed;
+  disk     every rank writes its share of the checkpoint's byte count (bytes / world) as one sequential
+           stream of 4 MiB random blocks and fsyncs it (what `dd bs=4M conv=fsync` does), all ranks at
+           once: the disk's own speed for the same bytes written with the same parallelism as a save
+           (each rank writes its own files);
   nohash   `engine.save_checkpoint` + fsync of every file and folder: DeepSpeed's serialisation, no hashing,
            no manifest (fsync is included because without it the figure is page-cache speed, not disk);
   ours     `ds_finetune.checkpoint.commit.save_checkpoint`: the same save plus sha256 of every file, fsync,
@@ -130,8 +132,10 @@ def main():
             d = scratch / f"{kind}-{r}"
             if rank == 0:
                 d.mkdir(parents=True)
+            dist.barrier()  # the folder exists before any rank writes into it
             if kind == "disk":
-                times[kind] = timed(lambda: disk_write(d / "blob", nbytes, block) if rank == 0 else None)
+                share = nbytes // world + (nbytes % world if rank == 0 else 0)
+                times[kind] = timed(lambda: disk_write(d / f"blob-{rank}", share, block))
             elif kind == "nohash":
                 times[kind] = timed(lambda: save_nohash(d))
             else:

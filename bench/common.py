@@ -214,6 +214,18 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def figure(fid: str, text: str, ours: list[float], baseline: list[float], unit: str, target=None,
+           note: str = "") -> dict:
+    """One figure from repetitions taken side by side (ours[i] beside baseline[i]): the medians of each side,
+    the ratio as the median of the pairs' ratios, their spread (min, max) and whether the target is met."""
+    ratios = [a / b for a, b in zip(ours, baseline) if a == a and b == b and b]
+    ratio = median(ratios)
+    met = None if target is None else ratio >= target[1] if target[0] == ">=" else ratio <= target[1]
+    return {"id": fid, "figure": text, "ours": median(ours), "baseline": median(baseline), "unit": unit,
+            "ratio": ratio, "spread": [min(ratios), max(ratios)] if ratios else None, "reps": len(ratios),
+            "target": list(target) if target else None, "met": met, "note": note}
+
+
 def paired_ratio(nums: list[float], dens: list[float]) -> float:
     """Median of the ratios of measurements taken side by side (nums[i] right beside dens[i]). Load from
     other jobs on this machine comes in bursts of a minute or more, which a neighbouring pair shares,
@@ -301,8 +313,9 @@ def save_stall_run(name: str, config: Path, overrides: list[str], every: int, np
                    env_extra: dict | None = None) -> dict:
     """One ds-finetune run that saves every `every` steps: the median step without a save, the stall a save
     causes (the interval of the step after a save minus that median: metrics.jsonl's end-of-step time is
-    taken before the save, so the save lands in the next interval), the whole run's steps, and the size
-    of the first checkpoint."""
+    taken before the save, so the save lands in the next interval), its noise floor (the same measure on
+    the steps just before each save, which save nothing: a stall at or under it is not a measured stall),
+    the whole run's steps, and the size of the first checkpoint."""
     out = WORK / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     Job(ours_argv(config, [*overrides, f"output_dir={out}"], nproc=nproc), WORK / "logs" / f"{name}.log",
@@ -311,10 +324,12 @@ def save_stall_run(name: str, config: Path, overrides: list[str], every: int, np
     intervals = step_intervals(times, skip=0)  # intervals[i] runs from the end of step i + 1 to step i + 2
     with_save = [dt for i, dt in enumerate(intervals) if (i + 1) % every == 0 and i >= 2]
     without = [dt for i, dt in enumerate(intervals) if (i + 1) % every != 0 and i >= 2]
+    before_save = [dt for i, dt in enumerate(intervals) if (i + 2) % every == 0 and i >= 2]
     manifest = json.loads((out / "checkpoints" / f"step_{every:08d}" / "manifest.json").read_text())
     shutil.rmtree(out)  # ~2.5 GB of checkpoints a run at the async section's size; only the figures are kept
     step_s = median(without)
     return {"step_s": step_s, "stall_s": median([dt - step_s for dt in with_save]),
+            "floor_s": median([abs(dt - step_s) for dt in before_save]),
             "mean_interval_s": sum(intervals[2:]) / len(intervals[2:]),
             "ckpt_bytes": sum(f["size"] for f in manifest["files"].values())}
 

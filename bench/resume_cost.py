@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from common import (BENCH, WORK, Job, _read_jsonl, llama, log, median, ours_argv, paired_ratio, read_jsonl,
+from common import (BENCH, WORK, Job, _read_jsonl, figure, llama, log, ours_argv, read_jsonl,
                     run_config, torchrun, wait_for, warm_cache, write_text_dataset)
 
 TARGET = 1.05
@@ -107,7 +107,7 @@ def time_resume(who: str, step: int, checkpoint, config, rep: int) -> dict:
 
 
 def run(quick: bool) -> dict:
-    plan, reps = (QUICK, 1) if quick else (FULL, 4)
+    plan, reps = (QUICK, 1) if quick else (FULL, 3)
     config = resume_config(plan, WORK / "runs" / "resume-ours")
     t = warm_cache(config)
     log(f"resume: {plan.rows:,}-row dataset tokenized and cached ({t:.0f} s; 0 = already cached)")
@@ -129,20 +129,16 @@ def run(quick: bool) -> dict:
         for measure, unit, label in (("loaded_to_first_step_s", "s", "state loaded"), ("first_step_s", "s", "wall"),
                                      ("first_step_cpu_s", "CPU-s", "CPU")):
             a, b = ([r[measure] for r in runs[(who, step)]] for step in (late, early))
-            ratio = paired_ratio(a, b)
             mine = who == "ours" and label != "wall"  # from process start, start-up noise dominates
-            figures.append({
-                "id": f"resume_{who}_{label.split()[-1].lower()}",
-                "figure": (f"state loaded to first step done, 90% / 1% into the epoch ({name})"
-                           if label == "state loaded" else
-                           f"resume to first step ({label}), 90% / 1% into the epoch ({name})"),
-                "ours": median(a), "baseline": median(b), "unit": unit, "ratio": ratio,
-                "target": ["<=", TARGET] if mine else None, "met": ratio <= TARGET if mine else None,
-                "note": (f"{where}; {reps} resume pairs; 'ours' column = late, 'baseline' = early; ratio = median "
-                         f"of the pairs' ratios" if label == "state loaded" else
-                         "from process start (start-up included)" if label == "wall" else
-                         "CPU seconds of launcher + ranks until the first step ends (robust to other load)")
-                if who == "ours" else "HF fast-forwards its dataloader past the seen batches (accelerate skip_first_batches)"})
+            text = (f"state loaded to first step done, 90% / 1% into the epoch ({name})" if label == "state loaded"
+                    else f"resume to first step ({label}), 90% / 1% into the epoch ({name})")
+            note = ((f"{where}; {reps} resume pairs; 'ours' column = late, 'baseline' = early; ratio = median "
+                     f"of the pairs' ratios" if label == "state loaded" else
+                     "from process start (start-up included)" if label == "wall" else
+                     "CPU seconds of launcher + ranks until the first step ends (robust to other load)")
+                    if who == "ours" else "HF fast-forwards its dataloader past the seen batches (accelerate skip_first_batches)")
+            figures.append(figure(f"resume_{who}_{label.split()[-1].lower()}", text, a, b, unit,
+                                  ("<=", TARGET) if mine else None, note))
     return {"figures": figures,
             "raw": {"rows": plan.rows, "early_step": early, "late_step": late,
                     **{f"{who}@{step}": v for (who, step), v in runs.items()}}}

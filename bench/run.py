@@ -19,7 +19,10 @@ noisy; absolute times are not stable), from medians of interleaved repetitions:
  14. dpo-trl       DPO steps/s and peak RSS vs TRL's DPOTrainer             (bench/dpo_trl.py)
  15. long          per-rank RSS, reach, step time: SP=2 vs SP=1 at 16k     (bench/long_context.py)
 
-Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick).
+Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick). Every
+figure carries its id, value (ratio), spread over its repetitions, target, whether it is met, the commit and
+the machine. A full run of every section without errors also writes docs/benchmarks.md from its template
+(bench/benchmarks.md.in); `python bench/report.py --render` rewrites it after an edit of the template.
 Scratch files go to build/bench/; each section's run folders (checkpoints) are deleted when it ends.
 
     python bench/run.py [--quick] [--only overhead,resume,...]
@@ -77,7 +80,7 @@ def run_sections(names: list[str], quick: bool) -> tuple[dict, list, dict, dict]
             shutil.rmtree(WORK / "runs", ignore_errors=True)
         result["wall_s"] = round(time.time() - t0, 1)
         results[name] = result
-        figures += result.get("figures", [])
+        figures += [{**f, "section": name} for f in result.get("figures", [])]
         if result.get("skipped"):
             skipped[name] = result["skipped"]
         log(f"{name} took {result['wall_s']:.0f} s")
@@ -98,8 +101,10 @@ def main(argv=None) -> int:
     stem = f"{time.strftime('%Y-%m-%d')}-{report.machine_slug(machine)}{subset}{'-quick' if args.quick else ''}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     wall = time.time() - t0
+    version = report.code_version(ROOT)
+    figures = [{**f, "commit": version["commit"], "machine": report.machine_slug(machine)} for f in figures]
     payload = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": "quick" if args.quick else "full",
-               **report.code_version(ROOT),
+               **version,
                "command": " ".join(map(shlex.quote, [sys.executable, *sys.argv])), "wall_s": round(wall, 1),
                "machine": machine, "figures": figures, "errors": errors, "skipped": skipped, "sections": results}
     report.write_json(RESULTS / f"{stem}.json", payload)
@@ -107,7 +112,7 @@ def main(argv=None) -> int:
              f"{machine['logical_cores']} cores, torch {machine['torch']}, deepspeed {machine['deepspeed']}")
     report.write_chart(RESULTS / f"{stem}.png", figures, title)
     if not args.quick and not errors and set(args.sections) == set(SECTIONS):
-        report.update_doc(RESULTS / f"{stem}.json", figures)
+        report.update_doc(RESULTS / f"{stem}.json")  # docs/benchmarks.md quotes this run only
 
     print()
     print(report.table(figures, errors, skipped))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import shutil
 
-from common import (BENCH, WORK, Job, cpu_per_step, llama, llama_params, log, long_rows, median, ours_argv,
-                    paired_ratio, read_jsonl, run_config, step_intervals, steps_per_s, torchrun, wait_for, warm_cache)
+from common import (BENCH, WORK, Job, cpu_per_step, figure, llama, llama_params, log, long_rows, median,
+                    ours_argv, read_jsonl, run_config, step_intervals, steps_per_s, torchrun, wait_for, warm_cache)
 
 WARMUP = 3
 PAIRS = 3
@@ -120,8 +120,8 @@ def run(quick: bool) -> dict:
                                                for k in ("steps_per_s", "cpu_s_per_step", "peak_rss_mb")}}
             for name, runs in pairs.items()}
 
-    def pair_ratio(key: str) -> float:
-        return paired_ratio([r[key] for r in pairs["ours"]], [r[key] for r in pairs["hf"]])
+    def pair(key: str) -> tuple[list, list]:
+        return [r[key] for r in pairs["ours"]], [r[key] for r in pairs["hf"]]
     for side in sides:
         last = kill_after_checkpoint(side)
         log(f"side-by-side: {side.name} SIGKILLed after step {last} (checkpoint at {save_at})")
@@ -130,8 +130,6 @@ def run(quick: bool) -> dict:
         log(f"side-by-side: {side.name} resumed; steps {save_at + 1}..{steps} identical to the uninterrupted run: "
             f"{exact[side.name]['identical']} (max rel diff {exact[side.name]['max_rel_diff']:.2e})")
 
-    o, h = refs["ours"], refs["hf"]
-
     def verdict(e):
         return "bitwise identical" if e["identical"] else f"differs (max rel {e['max_rel_diff']:.1e})"
 
@@ -139,17 +137,12 @@ def run(quick: bool) -> dict:
                    f"{steps} steps; {len(pairs['ours'])} interleaved pairs, the same torch AdamW on both sides")
     return {
         "figures": [
-            {"id": "sbs_speed", "figure": "steps/s, ours / HF Trainer+DeepSpeed",
-             "ours": o["steps_per_s"], "baseline": h["steps_per_s"], "unit": "steps/s",
-             "ratio": pair_ratio("steps_per_s"), "target": None, "met": None, "note": common_note},
-            {"id": "sbs_cpu", "figure": "CPU time per step, ours / HF Trainer+DeepSpeed",
-             "ours": o["cpu_s_per_step"], "baseline": h["cpu_s_per_step"], "unit": "CPU-s",
-             "ratio": pair_ratio("cpu_s_per_step"), "target": None, "met": None,
-             "note": "same reference runs; CPU seconds of launcher + both ranks a step"},
-            {"id": "sbs_rss", "figure": "peak RSS (process tree), ours / HF Trainer+DeepSpeed",
-             "ours": o["peak_rss_mb"], "baseline": h["peak_rss_mb"], "unit": "MiB",
-             "ratio": pair_ratio("peak_rss_mb"), "target": None, "met": None,
-             "note": "sum of RSS of torchrun + both ranks, sampled every 0.1 s"},
+            figure("sbs_speed", "steps/s, ours / HF Trainer+DeepSpeed", *pair("steps_per_s"), "steps/s", None,
+                   common_note),
+            figure("sbs_cpu", "CPU time per step, ours / HF Trainer+DeepSpeed", *pair("cpu_s_per_step"), "CPU-s",
+                   None, "same reference runs; CPU seconds of launcher + both ranks a step"),
+            figure("sbs_rss", "peak RSS (process tree), ours / HF Trainer+DeepSpeed", *pair("peak_rss_mb"), "MiB",
+                   None, "sum of RSS of torchrun + both ranks, sampled every 0.1 s"),
             {"id": "sbs_exact", "figure": f"SIGKILL after step {save_at}+2, resume: steps {save_at + 1}..{steps}",
              "ours": verdict(exact["ours"]), "baseline": verdict(exact["hf"]), "unit": "", "ratio": None,
              "target": ["==", "bitwise identical (ours)"], "met": exact["ours"]["identical"],

@@ -113,18 +113,3 @@ def test_example_configs_validate_with_dry_run():
                           cwd=ROOT, capture_output=True, text=True)
     assert "world_size=8 micro_batch_size=1 grad_accum=8 global_batch=16" in proc.stdout
     assert "data_parallel=2 × sequence_parallel=4; up to 8192 tokens of a sequence per rank" in proc.stdout
-
-
-def test_benchmark_table_is_the_one_generated_from_the_results_file_it_names():
-    import json
-    import re
-    import sys
-    sys.path.insert(0, str(ROOT / "bench"))
-    import report
-
-    doc = (ROOT / "docs" / "benchmarks.md").read_text()
-    names = re.findall(re.escape(report.BEGIN) + r"(\S+) -->", doc)
-    assert names
-    for name in names:
-        figures = json.loads((ROOT / "bench" / "results" / name).read_text())["figures"]
-        assert report.generated_block(name, figures) in doc, name
