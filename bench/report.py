@@ -152,7 +152,7 @@ def markdown_table(figures: list[dict]) -> str:
 def render_doc(template: str, results: dict, results_name: str) -> str:
     """docs/benchmarks.md from its template and one results file: every `{{...}}` is a value of that file
     (`{{table:SECTION}}`, `{{ID}}` the figure's ratio, `{{ID.ours}}`, `{{ID.baseline}}`, `{{ID.spread}}`,
-    `{{ID.met}}`, `{{wall:SECTION}}` in minutes, `{{bench.FIELD}}`); an unknown one is an error, so the doc
+    `{{ID.met}}`, `{{wall:SECTION}}` in minutes, `{{skipped:SECTION}}` why it did not run, `{{bench.FIELD}}`); an unknown one is an error, so the doc
     cannot quote a figure the results do not hold."""
     figures = {f["id"]: f for f in results["figures"]}
     bench = {"results": results_name, "commit": (results.get("commit") or "?")[:7], "date": results["date"][:10],
@@ -167,6 +167,8 @@ def render_doc(template: str, results: dict, results_name: str) -> str:
             return markdown_table([f for f in results["figures"] if f.get("section") == name])
         if kind == "wall":
             return f"{results['sections'][name]['wall_s'] / 60:.1f}"
+        if kind == "skipped":
+            return results["skipped"].get(name, "Ran")
         fid, _, field = key.partition(".")
         if fid == "bench":
             return bench[field]

@@ -43,9 +43,10 @@ def test_the_results_behind_the_doc_are_one_full_run_of_every_section_on_one_com
 def test_a_placeholder_naming_no_figure_is_an_error():
     results = {"figures": [{"id": "a", "ratio": 0.5, "spread": [0.4, 0.6], "unit": "s", "ours": 1.0, "baseline": 2.0,
                             "target": ["<=", 0.6], "met": True, "figure": "x", "section": "s"}],
-               "date": "2026-12-06", "wall_s": 60, "mode": "full", "commit": "0" * 40, "sections": {"s": {"wall_s": 6}},
+               "date": "2026-12-06", "wall_s": 60, "mode": "full", "skipped": {"g": "no GPU"}, "commit": "0" * 40, "sections": {"s": {"wall_s": 6}},
                "machine": {"cpu": "cpu", "logical_cores": 2, "torch": "t", "deepspeed": "d"}}
-    assert report.render_doc("{{a}} {{a.spread}} {{a.met}} {{wall:s}}", results, "r.json") == "0.500 0.400-0.600 met 0.1"
+    assert (report.render_doc("{{a}} {{a.spread}} {{a.met}} {{wall:s}} {{skipped:g}}", results, "r.json")
+            == "0.500 0.400-0.600 met 0.1 no GPU")
     with pytest.raises(ValueError, match="names no figure"):
         report.render_doc("{{b}}", results, "r.json")
 
