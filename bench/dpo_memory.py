@@ -21,7 +21,8 @@ def pairs_dataset():
     def row(rng):
         return {"prompt": " ".join(rng.choices(WORDS, k=100)), "chosen": " " + " ".join(rng.choices(WORDS, k=500)),
                 "rejected": " " + " ".join(rng.choices(WORDS, k=500))}
-    return write_jsonl_dataset(WORK / "data" / "pairs-16-w100-500.jsonl", rows=16, seed=5, make_row=row)
+    # One pair a step: the reference pass (over the whole set) computes no pair the run does not train.
+    return write_jsonl_dataset(WORK / "data" / f"pairs-{STEPS}-w100-500.jsonl", rows=STEPS, seed=5, make_row=row)
 
 
 def dpo_config(chunk: int):

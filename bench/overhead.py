@@ -54,7 +54,7 @@ def run_bare(config, steps: int, loss: str, rep: int) -> tuple[float, float]:
 
 
 def run(quick: bool) -> dict:
-    reps, measured = (1, 8) if quick else (3, 10)
+    reps, measured = (1, 6) if quick else (3, 8)
     steps = WARMUP + 1 + measured
     out_dir = WORK / "runs" / "overhead"
     config = loop_config(steps, out_dir)
