@@ -33,7 +33,13 @@ from common import BENCH, WORK, Job, log, median, run_config, torchrun, warm_cac
 VOCAB = 32_000
 MAIN, FIT = 16_384, (4_096, 8_192, 16_384)
 QUICK_MAIN, QUICK_FIT = 4_096, (1_024, 2_048, 4_096)
-STEPS = 2  # step 1 warm-up (optimizer state, first all-to-alls); step 2 measured
+STEPS = 2  # step 1 warm-up (first all-to-alls, gradient partitions) on WARMUP_TOKENS tokens; step 2 measured
+WARMUP_TOKENS = 512
+# glibc's malloc raises its mmap threshold to the size of every mmapped block freed (up to 32 MiB), after
+# which activations (2-8 MiB tensors here) come from the heap and stay in it when freed: RSS then counts
+# freed blocks and fragmentation, not what the step holds. A fixed threshold keeps RSS close to live bytes
+# (what a GPU's allocated-memory figure would show); see the module docstring for the difference it makes.
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MiB = 2**20
 
 
@@ -59,9 +65,9 @@ def one_run(length: int, sp: int, rep: int) -> dict:
     name = f"long-{length}-sp{sp}-{rep}"
     out, report = WORK / "runs" / name, WORK / "runs" / f"{name}.json"
     shutil.rmtree(out, ignore_errors=True)
-    argv = torchrun(BENCH / "long_probe.py",
-                    [str(report), "--config", str(long_config(length, sp)), f"output_dir={out}"], nproc=sp)
-    Job(argv, WORK / "logs" / f"{name}.log").start().wait(900)
+    argv = torchrun(BENCH / "long_probe.py", [str(report), "--warmup-tokens", str(WARMUP_TOKENS), "--config",
+                                               str(long_config(length, sp)), f"output_dir={out}"], nproc=sp)
+    Job(argv, WORK / "logs" / f"{name}.log", env_extra=ALLOCATOR).start().wait(900)
     ranks = json.loads(report.read_text())["ranks"]
     shutil.rmtree(out, ignore_errors=True)
     report.unlink()
