@@ -1,13 +1,20 @@
 """Run ds-finetune's real training (launch/train.py's setup and loop) in this rank and report the memory and
 time of every step as JSON; launched by bench/long_context.py under torchrun.
 
-    torchrun --nproc_per_node N long_probe.py OUT_JSON --config RUN.yaml [overrides...]
+    torchrun --nproc_per_node N long_probe.py OUT_JSON [--tokens T1,T2,...] --config RUN.yaml [overrides...]
 
 Memory is the kernel's per-process accounting: VmRSS when the engine is built (model, ZeRO partitions, data;
-the "base"), and for every step VmRSS just before it and the high-water mark VmHWM during it, reset before
-each step (Linux clear_refs 5), so a step's peak is its own and not the first step's (which also allocates
-the optimizer state). The process's overall peak is kept too. Nothing of the training path is replaced: the
+the "base"), the high-water mark VmHWM up to the first step (imports, model, engine: the "startup" peak),
+and for every step VmRSS just before it and VmHWM during it, reset before each step (Linux clear_refs 5), so
+a step's peak is its own and not an earlier step's. Nothing of the training path is replaced: the
 objective's step is wrapped to read /proc around it.
+
+`--tokens`: step i trains only the first T_i tokens of each micro-batch it collates (0: all of them); the
+run's config sets as many steps. bench/long_context.py trains a short warm-up step (the first all-to-alls,
+ZeRO-3's trace of the modules, Adam's state, the gradient buffers: none depends on the length) and then one
+step at each measured length in one process, instead of one process a length; with a fixed glibc mmap
+threshold (its ALLOCATOR) every step starts from the same RSS, so a step's peak does not depend on the
+steps before it (the bench records `rss_before` to show it).
 """
 import json
 import os
@@ -18,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ds_finetune import objective as objective_module  # noqa: E402
 from ds_finetune import train  # noqa: E402
 from ds_finetune.dist import all_gather, barrier  # noqa: E402
 from ds_finetune.metrics import NullMetricsWriter  # noqa: E402
@@ -31,39 +39,57 @@ def status_bytes(field: str) -> int:
 
 
 class MeasuredStep:
-    """The objective with its `step` measured; every other attribute is the objective's own."""
+    """The objective with its `step` measured (and shortened to `tokens[i]` at step i + 1); every other
+    attribute is the objective's own."""
 
-    def __init__(self, objective):
-        self.objective, self.steps, self.peak_before = objective, [], status_bytes("VmHWM")
+    def __init__(self, objective, tokens: list[int]):
+        self.objective, self.tokens, self.steps, self.startup_peak = objective, tokens, [], None
 
     def __getattr__(self, name):
         return getattr(self.objective, name)
 
     def step(self, engine, units, step: int):
-        # Read the running peak before resetting it, so the process's overall peak is not lost.
-        self.peak_before = max(self.peak_before, status_bytes("VmHWM"))
+        if self.startup_peak is None:
+            self.startup_peak = status_bytes("VmHWM")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         rss = status_bytes("VmRSS")
+        tokens = self.tokens[len(self.steps)] if len(self.steps) < len(self.tokens) else 0
         t0 = time.perf_counter()
-        result = self.objective.step(engine, units, step)
+        result = self.short_step(engine, units, step, tokens) if tokens else self.objective.step(engine, units, step)
         seconds = time.perf_counter() - t0
-        self.steps.append({"rss_before": rss, "peak": status_bytes("VmHWM"), "seconds": seconds})
+        self.steps.append({"tokens": tokens, "rss_before": rss, "peak": status_bytes("VmHWM"), "seconds": seconds})
         return result
+
+    def short_step(self, engine, units, step: int, tokens: int):
+        """The objective's step on the first `tokens` tokens of every micro-batch it collates."""
+        collate = objective_module.collate
+
+        def shortened(*args, **kwargs):
+            batch = collate(*args, **kwargs)
+            return type(batch)(*(None if t is None else t[:, :tokens] for t in batch))
+        objective_module.collate = shortened
+        try:
+            return self.objective.step(engine, units, step)
+        finally:
+            objective_module.collate = collate
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    args = train.parse_args(sys.argv[2:])
+    out, rest = Path(sys.argv[1]), sys.argv[2:]
+    tokens = []
+    if rest[:1] == ["--tokens"]:
+        tokens, rest = [int(t) for t in rest[1].split(",")], rest[2:]
+    args = train.parse_args(rest)
     run, state = train.setup(args)
     base = status_bytes("VmRSS")  # engine built, data loaded, nothing trained yet
-    measured = MeasuredStep(run.objective)
+    measured = MeasuredStep(run.objective, tokens)
     run = replace(run, objective=measured)
     metrics = train.MetricsWriter(Path(run.cfg.output_dir), state.step, run.total_steps, False, False, None) \
         if run.rank == 0 else NullMetricsWriter()
     code = train.fit(run, state, metrics, train.StopSignal())
     metrics.close()
-    peak = max([measured.peak_before, status_bytes("VmHWM")] + [s["peak"] for s in measured.steps])
-    rows = all_gather({"rank": run.rank, "base": base, "peak": peak, "steps": measured.steps})
+    rows = all_gather({"rank": run.rank, "base": base, "startup_peak": measured.startup_peak,
+                       "steps": measured.steps})
     if run.rank == 0:
         out.write_text(json.dumps({"ranks": rows, "code": code}))
     barrier()
