@@ -3,7 +3,7 @@
 In process: a sequence split along its length loses no target at a shard border and carries global
 positions; the labels-shifted loss equals the usual one; the DP x SP layout and every bad layout (one line).
 Launched (gloo, CPU): one step at SP=2 and at DP=2 x SP=2 gives SP=1's loss and weights at every ZeRO
-stage, tied and untied, fused and full loss; a run SIGKILLed at SP=2 resumes bitwise; SP=2 -> SP=1 -> SP=2
+stage, tied and untied, fused and full loss, and with train.tiled_mlp at ZeRO-3; a run SIGKILLed at SP=2 resumes bitwise; SP=2 -> SP=1 -> SP=2
 resumes continue the same samples with the same losses and eval losses to float noise.
 """
 
@@ -142,20 +142,24 @@ def test_sequence_parallel_is_recorded_but_not_part_of_the_exact_fingerprint():
 # ---------------------------------------------------------------------------------------- launched
 
 ONE_STEP = [f"4x1:{s}" for s in ("s0", "s1", "s2", "s3", "s3:tied", "s1:c0:tied", "s2:c0")]
-DP2_SP2 = ["2x1:s1", "2x1:s3:tied"]  # 2 sequences a data-parallel group x 2 groups: the same global batch of 4
+DP2_SP2 = ["2x1:s1", "2x1:s3:tied"]
+# train.tiled_mlp in launched ZeRO-3 jobs, on 1 rank and at SP=2 (against the untiled step on 1 rank): hidden 8
+# so that the first batch's ~31-token rows take 4 tiles on 1 rank and their 16-token slices 2 at SP=2.
+TILED = ["4x1:s3:h8", "4x1:s3:h8:m"]  # 2 sequences a data-parallel group x 2 groups: the same global batch of 4
 
 
 @pytest.mark.multiproc
 def test_one_step_at_sp2_and_dp2_sp2_gives_the_loss_and_weights_of_sp1(tmp_path):
     from safetensors.torch import load_file
     script = str(harness.ROOT / "tests" / "scripts" / "one_step.py")
-    for argv in ([harness.PY, script, str(tmp_path), *ONE_STEP, "4x1:s3:tied"],
-                 harness.ranks_argv(script, [str(tmp_path), *[f"{s}:p2" for s in ONE_STEP]], 2),
+    for argv in ([harness.PY, script, str(tmp_path), *ONE_STEP, "4x1:s3:tied", *TILED],
+                 harness.ranks_argv(script, [str(tmp_path), *[f"{s}:p2" for s in ONE_STEP], "4x1:s3:h8:m:p2"], 2),
                  harness.ranks_argv(script, [str(tmp_path), *[f"{s}:p2" for s in DP2_SP2]], 4)):
         proc = harness.run(argv)
         assert proc.returncode == 0, proc.stderr[-3000:]
     pairs = [(f"1-{s}", f"2-{s}:p2") for s in ONE_STEP] + [("1-4x1:s1", "4-2x1:s1:p2"), ("1-4x1:s3:tied",
                                                                                        "4-2x1:s3:tied:p2")]
+    pairs += [("1-4x1:s3:h8", "1-4x1:s3:h8:m"), ("1-4x1:s3:h8", "2-4x1:s3:h8:m:p2")]
     for ref, got in pairs:
         loss_ref, loss_got = (json.loads((tmp_path / f"loss{r}.json").read_text()) for r in (ref, got))
         assert loss_got == pytest.approx(loss_ref, rel=1e-5), (ref, got)

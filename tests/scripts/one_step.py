@@ -1,8 +1,9 @@
 """One optimizer step of the tiny model on the first global batch, for each run spec given; writes the
 step's loss and the updated full fp32 weights. Run as 1 process or under torchrun.
 
-A spec is MICROxACCUM[:sSTAGE][:cCHUNK][:tied][:pSP] (defaults: ZeRO 2, the config's loss_chunk_tokens, untied
-embeddings, no sequence parallelism); outputs are named after the world size and the spec. MICROxACCUM
+A spec is MICROxACCUM[:sSTAGE][:cCHUNK][:tied][:hHIDDEN][:m][:pSP] (defaults: ZeRO 2, the config's
+loss_chunk_tokens, untied embeddings, the config's hidden size, untiled MLPs (m: train.tiled_mlp), no sequence
+parallelism); outputs are named after the world size and the spec. MICROxACCUM
 is per data-parallel rank (world / SP of them). One SP degree a process (Ulysses registers once).
 
     python one_step.py OUT_DIR 4x1 2x2 1x4 4x1:s3:c0:tied        (world size 1)
@@ -40,6 +41,8 @@ for split in splits:
     extra += [f"train.loss_chunk_tokens={o[1:]}" for o in options if o.startswith("c")]
     extra += ["model.config.tie_word_embeddings=true" for o in options if o == "tied"]
     extra += [f"train.sequence_parallel={o[1:]}" for o in options if o.startswith("p")]
+    extra += [f"model.config.hidden_size={o[1:]}" for o in options if o.startswith("h")]
+    extra += ["train.tiled_mlp=true" for o in options if o == "m"]
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
                       [f"train.micro_batch_size={micro}", f"train.grad_accum={accum}", "train.zero_stage=2", *extra,
                        "train.max_steps=1", "train.warmup_steps=0", "train.lr_schedule=constant",
