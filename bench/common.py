@@ -217,20 +217,15 @@ def median(xs):
 def figure(fid: str, text: str, ours: list[float], baseline: list[float], unit: str, target=None,
            note: str = "") -> dict:
     """One figure from repetitions taken side by side (ours[i] beside baseline[i]): the medians of each side,
-    the ratio as the median of the pairs' ratios, their spread (min, max) and whether the target is met."""
+    the ratio as the median of the pairs' ratios, their spread (min, max) and whether the target is met.
+    Load from other jobs on this machine comes in bursts that a neighbouring pair shares, so the median of
+    the pairs' ratios is steadier than the ratio of the two medians."""
     ratios = [a / b for a, b in zip(ours, baseline) if a == a and b == b and b]
     ratio = median(ratios)
     met = None if target is None else ratio >= target[1] if target[0] == ">=" else ratio <= target[1]
     return {"id": fid, "figure": text, "ours": median(ours), "baseline": median(baseline), "unit": unit,
             "ratio": ratio, "spread": [min(ratios), max(ratios)] if ratios else None, "reps": len(ratios),
             "target": list(target) if target else None, "met": met, "note": note}
-
-
-def paired_ratio(nums: list[float], dens: list[float]) -> float:
-    """Median of the ratios of measurements taken side by side (nums[i] right beside dens[i]). Load from
-    other jobs on this machine comes in bursts of a minute or more, which a neighbouring pair shares,
-    so this is steadier than the ratio of the two medians."""
-    return median([a / b for a, b in zip(nums, dens)])
 
 
 # ------------------------------------------------------------------------------------------- datasets
