@@ -32,14 +32,15 @@ def test_bf16_sigkill_mid_accumulation_resumes_bitwise(reference_run, tmp_path, 
         proc = harness.train(other, ["train.zero_stage=2", *BF16], resume="auto")
         assert "converting" in proc.stdout, proc.stdout[-2000:]
         # Steps 5 and 6 are the first computed from the restored masters: they match the uninterrupted
-        # ZeRO-2 run to 2e-5 (from bf16-rounded masters step 6 was off by 2.9e-4). Not closer, because the
+        # ZeRO-2 run to 6e-5 (from bf16-rounded masters step 6 was off by 2.9e-4). Not closer, because the
         # first four updates were ZeRO-3's, whose gradient reduction order bf16 rounds differently from
-        # ZeRO-2's: measured equal on an AMD EPYC, 9e-6 at step 5 on an Intel Xeon (other bf16 kernels).
+        # ZeRO-2's: measured equal on an AMD EPYC; on an Intel Xeon (other bf16 kernels) 9e-6 at step 5
+        # and 2.0e-5 at step 6.
         # Later steps drift further the same way (measured up to 5e-5).
         got, ref = harness.metrics(other), harness.metrics(reference_run(2, extra=BF16))
         assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in ref]
         for a, b in zip(ref, got):
-            assert b["loss"] == pytest.approx(a["loss"], rel=2e-5 if a["step"] <= 6 else 1e-3), a["step"]
+            assert b["loss"] == pytest.approx(a["loss"], rel=6e-5 if a["step"] <= 6 else 1e-3), a["step"]
     harness.train(run, [f"train.zero_stage={stage}", *BF16], resume="auto")
     harness.assert_same_run(run, reference_run(stage, extra=BF16))
     harness.assert_same_final_weights(run, reference_run(stage, extra=BF16))
