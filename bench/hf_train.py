@@ -6,9 +6,7 @@ costs no more than a memory-mapped `datasets` table would), the same micro batch
 optimizer settings, LR schedule and the DeepSpeed config ds-finetune generates (every value concrete).
 
 Rank 0 appends one JSON line per optimizer step to --steps-log: {"step", "loss", "time"}; the loss is what
-the Trainer logs (logging_steps=1: that step's loss, averaged over ranks), unrounded. A first line
-{"event": "train_begin", "time"} marks the moment the Trainer has loaded a resumed checkpoint's state and
-starts its loop (which then fast-forwards the dataloader past the batches already seen).
+the Trainer logs (logging_steps=1: that step's loss, averaged over ranks), unrounded.
 The optimizer is `adamw_torch`: the same torch.optim.AdamW implementation ds-finetune uses.
 
     torchrun --nproc_per_node 2 bench/hf_train.py --config RUN.yaml --out DIR --steps-log steps.jsonl
@@ -132,9 +130,6 @@ def main():
     save_at = {int(s) for s in args.save_at.split(",") if s}
 
     class StepLog(loss_log(args.steps_log if rank == 0 else None)):
-        def on_train_begin(self, a, state, control, **kw):
-            self.write({"event": "train_begin", "time": time.time()})
-
         def on_step_end(self, a, state, control, **kw):
             if state.global_step in save_at:
                 control.should_save = True

@@ -9,6 +9,8 @@ import re
 import shutil
 from pathlib import Path
 
+from common import BENCH, RESULTS, ROOT
+
 
 # ----------------------------------------------------------------------------------------------- code
 
@@ -136,8 +138,7 @@ def table(figures: list[dict], errors: dict[str, str], skipped: dict[str, str]) 
 
 # ----------------------------------------------------------------------------------- docs/benchmarks.md
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE, DOC = ROOT / "bench" / "benchmarks.md.in", ROOT / "docs" / "benchmarks.md"
+TEMPLATE, DOC = BENCH / "benchmarks.md.in", ROOT / "docs" / "benchmarks.md"
 PLACEHOLDER = re.compile(r"\{\{([^{}]+)\}\}")
 
 
@@ -152,8 +153,8 @@ def markdown_table(figures: list[dict]) -> str:
 def render_doc(template: str, results: dict, results_name: str) -> str:
     """docs/benchmarks.md from its template and one results file: every `{{...}}` is a value of that file
     (`{{table:SECTION}}`, `{{ID}}` the figure's ratio, `{{ID.ours}}`, `{{ID.baseline}}`, `{{ID.spread}}`,
-    `{{ID.met}}`, `{{wall:SECTION}}` in minutes, `{{skipped:SECTION}}` why it did not run, `{{bench.FIELD}}`); an unknown one is an error, so the doc
-    cannot quote a figure the results do not hold."""
+    `{{ID.met}}`, `{{wall:SECTION}}` in minutes, `{{skipped:SECTION}}` why it did not run, `{{bench.FIELD}}`);
+    an unknown one is an error, so the doc cannot quote a figure the results do not hold."""
     figures = {f["id"]: f for f in results["figures"]}
     bench = {"results": results_name, "commit": (results.get("commit") or "?")[:7], "date": results["date"][:10],
              "wall": f"{results['wall_s'] / 60:.0f}", "mode": results["mode"],
@@ -247,4 +248,4 @@ if __name__ == "__main__":  # `python bench/report.py --render`: the doc again, 
     import sys
     if sys.argv[1:] != ["--render"]:
         sys.exit("usage: python bench/report.py --render")
-    update_doc(ROOT / "bench" / "results" / doc_results_name())
+    update_doc(RESULTS / doc_results_name())
