@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate
+from ds_finetune.ds_internals import gradient_averaging_ranks
 from ds_finetune.faults import fault_point
 from ds_finetune.loss import to_device
 from ds_finetune.objective import StepResult, train_step
@@ -154,7 +155,7 @@ class DPO:
                          for m in range(layout.grad_accum)]
         pairs = layout.global_batch
         loss_sum, sums = train_step(engine, self.loss_fn, micro_batches, pairs, layout.grad_accum,
-                                    layout.world_size, after_micro_step=lambda: fault_point("mid_accum", self.rank, step),
+                                    gradient_averaging_ranks(engine), after_micro_step=lambda: fault_point("mid_accum", self.rank, step),
                                     before_update=self.before_update)
         return StepResult(loss_sum, pairs, sums=dict(zip(METRICS, sums)))
 

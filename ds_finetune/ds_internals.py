@@ -13,6 +13,8 @@ What is private and why we use it:
   loader allows (`checkpoint_globals` imports them).
 * ZeRO's flat fp32 groups, `_lazy_init_hp_params_optimizer_state` and the engine's step counters:
   filling the optimizer state of a fresh engine from a converted checkpoint.
+* `engine.seq_dp_world_size` / `sequence_parallel_size` and which reduction each ZeRO stage runs: the
+  number of ranks DeepSpeed divides a gradient by (`gradient_averaging_ranks`).
 
 Tested with DeepSpeed 0.19 only; another minor version is refused in one line (setup.cfg pins it too).
 """
@@ -325,6 +327,22 @@ def set_step_counters(engine, global_steps: int, global_samples: int, skipped_st
 
 
 # ------------------------------------------------------------------------------ sequence parallelism
+
+def gradient_averaging_ranks(engine) -> int:
+    """How many ranks DeepSpeed divides each summed gradient by; the loss is scaled to cancel it.
+
+    DeepSpeed means to average over the data-parallel ranks and to sum over a sequence-parallel group (each
+    rank's gradient is the part of its slice of the sequence). ZeRO 0-2 do, dividing by DP x SP / SP. ZeRO-3's
+    reduce-scatter (DeepSpeed's default, and our config's) does not: `reduce_scatter_coalesced` divides by
+    every rank of the partition group, DP x SP, with no SP correction (0.19.8, `stage3.__avg_scatter_grads`;
+    only its all-reduce path corrects, and that path is taken per bucket by size). Without SP both are DP."""
+    ranks, sp = engine.seq_dp_world_size, engine.sequence_parallel_size
+    if sp > 1 and engine.zero_optimization_stage() == 3:
+        if not engine.zero_reduce_scatter():  # some buckets would be divided by DP, others by DP x SP
+            raise RuntimeError("ZeRO-3 under sequence parallelism needs zero_optimization.reduce_scatter: true")
+        return ranks
+    return ranks // sp
+
 
 def registered_ulysses(impl: str):
     """The `UlyssesSPAttentionHF` that `register_with_transformers` put behind transformers' attention

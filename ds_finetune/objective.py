@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate, unit_targets
-from ds_finetune.ds_internals import loss_scale
+from ds_finetune.ds_internals import gradient_averaging_ranks, loss_scale
 from ds_finetune.faults import fault_point
 from ds_finetune.loss import to_device
 from ds_finetune.sampler import BatchLayout
@@ -67,7 +67,8 @@ class SFT:
         micro_batches = [collate(self.data, u, self.pad_id, self.isolate) for u in mine]
         targets = unit_targets(self.data, units)
         token_losses = [self._token_buffer(b, engine.device) for b in micro_batches] if self.sources else None
-        loss_sum, _ = train_step(engine, self.loss_fn, micro_batches, targets, layout.grad_accum, layout.world_size,
+        loss_sum, _ = train_step(engine, self.loss_fn, micro_batches, targets, layout.grad_accum,
+                                 gradient_averaging_ranks(engine),
                                  after_micro_step=lambda: fault_point("mid_accum", self.rank, step),
                                  before_update=self.before_update, token_losses=token_losses)
         if not self.sources:
@@ -110,18 +111,20 @@ class SFT:
         return loss_sum, int((batch.labels[:, 1:] != IGNORE_INDEX).sum()), {}  # host labels: no device sync
 
 
-def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_accum: int, world_size: int,
+def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_accum: int, averaged_over: int,
                after_micro_step=None, before_update=None, token_losses=None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss and, for a
     loss_fn that returns (loss, metric sums), the metric sums added over the micro-batches.
 
     The step's loss is (sum of token losses over the global batch) / (targets in the global batch).
-    DeepSpeed divides each micro-step's loss by grad_accum and averages gradients over ranks, so each
-    micro-step's sum is scaled by grad_accum * world_size / global_targets to cancel both. Backward then
+    DeepSpeed divides each micro-step's loss by grad_accum and each gradient by `averaged_over` ranks
+    (`ds_internals.gradient_averaging_ranks`: the data-parallel size, or every rank under ZeRO-3 with sequence
+    parallelism), so each micro-step's sum is scaled by grad_accum * averaged_over / global_targets to cancel
+    both. Backward then
     brings the loss that gradient times fp16's loss scale over grad_accum, which the fused loss needs to
     know in advance under fp16. `token_losses`: a buffer per micro-batch for each target token's loss."""
-    scale = grad_accum * world_size / global_targets
+    scale = grad_accum * averaged_over / global_targets
     expected_grad = scale * loss_scale(engine) / grad_accum
     local_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per micro-step
     extra_sum = None

@@ -11,9 +11,10 @@ shard, is not lost at the border), pads the width to a multiple of SP, gives eve
 position, and hands the model this rank's slice of the length. Ulysses' attention all-to-alls the slices
 into whole sequences of 1/SP of the heads (the model's attention implementation runs on those, causal by
 the positions) and back. The fused chunked loss then runs on the slice's targets, so each token's loss is
-computed on exactly one rank; the sum over every rank is the global batch's summed loss, and DeepSpeed
-sums gradients over the SP group and averages them over DP, which `objective.train_step` already
-normalises for DP ranks. So a step at SP=2 computes the loss and the gradient of SP=1 (to float noise).
+computed on exactly one rank; the sum over every rank is the global batch's summed loss. DeepSpeed sums
+gradients over the SP group and averages them over DP, except ZeRO-3 (it divides by DP x SP), and
+`objective.train_step` cancels whichever division it makes (`ds_internals.gradient_averaging_ranks`). So a
+step at SP=2 computes the loss and the gradient of SP=1 (to float noise).
 
 ZeRO partitions over all ranks (DeepSpeed's sequence-data-parallel group), so a checkpoint's files do not
 depend on SP: a run resumes on another SP degree on the same world size without conversion.
@@ -156,7 +157,9 @@ def check_attention(sp: int, impl: str, isolate: bool) -> None:
                         f"flash attention")
 
 
-_registered: dict = {}  # (sp, impl) -> (mpu, ulysses): Ulysses replaces the attention function once a process
+# (sp, impl) -> (head geometry, mpu, ulysses): Ulysses replaces transformers' attention function once a
+# process, shaped for the first model's heads.
+_registered: dict = {}
 
 
 def attach(model, sp: int, micro_batch_size: int, isolate: bool = False):
@@ -170,8 +173,25 @@ def attach(model, sp: int, micro_batch_size: int, isolate: bool = False):
 
     model = hf_model(model)
     impl = check_model(model, sp, isolate)
+    geometry = head_geometry(model)
     if (sp, impl) not in _registered:
         mpu = UlyssesSPAttentionHF.register_with_transformers(model, impl, sp, micro_batch_size,
                                                               seq_length_is_variable=True)
-        _registered[sp, impl] = mpu, registered_ulysses(impl)
-    return _registered[sp, impl]
+        _registered[sp, impl] = geometry, mpu, registered_ulysses(impl)
+    registered, mpu, ulysses = _registered[sp, impl]
+    # Registering again would wrap the wrapper (two all-to-alls a call); reusing it for other heads fails
+    # later inside Ulysses with a shape assertion. A training process builds one architecture (the DPO
+    # reference is the policy's), so a second geometry is a bug of the caller: say so here.
+    if geometry != registered:
+        raise RuntimeError(f"Ulysses is registered in this process for {registered}; a model with {geometry} "
+                           f"cannot share it (one attention geometry a process)")
+    return mpu, ulysses
+
+
+def head_geometry(model) -> str:
+    """What Ulysses' reshapes are built for: query heads, key/value heads, head size."""
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    size = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return f"{heads} heads, {kv} key/value heads of size {size}"

@@ -39,7 +39,10 @@ def build_zero_config(
         zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu,
                      "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000})
     if stage == 3:
+        # reduce_scatter is DeepSpeed's default; written out because objective.train_step's gradient scale
+        # under sequence parallelism depends on it (ds_internals.gradient_averaging_ranks).
         zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu, "reduce_bucket_size": 500_000_000,
+                     "reduce_scatter": True,
                      "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
                      "stage3_gather_16bit_weights_on_model_save": False})
     if offload_optimizer != "none":

@@ -119,7 +119,7 @@ def test_train_step_waits_for_a_background_copy_only_before_the_step_that_update
     def loss_fn(engine, *batch, grad_scale=1.0):
         return torch.tensor(1.0)
 
-    train_step(Engine(), loss_fn, [[torch.zeros(1)]] * 3, global_targets=3, grad_accum=3, world_size=1,
+    train_step(Engine(), loss_fn, [[torch.zeros(1)]] * 3, global_targets=3, grad_accum=3, averaged_over=1,
                before_update=lambda: calls.append("wait"))
     assert calls == ["backward", "step", "backward", "step", "backward", "wait", "update"]
 

@@ -132,6 +132,17 @@ def test_an_eager_model_is_refused_when_built(tiny_model, monkeypatch):
         check_model(tiny_model, 2, isolate=False)
 
 
+def test_a_second_head_geometry_in_one_process_is_refused_not_reshaped(tiny_model, monkeypatch):
+    """Ulysses is registered once a process, for the first model's heads; a model of other heads would fail
+    deep inside Ulysses' reshapes (a one-step test script met this), so `attach` names the mismatch."""
+    from ds_finetune import sequence
+    assert sequence.head_geometry(tiny_model) == "4 heads, 2 key/value heads of size 16"
+    monkeypatch.setattr(sequence, "_registered", {(2, "sdpa"): ("4 heads, 2 key/value heads of size 2", None, None)})
+    with pytest.raises(RuntimeError, match="registered in this process for 4 heads, 2 key/value heads of size 2; "
+                                           "a model with 4 heads, 2 key/value heads of size 16"):
+        sequence.attach(tiny_model, 2, 4)
+
+
 def test_sequence_parallel_is_recorded_but_not_part_of_the_exact_fingerprint():
     one, two = (config_fingerprint(load_config(TINY, [f"train.sequence_parallel={n}", "output_dir=x"]), 8, "a" * 64)
                 for n in (1, 2))
@@ -143,10 +154,9 @@ def test_sequence_parallel_is_recorded_but_not_part_of_the_exact_fingerprint():
 
 ONE_STEP = [f"4x1:{s}" for s in ("s0", "s1", "s2", "s3", "s3:tied", "s1:c0:tied", "s2:c0")]
 DP2_SP2 = ["2x1:s1", "2x1:s3:tied"]
-# train.tiled_mlp in launched ZeRO-3 jobs: on 1 rank at hidden 8 (the first batch's ~31-token rows take 4
-# tiles); at SP=2 at the config's hidden 64 (one tile a slice). At SP=2 with 2 tiles a slice (hidden 8)
-# Ulysses raised "query input tensor does not match the required shape" in CI (not on every machine): open.
-TILED = ["4x1:s3:h8", "4x1:s3:h8:m"]  # 2 sequences a data-parallel group x 2 groups: the same global batch of 4
+# train.tiled_mlp in launched ZeRO-3 jobs at hidden 8 (heads of the config's size 16, so the 2-rank process
+# keeps one Ulysses geometry): the first batch's ~31-token rows take 4 tiles on 1 rank, 2 a slice at SP=2.
+TILED = ["4x1:s3:h8", "4x1:s3:h8:m"]
 
 
 @pytest.mark.multiproc
@@ -154,13 +164,13 @@ def test_one_step_at_sp2_and_dp2_sp2_gives_the_loss_and_weights_of_sp1(tmp_path)
     from safetensors.torch import load_file
     script = str(harness.ROOT / "tests" / "scripts" / "one_step.py")
     for argv in ([harness.PY, script, str(tmp_path), *ONE_STEP, "4x1:s3:tied", *TILED],
-                 harness.ranks_argv(script, [str(tmp_path), *[f"{s}:p2" for s in ONE_STEP], "4x1:s3:m:p2"], 2),
+                 harness.ranks_argv(script, [str(tmp_path), *[f"{s}:p2" for s in ONE_STEP], "4x1:s3:h8:m:p2"], 2),
                  harness.ranks_argv(script, [str(tmp_path), *[f"{s}:p2" for s in DP2_SP2]], 4)):
         proc = harness.run(argv)
         assert proc.returncode == 0, proc.stderr[-3000:]
     pairs = [(f"1-{s}", f"2-{s}:p2") for s in ONE_STEP] + [("1-4x1:s1", "4-2x1:s1:p2"), ("1-4x1:s3:tied",
                                                                                        "4-2x1:s3:tied:p2")]
-    pairs += [("1-4x1:s3:h8", "1-4x1:s3:h8:m"), ("1-4x1:s3", "2-4x1:s3:m:p2")]
+    pairs += [("1-4x1:s3:h8", "1-4x1:s3:h8:m"), ("1-4x1:s3:h8", "2-4x1:s3:h8:m:p2")]
     for ref, got in pairs:
         loss_ref, loss_got = (json.loads((tmp_path / f"loss{r}.json").read_text()) for r in (ref, got))
         assert loss_got == pytest.approx(loss_ref, rel=1e-5), (ref, got)

@@ -1,10 +1,11 @@
 """One optimizer step of the tiny model on the first global batch, for each run spec given; writes the
-step's loss and the updated full fp32 weights. Run as 1 process or under torchrun.
+step's loss and gradient norm and the updated full fp32 weights. Run as 1 process or under torchrun.
 
 A spec is MICROxACCUM[:sSTAGE][:cCHUNK][:tied][:hHIDDEN][:m][:pSP] (defaults: ZeRO 2, the config's
-loss_chunk_tokens, untied embeddings, the config's hidden size, untiled MLPs (m: train.tiled_mlp), no sequence
-parallelism); outputs are named after the world size and the spec. MICROxACCUM
-is per data-parallel rank (world / SP of them). One SP degree a process (Ulysses registers once).
+loss_chunk_tokens, untied embeddings, the config's hidden size (h: heads keep size 16), untiled MLPs (m:
+train.tiled_mlp), no sequence parallelism); outputs are named after the world size and the spec.
+MICROxACCUM is per data-parallel rank (world / SP of them). One SP degree and one head geometry a process
+(Ulysses registers once).
 
     python one_step.py OUT_DIR 4x1 2x2 1x4 4x1:s3:c0:tied        (world size 1)
     torchrun --nproc_per_node 2 one_step.py OUT_DIR 1x2
@@ -18,11 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch.distributed as dist  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from ds_finetune.data import EpochOrder, prepare_data  # noqa: E402
 from ds_finetune.dist import init_distributed, seed_everything  # noqa: E402
+from ds_finetune.ds_internals import gradient_averaging_ranks  # noqa: E402
 from ds_finetune.loss import make_loss_fn  # noqa: E402
 from ds_finetune.objective import train_step  # noqa: E402
 from ds_finetune.model import build_engine, build_model  # noqa: E402
@@ -41,7 +43,9 @@ for split in splits:
     extra += [f"train.loss_chunk_tokens={o[1:]}" for o in options if o.startswith("c")]
     extra += ["model.config.tie_word_embeddings=true" for o in options if o == "tied"]
     extra += [f"train.sequence_parallel={o[1:]}" for o in options if o.startswith("p")]
-    extra += [f"model.config.hidden_size={o[1:]}" for o in options if o.startswith("h")]
+    # the heads keep the config's size (16), so one process's Ulysses geometry fits every hidden size
+    extra += [x for o in options if o.startswith("h") for x in (f"model.config.hidden_size={o[1:]}",
+                                                                "model.config.head_dim=16")]
     extra += ["train.tiled_mlp=true" for o in options if o == "m"]
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
                       [f"train.micro_batch_size={micro}", f"train.grad_accum={accum}", "train.zero_stage=2", *extra,
@@ -72,12 +76,18 @@ for split in splits:
         return (safe_get_full_fp32_param(p) if cfg.train.zero_stage > 0 else p).detach().clone().contiguous()
 
     initial = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
-    local, _ = train_step(engine, loss_fn, batches, targets, accum, group.dp_size)
+    grad = {}
+
+    def gradient_norm():  # the reduced, unclipped gradient (Adam's update hides its scale; the norm does not)
+        grad["norm"] = sum(safe_get_full_grad(p).double().square().sum() for p in engine.module.parameters()).sqrt().item()
+
+    local, _ = train_step(engine, loss_fn, batches, targets, accum, gradient_averaging_ranks(engine),
+                          before_update=gradient_norm)
     dist.all_reduce(local)
     weights = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
     if rank == 0:
         save_file(weights, str(out_dir / f"w{world}-{split}.safetensors"))
         save_file(initial, str(out_dir / f"init{world}-{split}.safetensors"))
-        (out_dir / f"loss{world}-{split}.json").write_text(json.dumps(float(local) / targets))
+        (out_dir / f"loss{world}-{split}.json").write_text(json.dumps([float(local) / targets, grad["norm"]]))
     dist.barrier()
 os._exit(0)
