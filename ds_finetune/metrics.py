@@ -107,14 +107,12 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.add_scalar("train/loss", record["loss"], record["step"])
             self.tb.add_scalar("train/lr", record["lr"], record["step"])
-            for key, value in record.items():  # a mixture's loss/<name> and tokens/<name>
-                if key.startswith(("loss/", "tokens/")):
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
             if "eval_loss" in record:
                 self.tb.add_scalar("eval/loss", record["eval_loss"], record["step"])
             if "eval_ppl" in record:
                 self.tb.add_scalar("eval/ppl", record["eval_ppl"], record["step"])
-            for key, value in record.items():  # an objective's own metrics (DPO: rewards/chosen, ...)
+            # a mixture's loss/<name> and tokens/<name>, an objective's own metrics (DPO: rewards/chosen, ...)
+            for key, value in record.items():
                 if "/" in key:
                     where, name = ("eval", key[5:]) if key.startswith("eval_") else ("train", key)
                     self.tb.add_scalar(f"{where}/{name}", value, record["step"])
