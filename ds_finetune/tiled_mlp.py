@@ -5,7 +5,9 @@ for one tile at a time, and only the MLP's input is kept for backward, which rec
 
 The tiles follow ALST: ceil(tokens / hidden_size) of them, so a tile's intermediate is about the size of the
 layer's hidden states. Under ZeRO-3 each tile gathers the MLP's weights, so every rank must run the same
-number of tiles: the ranks agree on the longest input, and a shorter one is padded with zero rows.
+number of tiles: the ranks agree on the longest input, and a shorter one is padded with zero rows. They
+agree once a forward of the model (one all-reduce and host sync, not one in every layer's forward and in its
+recompute under gradient checkpointing).
 """
 
 from __future__ import annotations
@@ -28,8 +30,16 @@ def apply_tiled_mlp(model) -> int:
         kinds = sorted({type(m).__name__ for m in mlps}) or ["no decoder layers found"]
         raise UserError(f"config error: train.tiled_mlp needs a dense MLP (a *MLP module) in every decoder layer; "
                         f"{type(model).__name__} has {', '.join(kinds)}; set train.tiled_mlp: false")
+    agreed = {}  # the longest input of any rank in the model's current forward
+
+    def agree_on_length(module, args, kwargs):  # input_ids [batch, tokens] or inputs_embeds [batch, tokens, h]
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+        agreed["tokens"] = max_over_ranks(inputs.shape[1])
+
+    model.register_forward_pre_hook(agree_on_length, with_kwargs=True)
     for mlp in mlps:
-        mlp.forward = types.MethodType(tiled_forward(type(mlp).forward), mlp)
+        mlp.forward = types.MethodType(tiled_forward(type(mlp).forward, agreed), mlp)
     return len(mlps)
 
 
@@ -38,8 +48,9 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
 
 
-def tiled_forward(untiled):
-    """The MLP's forward in tiles, computing each tile with the class's own (untiled) forward."""
+def tiled_forward(untiled, agreed: dict):
+    """The MLP's forward in tiles, computing each tile with the class's own (untiled) forward; `agreed`:
+    {"tokens": the longest input of any rank in the model's current forward}."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
     def compute(mlp, x):
@@ -50,7 +61,9 @@ def tiled_forward(untiled):
         # Each tile is a ZeRO-3 gather, a collective, so every rank runs as many tiles: a shorter input is
         # padded to the longest. With ceil(length / hidden) tiles torch.chunk, inside TiledMLP, makes exactly
         # that many, which its gradient bookkeeping counts on.
-        longest = max_over_ranks(tokens)
+        longest = agreed["tokens"]
+        if tokens > longest:  # a model whose layers see other tokens than its input: ranks could disagree
+            raise RuntimeError(f"train.tiled_mlp: an MLP sees {tokens} tokens, the model's input has {longest}")
         if longest > tokens:  # zero rows whose outputs are dropped: no gradient comes back through them
             x = torch.nn.functional.pad(x, (0, 0, 0, longest - tokens))
         # Every parameter of the MLP (LoRA adapters included): TiledMLP tells ZeRO that their gradients are

@@ -1,5 +1,6 @@
 """train.tiled_mlp (DeepSpeed's TiledMLP on every decoder layer's MLP), in process: the loss and every
-gradient equal the untiled model's to 1e-6, with several tiles and a last tile shorter than the others;
+gradient equal the untiled model's to 1e-6, with several tiles and a last tile shorter than the others, and
+padded to a longer rank's length (agreed once a forward, also under gradient checkpointing);
 a model without a dense MLP in its layers is refused in one line; the setting is an exact fingerprint key
 only when on."""
 
@@ -42,6 +43,26 @@ def test_tiled_mlp_gives_the_untiled_loss_and_gradients(tokens):
     tiled_loss, tiled_grads = loss_and_grads(tiled, ids)
     assert abs(float(loss - tiled_loss)) <= 1e-6
     assert grads.keys() == tiled_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(tiled_grads[name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_ranks_agree_on_the_length_once_a_forward_and_pad_to_it(monkeypatch):
+    """Under gradient checkpointing each layer's MLP runs twice a step; the ranks still agree on the tile
+    count once (one all-reduce, here faked as another rank 3 tokens longer), and the zero rows this rank is
+    padded with change neither the loss nor a gradient."""
+    from ds_finetune import tiled_mlp
+    agreements = []
+    monkeypatch.setattr(tiled_mlp, "max_over_ranks", lambda tokens: agreements.append(tokens) or tokens + 3)
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(2))
+    plain, tiled = tiny_llama(), tiny_llama()
+    apply_tiled_mlp(tiled)
+    tiled.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tiled.train()
+    loss, grads = loss_and_grads(plain, ids)
+    tiled_loss, tiled_grads = loss_and_grads(tiled, ids)
+    assert agreements == [40]
+    assert abs(float(loss - tiled_loss)) <= 1e-6
     for name, grad in grads.items():
         torch.testing.assert_close(tiled_grads[name], grad, rtol=0, atol=1e-6, msg=name)
 
