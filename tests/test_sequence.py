@@ -2,9 +2,10 @@
 
 In process: a sequence split along its length loses no target at a shard border and carries global
 positions; the labels-shifted loss equals the usual one; the DP x SP layout and every bad layout (one line).
-Launched (gloo, CPU): one step at SP=2 and at DP=2 x SP=2 gives SP=1's loss and weights at every ZeRO
-stage, tied and untied, fused and full loss, and with train.tiled_mlp at ZeRO-3; a run SIGKILLed at SP=2 resumes bitwise; SP=2 -> SP=1 -> SP=2
-resumes continue the same samples with the same losses and eval losses to float noise.
+Launched (gloo, CPU): one step at SP=2 and at DP=2 x SP=2 gives SP=1's loss, gradient norm and weights at every ZeRO
+stage, tied and untied, fused and full loss, and with train.tiled_mlp at ZeRO-3; a run SIGKILLed at SP=2
+resumes bitwise; SP=2 -> SP=1 -> SP=2 resumes and SP=2 on 2 ranks -> 4 ranks (converted) continue the same
+samples with the same losses (and eval losses) to float noise.
 """
 
 from __future__ import annotations
@@ -191,12 +192,19 @@ SP2 = [*SP_RUN, "train.sequence_parallel=2"]
 
 @pytest.mark.multiproc
 def test_sigkill_at_sp2_resumes_bitwise_and_resumes_across_sp_degrees(tmp_path):
-    ref, run, cross = tmp_path / "ref", tmp_path / "run", tmp_path / "cross"
+    ref, run, cross, wider = tmp_path / "ref", tmp_path / "run", tmp_path / "cross", tmp_path / "wider"
     harness.train(ref, SP2)
     killed = harness.train(run, SP2, fault="mid_accum:rank1@step5", expect_ok=False)
     assert killed.returncode == -9, killed.stdout[-2000:]
     assert harness.committed_steps(run / "checkpoints")[-1] == 4
     harness.copy_run(run, cross)
+    harness.copy_run(run, wider)
+
+    # SP=2 on 4 ranks (DP=2 x SP=2, grad_accum 1: the same global batch of 4): the ZeRO-3 partitions of 2
+    # ranks are converted for 4
+    wide = harness.train(wider, SP2, nproc=4, resume="auto")
+    assert "for ZeRO 3 on 4 ranks" in wide.stdout, wide.stdout[-2000:]
+    harness.assert_close_run(wider, ref, rel=1e-5)
 
     harness.train(run, SP2, resume="auto")  # the same SP: bitwise
     harness.assert_same_run(run, ref)
