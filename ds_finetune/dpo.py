@@ -155,7 +155,8 @@ class DPO:
                          for m in range(layout.grad_accum)]
         pairs = layout.global_batch
         loss_sum, sums = train_step(engine, self.loss_fn, micro_batches, pairs, layout.grad_accum,
-                                    gradient_averaging_ranks(engine), after_micro_step=lambda: fault_point("mid_accum", self.rank, step),
+                                    gradient_averaging_ranks(engine),
+                                    after_micro_step=lambda: fault_point("mid_accum", self.rank, step),
                                     before_update=self.before_update)
         return StepResult(loss_sum, pairs, sums=dict(zip(METRICS, sums)))
 

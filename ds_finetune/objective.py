@@ -121,9 +121,9 @@ def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_a
     DeepSpeed divides each micro-step's loss by grad_accum and each gradient by `averaged_over` ranks
     (`ds_internals.gradient_averaging_ranks`: the data-parallel size, or every rank under ZeRO-3 with sequence
     parallelism), so each micro-step's sum is scaled by grad_accum * averaged_over / global_targets to cancel
-    both. Backward then
-    brings the loss that gradient times fp16's loss scale over grad_accum, which the fused loss needs to
-    know in advance under fp16. `token_losses`: a buffer per micro-batch for each target token's loss."""
+    both. Backward then brings the loss that gradient times fp16's loss scale over grad_accum, which the
+    fused loss needs to know in advance under fp16. `token_losses`: a buffer per micro-batch for each target
+    token's loss."""
     scale = grad_accum * averaged_over / global_targets
     expected_grad = scale * loss_scale(engine) / grad_accum
     local_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per micro-step

@@ -79,7 +79,8 @@ for split in splits:
     grad = {}
 
     def gradient_norm():  # the reduced, unclipped gradient (Adam's update hides its scale; the norm does not)
-        grad["norm"] = sum(safe_get_full_grad(p).double().square().sum() for p in engine.module.parameters()).sqrt().item()
+        squares = sum(safe_get_full_grad(p).double().square().sum() for p in engine.module.parameters())
+        grad["norm"] = squares.sqrt().item()
 
     local, _ = train_step(engine, loss_fn, batches, targets, accum, gradient_averaging_ranks(engine),
                           before_update=gradient_norm)
