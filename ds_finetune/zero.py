@@ -5,6 +5,8 @@ Every number is concrete: `deepspeed.initialize` does not resolve "auto" (that i
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from ds_finetune.errors import UserError
@@ -20,9 +22,11 @@ def build_zero_config(
     offload_optimizer: Literal["none", "cpu"] = "none",
     offload_param: Literal["none", "cpu"] = "none",
     on_gpu: bool = True,
+    hidden_size: int | None = None,
 ) -> dict:
     """`on_gpu`: overlap the gradient reduction with backward and pin offloaded memory (what GPUs want);
-    off for CPU runs, where there is no transfer to overlap and nothing to pin."""
+    off for CPU runs, where there is no transfer to overlap and nothing to pin. `hidden_size`: the model's,
+    which sizes ZeRO-3's reduce bucket (unknown: DeepSpeed's default)."""
     if stage not in (0, 1, 2, 3):
         raise UserError(f"zero stage must be 0, 1, 2 or 3 (got {stage})")
     if offload_param != "none" and stage != 3:
@@ -39,9 +43,13 @@ def build_zero_config(
         zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu,
                      "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000})
     if stage == 3:
-        # reduce_scatter is DeepSpeed's default; written out because objective.train_step's gradient scale
-        # under sequence parallelism depends on it (ds_internals.gradient_averaging_ranks).
-        zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu, "reduce_bucket_size": 500_000_000,
+        # ZeRO-3 allocates its reduce bucket whole on the device when the engine is built and gradients wait
+        # in it until reduced: DeepSpeed's default 5e8 elements is 1 GB a rank in bf16 (2 in fp32) whatever
+        # the model, memory no parallelism divides. transformers' "auto" sizes it hidden_size^2 (32 MiB in
+        # bf16 at width 4096); so do we. reduce_scatter is DeepSpeed's default, written out because
+        # train_step's gradient scale under sequence parallelism depends on it (gradient_averaging_ranks).
+        bucket = hidden_size * hidden_size if hidden_size else 500_000_000
+        zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu, "reduce_bucket_size": bucket,
                      "reduce_scatter": True,
                      "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
                      "stage3_gather_16bit_weights_on_model_save": False})
@@ -77,4 +85,18 @@ def zero_config_for_run(cfg, world_size: int, micro: int | None = None, accum: i
     t = cfg.train
     data_parallel = cfg.data_parallel_size(world_size)
     return build_zero_config(t.zero_stage, micro, accum, data_parallel, cfg.model.dtype, t.grad_clip,
-                             t.offload_optimizer, t.offload_param, on_gpu)
+                             t.offload_optimizer, t.offload_param, on_gpu, model_hidden_size(cfg.model))
+
+
+def model_hidden_size(model) -> int | None:
+    """The hidden size of the run's model (`model` is the config's model section): from the inline config or
+    the pretrained folder's config.json; None where neither says (a hub name: not read here)."""
+    config = model.config
+    if config is None:
+        path = Path(model.name_or_path) / "config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError):  # the model's own load reports an unreadable folder
+            config = {}
+    size = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
+    return size if isinstance(size, int) and size > 0 else None

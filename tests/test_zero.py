@@ -149,6 +149,24 @@ def test_illegal_zero_combinations_are_user_errors(kwargs, named):
     assert e.value.exit_code == 2
 
 
+def test_zero3_reduce_bucket_is_the_hidden_size_squared_when_the_model_says_it(tmp_path):
+    """ZeRO-3 allocates its reduce bucket whole on the device: hidden_size^2 elements as transformers' "auto"
+    (not DeepSpeed's 5e8 whatever the model); stages 1-2 and an unknown width keep DeepSpeed's default."""
+    def bucket(config: dict) -> int:
+        return config["zero_optimization"]["reduce_bucket_size"]
+
+    assert bucket(build_zero_config(3, hidden_size=4096)) == 4096 * 4096
+    assert bucket(build_zero_config(3)) == bucket(build_zero_config(2, hidden_size=4096)) == 500_000_000
+    assert bucket(zero_config_for_run(load_config(TINY, ["train.zero_stage=3"]), 1)) == 64 * 64  # inline config
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 128}))
+    pretrained = load_config(TINY, ["train.zero_stage=3", "model.config=null", f"model.name_or_path={folder}"])
+    assert bucket(zero_config_for_run(pretrained, 1)) == 128 * 128
+    hub_name = load_config(TINY, ["train.zero_stage=3", "model.config=null", "model.name_or_path=org/model"])
+    assert bucket(zero_config_for_run(hub_name, 1)) == 500_000_000
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_run_config_maps_to_the_deepspeed_config_it_trains_with(request, world):
     cfg = load_config(TINY, ["train.zero_stage=3", "train.offload_optimizer=cpu", "train.grad_clip=0.25"])
