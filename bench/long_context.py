@@ -38,16 +38,17 @@ Why SP=2 is not at 0.5 (measured, 2026-12, issue 30):
   is full-length on a rank: no 4-D mask (Ulysses drops it; sdpa runs causal), positions, rotary tables and
   labels are sliced before the model (only Ulysses all-gathers the int64 positions), and the fused loss
   runs on the slice's targets.
-- About 160 MiB a rank of the step does not depend on the length and is the same at SP=1 and SP=2: the
-  part of ZeRO-3's reduce bucket the full gradients touch (~36 MiB), Adam's state (68 MiB at SP=1, 34 at
-  SP=2, allocated by the warm-up step), the loss's 256 x 32,000 fp32 chunk buffer (31 MiB), the head's
-  gradient (16 MiB), gathered embedding/head weights and comm buffers. Most of it follows the vocabulary,
-  8.2M of the model's 9M parameters. It is not an artefact of the small model: for
+- About 160 MiB a rank of the step did not depend on the length and was the same at SP=1 and SP=2: the
+  part of ZeRO-3's reduce bucket the full gradients touched (~36 MiB with DeepSpeed's 5e8-element bucket;
+  ds_finetune/zero.py now sizes it hidden_size^2 as transformers' "auto", 64 KiB here), Adam's state
+  (68 MiB at SP=1, 34 at SP=2, allocated by the warm-up step), the loss's 256 x 32,000 fp32 chunk buffer
+  (31 MiB), the head's gradient (16 MiB), gathered embedding/head weights and comm buffers. Most of it
+  follows the vocabulary, 8.2M of the model's 9M parameters. It is not an artefact of the small model: for
   configs/llama3-8b-32k-sp4-zero3.yaml (gradient checkpointing, 8k tokens a rank) the head's fp32
   gradient (2 GiB), the loss's chunk buffer (0.5 GiB) and the gathered head are of the same order as the
-  per-token memory. At 16k it keeps the step ratio just above 0.6; with ideal halving per token it
-  would be 0.59. The total peak adds ~480-530 MiB a process (torch, DeepSpeed, the model, the data) that
-  no layout divides, so its 0.6 target is out of reach at this size.
+  per-token memory. At 16k it kept the step ratio just above 0.6 (0.613 with the 5e8 bucket); with ideal
+  halving per token it would have been 0.59. The total peak adds ~480-530 MiB a process (torch,
+  DeepSpeed, the model, the data) that no layout divides, so its 0.6 target is out of reach at this size.
 """
 
 from __future__ import annotations
