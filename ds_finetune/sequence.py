@@ -124,12 +124,19 @@ def check_config(cfg) -> None:
 def check_model(model, sp: int, isolate: bool) -> str:
     """The model's attention implementation, or a one-line UserError if Ulysses cannot split it over `sp`
     ranks."""
-    config = model.config
-    impl = str(getattr(config, "_attn_implementation", None) or "eager")
-    text = config.get_text_config()
-    check_heads(sp, text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    heads, kv, _ = attention_heads(model)
+    check_heads(sp, heads, kv)
     check_attention(sp, impl, isolate)
     return impl
+
+
+def attention_heads(model) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of the model's attention: what Ulysses splits and reshapes."""
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    return heads, kv, getattr(text, "head_dim", None) or text.hidden_size // heads
 
 
 def check_heads(sp: int, heads: int, kv: int) -> None:
@@ -189,9 +196,6 @@ def attach(model, sp: int, micro_batch_size: int, isolate: bool = False):
 
 
 def head_geometry(model) -> str:
-    """What Ulysses' reshapes are built for: query heads, key/value heads, head size."""
-    text = model.config.get_text_config()
-    heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    size = getattr(text, "head_dim", None) or text.hidden_size // heads
+    """What Ulysses' reshapes are built for, in words (the registration's key and its error message)."""
+    heads, kv, size = attention_heads(model)
     return f"{heads} heads, {kv} key/value heads of size {size}"
