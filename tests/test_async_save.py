@@ -78,9 +78,9 @@ def test_the_copy_is_taken_before_wait_until_copied_returns_and_training_may_the
 
     from ds_finetune.checkpoint import async_save
 
-    def slow_snapshot(obj, memo=None):
+    def slow_snapshot(obj, memo=None, host_buffer=None):
         time.sleep(0.3)  # a copy that takes a while: the caller must wait for it, not race it
-        return snapshot(obj, memo)
+        return snapshot(obj, memo, host_buffer)
 
     monkeypatch.setattr(async_save, "snapshot", slow_snapshot)
     flat, state = state_like_deepspeeds()
@@ -141,3 +141,114 @@ def test_a_snapshot_shares_no_object_with_the_live_state():
     torch.save(copy, buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=False)["loss_scaler"].cur_scale == 2.0**16
+
+
+class FakeCuda:
+    """Just enough of torch.cuda for DeviceCopy, recording which thread did what on which device. The
+    current device is per thread, as in CUDA: a new thread starts on device 0."""
+
+    def __init__(self, training_device: int):
+        import threading
+        self.local, self.calls = threading.local(), []
+        self.local.device = training_device
+        fake = self
+
+        class Event:
+            def record(self):
+                fake.calls.append(("record", fake.current_device()))
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = fake.current_device() if device is None else device
+                fake.calls.append(("stream", self.device))
+
+            def wait_event(self, event):
+                pass
+
+            def synchronize(self):
+                fake.calls.append(("synchronize", self.device))
+
+        self.Event, self.Stream = Event, Stream
+
+    def current_device(self):
+        return getattr(self.local, "device", 0)
+
+    def set_device(self, device):
+        self.local.device = device
+
+    def stream(self, s):
+        import contextlib
+        # torch.cuda.stream(s) makes s current on s's device only: copies on another device ignore it
+        assert s.device == self.current_device(), "the copy stream is not on the current device"
+        return contextlib.nullcontext()
+
+
+def test_the_writer_thread_copies_on_the_device_the_save_was_taken_on(monkeypatch):
+    """Rank 3 of a node trains on cuda:3: the writer thread (which starts on device 0) must make its copy
+    stream on cuda:3 and run the copy with cuda:3 current, or the copies queue on cuda:3's compute stream
+    and the stream it waits on is an empty one on cuda:0 (stale bytes hashed as valid)."""
+    from ds_finetune.checkpoint import async_save
+
+    fake = FakeCuda(training_device=3)
+    monkeypatch.setattr(async_save, "on_cuda", lambda: True)
+    for name in ("Event", "Stream", "current_device", "set_device", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(async_save, "host_pool", lambda: async_save.PinnedHostPool(limit=0))
+    devices_during_copy = []
+
+    def copy(host_buffer):
+        devices_during_copy.append(fake.current_device())
+        return "copied"
+
+    device_copy = async_save.DeviceCopy()  # in the training thread, at the save
+    import threading
+    results = []
+    worker = threading.Thread(target=lambda: results.append(device_copy.run(copy, [])))
+    worker.start()
+    worker.join()
+    assert results == ["copied"] and devices_during_copy == [3]
+    assert fake.calls == [("record", 3), ("stream", 3), ("synchronize", 3)]
+
+
+def registered_pool(monkeypatch, limit):
+    from ds_finetune.checkpoint import async_save
+
+    registered = []
+    monkeypatch.setattr(async_save, "register_host_memory", lambda b: registered.append(b.numel()))
+    monkeypatch.setattr(async_save.PinnedHostPool, "release", lambda self: setattr(self, "buffer", None))
+    return async_save.PinnedHostPool(limit=limit), registered
+
+
+def test_snapshots_through_the_pinned_pool_write_the_same_bytes_and_reuse_one_buffer(monkeypatch):
+    """Every save reuses one registered buffer sized to the save (not torch's power-of-two pinned blocks,
+    kept forever); each copy owns exactly its bytes, so torch.save writes what it would have written."""
+    from ds_finetune.checkpoint.async_save import device_storage_sizes
+
+    pool, registered = registered_pool(monkeypatch, limit=1 << 20)
+    flat, state = state_like_deepspeeds()
+    sizes = [s.untyped_storage().nbytes() for s in (flat, state["master"], state["optimizer"]["state"][0]["exp_avg"],
+                                                    state["optimizer"]["state"][0]["step"])]
+    for save in range(3):
+        pool.reserve(sizes)
+        copy = snapshot(state, {}, pool.take)
+        assert saved_bytes(copy) == saved_bytes(state)
+        flat.add_(1)
+    assert registered == [4 * 4096]  # one buffer, registered once, a page a storage
+    assert pool.pinned_bytes == 4 * 4096
+    assert device_storage_sizes(state) == []  # CPU tensors: nothing to copy from a device
+
+
+def test_the_pinned_pool_is_capped_and_grows_to_the_largest_save(monkeypatch):
+    pool, registered = registered_pool(monkeypatch, limit=4 * 4096)
+    pool.reserve([100])
+    first = pool.take(100)
+    assert first.untyped_storage().nbytes() == 100 and registered == [4096]
+    pool.reserve([5000, 5000])  # grows: the old buffer released, a larger one registered
+    a, b = pool.take(5000), pool.take(5000)
+    assert registered == [4096, 4 * 4096]
+    assert b.data_ptr() - a.data_ptr() == 8192  # page-aligned, not overlapping
+    pool.reserve([4096] * 5)  # past the cap: four pages pinned, the rest pageable
+    taken = [pool.take(4096) for _ in range(5)]
+    assert registered == [4096, 4 * 4096] and pool.pinned_bytes == 4 * 4096
+    inside = [pool.buffer.data_ptr() <= t.data_ptr() < pool.buffer.data_ptr() + pool.pinned_bytes for t in taken]
+    assert inside == [True, True, True, True, False]

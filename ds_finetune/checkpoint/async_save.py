@@ -3,20 +3,24 @@ usual, but instead of writing each file we keep it, and a thread copies its tens
 snapshot) and then writes, hashes and fsyncs the files while training goes on. The copy overlaps the next
 step's forward and backward: only the optimizer step changes saved tensors, so the main loop waits for
 the copy (`wait_until_copied`) just before it, and rarely has to. From a GPU the copy runs on a stream of
-its own into pinned host memory (torch's caching host allocator reuses those blocks save after save),
-starting from an event recorded when the save was taken: the compute stream never waits for it.
+its own, on the saved tensors' device, into one page-locked host buffer that every save of the process
+reuses (`PinnedHostPool`), starting from an event recorded when the save was taken: the compute stream
+never waits for it.
 
 The commit is not the thread's: committing needs every rank's file list (a collective), so the main loop
 commits once every rank's writer has finished (the ranks learn it through the step's all-reduce), before
 the next save starts, and before a stop or the end. A crash while files are being written leaves a tag
 without a manifest: an unfinished save, skipped by --resume, removed at the next commit.
 
-Cost: host memory for one save's state of this rank (at most one save is in flight), and the copy.
+Cost: host memory for one save's state of this rank (at most one save is in flight), and the copy. On a
+GPU, that memory is page-locked once and kept: at most one save's bytes of this rank, capped at an eighth of
+the node's memory shared among its ranks; past the cap the copy goes to pageable memory (slower, same bytes).
 """
 
 from __future__ import annotations
 
 from copy import deepcopy
+import os
 import threading
 from pathlib import Path
 
@@ -27,26 +31,27 @@ from ds_finetune.dist import on_cuda
 from ds_finetune.faults import fault_point
 
 
-def snapshot(obj, memo: dict | None = None):
+def snapshot(obj, memo: dict | None = None, host_buffer=None):
     """A host-memory copy of a state dict whose tensors no longer share memory with the live ones. Each
     storage is copied once and every tensor is rebuilt on the copy with its own offset, shape and stride,
     so torch.save writes exactly the bytes (and the sharing between tensors) it would have written; only
-    GPU tensors are recorded as host tensors."""
+    GPU tensors are recorded as host tensors. `host_buffer(nbytes)` gives the uint8 host memory a storage
+    is copied into (default: a fresh CPU tensor)."""
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         if key not in memo:
-            memo[key] = copy_storage(storage)
+            memo[key] = copy_storage(storage, host_buffer)
         copy = torch.empty(0, dtype=obj.dtype)
         copy.set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
         if isinstance(obj, torch.nn.Parameter):
             return torch.nn.Parameter(copy, requires_grad=obj.requires_grad)
         return copy.requires_grad_(obj.requires_grad) if obj.is_leaf and obj.is_floating_point() else copy
     if isinstance(obj, dict):
-        return type(obj)((k, snapshot(v, memo)) for k, v in obj.items())
+        return type(obj)((k, snapshot(v, memo, host_buffer)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(snapshot(v, memo) for v in obj)
+        return type(obj)(snapshot(v, memo, host_buffer) for v in obj)
     if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
         return obj
     # Any other object may be live training state: under fp16 ZeRO's state dicts hold the engine's own
@@ -54,39 +59,136 @@ def snapshot(obj, memo: dict | None = None):
     return deepcopy(obj)
 
 
-def copy_storage(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+def copy_storage(storage: torch.UntypedStorage, host_buffer=None) -> torch.UntypedStorage:
     """A host-memory copy, made by a tensor op: those release the GIL (UntypedStorage.clone does not), so
-    the training thread runs while the writer thread copies. A GPU storage is copied to pinned host memory
-    on the current (the writer's) stream, asynchronously: the caller synchronizes that stream before it
-    reads the copy (DeepSpeed loads every checkpoint file onto the CPU first, so where it was saved from
-    does not matter)."""
+    the training thread runs while the writer thread copies. With `host_buffer` (a GPU save: the pinned
+    pool) the copy goes into the memory it gives, asynchronously on the current (the writer's) stream: the
+    caller synchronizes that stream before it reads the copy (DeepSpeed loads every checkpoint file onto
+    the CPU first, so where it was saved from does not matter)."""
     whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-    if whole.device.type == "cpu":
+    if host_buffer is None:
         return whole.to("cpu", copy=True).untyped_storage()
-    host = torch.empty(whole.shape, dtype=torch.uint8, pin_memory=True)
+    host = host_buffer(whole.numel())
     host.copy_(whole, non_blocking=True)
     return host.untyped_storage()
 
 
+def default_pinned_limit() -> int:
+    """An eighth of the node's memory, shared among the node's ranks: what page-locked snapshot memory may
+    take (locked pages are never swapped or reclaimed; the rest of the host needs its memory too)."""
+    node = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return node // 8 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+class PinnedHostPool:
+    """The page-locked host memory of a process's background saves: one buffer, registered with CUDA
+    (cudaHostRegister, as torch's own checkpoint stager does) at its exact size and reused by every save,
+    so the locked bytes stay at the largest save's size. torch's pinned tensors would go through its caching
+    host allocator instead: blocks rounded up to a power of two and never returned, up to ~2x a save a rank.
+    `reserve()` starts a save (the previous one is written: at most one is in flight); past `limit` the
+    copies go to pageable memory, synchronously."""
+
+    ALIGN = 4096  # each storage starts on a page boundary
+
+    def __init__(self, limit: int | None = None):
+        self.limit = default_pinned_limit() if limit is None else limit
+        self.buffer: torch.Tensor | None = None
+        self.used = 0
+
+    @property
+    def pinned_bytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel()
+
+    def aligned(self, nbytes: int) -> int:
+        return -(-nbytes // self.ALIGN) * self.ALIGN
+
+    def reserve(self, storages: list[int]) -> None:
+        """Start a save whose device storages have these sizes: grow the buffer to hold them all."""
+        wanted = min(sum(self.aligned(n) for n in storages), self.limit)
+        if wanted > self.pinned_bytes:
+            self.release()
+            buffer = torch.empty(wanted, dtype=torch.uint8)
+            register_host_memory(buffer)
+            self.buffer = buffer
+        self.used = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` of host memory: a slice of the pinned buffer while it lasts, else pageable."""
+        start, self.used = self.used, self.used + self.aligned(nbytes)
+        if start + nbytes <= self.pinned_bytes:
+            # A tensor over exactly these bytes (a slice would carry the whole buffer as its storage, and
+            # torch.save writes a tensor's whole storage), kept alive by the numpy view it wraps.
+            return torch.from_numpy(self.buffer[start:start + nbytes].numpy())
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def release(self) -> None:
+        if self.buffer is not None:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.buffer = None
+
+
+def register_host_memory(buffer: torch.Tensor) -> None:
+    if torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0) != 0:
+        raise RuntimeError(f"cudaHostRegister of {buffer.numel()} bytes failed")
+
+
+def device_storage_sizes(obj, seen: set | None = None) -> list[int]:
+    """The byte sizes of the distinct non-CPU storages in a state dict (what a snapshot copies from a GPU)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if obj.device.type == "cpu" or key in seen:
+            return []
+        seen.add(key)
+        return [storage.nbytes()]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [n for v in obj for n in device_storage_sizes(v, seen)]
+    return []
+
+
+_pool: PinnedHostPool | None = None
+
+
+def host_pool() -> PinnedHostPool:
+    """The process's pool, made at its first GPU save (its limit reads the node's rank count)."""
+    global _pool
+    if _pool is None:
+        _pool = PinnedHostPool()
+    return _pool
+
+
 class DeviceCopy:
-    """Where the snapshot's device-to-host copies run: on a GPU, a stream of the writer's own that starts
-    once the compute stream has reached the save (an event recorded by the training thread); on the CPU,
-    where the copy is a plain memcpy, nothing."""
+    """Where the snapshot's device-to-host copies run: on a GPU, a stream of the writer's own on the saved
+    tensors' device, that starts once the compute stream has reached the save (an event recorded by the
+    training thread), into the process's pinned pool; on the CPU, where the copy is a plain memcpy, nothing."""
 
     def __init__(self):
-        self.stream = self.saved = None
+        self.stream = self.saved = self.device = None
         if on_cuda():
+            self.device = torch.cuda.current_device()  # the training thread's: the saved tensors' device
             self.saved = torch.cuda.Event()
             self.saved.record()  # in the training thread, on the compute stream, at the save
 
-    def run(self, copy):
-        """`copy()` on the copy stream, returning once its copies are complete."""
+    def run(self, copy, storages: list[int]):
+        """`copy(host_buffer)` on the copy stream, returning once its copies are complete; `storages`: the
+        sizes of the device storages it will copy."""
         if self.saved is None:
-            return copy()
-        self.stream = torch.cuda.Stream()
+            return copy(None)
+        # The current CUDA device is per thread and a new thread's is device 0: without this, on every
+        # rank but the first, the stream would live on GPU 0, `torch.cuda.stream` would leave the saved
+        # device's current stream unchanged, the copies would queue on its compute stream behind the next
+        # forward, and synchronize() would wait on an empty stream: stale bytes, hashed as valid. (torch's
+        # pin-memory thread sets its device the same way.)
+        torch.cuda.set_device(self.device)
+        self.stream = torch.cuda.Stream(device=self.device)
         self.stream.wait_event(self.saved)
+        pool = host_pool()
+        pool.reserve(storages)
         with torch.cuda.stream(self.stream):
-            result = copy()
+            result = copy(pool.take)
         self.stream.synchronize()
         return result
 
@@ -117,7 +219,9 @@ class BackgroundWrite:
         try:
             try:
                 memo: dict = {}  # one copy of a storage that several files share
-                self.files = self.device_copy.run(lambda: [(path, snapshot(state, memo)) for path, state in self.files])
+                self.files = self.device_copy.run(
+                    lambda host_buffer: [(path, snapshot(state, memo, host_buffer)) for path, state in self.files],
+                    device_storage_sizes([state for _, state in self.files]))
             finally:
                 self.copied.set()  # also on failure: the error is reported at the commit
             for i, (path, state) in enumerate(self.files):
