@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import socket
 
 import numpy as np
 import torch
@@ -90,20 +91,42 @@ def init_distributed() -> tuple[int, int, int]:
     # keeps 8 ranks' optimizer-offload Adam (OpenMP, sized by torch's setting) from each taking every core.
     torch.set_num_threads(intra_op_threads(os.environ, os.cpu_count() or 1, local_world))
     if get_accelerator().device_name() != "cpu":
-        get_accelerator().set_device(device_index(int(os.environ["LOCAL_RANK"]), get_accelerator().device_count()))
+        index = device_index(int(os.environ["LOCAL_RANK"]), get_accelerator().device_count())
+        # DeepSpeed takes the device from LOCAL_RANK, not from the current device: init_distributed passes
+        # device_id=cuda:LOCAL_RANK to the process group, the engine and zero.Init set_device(LOCAL_RANK).
+        os.environ["LOCAL_RANK"] = str(index)
+        get_accelerator().set_device(index)
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     import torch.distributed as dist
+    if on_cuda():
+        refuse_shared_devices(all_gather((socket.gethostname(), str(torch.cuda.get_device_properties(index).uuid))))
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def refuse_shared_devices(devices: list[tuple[str, str]]) -> None:
+    """Every rank's (host, GPU uuid): two ranks on one GPU (one GPU visible to several ranks of a node, which
+    a per-task binding cannot be told apart from) would run out of memory or corrupt each other's timing."""
+    for rank, device in enumerate(devices):
+        if device in devices[:rank]:
+            raise UserError(f"ranks {devices.index(device)} and {rank} drive the same GPU on {device[0]}: give each "
+                            "rank its own device (check CUDA_VISIBLE_DEVICES and the scheduler's GPU binding)")
 
 
 def device_index(local_rank: int, visible: int) -> int:
     """The accelerator this rank drives. Launchers that start one process a GPU on a node with all GPUs
     visible (deepspeed, torchrun) make it LOCAL_RANK; a scheduler that binds one GPU to each task (SLURM's
-    --gpus-per-task=1) shows every task its own GPU as device 0."""
+    --gpus-per-task=1) shows every task its own GPU as device 0. Anything else would put two ranks on one
+    device (or leave a rank without one): refused."""
     if visible < 1:
         raise UserError("no accelerator device is visible to this process (check CUDA_VISIBLE_DEVICES and the "
                         "scheduler's GPU binding), or run on the CPU with DS_ACCELERATOR=cpu")
-    return local_rank if local_rank < visible else local_rank % visible
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise UserError(f"local rank {local_rank} sees only {visible} accelerator devices: give each rank its own "
+                    "device (all of the node's GPUs visible to every rank, or exactly one a task, e.g. SLURM's "
+                    "--gpus-per-task=1), one rank a GPU")
 
 
 def collective_device() -> torch.device:

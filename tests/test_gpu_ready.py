@@ -1,6 +1,7 @@
 """What a GPU run needs that the CPU twin does not show by itself, checked in process: every collective's
 tensors on the accelerator's current device (NCCL serves CUDA tensors only), the device a rank drives
 under SLURM's one-GPU-per-task binding, deterministic CUDA kernels, the RNG of the accelerator in use."""
+import os
 import re
 from pathlib import Path
 
@@ -46,10 +47,49 @@ def test_sum_over_ranks_on_one_rank(monkeypatch):
     assert dist.sum_over_ranks([torch.tensor(1.5, dtype=torch.float64), 3, False]) == [3.0, 6.0, 0.0]
 
 
-@pytest.mark.parametrize("local_rank, visible, index", [(0, 8, 0), (5, 8, 5), (3, 1, 0), (5, 4, 1)])
+@pytest.mark.parametrize("local_rank, visible, index", [(0, 8, 0), (5, 8, 5), (3, 1, 0)])
 def test_the_device_a_rank_drives(local_rank, visible, index):
     """LOCAL_RANK where the node's GPUs are all visible; device 0 where SLURM binds one GPU per task."""
     assert dist.device_index(local_rank, visible) == index
+
+
+def test_two_ranks_on_one_device_are_refused_in_one_line():
+    with pytest.raises(UserError, match="local rank 5 sees only 4"):
+        dist.device_index(5, 4)  # local_rank % visible would put ranks 1 and 5 on one GPU
+    dist.refuse_shared_devices([("n0", "GPU-a"), ("n0", "GPU-b"), ("n1", "GPU-a")])  # same uuid, other host
+    with pytest.raises(UserError, match="ranks 0 and 2 drive the same GPU on n0"):
+        dist.refuse_shared_devices([("n0", "GPU-a"), ("n0", "GPU-b"), ("n0", "GPU-a")])
+
+
+def test_a_slurm_task_bound_to_one_gpu_starts_deepspeed_on_that_gpu(monkeypatch):
+    """srun --gpus-per-task=1: task 3 of a node sees one GPU, as device 0, with SLURM_LOCALID=3. DeepSpeed
+    passes device_id=cuda:LOCAL_RANK to the process group (and the engine sets that device), so LOCAL_RANK
+    must read 0 by the time DeepSpeed starts, or torch raises "device_id cuda:3 is out of range"."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what init_distributed sets is undone afterwards
+        monkeypatch.delenv(name)
+    for name, value in {"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3",
+                        "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[01-02]"}.items():
+        monkeypatch.setenv(name, value)
+    chosen, seen_by_deepspeed = [], []
+    accelerator = type(get_accelerator())
+    monkeypatch.setattr(accelerator, "device_name", lambda self, *a: "cuda")
+    monkeypatch.setattr(accelerator, "device_count", lambda self: 1)
+    monkeypatch.setattr(accelerator, "set_device", lambda self, i: chosen.append(i))
+
+    def init_distributed(**kwargs):
+        seen_by_deepspeed.append(os.environ["LOCAL_RANK"])
+        raise StopIteration  # no process group to join here
+
+    monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    with pytest.raises(StopIteration):
+        dist.init_distributed()
+    assert chosen == [0] and seen_by_deepspeed == ["0"]
+    assert (os.environ["RANK"], os.environ["MASTER_ADDR"]) == ("7", "gpu01")
 
 
 def test_no_visible_device_is_one_line():
