@@ -4,7 +4,7 @@
 
 On CUDA + NCCL, bf16, deterministic kernels: a run with evaluation and background saves; a copy killed
 with SIGKILL in the middle of a step and resumed (its losses must be bitwise those of the uninterrupted
-run); the same save resumed under ZeRO 3 (converted; losses within 1e-5); an fp16 run (loss scaling with
+run); the same save resumed under ZeRO 3 (converted; losses within 6e-5, as the CPU test of it); an fp16 run (loss scaling with
 the fused loss); an export loaded by transformers on the GPU. Prints one line per check and a JSON
 summary; exits non-zero if a check fails. Run it where a GPU is lent (docs/development.md).
 """
@@ -41,7 +41,7 @@ def check_resume(nproc: int) -> dict:
     train(killed, [], nproc, resume="auto")
     harness.assert_same_run(killed, ref)
     train(converted, ["train.zero_stage=3"], nproc, resume="auto")
-    harness.assert_close_run(converted, ref, rel=1e-5)
+    harness.assert_close_run(converted, ref, rel=6e-5)  # as tests/test_bf16.py: bf16 weights, fp32 masters
     rows = harness.metrics(ref)
     return {"losses": [r["loss"] for r in rows], "eval_loss": [r["eval_loss"] for r in rows if "eval_loss" in r]}
 

@@ -127,7 +127,8 @@ def setup(args) -> tuple[Run, TrainState]:
                        lambda global_batch: config_fingerprint(cfg, global_batch, data.content_hash,
                                                                lora_base_files(cfg, rank, world)))
     layout = plan.layout
-    ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum, on_gpu=on_cuda())
+    ds_config = zero_config_for_run(cfg, world, layout.micro_batch_size, layout.grad_accum, on_gpu=on_cuda(),
+                                    download_model_config=True)
     total_steps = order.total_steps(cfg.train, layout.global_batch)
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank, stage and world size

@@ -5,8 +5,6 @@ Every number is concrete: `deepspeed.initialize` does not resolve "auto" (that i
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Literal
 
 from ds_finetune.errors import UserError
@@ -26,7 +24,7 @@ def build_zero_config(
 ) -> dict:
     """`on_gpu`: overlap the gradient reduction with backward and pin offloaded memory (what GPUs want);
     off for CPU runs, where there is no transfer to overlap and nothing to pin. `hidden_size`: the model's,
-    which sizes ZeRO-3's reduce bucket (unknown: DeepSpeed's default)."""
+    which sizes the reduce bucket (unknown: DeepSpeed's default)."""
     if stage not in (0, 1, 2, 3):
         raise UserError(f"zero stage must be 0, 1, 2 or 3 (got {stage})")
     if offload_param != "none" and stage != 3:
@@ -38,17 +36,20 @@ def build_zero_config(
             raise UserError(f"{name} must be >= 1 (got {value})")
 
     zero: dict = {"stage": stage}
+    # The reduce bucket is allocated whole on the device and gradients wait in it until reduced: DeepSpeed's
+    # default 5e8 elements is 1 GB a rank in bf16 (2 in fp32) whatever the model, memory no parallelism
+    # divides, and ZeRO 1-2 keep two of them under overlap_comm (stage_1_and_2.py's double buffer): 2 GB,
+    # more than a 0.5B model's weights. transformers' "auto" sizes it hidden_size^2 (32 MiB in bf16 at
+    # width 4096); so do we, at every stage (never above DeepSpeed's default).
+    bucket = min(hidden_size * hidden_size, 500_000_000) if hidden_size else 500_000_000
     if stage in (1, 2):
-        # Bucket sizes are DeepSpeed's defaults, written out so the file says what ran.
+        # The all-gather bucket only chunks the gather of updated weights (nothing is allocated for it):
+        # DeepSpeed's default, written out so the file says what ran.
         zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu,
-                     "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000})
+                     "reduce_bucket_size": bucket, "allgather_bucket_size": 500_000_000})
     if stage == 3:
-        # ZeRO-3 allocates its reduce bucket whole on the device when the engine is built and gradients wait
-        # in it until reduced: DeepSpeed's default 5e8 elements is 1 GB a rank in bf16 (2 in fp32) whatever
-        # the model, memory no parallelism divides. transformers' "auto" sizes it hidden_size^2 (32 MiB in
-        # bf16 at width 4096); so do we. reduce_scatter is DeepSpeed's default, written out because
-        # train_step's gradient scale under sequence parallelism depends on it (gradient_averaging_ranks).
-        bucket = hidden_size * hidden_size if hidden_size else 500_000_000
+        # reduce_scatter is DeepSpeed's default, written out because train_step's gradient scale under
+        # sequence parallelism depends on it (gradient_averaging_ranks).
         zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu, "reduce_bucket_size": bucket,
                      "reduce_scatter": True,
                      "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
@@ -78,25 +79,30 @@ def build_zero_config(
 
 
 def zero_config_for_run(cfg, world_size: int, micro: int | None = None, accum: int | None = None,
-                        on_gpu: bool = False) -> dict:
-    """DeepSpeed's batch is per data-parallel rank: under sequence parallelism world / SP of them."""
+                        on_gpu: bool = False, download_model_config: bool = False) -> dict:
+    """DeepSpeed's batch is per data-parallel rank: under sequence parallelism world / SP of them.
+    `download_model_config`: a named model's config may be fetched (the training process, which downloads
+    the model next anyway); otherwise only the local Hugging Face cache is read."""
     if micro is None or accum is None:
         micro, accum, _ = cfg.batch_layout(world_size)
     t = cfg.train
     data_parallel = cfg.data_parallel_size(world_size)
     return build_zero_config(t.zero_stage, micro, accum, data_parallel, cfg.model.dtype, t.grad_clip,
-                             t.offload_optimizer, t.offload_param, on_gpu, model_hidden_size(cfg.model))
+                             t.offload_optimizer, t.offload_param, on_gpu,
+                             model_hidden_size(cfg.model, download=download_model_config))
 
 
-def model_hidden_size(model) -> int | None:
-    """The hidden size of the run's model (`model` is the config's model section): from the inline config or
-    the pretrained folder's config.json; None where neither says (a hub name: not read here)."""
+def model_hidden_size(model, download: bool = False) -> int | None:
+    """The hidden size of the run's model (`model` is the config's model section): from the inline config,
+    else the pretrained model's config as transformers reads it (a folder, or a named model from the local
+    cache; fetched where `download`); None where none says (the model's own load reports a bad folder)."""
     config = model.config
     if config is None:
-        path = Path(model.name_or_path) / "config.json"
+        from transformers import AutoConfig
         try:
-            config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (OSError, ValueError):  # the model's own load reports an unreadable folder
+            loaded = AutoConfig.from_pretrained(model.name_or_path, local_files_only=not download)
+            config = loaded.get_text_config().to_dict()
+        except (OSError, ValueError, KeyError, TypeError):
             config = {}
     size = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
     return size if isinstance(size, int) and size > 0 else None

@@ -149,22 +149,35 @@ def test_illegal_zero_combinations_are_user_errors(kwargs, named):
     assert e.value.exit_code == 2
 
 
-def test_zero3_reduce_bucket_is_the_hidden_size_squared_when_the_model_says_it(tmp_path):
-    """ZeRO-3 allocates its reduce bucket whole on the device: hidden_size^2 elements as transformers' "auto"
-    (not DeepSpeed's 5e8 whatever the model); stages 1-2 and an unknown width keep DeepSpeed's default."""
+def test_the_reduce_bucket_is_the_hidden_size_squared_when_the_model_says_it(tmp_path, monkeypatch):
+    """The reduce bucket is allocated whole on the device (twice at ZeRO 1-2 under overlap_comm): hidden_size^2
+    elements as transformers' "auto", at every stage, for an inline config, a folder and a named model in
+    the Hugging Face cache; an unknown width keeps DeepSpeed's default."""
     def bucket(config: dict) -> int:
         return config["zero_optimization"]["reduce_bucket_size"]
 
-    assert bucket(build_zero_config(3, hidden_size=4096)) == 4096 * 4096
-    assert bucket(build_zero_config(3)) == bucket(build_zero_config(2, hidden_size=4096)) == 500_000_000
-    assert bucket(zero_config_for_run(load_config(TINY, ["train.zero_stage=3"]), 1)) == 64 * 64  # inline config
+    for stage in (1, 2, 3):
+        assert bucket(build_zero_config(stage, hidden_size=4096)) == 4096 * 4096
+        assert bucket(build_zero_config(stage)) == 500_000_000
+        assert bucket(zero_config_for_run(load_config(TINY, [f"train.zero_stage={stage}"]), 1)) == 64 * 64  # inline
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 128}))
-    pretrained = load_config(TINY, ["train.zero_stage=3", "model.config=null", f"model.name_or_path={folder}"])
+    pretrained = load_config(TINY, ["train.zero_stage=2", "model.config=null", f"model.name_or_path={folder}"])
     assert bucket(zero_config_for_run(pretrained, 1)) == 128 * 128
-    hub_name = load_config(TINY, ["train.zero_stage=3", "model.config=null", "model.name_or_path=org/model"])
-    assert bucket(zero_config_for_run(hub_name, 1)) == 500_000_000
+    # A named model, as the hub cache holds it (models--org--name/refs/main -> snapshots/<commit>/).
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--cached" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4096}))
+    (cache / "models--org--cached" / "refs").mkdir()
+    (cache / "models--org--cached" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    named = load_config(TINY, ["train.zero_stage=3", "model.config=null", "model.name_or_path=org/cached"])
+    assert bucket(zero_config_for_run(named, 1)) == 4096 * 4096
+    not_cached = load_config(TINY, ["train.zero_stage=3", "model.config=null", "model.name_or_path=org/model"])
+    assert bucket(zero_config_for_run(not_cached, 1)) == 500_000_000  # read from the cache only: no network
 
 
 @pytest.mark.parametrize("world", [1, 2])
