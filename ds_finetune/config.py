@@ -44,6 +44,10 @@ class ModelConfig(Section):
     tokenizer: Optional[str] = Field(
         None, description="Tokenizer name or folder; defaults to `name_or_path`.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                                          "flex_attention"]] = Field(
+        None, description="Attention kernels (transformers' `attn_implementation`); unset: transformers' default "
+                          "(sdpa where the model supports it). Flash attention needs model.dtype bf16 or fp16.")
     lora: Optional[LoraConfig] = Field(
         None, description="Train LoRA adapters on a frozen base (needs the `lora` extra, peft); checkpoints hold "
                           "only the adapters.")
@@ -56,7 +60,21 @@ class ModelConfig(Section):
             raise ValueError("model.config needs a `model_type` (e.g. llama)")
         if self.tokenizer is None and self.name_or_path is None:
             raise ValueError("model.tokenizer is required when the model comes from an inline model.config")
+        inline = (self.config or {}).get("attn_implementation")
+        if self.attn_implementation and inline and inline != self.attn_implementation:
+            raise ValueError(f"model.attn_implementation ({self.attn_implementation}) and model.config."
+                             f"attn_implementation ({inline}) disagree; set only model.attn_implementation")
+        if self.attention.startswith("flash") and self.dtype == "fp32":
+            raise ValueError(f"model.attn_implementation: {self.attention} has no fp32 kernels (it fails at the first "
+                             "forward); set model.dtype: bf16 (or fp16), or use sdpa")
         return self
+
+    @property
+    def attention(self) -> str:
+        """The attention implementation the config asks for ("" where it leaves transformers' default)."""
+        inline = self.config or {}
+        return str(self.attn_implementation or inline.get("attn_implementation")
+                   or inline.get("_attn_implementation") or "")
 
 
 class TrainConfig(Section):

@@ -25,8 +25,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             if cfg.data.is_mixture else {"data": {**data_fingerprint(cfg.data), "content_sha256": data_hash}})
     return {
         "exact": {
-            # With base_files, the files are the base's identity, not the folder they lie in.
-            "model": cfg.model.model_dump(mode="json", exclude={"name_or_path"} if base_files else None),
+            "model": model_identity(cfg.model, base_files),
             **({"model.base_files": base_files} if base_files else {}),
             **data,
             "train.seed": cfg.train.seed,
@@ -52,6 +51,16 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             "logging": cfg.logging.model_dump(mode="json"),
         },
     }
+
+
+def model_identity(model, base_files: dict | None) -> dict:
+    """The model section as the fingerprint records it. With base_files, the files are the base's identity,
+    not the folder they lie in; the attention implementation only when set, so checkpoints from before the
+    key still match."""
+    excluded = {"name_or_path"} if base_files else set()
+    if model.attn_implementation is None:
+        excluded.add("attn_implementation")
+    return model.model_dump(mode="json", exclude=excluded or None)
 
 
 # How a checkpoint saved before packs were isolated recorded `data.packing` (a bool): the same

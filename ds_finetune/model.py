@@ -33,14 +33,16 @@ def build_model(cfg: RunConfig, ds_config: dict):
         # the same seed must give the same weights at every stage (exact resume across stages).
         from transformers.integrations import HfDeepSpeedConfig
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    # transformers' default attention unless the config names one
+    attention = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     try:
         if cfg.model.config is not None:
-            inline = dict(cfg.model.config)
+            inline = {**cfg.model.config, **attention}
             model_config = AutoConfig.for_model(inline.pop("model_type"), **inline)
             model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **attention)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:  # ImportError: flash-attn not installed
         source = cfg.model.name_or_path or "model.config"
         raise UserError(f"model error: cannot build the model from {source} ({first_line(e)})")
     if cfg.train.gradient_checkpointing:

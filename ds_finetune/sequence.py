@@ -114,7 +114,7 @@ def check_config(cfg) -> None:
         raise UserError("config error: data.sources (a mixture) with train.sequence_parallel > 1 is not supported "
                         "yet; train the mixture with train.sequence_parallel=1")
     inline = cfg.model.config or {}
-    impl = str(inline.get("attn_implementation") or inline.get("_attn_implementation") or "sdpa")
+    impl = cfg.model.attention or "sdpa"
     if "num_attention_heads" in inline:
         heads = inline["num_attention_heads"]
         check_heads(sp, heads, inline.get("num_key_value_heads") or heads)
@@ -157,7 +157,7 @@ def check_attention(sp: int, impl: str, isolate: bool) -> None:
     flex Ulysses attends causally over the whole pack."""
     if impl not in SUPPORTED_ATTENTION:
         raise UserError(f"config error: train.sequence_parallel={sp} needs sdpa, flex or flash attention; the model "
-                        f"uses {impl} (set model.config.attn_implementation: sdpa)")
+                        f"uses {impl} (set model.attn_implementation: sdpa)")
     if isolate and "flash" not in impl:
         raise UserError(f"config error: data.packing: isolated with train.sequence_parallel={sp} and {impl} attention "
                         f"would let packed rows attend to each other; set data.packing: shared or none, or use "

@@ -155,6 +155,9 @@ def cli_error(*args: str, names=()) -> str:
     ("train.offload_optimizer=cpu train.zero_stage=0", ["train.offload_optimizer"]),
     ("model.config=null", ["model.name_or_path", "model.config"]),
     ("model.config.model_type=null", ["model.config", "model_type"]),
+    ("model.attn_implementation=fast", ["model.attn_implementation", "'fast'"]),
+    ("model.attn_implementation=flash_attention_2", ["model.attn_implementation", "fp32", "model.dtype: bf16"]),
+    ("model.attn_implementation=sdpa model.config.attn_implementation=eager", ["model.attn_implementation", "disagree"]),
     ("output_dir.sub=x", ["bad override", "output_dir is not a section"]),
     ("trainzero", ["bad override", "'trainzero'", "key=value"]),
     ("=3", ["bad override", "'=3'"]),
@@ -162,6 +165,22 @@ def cli_error(*args: str, names=()) -> str:
 ])
 def test_every_config_mistake_is_one_line_naming_the_key(override, names):
     cli_error(str(TINY), "--dry-run", *override.split(), names=names)
+
+
+def test_the_model_is_built_with_the_attention_the_config_names():
+    from ds_finetune.fingerprint import config_fingerprint
+    from ds_finetune.model import build_model
+
+    for attention in ("eager", "sdpa"):
+        cfg = load_config(TINY, [f"model.attn_implementation={attention}"])
+        assert build_model(cfg, {}).config._attn_implementation == attention
+    assert load_config(TINY, ["model.attn_implementation=flash_attention_2", "model.dtype=bf16"]).model.attention \
+        == "flash_attention_2"
+    # Unset, the fingerprint's model section is what checkpoints saved before the key recorded.
+    model = config_fingerprint(load_config(TINY), 8, "hash")["exact"]["model"]
+    assert "attn_implementation" not in model and model["dtype"] == "fp32"
+    assert config_fingerprint(load_config(TINY, ["model.attn_implementation=eager"]), 8, "hash")["exact"]["model"][
+        "attn_implementation"] == "eager"
 
 
 def test_global_batch_not_divisible_by_micro_times_world_names_sizes_that_fit():
