@@ -1,5 +1,6 @@
 """GPU section (runs only where torch.cuda.is_available()): ds-finetune's real loop on a ~0.5B Llama in
-bf16 at ZeRO-2 and ZeRO-3 on every visible GPU; tokens/s and MFU.
+bf16 at ZeRO-2 and ZeRO-3 on every visible GPU; tokens/s and MFU, with `train.deterministic` on (the
+default: what exact resume needs) and off (the kernels' fastest choice), so the cost of determinism shows.
 
 Tokens are the real (unpadded) tokens of each step, from metrics.jsonl's `tokens` field; rows are packed
 to 1024 tokens. MFU = (6 N + 12 L H T) FLOPs a token x tokens/s / (peak dense bf16 FLOP/s x GPUs), the
@@ -35,15 +36,16 @@ def peak_flops(name: str) -> float | None:
     return None
 
 
-def run_stage(stage: int, steps: int, ngpu: int) -> dict:
-    out = WORK / "runs" / f"gpu-zero{stage}"
+def run_stage(stage: int, deterministic: bool, steps: int, ngpu: int) -> dict:
+    name = f"gpu-zero{stage}-{'det' if deterministic else 'fast'}"
+    out = WORK / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     data = long_rows()
-    config = run_config(f"gpu-zero{stage}", MODEL, data,
-                        max_length=SEQ, micro=8, accum=1, steps=steps, output_dir=out,
-                        model={"dtype": "bf16"}, data={"packing": True}, train={"zero_stage": stage})
+    config = run_config(name, MODEL, data,
+                        max_length=SEQ, micro=8, accum=1, steps=steps, output_dir=out, model={"dtype": "bf16"},
+                        data={"packing": True}, train={"zero_stage": stage, "deterministic": deterministic})
     warm_cache(config)
-    job = Job(ours_argv(config, nproc=ngpu), WORK / "logs" / f"gpu-zero{stage}.log", gpu=True).start()
+    job = Job(ours_argv(config, nproc=ngpu), WORK / "logs" / f"{name}.log", gpu=True).start()
     job.wait(900)
     rows = read_jsonl(out / "metrics.jsonl")[WARMUP:]
     tokens_per_s = (rows[-1]["tokens"] - rows[0]["tokens"]) / (rows[-1]["time"] - rows[0]["time"])
@@ -62,15 +64,18 @@ def run(quick: bool) -> dict:
     peak = peak_flops(name)
     figures, raw = [], {"device": what, "params": n, "flops_per_token": flops_per_token, "peak_bf16": peak}
     for stage in (2, 3):
-        r = run_stage(stage, WARMUP + (6 if quick else 20), ngpu)
-        mfu = flops_per_token * r["tokens_per_s"] / (peak * ngpu) if peak else None
-        raw[f"zero{stage}"] = {**r, "mfu": mfu}
-        log(f"GPU ZeRO-{stage}: {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%}" if mfu is not None else
-            f"GPU ZeRO-{stage}: {r['tokens_per_s']:,.0f} tokens/s (MFU: unknown peak for {name})")
-        peak_text = f"peak {peak / 1e12:.0f} TFLOP/s a GPU" if peak else f"peak unknown for {name}"
-        figures.append({"id": f"gpu_zero{stage}",
-                        "figure": f"GPU bf16 ZeRO-{stage}, {n / 1e9:.2f}B Llama (ratio = MFU)",
-                        "ours": r["tokens_per_s"], "baseline": None, "unit": "tokens/s",
-                        "ratio": mfu, "target": None, "met": None,
-                        "note": f"{what}; packed seq {SEQ}, micro 8 a GPU; {r['steps']} steady steps; {peak_text}"})
+        for deterministic in (True, False):
+            r = run_stage(stage, deterministic, WARMUP + (6 if quick else 20), ngpu)
+            mfu = flops_per_token * r["tokens_per_s"] / (peak * ngpu) if peak else None
+            kernels = "deterministic" if deterministic else "non-deterministic"
+            raw[f"zero{stage}_{kernels}"] = {**r, "mfu": mfu}
+            log(f"GPU ZeRO-{stage} ({kernels}): {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%}" if mfu is not None
+                else f"GPU ZeRO-{stage} ({kernels}): {r['tokens_per_s']:,.0f} tokens/s (MFU: unknown peak for {name})")
+            peak_text = f"peak {peak / 1e12:.0f} TFLOP/s a GPU" if peak else f"peak unknown for {name}"
+            figures.append({"id": f"gpu_zero{stage}" + ("" if deterministic else "_nondeterministic"),
+                            "figure": f"GPU bf16 ZeRO-{stage}, {n / 1e9:.2f}B Llama, {kernels} kernels (ratio = MFU)",
+                            "ours": r["tokens_per_s"], "baseline": None, "unit": "tokens/s",
+                            "ratio": mfu, "target": None, "met": None,
+                            "note": f"{what}; packed seq {SEQ}, micro 8 a GPU; {r['steps']} steady steps; "
+                                    f"train.deterministic={deterministic}; {peak_text}"})
     return {"figures": figures, "raw": raw}

@@ -108,7 +108,7 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
         click.echo("# resolved run config")
         click.echo(cfg.to_yaml().rstrip())
         click.echo("# DeepSpeed config")
-        click.echo(json.dumps(zero_config_for_run(cfg, world), indent=2))
+        click.echo(json.dumps(zero_config_for_run(cfg, world, on_gpu=not cpu_here), indent=2))  # as the ranks will
         return
     sys.exit(run_launcher(argv, env))
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import json
+
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -103,6 +105,22 @@ def test_dry_run_prints_the_resolved_config_and_exits_0():
     resolved = result.stdout.split("# resolved run config\n", 1)[1].split("# DeepSpeed config\n", 1)[0]
     assert yaml.safe_load(resolved)["train"]["zero_stage"] == 3
     assert "# world_size=1 micro_batch_size=4 grad_accum=2 global_batch=8" in result.stdout
+
+
+def test_dry_run_prints_the_deepspeed_config_the_ranks_will_use(monkeypatch):
+    """A GPU launch gets the GPU form (overlapped reduction, pinned offload), not the CPU one."""
+    import ds_finetune.launcher
+
+    def deepspeed_config(*args):
+        result = invoke("train", str(TINY), "--dry-run", "train.zero_stage=2", "train.offload_optimizer=cpu", *args)
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout.split("# DeepSpeed config\n", 1)[1])["zero_optimization"]
+
+    cpu = deepspeed_config()
+    assert cpu["overlap_comm"] is False and cpu["offload_optimizer"]["pin_memory"] is False
+    monkeypatch.setattr(ds_finetune.launcher, "has_accelerator", lambda: True)
+    gpu = deepspeed_config("--num-gpus", "2")
+    assert gpu["overlap_comm"] is True and gpu["offload_optimizer"]["pin_memory"] is True
 
 
 # ---------------------------------------------------------------------- config errors: the real CLI
