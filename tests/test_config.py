@@ -4,12 +4,11 @@ exactness-breaking changes from harmless ones; `config show-schema` documents ev
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import json
 
 import pytest
 import yaml
