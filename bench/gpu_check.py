@@ -4,8 +4,10 @@
 
 On CUDA + NCCL, bf16, deterministic kernels: a run with evaluation and background saves; a copy killed
 with SIGKILL in the middle of a step and resumed (its losses must be bitwise those of the uninterrupted
-run); the same save resumed under ZeRO 3 (converted; losses within 6e-5, as the CPU test of it); an fp16 run (loss scaling with
-the fused loss); an export loaded by transformers on the GPU. Prints one line per check and a JSON
+run); the same save resumed under ZeRO 3 (converted; losses within 6e-5, as the CPU test of it); an fp16
+run (loss scaling with the fused loss); an export loaded by transformers on the GPU; background saves
+copied from the saved tensors' own GPU into one reused pinned buffer (the bytes, and the pinned memory
+after 3 saves). Prints one line per check and a JSON
 summary; exits non-zero if a check fails. Run it where a GPU is lent (docs/development.md).
 """
 
@@ -69,6 +71,39 @@ def check_export() -> dict:
     return {"exported": str(out)}
 
 
+def check_background_snapshot() -> dict:
+    """Background saves on a GPU that is not device 0 where there are two (the writer thread starts on
+    device 0): each of 3 saves of different sizes is written with the values it had at the save, although
+    the 'next step' queues long work and then overwrites the tensors as soon as wait_until_copied returns;
+    the page-locked memory after the 3 saves is one buffer of the largest save, not torch's cached blocks."""
+    import torch
+
+    from ds_finetune.checkpoint.async_save import BackgroundWrite, host_pool
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.cuda.set_device(device)
+    for save, megabytes in enumerate((256, 64, 128)):
+        state = {f"t{i}": torch.full((megabytes << 18,), float(save * 10 + i), device=device) for i in range(4)}
+        writer = BackgroundWrite(rank=0, step=save)
+        writer.collect(state, WORK / f"snapshot{save}.pt")
+        writer.start()
+        x = torch.randn(4096, 4096, device=device)
+        for _ in range(50):  # the next forward, on the compute stream
+            x = torch.nn.functional.normalize(x @ x, dim=1)
+        writer.wait_until_copied()
+        for t in state.values():  # the optimizer step
+            t.fill_(-1.0)
+        writer.wait()
+        written = torch.load(WORK / f"snapshot{save}.pt", weights_only=True)
+        for i in range(4):
+            assert torch.equal(written[f"t{i}"], torch.full((megabytes << 18,), float(save * 10 + i))), (save, i)
+    largest = 4 * (256 << 20)
+    pinned = host_pool().pinned_bytes
+    assert pinned == largest, (pinned, largest)
+    return {"device": str(device), "pinned_bytes_after_3_saves": pinned, "largest_save_bytes": largest,
+            "torch_cached_pinned_bytes": torch.cuda.host_memory_stats().get("reserved_bytes.current")}
+
+
 def main() -> int:
     import torch
 
@@ -83,7 +118,7 @@ def main() -> int:
     WORK.mkdir(parents=True)
     summary, failed = {"device": f"{nproc} x {torch.cuda.get_device_name(0)}"}, False
     for name, check in [("resume", lambda: check_resume(nproc)), ("fp16", lambda: check_fp16(nproc)),
-                        ("export", check_export)]:
+                        ("export", check_export), ("background_snapshot", check_background_snapshot)]:
         start = time.time()
         try:
             summary[name] = {"ok": True, **check()}
