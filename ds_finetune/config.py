@@ -178,7 +178,8 @@ class CheckpointConfig(Section):
     keep_best: bool = Field(False, description="Keep the checkpoint with the lowest eval loss out of keep_last.")
     async_save: bool = Field(
         False, description="Write checkpoints from a host-memory copy in a background thread while training "
-                           "continues (host memory: one save of this rank's state).")
+                           "continues (host memory: one save of this rank's state; on GPUs page-locked once and "
+                           "reused, at most an eighth of the node's memory).")
 
 
 class WandbConfig(Section):
