@@ -15,6 +15,8 @@ What is private and why we use it:
   filling the optimizer state of a fresh engine from a converted checkpoint.
 * `engine.seq_dp_world_size` / `sequence_parallel_size` and which reduction each ZeRO stage runs: the
   number of ranks DeepSpeed divides a gradient by (`gradient_averaging_ranks`).
+* `deepspeed.ops.__compatible_ops__`: the CPU backend's shared-memory all-reduce is marked unbuildable
+  (`skip_cpu_inference_all_reduce`).
 
 Tested with DeepSpeed 0.19 only; another minor version is refused in one line (setup.cfg pins it too).
 """
@@ -48,6 +50,15 @@ check_deepspeed_version()
 
 
 # ------------------------------------------------------------------------------------------------ save
+
+def skip_cpu_inference_all_reduce() -> None:
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce (deepspeed_shm_comm) when the
+    process group starts: ~30 s of both cores at the first launch on a machine (`comm/torch.py`
+    build_shm_op). Only `inference_all_reduce` (AutoTP inference layers) uses it; training's collectives
+    are the process group's. Marked incompatible, build_shm_op returns None and nothing is built."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
 
 def route_checkpoint_writes(engine, save) -> bool:
     """Make this engine's next `save_checkpoint` write each file with `save(state_dict, path)`. Returns

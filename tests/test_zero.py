@@ -52,9 +52,12 @@ class DataParallelTopology:
 @pytest.fixture(scope="module")
 def comm(tmp_path_factory):
     """A real one-process gloo group for DeepSpeedConfig's world-size query, torn down after this module.
-    (The first use on a machine JIT-builds DeepSpeed's CPU shm op, as any CPU training run does; cached.)"""
+    Nothing is JIT-built: DeepSpeed's CPU shm all-reduce is skipped, as in the training processes."""
     from deepspeed import comm as dist
 
+    from ds_finetune.ds_internals import skip_cpu_inference_all_reduce
+
+    skip_cpu_inference_all_reduce()
     env_before = dict(os.environ)
     store = tmp_path_factory.mktemp("dist") / "store"
     dist.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=0, world_size=1,
