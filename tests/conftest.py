@@ -1,4 +1,6 @@
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,28 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
+
+
+def pytest_collection_finish(session):
+    """Start the jobs of selected tests marked harness.started_early: they mostly sleep, so they overlap
+    the rest of the suite instead of adding their wait to it."""
+    for item in session.items:
+        starter = getattr(getattr(item, "function", None), "started_early", None)
+        if starter is not None:
+            folder = Path(tempfile.mkdtemp(prefix="ds-finetune-early-"))
+            EARLY_FOLDERS.append(folder)
+            harness.EARLY[item.nodeid] = starter(folder)
+
+
+EARLY_FOLDERS: list[Path] = []
+
+
+def pytest_sessionfinish(session):
+    for job in harness.EARLY.values():  # a test that never ran (-x stopped the session)
+        harness.kill_job(job.proc)
+    harness.EARLY.clear()
+    for folder in EARLY_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,46 @@ def run(argv: list[str], env_extra: dict | None = None, timeout: float = 300) ->
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
+# ------------------------------------------------------------------------------- jobs started early
+
+# Jobs that mostly wait (a sleep longer than a timeout) start when the session starts, beside the rest of
+# the suite (conftest.pytest_collection_finish); their test collects the result. {test node id: job}
+EARLY: dict = {}
+
+
+def started_early(starter):
+    """Mark a test whose job `starter(folder) -> EarlyJob` runs from the session's start."""
+    def mark(test):
+        test.started_early = starter
+        return test
+    return mark
+
+
+class EarlyJob:
+    """A launched job whose output goes to a log file (a pipe nobody reads would fill and stall it)."""
+
+    def __init__(self, argv: list[str], env_extra: dict, folder: Path):
+        self.folder, self.log = folder, folder / "job.log"
+        self.proc = start(argv, env_extra, self.log)
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_job(self.proc)
+            raise
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.log.read_text(), "")
+
+
+def early_job(request) -> EarlyJob:
+    """The job started early for this test; started now where the session did not (a test run alone by
+    a plugin that skips the hook)."""
+    if request.node.nodeid not in EARLY:
+        folder = request.getfixturevalue("tmp_path")
+        EARLY[request.node.nodeid] = request.function.started_early(folder)
+    return EARLY.pop(request.node.nodeid)
+
+
 def kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL a launched job, like a node crash: the launcher and every rank. torchrun starts each rank in
     its own session, so a group kill alone would leave ranks running; they are found as descendants

@@ -329,15 +329,21 @@ def test_masks_from_token_lookups_equal_masks_from_every_tokens_offsets(name):
 
 # ------------------------------------------------------------------------------- longer than a timeout
 
+def start_slow_preparation(folder: Path) -> harness.EarlyJob:
+    env = {"DEEPSPEED_TIMEOUT": "1", "DS_FINETUNE_PREPARE_DELAY": "65", "DS_FINETUNE_CACHE": str(folder / "cache")}
+    return harness.EarlyJob(harness.train_argv(folder / "run", ["train.max_steps=2", "checkpoint.every_steps=0"]),
+                            env, folder)
+
+
 @pytest.mark.multiproc
-def test_a_run_whose_data_takes_longer_than_deepspeed_timeout_trains(tmp_path):
+@harness.started_early(start_slow_preparation)
+def test_a_run_whose_data_takes_longer_than_deepspeed_timeout_trains(request):
     """One rank builds (65 s, injected) while the other waits on the lock file; DEEPSPEED_TIMEOUT=1 (minute)
-    would have ended a wait in a collective with a gloo timeout."""
-    out = tmp_path / "run"
-    proc = harness.run(harness.train_argv(out, ["train.max_steps=2", "checkpoint.every_steps=0"]),
-                       {"DEEPSPEED_TIMEOUT": "1", "DS_FINETUNE_PREPARE_DELAY": "65",
-                        "DS_FINETUNE_CACHE": str(tmp_path / "cache")}, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert [r["step"] for r in harness.metrics(out)] == [1, 2]
+    would have ended a wait in a collective with a gloo timeout. The job starts with the session (it
+    mostly sleeps)."""
+    job = harness.early_job(request)
+    proc = job.result(timeout=400)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert [r["step"] for r in harness.metrics(job.folder / "run")] == [1, 2]
     # one rank prepared for 65 s (the other waited on the lock file: a collective would have timed out)
     assert proc.stdout.count("[fault injection] sleeping 65 s while preparing the data") == 1
