@@ -11,8 +11,9 @@ from ds_finetune.data_config import SOURCE_FIELDS, DataConfig
 # that sums token losses or gradients in another order moves the weights at float-noise level, so a
 # checkpoint saved by another is refused as a changed setting would be. A full-logits run
 # (loss_chunk_tokens 0) records none and resumes across such changes. Checkpoints from before this key
-# (chunks recomputed in backward) lack it, so they are refused too.
-CHUNKED_LOSS_IMPLEMENTATION = "fused-linear-ce-v1"
+# (chunks recomputed in backward) lack it, so they are refused too. v2: a bf16/fp16 head's weight gradient
+# summed in fp32 by addmm on CUDA (no half product per chunk); the CPU's sums are v1's.
+CHUNKED_LOSS_IMPLEMENTATION = "fused-linear-ce-v2"
 
 
 def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
