@@ -74,13 +74,13 @@ def main():
 
     times = []
     for micro_batches in steps:
-        for input_ids, attention_mask, labels, _ in micro_batches:
+        for input_ids, attention_mask, labels, _, facts in micro_batches:
             input_ids, attention_mask = input_ids.to(engine.device), attention_mask.to(engine.device)
             if fused is None:
                 loss = engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels.to(engine.device)).loss
             else:  # the summed token loss over the micro-batch's targets (counted on the host: no device sync)
                 targets = int((labels[:, 1:] != -100).sum())
-                loss = fused(engine, input_ids, attention_mask, labels.to(engine.device)) / targets
+                loss = fused(engine, input_ids, attention_mask, labels.to(engine.device), None, facts) / targets
             engine.backward(loss)
             engine.step()
         times.append(time.time())

@@ -71,6 +71,7 @@ def check_export() -> dict:
     return {"exported": str(out)}
 
 
+<<<<<<< HEAD
 def check_background_snapshot() -> dict:
     """Background saves on a GPU that is not device 0 where there are two (the writer thread starts on
     device 0): each of 3 saves of different sizes is written with the values it had at the save, although
@@ -102,6 +103,107 @@ def check_background_snapshot() -> dict:
     assert pinned == largest, (pinned, largest)
     return {"device": str(device), "pinned_bytes_after_3_saves": pinned, "largest_save_bytes": largest,
             "torch_cached_pinned_bytes": torch.cuda.host_memory_stats().get("reserved_bytes.current")}
+=======
+def _batch_of(rows: int, width: int, prompt: int, isolate: bool):
+    """Random right-padded tokens, no attention mask (causal: no real token sees a pad), the first `prompt`
+    positions no target; isolated: each row two packed sequences (positions restart), as collate builds."""
+    import numpy as np
+    import torch
+
+    from ds_finetune.data import IGNORE_INDEX, HostFacts
+    from ds_finetune.data.packing import Batch
+
+    ids = torch.randint(3, 500, (rows, width), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :prompt] = IGNORE_INDEX
+    labels[-1, width - 7:] = IGNORE_INDEX  # a shorter last row
+    segments = tuple((width // 3, width - width // 3) for _ in range(rows)) if isolate else None
+    positions = torch.tensor(np.array([np.concatenate([np.arange(n) for n in row]) for row in segments])) \
+        if isolate else None
+    return Batch(ids, None, labels, positions, HostFacts.of_labels(labels.numpy(), segments))
+
+
+def check_host_syncs() -> dict:
+    """One micro-step's forward and backward of the fused loss (SFT, an isolated pack) and of DPO's loss
+    (precomputed reference) in bf16 under torch.cuda.set_sync_debug_mode("warn"): every host sync warns.
+    Ours (anything but transformers' own forward code) must be none; transformers' are counted apart."""
+    import os
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from ds_finetune.device_batch import to_device
+    from ds_finetune.dpo import DPOLoss, Precomputed
+    from ds_finetune.loss import ChunkedLoss
+    from test_dpo import Engine
+    from test_loss import tiny_model
+
+    model = tiny_model("model.config.attention_dropout=0.0").to("cuda", torch.bfloat16)
+    chunked, engine = ChunkedLoss(model, 64), Engine(model)
+    sft, pairs = _batch_of(1, 192, 20, isolate=True), _batch_of(4, 96, 30, isolate=False)
+    dpo = DPOLoss(chunked.sequence_logps, Precomputed(np.linspace(-90, -10, 4)), 0.1, "sigmoid", 0.0)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # train.deterministic's kernels, as a run has
+    torch.use_deterministic_algorithms(True)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            (chunked(engine, *to_device(sft, "cuda"), grad_scale=0.01) * 0.01).backward()
+            ids, _, labels, _, facts = to_device(pairs, "cuda")
+            loss_sum, _ = dpo(engine, ids, None, labels, np.arange(4), facts, grad_scale=0.5)
+            (loss_sum * 0.5).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            torch.use_deterministic_algorithms(False)
+    syncs = [f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in caught
+             if "synchroniz" in str(w.message)]
+    ours = [where for where in syncs if not where.startswith("transformers/")]
+    assert not ours, f"{len(ours)} host syncs: {sorted(set(ours))}"
+    return {"host_syncs": len(ours), "transformers_syncs": sorted(set(syncs) - set(ours))}
+
+
+def check_lm_head_grad() -> dict:
+    """The bf16 LM head's weight gradient of the fused loss against an fp32 reference (autograd through
+    fp32 logits of the same values): relative error and time, accumulated in fp32 by addmm (what runs) and
+    as a bf16 product per chunk added in fp32 (what ran before)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ds_finetune import loss
+
+    n, hidden, vocab, chunk = 4096, 2048, 32768, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(n, hidden, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=g) * 0.02).bfloat16()
+    t = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    w32 = w.float().requires_grad_()
+    (F.cross_entropy(F.linear(h.float(), w32), t, reduction="sum") / n).backward()
+
+    def fused_grad():
+        w16 = w.clone().requires_grad_()
+        (loss.fused_linear_cross_entropy(h, w16, None, t, chunk) / n).backward()
+        return w16.grad
+
+    def error_and_ms(fp32_sum: bool):
+        loss._fp32_addmm[("cuda", torch.bfloat16)] = fp32_sum
+        fused_grad()  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        grad = fused_grad()
+        end.record()
+        torch.cuda.synchronize()
+        return ((grad.float() - w32.grad).norm() / w32.grad.norm()).item(), start.elapsed_time(end)
+
+    try:
+        (before, before_ms), (after, after_ms) = error_and_ms(False), error_and_ms(True)
+    finally:
+        loss._fp32_addmm.pop(("cuda", torch.bfloat16), None)
+    assert after <= 1e-2 and after <= before * 1.05, (after, before)
+    return {"rel_error": after, "rel_error_bf16_product": before, "ms": round(after_ms, 2),
+            "ms_bf16_product": round(before_ms, 2)}
+>>>>>>> host-syncs
 
 
 def main() -> int:
@@ -118,7 +220,12 @@ def main() -> int:
     WORK.mkdir(parents=True)
     summary, failed = {"device": f"{nproc} x {torch.cuda.get_device_name(0)}"}, False
     for name, check in [("resume", lambda: check_resume(nproc)), ("fp16", lambda: check_fp16(nproc)),
+<<<<<<< HEAD
                         ("export", check_export), ("background_snapshot", check_background_snapshot)]:
+=======
+                        ("export", check_export), ("host_syncs", check_host_syncs),
+                        ("lm_head_grad", check_lm_head_grad)]:
+>>>>>>> host-syncs
         start = time.time()
         try:
             summary[name] = {"ok": True, **check()}

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ds_finetune import objective as objective_module  # noqa: E402
 from ds_finetune import train  # noqa: E402
+from ds_finetune.device_batch import facts_of  # noqa: E402
 from ds_finetune.dist import all_gather, barrier  # noqa: E402
 from ds_finetune.metrics import NullMetricsWriter  # noqa: E402
 
@@ -64,9 +65,10 @@ class MeasuredStep:
         """The objective's step on the first `tokens` tokens of every micro-batch it collates."""
         collate = objective_module.collate
 
-        def shortened(*args, **kwargs):
+        def shortened(*args, **kwargs):  # the host's facts of the shortened tensors, read from them (CPU)
             batch = collate(*args, **kwargs)
-            return type(batch)(*(None if t is None else t[:, :tokens] for t in batch))
+            cut = type(batch)(*(t[:, :tokens] if hasattr(t, "shape") else None for t in batch))
+            return cut._replace(facts=facts_of(cut.labels, position_ids=cut.position_ids))
         objective_module.collate = shortened
         try:
             return self.objective.step(engine, units, step)

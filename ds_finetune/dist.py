@@ -3,7 +3,9 @@ each rank's RNG.
 
 Collectives live here only (a test keeps it so): their tensors are built on `collective_device()`, the
 accelerator's current device, because NCCL serves CUDA tensors only; a CPU tensor there fails with "No
-backend type associated with device type cpu". `decide` is the single pattern for "some ranks do a piece
+backend type associated with device type cpu". The exception is a number the host needs at once
+(`max_over_ranks`): it is agreed in a gloo group on CPU tensors (`host_group`), as reading an NCCL result
+back would wait for the GPU. `decide` is the single pattern for "some ranks do a piece
 of work, every rank learns the result or the error": a rank that failed never leaves the others waiting
 in a collective forever.
 
@@ -150,14 +152,33 @@ def sum_over_ranks(values: list) -> list[float]:
 
 
 def max_over_ranks(value: int) -> int:
-    """The largest `value` of all ranks (`value` itself when not distributed)."""
+    """The largest `value` of all ranks (`value` itself when not distributed), agreed on the host: it is
+    wanted as a Python number, and an NCCL collective's result would have to be read back from the GPU,
+    which waits for every kernel queued before it (`host_group`)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor(value, device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    return int(t[0])
+
+
+_host_group: list = []  # the group host_group created, once a process
+
+
+def host_group():
+    """A group of every rank whose collectives take CPU tensors (gloo), for numbers the host needs: the
+    default group where that is gloo (a CPU run; None, as when not distributed), else one created by the
+    first call. new_group is itself a collective: every rank must make that first call at the same point of
+    its program (`tiled_mlp` does, building the model)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "gloo":
+        return None
+    if not _host_group:
+        _host_group.append(dist.new_group(backend="gloo"))
+    return _host_group[0]
 
 
 def barrier() -> None:

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate
+from ds_finetune.data import IGNORE_INDEX, HostFacts, TokenizedData, collate
+from ds_finetune.device_batch import facts_of, host_to_device, to_device
 from ds_finetune.ds_internals import gradient_averaging_ranks
 from ds_finetune.faults import fault_point
-from ds_finetune.loss import to_device
 from ds_finetune.objective import StepResult, train_step
 from ds_finetune.sampler import BatchLayout
 
@@ -64,17 +64,19 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, n_tokens: torch.Tens
 
 
 class PairBatch(NamedTuple):
-    """A micro-batch of B pairs as 2B sequences, chosen first; `rows`: each sequence's cache row."""
+    """A micro-batch of B pairs as 2B sequences, chosen first; `rows`: each sequence's cache row (a host
+    array: the precomputed reference reads it, never the device); `facts`: data.HostFacts."""
     input_ids: object
     attention_mask: object
     labels: object
-    rows: object
+    rows: np.ndarray
+    facts: HostFacts
 
 
 def collate_pairs(data: TokenizedData, units: np.ndarray, pad_id: int) -> PairBatch:
-    rows = np.concatenate([units[:, 0], units[:, 1]])
+    rows = np.concatenate([units[:, 0], units[:, 1]]).astype(np.int64)
     batch = collate(data, rows.reshape(-1, 1), pad_id)
-    return PairBatch(batch.input_ids, batch.attention_mask, batch.labels, torch.from_numpy(rows.astype(np.int64)))
+    return PairBatch(batch.input_ids, batch.attention_mask, batch.labels, rows, batch.facts)
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -86,13 +88,13 @@ class AdaptersOff:
     def __init__(self, logps_fn):
         self.logps_fn = logps_fn
 
-    def __call__(self, engine, input_ids, attention_mask, labels, rows) -> torch.Tensor:
+    def __call__(self, engine, input_ids, attention_mask, labels, rows, facts=None) -> torch.Tensor:
         module = engine.module
         training = module.training
         module.eval()
         try:
             with torch.no_grad(), module.disable_adapter():
-                return self.logps_fn(engine, input_ids, attention_mask, labels)
+                return self.logps_fn(engine, input_ids, attention_mask, labels, facts)
         finally:
             module.train(training)
 
@@ -104,9 +106,9 @@ class FrozenModel:
     def __init__(self, ref_engine, logps_fn):
         self.ref_engine, self.logps_fn = ref_engine, logps_fn
 
-    def __call__(self, engine, input_ids, attention_mask, labels, rows) -> torch.Tensor:
+    def __call__(self, engine, input_ids, attention_mask, labels, rows, facts=None) -> torch.Tensor:
         with torch.no_grad():
-            return self.logps_fn(self.ref_engine, input_ids, attention_mask, labels)
+            return self.logps_fn(self.ref_engine, input_ids, attention_mask, labels, facts)
 
 
 class Precomputed:
@@ -115,8 +117,8 @@ class Precomputed:
     def __init__(self, values: np.ndarray):
         self.values = values
 
-    def __call__(self, engine, input_ids, attention_mask, labels, rows) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.values[rows.cpu().numpy()], dtype=np.float32)).to(input_ids.device)
+    def __call__(self, engine, input_ids, attention_mask, labels, rows, facts=None) -> torch.Tensor:
+        return host_to_device(np.asarray(self.values[np.asarray(rows)], dtype=np.float32), input_ids.device)
 
 
 # ------------------------------------------------------------------------------------------ objective
@@ -124,15 +126,17 @@ class Precomputed:
 @dataclass(frozen=True)
 class DPOLoss:
     """A micro-batch's summed pair losses and metric sums (train_step's loss_fn contract)."""
-    logps_fn: Callable   # (engine, input_ids, attention_mask, labels) -> [2B] summed target log-probs
-    reference: Callable  # (engine, input_ids, attention_mask, labels, rows) -> [2B], no graph
+    logps_fn: Callable   # (engine, input_ids, attention_mask, labels, facts) -> [2B] summed target log-probs
+    reference: Callable  # (engine, input_ids, attention_mask, labels, rows, facts) -> [2B], no graph
     beta: float
     loss_type: str
     label_smoothing: float
 
-    def __call__(self, engine, input_ids, attention_mask, labels, rows, grad_scale=1.0):
-        reference = self.reference(engine, input_ids, attention_mask, labels, rows)
-        policy = self.logps_fn(engine, input_ids, attention_mask, labels)
+    def __call__(self, engine, input_ids, attention_mask, labels, rows, facts=None, grad_scale=1.0):
+        """`facts`: the batch's data.HostFacts (read back from the labels where None)."""
+        facts = facts_of(labels) if facts is None else facts  # once for the policy's forward and the reference's
+        reference = self.reference(engine, input_ids, attention_mask, labels, rows, facts)
+        policy = self.logps_fn(engine, input_ids, attention_mask, labels, facts)
         n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
         losses, sums = dpo_loss(policy, reference, n_tokens, self.beta, self.loss_type, self.label_smoothing)
         return losses.sum(), sums

@@ -11,8 +11,10 @@ from ds_finetune.data_config import SOURCE_FIELDS, DataConfig
 # that sums token losses or gradients in another order moves the weights at float-noise level, so a
 # checkpoint saved by another is refused as a changed setting would be. A full-logits run
 # (loss_chunk_tokens 0) records none and resumes across such changes. Checkpoints from before this key
-# (chunks recomputed in backward) lack it, so they are refused too.
-CHUNKED_LOSS_IMPLEMENTATION = "fused-linear-ce-v1"
+# (chunks recomputed in backward) lack it, so they are refused too. v2 changed only a bf16/fp16 head's
+# weight gradient (summed in fp32 by addmm on CUDA, no half product per chunk): fp32 runs keep v1, so their
+# checkpoints still resume.
+CHUNKED_LOSS_IMPLEMENTATION = {"fp32": "fused-linear-ce-v1", "bf16": "fused-linear-ce-v2", "fp16": "fused-linear-ce-v2"}
 
 
 def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
@@ -31,7 +33,8 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             "train.seed": cfg.train.seed,
             "train.global_batch": global_batch,
             "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,  # changes the summation order
-            **({"train.loss_implementation": CHUNKED_LOSS_IMPLEMENTATION} if cfg.train.loss_chunk_tokens else {}),
+            **({"train.loss_implementation": CHUNKED_LOSS_IMPLEMENTATION[cfg.model.dtype]}
+               if cfg.train.loss_chunk_tokens else {}),
             # Tiles sum the MLP's weight gradients in another order; only when on, so older checkpoints match.
             **({"train.tiled_mlp": True} if cfg.train.tiled_mlp else {}),
             "eval.fraction": cfg.eval.fraction,  # which rows are trained on

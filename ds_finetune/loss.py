@@ -14,7 +14,8 @@ own forward replaced by the fused loss for that one call), so under ZeRO-3 DeepS
 weight (tied embeddings included) and release it as for any layer.
 
 A change here that sums the token losses or their gradients in another order changes a run's weights at
-float-noise level: give it a new `fingerprint.CHUNKED_LOSS_IMPLEMENTATION`, so resuming across it is refused.
+float-noise level: give it a new `fingerprint.CHUNKED_LOSS_IMPLEMENTATION` (for the dtypes it changes), so
+resuming across it is refused.
 """
 
 from __future__ import annotations
@@ -22,36 +23,44 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ds_finetune.data import IGNORE_INDEX
+from ds_finetune.data import IGNORE_INDEX, HostFacts
+from ds_finetune.device_batch import facts_of, flash_varlen_kwargs, host_to_device
 from ds_finetune.errors import UserError
 
 
-def model_inputs(input_ids, attention_mask, position_ids=None) -> dict:
+def model_inputs(input_ids, attention_mask, position_ids=None, facts: HostFacts | None = None) -> dict:
     """The model's keyword arguments for a micro-batch. With `position_ids` (isolated packing) there is no
     2-D mask and no KV cache: only then does transformers read pack boundaries from the positions and build
-    a block-diagonal mask (masking_utils._preprocess_mask_arguments); with a cache it would not."""
+    a block-diagonal mask (masking_utils._preprocess_mask_arguments); with a cache it would not. With the
+    batch's `facts`, also flash attention's boundaries (`flash_varlen_kwargs`)."""
     if position_ids is None:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
-    return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids, "use_cache": False}
+    inputs = {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids, "use_cache": False}
+    if facts is not None and facts.segments is not None:
+        inputs.update(flash_varlen_kwargs(facts, input_ids.device))
+    return inputs
 
 
-def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0,
+def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None, facts=None, grad_scale=1.0,
                   shifted=False, token_losses=None) -> torch.Tensor:
     """The summed token loss. `shifted`: labels[:, t] is already the target of position t (a
     sequence-parallel slice, whose last position's target is the next slice's first token); else it is the
-    token at t, the target of t - 1. With `token_losses` (a buffer of one float per target token, in
-    row-major order) each target token's loss is written there too, apart from the sum (which stays as it was)."""
-    logits = engine(**model_inputs(input_ids, attention_mask, position_ids)).logits
+    token at t, the target of t - 1. `facts`: the batch's data.HostFacts (read back from the labels where
+    None). With `token_losses` (a buffer of one float per target token, in row-major order) each target
+    token's loss is written there too, apart from the sum (which stays as it was)."""
+    logits = engine(**model_inputs(input_ids, attention_mask, position_ids, facts)).logits
     if not shifted:
         logits, labels = logits[:, :-1], labels[:, 1:]
     flat, targets = logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1)
     if token_losses is not None:
+        facts = facts_of(labels, shifted=True) if facts is None else facts
+        where = host_to_device(facts.target_positions(labels.size(1)), flat.device)  # no boolean mask: no sync
         with torch.no_grad():
-            token_losses.copy_(F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="none")
-                               [targets != IGNORE_INDEX])
+            token_losses.copy_(F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="none")[where])
     return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -68,7 +77,7 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
     temporaries, say) costs more in page faults on CPU than the arithmetic. The gradient goes back to the
     head's dtype (as the full path's `.float()` backward does) for the two matmuls: grad_hidden = g @ W and
     grad_W += g.T @ h. grad_W and grad_bias sum over chunks in fp32, so a bf16 head does not round once per
-    chunk (the full path sums all rows inside one matmul).
+    chunk (the full path sums all rows inside one matmul; `_add_weight_grad`).
 
     An fp16 head: fp16 flushes values below ~6e-8 to zero, so backward's incoming gradient (the loss scale
     times train_step's normalisation) must multiply the softmax before the cast, as it does in the full
@@ -109,16 +118,44 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
         if grad_hidden:
             torch.mm(g, weight, out=g_hidden[start:start + chunk_tokens])
         if grad_weight:
-            if fp32_head:
-                g_weight.addmm_(g.t(), h)
-            else:  # a bf16 product per chunk, summed in fp32
-                g_weight += g.t() @ h
+            _add_weight_grad(g_weight, g, h)
             if g_bias is not None:
                 g_bias += g.sum(0, dtype=torch.float32)
     if g_weight is not None and not fp16_head:
         g_weight = g_weight.to(weight.dtype)
         g_bias = None if g_bias is None else g_bias.to(bias.dtype)
     return total, g_hidden, g_weight, g_bias
+
+
+def _add_weight_grad(g_weight, g, h) -> None:
+    """g_weight (fp32) += g.T @ h. An fp32 head: one addmm in place. A bf16 or fp16 head where the device
+    has it (CUDA, torch >= 2.9): one addmm that multiplies in the head's dtype and accumulates straight into
+    the fp32 buffer; `g.T @ h` would first write a vocab x hidden product in the head's dtype per chunk and
+    read it back to add it (~170 GB of memory traffic a micro-step for Llama-3-8B at 8k targets). Elsewhere
+    (the CPU) that product, summed in fp32."""
+    if g.dtype == torch.float32:
+        g_weight.addmm_(g.t(), h)
+    elif _accumulates_in_fp32(g.device, g.dtype):
+        torch.addmm(g_weight, g.t(), h, out_dtype=torch.float32, out=g_weight)
+    else:
+        g_weight += g.t() @ h
+
+
+_fp32_addmm: dict = {}  # (device type, dtype) -> whether addmm takes an fp32 sum of half inputs there
+
+
+def _accumulates_in_fp32(device, dtype) -> bool:
+    """addmm(fp32, half, half, out_dtype=fp32) runs on this kind of device (CUDA from torch 2.9; the CPU
+    and older torch refuse it). Tried once a process on a 2 x 2 product."""
+    key = (device.type, dtype)
+    if key not in _fp32_addmm:
+        a = torch.zeros((2, 2), dtype=dtype, device=device)
+        try:
+            torch.addmm(torch.zeros((2, 2), device=device), a, a, out_dtype=torch.float32)
+            _fp32_addmm[key] = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _fp32_addmm[key] = False
+    return _fp32_addmm[key]
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -149,11 +186,18 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("FusedLinearCrossEntropy: backward through the same graph twice is not supported")
         ctx.used = True
-        # A Python number: bf16 gradients are scaled in fp32 arithmetic, the scale itself not rounded to
-        # bf16 (it is ~1/targets: rounding it would bias every gradient of the step alike).
-        scale = float(grad_output) / ctx.pre_scale
+        scale = _fp32_scale(grad_output, ctx.pre_scale)
         grads = [None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return grads[0], grads[1], grads[2], None, None, None, None
+
+
+def _fp32_scale(grad_output, pre_scale: float) -> torch.Tensor:
+    """grad_output / pre_scale as a one-element fp32 tensor on the device: read as a Python number it would
+    wait for the device. bf16 gradients are then scaled in fp32 arithmetic, the scale not rounded to bf16
+    (it is ~1/targets: rounding it would bias every gradient of the step alike). One element, not zero
+    dimensions: a 0-dim tensor takes no part in type promotion, so on CUDA bf16 x 0-dim fp32 would round the
+    scale to bf16 first. The division in float64, as Python's was: the same fp32 scale as before."""
+    return (grad_output.double() / pre_scale).float().reshape(1)
 
 
 def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens: int, grad_scale: float = 1.0,
@@ -209,14 +253,16 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, counts, chunk_tokens):
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.counts, ctx.chunk_tokens = counts, chunk_tokens
+        # The counts are the host's: on the device at once (no wait), for backward's repeat_interleave
+        ctx.repeats, ctx.chunk_tokens = host_to_device(np.asarray(counts, dtype=np.int64), hidden.device), chunk_tokens
         return _segment_sums(_token_logps(hidden, weight, bias, targets, chunk_tokens), counts)
 
     @staticmethod
     def backward(ctx, grad_output):
         hidden, weight, bias, targets = ctx.saved_tensors
         chunk, n = ctx.chunk_tokens, targets.numel()
-        w = torch.repeat_interleave(grad_output.float(), torch.as_tensor(ctx.counts, device=grad_output.device))
+        # output_size: else repeat_interleave reads the sum of the repeats back from the device
+        w = torch.repeat_interleave(grad_output.float(), ctx.repeats, output_size=n)
         g_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
@@ -234,10 +280,7 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
             if g_hidden is not None:
                 torch.mm(g, weight, out=g_hidden[start:start + chunk])
             if g_weight is not None:
-                if weight.dtype == torch.float32:
-                    g_weight.addmm_(g.t(), h)
-                else:  # a bf16 product per chunk, summed in fp32 (as _chunked_ce)
-                    g_weight += g.t() @ h
+                _add_weight_grad(g_weight, g, h)
             if g_bias is not None:
                 g_bias += g.sum(0, dtype=torch.float32)
         return (g_hidden, None if g_weight is None else g_weight.to(weight.dtype),
@@ -253,8 +296,8 @@ def fused_sequence_logps(hidden, weight, bias, targets, counts: list[int], chunk
     return FusedLinearSequenceLogps.apply(hidden, weight, bias, targets, counts, chunk_tokens)
 
 
-def full_sequence_logps(engine, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Per-sequence summed log-probs from the full logits (train.loss_chunk_tokens: 0)."""
+def full_sequence_logps(engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
+    """Per-sequence summed log-probs from the full logits (train.loss_chunk_tokens: 0); `facts` unused."""
     logits = engine(**model_inputs(input_ids, attention_mask)).logits[:, :-1].float()
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -300,21 +343,19 @@ class ChunkedLoss:
                 raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} transforms its "
                                 f"logits ({key}), which the chunked loss does not; set train.loss_chunk_tokens=0")
         self.labels, self.result, self.grad_scale, self.shifted, self.token_losses = None, None, 1.0, False, None
-        self.per_sequence = False
+        self.per_sequence, self.where, self.counts = False, None, None
         model.base_model.register_forward_hook(self._after_base_model)
 
     def _after_base_model(self, module, args, output):
         if self.labels is None:
             return
         hidden = output.last_hidden_state
-        targets = self.labels if self.shifted else self.labels[:, 1:]
-        if not self.shifted:
-            hidden = hidden[:, :-1]
-        keep = targets != IGNORE_INDEX
-        hidden = hidden[keep]  # non-target positions never reach the head
-        targets = targets[keep]
+        # Only target positions reach the head, picked by the host's indices (a boolean mask would read
+        # its count back from the device). Position t's target is labels[t], or labels[t + 1] unshifted.
+        hidden = hidden.reshape(-1, hidden.size(-1))[self.where]
+        targets = self.labels.reshape(-1)[self.where if self.shifted else self.where + 1]
         head, chunk, grad_scale, token_losses = self.head, self.chunk_tokens, self.grad_scale, self.token_losses
-        counts = keep.sum(1).tolist() if self.per_sequence else None
+        counts = self.counts
 
         def loss_of(h):  # runs as the head's forward: its weight is gathered here under ZeRO-3
             if counts is not None:
@@ -324,38 +365,38 @@ class ChunkedLoss:
         with _forward_replaced(head, loss_of):
             self.result = head(hidden)
 
-    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0,
+    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, facts=None, grad_scale=1.0,
                  shifted=False, token_losses=None) -> torch.Tensor:
-        """`shifted`, `token_losses`: as for `full_loss_sum`."""
+        """`facts`, `shifted`, `token_losses`: as for `full_loss_sum`."""
+        facts = facts_of(labels, shifted) if facts is None else facts  # no segments: transformers finds them
         self.labels, self.grad_scale, self.shifted, self.token_losses = labels, grad_scale, shifted, token_losses
+        self.where = host_to_device(facts.target_positions(), input_ids.device)
+        self.counts = facts.row_targets() if self.per_sequence else None
         try:
-            engine(**model_inputs(input_ids, attention_mask, position_ids),
+            engine(**model_inputs(input_ids, attention_mask, position_ids, facts),
                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
             return self.result
         finally:
-            self.labels, self.result, self.token_losses = None, None, None
+            self.labels, self.result, self.token_losses, self.where, self.counts = None, None, None, None, None
 
-    def sequence_logps(self, engine, input_ids, attention_mask, labels) -> torch.Tensor:
+    def sequence_logps(self, engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
         """Per-sequence summed log-probs of the targets (every sequence must have at least one)."""
         self.per_sequence = True
         try:
-            return self(engine, input_ids, attention_mask, labels)
+            return self(engine, input_ids, attention_mask, labels, facts=facts)
         finally:
             self.per_sequence = False
 
 
 def make_sequence_logps_fn(model, chunk_tokens: int):
-    """(engine, input_ids, attention_mask, labels) -> summed target log-probs of each sequence."""
+    """(engine, input_ids, attention_mask, labels, facts=None) -> summed target log-probs of each sequence."""
     return full_sequence_logps if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens).sequence_logps
 
 
 def make_loss_fn(model, chunk_tokens: int):
-    """(engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0, shifted=False,
-    token_losses=None) -> summed token loss of the micro-batch; `grad_scale` is the gradient backward will
+    """(engine, input_ids, attention_mask, labels, position_ids=None, facts=None, grad_scale=1.0, shifted=False,
+    token_losses=None) -> summed token loss of the micro-batch; `facts`: the batch's HostFacts (read back from
+    the labels where None); `grad_scale` is the gradient backward will
     bring to that sum (see `train_step`); `shifted`: the labels are already aligned with the positions they
     are targets of; `token_losses`, a buffer of one float per target token, receives each one's loss."""
     return full_loss_sum if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens)
-
-
-def to_device(tensors, device) -> list:
-    return [None if t is None else t.to(device) for t in tensors]

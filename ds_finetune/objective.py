@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate, unit_targets
+from ds_finetune.device_batch import facts_of, host_to_device, to_device
 from ds_finetune.ds_internals import gradient_averaging_ranks, loss_scale
 from ds_finetune.faults import fault_point
-from ds_finetune.loss import to_device
 from ds_finetune.sampler import BatchLayout
 
 
@@ -50,7 +50,7 @@ class SFT:
     """Next-token loss on each unit's target tokens, normalised by the global batch's target count."""
     data: TokenizedData
     layout: BatchLayout
-    loss_fn: Callable        # (engine, input_ids, attention_mask, labels, position_ids, grad_scale=) -> summed loss
+    loss_fn: Callable        # (engine, input_ids, attention_mask, labels, position_ids, facts, grad_scale=) -> loss
     pad_id: int              # any id works: padding is masked out of attention and loss
     isolate: bool            # data.packing: isolated (each row of a pack attends to itself only)
     rank: int                # this process (fault points name it)
@@ -88,15 +88,15 @@ class SFT:
 
     @staticmethod
     def _token_buffer(batch, device) -> torch.Tensor:
-        return torch.empty(int((batch.labels[:, 1:] != IGNORE_INDEX).sum()), dtype=torch.float32, device=device)
+        return torch.empty(int(batch.facts.targets.sum()), dtype=torch.float32, device=device)
 
     def _source_sums(self, mine, micro_batches, token_losses, device) -> list:
         """This rank's summed token losses per source: each target token's loss (row-major, as the loss
         functions write them) added to its sequence's source."""
         sums = torch.zeros(len(self.sources), dtype=torch.float64, device=device)
         for units, batch, losses in zip(mine, micro_batches, token_losses):
-            sequence_of_token = (batch.labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0].numpy()
-            source = torch.from_numpy(self._unit_sources(units)[sequence_of_token]).to(device)
+            sequence_of_token = np.nonzero(batch.facts.targets)[0]
+            source = host_to_device(self._unit_sources(units)[sequence_of_token], device)
             sums.index_add_(0, source, losses.double())
         return list(sums)
 
@@ -107,6 +107,7 @@ class SFT:
         batch = collate(data, units, self.pad_id)  # one row a unit: never packed
         if not counted:
             batch.labels.fill_(IGNORE_INDEX)
+            batch = batch._replace(facts=facts_of(batch.labels))  # host labels: no target left
         loss_sum = self.loss_fn(engine, *to_device(batch, engine.device)).double()  # stays on the device
         return loss_sum, int((batch.labels[:, 1:] != IGNORE_INDEX).sum()), {}  # host labels: no device sync
 
@@ -128,7 +129,7 @@ def train_step(engine, loss_fn, micro_batches: list, global_targets: int, grad_a
     expected_grad = scale * loss_scale(engine) / grad_accum
     local_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per micro-step
     extra_sum = None
-    for i, batch in enumerate(micro_batches):  # data.Batch: input_ids, attention_mask, labels, position_ids
+    for i, batch in enumerate(micro_batches):  # data.Batch: input_ids, attention_mask, labels, position_ids, facts
         per_token = {} if token_losses is None else {"token_losses": token_losses[i]}
         loss_sum = loss_fn(engine, *to_device(batch, engine.device), grad_scale=expected_grad, **per_token)
         if isinstance(loss_sum, tuple):

@@ -31,12 +31,13 @@ import numpy as np
 import torch
 
 from ds_finetune import lora
+from ds_finetune.device_batch import to_device
 from ds_finetune.dist import barrier, capture_rng, decide, restore_rng, seed_everything
 from ds_finetune.dpo import DPO, AdaptersOff, DPOLoss, FrozenModel, Precomputed, collate_pairs
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
 from ds_finetune.files import fsync_dir
-from ds_finetune.loss import make_sequence_logps_fn, to_device
+from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.model import build_model
 
 REFERENCE_VERSION = 1  # bump when the stored values would change
@@ -139,9 +140,10 @@ def _compute(engine, logps_fn, data, block: int, pad_id: int, rank: int, world: 
                 pairs = np.arange(b * block, min(n_pairs, (b + 1) * block)) if b < n_blocks else np.arange(1)
                 units = np.stack([2 * pairs, 2 * pairs + 1], axis=1)
                 batch = collate_pairs(data, units, pad_id)
-                values = logps_fn(engine, *to_device(batch[:3], engine.device)).float().cpu().numpy()
+                inputs = to_device(batch[:3], engine.device)
+                values = logps_fn(engine, *inputs, batch.facts).float().cpu().numpy()
                 if b < n_blocks:  # else a forward only to keep ZeRO-3's gathers in step
-                    _write_block(partial / f"block-{b:08d}.npy", batch.rows.numpy(), values)
+                    _write_block(partial / f"block-{b:08d}.npy", batch.rows, values)
                 fault_point("mid_reference", rank, r + 1)
     finally:
         module.train()

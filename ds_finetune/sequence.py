@@ -28,6 +28,7 @@ import torch
 
 from ds_finetune.data import IGNORE_INDEX
 from ds_finetune.data.packing import Batch
+from ds_finetune.device_batch import facts_of
 from ds_finetune.errors import UserError
 from ds_finetune.lora import hf_model
 
@@ -62,12 +63,15 @@ def layout_line(sp: int, world: int, max_length: int) -> str:
 def shard(batch: Batch, rank: int, size: int, pad_id: int) -> Batch:
     """This rank's slice of the length of every sequence of `batch` (a collated micro-batch).
 
-    Returns (input_ids, None, labels, position_ids), each [rows, width / size], where `labels` are already
-    shifted: labels[:, t] is the target of position t (the token at t + 1, or IGNORE_INDEX). The width is
-    padded to a multiple of `size` with pad tokens that are no target. Positions are global: 0.. per row,
-    or the batch's own (isolated packing restarts them at every packed row). No attention mask: rows are
-    right-padded, so under causal attention no real token sees a pad."""
-    input_ids, _, labels, position_ids = batch
+    Returns (input_ids, None, labels, position_ids, facts), each tensor [rows, width / size], where `labels`
+    are already shifted: labels[:, t] is the target of position t (the token at t + 1, or IGNORE_INDEX). The
+    width is padded to a multiple of `size` with pad tokens that are no target. Positions are global: 0..
+    per row, or the batch's own (isolated packing restarts them at every packed row). No attention mask:
+    rows are right-padded, so under causal attention no real token sees a pad. `facts` (HostFacts.shard):
+    the slice's target positions and the gathered rows' segments, from the batch's own or read back from
+    its labels where it has none."""
+    input_ids, _, labels, position_ids, facts = batch
+    facts = (facts_of(labels, position_ids=position_ids) if facts is None else facts).shard(rank, size)
     rows, width = input_ids.shape
     padded = -(-width // size) * size
     if position_ids is None:
@@ -82,7 +86,7 @@ def shard(batch: Batch, rank: int, size: int, pad_id: int) -> Batch:
     n = padded // size
     part = slice(rank * n, (rank + 1) * n)
     return Batch(input_ids[:, part].contiguous(), None, shifted[:, part].contiguous(),
-                 position_ids[:, part].contiguous())
+                 position_ids[:, part].contiguous(), facts)
 
 
 class ShardedLoss:
@@ -93,13 +97,13 @@ class ShardedLoss:
     def __init__(self, inner, group: SequenceGroup, ulysses, pad_id: int):
         self.inner, self.group, self.ulysses, self.pad_id = inner, group, ulysses, pad_id
 
-    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, grad_scale=1.0):
-        part = shard(Batch(input_ids, attention_mask, labels, position_ids), self.group.rank, self.group.size,
-                     self.pad_id)
+    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, facts=None, grad_scale=1.0):
+        part = shard(Batch(input_ids, attention_mask, labels, position_ids, facts), self.group.rank,
+                     self.group.size, self.pad_id)
         from ds_finetune.ds_internals import set_ulysses_batch_size  # DeepSpeed: see `attach`
         set_ulysses_batch_size(self.ulysses, input_ids.shape[0])  # an eval batch may hold fewer rows
-        return self.inner(engine, part.input_ids, None, part.labels, part.position_ids, grad_scale=grad_scale,
-                          shifted=True)
+        return self.inner(engine, part.input_ids, None, part.labels, part.position_ids, part.facts,
+                          grad_scale=grad_scale, shifted=True)
 
 
 # ---------------------------------------------------------------------------------------------- engine

@@ -6,8 +6,8 @@ for one tile at a time, and only the MLP's input is kept for backward, which rec
 The tiles follow ALST: ceil(tokens / hidden_size) of them, so a tile's intermediate is about the size of the
 layer's hidden states. Under ZeRO-3 each tile gathers the MLP's weights, so every rank must run the same
 number of tiles: the ranks agree on the longest input, and a shorter one is padded with zero rows. They
-agree once a forward of the model (one all-reduce and host sync, not one in every layer's forward and in its
-recompute under gradient checkpointing).
+agree once a forward of the model (not in every layer's forward and in its recompute under gradient
+checkpointing), on the host (`dist.max_over_ranks`: a gloo all-reduce, so no wait for the GPU).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import types
 
 import torch
 
-from ds_finetune.dist import max_over_ranks
+from ds_finetune.dist import host_group, max_over_ranks
 from ds_finetune.errors import UserError
 
 
@@ -31,6 +31,7 @@ def apply_tiled_mlp(model) -> int:
         raise UserError(f"config error: train.tiled_mlp needs a dense MLP (a *MLP module) in every decoder layer; "
                         f"{type(model).__name__} has {', '.join(kinds)}; set train.tiled_mlp: false")
     agreed = {}  # the longest input of any rank in the model's current forward
+    host_group()  # created now, where every rank builds the model, not in a forward hook
 
     def agree_on_length(module, args, kwargs):  # input_ids [batch, tokens] or inputs_embeds [batch, tokens, h]
         inputs = kwargs.get("input_ids", args[0] if args else None)

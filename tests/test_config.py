@@ -325,6 +325,10 @@ def test_a_chunked_checkpoint_from_another_loss_implementation_is_reported():
     full = fingerprint(["train.loss_chunk_tokens=0"])
     assert "train.loss_implementation" not in full["exact"]
     assert changed_exact_keys(full, fingerprint(["train.loss_chunk_tokens=0"])) == []
+    # v2 changed only half heads' weight gradients (fp32 accumulation on CUDA): an fp32 run's checkpoint
+    # from v1 still resumes, a bf16 one does not
+    assert fingerprint()["exact"]["train.loss_implementation"] == "fused-linear-ce-v1"
+    assert fingerprint(["model.dtype=bf16"])["exact"]["train.loss_implementation"] == "fused-linear-ce-v2"
 
 
 def test_moving_the_same_data_elsewhere_is_not_reported():

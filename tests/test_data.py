@@ -268,8 +268,10 @@ def test_without_packing_each_unit_is_one_row(tiny):
 def test_collate_pads_right_with_the_pad_id_and_masks_labels(tiny, pad_id):
     d = tiny["prompt_completion"]
     units = [np.array([3]), np.array([10, 11]), np.array([7])]
-    input_ids, attention, labels, positions = collate(d, units, pad_id)
-    assert positions is None  # not isolated: the model numbers positions itself
+    input_ids, attention, labels, positions, facts = collate(d, units, pad_id)
+    assert positions is None and facts.segments is None  # not isolated: the model numbers positions itself
+    # what the host knows: the positions whose next token is a target (none at the last position)
+    assert (facts.targets[:, :-1] == (labels[:, 1:] != IGNORE_INDEX).numpy()).all() and not facts.targets[:, -1].any()
     rows = [[d.row(int(i)) for i in u] for u in units]
     seqs = [(np.concatenate([r[0] for r in rs]), np.concatenate([r[1] for r in rs])) for rs in rows]
     width = max(len(s[0]) for s in seqs)
@@ -291,9 +293,9 @@ def test_unit_targets_counts_the_shifted_labels(fmt, packing, tiny):
     units = plan_units(d, epoch_permutation(d.num_rows, 1, 0), packing, 128)
     for start in range(0, 64, 8):
         batch = units[start:start + 8]
-        input_ids, attention, labels, _ = collate(d, batch, 2)
+        input_ids, attention, labels, _, facts = collate(d, batch, 2)
         assert (labels[:, 0] == IGNORE_INDEX).all()
-        assert unit_targets(d, batch) == int((labels[:, 1:] != IGNORE_INDEX).sum()) > 0
+        assert unit_targets(d, batch) == int((labels[:, 1:] != IGNORE_INDEX).sum()) == int(facts.targets.sum()) > 0
         assert unit_tokens(d, batch) == int(attention.sum())
     # A batch split in two counts the same targets as the whole.
     assert unit_targets(d, units[:8]) == unit_targets(d, units[:3]) + unit_targets(d, units[3:8])

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 import harness
 from ds_finetune.config import load_config
 from ds_finetune.data import IGNORE_INDEX, EpochOrder, load_tokenizer, prepare_data
-from ds_finetune.dpo import METRICS, AdaptersOff, DPOLoss, dpo_loss
+from ds_finetune.dpo import METRICS, AdaptersOff, DPOLoss, Precomputed, collate_pairs, dpo_loss
 from ds_finetune.errors import UserError
 from ds_finetune.loss import ChunkedLoss, full_sequence_logps, fused_sequence_logps
+from host_syncs import recording_host_syncs
 from test_loss import tiny_model
 
 PAIRS = harness.ROOT / "data" / "tiny" / "preference.jsonl"
@@ -200,6 +201,28 @@ def test_full_logits_path_gives_the_chunked_log_probs():
     chunked = ChunkedLoss(model, 7).sequence_logps(model, input_ids, attention_mask, labels)
     full = full_sequence_logps(model, input_ids, attention_mask, labels)
     assert torch.allclose(chunked, full, atol=1e-4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "adapters off"])
+def test_a_dpo_step_reads_nothing_back_from_the_device(tmp_path, reference):
+    """Forward and backward of DPOLoss on collated pairs, the reference read by row on the host or taken
+    from the model with its adapters off: no value of a tensor is read back (tests/host_syncs.py)."""
+    cfg = config(tmp_path)
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer))
+    batch = collate_pairs(data, EpochOrder(data, 1, False, 128, pairs=True).units(0)[:3], 2)
+    model = tiny_model("model.config.attention_dropout=0.0")
+    if reference == "precomputed":
+        ref_fn, logps_fn = Precomputed(np.linspace(-9, -1, data.num_rows)), ChunkedLoss(model, 5).sequence_logps
+    else:
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        logps_fn = ChunkedLoss(model.get_base_model(), 5).sequence_logps
+        ref_fn = AdaptersOff(logps_fn)
+    with recording_host_syncs() as syncs:
+        loss_sum, sums = DPOLoss(logps_fn, ref_fn, 0.1, "sigmoid", 0.0)(Engine(model), *batch, grad_scale=0.5)
+        (loss_sum * 0.5).backward()
+    assert syncs.by("ds_finetune/") + syncs.by("elsewhere") == []
+    assert loss_sum.item() > 0 and any(p.grad is not None for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------ real runs

@@ -1,6 +1,7 @@
 """What a GPU run needs that the CPU twin does not show by itself, checked in process: every collective's
-tensors on the accelerator's current device (NCCL serves CUDA tensors only), the device a rank drives
-under SLURM's one-GPU-per-task binding, deterministic CUDA kernels, the RNG of the accelerator in use."""
+tensors on the accelerator's current device (NCCL serves CUDA tensors only) but the one number agreed on the
+host (a gloo group), the device a rank drives under SLURM's one-GPU-per-task binding, deterministic CUDA
+kernels, the RNG of the accelerator in use."""
 import os
 import re
 from pathlib import Path
@@ -45,6 +46,27 @@ def test_sum_over_ranks_builds_its_tensor_on_the_accelerators_current_device(mon
 def test_sum_over_ranks_on_one_rank(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: t.mul_(2))  # two equal ranks
     assert dist.sum_over_ranks([torch.tensor(1.5, dtype=torch.float64), 3, False]) == [3.0, 6.0, 0.0]
+
+
+@pytest.mark.parametrize("backend, group", [("nccl", "gloo group"), ("gloo", None)])
+def test_max_over_ranks_agrees_on_the_host_in_a_gloo_group(monkeypatch, backend, group):
+    """The tiled MLP's tile count is wanted as a Python number: agreed on a CPU tensor in a gloo group
+    (created once; a CPU run's default group is one already), never on the accelerator, whose result the
+    host could only read back by waiting for the GPU."""
+    created, seen = [], []
+
+    def all_reduce(t, op=None, group=None):
+        seen.append((t.device, group))
+        t.add_(3)  # another rank's value was 3 longer
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.distributed, "new_group", lambda **kw: created.append(kw) or "gloo group")
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "_host_group", [])
+    assert dist.max_over_ranks(40) == 43 and dist.max_over_ranks(7) == 10
+    assert seen == [(torch.device("cpu"), group)] * 2
+    assert created == ([{"backend": "gloo"}] if group else [])
 
 
 @pytest.mark.parametrize("local_rank, visible, index", [(0, 8, 0), (5, 8, 5), (3, 1, 0)])

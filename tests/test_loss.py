@@ -1,7 +1,9 @@
 """The fused linear cross-entropy of the chunked loss, in process: its loss and gradients (hidden, weight,
 bias) against `F.cross_entropy(hidden @ W.T + b)` with autograd, and the chunked loss of a tiny model
 against the full-logits path (tied and untied embeddings, gradient checkpointing). ZeRO 0-3 is
-covered by the one-step comparison in test_training.py."""
+covered by the one-step comparison in test_training.py. A step of the fused loss reads no value back from
+the device (tests/host_syncs.py), and a bf16 head's weight gradient is summed in fp32 without a bf16 product
+where the device can."""
 from __future__ import annotations
 
 import pytest
@@ -10,11 +12,13 @@ import torch.nn.functional as F
 
 import harness
 from ds_finetune.config import load_config
-from ds_finetune.data import IGNORE_INDEX
+from ds_finetune.data import IGNORE_INDEX, HostFacts
 from ds_finetune.errors import UserError
-from ds_finetune.loss import ChunkedLoss, FusedLinearCrossEntropy, full_loss_sum, fused_linear_cross_entropy
+from ds_finetune.loss import (ChunkedLoss, FusedLinearCrossEntropy, _accumulates_in_fp32, _add_weight_grad, _chunked_ce,
+                              full_loss_sum, fused_linear_cross_entropy)
 from ds_finetune.model import build_model
 from ds_finetune.zero import zero_config_for_run
+from host_syncs import recording_host_syncs
 
 
 def inputs(n=50, hidden=16, vocab=97, bias=True, dtype=torch.float32, seed=0):
@@ -199,3 +203,92 @@ def test_fp16_head_without_the_scale_loses_the_small_terms():
     got, _ = fp16_grads(lambda h, w, t, g: fused_linear_cross_entropy(h, w, None, t, 16))  # no expected grad
     full, _ = fp16_grads(full_path)
     assert flushed(got) > flushed(full) + 0.1
+
+
+# ------------------------------------------------------------------------------------- host syncs
+
+def test_the_sync_recorder_sees_what_waits_for_the_device():
+    """What the tests below count: every read of a value (item, float, tolist, cpu), a boolean mask and a
+    repeat_interleave that must count their output; not integer indexing, nor repeats given their total."""
+    x, mask, repeats = torch.arange(6.0), torch.tensor([True, False] * 3), torch.tensor([1, 2, 3, 0, 0, 0])
+    with recording_host_syncs() as syncs:
+        x.sum().item(), float(x[0]), x.tolist(), x.cpu(), x[mask], torch.repeat_interleave(x, repeats)
+    assert [what for what, _ in syncs.found] == [
+        "aten._local_scalar_dense.default", "aten._local_scalar_dense.default", "Tensor.tolist", "Tensor.cpu",
+        "aten.index.Tensor", "aten.repeat_interleave.Tensor"]
+    assert all(where == "elsewhere" for _, where in syncs.found)  # this file is neither ours nor a library
+    with recording_host_syncs() as syncs:
+        x[torch.tensor([0, 2])], torch.repeat_interleave(x, repeats, output_size=6), x * 2
+    assert syncs.found == []
+
+
+def our_syncs(syncs) -> list:
+    """Syncs in our code, or in a backward kernel of ours (no Python frame: 'elsewhere'); transformers' own
+    (its sdpa mask reads the padding mask once a forward) are not ours to remove."""
+    return syncs.by("ds_finetune/") + syncs.by("elsewhere")
+
+
+@pytest.mark.parametrize("overrides", [[], ["train.gradient_checkpointing=true"]])
+def test_a_chunked_loss_step_reads_nothing_back_from_the_device(overrides):
+    """Forward and backward of the fused loss on a collated batch (its HostFacts built on the host): no
+    value of a tensor is read back (on CUDA each would wait for every kernel queued before it)."""
+    model = tiny_model("model.config.attention_dropout=0.0", *overrides)
+    input_ids, attention_mask, labels = batch()
+    facts = HostFacts.of_labels(labels.numpy())
+    token_losses = torch.empty(int(facts.targets.sum()))
+    chunked = ChunkedLoss(model, 7)
+    with recording_host_syncs() as syncs:
+        loss = chunked(model, input_ids, attention_mask, labels, None, facts, grad_scale=0.01,
+                       token_losses=token_losses)
+        (loss * 0.01).backward()
+    assert our_syncs(syncs) == []
+    model.zero_grad()
+    with recording_host_syncs() as syncs:  # the same step from tensors alone reads the facts back: seen
+        (chunked(model, input_ids, attention_mask, labels) * 0.01).backward()
+    assert our_syncs(syncs)
+
+
+def test_the_full_logits_path_takes_per_token_losses_without_a_mask():
+    model = tiny_model("model.config.attention_dropout=0.0")
+    input_ids, attention_mask, labels = batch()
+    facts = HostFacts.of_labels(labels.numpy())
+    token_losses, chunked_losses = torch.empty(int(facts.targets.sum())), torch.empty(int(facts.targets.sum()))
+    with recording_host_syncs() as syncs:
+        total = full_loss_sum(model, input_ids, attention_mask, labels, None, facts, token_losses=token_losses)
+    assert our_syncs(syncs) == []
+    ChunkedLoss(model, 7)(model, input_ids, attention_mask, labels, None, facts, token_losses=chunked_losses)
+    assert float(token_losses.sum()) == pytest.approx(float(total.detach()), rel=1e-6)
+    torch.testing.assert_close(token_losses, chunked_losses, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, pre_scale", [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.float16, 3e4)])
+def test_backward_scales_by_the_incoming_gradient_as_the_python_number_did(dtype, pre_scale):
+    """The incoming gradient stays on the device; the gradients equal those scaled by it read as a Python
+    number (the float64 division, then fp32 arithmetic): bitwise."""
+    h, w, b, t = inputs(dtype=dtype, bias=False)
+    grad = torch.tensor(0.3719, dtype=torch.float32)
+    FusedLinearCrossEntropy.apply(h, w, b, t, 7, pre_scale).backward(grad)
+    _, g_hidden, g_weight, _ = _chunked_ce(h.detach(), w.detach(), None, t, 7, True, True, pre_scale)
+    scale = float(grad) / (pre_scale if dtype == torch.float16 else 1.0)
+    assert torch.equal(h.grad, g_hidden.mul_(scale).to(dtype)) and torch.equal(w.grad, g_weight.mul_(scale).to(dtype))
+
+
+def test_a_half_heads_weight_gradient_accumulates_in_fp32_where_the_device_has_it(monkeypatch):
+    """Where addmm takes half inputs into an fp32 sum (CUDA; the meta device shows the call) the weight's
+    gradient is one addmm into the fp32 buffer; on the CPU it is the product in the head's dtype added in
+    fp32, and an fp32 head's is addmm_: the same bits as before."""
+    calls = []
+    real_addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(k) or real_addmm(*a, **k))
+    g, h = (torch.randn(5, 9).to(torch.bfloat16) for _ in range(2))
+    acc = torch.randn(9, 9)
+    on_meta = acc.to("meta")
+    _add_weight_grad(on_meta, g.to("meta"), h.to("meta"))
+    assert calls[-1]["out"] is on_meta and calls[-1]["out_dtype"] == torch.float32
+    calls.clear()
+    got = acc.clone()
+    _add_weight_grad(got, g, h)  # the CPU refuses out_dtype: the product in bf16, summed in fp32
+    assert torch.equal(got, acc + g.t() @ h) and not _accumulates_in_fp32(g.device, g.dtype)
+    g32, h32, got = g.float(), h.float(), acc.clone()
+    _add_weight_grad(got, g32, h32)
+    assert torch.equal(got, acc.clone().addmm_(g32.t(), h32))

@@ -52,7 +52,7 @@ def packs_of_several_rows(d, n: int = 3) -> list[np.ndarray]:
 def token_losses(model, batch) -> torch.Tensor:
     """Per-position loss of predicting the next token (0 where the next token is not a target)."""
     with torch.no_grad():
-        logits = model(**model_inputs(batch.input_ids, batch.attention_mask, batch.position_ids)).logits
+        logits = model(**model_inputs(batch.input_ids, batch.attention_mask, batch.position_ids, batch.facts)).logits
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch.labels[:, 1:], ignore_index=IGNORE_INDEX,
                            reduction="none")
 
@@ -108,6 +108,53 @@ def test_isolated_collation_restarts_positions_at_every_row_and_passes_no_mask(c
         assert batch.position_ids[j, :len(expected)].tolist() == expected
         pad = batch.input_ids.shape[1] - len(expected)
         assert batch.position_ids[j, len(expected):].tolist() == list(range(pad))
+
+
+VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def transformers_boundaries(position_ids) -> tuple[list[int], int]:
+    """What transformers' flash attention reads from position ids in every layer when not given them."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    (cu_q, cu_k), (longest_q, longest_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and int(longest_q) == int(longest_k)
+    return cu_q.tolist(), int(longest_q)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_flash_boundaries_built_on_the_host_are_those_transformers_reads_from_the_positions(chat, rows):
+    """The padding is a segment of its own where a row is shorter than the batch; several rows flatten."""
+    batch = collate(chat, packs_of_several_rows(chat, rows), 2, isolate=True)
+    inputs = model_inputs(batch.input_ids, None, batch.position_ids, batch.facts)
+    cu, longest = transformers_boundaries(batch.position_ids)
+    assert inputs["cu_seq_lens_q"] is inputs["cu_seq_lens_k"] and inputs["cu_seq_lens_q"].dtype == torch.int32
+    assert inputs["cu_seq_lens_q"].tolist() == cu and inputs["max_length_q"] == inputs["max_length_k"] == longest
+    assert type(longest) is int and len(cu) > rows + 1  # the packs hold several rows each
+    assert not set(VARLEN) & set(model_inputs(*collate(chat, packs_of_several_rows(chat, rows), 2)[:3]))
+
+
+def test_the_flash_boundaries_reach_every_attention_layer(chat):
+    """Through the model's forward (both loss paths) into the attention function of every layer, which
+    flash attention would take instead of reading the positions; sdpa, eager and flex take and ignore them."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen.append({k: kwargs.get(k) for k in VARLEN})
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("recording_sdpa", recording_sdpa)
+    model = tiny_llama("recording_sdpa")
+    batch = collate(chat, packs_of_several_rows(chat, 1), 2, isolate=True)
+    cu, longest = transformers_boundaries(batch.position_ids)
+    with torch.no_grad():
+        full_loss_sum(model, *batch), ChunkedLoss(model, 16)(model, *batch)
+    assert len(seen) == 2 * model.config.num_hidden_layers
+    for kwargs in seen:
+        assert kwargs["cu_seq_lens_q"].tolist() == kwargs["cu_seq_lens_k"].tolist() == cu
+        assert kwargs["max_length_q"] == kwargs["max_length_k"] == longest
 
 
 # ------------------------------------------------------------------------------------------- settings

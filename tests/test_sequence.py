@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import harness
 from ds_finetune.config import load_config
-from ds_finetune.data import IGNORE_INDEX
+from ds_finetune.data import IGNORE_INDEX, HostFacts
 from ds_finetune.data.packing import Batch
 from ds_finetune.errors import UserError
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
@@ -67,6 +68,28 @@ def test_a_split_keeps_the_batchs_own_positions_and_continues_them_into_the_padd
     batch = batch._replace(position_ids=torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]))
     parts = [shard(batch, r, 2, PAD) for r in range(2)]
     assert torch.cat([p.position_ids for p in parts], 1).tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]]
+    assert parts[0].facts.segments == parts[1].facts.segments == ((3, 3), (2, 4))  # read back: none given
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_slices_host_facts_are_its_targets_and_the_gathered_rows_boundaries(size, isolate):
+    """Each slice's target positions are where its shifted labels have a target; its flash boundaries are
+    those transformers reads from the positions Ulysses gathers (every slice's, side by side)."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    batch = batch_of([13, 7, 16])
+    segments = ((5, 8, 3), (7, 9), (16,)) if isolate else None
+    if isolate:
+        positions = [list(range(n)) for row in segments for n in row]
+        batch = batch._replace(attention_mask=None, position_ids=torch.tensor(
+            [sum(positions[:3], []), sum(positions[3:5], []), positions[5]]))
+    batch = batch._replace(facts=HostFacts.of_labels(batch.labels.numpy(), segments))
+    parts = [shard(batch, r, size, PAD) for r in range(size)]
+    gathered = torch.cat([p.position_ids for p in parts], 1)
+    (cu, _), (longest, _) = prepare_fa_kwargs_from_position_ids(gathered)
+    for p in parts:
+        assert np.array_equal(p.facts.targets, (p.labels != IGNORE_INDEX).numpy())
+        assert p.facts.cu_seq_lens().tolist() == cu.tolist() and p.facts.longest_segment() == int(longest)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +110,9 @@ def test_the_loss_of_shifted_labels_is_the_loss_of_the_batch(tiny_model, chunk):
         usual = loss_fn(tiny_model, *batch)
         part = shard(batch, 0, 1, PAD)
         shifted = loss_fn(tiny_model, part.input_ids, None, part.labels, part.position_ids, shifted=True)
-    assert float(shifted) == pytest.approx(float(usual), rel=1e-6)
+        with_facts = loss_fn(tiny_model, part.input_ids, None, part.labels, part.position_ids, part.facts,
+                             shifted=True)  # the flash boundaries too: sdpa ignores them
+    assert float(shifted) == pytest.approx(float(usual), rel=1e-6) and float(with_facts) == float(shifted)
 
 
 # ------------------------------------------------------------------------------------------ layout

@@ -22,14 +22,14 @@ from pathlib import Path
 from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_cache, cache_path,
                                     ensure_cache, read_cache, read_meta, tokenizer_fingerprint)
 from ds_finetune.data.mixture import MixedData, MixtureOrder
-from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, StepBatch, collate, plan_units, unit_targets,
-                                      unit_tokens)
+from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, HostFacts, StepBatch, collate, plan_units,
+                                      unit_targets, unit_tokens)
 from ds_finetune.data.sources import content_hash, resolve_data_files
 from ds_finetune.errors import UserError
 from ds_finetune.hashing import memo_dir
 
-__all__ = ["DATA_FORMAT_VERSION", "IGNORE_INDEX", "EpochOrder", "MixedData", "MixtureOrder", "StepBatch",
-           "TokenizedData", "build_cache", "cache_path", "collate", "content_hash", "ensure_prepared",
+__all__ = ["DATA_FORMAT_VERSION", "IGNORE_INDEX", "EpochOrder", "HostFacts", "MixedData", "MixtureOrder",
+           "StepBatch", "TokenizedData", "build_cache", "cache_path", "collate", "content_hash", "ensure_prepared",
            "epoch_order", "load_tokenizer", "plan_units", "prepare_data", "prepare_sources", "prepare_training_data",
            "read_cache", "read_meta", "resolve_data_files", "tokenizer_fingerprint", "unit_targets", "unit_tokens"]
 

@@ -107,15 +107,71 @@ def pair_units(pairs: np.ndarray) -> np.ndarray:
     return np.stack([2 * pairs, 2 * pairs + 1], axis=1)
 
 
+@dataclass(frozen=True)
+class HostFacts:
+    """What the host knows of a micro-batch's tensors when it builds them, so that the training step never
+    reads them back from the device (on CUDA each such read waits for every kernel queued before it).
+
+    `targets[r, t]`: the token after position t of row r is a target (labels[r, t + 1] is not IGNORE_INDEX;
+    the last column is False), i.e. position t's hidden state reaches the loss. Under sequence parallelism,
+    the positions of this rank's slice. `segments`: where the model gets position ids (isolated packing,
+    sequence parallelism), the lengths of the causal sequences attention sees in each row, in order (the
+    last runs to the row's end; under sequence parallelism, of the whole gathered row); else None."""
+    targets: np.ndarray
+    segments: tuple | None = None
+
+    @classmethod
+    def of_labels(cls, labels: np.ndarray, segments: tuple | None = None) -> "HostFacts":
+        """From right-padded labels where labels[:, t] is the token at t (the target of position t - 1)."""
+        targets = np.zeros(labels.shape, dtype=bool)
+        targets[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        return cls(targets, segments)
+
+    @staticmethod
+    def segments_of(positions: np.ndarray) -> tuple:
+        """The segments of position ids that restart at 0 at every segment (as `collate` numbers them)."""
+        return tuple(tuple(int(n) for n in np.diff([*np.flatnonzero(row == 0), len(row)])) for row in positions)
+
+    def target_positions(self, columns: int | None = None) -> np.ndarray:
+        """Row-major flat indices of the target positions among the first `columns` (all) of each row."""
+        return np.flatnonzero(self.targets[:, :columns])
+
+    def row_targets(self) -> list[int]:
+        return [int(n) for n in self.targets.sum(1)]
+
+    def cu_seq_lens(self) -> np.ndarray:
+        """Where each segment starts in the flattened rows, then their total: flash attention's varlen
+        boundaries (int32, as transformers builds them)."""
+        return np.cumsum([0, *(n for row in self.segments for n in row)], dtype=np.int32)
+
+    def longest_segment(self) -> int:
+        return max(n for row in self.segments for n in row)
+
+    def shard(self, rank: int, size: int) -> "HostFacts":
+        """The facts of `sequence.shard`'s slice: targets of this rank's slice of the width padded to a
+        multiple of `size`; segments of the whole padded row (the pad continues the last segment, or is
+        the row's only one when the batch had no positions)."""
+        rows, width = self.targets.shape
+        padded = -(-width // size) * size
+        targets = np.zeros((rows, padded), dtype=bool)
+        targets[:, :width] = self.targets
+        n = padded // size
+        segments = self.segments or tuple((width,) for _ in range(rows))
+        segments = tuple((*row[:-1], row[-1] + padded - width) for row in segments)
+        return HostFacts(targets[:, rank * n:(rank + 1) * n], segments)
+
+
 class Batch(NamedTuple):
     """A micro-batch as the model takes it. For isolated packing `attention_mask` is None and `position_ids`
     restart at 0 at every row: transformers then builds a block-diagonal causal mask from the positions
     (masking_utils.find_packed_sequence_indices), so no token attends to another row of its pack.
-    Otherwise `position_ids` is None and the model numbers positions itself."""
+    Otherwise `position_ids` is None and the model numbers positions itself. `facts`: what the host knows
+    of these tensors (HostFacts), None where a caller built the tensors without them."""
     input_ids: object
     attention_mask: object
     labels: object
     position_ids: object = None
+    facts: HostFacts | None = None
 
 
 def collate(data: TokenizedData, units: list[np.ndarray], pad_id: int, isolate: bool = False) -> Batch:
@@ -133,16 +189,20 @@ def collate(data: TokenizedData, units: list[np.ndarray], pad_id: int, isolate: 
     labels = np.full((len(seqs), width), IGNORE_INDEX, dtype=np.int64)
     attention = np.zeros((len(seqs), width), dtype=np.int64)
     positions = np.zeros((len(seqs), width), dtype=np.int64)
+    segments = []
     for j, (ids, mask, row_lengths) in enumerate(seqs):
         input_ids[j, :len(ids)] = ids
         labels[j, :len(ids)] = np.where(mask, ids, IGNORE_INDEX)
         if isolate:  # padding is a segment of its own (positions from 0 again): no row attends to it
-            positions[j] = np.concatenate([np.arange(n) for n in [*row_lengths, width - len(ids)]])
+            segments.append(tuple(n for n in [*row_lengths, width - len(ids)] if n))
+            positions[j] = np.concatenate([np.arange(n) for n in segments[-1]])
         else:
             attention[j, :len(ids)] = 1
     if isolate:
-        return Batch(torch.from_numpy(input_ids), None, torch.from_numpy(labels), torch.from_numpy(positions))
-    return Batch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(labels))
+        return Batch(torch.from_numpy(input_ids), None, torch.from_numpy(labels), torch.from_numpy(positions),
+                     HostFacts.of_labels(labels, tuple(segments)))
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(labels),
+                 facts=HostFacts.of_labels(labels))
 
 
 def unit_targets(data: TokenizedData, units: list[np.ndarray]) -> int:
