@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,13 +22,14 @@ aten = torch.ops.aten
 VALUE_SIZED = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
                aten.unique_consecutive.default}
 OWNERS = ("/ds_finetune/", "/transformers/", "/deepspeed/", "/peft/")
+ROOT = str(Path(__file__).resolve().parents[1]) + "/"  # the checkout: ds_finetune/... is named from here
 
 
 def _where() -> str:
     """file:line of the innermost frame that belongs to the package or a library that calls torch."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         if any(owner in frame.filename for owner in OWNERS) and not frame.filename.endswith("host_syncs.py"):
-            return f"{frame.filename.split('/site-packages/')[-1].split('/wt-syncs/')[-1]}:{frame.lineno}"
+            return f"{frame.filename.split('/site-packages/')[-1].removeprefix(ROOT)}:{frame.lineno}"
     return "elsewhere"
 
 
