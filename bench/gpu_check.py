@@ -38,9 +38,11 @@ def check_resume(nproc: int) -> dict:
     proc = train(killed, [], nproc, fault="mid_accum:rank0@step4", expect_ok=False)
     assert "[fault injection] SIGKILL at mid_accum rank 0 step 4" in proc.stdout, proc.stdout[-3000:]
     converted = shutil.copytree(killed, WORK / "to-zero3")
-    train(killed, [], nproc, resume="auto")
+    saved = harness.committed_steps(killed / "checkpoints")  # async saves: the newest commit may lag a step
+    step = saved[-1] if saved else None
+    harness.assert_resumed(train(killed, [], nproc, resume="auto"), step=step)
     harness.assert_same_run(killed, ref)
-    train(converted, ["train.zero_stage=3"], nproc, resume="auto")
+    harness.assert_resumed(train(converted, ["train.zero_stage=3"], nproc, resume="auto"), step=step)
     harness.assert_close_run(converted, ref, rel=1e-5)
     rows = harness.metrics(ref)
     return {"losses": [r["loss"] for r in rows], "eval_loss": [r["eval_loss"] for r in rows if "eval_loss" in r]}
