@@ -40,9 +40,11 @@ def check_resume(nproc: int) -> dict:
     proc = train(killed, [], nproc, fault="mid_accum:rank0@step4", expect_ok=False)
     assert "[fault injection] SIGKILL at mid_accum rank 0 step 4" in proc.stdout, proc.stdout[-3000:]
     converted = shutil.copytree(killed, WORK / "to-zero3")
-    train(killed, [], nproc, resume="auto")
+    saved = harness.committed_steps(killed / "checkpoints")  # async saves: the newest commit may lag a step
+    step = saved[-1] if saved else None
+    harness.assert_resumed(train(killed, [], nproc, resume="auto"), step=step)
     harness.assert_same_run(killed, ref)
-    train(converted, ["train.zero_stage=3"], nproc, resume="auto")
+    harness.assert_resumed(train(converted, ["train.zero_stage=3"], nproc, resume="auto"), step=step)
     harness.assert_close_run(converted, ref, rel=6e-5)  # as tests/test_bf16.py: bf16 weights, fp32 masters
     rows = harness.metrics(ref)
     return {"losses": [r["loss"] for r in rows], "eval_loss": [r["eval_loss"] for r in rows if "eval_loss" in r]}
@@ -71,7 +73,6 @@ def check_export() -> dict:
     return {"exported": str(out)}
 
 
-<<<<<<< HEAD
 def check_background_snapshot() -> dict:
     """Background saves on a GPU that is not device 0 where there are two (the writer thread starts on
     device 0): each of 3 saves of different sizes is written with the values it had at the save, although
@@ -103,7 +104,8 @@ def check_background_snapshot() -> dict:
     assert pinned == largest, (pinned, largest)
     return {"device": str(device), "pinned_bytes_after_3_saves": pinned, "largest_save_bytes": largest,
             "torch_cached_pinned_bytes": torch.cuda.host_memory_stats().get("reserved_bytes.current")}
-=======
+
+
 def _batch_of(rows: int, width: int, prompt: int, isolate: bool):
     """Random right-padded tokens, no attention mask (causal: no real token sees a pad), the first `prompt`
     positions no target; isolated: each row two packed sequences (positions restart), as collate builds."""
@@ -203,7 +205,6 @@ def check_lm_head_grad() -> dict:
     assert after <= 1e-2 and after <= before * 1.05, (after, before)
     return {"rel_error": after, "rel_error_bf16_product": before, "ms": round(after_ms, 2),
             "ms_bf16_product": round(before_ms, 2)}
->>>>>>> host-syncs
 
 
 def main() -> int:
@@ -220,12 +221,8 @@ def main() -> int:
     WORK.mkdir(parents=True)
     summary, failed = {"device": f"{nproc} x {torch.cuda.get_device_name(0)}"}, False
     for name, check in [("resume", lambda: check_resume(nproc)), ("fp16", lambda: check_fp16(nproc)),
-<<<<<<< HEAD
-                        ("export", check_export), ("background_snapshot", check_background_snapshot)]:
-=======
-                        ("export", check_export), ("host_syncs", check_host_syncs),
-                        ("lm_head_grad", check_lm_head_grad)]:
->>>>>>> host-syncs
+                        ("export", check_export), ("background_snapshot", check_background_snapshot),
+                        ("host_syncs", check_host_syncs), ("lm_head_grad", check_lm_head_grad)]:
         start = time.time()
         try:
             summary[name] = {"ok": True, **check()}

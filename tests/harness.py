@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -213,6 +214,21 @@ def committed_steps(ckpt_dir: Path) -> list[int]:
         return []
     return sorted(step_of_tag(p.name) for p in ckpt_dir.iterdir()
                   if step_of_tag(p.name) is not None and (p / MANIFEST).exists())
+
+
+def assert_resumed(output, step: int | None = None) -> int:
+    """The step a `--resume` continued from, read from rank 0's `resumed from PATH at step N` line in the
+    launch's stdout (a CompletedProcess, or a log's text). A resume that finds no checkpoint starts fresh
+    and, the run being deterministic, passes every bitwise comparison; so N > 0, PATH is step N's
+    checkpoint, and N equals `step` where the test knows it. Returns N."""
+    from ds_finetune.checkpoint.layout import tag_for_step
+    text = output if isinstance(output, str) else output.stdout
+    lines = re.findall(r"resumed from (.+) at step (\d+) \(", text)
+    assert len(lines) == 1, f"expected one 'resumed from' line, found {len(lines)}:\n{text[-3000:]}"
+    path, n = lines[0][0], int(lines[0][1])
+    assert n > 0 and Path(path).name == tag_for_step(n), f"resumed from {path} at step {n}"
+    assert step is None or n == step, f"resumed from step {n}, expected step {step}"
+    return n
 
 
 # ------------------------------------------------------------------------------------- comparing runs

@@ -30,6 +30,7 @@ def test_bf16_sigkill_mid_accumulation_resumes_bitwise(reference_run, tmp_path, 
     if stage == 3:  # the same save resumed under ZeRO 2: converted, masters restored in fp32
         other = shutil.copytree(run, tmp_path / "to2")
         proc = harness.train(other, ["train.zero_stage=2", *BF16], resume="auto")
+        harness.assert_resumed(proc, step=4)
         assert "converting" in proc.stdout, proc.stdout[-2000:]
         # Steps 5 and 6 are the first computed from the restored masters: they match the uninterrupted
         # ZeRO-2 run to 6e-5 (from bf16-rounded masters step 6 was off by 2.9e-4). Not closer, because the
@@ -41,7 +42,7 @@ def test_bf16_sigkill_mid_accumulation_resumes_bitwise(reference_run, tmp_path, 
         assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in ref]
         for a, b in zip(ref, got):
             assert b["loss"] == pytest.approx(a["loss"], rel=6e-5 if a["step"] <= 6 else 1e-3), a["step"]
-    harness.train(run, [f"train.zero_stage={stage}", *BF16], resume="auto")
+    harness.assert_resumed(harness.train(run, [f"train.zero_stage={stage}", *BF16], resume="auto"), step=4)
     harness.assert_same_run(run, reference_run(stage, extra=BF16))
     harness.assert_same_final_weights(run, reference_run(stage, extra=BF16))
 

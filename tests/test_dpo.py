@@ -241,8 +241,7 @@ def test_dpo_lora_killed_mid_accumulation_resumes_bitwise(tmp_path, stage):
     killed = harness.train(got, run, fault="mid_accum:rank1@step5", expect_ok=False)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stdout[-2000:]
     assert harness.committed_steps(got / "checkpoints")[-1] == 4
-    resumed = harness.train(got, run, resume="auto")
-    assert "step_00000004" in resumed.stdout
+    harness.assert_resumed(harness.train(got, run, resume="auto"), step=4)
     harness.assert_same_run(got, ref)
     rows, ref_rows = harness.metrics(got), harness.metrics(ref)
     for name in [*METRICS, "eval_loss", *(f"eval_{m}" for m in METRICS)]:
@@ -297,7 +296,8 @@ def test_dpo_full_zero3_killed_mid_accumulation_resumes_bitwise(full_dpo_zero3, 
     ref, killed = full_dpo_zero3
     got = harness.copy_run(killed, tmp_path / "got")
     resumed = harness.train(got, FULL3, resume="auto")
-    assert "step_00000004" in resumed.stdout and "converting" not in resumed.stdout
+    harness.assert_resumed(resumed, step=4)
+    assert "converting" not in resumed.stdout
     harness.assert_same_run(got, ref)
     rows, ref_rows = harness.metrics(got), harness.metrics(ref)
     for name in METRICS:
@@ -314,6 +314,7 @@ def test_dpo_full_zero3_checkpoint_resumes_under_zero2(full_dpo_zero3, tmp_path)
     ref, killed = full_dpo_zero3
     got = harness.copy_run(killed, tmp_path / "got")
     proc = harness.train(got, [*DPO, "train.zero_stage=2"], resume="auto")
+    harness.assert_resumed(proc, step=4)
     assert "converting" in proc.stdout and "for ZeRO 2 on 2 ranks" in proc.stdout, proc.stdout[-2000:]
     assert "computing the reference log-probs" not in proc.stdout
     harness.assert_close_run(got, ref)
@@ -344,7 +345,7 @@ def test_a_frozen_model_reference_trains_as_the_precomputed_one_and_resumes_bitw
             assert r[name] == pytest.approx(a[name], rel=1e-5, abs=noise), (a["step"], name, r[name], a[name])
     killed = harness.train(got, run, fault="mid_accum:rank1@step5", expect_ok=False)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stdout[-2000:]
-    harness.train(got, run, resume="auto")
+    harness.assert_resumed(harness.train(got, run, resume="auto"), step=4)
     harness.assert_same_run(got, ref)
     harness.assert_same_final_weights(got, ref)
 

@@ -54,7 +54,7 @@ def test_eval_losses_after_a_kill_and_resume_equal_the_uninterrupted_runs(tmp_pa
     harness.train(ref, overrides)
     killed = harness.train(run, overrides, fault="mid_accum:rank1@step7", expect_ok=False)
     assert killed.returncode == -signal.SIGKILL
-    harness.train(run, overrides, resume="auto")
+    harness.assert_resumed(harness.train(run, overrides, resume="auto"), step=6)
     harness.assert_same_run(run, ref)
     got = [(r["step"], repr(r.get("eval_loss"))) for r in harness.metrics(run)]
     assert got == [(r["step"], repr(r.get("eval_loss"))) for r in harness.metrics(ref)]

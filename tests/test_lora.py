@@ -57,11 +57,12 @@ def test_lora_sigkill_resumes_bitwise_and_stage3_resumes_under_stage2(base_model
     assert harness.committed_steps(run / "checkpoints") == [3, 4]
     if stage == 3:
         harness.copy_run(run, tmp_path / "to-stage2")
-    harness.train(run, lora(base_model, stage), resume="auto")
+    harness.assert_resumed(harness.train(run, lora(base_model, stage), resume="auto"), step=4)
     harness.assert_same_run(run, lora_reference(stage))
     harness.assert_same_final_weights(run, lora_reference(stage))
     if stage == 3:  # the converted copy carries the adapters and their moments, not the base
         resumed = harness.train(tmp_path / "to-stage2", lora(base_model, 2), resume="auto")
+        harness.assert_resumed(resumed, step=4)
         assert "converting" in resumed.stdout
         harness.assert_close_run(tmp_path / "to-stage2", lora_reference(3), rel=1e-5)
 

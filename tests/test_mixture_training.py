@@ -50,7 +50,7 @@ def killed_in_step5(tmp_path_factory):
 def test_a_mixture_killed_mid_step_resumes_bitwise(reference_run, killed_in_step5, tmp_path):
     ref = reference_run(3, extra=tuple(mix()))
     out = harness.copy_run(killed_in_step5, tmp_path / "run")
-    harness.train(out, [*STAGE, *mix()], resume="auto")
+    harness.assert_resumed(harness.train(out, [*STAGE, *mix()], resume="auto"), step=4)
     harness.assert_same_run(out, ref)
     got, want = harness.metrics(out), harness.metrics(ref)
     assert per_source(got) == per_source(want)
@@ -80,7 +80,7 @@ def test_a_mixture_killed_mid_step_at_zero_1_with_dropout_resumes_bitwise(refere
     out = tmp_path / "run"
     proc = harness.train(out, run, fault="mid_accum:rank1@step5", expect_ok=False)
     assert proc.returncode == -9, proc.stdout[-2000:]
-    harness.train(out, run, resume="auto")
+    harness.assert_resumed(harness.train(out, run, resume="auto"), step=4)
     harness.assert_same_run(out, ref)
     assert per_source(harness.metrics(out)) == per_source(harness.metrics(ref))
 
@@ -89,6 +89,7 @@ def test_a_mixture_saved_on_two_ranks_continues_the_same_samples_on_one(referenc
     ref = reference_run(3, extra=tuple(mix()))
     out = harness.copy_run(killed_in_step5, tmp_path / "run")
     proc = harness.train(out, [*STAGE, *mix()], nproc=1, resume="auto")
+    harness.assert_resumed(proc, step=4)
     assert "grad_accum=4" in proc.stdout  # the global batch stays 8: 2 micro x 4 accum x 1 rank
     harness.assert_close_run(out, ref)  # steps 5-10 on one rank: the same sample ids, losses within 1e-5
     for got, want in zip(harness.metrics(out)[4:], harness.metrics(ref)[4:]):
@@ -103,6 +104,7 @@ def test_a_changed_mix_continues_from_the_position_with_the_new_weights(referenc
     out = harness.copy_run(ref, tmp_path / "run")
     new = mix(chat=0.1, text=0.1, pc=0.8)
     proc = harness.train(out, [*STAGE, *new, "train.max_steps=14"], resume="auto", flags=["--allow-config-change"])
+    harness.assert_resumed(proc, step=10)  # steps 1-10 are ref's (copied), not recomputed under the new mix
     assert "changed data.sources.chat.weight, data.sources.prompt_completion.weight, data.sources.text.weight" \
         in proc.stdout, proc.stdout[-3000:]
     assert re.search(r"the data mix changed at step 10; weights now chat=0\.1, text=0\.1, prompt_completion=0\.8",
@@ -111,7 +113,6 @@ def test_a_changed_mix_continues_from_the_position_with_the_new_weights(referenc
     assert re.search(r"step_00000014 .* \(mix changed at step 10\)", listed.stdout), listed.stdout
     rows = harness.metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 15))
-    assert [r["loss"] for r in rows[:10]] == [r["loss"] for r in harness.metrics(ref)]
 
     # Steps 11-14 are the order's continuation of step 10's position under the new weights.
     monkeypatch.setenv("DS_FINETUNE_CACHE", harness.child_env()["DS_FINETUNE_CACHE"])

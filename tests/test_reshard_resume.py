@@ -17,7 +17,8 @@ pytestmark = pytest.mark.multiproc
 STAGES = [0, 1, 2, 3]
 
 
-def assert_continues(got_dir, ref_dir, from_step: int):
+def assert_continues(proc, got_dir, ref_dir, from_step: int):
+    harness.assert_resumed(proc, step=from_step)
     harness.assert_close_run(got_dir, ref_dir)
     assert len(harness.metrics(ref_dir)) > from_step
 
@@ -29,7 +30,7 @@ def test_resume_under_every_other_zero_stage(saved_at_step4, reference_run, tmp_
         shutil.copytree(saved_at_step4(saved), run)
         proc = harness.train(run, [f"train.zero_stage={target}"], resume="auto")
         assert "converting" in proc.stdout and f"for ZeRO {target} on 2 ranks" in proc.stdout, proc.stdout[-2000:]
-        assert_continues(run, reference_run(saved), from_step=4)
+        assert_continues(proc, run, reference_run(saved), from_step=4)
 
 
 def test_converted_state_equals_the_saved_state(saved_at_step4, tmp_path):
@@ -78,7 +79,7 @@ def test_resume_on_one_rank_keeps_global_batch_and_order(reference_run, tmp_path
     assert proc.returncode == -9
     resumed = harness.train(saved, ["train.zero_stage=3", *no_dropout], nproc=1, resume="auto")
     assert "grad_accum=4" in resumed.stdout  # 2 micro × 2 accum × 2 ranks = 2 × 4 × 1
-    assert_continues(saved, reference_run(2, extra=no_dropout), from_step=5)
+    assert_continues(resumed, saved, reference_run(2, extra=no_dropout), from_step=5)
 
 
 def test_resume_on_two_ranks_from_one(reference_run, tmp_path):
@@ -89,7 +90,7 @@ def test_resume_on_two_ranks_from_one(reference_run, tmp_path):
     assert proc.returncode == -9
     resumed = harness.train(saved, ["train.zero_stage=1", "train.grad_accum=4", *no_dropout], resume="auto")
     assert "grad_accum=2" in resumed.stdout
-    assert_continues(saved, reference_run(2, extra=no_dropout), from_step=5)
+    assert_continues(resumed, saved, reference_run(2, extra=no_dropout), from_step=5)
 
 
 def test_a_global_batch_the_new_world_cannot_split_is_a_clear_error(saved_at_step4, tmp_path):
@@ -177,7 +178,7 @@ def test_a_crash_or_a_hang_mid_conversion_is_never_used_and_resume_converts_agai
     proc = harness.train(run, ["train.zero_stage=3"], resume="auto")
     assert "2 ranks share the work" in proc.stdout
     assert not list(info.path.glob(".resharded.tmp-*"))  # the leftover went; it was never read
-    assert_continues(run, reference_run(2), from_step=4)
+    assert_continues(proc, run, reference_run(2), from_step=4)
 
 
 def test_a_damaged_converted_copy_is_a_clear_error(saved_at_step4, tmp_path):

@@ -64,8 +64,7 @@ def test_resume_from_an_older_checkpoint_needs_discard_newer_and_the_branch_surv
     assert len(aside) == 1 and (aside[0] / "step_00000014" / "manifest.json").exists()
     assert [r["step"] for r in harness.read_jsonl(aside[0] / "metrics.jsonl")] == [14]
 
-    resumed = harness.train(run, longer, nproc=1, resume="auto")
-    assert "step_00000013" in resumed.stdout
+    harness.assert_resumed(harness.train(run, longer, nproc=1, resume="auto"), step=13)
     final = harness.metrics(run)
     assert [r["step"] for r in final] == list(range(1, 15))
     assert harness.loss_reprs(final) == harness.loss_reprs(first)  # the same computation, done once more
@@ -107,9 +106,11 @@ def test_ctrl_c_saves_at_a_step_boundary_and_a_second_ctrl_c_exits_at_once(refer
     time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
-    assert harness.committed_steps(tmp_path / "checkpoints")[-1] >= stopped_at
+    harness.assert_resumed((tmp_path.parent / "sigint2.log").read_text(), step=stopped_at)
+    saved = harness.committed_steps(tmp_path / "checkpoints")[-1]
+    assert saved >= stopped_at
 
-    harness.train(tmp_path, overrides, nproc=1, resume="auto")
+    harness.assert_resumed(harness.train(tmp_path, overrides, nproc=1, resume="auto"), step=saved)
     harness.assert_same_run(tmp_path, ref)
 
 
@@ -134,7 +135,7 @@ def test_cpu_offload_resumes_bitwise(tmp_path):
     harness.train(ref, overrides, nproc=1)
     killed = harness.train(tmp_path / "run", overrides, nproc=1, fault="mid_accum@step5", expect_ok=False)
     assert killed.returncode == -signal.SIGKILL
-    harness.train(tmp_path / "run", overrides, nproc=1, resume="auto")
+    harness.assert_resumed(harness.train(tmp_path / "run", overrides, nproc=1, resume="auto"), step=4)
     harness.assert_same_run(tmp_path / "run", ref)
     harness.assert_same_final_weights(tmp_path / "run", ref)
 
@@ -156,6 +157,6 @@ def test_a_resume_at_an_epoch_boundary_continues_into_the_next_epochs_order(tmp_
     killed = harness.train(run, overrides, nproc=1, fault="mid_accum@step13", expect_ok=False)
     assert killed.returncode == -signal.SIGKILL
     assert harness.committed_steps(run / "checkpoints") == [12]
-    harness.train(run, overrides, nproc=1, resume="auto")
+    harness.assert_resumed(harness.train(run, overrides, nproc=1, resume="auto"), step=12)
     harness.assert_same_run(run, ref)
     harness.assert_same_final_weights(run, ref)

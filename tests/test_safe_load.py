@@ -32,8 +32,19 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
+def assert_payload_runs(path, marker):
+    """The positive control: plain unpickling of the same file (torch.load with weights_only=False) runs the
+    payload and creates the marker, so the marker's absence after a safe load proves that load refused it.
+    The marker is removed again."""
+    assert not marker.exists()
+    torch.load(path, weights_only=False)
+    assert marker.exists(), f"the payload in {path} does not run under plain pickle: its marker proves nothing"
+    marker.unlink()
+
+
 def craft(tag_dir, marker, name: str = "mp_rank_00_model_states.pt"):
-    """Add the payload to one file of a committed checkpoint and rewrite the manifest to match it."""
+    """Add the payload to one file of a committed checkpoint and rewrite the manifest to match it (the payload
+    checked to run under plain pickle)."""
     path = tag_dir / name
     state = ds_internals.load_checkpoint_file(path)
     state["payload"] = Payload(marker)
@@ -41,6 +52,7 @@ def craft(tag_dir, marker, name: str = "mp_rank_00_model_states.pt"):
     manifest = json.loads((tag_dir / "manifest.json").read_text())
     manifest["files"][name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     (tag_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    assert_payload_runs(path, marker)
     return path
 
 
@@ -54,7 +66,7 @@ def test_a_file_with_a_payload_is_refused_naming_the_file_and_the_global(tmp_pat
         with pytest.raises(UserError) as e:
             ds_internals.load_checkpoint_file(path, mmap=mmap)
         assert str(path) in str(e.value) and "posix.system" in str(e.value) and "\n" not in str(e.value)
-    assert not marker.exists()
+    assert_payload_runs(path, marker)
 
 
 def test_deepspeeds_own_loads_go_through_the_safe_loader(tmp_path):
@@ -71,7 +83,7 @@ def test_deepspeeds_own_loads_go_through_the_safe_loader(tmp_path):
                        torch.arange(3))
     with pytest.raises(UserError, match="posix.system"):
         engine.checkpoint_engine.load(str(tmp_path / "bad.pt"), map_location=torch.device("cpu"))
-    assert not marker.exists()
+    assert_payload_runs(tmp_path / "bad.pt", marker)
     other = SimpleNamespace(checkpoint_engine=object())  # a checkpoint engine we cannot make safe: refused
     with pytest.raises(UserError, match="cannot be made to load checkpoints safely"):
         ds_internals.route_checkpoint_reads(other)
@@ -113,7 +125,7 @@ def test_the_check_decides_as_the_loader_without_importing_deepspeed(tmp_path):
     from ds_finetune.checkpoint import safe_pickle
     with pytest.raises(safe_pickle.UnsafeCheckpointFile, match="posix.system"):
         safe_pickle.check(tmp_path / "bad.pt")
-    assert not (tmp_path / "ran").exists()
+    assert_payload_runs(tmp_path / "bad.pt", tmp_path / "ran")
 
 
 def test_fp16_loss_scaler_state_round_trips_through_the_safe_loader(tmp_path):

@@ -228,19 +228,22 @@ def test_sigkill_at_sp2_resumes_bitwise_and_resumes_across_sp_degrees(tmp_path):
     # SP=2 on 4 ranks (DP=2 x SP=2, grad_accum 1: the same global batch of 4): the ZeRO-3 partitions of 2
     # ranks are converted for 4
     wide = harness.train(wider, SP2, nproc=4, resume="auto")
+    harness.assert_resumed(wide, step=4)
     assert "for ZeRO 3 on 4 ranks" in wide.stdout, wide.stdout[-2000:]
     harness.assert_close_run(wider, ref, rel=1e-5)
 
-    harness.train(run, SP2, resume="auto")  # the same SP: bitwise
+    harness.assert_resumed(harness.train(run, SP2, resume="auto"), step=4)  # the same SP: bitwise
     harness.assert_same_run(run, ref)
     harness.assert_same_final_weights(run, ref)
 
     # SP=2 -> SP=1 (2 data-parallel ranks, grad_accum 1: the same global batch of 4), killed at step 7 ...
     at_sp1 = harness.train(cross, SP_RUN, resume="auto", fault="mid_accum:rank0@step7", expect_ok=False)
     assert at_sp1.returncode == -9, at_sp1.stdout[-2000:]
+    harness.assert_resumed(at_sp1, step=4)
     assert "was saved at train.sequence_parallel=2, this run uses 1" in at_sp1.stdout
     # ... -> SP=2 again from step 6
     back = harness.train(cross, SP2, resume="auto")
+    harness.assert_resumed(back, step=6)
     assert "was saved at train.sequence_parallel=1, this run uses 2" in back.stdout
     harness.assert_close_run(cross, ref, rel=1e-5)
     evals = [(r["step"], r["eval_loss"]) for r in harness.metrics(ref) if "eval_loss" in r]

@@ -42,7 +42,7 @@ def test_one_wandb_run_across_a_kill_and_resume_with_each_step_once(tmp_path):
                  "logging.wandb.mode=offline"]
     killed = harness.train(tmp_path, overrides, nproc=1, fault="mid_accum@step7", expect_ok=False)
     assert killed.returncode == -signal.SIGKILL
-    harness.train(tmp_path, overrides, nproc=1, resume="auto")
+    harness.assert_resumed(harness.train(tmp_path, overrides, nproc=1, resume="auto"), step=6)
     ids, steps, losses = set(), [], {}
     for run_file in sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")):
         for record in wandb_records(run_file):
