@@ -7,8 +7,9 @@ with SIGKILL in the middle of a step and resumed (its losses must be bitwise tho
 run); the same save resumed under ZeRO 3 (converted; losses within 6e-5, as the CPU test of it); an fp16
 run (loss scaling with the fused loss); an export loaded by transformers on the GPU; background saves
 copied from the saved tensors' own GPU into one reused pinned buffer (the bytes, and the pinned memory
-after 3 saves). Prints one line per check and a JSON
-summary; exits non-zero if a check fails. Run it where a GPU is lent (docs/development.md).
+after 3 saves); the host syncs of a micro-step of the fused loss and of DPO (none of ours); the bf16 LM
+head's weight gradient against fp32. Prints one line per check and a JSON summary; exits non-zero if a
+check fails. Run it where a GPU is lent (docs/development.md).
 """
 
 from __future__ import annotations
