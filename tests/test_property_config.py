@@ -4,9 +4,6 @@ a RunConfig or a UserError whose message is one line; never any other exception,
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -132,11 +129,6 @@ def test_unmutated_base_with_no_overrides_loads():
 
 # ------------------------------------------------------------------------------- through the real CLI
 
-def cli_command() -> list[str]:
-    script = Path(sys.executable).with_name("ds-finetune")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ds_finetune.cli"]
-
-
 def _cli_safe(text: str) -> bool:
     # argv cannot hold NUL; a leading `-` is a click option, not an override.
     return "\x00" not in text and not text.startswith("-")
@@ -147,13 +139,18 @@ def _cli_safe(text: str) -> bool:
 @given(raw=mutated_configs().filter(_dumpable),
        override_list=st.lists(overrides.filter(_cli_safe), max_size=2))
 def test_random_configs_through_the_cli_never_traceback(tmp_path, raw, override_list):
+    """In process (the CLI's own code path; test_config runs real processes for a few): an exception other
+    than the CLI's exit is what a user would see as a traceback."""
+    from click.testing import CliRunner
+
+    from ds_finetune.cli import main
+
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    p = subprocess.run(cli_command() + ["train", str(path), "--dry-run", *override_list], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    assert "Traceback" not in p.stderr, p.stderr
-    assert p.returncode in (0, 2), (p.returncode, p.stderr)
-    if p.returncode == 2:
+    p = CliRunner().invoke(main, ["train", str(path), "--dry-run", *override_list], env={"DS_ACCELERATOR": "cpu"})
+    assert p.exception is None or isinstance(p.exception, SystemExit), p.exception
+    assert p.exit_code in (0, 2), (p.exit_code, p.stderr)
+    if p.exit_code == 2:
         line = p.stderr.rstrip("\n")
         assert line.splitlines() == [line] and line.startswith("error: "), p.stderr
     else:

@@ -94,22 +94,23 @@ def test_nothing_refers_to_files_outside_the_repository():
     assert not hits, "references to files outside the repository:\n" + "\n".join(hits)
 
 
-def test_example_configs_validate_with_dry_run():
-    import subprocess
-    import sys
-    cli = str(Path(sys.executable).with_name("ds-finetune"))
+def test_example_configs_validate_with_dry_run(monkeypatch):
+    from click.testing import CliRunner
+
+    from ds_finetune.cli import main
+
+    monkeypatch.chdir(ROOT)  # the configs name their files relative to the checkout
+    out = {}
     for argv in (["configs/qwen2.5-0.5b-sft-zero2.yaml", "--num-gpus", "8"],
                  ["configs/qwen2.5-0.5b-lora-zero2.yaml", "--num-gpus", "8"],
                  ["configs/qwen2.5-0.5b-dpo-lora.yaml", "--num-gpus", "8"],
                  ["configs/llama3-8b-zero3-offload.yaml", "--hostfile", "configs/hostfile.example"],
                  ["configs/llama3-8b-32k-sp4-zero3.yaml", "--num-gpus", "8"]):
-        proc = subprocess.run([cli, "train", *argv, "--dry-run"], cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        assert "deepspeed" in proc.stdout.splitlines()[0]
-    proc = subprocess.run([cli, "train", "configs/llama3-8b-zero3-offload.yaml", "--hostfile",
-                           "configs/hostfile.example", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
-    assert "world_size=16 micro_batch_size=1 grad_accum=4 global_batch=64" in proc.stdout
-    proc = subprocess.run([cli, "train", "configs/llama3-8b-32k-sp4-zero3.yaml", "--num-gpus", "8", "--dry-run"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert "world_size=8 micro_batch_size=1 grad_accum=8 global_batch=16" in proc.stdout
-    assert "data_parallel=2 × sequence_parallel=4; up to 8192 tokens of a sequence per rank" in proc.stdout
+        result = CliRunner().invoke(main, ["train", *argv, "--dry-run"])
+        assert result.exit_code == 0, (result.stderr, result.exception)
+        assert "deepspeed" in result.stdout.splitlines()[0]
+        out[argv[0]] = result.stdout
+    assert "world_size=16 micro_batch_size=1 grad_accum=4 global_batch=64" in out["configs/llama3-8b-zero3-offload.yaml"]
+    sp4 = out["configs/llama3-8b-32k-sp4-zero3.yaml"]
+    assert "world_size=8 micro_batch_size=1 grad_accum=8 global_batch=16" in sp4
+    assert "data_parallel=2 × sequence_parallel=4; up to 8192 tokens of a sequence per rank" in sp4
