@@ -104,11 +104,23 @@ def started_early(starter):
 
 
 class EarlyJob:
-    """A launched job whose output goes to a log file (a pipe nobody reads would fill and stall it)."""
+    """A launched job whose output goes to a log file (a pipe nobody reads would fill and stall it), and
+    `drive(job)`, what the test does to it while it runs (wait for a step, signal it), on a thread."""
 
-    def __init__(self, argv: list[str], env_extra: dict, folder: Path):
-        self.folder, self.log = folder, folder / "job.log"
+    def __init__(self, argv: list[str], env_extra: dict, folder: Path, drive=None):
+        import threading
+
+        self.folder, self.log, self.failure = folder, folder / "job.log", None
         self.proc = start(argv, env_extra, self.log)
+        self.driver = threading.Thread(target=self._drive, args=(drive,), daemon=True) if drive else None
+        if self.driver is not None:
+            self.driver.start()
+
+    def _drive(self, drive) -> None:
+        try:
+            drive(self)
+        except BaseException as e:  # noqa: BLE001 - raised in the test, by result()
+            self.failure = e
 
     def result(self, timeout: float) -> subprocess.CompletedProcess:
         try:
@@ -116,6 +128,10 @@ class EarlyJob:
         except subprocess.TimeoutExpired:
             kill_job(self.proc)
             raise
+        if self.driver is not None:
+            self.driver.join()
+        if self.failure is not None:
+            raise self.failure
         return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.log.read_text(), "")
 
 

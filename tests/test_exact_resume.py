@@ -72,29 +72,41 @@ def test_sigkill_at_a_random_instant_resumes_bitwise(reference_run, tmp_path):
         raise AssertionError(f"KILL_SEED={seed} (delay {delay:.3f} s): {e}") from e
 
 
-def test_sigterm_saves_at_a_step_boundary_and_resumes_bitwise(reference_run, tmp_path):
-    """A scheduler's SIGTERM to `ds-finetune train` (the real `deepspeed` launcher path), with a stop-save
-    that takes longer than the 30 s DeepSpeed's launch.py allows ranks after a signal it forwarded: the
-    CLI signals the ranks, not launch.py, so the save completes and commits."""
-    ref = reference_run(2, extra=["train.max_steps=30"])
-    no_periodic = [*LONG, "checkpoint.every_steps=0"]
+def start_sigterm_during_a_slow_stop_save(folder):
+    """`ds-finetune train` (the real `deepspeed` launcher path) with a stop-save of 35 s, sent SIGTERM once
+    3 steps are logged. It mostly sleeps: started with the session."""
     argv = [str(harness.BIN / "ds-finetune"), "train", str(harness.TINY), "--num-gpus", "2",
-            "--master-port", str(harness.free_port()), *harness.BASE, *no_periodic, f"output_dir={tmp_path}"]
-    log = tmp_path.parent / f"{tmp_path.name}.log"
-    proc = harness.start(argv, env_extra={"DS_FINETUNE_FAULT": "slow_save", "DS_FINETUNE_SLOW_SAVE_S": "35"},
-                         log=log)
-    assert harness.wait_for(lambda: len(harness.metrics(tmp_path)) >= 3)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=180) == 128 + signal.SIGTERM
-    output = log.read_text()
-    steps = harness.committed_steps(tmp_path / "checkpoints")
+            "--master-port", str(harness.free_port()), *harness.BASE, *NO_PERIODIC, f"output_dir={folder / 'run'}"]
+
+    def sigterm_after_three_steps(job):
+        assert harness.wait_for(lambda: len(harness.metrics(job.folder / "run")) >= 3, timeout=300)
+        job.proc.send_signal(signal.SIGTERM)
+
+    return harness.EarlyJob(argv, {"DS_FINETUNE_FAULT": "slow_save", "DS_FINETUNE_SLOW_SAVE_S": "35"}, folder,
+                            drive=sigterm_after_three_steps)
+
+
+NO_PERIODIC = [*LONG, "checkpoint.every_steps=0"]
+
+
+@harness.started_early(start_sigterm_during_a_slow_stop_save)
+def test_sigterm_saves_at_a_step_boundary_and_resumes_bitwise(reference_run, request):
+    """A scheduler's SIGTERM to `ds-finetune train`, with a stop-save that takes longer than the 30 s
+    DeepSpeed's launch.py allows ranks after a signal it forwarded: the CLI signals the ranks, not
+    launch.py, so the save completes and commits."""
+    ref = reference_run(2, extra=["train.max_steps=30"])
+    job = harness.early_job(request)
+    proc = job.result(timeout=400)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-3000:]
+    output, run = proc.stdout, job.folder / "run"
+    steps = harness.committed_steps(run / "checkpoints")
     assert len(steps) == 1, output[-3000:]
     stop_step = steps[0]
     assert f"stopped by signal at step {stop_step}" in output and f"step_{stop_step:08d}" in output
     assert f"[fault injection] sleeping 35 s at slow_save rank 0 step {stop_step}\n" in output  # the slow save ran
-    assert harness.metrics(tmp_path)[-1]["step"] == stop_step < 30
-    harness.assert_resumed(harness.train(tmp_path, no_periodic, resume="auto"), step=stop_step)
-    harness.assert_same_run(tmp_path, ref)
+    assert harness.metrics(run)[-1]["step"] == stop_step < 30
+    harness.assert_resumed(harness.train(run, NO_PERIODIC, resume="auto"), step=stop_step)
+    harness.assert_same_run(run, ref)
 
 
 # ------------------------------------------------------------------------------ errors of --resume
