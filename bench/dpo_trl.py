@@ -47,8 +47,9 @@ STAGE = 0
 THREADS = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}  # one process each: every core, on both sides
 DEEPSPEED_NOTE = (f"TRL runs plain PyTorch (no DeepSpeed, see docs/benchmarks.md); ours runs under DeepSpeed "
                   f"ZeRO-{STAGE}, its cheapest stage on one process")
-PHASES = {"forward": "forward (backbone)", "logps": "log-probs (LM head)", "vocab_metrics": "metrics over the vocabulary",
-          "loss": "loss and batch metrics", "backward": "backward", "other": "optimizer, data, rest"}
+PHASES = {"forward": "forward (backbone)", "logps": "log-probs (LM head)",
+          "vocab_metrics": "metrics over the vocabulary", "loss": "loss and batch metrics", "backward": "backward",
+          "other": "optimizer, data, rest"}
 
 
 def pairs_dataset():

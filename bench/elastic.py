@@ -12,9 +12,9 @@ repetitions of:
 
 Peaks are the kernel's per-process high-water marks (VmHWM); "above the imports" is the peak minus the
 RSS the same process had once its imports were done (bench/elastic_probe.py resets VmHWM there): the
-imports are most of a whole-process peak at this size and the same at every depth. --quick runs one repetition of a 4x smaller
-pair of models. (Earlier rounds measured once a rank at 155M / 310M params; this size lets every figure
-have 3 repetitions within the bench's time.)
+imports are most of a whole-process peak at this size and the same at every depth. --quick runs one
+repetition of a 4x smaller pair of models. (Earlier rounds measured once a rank at 155M / 310M params; this
+size lets every figure have 3 repetitions within the bench's time.)
 """
 
 from __future__ import annotations

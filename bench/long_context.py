@@ -21,10 +21,10 @@ The model is a random Llama sized for this machine (4 layers, hidden 128, 4 quer
 Llama-2's 32,000-token vocabulary, so the head and the loss (fused, 256 targets a chunk) are a real share;
 fp32, ZeRO-3 as configs/llama3-8b-32k-sp4-zero3.yaml, no gradient checkpointing. Each launch (one a layout
 and repetition) trains a 512-token warm-up step (the first all-to-alls; Adam's state and the gradient
-buffers are allocated there), then one step at each length, 4k, 8k, 16k (the memory figures: lengths ascend,
-so no step runs on heap a longer one left), then TIME_STEPS - 1 more at 16k (the time figure): the first
-tokens of the same 16k-token sequence, measured by bench/long_probe.py reading /proc in each rank. Launches alternate SP=1,
-SP=2, SP=2, SP=1, ..., 3 repetitions.
+buffers are allocated there), then one step at each length, 4k, 8k, 16k (the memory figures: lengths
+ascend, so no step runs on heap a longer one left), then TIME_STEPS - 1 more at 16k (the time figure): the
+first tokens of the same 16k-token sequence, measured by bench/long_probe.py reading /proc in each rank.
+Launches alternate SP=1, SP=2, SP=2, SP=1, ..., 3 repetitions.
 
 Why SP=2 is not at 0.5 (measured, 2026-12, issue 30):
 - The allocator. glibc's default malloc raises its mmap threshold to each freed mmapped block's size, so
