@@ -98,6 +98,7 @@ def ours(config, rep: int) -> dict:
     shutil.rmtree(cache / "reference", ignore_errors=True)  # every run computes its reference once
     phases = out.with_suffix(".phases.jsonl")
     phases.unlink(missing_ok=True)
+    phases.parent.mkdir(parents=True, exist_ok=True)
     argv = [PY, str(BENCH / "dpo_phases.py"), str(phases), "--config", str(config), f"output_dir={out}",
             f"data.cache_dir={cache}"]
     job = Job(argv, WORK / "logs" / f"dpo-trl-ours-{rep}.log", THREADS).start()
