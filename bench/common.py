@@ -196,6 +196,14 @@ def step_intervals(times: list[float], skip: int) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
+INTERVALS = 5  # the fewest step intervals a run's step-time figure is taken from
+
+
+def timed_steps(warmup: int, intervals: int = INTERVALS) -> int:
+    """Steps a run needs for `intervals` step intervals after its `warmup` steps (see step_intervals)."""
+    return warmup + intervals + 1
+
+
 def cpu_per_step(job: Job, times: list[float], skip: int) -> float:
     """CPU seconds (all ranks and the launcher) per steady-state step, between the end of step `skip` and
     the end of the last step."""

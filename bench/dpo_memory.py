@@ -11,10 +11,11 @@ from __future__ import annotations
 import shutil
 
 from common import (WORK, WORDS, Job, figure, median, ours_argv, read_jsonl, run_config, step_intervals,
-                    write_jsonl_dataset)
+                    timed_steps, write_jsonl_dataset)
 
 VOCAB = 151_936
-STEPS, WARMUP = 4, 2
+WARMUP = 2
+STEPS = timed_steps(WARMUP)  # INTERVALS step intervals a run after the warm-up
 
 
 def pairs_dataset():
@@ -55,7 +56,8 @@ def run(quick: bool) -> dict:
     for rep in range(reps):
         for chunk in ((0, 256) if rep % 2 == 0 else (256, 0)):
             runs[chunk].append(one_run(chunk, rep, f"dpo-cache-{chunk}"))
-    note = f"1 rank, ZeRO-2, DPO, vocab {VOCAB:,}, one pair (2 x ~1,000 tokens) a micro-step; {reps} alternating pairs"
+    note = (f"1 rank, ZeRO-2, DPO, vocab {VOCAB:,}, one pair (2 x ~1,000 tokens) a micro-step; {reps} alternating pairs"
+            f"; step time the median of a run's {STEPS - WARMUP - 1} step intervals after {WARMUP} warm-up steps")
 
     def pair(key: str) -> tuple[list, list]:
         return [r[key] for r in runs[256]], [r[key] for r in runs[0]]

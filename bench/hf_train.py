@@ -93,7 +93,8 @@ def random_model(cfg):
 
 
 def loss_log(path: str | None):
-    """A TrainerCallback writing {step, loss, time} per logged step to `path` (None: writes nothing)."""
+    """A TrainerCallback writing {step, loss, time} per logged step to `path` (None: writes nothing), and
+    "tokens" where the trainer logs num_tokens (TRL: the input tokens trained so far)."""
     from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
@@ -107,7 +108,8 @@ def loss_log(path: str | None):
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                self.write({"step": state.global_step, "loss": logs["loss"], "time": time.time()})
+                tokens = {"tokens": logs["num_tokens"]} if "num_tokens" in logs else {}
+                self.write({"step": state.global_step, "loss": logs["loss"], "time": time.time(), **tokens})
 
     return LossLog
 

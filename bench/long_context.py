@@ -13,24 +13,28 @@ training the whole sequence: the same sequence and the same global batch on each
    line; its worst residual is recorded). Linear because nothing here grows faster with the length: sdpa on
    the CPU runs its flash kernel (no length x length scores), the loss is the fused chunked one. Not a search
    by training at each length: a 32k-token step takes minutes on this machine. Target >= 1.8.
-3. Step time at 16,384 tokens, SP=2 / SP=1 (no target): each rank computes with one core (OMP_NUM_THREADS,
-   as every section), so SP=2 uses two cores where SP=1 uses one.
+3. Step time at 16,384 tokens, SP=2 / SP=1 (no target): the median of TIME_STEPS steps at that length a
+   launch (the slower rank's time each); each rank computes with one core (OMP_NUM_THREADS, as every
+   section), so SP=2 uses two cores where SP=1 uses one.
 
 The model is a random Llama sized for this machine (4 layers, hidden 128, 4 query / 2 key-value heads) with
 Llama-2's 32,000-token vocabulary, so the head and the loss (fused, 256 targets a chunk) are a real share;
 fp32, ZeRO-3 as configs/llama3-8b-32k-sp4-zero3.yaml, no gradient checkpointing. Each launch (one a layout
 and repetition) trains a 512-token warm-up step (the first all-to-alls; Adam's state and the gradient
-buffers are allocated there) and then one step at each length, 4k, 8k, 16k: the first tokens of the same
-16k-token sequence, measured by bench/long_probe.py reading /proc in each rank. Launches alternate SP=1,
-SP=2, SP=2, SP=1, ..., 3 repetitions.
+buffers are allocated there), then one step at each length, 4k, 8k, 16k (the memory figures: lengths
+ascend, so no step runs on heap a longer one left), then TIME_STEPS - 1 more at 16k (the time figure): the
+first tokens of the same 16k-token sequence, measured by bench/long_probe.py reading /proc in each rank.
+Launches alternate SP=1, SP=2, SP=2, SP=1, ..., 3 repetitions.
 
 Why SP=2 is not at 0.5 (measured, 2026-12, issue 30):
 - The allocator. glibc's default malloc raises its mmap threshold to each freed mmapped block's size, so
-  after the first step activations come from the heap and stay in RSS once freed. With it, the step
-  increment at 16k measured 1,130 MiB at SP=1 and 828 at SP=2 (0.73; total peaks 0.80): 250-290 MiB a rank
-  of freed-but-kept heap, more of SP=2's share. The jobs run with MALLOC_MMAP_THRESHOLD_=65536 (ALLOCATOR),
-  which makes RSS follow live memory (every step then starts at the same RSS, whatever ran before) and
-  costs some step time in page faults (both layouts alike).
+  after the first step activations come from the heap and stay in RSS once freed: RSS counts freed-but-kept
+  heap and fragmentation as well as what the step holds. The figures are measured with that default
+  allocator, what users get (the launcher sets no malloc tunable). An earlier round ran the jobs with
+  MALLOC_MMAP_THRESHOLD_=65536 (RSS then follows live memory), a setting no user run has: it measured the
+  reach at 2.04 where the default allocator gave 1.47, and the 16k step increment at 0.60 where the default
+  gave 0.73 (1,130 MiB at SP=1, 828 at SP=2: 250-290 MiB a rank of freed-but-kept heap, more of SP=2's
+  share). The accounting below is from that round, of live memory.
 - Per token SP=2 holds 0.52 of SP=1 (23.5 vs 44.9 MiB a 1k tokens): the tensors saved for backward halve
   (counted with saved_tensors_hooks at 8k: 198 vs 366 MiB), Ulysses' gathered q/k/v/output being the
   same bytes as the slices they came from; the 4 % above 0.5 is the attention output's second copy (after
@@ -62,11 +66,7 @@ VOCAB = 32_000
 MAIN, FIT = 16_384, (4_096, 8_192, 16_384)
 QUICK_MAIN, QUICK_FIT = 4_096, (1_024, 2_048, 4_096)
 WARMUP_TOKENS = 512  # step 1: the warm-up (first all-to-alls, Adam's state, gradient buffers), not measured
-# glibc's malloc raises its mmap threshold to the size of every mmapped block freed (up to 32 MiB), after
-# which activations (2-8 MiB tensors here) come from the heap and stay in it when freed: RSS then counts
-# freed blocks and fragmentation, not what the step holds. A fixed threshold keeps RSS close to live bytes
-# (what a GPU's allocated-memory figure would show); see the module docstring for the difference it makes.
-ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+TIME_STEPS = 5  # steps at the main length a launch, for its step time (the first is also its memory step)
 MiB = 2**20
 
 
@@ -81,26 +81,29 @@ def long_config(length: int, sp: int, steps: int = 2):
     # ~1.6 tokens a word with the shipped tokenizer: 12,000 words fill 16,384 tokens (rows are truncated to
     # max_length, so every step trains exactly `length` tokens).
     words = max(1_000, length * 3 // 4)
-    data = write_text_dataset(WORK / "data" / f"long-rows-8-w{words}.jsonl", rows=8, words_per_row=words, seed=7)
+    data = write_text_dataset(WORK / "data" / f"long-rows-16-w{words}.jsonl", rows=16, words_per_row=words, seed=7)
     return run_config(f"long-{length}-sp{sp}", model_config(length), data, max_length=length, micro=1, accum=1,
                       steps=steps, output_dir=WORK / "runs" / f"long-{length}-sp{sp}",
                       train={"zero_stage": 3, "loss_chunk_tokens": 256, "sequence_parallel": sp, "warmup_steps": 0})
 
 
 def one_run(lengths, sp: int, rep: int) -> dict:
-    """One launch: a warm-up step, then one step at each of `lengths` (ascending; the first tokens of the
-    same sequence); per length, per-rank memory and the step's time, from the probe's JSON."""
+    """One launch: a warm-up step, one step at each of `lengths` (ascending; the first tokens of the same
+    sequence), then TIME_STEPS - 1 more at the longest; per length, per-rank memory of its first step and the
+    median time of its steps (the slower rank's each), from the probe's JSON."""
     name = f"long-sp{sp}-{rep}"
     out, report = WORK / "runs" / name, WORK / "runs" / f"{name}.json"
     shutil.rmtree(out, ignore_errors=True)
-    tokens = ",".join(str(n) for n in (WARMUP_TOKENS, *lengths))
-    config = long_config(max(lengths), sp, steps=1 + len(lengths))
+    timed = (*lengths, *[lengths[-1]] * (TIME_STEPS - 1))
+    tokens = ",".join(str(n) for n in (WARMUP_TOKENS, *timed))
+    config = long_config(max(lengths), sp, steps=1 + len(timed))
     argv = torchrun(BENCH / "long_probe.py", [str(report), "--tokens", tokens, "--config", str(config),
                                                f"output_dir={out}"], nproc=sp)
-    Job(argv, WORK / "logs" / f"{name}.log", env_extra=ALLOCATOR).start().wait(900)
+    Job(argv, WORK / "logs" / f"{name}.log").start().wait(900)
     ranks = json.loads(report.read_text())["ranks"]
     shutil.rmtree(out, ignore_errors=True)
     report.unlink()
+    seconds = [max(r["steps"][i]["seconds"] for r in ranks) for i in range(1, 1 + len(timed))]
     result = {}
     for i, n in enumerate(lengths, start=1):
         # The step's peak above the rank's RSS when its engine was built (so it includes what the warm-up
@@ -112,7 +115,8 @@ def one_run(lengths, sp: int, rep: int) -> dict:
                                      for s, r in zip(step, ranks)) / MiB,
                      "base_mib": max(r["base"] for r in ranks) / MiB,
                      "rss_before_step_mib": max(s["rss_before"] for s in step) / MiB,
-                     "step_s": max(s["seconds"] for s in step)}
+                     "step_s": median([t for t, m in zip(seconds, timed) if m == n]),
+                     "steps_s": [t for t, m in zip(seconds, timed) if m == n]}
     return result
 
 
@@ -162,7 +166,7 @@ def run(quick: bool) -> dict:
                   for i in range(len(b))]
     setup = (f"one {main:,}-token sequence a step; SP=2: 2 ranks (DP=1), SP=1: 1 rank; ZeRO-3, fp32, 4-layer "
              f"hidden-128 Llama, vocab {VOCAB:,}, sdpa, fused loss (256); 3 alternating repetitions, medians; "
-             f"per rank (SP=2: the larger rank); glibc mmap threshold 64 KiB; lengths as steps of one launch "
+             f"per rank (SP=2: the larger rank); glibc's default malloc settings; lengths as steps of one launch "
              f"after a {WARMUP_TOKENS}-token warm-up")
     return {
         "figures": [
@@ -185,7 +189,8 @@ def run(quick: bool) -> dict:
             {"id": "long_step_time", "figure": f"step time at {main // 1024}k tokens, SP=2 / SP=1",
              "ours": median([r["step_s"] for r in a]), "baseline": median([r["step_s"] for r in b]), "unit": "s",
              "ratio": median(time_ratios), "reps": len(a), "spread": spread(time_ratios), "target": None, "met": None,
-             "note": setup + "; the step's wall time (the slower rank); one core a rank, so SP=2 computes on 2"},
+             "note": setup + f"; median of {TIME_STEPS} steps' wall times a launch (the slower rank's each); one core "
+                                    "a rank, so SP=2 computes on 2"},
         ],
         "cap_mib": cap,
         "fits": {f"sp{sp}": v for sp, v in longest.items()},

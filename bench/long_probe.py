@@ -12,9 +12,9 @@ objective's step is wrapped to read /proc around it.
 `--tokens`: step i trains only the first T_i tokens of each micro-batch it collates (0: all of them); the
 run's config sets as many steps. bench/long_context.py trains a short warm-up step (the first all-to-alls,
 ZeRO-3's trace of the modules, Adam's state, the gradient buffers: none depends on the length) and then one
-step at each measured length in one process, instead of one process a length; with a fixed glibc mmap
-threshold (its ALLOCATOR) every step starts from the same RSS, so a step's peak does not depend on the
-steps before it (the bench records `rss_before` to show it).
+step at each measured length in one process, instead of one process a length, ascending, so a step can
+reuse the heap a shorter one left but never runs on a longer one's; the bench records each step's
+`rss_before` to show what the steps before it left in RSS (glibc keeps freed heap).
 """
 import json
 import os

@@ -10,10 +10,11 @@ from __future__ import annotations
 import shutil
 
 from common import (WORK, Job, figure, median, ours_argv, read_jsonl, run_config, step_intervals,
-                    warm_cache, write_text_dataset)
+                    timed_steps, warm_cache, write_text_dataset)
 
 VOCAB = 151_936
-STEPS, WARMUP = 4, 2
+WARMUP = 2
+STEPS = timed_steps(WARMUP)  # INTERVALS step intervals a run after the warm-up
 
 
 def loss_config(chunk: int):
@@ -45,7 +46,8 @@ def run(quick: bool) -> dict:
     for rep in range(reps):
         for chunk in ((0, 256) if rep % 2 == 0 else (256, 0)):
             runs[chunk].append(one_run(chunk, rep))
-    note = f"1 rank, ZeRO-2, vocab {VOCAB:,}, 2,048 tokens a micro-step; {reps} alternating pairs; medians"
+    note = (f"1 rank, ZeRO-2, vocab {VOCAB:,}, 2,048 tokens a micro-step; {reps} alternating pairs; medians; step "
+            f"time the median of a run's {STEPS - WARMUP - 1} step intervals after {WARMUP} warm-up steps")
 
     def pair(key: str) -> tuple[list, list]:
         return [r[key] for r in runs[256]], [r[key] for r in runs[0]]

@@ -16,7 +16,7 @@ import json
 import shutil
 
 from common import (BENCH, WORK, Job, cpu_per_step, figure, llama, llama_params, log, long_rows, ours_argv,
-                    read_jsonl, run_config, step_intervals, steps_per_s, torchrun, warm_cache)
+                    read_jsonl, run_config, step_intervals, steps_per_s, timed_steps, torchrun, warm_cache)
 
 WARMUP = 3
 TARGET = 0.98      # ours steps/s >= 98 % of the bare loop's ("under 2 % step time")
@@ -55,7 +55,7 @@ def run_bare(config, steps: int, loss: str, rep: int) -> tuple[float, float]:
 
 def run(quick: bool) -> dict:
     reps, measured = (1, 6) if quick else (3, 8)
-    steps = WARMUP + 1 + measured
+    steps = timed_steps(WARMUP, measured)
     out_dir = WORK / "runs" / "overhead"
     config = loop_config(steps, out_dir)
     warm_cache(config)

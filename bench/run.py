@@ -16,7 +16,7 @@ noisy; absolute times are not stable), from medians of interleaved repetitions:
  11. verify        resume hashing, 2 ranks sharing vs 1 process alone      (bench/verify_split.py)
  12. mixture       a mixture's resume at sample 5M vs 0; order RSS vs rows  (bench/mixture.py)
  13. dpo           DPO peak RSS and step time, chunked log-probs vs full     (bench/dpo_memory.py)
- 14. dpo-trl       DPO steps/s and peak RSS vs TRL's DPOTrainer             (bench/dpo_trl.py)
+ 14. dpo-trl       DPO tokens/s, peak RSS, phases vs TRL's DPOTrainer      (bench/dpo_trl.py)
  15. long          per-rank RSS, reach, step time: SP=2 vs SP=1 at 16k     (bench/long_context.py)
 
 Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick). Every

@@ -1,16 +1,19 @@
 """TRL's DPOTrainer, the contender of `bench/dpo_trl.py`, in one process on the CPU.
 
 It reads a ds-finetune DPO run config so both sides do the same work: the same inline model (built from the
-same seed), the same pairs file (TRL tokenizes it itself with the same tokenizer and max_length), the same
+same seed), the same pairs file (TRL tokenizes it itself with the same tokenizer and max_length; a string
+prompt gets the bos token ds-finetune starts it with, so both train the same tokens), the same
 micro batch (pairs), grad accumulation, optimizer settings (torch AdamW), LR schedule, beta and loss type,
 fp32 (TRL defaults to bf16 autocast), and the reference log-probs precomputed before training
 (`precompute_ref_log_probs=True`, no reference model kept). With --deepspeed, the DeepSpeed config
 ds-finetune generates for the run is handed to the Trainer.
 
-Appends one JSON line per optimizer step to --steps-log: {"step", "loss", "time"} (time at the step's end,
-as ds-finetune's metrics.jsonl).
+Appends one JSON line per optimizer step to --steps-log: {"step", "loss", "time", "tokens"} (time at the
+step's end, as ds-finetune's metrics.jsonl; tokens: TRL's num_tokens, the input tokens trained so far, as
+metrics.jsonl's). With --phases, the time of each micro-step's phases goes there (bench/dpo_phases.py).
 
     python bench/trl_dpo_train.py --config RUN.yaml --out DIR --steps-log steps.jsonl [--deepspeed]
+                                  [--phases phases.jsonl]
 """
 
 import argparse
@@ -19,6 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dpo_phases import Clock, time_trl  # noqa: E402
 from hf_train import loss_log, random_model, trainer_settings  # noqa: E402
 
 
@@ -28,6 +32,7 @@ def parse_args():
     p.add_argument("--out", required=True, help="Trainer output_dir")
     p.add_argument("--steps-log", required=True, help="per-step JSONL")
     p.add_argument("--deepspeed", action="store_true", help="hand the run's DeepSpeed config to the Trainer")
+    p.add_argument("--phases", default=None, help="JSONL of each micro-step's phase times (bench/dpo_phases.py)")
     return p.parse_args()
 
 
@@ -42,7 +47,11 @@ def main():
 
     cfg = load_config(args.config, [])
     micro, accum, _ = cfg.batch_layout(1)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
     rows = [json.loads(line) for line in Path(cfg.data.path).read_text().splitlines() if line.strip()]
+    if tokenizer.bos_token is not None and tokenizer("a")["input_ids"][0] != tokenizer.bos_token_id:
+        # ds-finetune starts a string prompt with bos (data/preference.py); TRL tokenizes it as given
+        rows = [dict(r, prompt=tokenizer.bos_token + r["prompt"]) for r in rows]
     model = random_model(cfg)
     dpo_args = trl.DPOConfig(
         output_dir=args.out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
@@ -50,9 +59,11 @@ def main():
         beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type], label_smoothing=cfg.dpo.label_smoothing,
         max_length=cfg.data.max_length, precompute_ref_log_probs=True,
         deepspeed=zero_config_for_run(cfg, 1) if args.deepspeed else None, **trainer_settings(cfg))
-    trainer = trl.DPOTrainer(model=model, args=dpo_args, processing_class=load_tokenizer(cfg.model.tokenizer),
+    trainer = trl.DPOTrainer(model=model, args=dpo_args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(rows), callbacks=[loss_log(args.steps_log)()])
+    done = time_trl(Clock(args.phases), trainer) if args.phases else lambda: None
     trainer.train()
+    done()
 
 
 if __name__ == "__main__":
