@@ -132,20 +132,21 @@ def register_host_memory(buffer: torch.Tensor) -> None:
         raise RuntimeError(f"cudaHostRegister of {buffer.numel()} bytes failed")
 
 
-def device_storage_sizes(obj, seen: set | None = None) -> list[int]:
-    """The byte sizes of the distinct non-CPU storages in a state dict (what a snapshot copies from a GPU)."""
+def storage_sizes(obj, seen: set | None = None) -> list[int]:
+    """The byte sizes of the distinct storages in a state dict: what a snapshot copies into the pool (host
+    tensors too, e.g. offloaded optimizer state; the cap bounds the pinned part)."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
-        if obj.device.type == "cpu" or key in seen:
+        if key in seen:
             return []
         seen.add(key)
         return [storage.nbytes()]
     if isinstance(obj, dict):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
-        return [n for v in obj for n in device_storage_sizes(v, seen)]
+        return [n for v in obj for n in storage_sizes(v, seen)]
     return []
 
 
@@ -174,7 +175,7 @@ class DeviceCopy:
 
     def run(self, copy, storages: list[int]):
         """`copy(host_buffer)` on the copy stream, returning once its copies are complete; `storages`: the
-        sizes of the device storages it will copy."""
+        sizes of the storages it will copy."""
         if self.saved is None:
             return copy(None)
         # The current CUDA device is per thread and a new thread's is device 0: without this, on every
@@ -221,7 +222,7 @@ class BackgroundWrite:
                 memo: dict = {}  # one copy of a storage that several files share
                 self.files = self.device_copy.run(
                     lambda host_buffer: [(path, snapshot(state, memo, host_buffer)) for path, state in self.files],
-                    device_storage_sizes([state for _, state in self.files]))
+                    storage_sizes([state for _, state in self.files]))
             finally:
                 self.copied.set()  # also on failure: the error is reported at the commit
             for i, (path, state) in enumerate(self.files):
