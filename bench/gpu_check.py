@@ -138,7 +138,7 @@ def check_host_syncs() -> dict:
     import torch
 
     from ds_finetune.device_batch import to_device
-    from ds_finetune.dpo import DPOLoss, Precomputed
+    from ds_finetune.objectives.dpo import DPOLoss, Precomputed
     from ds_finetune.loss import ChunkedLoss
     from test_dpo import Engine
     from test_loss import tiny_model

@@ -7,7 +7,8 @@ Memory is the kernel's per-process accounting: VmRSS when the engine is built (m
 the "base"), the high-water mark VmHWM up to the first step (imports, model, engine: the "startup" peak),
 and for every step VmRSS just before it and VmHWM during it, reset before each step (Linux clear_refs 5), so
 a step's peak is its own and not an earlier step's. Nothing of the training path is replaced: the
-objective's step is wrapped to read /proc around it.
+objective's step is wrapped to read /proc around it (and a shortened step runs the objective with its loss
+function taking the first tokens of each micro-batch).
 
 `--tokens`: step i trains only the first T_i tokens of each micro-batch it collates (0: all of them); the
 run's config sets as many steps. bench/long_context.py trains a short warm-up step (the first all-to-alls,
@@ -23,9 +24,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ds_finetune import objective as objective_module  # noqa: E402
 from ds_finetune import train  # noqa: E402
 from ds_finetune.device_batch import facts_of  # noqa: E402
 from ds_finetune.dist import all_gather, barrier  # noqa: E402
@@ -49,31 +51,34 @@ class MeasuredStep:
     def __getattr__(self, name):
         return getattr(self.objective, name)
 
-    def step(self, engine, units, step: int):
+    def step(self, engine, units, step: int, before_update=None):
         if self.startup_peak is None:
             self.startup_peak = status_bytes("VmHWM")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         rss = status_bytes("VmRSS")
         tokens = self.tokens[len(self.steps)] if len(self.steps) < len(self.tokens) else 0
+        objective = replace(self.objective, loss_fn=Shortened(self.objective.loss_fn, tokens)) if tokens \
+            else self.objective
         t0 = time.perf_counter()
-        result = self.short_step(engine, units, step, tokens) if tokens else self.objective.step(engine, units, step)
+        result = objective.step(engine, units, step, before_update)
         seconds = time.perf_counter() - t0
         self.steps.append({"tokens": tokens, "rss_before": rss, "peak": status_bytes("VmHWM"), "seconds": seconds})
         return result
 
-    def short_step(self, engine, units, step: int, tokens: int):
-        """The objective's step on the first `tokens` tokens of every micro-batch it collates."""
-        collate = objective_module.collate
 
-        def shortened(*args, **kwargs):  # the host's facts of the shortened tensors, read from them (CPU)
-            batch = collate(*args, **kwargs)
-            cut = type(batch)(*(t[:, :tokens] if hasattr(t, "shape") else None for t in batch))
-            return cut._replace(facts=facts_of(cut.labels, position_ids=cut.position_ids))
-        objective_module.collate = shortened
-        try:
-            return self.objective.step(engine, units, step)
-        finally:
-            objective_module.collate = collate
+class Shortened:
+    """The objective's loss function on the first `tokens` tokens of every micro-batch (the host's facts of
+    the shortened tensors read from them: CPU)."""
+
+    def __init__(self, loss_fn, tokens: int):
+        self.loss_fn, self.tokens = loss_fn, tokens
+
+    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, facts=None, **kwargs):
+        def cut(t):
+            return t[:, :self.tokens] if isinstance(t, torch.Tensor) else None
+        labels, position_ids = cut(labels), cut(position_ids)
+        return self.loss_fn(engine, cut(input_ids), cut(attention_mask), labels, position_ids,
+                            facts_of(labels, position_ids=position_ids), **kwargs)
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ for the stage-independent copy (`meta.json`), so one `restore_rng` reads both.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 import random
 import re
@@ -252,6 +254,29 @@ def on_cuda() -> bool:
     machine must not create CUDA contexts)."""
     from deepspeed.accelerator import get_accelerator
     return get_accelerator().device_name() == "cuda"
+
+
+@contextmanager
+def rng_untouched():
+    """Whatever the block draws, every RNG of this rank is where it was before it afterwards."""
+    rng = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(rng)
+
+
+@contextmanager
+def frozen_eval(module):
+    """`module` in eval mode (no dropout), no graph, every RNG put back afterwards: a forward pass that leaves
+    training exactly as it would have been without it (evaluation, a reference pass)."""
+    training = module.training
+    module.eval()
+    try:
+        with rng_untouched(), torch.no_grad():
+            yield
+    finally:
+        module.train(training)
 
 
 def restore_rng(state: dict) -> None:

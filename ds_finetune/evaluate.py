@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ds_finetune.data import MixedData, TokenizedData, prepare_data, prepare_sources
-from ds_finetune.data.packing import pair_units
-from ds_finetune.dist import capture_rng, restore_rng, sum_over_ranks
+from ds_finetune.data import MixedData, TokenizedData, group_indices, group_units, prepare_data, prepare_sources
+from ds_finetune.dist import frozen_eval, sum_over_ranks
 
 
 def held_out_rows(num_rows: int, fraction: float, seed: int, groups: np.ndarray | None = None
@@ -44,11 +43,8 @@ class Evaluator:
     micro_batch_size: int
     max_batches: int        # per group
     every_steps: int
-    rank: int               # under sequence parallelism: the data-parallel rank and size (a group shares rows)
+    rank: int               # the data-parallel rank and size (ranks that share sequences share rows)
     world: int
-    pad_id: int
-    counts_targets: bool = True  # one rank of a sequence-parallel group counts its rows' targets
-    pairs: bool = False     # data.format preference: rows are pair indices
     names: tuple = ()       # eval.sources: each group's name (eval_loss/<name>); empty: one unnamed group
 
     def due(self, step: int, total_steps: int) -> bool:
@@ -60,24 +56,18 @@ class Evaluator:
         return min(n, self.max_batches) if self.max_batches else n
 
     def evaluate(self, engine, objective) -> dict[str, float]:
-        """`eval_loss` (the mean token loss over the eval rows, and `eval_ppl`; for DPO the mean pair loss),
-        `eval_loss/<name>` of each named source, and the objective's other metrics `eval_<name>` (every rank
-        calls this at the same step)."""
-        rng, module = capture_rng(), engine.module
-        module.eval()
-        try:
-            with torch.no_grad():
-                group_sums = [self._run_group(engine, objective, rows) for rows in self.groups]
-        finally:
-            module.train()
-            restore_rng(rng)
+        """`eval_loss` (the objective's loss over the eval rows: the mean token loss, and then `eval_ppl`; for
+        DPO the mean pair loss), `eval_loss/<name>` of each named source, and the objective's other metrics
+        `eval_<name>` (every rank calls this at the same step)."""
+        with frozen_eval(engine.module):
+            group_sums = [self._run_group(engine, objective, rows) for rows in self.groups]
         # One all-reduce: each group's loss sum, each group's target count, then the objective's sums.
         n, names = len(self.groups), list(dict.fromkeys(k for _, _, sums in group_sums for k in sums))
         totals = sum_over_ranks([*(loss for loss, _, _ in group_sums), *(count for _, count, _ in group_sums),
                                  *(sum(sums.get(k, 0) for _, _, sums in group_sums) for k in names)])
         losses, counts, others = totals[:n], totals[n:2 * n], totals[2 * n:]
         scores = {"eval_loss": sum(losses) / sum(counts)}
-        if not self.pairs:  # a pair's loss is no token loss: no perplexity
+        if objective.perplexity:  # a mean token loss (a pair's loss is not)
             scores["eval_ppl"] = math.exp(min(scores["eval_loss"], 50.0))
         scores |= {f"eval_loss/{name}": loss / count for name, loss, count in zip(self.names, losses, counts) if count}
         return {**scores, **{f"eval_{k}": v / sum(counts) for k, v in zip(names, others)}}
@@ -91,19 +81,20 @@ class Evaluator:
             units = self.units(mine if len(mine) else rows[:1])
             batch_loss, batch_count, batch_sums = objective.eval_batch(engine, self.data, units, bool(len(mine)))
             loss_sum += batch_loss  # stays on the device
-            count += batch_count if self.counts_targets else 0
+            count += batch_count
             sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
         return loss_sum, count, sums
 
     def units(self, rows: np.ndarray) -> np.ndarray:
-        """Eval units of `rows`: one row each, or with `pairs` a pair's two rows (rows are pair indices)."""
-        return pair_units(rows) if self.pairs else rows.reshape(-1, 1)
+        """Eval units of `rows`: one row each, or where the data's rows come in groups (a preference pair) a
+        group's rows (`rows` are then group indices)."""
+        k = self.data.rows_per_unit
+        return group_units(rows, k) if k > 1 else rows.reshape(-1, 1)
 
 
-def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=None, counts_targets: bool = True):
+def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=None):
     """(Evaluator or None, the rows to train on or None for all). `say` reports waits for the eval data.
-    Under sequence parallelism `rank` and `world` are the data-parallel rank and size, and one rank of each
-    group `counts_targets`."""
+    `rank` and `world`: the data-parallel rank and size."""
     e = cfg.eval
     if not e.enabled:
         return None, None
@@ -112,7 +103,7 @@ def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=No
         bases = eval_data.bases
         evaluator = Evaluator(eval_data, tuple(np.arange(bases[s], bases[s + 1]) for s in range(len(e.sources))),
                               e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches, e.every_steps, rank,
-                              world, tok.pad_token_id, counts_targets, names=tuple(eval_data.names))
+                              world, names=tuple(eval_data.names))
         return evaluator, None
     if e.path is not None:
         eval_data = prepare_data(cfg.data.model_copy(update={"path": e.path, "sources": None}), tok, say=say)
@@ -120,12 +111,11 @@ def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=No
     else:
         eval_data = data
         turns = cfg.data.format == "chat" and cfg.data.chat_turns == "last"
-        pairs = cfg.data.format == "preference"  # a pair's rows share its row id: whole pairs are held out
+        grouped = data.rows_per_unit > 1  # a group's rows (a pair's) share its row id: whole groups are held out
         train_rows, eval_rows = held_out_rows(data.num_rows, e.fraction, cfg.train.seed,
-                                              groups=np.asarray(data.row_ids) if turns or pairs else None)
-    pairs = cfg.data.format == "preference"
-    if pairs:  # pair indices (pair p is rows 2p, 2p+1)
-        eval_rows = eval_rows[eval_rows % 2 == 0] // 2
+                                              groups=np.asarray(data.row_ids) if turns or grouped else None)
+    if eval_data.rows_per_unit > 1:
+        eval_rows = group_indices(eval_data.num_rows, eval_rows, eval_data.rows_per_unit)
     evaluator = Evaluator(eval_data, (eval_rows,), e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches,
-                          e.every_steps, rank, world, tok.pad_token_id, counts_targets, pairs)
+                          e.every_steps, rank, world)
     return evaluator, train_rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ds_finetune.config import RunConfig
 from ds_finetune.data_config import SOURCE_FIELDS, DataConfig
+from ds_finetune.objectives import fingerprint_settings
 
 
 # The chunked loss's implementation (ds_finetune/loss.py), in the fingerprint of chunked runs only: one
@@ -38,9 +39,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             # Tiles sum the MLP's weight gradients in another order; only when on, so older checkpoints match.
             **({"train.tiled_mlp": True} if cfg.train.tiled_mlp else {}),
             "eval.fraction": cfg.eval.fraction,  # which rows are trained on
-            # Only in DPO runs, so SFT checkpoints from before the objective existed still match.
-            **({"train.objective": "dpo", "dpo": cfg.dpo.model_dump(mode="json")}
-               if cfg.train.objective == "dpo" else {}),
+            **fingerprint_settings(cfg),  # the objective's name and section (none for SFT)
             "train.optimizer": {k: getattr(cfg.train, k) for k in (
                 "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
                 "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},

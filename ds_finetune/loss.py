@@ -1,5 +1,5 @@
 """The summed token loss of a micro-batch, without ever holding the logits of every position (the
-optimizer step that normalises it by the global batch's target tokens is `objective.train_step`).
+optimizer step that normalises it by the global batch's target tokens is `objectives.accumulate`).
 
 The full path (`train.loss_chunk_tokens: 0`) takes the model's logits for every position, copies them to
 fp32 and takes a log-softmax: ~10 bytes x tokens x vocabulary, which for a 150k vocabulary and 8k tokens is
@@ -80,7 +80,7 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
     chunk (the full path sums all rows inside one matmul; `_add_weight_grad`).
 
     An fp16 head: fp16 flushes values below ~6e-8 to zero, so backward's incoming gradient (the loss scale
-    times train_step's normalisation) must multiply the softmax before the cast, as it does in the full
+    times accumulate's normalisation) must multiply the softmax before the cast, as it does in the full
     path's fp32 logits. It is not known yet, so `grad_scale` (its expected value) is applied here and
     divided out in backward; grad_W and grad_bias then stay fp32 until backward has scaled them."""
     n, fp32_head = targets.numel(), weight.dtype == hidden.dtype == torch.float32
@@ -164,7 +164,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     Checkpointing each chunk (recomputing its logits in backward) costs one more head matmul per token;
     here the forward does the three matmuls the full path does (logits, grad of hidden, grad of the
     weight) while the chunk's logits exist, and keeps only the gradients (the size of hidden and of the
-    weight). Backward scales them by the incoming scalar gradient (train_step's normalisation, a loss
+    weight). Backward scales them by the incoming scalar gradient (accumulate's normalisation, a loss
     scale); the weight's gradient is returned for the weight input, so it reaches the parameter through
     autograd as any layer's does (ZeRO's gradient hooks see it)."""
 
@@ -397,6 +397,6 @@ def make_loss_fn(model, chunk_tokens: int):
     """(engine, input_ids, attention_mask, labels, position_ids=None, facts=None, grad_scale=1.0, shifted=False,
     token_losses=None) -> summed token loss of the micro-batch; `facts`: the batch's HostFacts (read back from
     the labels where None); `grad_scale` is the gradient backward will
-    bring to that sum (see `train_step`); `shifted`: the labels are already aligned with the positions they
+    bring to that sum (see `objectives.accumulate`); `shifted`: the labels are already aligned with the positions they
     are targets of; `token_losses`, a buffer of one float per target token, receives each one's loss."""
     return full_loss_sum if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens)

@@ -13,7 +13,7 @@ into whole sequences of 1/SP of the heads (the model's attention implementation 
 the positions) and back. The fused chunked loss then runs on the slice's targets, so each token's loss is
 computed on exactly one rank; the sum over every rank is the global batch's summed loss. DeepSpeed sums
 gradients over the SP group and averages them over DP, except ZeRO-3 (it divides by DP x SP), and
-`objective.train_step` cancels whichever division it makes (`ds_internals.gradient_averaging_ranks`). So a
+`objectives.accumulate` cancels whichever division it makes (`ds_internals.gradient_averaging_ranks`). So a
 step at SP=2 computes the loss and the gradient of SP=1 (to float noise).
 
 ZeRO partitions over all ranks (DeepSpeed's sequence-data-parallel group), so a checkpoint's files do not
@@ -45,10 +45,10 @@ class SequenceGroup:
     dp_rank: int
 
     @classmethod
-    def of(cls, sp: int, world: int, rank: int) -> "SequenceGroup":
-        if world % sp:
-            raise UserError(f"config error: train.sequence_parallel={sp} does not divide the world size {world}")
-        return cls(sp, rank % sp, world // sp, rank // sp)
+    def of(cls, cfg, world: int, rank: int) -> "SequenceGroup":
+        """This rank's place for the run config; a world size SP does not divide is a one-line UserError."""
+        sp = cfg.train.sequence_parallel
+        return cls(sp, rank % sp, cfg.data_parallel_size(world), rank // sp)
 
 
 def layout_line(sp: int, world: int, max_length: int) -> str:
@@ -87,6 +87,11 @@ def shard(batch: Batch, rank: int, size: int, pad_id: int) -> Batch:
     part = slice(rank * n, (rank + 1) * n)
     return Batch(input_ids[:, part].contiguous(), None, shifted[:, part].contiguous(),
                  position_ids[:, part].contiguous(), facts)
+
+
+def sharded(loss_fn, group: SequenceGroup, ulysses, pad_id: int):
+    """The loss function a rank of `group` trains with: `loss_fn` itself without sequence parallelism."""
+    return loss_fn if group.size == 1 else ShardedLoss(loss_fn, group, ulysses, pad_id)
 
 
 class ShardedLoss:
@@ -175,7 +180,10 @@ _registered: dict = {}
 
 def attach(model, sp: int, micro_batch_size: int, isolate: bool = False):
     """Register Ulysses for the model's attention (every call of that implementation in this process is
-    sequence-parallel from now on) and return (mpu for deepspeed.initialize, the Ulysses module)."""
+    sequence-parallel from now on) and return (mpu for deepspeed.initialize, the Ulysses module); (None, None)
+    without sequence parallelism (sp 1)."""
+    if sp == 1:
+        return None, None
     # DeepSpeed is imported here, not at the top: `ds-finetune train --dry-run` checks the layout with this
     # module without paying DeepSpeed's import (seconds, and its accelerator line on stdout).
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF

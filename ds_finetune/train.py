@@ -27,24 +27,21 @@ from ds_finetune.checkpoint.layout import TrainState
 from ds_finetune.config import RunConfig, load_config
 from ds_finetune.config_text import split_resume_arg
 from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, MixedData, MixtureOrder, TokenizedData, epoch_order,
-                              load_tokenizer, prepare_training_data, unit_tokens)
+                              load_tokenizer, mix_change_message, prepare_training_data, unit_tokens)
 from ds_finetune.dist import (barrier, decide, init_distributed, on_cuda, seed_everything, set_deterministic,
                               sum_over_ranks)
 from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
 from ds_finetune.checkpoint.export import write_hf_files
-from ds_finetune.objective import SFT, StepResult, source_metrics
-from ds_finetune.dpo import DPO
-from ds_finetune.reference import dpo_objective
 from ds_finetune.faults import fault_point, unfired_fault
 from ds_finetune.fingerprint import config_fingerprint
-from ds_finetune.loss import make_loss_fn
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
 from ds_finetune.model import build_engine, build_model, check_isolated_packing, param_group_names
 from ds_finetune.nodes import check_shared_checkpoint_dir
 from ds_finetune.rendezvous import Rendezvous, scratch_folder
 from ds_finetune.sampler import BatchLayout
-from ds_finetune.sequence import SequenceGroup, ShardedLoss, attach
+from ds_finetune.objectives import Objective, ObjectiveParts, StepResult, build_objective
+from ds_finetune.sequence import SequenceGroup, attach
 from ds_finetune.zero import zero_config_for_run
 
 
@@ -72,7 +69,7 @@ class Run:
     """What the loop needs, fixed for the whole run."""
     cfg: RunConfig
     engine: DeepSpeedEngine
-    objective: SFT | DPO
+    objective: Objective
     data: TokenizedData | MixedData
     order: EpochOrder | MixtureOrder
     layout: BatchLayout
@@ -117,9 +114,8 @@ def setup(args) -> tuple[Run, TrainState]:
         resume.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
     if is_main and data.truncated_pairs:
         resume.say(f"truncated {data.truncated_pairs} pairs to data.max_length/max_prompt_length (the prompt's end kept)")
-    group = SequenceGroup.of(cfg.train.sequence_parallel, world, rank)  # DP x SP; SP=1: every rank its own
-    evaluator, train_rows = build_evaluator(cfg, tok, data, group.dp_rank, group.dp_size, say,
-                                            counts_targets=group.rank == 0)
+    group = SequenceGroup.of(cfg, world, rank)  # DP x SP; SP=1: every rank its own
+    evaluator, train_rows = build_evaluator(cfg, tok, data, group.dp_rank, group.dp_size, say)
     order = epoch_order(cfg, data, train_rows)
 
     check_shared_checkpoint_dir(cfg.checkpoint_dir, rank, world)
@@ -137,7 +133,7 @@ def setup(args) -> tuple[Run, TrainState]:
     if isolate:
         check_isolated_packing(model, layout.micro_batch_size)
     # Ulysses replaces the model's attention function before the engine exists (its groups are the mpu).
-    mpu, ulysses = attach(model, group.size, layout.micro_batch_size, isolate) if group.size > 1 else (None, None)
+    mpu, ulysses = attach(model, group.size, layout.micro_batch_size, isolate)
     resume.load_converted_weights(plan, model)  # a checkpoint of another stage or world size, before the engine
     engine = build_engine(model, cfg, ds_config, total_steps, mpu=mpu)
     # Dropout RNG: rank r draws from seed + r (a rank a resumed run did not have gets the same rule).
@@ -149,22 +145,19 @@ def setup(args) -> tuple[Run, TrainState]:
                                 trainable_only=cfg.model.lora is not None,
                                 export_to=Path(cfg.output_dir) / "final_model" if cfg.checkpoint.export_final else None,
                                 export_dtype=cfg.model.dtype)
-    if cfg.train.objective == "dpo":  # a precomputed reference is computed here, before a checkpoint is loaded
-        objective = dpo_objective(cfg, engine, model, ds_config, data, evaluator, layout, tok.pad_token_id, rank,
-                                  world, checkpointer.before_update, plan.converted is None, say)
-    else:
-        loss_fn = make_loss_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens)
-        if group.size > 1:  # each rank computes the loss of its slice of every sequence
-            loss_fn = ShardedLoss(loss_fn, group, ulysses, tok.pad_token_id)
-        objective = SFT(data, layout, loss_fn, tok.pad_token_id, isolate, rank, checkpointer.before_update,
-                        sources=tuple(data.names) if isinstance(data, MixedData) else (), data_rank=group.dp_rank)
+    # Built before a checkpoint is loaded: a precomputed DPO reference is computed from the base's weights.
+    objective = build_objective(ObjectiveParts(cfg, engine, model, ds_config, data, evaluator and evaluator.data,
+                                               layout, tok.pad_token_id, rank, world, group, ulysses,
+                                               plan.converted is None, say))
     # What this run is, saved with every checkpoint (differs from a resumed checkpoint's only under
     # --allow-config-change).
     identity = dict(seed=cfg.train.seed, global_batch=layout.global_batch, data_format_version=DATA_FORMAT_VERSION,
                     fingerprint=plan.fingerprint)
     state = replace(resume.apply(plan, checkpointer, rank), **identity)
     if is_main and isinstance(order, MixtureOrder) and plan.source is not None:
-        say_mix_change(order, state)
+        change = mix_change_message(order, state.mix, state.step)
+        if change:
+            resume.say(change)
     if cfg.logging.wandb is not None:
         state.wandb_run_id = state.wandb_run_id or secrets.token_hex(4)  # rank 0's is the one saved
     if is_main:
@@ -173,31 +166,25 @@ def setup(args) -> tuple[Run, TrainState]:
     return Run(cfg, engine, objective, data, order, layout, total_steps, rank, checkpointer, evaluator), state
 
 
-def say_mix_change(order: MixtureOrder, state: TrainState) -> None:
-    changes = order.position(state.mix, state.step).get("changed_at", [])
-    if changes:
-        resume.say(f"the data mix changed at step {', '.join(map(str, changes))}; weights now "
-                   + ", ".join(f"{n}={w:g}" for n, w in order.weights.items()))
-
-
 # ------------------------------------------------------------------------------------------------ step
 
 @dataclass(frozen=True)
 class StepOutcome:
     """What every rank agrees on after a step, through one all-reduce."""
-    loss_sum: float        # summed token losses of the global batch
+    loss: float            # the step's loss: summed over the global batch / the objective's normaliser
     stop: bool             # some rank was asked to stop (SIGTERM/SIGINT)
     time_to_save: bool     # rank 0's clock says `every_minutes` have passed
     writing: bool          # some rank's background checkpoint write is still running
-    source_sums: list      # a mixture: summed token losses per source (StepResult.source_targets' order)
-    sums: dict             # the objective's other metrics (StepResult.sums), summed over the global batch
+    metrics: dict          # the objective's metrics of the global batch (StepResult.sums and .counts)
 
 
 def agree_on_step(result: StepResult, signum: int, time_to_save: bool, writing: bool) -> StepOutcome:
-    names, n = list(result.sums), len(result.source_sums)
-    loss_sum, stop, time_up, still_writing, *rest = sum_over_ranks(
-        [result.loss_sum, signum, time_to_save, writing, *result.source_sums, *(result.sums[k] for k in names)])
-    return StepOutcome(loss_sum, stop > 0, time_up > 0, still_writing > 0, rest[:n], dict(zip(names, rest[n:])))
+    names = list(result.sums)
+    loss_sum, stop, time_up, still_writing, *sums = sum_over_ranks(
+        [result.loss_sum, signum, time_to_save, writing, *(result.sums[k][0] for k in names)])
+    metrics = {k: total / result.sums[k][1] for k, total in zip(names, sums) if result.sums[k][1]}
+    return StepOutcome(loss_sum / result.normaliser, stop > 0, time_up > 0, still_writing > 0,
+                       {**metrics, **result.counts})
 
 
 class StopSignal:
@@ -227,16 +214,15 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
         if batch is None:  # train.epochs are done
             break
         lr = run.engine.get_lr()[0]
-        result = run.objective.step(run.engine, batch.units, state.step + 1)
+        result = run.objective.step(run.engine, batch.units, state.step + 1, run.checkpointer.before_update)
         fault_point("after_step", run.rank, state.step + 1)
         outcome = agree_on_step(result, stop.signum, run.checkpointer.time_due(), run.checkpointer.writing())
 
         step_tokens = unit_tokens(run.data, batch.units)
         state.advance(batch.position, gb, step_tokens)
-        record = {"step": state.step, "loss": outcome.loss_sum / result.targets, "lr": lr, "epoch": state.epoch,
+        record = {"step": state.step, "loss": outcome.loss, "lr": lr, "epoch": state.epoch,
                   "consumed_samples": state.consumed_samples, "tokens": state.tokens, "time": time.time(),
-                  **source_metrics(result.source_targets, outcome.source_sums),
-                  **{k: v / result.targets for k, v in outcome.sums.items()}}
+                  **outcome.metrics}
         if cfg.logging.sample_ids:
             record["sample_ids"] = run.order.sample_ids(batch.units)
         if run.evaluator is not None and run.evaluator.due(state.step, run.total_steps):

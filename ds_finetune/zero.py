@@ -48,7 +48,7 @@ def build_zero_config(
         zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu,
                      "reduce_bucket_size": bucket, "allgather_bucket_size": 500_000_000})
     if stage == 3:
-        # reduce_scatter is DeepSpeed's default, written out because train_step's gradient scale under
+        # reduce_scatter is DeepSpeed's default, written out because accumulate's gradient scale under
         # sequence parallelism depends on it (gradient_averaging_ranks).
         zero.update({"contiguous_gradients": True, "overlap_comm": on_gpu, "reduce_bucket_size": bucket,
                      "reduce_scatter": True,

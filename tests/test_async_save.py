@@ -96,12 +96,13 @@ def test_the_copy_is_taken_before_wait_until_copied_returns_and_training_may_the
 
 
 def test_train_step_waits_for_a_background_copy_only_before_the_step_that_updates():
-    from ds_finetune.objective import train_step
+    from ds_finetune.objectives import accumulate
 
     calls = []
 
     class Engine:  # DeepSpeed's accumulation: step() updates on every grad_accum-th micro-batch
-        device, micro_steps = "cpu", 0
+        device, micro_steps, global_rank = "cpu", 0, 0
+        seq_dp_world_size, sequence_parallel_size = 1, 1  # one rank: gradients averaged over 1
 
         def backward(self, loss):
             calls.append("backward")
@@ -119,7 +120,7 @@ def test_train_step_waits_for_a_background_copy_only_before_the_step_that_update
     def loss_fn(engine, *batch, grad_scale=1.0):
         return torch.tensor(1.0)
 
-    train_step(Engine(), loss_fn, [[torch.zeros(1)]] * 3, global_targets=3, grad_accum=3, averaged_over=1,
+    accumulate(Engine(), loss_fn, [[torch.zeros(1)]] * 3, normaliser=3, step=1,
                before_update=lambda: calls.append("wait"))
     assert calls == ["backward", "step", "backward", "step", "backward", "wait", "update"]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import harness
 from ds_finetune.config import load_config
 from ds_finetune.data import IGNORE_INDEX, EpochOrder, load_tokenizer, prepare_data
-from ds_finetune.dpo import METRICS, AdaptersOff, DPOLoss, Precomputed, collate_pairs, dpo_loss
+from ds_finetune.objectives.dpo import METRICS, AdaptersOff, DPOLoss, Precomputed, collate_pairs, dpo_loss
 from ds_finetune.errors import UserError
 from ds_finetune.loss import ChunkedLoss, full_sequence_logps, fused_sequence_logps
 from host_syncs import recording_host_syncs
@@ -46,7 +46,7 @@ def test_pairs_are_consecutive_rows_with_the_completion_as_targets(tmp_path):
         assert chosen.strip() in completion
         if isinstance(row["chosen"], str):  # strings end with eos, as prompt_completion's do
             assert c_ids[-1] == tok.eos_token_id and r_ids[-1] == tok.eos_token_id
-    units = EpochOrder(data, 1, False, 128, pairs=True).units(0)
+    units = EpochOrder(data, 1, False, 128).units(0)
     assert units.shape == (len(rows), 2) and (units[:, 1] == units[:, 0] + 1).all() and (units[:, 0] % 2 == 0).all()
 
 
@@ -209,7 +209,7 @@ def test_a_dpo_step_reads_nothing_back_from_the_device(tmp_path, reference):
     from the model with its adapters off: no value of a tensor is read back (tests/host_syncs.py)."""
     cfg = config(tmp_path)
     data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer))
-    batch = collate_pairs(data, EpochOrder(data, 1, False, 128, pairs=True).units(0)[:3], 2)
+    batch = collate_pairs(data, EpochOrder(data, 1, False, 128).units(0)[:3], 2)
     model = tiny_model("model.config.attention_dropout=0.0")
     if reference == "precomputed":
         ref_fn, logps_fn = Precomputed(np.linspace(-9, -1, data.num_rows)), ChunkedLoss(model, 5).sequence_logps

@@ -18,7 +18,7 @@ from ds_finetune.errors import UserError
 from ds_finetune.evaluate import build_evaluator, held_out_rows
 from ds_finetune.loss import full_loss_sum
 from ds_finetune.model import build_model
-from ds_finetune.objective import SFT
+from ds_finetune.objectives.sft import SFT
 
 
 def eval_file(tmp_path, rows=13, name="chat"):
@@ -122,7 +122,7 @@ def scores_of(tmp_path, overrides):
     assert train_rows is None  # named sources or eval.path: every training row is trained on
     seed_everything(cfg.train.seed)
     model = build_model(cfg, {})
-    objective = SFT(None, None, full_loss_sum, tok.pad_token_id, False, 0, None)
+    objective = SFT(None, None, full_loss_sum, tok.pad_token_id, False, 0)
     return evaluator, evaluator.evaluate(Engine(model), objective), model
 
 

@@ -53,7 +53,7 @@ def assert_close(actual, expected, rel):
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_loss_and_gradients_equal_the_reference(chunk, bias):
     h, w, b, t = inputs(bias=bias)
-    scale = 0.37  # what train_step's normalisation does to the incoming gradient
+    scale = 0.37  # what accumulate's normalisation does to the incoming gradient
     ref_loss, ref_grads = loss_and_grads(reference, h, w, b, t, scale)
     loss, grads = loss_and_grads(lambda *a: fused_linear_cross_entropy(*a, chunk), h, w, b, t, scale)
     assert loss.dtype == torch.float32

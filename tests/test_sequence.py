@@ -122,7 +122,7 @@ def test_world_is_data_parallel_times_sequence_parallel():
     assert cfg.data_parallel_size(4) == 2
     assert cfg.batch_layout(4) == (4, 1, 8)   # global batch in sequences: 4 x 1 x 2 groups
     assert cfg.batch_layout(2) == (4, 2, 8)
-    assert [SequenceGroup.of(2, 4, r) for r in range(4)] == [
+    assert [SequenceGroup.of(cfg, 4, r) for r in range(4)] == [
         SequenceGroup(2, 0, 2, 0), SequenceGroup(2, 1, 2, 0), SequenceGroup(2, 0, 2, 1), SequenceGroup(2, 1, 2, 1)]
 
 

@@ -21,16 +21,17 @@ from pathlib import Path
 
 from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_cache, cache_path,
                                     ensure_cache, read_cache, read_meta, tokenizer_fingerprint)
-from ds_finetune.data.mixture import MixedData, MixtureOrder
-from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, HostFacts, StepBatch, collate, plan_units,
-                                      unit_targets, unit_tokens)
+from ds_finetune.data.mixture import MixedData, MixtureOrder, SourceLosses, mix_change_message
+from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, HostFacts, StepBatch, collate, group_indices,
+                                      group_units, plan_units, unit_targets, unit_tokens)
 from ds_finetune.data.sources import content_hash, resolve_data_files
 from ds_finetune.errors import UserError
 from ds_finetune.hashing import memo_dir
 
 __all__ = ["DATA_FORMAT_VERSION", "IGNORE_INDEX", "EpochOrder", "HostFacts", "MixedData", "MixtureOrder",
-           "StepBatch", "TokenizedData", "build_cache", "cache_path", "collate", "content_hash", "ensure_prepared",
-           "epoch_order", "load_tokenizer", "plan_units", "prepare_data", "prepare_sources", "prepare_training_data",
+           "SourceLosses", "StepBatch", "TokenizedData", "build_cache", "cache_path", "collate", "content_hash",
+           "ensure_prepared", "epoch_order", "group_indices", "group_units", "load_tokenizer", "mix_change_message",
+           "plan_units", "prepare_data", "prepare_sources", "prepare_training_data",
            "read_cache", "read_meta", "resolve_data_files", "tokenizer_fingerprint", "unit_targets", "unit_tokens"]
 
 
@@ -54,7 +55,12 @@ def prepare_data(data_cfg, tok, say=None) -> TokenizedData:
     """Every rank's view of the tokenized data. Usually prepared already (by the CLI before the launch);
     else the first rank to get the lock builds it while the others wait on the file, not on a collective."""
     path, data_hash, _ = ensure_prepared(data_cfg, tok, progress=periodic_progress(say) if say else None, say=say)
-    return read_cache(path, data_hash)
+    return read_cache(path, data_hash, rows_per_unit(data_cfg.format))
+
+
+def rows_per_unit(data_format: str) -> int:
+    """How the format's rows group into units: a preference pair is two rows (chosen, then rejected)."""
+    return 2 if data_format == "preference" else 1
 
 
 def prepare_training_data(data_cfg, tok, say=None) -> TokenizedData | MixedData:
@@ -77,7 +83,7 @@ def epoch_order(cfg, data, train_rows=None) -> EpochOrder | MixtureOrder:
     if d.is_mixture:
         return MixtureOrder(data, [s.weight for s in d.sources], cfg.train.seed, d.packs, d.max_length)
     return EpochOrder(data, cfg.train.seed, d.packs, d.max_length, rows=train_rows, epochs=cfg.train.epochs,
-                      label=d.path, pairs=d.format == "preference")
+                      label=d.path)
 
 
 def periodic_progress(say, every_s: float = 10.0):

@@ -48,11 +48,12 @@ class TokenizedData:
     token is never a target, so a pack's target count is the sum of its rows' (docs/design.md, "Loss")."""
 
     def __init__(self, arrays: dict, content_hash: str, skipped_rows: int, truncated_pairs: int = 0,
-                 path: Path | None = None):
+                 path: Path | None = None, rows_per_unit: int = 1):
         self.input_ids, self.target_mask, self.offsets = arrays["input_ids"], arrays["target_mask"], arrays["offsets"]
         self.lengths, self.row_targets, self.row_ids = arrays["lengths"], arrays["row_targets"], arrays["row_ids"]
         self.content_hash, self.skipped_rows, self.truncated_pairs = content_hash, skipped_rows, truncated_pairs
         self.path = path  # the cache folder (a DPO run's precomputed reference lies beside it)
+        self.rows_per_unit = rows_per_unit  # rows that form one unit of the order (a preference pair: 2)
 
     @property
     def num_rows(self) -> int:
@@ -176,10 +177,11 @@ def _write_arrays(data_cfg, tok, files, folder: Path, progress, heartbeat) -> di
             **({"truncated_pairs": truncated} if data_cfg.format == "preference" else {})}
 
 
-def read_cache(path: Path, data_hash: str) -> TokenizedData:
+def read_cache(path: Path, data_hash: str, rows_per_unit: int = 1) -> TokenizedData:
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
     meta = json.loads((path / "meta.json").read_text())
-    return TokenizedData(arrays, data_hash, int(meta["skipped_rows"]), int(meta.get("truncated_pairs", 0)), path)
+    return TokenizedData(arrays, data_hash, int(meta["skipped_rows"]), int(meta.get("truncated_pairs", 0)), path,
+                         rows_per_unit)
 
 
 def read_meta(path: Path) -> dict:

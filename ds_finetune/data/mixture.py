@@ -42,6 +42,7 @@ class MixedData:
 
     def __init__(self, names: list[str], parts: list[TokenizedData]):
         self.names, self.parts = names, parts
+        self.rows_per_unit = 1  # a mixture's sources are rows (or packs)
         self.bases = np.cumsum([0] + [p.num_rows for p in parts])
         id_base = np.cumsum([0] + [int(p.row_ids[-1]) + 1 for p in parts]).tolist()
         zero = [0] * len(parts)
@@ -181,3 +182,50 @@ class MixtureOrder:
             packs += 1
         return packs
 
+
+
+def mix_change_message(order: MixtureOrder, mix: dict, step: int) -> str | None:
+    """What a resume says when the weights changed (--allow-config-change) at some step of the run."""
+    changes = order.position(mix, step).get("changed_at", [])
+    if not changes:
+        return None
+    return (f"the data mix changed at step {', '.join(map(str, changes))}; weights now "
+            + ", ".join(f"{n}={w:g}" for n, w in order.weights.items()))
+
+
+class SourceLosses:
+    """A mixture's loss per source in a training step, for metrics.jsonl: `loss/<name>` (the global-token mean
+    over the source's targets in the step; absent when it had none) and `tokens/<name>` (those targets).
+    The loss functions write each target token's loss into a buffer (`buffers`), which is added up by the
+    source of its sequence on the device."""
+
+    def __init__(self, data: MixedData):
+        self.data = data
+
+    def buffers(self, micro_batches: list, device) -> list:
+        """One buffer a micro-batch, for each of its target tokens' losses (row-major)."""
+        import torch
+        return [torch.empty(int(b.facts.targets.sum()), dtype=torch.float32, device=device) for b in micro_batches]
+
+    def metrics(self, units, mine: list, micro_batches: list, token_losses: list, device) -> tuple[dict, dict]:
+        """(StepResult.sums, StepResult.counts) of the step over the global batch `units`, of which this
+        rank trained the micro-batches `micro_batches` of the units `mine`."""
+        import torch
+        from ds_finetune.device_batch import host_to_device
+        sums = torch.zeros(len(self.data.names), dtype=torch.float64, device=device)
+        for units_of_batch, batch, losses in zip(mine, micro_batches, token_losses):
+            sequence_of_token = np.nonzero(batch.facts.targets)[0]
+            source = host_to_device(self._sources(units_of_batch)[sequence_of_token], device)
+            sums.index_add_(0, source, losses.double())
+        targets = self.targets(units)
+        return ({f"loss/{n}": (sums[s], targets[n]) for s, n in enumerate(self.data.names)},
+                {f"tokens/{n}": targets[n] for n in self.data.names})
+
+    def targets(self, units) -> dict:
+        """Each source's target tokens in `units`."""
+        per_unit = [int(np.sum(self.data.row_targets[u])) for u in units]
+        counts = np.bincount(self._sources(units), weights=per_unit, minlength=len(self.data.names))
+        return {name: int(n) for name, n in zip(self.data.names, counts)}
+
+    def _sources(self, units) -> np.ndarray:
+        return self.data.source_of([int(u[0]) for u in units])  # a unit's rows are of one source

@@ -43,17 +43,15 @@ class StepBatch:
 class EpochOrder:
     """The units (rows or packs) of each epoch in order; planned once per epoch, O(1) to index after.
     `rows`: the rows trained on (all of them unless some are held out for evaluation). The position is
-    (epoch, offset); `train.epochs` ends the run (`batch` returns None). With `pairs` (data.format
-    preference: pair p is rows 2p and 2p+1) the order is over pairs and a unit is a pair's two rows,
-    chosen first."""
+    (epoch, offset); `train.epochs` ends the run (`batch` returns None). Where the data's rows come in groups
+    (`data.rows_per_unit` k > 1: a preference pair's chosen and rejected rows) the order is over groups and
+    a unit is a group's k rows."""
 
     def __init__(self, data: TokenizedData, seed: int, packing: bool, max_length: int, rows: np.ndarray | None = None,
-                 epochs: int | None = None, label: str = "data.path", pairs: bool = False):
+                 epochs: int | None = None, label: str = "data.path"):
         self.data, self.seed, self.packing, self.max_length = data, seed, packing, max_length
-        self.epochs, self.label, self.pairs = epochs, label, pairs
-        if pairs:  # the pairs' first rows, as pair indices
-            rows = (np.arange(0, data.num_rows, 2) if rows is None else rows[np.asarray(rows) % 2 == 0]) // 2
-        self.rows = rows
+        self.epochs, self.label, self.k = epochs, label, data.rows_per_unit
+        self.rows = rows if self.k == 1 else group_indices(data.num_rows, rows, self.k)
         self._epoch, self._units = None, None
 
     def total_steps(self, train, global_batch: int) -> int:
@@ -84,7 +82,7 @@ class EpochOrder:
 
     @property
     def num_rows(self) -> int:
-        """Rows (pairs, with `pairs`) in the order."""
+        """Rows (groups of rows, where the data's rows come in groups) in the order."""
         return self.data.num_rows if self.rows is None else len(self.rows)
 
     def units(self, epoch: int) -> list[np.ndarray]:
@@ -93,18 +91,24 @@ class EpochOrder:
             if self.rows is not None:
                 order = self.rows[order]
             self._epoch = epoch
-            self._units = pair_units(order) if self.pairs else plan_units(self.data, order, self.packing,
-                                                                          self.max_length)
+            self._units = (group_units(order, self.k) if self.k > 1
+                           else plan_units(self.data, order, self.packing, self.max_length))
         return self._units
 
     def sample_ids(self, units) -> list[int]:
-        """The dataset row ids of `units` (one per pair with `pairs`), for metrics.jsonl."""
-        return [int(x) for u in units for x in self.data.row_ids[u[:1] if self.pairs else u]]
+        """The dataset row ids of `units` (one per group, where rows come in groups), for metrics.jsonl."""
+        return [int(x) for u in units for x in self.data.row_ids[u[:1] if self.k > 1 else u]]
 
 
-def pair_units(pairs: np.ndarray) -> np.ndarray:
-    """Units of preference pairs: rows (2p, 2p+1), chosen first."""
-    return np.stack([2 * pairs, 2 * pairs + 1], axis=1)
+def group_indices(num_rows: int, rows: np.ndarray | None, k: int) -> np.ndarray:
+    """The groups of k rows (group g is rows k*g .. k*g + k-1) among `rows` (all rows where None)."""
+    firsts = np.arange(0, num_rows, k) if rows is None else np.asarray(rows)[np.asarray(rows) % k == 0]
+    return firsts // k
+
+
+def group_units(groups: np.ndarray, k: int) -> np.ndarray:
+    """Units of groups of k rows: group g is rows k*g .. k*g + k-1 (a preference pair: chosen, rejected)."""
+    return k * np.asarray(groups)[:, None] + np.arange(k)
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,13 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from ds_finetune.data import EpochOrder, prepare_data  # noqa: E402
-from ds_finetune.dist import init_distributed, seed_everything  # noqa: E402
-from ds_finetune.ds_internals import gradient_averaging_ranks  # noqa: E402
-from ds_finetune.loss import make_loss_fn  # noqa: E402
-from ds_finetune.objective import train_step  # noqa: E402
-from ds_finetune.model import build_engine, build_model  # noqa: E402
 from ds_finetune.config import load_config  # noqa: E402
-from ds_finetune.data import collate, load_tokenizer, unit_targets  # noqa: E402
+from ds_finetune.data import EpochOrder, load_tokenizer, prepare_data  # noqa: E402
+from ds_finetune.dist import init_distributed, seed_everything  # noqa: E402
+from ds_finetune.model import build_engine, build_model  # noqa: E402
+from ds_finetune.objectives import ObjectiveParts, build_objective  # noqa: E402
 from ds_finetune.sampler import BatchLayout  # noqa: E402
-from ds_finetune.sequence import SequenceGroup, ShardedLoss, attach  # noqa: E402
+from ds_finetune.sequence import SequenceGroup, attach  # noqa: E402
 from ds_finetune.zero import zero_config_for_run  # noqa: E402
 
 out_dir, splits = Path(sys.argv[1]), sys.argv[2:]
@@ -59,19 +56,14 @@ for split in splits:
     tok = load_tokenizer(cfg.model.tokenizer)
     data = prepare_data(cfg.data, tok)
     order = EpochOrder(data, cfg.train.seed, False, cfg.data.max_length)
-    group = SequenceGroup.of(cfg.train.sequence_parallel, world, rank)
+    group = SequenceGroup.of(cfg, world, rank)
     layout = BatchLayout(micro, accum, group.dp_size)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, ds_config)
-    loss_fn = make_loss_fn(model, cfg.train.loss_chunk_tokens)
-    mpu = None
-    if group.size > 1:
-        mpu, ulysses = attach(model, group.size, micro)
-        loss_fn = ShardedLoss(loss_fn, group, ulysses, 2)
+    mpu, ulysses = attach(model, group.size, micro)
     engine = build_engine(model, cfg, ds_config, 1, mpu=mpu)
-    units = order.units(0)
-    targets = unit_targets(data, units[layout.step_slice(0)])
-    batches = [collate(data, units[layout.micro_slice(0, m, group.dp_rank)], 2) for m in range(accum)]
+    objective = build_objective(ObjectiveParts(cfg, engine, model, ds_config, data, None, layout, 2, rank, world,
+                                               group, ulysses, True, print))
     def full_fp32(p):  # ZeRO 0 has no fp32 master copy apart from the (fp32) parameter itself
         return (safe_get_full_fp32_param(p) if cfg.train.zero_stage > 0 else p).detach().clone().contiguous()
 
@@ -82,13 +74,13 @@ for split in splits:
         squares = sum(safe_get_full_grad(p).double().square().sum() for p in engine.module.parameters())
         grad["norm"] = squares.sqrt().item()
 
-    local, _ = train_step(engine, loss_fn, batches, targets, accum, gradient_averaging_ranks(engine),
-                          before_update=gradient_norm)
+    result = objective.step(engine, order.units(0)[:layout.global_batch], 1, before_update=gradient_norm)
+    local = result.loss_sum
     dist.all_reduce(local)
     weights = {n: full_fp32(p) for n, p in engine.module.named_parameters()}
     if rank == 0:
         save_file(weights, str(out_dir / f"w{world}-{split}.safetensors"))
         save_file(initial, str(out_dir / f"init{world}-{split}.safetensors"))
-        (out_dir / f"loss{world}-{split}.json").write_text(json.dumps([float(local) / targets, grad["norm"]]))
+        (out_dir / f"loss{world}-{split}.json").write_text(json.dumps([float(local) / result.normaliser, grad["norm"]]))
     dist.barrier()
 os._exit(0)

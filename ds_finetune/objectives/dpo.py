@@ -5,7 +5,7 @@ counts pairs. A micro-batch of B pairs runs as one forward of 2B sequences, the 
 concatenated batch), and its per-sequence summed target log-probs come from the fused chunked head
 (`loss.fused_sequence_logps`; no logits for every position at once). The reference log-probs are the
 base's: with LoRA the same model with its adapters disabled (no second model), else precomputed once
-before training (`reference.py`) and read by row.
+before training (`dpo_reference.py`) and read by row.
 
 The loss and metrics are TRL's (DPOTrainer, f-divergence reverse KL), per pair, with
 d = (policy - reference log-prob of chosen) - (the same of rejected):
@@ -27,11 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ds_finetune import lora
 from ds_finetune.data import IGNORE_INDEX, HostFacts, TokenizedData, collate
 from ds_finetune.device_batch import facts_of, host_to_device, to_device
-from ds_finetune.ds_internals import gradient_averaging_ranks
-from ds_finetune.faults import fault_point
-from ds_finetune.objective import StepResult, train_step
+from ds_finetune.dist import rng_untouched, seed_everything
+from ds_finetune.loss import make_sequence_logps_fn
+from ds_finetune.model import build_model
+from ds_finetune.objectives import ObjectiveParts, StepResult, accumulate
 from ds_finetune.sampler import BatchLayout
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -112,7 +114,7 @@ class FrozenModel:
 
 
 class Precomputed:
-    """Reference log-probs computed once before training (`reference.py`), one float per cache row."""
+    """Reference log-probs computed once before training (`dpo_reference.py`), one float per cache row."""
 
     def __init__(self, values: np.ndarray):
         self.values = values
@@ -125,7 +127,7 @@ class Precomputed:
 
 @dataclass(frozen=True)
 class DPOLoss:
-    """A micro-batch's summed pair losses and metric sums (train_step's loss_fn contract)."""
+    """A micro-batch's summed pair losses and metric sums (accumulate's loss_fn contract)."""
     logps_fn: Callable   # (engine, input_ids, attention_mask, labels, facts) -> [2B] summed target log-probs
     reference: Callable  # (engine, input_ids, attention_mask, labels, rows, facts) -> [2B], no graph
     beta: float
@@ -144,32 +146,71 @@ class DPOLoss:
 
 @dataclass(frozen=True)
 class DPO:
-    """The DPO objective: `step` as SFT's, over pairs; the loss is the mean pair loss of the global batch."""
+    """The DPO objective: SFT's step over pairs; the loss is the mean pair loss of the global batch."""
+    metric_names = METRICS
+    perplexity = False  # a pair's loss is no token loss
+
     data: TokenizedData
     layout: BatchLayout
     loss_fn: DPOLoss
     pad_id: int
-    rank: int
-    before_update: Callable
+    share: int  # which share of the global batch this rank takes (its data-parallel rank)
     eval_loss_fn: DPOLoss | None = None  # with the eval data's reference, where it has its own (eval.path)
 
-    def step(self, engine, units: np.ndarray, step: int) -> StepResult:
+    def step(self, engine, units: np.ndarray, step: int, before_update=None) -> StepResult:
         layout = self.layout
-        micro_batches = [collate_pairs(self.data, units[layout.micro_slice(0, m, self.rank)], self.pad_id)
+        micro_batches = [collate_pairs(self.data, units[layout.micro_slice(0, m, self.share)], self.pad_id)
                          for m in range(layout.grad_accum)]
         pairs = layout.global_batch
-        loss_sum, sums = train_step(engine, self.loss_fn, micro_batches, pairs, layout.grad_accum,
-                                    gradient_averaging_ranks(engine),
-                                    after_micro_step=lambda: fault_point("mid_accum", self.rank, step),
-                                    before_update=self.before_update)
-        return StepResult(loss_sum, pairs, sums=dict(zip(METRICS, sums)))
+        loss_sum, sums = accumulate(engine, self.loss_fn, micro_batches, pairs, step, before_update)
+        return StepResult(loss_sum, pairs, sums={name: (value, pairs) for name, value in zip(METRICS, sums)})
 
     def eval_batch(self, engine, data: TokenizedData, units: np.ndarray, counted: bool
                    ) -> tuple[torch.Tensor, int, dict]:
-        """(summed pair loss, pairs, metric sums) of eval pairs; a batch not `counted` runs the same forwards
-        and counts nothing."""
         batch = collate_pairs(data, units, self.pad_id)
         loss_fn = self.eval_loss_fn if data is not self.data and self.eval_loss_fn is not None else self.loss_fn
         loss_sum, sums = loss_fn(engine, *to_device(batch, engine.device))
         weight = 1.0 if counted else 0.0
         return loss_sum.double() * weight, len(units) if counted else 0, dict(zip(METRICS, sums * weight))
+
+
+def build(parts: ObjectiveParts) -> DPO:
+    """The DPO objective of a run: its loss with the reference that fits (adapters off, a frozen copy of the
+    base, or precomputed while the engine holds the base's weights, i.e. before a checkpoint is loaded)."""
+    from ds_finetune.objectives.dpo_reference import stored_reference
+
+    cfg, d = parts.cfg, parts.cfg.dpo
+    logps_fn = make_sequence_logps_fn(lora.hf_model(parts.model), cfg.train.loss_chunk_tokens)
+
+    def objective(reference, eval_reference=None) -> DPO:
+        def loss(ref):
+            return DPOLoss(logps_fn, ref, d.beta, d.loss_type, d.label_smoothing)
+        return DPO(parts.data, parts.layout, loss(reference), parts.pad_id, parts.group.dp_rank,
+                   loss(eval_reference) if eval_reference is not None else None)
+
+    if cfg.model.lora is not None:
+        return objective(AdaptersOff(logps_fn))
+    if d.reference == "model":
+        return objective(frozen_base(cfg, parts.ds_config))
+    own_eval = parts.eval_data is not None and parts.eval_data is not parts.data  # eval.path: its own reference
+    eval_reference = stored_reference(parts, logps_fn, parts.eval_data) if own_eval else None
+    return objective(stored_reference(parts, logps_fn, parts.data), eval_reference)
+
+
+def frozen_base(cfg, ds_config: dict) -> FrozenModel:
+    """The base model again (built from the same seed, so an inline config draws the same weights), as an
+    engine without an optimizer: ZeRO 3 partitions it like the policy, a lower stage keeps it whole on every
+    rank (as TRL does). Every RNG is put back: the policy's dropout draws what it would without it."""
+    import deepspeed
+
+    config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        config["zero_optimization"] = {"stage": 0}
+    with rng_untouched():
+        seed_everything(cfg.train.seed)
+        base = build_model(cfg, config)
+        base.eval()
+        base.requires_grad_(False)
+        ref_engine, *_ = deepspeed.initialize(model=base, config=config)
+        ref_engine.eval()
+    return FrozenModel(ref_engine, make_sequence_logps_fn(base, cfg.train.loss_chunk_tokens))

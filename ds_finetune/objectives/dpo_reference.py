@@ -1,4 +1,4 @@
-"""The DPO objective's setup and, without LoRA, its reference log-probs computed once before training.
+"""DPO's reference log-probs stored before training (`dpo.reference: precomputed`, without LoRA).
 
 With LoRA the reference is the model with its adapters disabled (`dpo.AdaptersOff`). Without LoRA it is
 the base model before any step: every pair's summed target log-probs are computed in one pass over the
@@ -26,66 +26,25 @@ import shutil
 import uuid
 from pathlib import Path
 
-import deepspeed
 import numpy as np
-import torch
 
-from ds_finetune import lora
+from ds_finetune.data import group_units
 from ds_finetune.device_batch import to_device
-from ds_finetune.dist import barrier, capture_rng, decide, restore_rng, seed_everything
-from ds_finetune.dpo import DPO, AdaptersOff, DPOLoss, FrozenModel, Precomputed, collate_pairs
+from ds_finetune.dist import barrier, decide, frozen_eval
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
 from ds_finetune.files import fsync_dir
-from ds_finetune.loss import make_sequence_logps_fn
-from ds_finetune.model import build_model
+from ds_finetune.objectives import ObjectiveParts
+from ds_finetune.objectives.dpo import Precomputed, collate_pairs
 
 REFERENCE_VERSION = 1  # bump when the stored values would change
 
 
-def dpo_objective(cfg, engine, model, ds_config: dict, data, evaluator, layout, pad_id: int, rank: int, world: int,
-                  before_update, weights_are_base: bool, say) -> DPO:
-    """The DPO objective of a run: its loss with the reference that fits (adapters off, a frozen copy of the
-    base, or precomputed while `weights_are_base`, i.e. before a checkpoint's weights are loaded)."""
-    logps_fn = make_sequence_logps_fn(lora.hf_model(model), cfg.train.loss_chunk_tokens)
-    d = cfg.dpo
-
-    def loss(reference):
-        return DPOLoss(logps_fn, reference, d.beta, d.loss_type, d.label_smoothing)
-
-    if cfg.model.lora is not None:
-        return DPO(data, layout, loss(AdaptersOff(logps_fn)), pad_id, rank, before_update)
-    if d.reference == "model":
-        return DPO(data, layout, loss(frozen_base(cfg, ds_config)), pad_id, rank, before_update)
-    block = cfg.train.micro_batch_size
-
-    def reference_of(dataset):
-        return Precomputed(reference_logps(cfg, engine, logps_fn, dataset, block, pad_id, rank, world,
-                                           weights_are_base, say))
-    eval_loss = None
-    if evaluator is not None and evaluator.data is not data:
-        eval_loss = loss(reference_of(evaluator.data))
-    return DPO(data, layout, loss(reference_of(data)), pad_id, rank, before_update, eval_loss)
-
-
-def frozen_base(cfg, ds_config: dict) -> FrozenModel:
-    """The base model again (built from the same seed, so an inline config draws the same weights), as an
-    engine without an optimizer: ZeRO 3 partitions it like the policy, a lower stage keeps it whole on every
-    rank (as TRL does). Every RNG is put back: the policy's dropout draws what it would without it."""
-    config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
-    if config.get("zero_optimization", {}).get("stage") != 3:
-        config["zero_optimization"] = {"stage": 0}
-    rng = capture_rng()
-    try:
-        seed_everything(cfg.train.seed)
-        base = build_model(cfg, config)
-        base.eval()
-        base.requires_grad_(False)
-        ref_engine, *_ = deepspeed.initialize(model=base, config=config)
-        ref_engine.eval()
-    finally:
-        restore_rng(rng)
-    return FrozenModel(ref_engine, make_sequence_logps_fn(base, cfg.train.loss_chunk_tokens))
+def stored_reference(parts: ObjectiveParts, logps_fn, data) -> Precomputed:
+    """The reference of `data`'s pairs read from disk, computed first where it is not there (blocks of
+    `train.micro_batch_size` pairs)."""
+    return Precomputed(reference_logps(parts.cfg, parts.engine, logps_fn, data, parts.cfg.train.micro_batch_size,
+                                       parts.pad_id, parts.rank, parts.world, parts.weights_are_base, parts.say))
 
 
 def reference_key(cfg, data, block: int) -> str:
@@ -131,23 +90,17 @@ def _compute(engine, logps_fn, data, block: int, pad_id: int, rank: int, world: 
     todo = [r for r in range(rounds) if r not in done]
     if rank == 0:
         say(f"computing the reference log-probs of {n_pairs} pairs ({len(done)} of {rounds} rounds done before)")
-    rng, module = capture_rng(), engine.module
-    module.eval()
-    try:
-        with torch.no_grad():
-            for r in todo:
-                b = r * world + rank
-                pairs = np.arange(b * block, min(n_pairs, (b + 1) * block)) if b < n_blocks else np.arange(1)
-                units = np.stack([2 * pairs, 2 * pairs + 1], axis=1)
-                batch = collate_pairs(data, units, pad_id)
-                inputs = to_device(batch[:3], engine.device)
-                values = logps_fn(engine, *inputs, batch.facts).float().cpu().numpy()
-                if b < n_blocks:  # else a forward only to keep ZeRO-3's gathers in step
-                    _write_block(partial / f"block-{b:08d}.npy", batch.rows, values)
-                fault_point("mid_reference", rank, r + 1)
-    finally:
-        module.train()
-        restore_rng(rng)
+    with frozen_eval(engine.module):
+        for r in todo:
+            b = r * world + rank
+            pairs = np.arange(b * block, min(n_pairs, (b + 1) * block)) if b < n_blocks else np.arange(1)
+            units = group_units(pairs, 2)
+            batch = collate_pairs(data, units, pad_id)
+            inputs = to_device(batch[:3], engine.device)
+            values = logps_fn(engine, *inputs, batch.facts).float().cpu().numpy()
+            if b < n_blocks:  # else a forward only to keep ZeRO-3's gathers in step
+                _write_block(partial / f"block-{b:08d}.npy", batch.rows, values)
+            fault_point("mid_reference", rank, r + 1)
     barrier()
 
 
