@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import harness
 from ds_finetune.config import load_config
-from ds_finetune.data import IGNORE_INDEX, EpochOrder, load_tokenizer, prepare_data
-from ds_finetune.objectives.dpo import METRICS, AdaptersOff, DPOLoss, Precomputed, collate_pairs, dpo_loss
+from ds_finetune.data import IGNORE_INDEX, EpochOrder, collate_pairs, load_tokenizer, prepare_data
+from ds_finetune.objectives.dpo import METRICS, AdaptersOff, DPOLoss, Precomputed, dpo_loss
 from ds_finetune.errors import UserError
 from ds_finetune.loss import ChunkedLoss, full_sequence_logps, fused_sequence_logps
 from host_syncs import recording_host_syncs

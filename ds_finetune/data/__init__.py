@@ -22,17 +22,18 @@ from pathlib import Path
 from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_cache, cache_path,
                                     ensure_cache, read_cache, read_meta, tokenizer_fingerprint)
 from ds_finetune.data.mixture import MixedData, MixtureOrder, SourceLosses, mix_change_message
-from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, HostFacts, StepBatch, collate, group_indices,
-                                      group_units, plan_units, unit_targets, unit_tokens)
+from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, HostFacts, PairBatch, StepBatch, collate,
+                                      collate_pairs, group_indices, group_units, plan_units, unit_targets, unit_tokens)
 from ds_finetune.data.sources import content_hash, resolve_data_files
 from ds_finetune.errors import UserError
 from ds_finetune.hashing import memo_dir
 
-__all__ = ["DATA_FORMAT_VERSION", "IGNORE_INDEX", "EpochOrder", "HostFacts", "MixedData", "MixtureOrder",
-           "SourceLosses", "StepBatch", "TokenizedData", "build_cache", "cache_path", "collate", "content_hash",
-           "ensure_prepared", "epoch_order", "group_indices", "group_units", "load_tokenizer", "mix_change_message",
-           "plan_units", "prepare_data", "prepare_sources", "prepare_training_data",
-           "read_cache", "read_meta", "resolve_data_files", "tokenizer_fingerprint", "unit_targets", "unit_tokens"]
+__all__ = ["DATA_FORMAT_VERSION", "EpochOrder", "HostFacts", "IGNORE_INDEX", "MixedData", "MixtureOrder",
+           "PairBatch", "SourceLosses", "StepBatch", "TokenizedData", "build_cache", "cache_path", "collate",
+           "collate_pairs", "content_hash", "ensure_prepared", "epoch_order", "group_indices", "group_units",
+           "load_tokenizer", "mix_change_message", "plan_units", "prepare_data", "prepare_sources",
+           "prepare_training_data", "read_cache", "read_meta", "resolve_data_files", "tokenizer_fingerprint",
+           "unit_targets", "unit_tokens"]
 
 
 def locate(data_cfg, tok) -> tuple[list[Path] | None, str, Path]:

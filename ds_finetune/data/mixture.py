@@ -207,15 +207,15 @@ class SourceLosses:
         import torch
         return [torch.empty(int(b.facts.targets.sum()), dtype=torch.float32, device=device) for b in micro_batches]
 
-    def metrics(self, units, mine: list, micro_batches: list, token_losses: list, device) -> tuple[dict, dict]:
+    def metrics(self, units, mine: list, micro_batches: list, token_losses: list, to_device) -> tuple[dict, dict]:
         """(StepResult.sums, StepResult.counts) of the step over the global batch `units`, of which this
-        rank trained the micro-batches `micro_batches` of the units `mine`."""
+        rank trained the micro-batches `micro_batches` of the units `mine`. `to_device(array)`: host values
+        on the losses' device without waiting for it (device_batch.host_to_device)."""
         import torch
-        from ds_finetune.device_batch import host_to_device
-        sums = torch.zeros(len(self.data.names), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(self.data.names), dtype=torch.float64, device=token_losses[0].device)
         for units_of_batch, batch, losses in zip(mine, micro_batches, token_losses):
             sequence_of_token = np.nonzero(batch.facts.targets)[0]
-            source = host_to_device(self._sources(units_of_batch)[sequence_of_token], device)
+            source = to_device(self._sources(units_of_batch)[sequence_of_token])
             sums.index_add_(0, source, losses.double())
         targets = self.targets(units)
         return ({f"loss/{n}": (sums[s], targets[n]) for s, n in enumerate(self.data.names)},

@@ -215,3 +215,20 @@ def unit_targets(data: TokenizedData, units: list[np.ndarray]) -> int:
 
 def unit_tokens(data: TokenizedData, units: list[np.ndarray]) -> int:
     return int(sum(int(data.lengths[u].sum()) for u in units))
+
+
+class PairBatch(NamedTuple):
+    """A micro-batch of B pairs as 2B sequences, chosen first; `rows`: each sequence's cache row (a host
+    array: the precomputed reference reads it, never the device); `facts`: data.HostFacts."""
+    input_ids: object
+    attention_mask: object
+    labels: object
+    rows: np.ndarray
+    facts: HostFacts
+
+
+def collate_pairs(data: TokenizedData, units: np.ndarray, pad_id: int) -> PairBatch:
+    """Units of two rows (preference pairs) as one batch, every unit's first row (chosen) first."""
+    rows = np.concatenate([units[:, 0], units[:, 1]]).astype(np.int64)
+    batch = collate(data, rows.reshape(-1, 1), pad_id)
+    return PairBatch(batch.input_ids, batch.attention_mask, batch.labels, rows, batch.facts)

@@ -21,19 +21,20 @@ pairs, summed on each rank and reduced with the loss in the step's one all-reduc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ds_finetune import lora
-from ds_finetune.data import IGNORE_INDEX, HostFacts, TokenizedData, collate
+from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate_pairs
 from ds_finetune.device_batch import facts_of, host_to_device, to_device
 from ds_finetune.dist import rng_untouched, seed_everything
 from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.model import build_model
 from ds_finetune.objectives import ObjectiveParts, StepResult, accumulate
+from ds_finetune.objectives.dpo_reference import reference_logps
 from ds_finetune.sampler import BatchLayout
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -63,22 +64,6 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, n_tokens: torch.Tens
         sums = torch.stack([r_chosen.sum(), r_rejected.sum(), (r_chosen > r_rejected).float().sum(),
                             (r_chosen - r_rejected).sum(), chosen.sum(), rejected.sum()]).double()
     return losses, sums
-
-
-class PairBatch(NamedTuple):
-    """A micro-batch of B pairs as 2B sequences, chosen first; `rows`: each sequence's cache row (a host
-    array: the precomputed reference reads it, never the device); `facts`: data.HostFacts."""
-    input_ids: object
-    attention_mask: object
-    labels: object
-    rows: np.ndarray
-    facts: HostFacts
-
-
-def collate_pairs(data: TokenizedData, units: np.ndarray, pad_id: int) -> PairBatch:
-    rows = np.concatenate([units[:, 0], units[:, 1]]).astype(np.int64)
-    batch = collate(data, rows.reshape(-1, 1), pad_id)
-    return PairBatch(batch.input_ids, batch.attention_mask, batch.labels, rows, batch.facts)
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -177,8 +162,6 @@ class DPO:
 def build(parts: ObjectiveParts) -> DPO:
     """The DPO objective of a run: its loss with the reference that fits (adapters off, a frozen copy of the
     base, or precomputed while the engine holds the base's weights, i.e. before a checkpoint is loaded)."""
-    from ds_finetune.objectives.dpo_reference import stored_reference
-
     cfg, d = parts.cfg, parts.cfg.dpo
     logps_fn = make_sequence_logps_fn(lora.hf_model(parts.model), cfg.train.loss_chunk_tokens)
 
@@ -192,9 +175,11 @@ def build(parts: ObjectiveParts) -> DPO:
         return objective(AdaptersOff(logps_fn))
     if d.reference == "model":
         return objective(frozen_base(cfg, parts.ds_config))
+    def stored(data) -> Precomputed:
+        return Precomputed(reference_logps(parts, logps_fn, data))
     own_eval = parts.eval_data is not None and parts.eval_data is not parts.data  # eval.path: its own reference
-    eval_reference = stored_reference(parts, logps_fn, parts.eval_data) if own_eval else None
-    return objective(stored_reference(parts, logps_fn, parts.data), eval_reference)
+    eval_reference = stored(parts.eval_data) if own_eval else None
+    return objective(stored(parts.data), eval_reference)
 
 
 def frozen_base(cfg, ds_config: dict) -> FrozenModel:

@@ -28,23 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_finetune.data import group_units
+from ds_finetune.data import collate_pairs, group_units
 from ds_finetune.device_batch import to_device
 from ds_finetune.dist import barrier, decide, frozen_eval
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
 from ds_finetune.files import fsync_dir
 from ds_finetune.objectives import ObjectiveParts
-from ds_finetune.objectives.dpo import Precomputed, collate_pairs
 
 REFERENCE_VERSION = 1  # bump when the stored values would change
-
-
-def stored_reference(parts: ObjectiveParts, logps_fn, data) -> Precomputed:
-    """The reference of `data`'s pairs read from disk, computed first where it is not there (blocks of
-    `train.micro_batch_size` pairs)."""
-    return Precomputed(reference_logps(parts.cfg, parts.engine, logps_fn, data, parts.cfg.train.micro_batch_size,
-                                       parts.pad_id, parts.rank, parts.world, parts.weights_are_base, parts.say))
 
 
 def reference_key(cfg, data, block: int) -> str:
@@ -59,17 +51,19 @@ def reference_key(cfg, data, block: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def reference_logps(cfg, engine, logps_fn, data, block: int, pad_id: int, rank: int, world: int,
-                    weights_are_base: bool, say) -> np.ndarray:
-    """The stored reference log-probs of `data` (one per row), computed first if they are not there."""
+def reference_logps(parts: ObjectiveParts, logps_fn, data) -> np.ndarray:
+    """The stored reference log-probs of `data` (one per row), computed first if they are not there (by
+    `logps_fn` on the engine, which must then hold the base's weights), in blocks of micro_batch_size pairs."""
+    cfg, engine, pad_id, rank, world = parts.cfg, parts.engine, parts.pad_id, parts.rank, parts.world
+    block = cfg.train.micro_batch_size
     folder = data.path.parent.parent / "reference" / reference_key(cfg, data, block)
     partial = folder.with_name(folder.name + ".partial")
     if not decide(folder.is_dir, runs_here=rank == 0):
-        if not weights_are_base:
+        if not parts.weights_are_base:
             raise UserError(f"data error: the reference log-probs of this run ({folder}) are gone and the model now "
                             f"holds a checkpoint converted from another ZeRO stage or world size; resume on the "
                             f"checkpoint's own stage and world size once (it recomputes them), or restore the folder")
-        _compute(engine, logps_fn, data, block, pad_id, rank, world, partial, say)
+        _compute(engine, logps_fn, data, block, pad_id, rank, world, partial, parts.say)
         if rank == 0:
             _commit(partial, folder, data.num_rows, block)
         barrier()

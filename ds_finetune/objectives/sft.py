@@ -11,7 +11,7 @@ import torch
 
 from ds_finetune import lora
 from ds_finetune.data import IGNORE_INDEX, MixedData, SourceLosses, TokenizedData, collate, unit_targets
-from ds_finetune.device_batch import facts_of, to_device
+from ds_finetune.device_batch import facts_of, host_to_device, to_device
 from ds_finetune.loss import make_loss_fn
 from ds_finetune.objectives import ObjectiveParts, StepResult, accumulate
 from ds_finetune.sampler import BatchLayout
@@ -46,7 +46,8 @@ class SFT:
         token_losses = self.per_source.buffers(micro_batches, engine.device)
         loss_sum, _ = accumulate(engine, self.loss_fn, micro_batches, targets, step, before_update,
                                  per_batch=[{"token_losses": t} for t in token_losses])
-        sums, counts = self.per_source.metrics(units, mine, micro_batches, token_losses, engine.device)
+        sums, counts = self.per_source.metrics(units, mine, micro_batches, token_losses,
+                                               lambda host: host_to_device(host, engine.device))
         return StepResult(loss_sum, targets, sums, counts)
 
     def eval_batch(self, engine, data: TokenizedData, units: np.ndarray, counted: bool
