@@ -2,7 +2,7 @@
 work, one process each on the CPU: the same model, the same pairs file (~100-word prompts, ~100-word
 completions), the same batch (2 pairs a micro-step, 2 micro-steps a step), fp32, torch AdamW, the same LR
 schedule, sigmoid loss, beta 0.1, full fine-tuning with the reference log-probs precomputed before training
-on both sides (TRL: `precompute_ref_log_probs=True`; ours: `reference.py`, its folder deleted before every
+on both sides (TRL: `precompute_ref_log_probs=True`; ours: `objectives/dpo_reference.py`, its folder deleted before every
 run so each run computes it, as TRL does for an in-memory dataset).
 
 The model is a random 8-layer Llama, hidden 512, with a 32,000-token vocabulary (Llama-2's; the shipped
