@@ -94,6 +94,8 @@ def init_distributed() -> tuple[int, int, int]:
     # resumed run, and idle OpenMP workers (they spin) leave a core to a background save; on a GPU node it
     # keeps 8 ranks' optimizer-offload Adam (OpenMP, sized by torch's setting) from each taking every core.
     torch.set_num_threads(intra_op_threads(os.environ, os.cpu_count() or 1, local_world))
+    from ds_finetune.ds_internals import skip_muon_import
+    skip_muon_import()
     if get_accelerator().device_name() == "cpu":
         from ds_finetune.ds_internals import skip_cpu_inference_all_reduce
         skip_cpu_inference_all_reduce()

@@ -17,6 +17,8 @@ What is private and why we use it:
   number of ranks DeepSpeed divides a gradient by (`gradient_averaging_ranks`).
 * `deepspeed.ops.__compatible_ops__`: the CPU backend's shared-memory all-reduce is marked unbuildable
   (`skip_cpu_inference_all_reduce`).
+* `deepspeed.runtime.zero.muon.muon_optimizer`: marked missing (`skip_muon_import`), so ZeRO's optimizer check
+  does not compile Muon's kernels.
 
 Tested with DeepSpeed 0.19 only; another minor version is refused in one line (setup.cfg pins it too).
 """
@@ -58,6 +60,31 @@ def skip_cpu_inference_all_reduce() -> None:
     are the process group's. Marked incompatible, build_shm_op returns None and nothing is built."""
     import deepspeed.ops
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def skip_muon_import() -> None:
+    """DeepSpeed imports its Muon optimizer's modules in every ZeRO engine (the optimizer check at
+    `deepspeed.initialize`, and ZeRO 1/2's gradient reduction and partitioning on every step) to ask whether
+    the optimizer is Muon, and they wrap their kernels in `torch.compile` at import: torch._dynamo and inductor
+    load, ~2 s of CPU a rank a start (a quarter of a tiny test run's). We never train with Muon, so both
+    modules are stand-ins: a Muon class no optimizer of ours is an instance of, and an update that is only
+    called for parameters marked `use_muon` (none are)."""
+    import sys
+    import types
+
+    class MuonWithAuxAdam(torch.optim.Optimizer):
+        """Never instantiated: `isinstance(optimizer, MuonWithAuxAdam)` is False for ours."""
+
+    def muon_update(*args, **kwargs):
+        raise RuntimeError("DeepSpeed's Muon optimizer is not available in ds-finetune (AdamW trains)")
+
+    for name, attrs in (("muon_optimizer", {"MuonWithAuxAdam": MuonWithAuxAdam}),
+                        ("original_muon", {"muon_update": muon_update})):
+        full = f"deepspeed.runtime.zero.muon.{name}"
+        if full not in sys.modules:
+            stub = types.ModuleType(full)
+            stub.__dict__.update(attrs)
+            sys.modules[full] = stub
 
 
 def route_checkpoint_writes(engine, save) -> bool:

@@ -1,9 +1,13 @@
+import hashlib
+import json
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -12,7 +16,10 @@ import harness  # noqa: E402
 
 def pytest_collection_finish(session):
     """Start the jobs of selected tests marked harness.started_early: they mostly sleep, so they overlap
-    the rest of the suite instead of adding their wait to it."""
+    the rest of the suite instead of adding their wait to it. Under pytest-xdist every worker collects every
+    test, so there each job starts when its test runs (the other worker goes on meanwhile)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     for item in session.items:
         starter = getattr(getattr(item, "function", None), "started_early", None)
         if starter is not None:
@@ -32,34 +39,44 @@ def pytest_sessionfinish(session):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """One folder for the whole session: the run's base temp, or under xdist the folder above every
+    worker's own, so that the workers share what `made_once` builds."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` run once for the session in `<shared root>/<name>`, whichever worker asks first; the
+    others wait on a file lock. A failed make leaves no `done` mark, so the next asker tries again."""
+    root = shared_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
     """stage -> output dir of an uninterrupted 2-rank run of harness.BASE at that ZeRO stage (run once)."""
-    done = {}
-
     def get(stage: int, nproc: int = 2, extra=()) -> Path:
-        key = (stage, nproc, tuple(extra))
-        if key not in done:
-            out = tmp_path_factory.mktemp(f"ref-stage{stage}-np{nproc}")
-            harness.train(out, [f"train.zero_stage={stage}", *extra], nproc=nproc)
-            done[key] = out
-        return done[key]
+        key = hashlib.sha256(json.dumps(list(extra)).encode()).hexdigest()[:12]
+        return made_once(tmp_path_factory, f"ref-stage{stage}-np{nproc}-{key}",
+                         lambda out: harness.train(out, [f"train.zero_stage={stage}", *extra], nproc=nproc))
     return get
 
 
 @pytest.fixture(scope="session")
 def saved_at_step4(tmp_path_factory):
     """stage -> a 2-rank run dir killed during step 5 whose newest checkpoint is step 4 (harness.BASE)."""
-    done = {}
-
-    def get(stage: int) -> Path:
-        if stage not in done:
-            out = tmp_path_factory.mktemp(f"saved-stage{stage}")
-            proc = harness.train(out, [f"train.zero_stage={stage}"], fault="mid_accum:rank0@step5", expect_ok=False)
-            assert proc.returncode == -9, proc.stdout[-2000:]
-            done[stage] = out
-        return done[stage]
-    return get
+    def kill_during_step5(out: Path, stage: int) -> None:
+        proc = harness.train(out, [f"train.zero_stage={stage}"], fault="mid_accum:rank0@step5", expect_ok=False)
+        assert proc.returncode == -9, proc.stdout[-2000:]
+    return lambda stage: made_once(tmp_path_factory, f"saved-stage{stage}", lambda out: kill_during_step5(out, stage))
 
 
 @pytest.fixture
