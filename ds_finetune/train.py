@@ -20,7 +20,7 @@ from pathlib import Path
 
 from deepspeed import DeepSpeedEngine
 
-from ds_finetune import lora
+from ds_finetune import lora, messages
 from ds_finetune.checkpoint import resume
 from ds_finetune.checkpoint.manager import Checkpointer
 from ds_finetune.checkpoint.layout import TrainState
@@ -111,12 +111,12 @@ def setup(args) -> tuple[Run, TrainState]:
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     # Prepared by the CLI before the launch, or here by the first rank to take the cache's lock while
     # the others wait on the file (no collective: preparing may take longer than DEEPSPEED_TIMEOUT).
-    say = resume.say if is_main else (lambda msg: None)
+    say = messages.say if is_main else (lambda msg: None)
     data = prepare_training_data(cfg.data, tok, say=say)
     if is_main and data.skipped_rows:
-        resume.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
+        messages.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
     if is_main and data.truncated_pairs:
-        resume.say(f"truncated {data.truncated_pairs} pairs to data.max_length/max_prompt_length (the prompt's end kept)")
+        messages.say(f"truncated {data.truncated_pairs} pairs to data.max_length/max_prompt_length (the prompt's end kept)")
     group = SequenceGroup.of(cfg.train.sequence_parallel, world, rank)  # DP x SP; SP=1: every rank its own
     evaluator, train_rows = build_evaluator(cfg, tok, data, group.dp_rank, group.dp_size, say,
                                             counts_targets=group.rank == 0)
@@ -176,8 +176,8 @@ def setup(args) -> tuple[Run, TrainState]:
 def say_mix_change(order: MixtureOrder, state: TrainState) -> None:
     changes = order.position(state.mix, state.step).get("changed_at", [])
     if changes:
-        resume.say(f"the data mix changed at step {', '.join(map(str, changes))}; weights now "
-                   + ", ".join(f"{n}={w:g}" for n, w in order.weights.items()))
+        messages.say(f"the data mix changed at step {', '.join(map(str, changes))}; weights now "
+                     + ", ".join(f"{n}={w:g}" for n, w in order.weights.items()))
 
 
 # ------------------------------------------------------------------------------------------------ step

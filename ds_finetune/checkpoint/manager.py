@@ -13,6 +13,7 @@ from ds_finetune.checkpoint.export import export_checkpoint
 from ds_finetune.checkpoint.layout import TrainState, tag_for_step
 from ds_finetune.dist import all_gather, capture_rng
 from ds_finetune.errors import UserError, first_line
+from ds_finetune.messages import tagged
 
 
 class Checkpointer:
@@ -48,10 +49,10 @@ class Checkpointer:
         path = self._save(state, "stop requested", say) if self.cfg.save_on_signal else None
         self._commit_in_flight(say)  # this save, or one still in flight: committed before the exit
         if path is not None:
-            say(f"[ds-finetune] stopped by signal at step {state.step}; resume with --resume (checkpoint {path})")
+            say(tagged(f"stopped by signal at step {state.step}; resume with --resume (checkpoint {path})"))
         else:
-            say(f"[ds-finetune] stopped by signal at step {state.step} without saving "
-                f"(checkpoint.save_on_signal=false)")
+            say(tagged(f"stopped by signal at step {state.step} without saving "
+                       f"(checkpoint.save_on_signal=false)"))
 
     def close(self, state: TrainState, say) -> None:
         """The run is done: the final save if one is due, every save committed, the final export."""
@@ -62,19 +63,19 @@ class Checkpointer:
             # Rank 0 alone, and no rank waits for it: an export longer than the process-group timeout would
             # otherwise end in the NCCL watchdog's abort. The other ranks exit; the launcher waits for all.
             out = export_checkpoint(self.dir / tag_for_step(state.step), self.export_to, self.export_dtype)
-            say(f"[ds-finetune] exported a Hugging Face model to {out}")
+            say(tagged(f"exported a Hugging Face model to {out}"))
 
     def _save(self, state: TrainState, reason: str, say) -> Path:
         self._commit_in_flight(say)  # at most one save in flight
         path = self.save(state)
         written = "writing it in the background" if self.in_flight else "saved"
-        say(f"[ds-finetune] {written} {path} ({reason})")
+        say(tagged(f"{written} {path} ({reason})"))
         return path
 
     def _commit_in_flight(self, say) -> None:
         path = self.finish()
         if path is not None:
-            say(f"[ds-finetune] saved {path} (written in the background)")
+            say(tagged(f"saved {path} (written in the background)"))
 
     # -- the pieces
 

@@ -23,13 +23,10 @@ from ds_finetune.dist import barrier, decide, restore_rng
 from ds_finetune.errors import UserError
 from ds_finetune.files import fsync_dir, write_atomic
 from ds_finetune.fingerprint import changed_exact_keys
+from ds_finetune.messages import say
 from ds_finetune.metrics import metrics_lines
 from ds_finetune.rendezvous import scratch_folder
 from ds_finetune.sampler import BatchLayout
-
-
-def say(text: str) -> None:
-    print(f"[ds-finetune] {text}", flush=True)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import os
 import shutil
 import socket
 import struct
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +31,7 @@ from ds_finetune.data.sources import check_not_blank
 from ds_finetune.errors import UserError
 from ds_finetune.files import fsync_dir
 from ds_finetune.hashing import default_cache_dir
+from ds_finetune.messages import say_on_stderr
 
 # Bump when tokenization or masking changes meaning: it is part of the cache key and of checkpoints.
 # 2: chat targets end at the turn's end marker (whitespace the template puts after it is not a target).
@@ -191,7 +191,7 @@ def read_meta(path: Path) -> dict:
 def ensure_cache(build, path: Path, say=None) -> bool:
     """Make sure the cache folder `path` exists: build it (`build(heartbeat)`) holding its lock, or wait
     for the process that holds it. Returns True when this process built it."""
-    say = say or (lambda msg: print(f"[ds-finetune] {msg}", file=sys.stderr, flush=True))
+    say = say or say_on_stderr
     lock, error_file = path.with_name(path.name + ".lock"), path.with_name(path.name + ".error")
     seen_alive, last_message, waited = None, 0.0, time.time()
     while not path.is_dir():
