@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import struct
 import time
@@ -29,7 +28,7 @@ import numpy as np
 from ds_finetune.data.parallel import tokenized_chunks
 from ds_finetune.data.sources import check_not_blank
 from ds_finetune.errors import UserError
-from ds_finetune.files import fsync_dir
+from ds_finetune.files import new_folder, replace_file
 from ds_finetune.hashing import default_cache_dir
 from ds_finetune.messages import say_on_stderr
 
@@ -118,22 +117,10 @@ def build_cache(data_cfg, tok, files, data_hash: str, path: Path, progress=None,
     if tok.eos_token_id is None:
         raise UserError("data error: the tokenizer has no eos token; set one in its tokenizer_config.json")
     _injected_delay(heartbeat)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"  # unique: several nodes may build at once
-    tmp.mkdir()
-    try:
+    with new_folder(path) as tmp:  # the rename is the commit; several nodes may build at once
         meta = _write_arrays(data_cfg, tok, files, tmp, progress, heartbeat)
         (tmp / "meta.json").write_text(json.dumps({**meta, "content_sha256": data_hash,
                                                    "data_format_version": DATA_FORMAT_VERSION}))
-        fsync_dir(tmp)
-        try:
-            os.rename(tmp, path)  # the commit
-        except OSError:
-            if not path.is_dir():  # else another node committed the same (identical) data first
-                raise
-        fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _injected_delay(heartbeat) -> None:
@@ -273,9 +260,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    replace_file(path, lambda f: f.write(json.dumps(value).encode()), durable=False)
 
 
 def _remove_if_same(lock: Path, owner: dict) -> None:
