@@ -23,7 +23,7 @@ from deepspeed import DeepSpeedEngine
 from ds_finetune import lora, messages
 from ds_finetune.checkpoint import resume
 from ds_finetune.checkpoint.manager import Checkpointer
-from ds_finetune.checkpoint.layout import TrainState
+from ds_finetune.state import TrainState
 from ds_finetune.config import RunConfig, load_config
 from ds_finetune.config_text import split_resume_arg
 from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, MixedData, MixtureOrder, TokenizedData, epoch_order,

@@ -1,4 +1,4 @@
-"""Checkpoints, one concern in one package: `layout` (tags, the manifest, the trainer state, retention),
+"""Checkpoints, one concern in one package: `layout` (tags, the manifest, retention),
 `commit` (a save and its commit), `manager` (the Checkpointer the loop calls), `async_save` (background
 writes), `verify` (a checkpoint's status before anything is loaded), `safe_pickle` (the loader that runs no
 code), `resume` (choosing, checking and restoring a checkpoint), `reshard` (the stage- and world-size-free

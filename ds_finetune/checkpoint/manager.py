@@ -10,7 +10,8 @@ from ds_finetune import ds_internals
 from ds_finetune.checkpoint.async_save import BackgroundWrite
 from ds_finetune.checkpoint.commit import SaveSpec, commit_files, save_checkpoint, write_files
 from ds_finetune.checkpoint.export import export_checkpoint
-from ds_finetune.checkpoint.layout import TrainState, tag_for_step
+from ds_finetune.checkpoint.layout import tag_for_step
+from ds_finetune.state import TrainState
 from ds_finetune.dist import all_gather, capture_rng
 from ds_finetune.errors import UserError, first_line
 from ds_finetune.messages import tagged

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ds_finetune.checkpoint import layout as ckpt, reshard, verify
-from ds_finetune.checkpoint.layout import TrainState
+from ds_finetune.state import TrainState
 from ds_finetune.checkpoint.convert import convert, needs_conversion
 from ds_finetune.checkpoint.manager import Checkpointer
 from ds_finetune.checkpoint.verify import CheckpointInfo, hash_together
