@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import harness
-from ds_finetune import ds_internals
+from ds_finetune.checkpoint import ds_internals
 from ds_finetune.errors import UserError
 from ds_finetune.files import sha256_file
 

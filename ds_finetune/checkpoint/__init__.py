@@ -10,5 +10,5 @@ into place and fsyncs the folder. **The manifest's presence is the commit.** Onl
 replaced (temp + fsync + rename; same format as DeepSpeed's so its tools still work) and are old
 checkpoints purged. Resume never trusts `latest`: it scans manifests, newest first, and verifies sizes
 and sha256 before anything is unpickled; every load, DeepSpeed's included, goes through torch's safe
-unpickler (`ds_internals.load_checkpoint_file`), so a crafted file cannot run code.
+unpickler (`checkpoint/ds_internals.load_checkpoint_file`), so a crafted file cannot run code.
 """

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ds_finetune import ds_internals
+from ds_finetune.checkpoint import ds_internals
 from ds_finetune.checkpoint.async_save import BackgroundWrite
 from ds_finetune.checkpoint.commit import SaveSpec, commit_files, save_checkpoint, write_files
 from ds_finetune.checkpoint.export import export_checkpoint

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ds_finetune import ds_internals
+from ds_finetune.checkpoint import ds_internals
 from ds_finetune.checkpoint.layout import MANIFEST, remove_tree
 from ds_finetune.checkpoint.tensorfiles import nbytes, plan_shards, read_tensor, write_safetensors
 from ds_finetune.checkpoint.verify import CheckpointInfo
