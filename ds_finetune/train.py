@@ -32,7 +32,6 @@ from ds_finetune.dist import (barrier, decide, init_distributed, on_cuda, seed_e
                               sum_over_ranks)
 from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
-from ds_finetune.checkpoint.export import write_hf_files
 from ds_finetune.objective import SFT, StepResult, source_metrics
 from ds_finetune.dpo import DPO
 from ds_finetune.reference import dpo_objective
@@ -40,7 +39,7 @@ from ds_finetune.faults import fault_point, unfired_fault
 from ds_finetune.fingerprint import config_fingerprint
 from ds_finetune.loss import make_loss_fn
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
-from ds_finetune.model import build_engine, build_model, check_isolated_packing, param_group_names
+from ds_finetune.model import build_engine, build_model, check_isolated_packing
 from ds_finetune.nodes import check_shared_checkpoint_dir
 from ds_finetune.rendezvous import Rendezvous, scratch_folder
 from ds_finetune.sampler import BatchLayout
@@ -143,12 +142,7 @@ def setup(args) -> tuple[Run, TrainState]:
     # Dropout RNG: rank r draws from seed + r (a rank a resumed run did not have gets the same rule).
     seed_everything(cfg.train.seed + rank)
 
-    checkpointer = Checkpointer(engine, cfg.checkpoint, cfg.checkpoint_dir, rank, world,
-                                saved_step=0, extra_client_state={"param_group_names": param_group_names(model)},
-                                write_extra=lambda tag_dir: write_hf_files(tag_dir, engine.module, tok),
-                                trainable_only=cfg.model.lora is not None,
-                                export_to=Path(cfg.output_dir) / "final_model" if cfg.checkpoint.export_final else None,
-                                export_dtype=cfg.model.dtype)
+    checkpointer = Checkpointer.for_run(cfg, engine, model, tok, rank, world)
     if cfg.train.objective == "dpo":  # a precomputed reference is computed here, before a checkpoint is loaded
         objective = dpo_objective(cfg, engine, model, ds_config, data, evaluator, layout, tok.pad_token_id, rank,
                                   world, checkpointer.before_update, plan.converted is None, say)
@@ -162,7 +156,7 @@ def setup(args) -> tuple[Run, TrainState]:
     # --allow-config-change).
     identity = dict(seed=cfg.train.seed, global_batch=layout.global_batch, data_format_version=DATA_FORMAT_VERSION,
                     fingerprint=plan.fingerprint)
-    state = replace(resume.apply(plan, checkpointer, rank), **identity)
+    state = replace(checkpointer.load(plan), **identity)
     if is_main and isinstance(order, MixtureOrder) and plan.source is not None:
         say_mix_change(order, state)
     if cfg.logging.wandb is not None:
