@@ -118,12 +118,8 @@ def test_zero3_from_a_pretrained_folder_trains_like_the_inline_model(reference_r
     """model.name_or_path at ZeRO-3 loads the weights inside deepspeed.zero.Init (no rank holds the full
     model): the same weights as the inline tiny model give the same losses."""
     from ds_finetune.config import load_config
-    from ds_finetune.dist import seed_everything
-    from ds_finetune.model import build_model
 
-    cfg = load_config(harness.TINY, [f"output_dir={tmp_path / 'unused'}", "model.config.attention_dropout=0.1"])
-    seed_everything(cfg.train.seed)
-    build_model(cfg, {}).save_pretrained(tmp_path / "pretrained")
+    harness.save_tiny_model(tmp_path / "pretrained", seed=load_config(harness.TINY).train.seed)
     run = tmp_path / "run"
     harness.train(run, ["train.zero_stage=3", "model.config=null", f"model.name_or_path={tmp_path / 'pretrained'}"])
     harness.assert_close_run(run, reference_run(3))

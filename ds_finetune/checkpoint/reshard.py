@@ -65,14 +65,6 @@ def source_meta(info: CheckpointInfo, src) -> dict:
     }
 
 
-def consolidate(info: CheckpointInfo, weights_only: bool = False) -> tuple[dict[str, dict], dict]:
-    """The whole model at once: ({key: {param name: fp32 tensor}}, meta). For tests and small models;
-    conversion and export stream instead."""
-    src = open_source(info)
-    keys = ("weights",) if weights_only else TENSOR_FILES
-    return {key: {name: src.read(name, key) for name in src.names} for key in keys}, source_meta(info, src)
-
-
 def _plain(obj):
     """LR scheduler state as JSON values (its tensors, if any, as lists)."""
     if isinstance(obj, dict):

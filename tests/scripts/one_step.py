@@ -70,7 +70,7 @@ for split in splits:
         loss_fn = ShardedLoss(loss_fn, group, ulysses, 2)
     engine = build_engine(model, cfg, ds_config, 1, mpu=mpu)
     units = order.units(0)
-    targets = unit_targets(data, units[layout.step_slice(0)])
+    targets = unit_targets(data, units[:layout.global_batch])
     batches = [collate(data, units[layout.micro_slice(0, m, group.dp_rank)], 2) for m in range(accum)]
     def full_fp32(p):  # ZeRO 0 has no fp32 master copy apart from the (fp32) parameter itself
         return (safe_get_full_fp32_param(p) if cfg.train.zero_stage > 0 else p).detach().clone().contiguous()
