@@ -21,10 +21,10 @@ from ds_finetune.state import TrainState
 
 
 class Checkpointer:
-    """Built once per run (`for_run`), one on every rank: owns saving and loading. The loop calls `after_step` after every
-    optimizer step, `stop` when the ranks agreed to stop on a signal, and `close` at the end; the
-    Checkpointer decides what is due, saves (now or in the background), commits, reports through `say`,
-    and runs the final save and export. `load` restores the checkpoint the run resumes from."""
+    """Built once per run (`for_run`), one on every rank: owns saving and loading. The loop calls
+    `after_step` after every optimizer step, `stop` when the ranks agreed to stop on a signal, and `close`
+    at the end; the Checkpointer decides what is due, saves (now or in the background), commits, reports
+    through `say`, and runs the final save and export. `load` restores the checkpoint the run resumes from."""
 
     def __init__(self, engine, ckpt_cfg, ckpt_dir: Path, rank: int, world: int, extra_client_state: dict,
                  write_extra=None, trainable_only: bool = False, export_to: Path | None = None,
