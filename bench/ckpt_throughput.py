@@ -1,7 +1,7 @@
 """Figure 3 - checkpoint throughput: MB/s of a ds-finetune save of ~645 MB of ZeRO-2 state (a 40M-param
 Llama: fp32 weights, fp32 master partitions, Adam moments) against dd-style sequential writes of the
 same bytes with fsync, one stream a rank as the save writes from every rank at once, to the same filesystem,
-in the same job (bench/ckpt_save.py does the timing).
+in the same job (bench/children/ckpt_throughput.py does the timing).
 
 "ours" is the full commit (DeepSpeed save + sha256 + fsync + manifest + `latest`); "nohash" is the
 DeepSpeed save + fsync alone, which shows what the hashing costs.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from common import BENCH, WORK, Job, figure, llama, log, long_rows, median, run_config, torchrun
+from common import CHILDREN, WORK, Job, figure, llama, log, long_rows, median, run_config, torchrun
 
 TARGET = 0.80
 
@@ -23,7 +23,7 @@ def run(quick: bool) -> dict:
                         steps=1, output_dir=WORK / "runs" / "ckpt")
     out = WORK / "ckpt-save.json"
     out.unlink(missing_ok=True)
-    argv = torchrun(BENCH / "ckpt_save.py", ["--config", str(config), "--dir", str(WORK / "ckpt-scratch"),
+    argv = torchrun(CHILDREN / "ckpt_throughput.py", ["--config", str(config), "--dir", str(WORK / "ckpt-scratch"),
                                              "--rounds", str(rounds), "--out", str(out)])
     Job(argv, WORK / "logs" / "ckpt-save.log").start().wait(900)
     result = json.loads(out.read_text())

@@ -26,6 +26,7 @@ import harness  # noqa: E402  (the tests' launching helpers: one harness for tes
 from harness import read_jsonl as _read_jsonl  # noqa: E402
 
 BENCH = ROOT / "bench"
+CHILDREN = BENCH / "children"  # the scripts a figure script launches, each named after its figure script
 WORK = ROOT / "build" / "bench"
 RESULTS = BENCH / "results"
 PY = sys.executable
@@ -160,15 +161,30 @@ class Job:
         return self.proc.poll() is None
 
 
+# ------------------------------------------------------------------- memory, as the kernel counts it
+
+def proc_status(field: str, pid: int | str = "self") -> int:
+    """A memory field of /proc/PID/status (VmRSS, VmHWM, ...) in bytes: the kernel's exact accounting, unlike
+    sampling. KeyError when the process has no such line (a zombie has none), OSError once it is gone."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak() -> int:
+    """Reset this process's VmHWM to its current RSS (Linux clear_refs 5), so a later VmHWM is the peak of
+    what came after; returns that RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return proc_status("VmRSS")
+
+
 def vm_hwm(pid: int) -> int:
-    """A process's peak RSS so far, as the kernel counts it (exact, unlike sampling); 0 once it is gone."""
+    """A process's peak RSS so far; 0 once it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        return proc_status("VmHWM", pid)
+    except (OSError, KeyError):
+        return 0
 
 
 def tail(path: Path, n: int = 25) -> str:

@@ -12,11 +12,11 @@ a head of ~97 % of the parameters, and its ratio was mostly the two heads.)
 
 Ours runs ds-finetune's training (`ds_finetune.train.main`, what launch/train.py runs) as one process (no
 launcher) under DeepSpeed at `train.zero_stage` STAGE; TRL's Trainer runs without DeepSpeed
-(`bench/trl_dpo_train.py`; see DEEPSPEED_NOTE). Runs alternate (ours, TRL, TRL, ours, ...), each with every
-core as intra-op threads. Both run with bench/dpo_phases.py's timers (a few clock reads a micro-step), which
-split each step into forward (the backbone), log-probs (the head), metrics over the vocabulary (TRL's kernel
-computes entropy, mean logit and top-1 in the log-probs pass; ours none), loss (DPO loss and batch metrics),
-backward and the rest (optimizer step, data: the step's interval less the phases).
+(`bench/children/dpo_trl.py`; see DEEPSPEED_NOTE). Runs alternate (ours, TRL, TRL, ours, ...), each with every
+core as intra-op threads. Both run with bench/children/dpo_trl_phases.py's timers (a few clock reads a
+micro-step), which split each step into forward (the backbone), log-probs (the head), metrics over the
+vocabulary (TRL's kernel computes entropy, mean logit and top-1 in the log-probs pass; ours none), loss (DPO
+loss and batch metrics), backward and the rest (optimizer step, data: the step's interval less the phases).
 
 Each run trains STEPS steps, one epoch of the pairs; the first WARMUP are dropped and the figures come from
 the other INTERVALS step intervals. The two sides batch the pairs in different orders, so a step's tokens
@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 
-from common import (BENCH, INTERVALS, PY, WORK, WORDS, Job, figure, llama, llama_params, log, median, read_jsonl,
+from common import (CHILDREN, INTERVALS, PY, WORK, WORDS, Job, figure, llama, llama_params, log, median, read_jsonl,
                     run_config, step_intervals, timed_steps, write_jsonl_dataset)
 
 VOCAB = 32_000
@@ -99,7 +99,7 @@ def ours(config, rep: int) -> dict:
     phases = out.with_suffix(".phases.jsonl")
     phases.unlink(missing_ok=True)
     phases.parent.mkdir(parents=True, exist_ok=True)
-    argv = [PY, str(BENCH / "dpo_phases.py"), str(phases), "--config", str(config), f"output_dir={out}",
+    argv = [PY, str(CHILDREN / "dpo_trl_phases.py"), str(phases), "--config", str(config), f"output_dir={out}",
             f"data.cache_dir={cache}"]
     job = Job(argv, WORK / "logs" / f"dpo-trl-ours-{rep}.log", THREADS).start()
     job.wait(1800)
@@ -111,7 +111,7 @@ def trl(config, rep: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     steps_log, phases = out / "steps.jsonl", out / "phases.jsonl"
-    argv = [PY, str(BENCH / "trl_dpo_train.py"), "--config", str(config), "--out", str(out),
+    argv = [PY, str(CHILDREN / "dpo_trl.py"), "--config", str(config), "--out", str(out),
             "--steps-log", str(steps_log), "--phases", str(phases)]
     job = Job(argv, WORK / "logs" / f"dpo-trl-trl-{rep}.log", THREADS).start()
     job.wait(1800)
@@ -144,9 +144,9 @@ def run(quick: bool) -> dict:
     def phase(p: str) -> tuple[list, list]:
         return [r["s_per_1k_tokens"][p] for r in runs["ours"]], [r["s_per_1k_tokens"][p] for r in runs["trl"]]
 
-    phase_note = ("bench/dpo_phases.py's timers on the same runs; TRL's metrics over the vocabulary are its log-probs "
-                  "kernel's time times the share they took of it when rerun without them (median share "
-                  f"{median([r['vocab_metrics_share'] for r in runs['trl']]):.0%}); ours computes none")
+    phase_note = ("bench/children/dpo_trl_phases.py's timers on the same runs; TRL's metrics over the vocabulary "
+                  "are its log-probs kernel's time times the share they took of it when rerun without them "
+                  f"(median share {median([r['vocab_metrics_share'] for r in runs['trl']]):.0%}); ours computes none")
     return {
         "figures": [
             figure("dpo_trl_speed", "DPO tokens/s, ours / TRL DPOTrainer", *pair("tokens_per_s"), "tokens/s",

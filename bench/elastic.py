@@ -11,7 +11,7 @@ repetitions of:
 * the conversion alone on 1 and 2 ranks: its time (2 ranks / 1 rank) and per-rank peak.
 
 Peaks are the kernel's per-process high-water marks (VmHWM); "above the imports" is the peak minus the
-RSS the same process had once its imports were done (bench/elastic_probe.py resets VmHWM there): the
+RSS the same process had once its imports were done (bench/children/elastic.py resets VmHWM there): the
 imports are most of a whole-process peak at this size and the same at every depth. --quick runs one
 repetition of a 4x smaller pair of models. (Earlier rounds measured once a rank at 155M / 310M params; this
 size lets every figure have 3 repetitions within the bench's time.)
@@ -23,7 +23,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common import (BENCH, PY, WORK, Job, figure, llama, llama_params, log, long_rows, median, ours_argv,
+from common import (CHILDREN, PY, WORK, Job, figure, llama, llama_params, log, long_rows, median, ours_argv,
                     run_config, torchrun)
 
 GB = 1e9
@@ -57,7 +57,7 @@ def probe(name: str, argv_of) -> dict:
 
 def export(depth: int, model: dict, ckpt: Path, rep: int) -> dict:
     shard, folder = llama_params(model) * 4 // 4, WORK / "elastic" / f"d{depth}-hf-{rep}"  # a quarter of the model
-    r = probe(f"d{depth}-export-{rep}", lambda out: [PY, str(BENCH / "elastic_probe.py"), "export", str(ckpt),
+    r = probe(f"d{depth}-export-{rep}", lambda out: [PY, str(CHILDREN / "elastic.py"), "export", str(ckpt),
                                                       str(out), str(folder), str(shard)])
     shutil.rmtree(folder, ignore_errors=True)
     return dict(r, shard=shard, largest=max_tensor_bytes(model))
@@ -65,7 +65,7 @@ def export(depth: int, model: dict, ckpt: Path, rep: int) -> dict:
 
 def convert(depth: int, ckpt: Path, nproc: int, rep: int) -> dict:
     r = probe(f"d{depth}-convert{nproc}-{rep}",
-              lambda out: torchrun(BENCH / "elastic_probe.py", ["convert", str(ckpt), str(out)], nproc))
+              lambda out: torchrun(CHILDREN / "elastic.py", ["convert", str(ckpt), str(out)], nproc))
     shutil.rmtree(ckpt / "resharded")  # the next conversion and the resume convert again
     return r
 

@@ -23,7 +23,7 @@ fp32, ZeRO-3 as configs/llama3-8b-32k-sp4-zero3.yaml, no gradient checkpointing.
 and repetition) trains a 512-token warm-up step (the first all-to-alls; Adam's state and the gradient
 buffers are allocated there), then one step at each length, 4k, 8k, 16k (the memory figures: lengths
 ascend, so no step runs on heap a longer one left), then TIME_STEPS - 1 more at 16k (the time figure): the
-first tokens of the same 16k-token sequence, measured by bench/long_probe.py reading /proc in each rank.
+first tokens of the same 16k-token sequence, measured by bench/children/long_context.py reading /proc in each rank.
 Launches alternate SP=1, SP=2, SP=2, SP=1, ..., 3 repetitions.
 
 Why SP=2 is not at 0.5 (measured, 2026-12, issue 30):
@@ -60,7 +60,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from common import BENCH, WORK, Job, log, median, run_config, torchrun, warm_cache, write_text_dataset
+from common import CHILDREN, WORK, Job, log, median, run_config, torchrun, warm_cache, write_text_dataset
 
 VOCAB = 32_000
 MAIN, FIT = 16_384, (4_096, 8_192, 16_384)
@@ -97,7 +97,7 @@ def one_run(lengths, sp: int, rep: int) -> dict:
     timed = (*lengths, *[lengths[-1]] * (TIME_STEPS - 1))
     tokens = ",".join(str(n) for n in (WARMUP_TOKENS, *timed))
     config = long_config(max(lengths), sp, steps=1 + len(timed))
-    argv = torchrun(BENCH / "long_probe.py", [str(report), "--tokens", tokens, "--config", str(config),
+    argv = torchrun(CHILDREN / "long_context.py", [str(report), "--tokens", tokens, "--config", str(config),
                                                f"output_dir={out}"], nproc=sp)
     Job(argv, WORK / "logs" / f"{name}.log").start().wait(900)
     ranks = json.loads(report.read_text())["ranks"]

@@ -57,7 +57,7 @@ def open_mixture(folder: Path):
 
 def resume_at(data, n: int) -> float:
     """Seconds to build the order, seek to sample n and take and collate the first global batch."""
-    from ds_finetune.checkpoint.layout import TrainState
+    from ds_finetune.state import TrainState
     from ds_finetune.data import MixtureOrder, collate
     t0 = time.perf_counter()
     order = MixtureOrder(data, [1 + i % 3 for i in range(SOURCES)], 1234, False, 64)

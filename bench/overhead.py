@@ -1,5 +1,5 @@
 """Figure 1 - loop overhead: ds-finetune's real loop (launch/train.py) against a bare DeepSpeed loop
-(bench/bare_loop.py) on the same model, batches, DeepSpeed config (ZeRO-2), world size (2) and loss: our
+(bench/children/overhead.py) on the same model, batches, DeepSpeed config (ZeRO-2), world size (2) and loss: our
 default fused chunked loss on both sides (the figure with a target), and, as a separate pair, the full logits
 on both sides (ours with `train.loss_chunk_tokens=0`, the bare loop with the model's own loss).
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from common import (BENCH, WORK, Job, cpu_per_step, figure, llama, llama_params, log, long_rows, ours_argv,
+from common import (CHILDREN, WORK, Job, cpu_per_step, figure, llama, llama_params, log, long_rows, ours_argv,
                     read_jsonl, run_config, step_intervals, steps_per_s, timed_steps, torchrun, warm_cache)
 
 WARMUP = 3
@@ -45,7 +45,7 @@ def run_ours(config, out_dir, loss: str, rep: int) -> tuple[float, float]:
 def run_bare(config, steps: int, loss: str, rep: int) -> tuple[float, float]:
     out = WORK / "overhead-bare.json"
     out.unlink(missing_ok=True)
-    argv = torchrun(BENCH / "bare_loop.py", ["--config", str(config), "--steps", str(steps), "--loss", loss,
+    argv = torchrun(CHILDREN / "overhead.py", ["--config", str(config), "--steps", str(steps), "--loss", loss,
                                              "--out", str(out)])
     job = Job(argv, WORK / "logs" / f"overhead-bare-{loss}-{rep}.log").start()
     job.wait()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 
-from common import (BENCH, WORK, Job, cpu_per_step, figure, llama, llama_params, log, long_rows, median,
+from common import (CHILDREN, WORK, Job, cpu_per_step, figure, llama, llama_params, log, long_rows, median,
                     ours_argv, read_jsonl, run_config, step_intervals, steps_per_s, torchrun, wait_for, warm_cache)
 
 WARMUP = 3
@@ -64,7 +64,7 @@ class HF:
                 "--save-at", str(self.save_at)]
         if resume:
             args += ["--resume", str(out / f"checkpoint-{self.save_at}")]
-        return Job(torchrun(BENCH / "hf_train.py", args), WORK / "logs" / f"sbs-hf-{tag}.log"), steps_log
+        return Job(torchrun(CHILDREN / "side_by_side.py", args), WORK / "logs" / f"sbs-hf-{tag}.log"), steps_log
 
     def checkpoint_done(self) -> bool:
         return (WORK / "runs" / "sbs-hf-kill" / f"checkpoint-{self.save_at}" / "trainer_state.json").exists()

@@ -1,40 +1,24 @@
-"""Every use of DeepSpeed's private API, in one place, behind a version check.
+"""Every use of DeepSpeed's private API outside checkpoints, in one place, behind a version check (the
+checkpoint code's own uses are in `checkpoint/ds_internals.py`, which imports this module for the check).
 
 What is private and why we use it:
-* `engine.checkpoint_engine.save`: replaced per save so shards stream through our hashing file object
-  (sha256 and size as the bytes go out, fsync before they count) instead of a second read.
-* `deepspeed.utils.zero_to_fp32.get_optim_files` and the layout of `*_model_states.pt` and
-  `*_optim_states.pt` (flat fp32 partitions, their alignment paddings, the moments in the same layout):
-  `ZeroCheckpoint` reads them memory-mapped and merges one parameter at a time, as zero_to_fp32 merges
-  the whole model.
-* `engine.checkpoint_engine.load`: replaced before `load_checkpoint` so DeepSpeed's own loads go through
-  `load_checkpoint_file` (torch's safe unpickler) instead of its `torch.load(..., weights_only=False)`.
-* The classes DeepSpeed pickles into its files (`safe_pickle.CHECKPOINT_GLOBALS`, by name), which that
-  loader allows (`checkpoint_globals` imports them).
-* ZeRO's flat fp32 groups, `_lazy_init_hp_params_optimizer_state` and the engine's step counters:
-  filling the optimizer state of a fresh engine from a converted checkpoint.
 * `engine.seq_dp_world_size` / `sequence_parallel_size` and which reduction each ZeRO stage runs: the
   number of ranks DeepSpeed divides a gradient by (`gradient_averaging_ranks`).
+* The fp16 optimizer wrappers' `loss_scale` (`loss_scale`).
+* The Ulysses module `register_with_transformers` hides in a closure, and its registered shapes
+  (`registered_ulysses`, `set_ulysses_batch_size`).
 * `deepspeed.ops.__compatible_ops__`: the CPU backend's shared-memory all-reduce is marked unbuildable
   (`skip_cpu_inference_all_reduce`).
-* `deepspeed.runtime.zero.muon.muon_optimizer`: marked missing (`skip_muon_import`), so ZeRO's optimizer check
-  does not compile Muon's kernels.
+* `deepspeed.runtime.zero.muon.muon_optimizer` and `original_muon`: stand-ins (`skip_muon_import`), so that
+  no ZeRO engine compiles Muon's kernels.
 
 Tested with DeepSpeed 0.19 only; another minor version is refused in one line (setup.cfg pins it too).
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib
-import mmap
-import sys
-from pathlib import Path
-
 import torch
 
-from ds_finetune.checkpoint import safe_pickle
-from ds_finetune.checkpoint.safe_pickle import CHECKPOINT_GLOBALS
 from ds_finetune.errors import UserError
 
 TESTED_MINOR = (0, 19)
@@ -51,7 +35,7 @@ def check_deepspeed_version() -> None:
 check_deepspeed_version()
 
 
-# ------------------------------------------------------------------------------------------------ save
+# ------------------------------------------------------------------------------------------- processes
 
 def skip_cpu_inference_all_reduce() -> None:
     """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce (deepspeed_shm_comm) when the
@@ -87,281 +71,11 @@ def skip_muon_import() -> None:
             sys.modules[full] = stub
 
 
-def route_checkpoint_writes(engine, save) -> bool:
-    """Make this engine's next `save_checkpoint` write each file with `save(state_dict, path)`. Returns
-    False (and changes nothing) when the engine uses a checkpoint engine other than torch's."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        return False
-    engine.checkpoint_engine.save = save  # an instance attribute, replaced at every save: never nested
-    return True
-
-
-# ------------------------------------------------------------------------------------------------ load
-
-def checkpoint_globals() -> list:
-    """[(class, name)] for every name in safe_pickle.CHECKPOINT_GLOBALS: the allowlist of the safe loader."""
-    out = []
-    for name in CHECKPOINT_GLOBALS:
-        module, _, attr = name.rpartition(".")
-        out.append((getattr(importlib.import_module(module), attr), name))
-    return out
-
-
-def load_checkpoint_file(path, map_location="cpu", mmap: bool = False):
-    """torch.load through torch's safe unpickler, allowing CHECKPOINT_GLOBALS besides torch's own. A file
-    that needs any other global (a class, or a function such as os.system that a crafted file would call)
-    is refused, nothing of it having run: a one-line UserError naming the file and the global."""
-    return safe_pickle.load(path, checkpoint_globals(), map_location, mmap)
-
-
-def route_checkpoint_reads(engine) -> None:
-    """Make this engine's `load_checkpoint` read every file with `load_checkpoint_file` (DeepSpeed's own
-    loads unpickle with weights_only=False). An engine with another checkpoint engine is refused: its
-    loads cannot be made safe."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise UserError(f"checkpoint error: DeepSpeed's {type(engine.checkpoint_engine).__name__} cannot be made to "
-                        f"load checkpoints safely; remove the checkpoint engine from the DeepSpeed config")
-    engine.checkpoint_engine.load = lambda path, map_location=None: load_checkpoint_file(path, map_location)
-
-
-# ------------------------------------------------------------------------------------ read partitions
-
-MADV_DONTNEED = 4  # Linux
-TENSOR_KEYS = ("weights", "exp_avg", "exp_avg_sq")
-
-
-def load_mapped(path: Path) -> tuple[dict, bool]:
-    """A checkpoint file loaded safely (`load_checkpoint_file`) with every tensor memory-mapped (its pages
-    are read only when touched); a file in the legacy format cannot be mapped and is loaded whole. Returns
-    (state, mapped). Only called on files the checkpoint's manifest has verified (sizes and sha256)."""
-    try:
-        return load_checkpoint_file(path, mmap=True), True
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return load_checkpoint_file(path), False
-
-
-_libc = None
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """Drop the pages of a tensor that lives in a private read-only file mapping from this process (they
-    are read from the file again if touched): reading tensor by tensor then keeps one tensor resident,
-    not every page read so far. Never call it on memory that is not such a mapping (it would zero it)."""
-    global _libc
-    if sys.platform != "linux" or t.numel() == 0:
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap.PAGESIZE
-    start = t.data_ptr() // page * page
-    end = -(-(t.data_ptr() + t.numel() * t.element_size()) // page) * page
-    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
-
-
-def model_states_file(tag_dir: Path) -> Path:
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (tag_dir / name).exists():
-            return tag_dir / name
-    raise UserError(f"checkpoint error: {tag_dir} holds no DeepSpeed model states file")
-
-
-class ZeroCheckpoint:
-    """A verified checkpoint folder of any ZeRO stage, read one parameter at a time.
-
-    Its files are memory-mapped; `read(name, key)` copies one full fp32 tensor (weights, exp_avg or
-    exp_avg_sq) together from the pieces the saving ranks held, then drops the mapped pages it touched.
-    Memory: the largest parameter, whatever the model's size. Stages 1-3 follow the flat layout that
-    DeepSpeed's `zero_to_fp32.py` merges (the moments share the fp32 partitions' layout)."""
-
-    def __init__(self, tag_dir: Path, stage: int, world_size: int):
-        self.tag_dir, self.stage = tag_dir, stage
-        self.model_states, self.mapped = load_mapped(model_states_file(tag_dir))
-        self.shapes: dict[str, torch.Size] = {}
-        self.pieces: dict[str, list[tuple[int, int, int, int]]] = {}  # name -> (rank, group, start, numel)
-        if stage == 0:
-            self._open_stage0()
-        else:
-            self._open_partitions(world_size)
-        self.names = list(self.shapes)
-
-    # -- stage 0: the model states file holds the module and the torch optimizer state whole
-    def _open_stage0(self) -> None:
-        ms = self.model_states
-        names = [n for group in ms["param_group_names"] for n in group]
-        optimizer, self.masters0 = stage0_optimizer_state(ms["optimizer"], names)
-        index = [i for group in optimizer["param_groups"] for i in group["params"]]
-        self.state0 = {name: optimizer["state"].get(i, {}) for name, i in zip(names, index)}
-        self.shapes = {name: ms["module"][name].shape for name in names}
-        self.step = max([0.0] + [float(s["step"]) for s in self.state0.values() if "step" in s])
-
-    # -- stages 1-3: every rank's optimizer file holds its partition of the flat fp32 groups and moments
-    def _open_partitions(self, world_size: int) -> None:
-        from deepspeed.utils import zero_to_fp32 as z
-
-        files = z.get_optim_files(str(self.tag_dir))
-        if len(files) != world_size:
-            raise UserError(f"checkpoint error: {self.tag_dir} holds {len(files)} optimizer files for "
-                            f"{world_size} ranks")
-        self.flats = {key: [] for key in TENSOR_KEYS}
-        self.step, paddings = 0.0, None
-        for f in files:
-            state, mapped = load_mapped(Path(f))
-            self.mapped = self.mapped and mapped
-            osd = state["optimizer_state_dict"]
-            if int(osd["zero_stage"]) != self.stage:
-                raise UserError(f"checkpoint error: {f} is ZeRO {osd['zero_stage']}, the manifest says {self.stage}")
-            if self.stage <= 2:
-                weights, states = osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"]["state"]
-                paddings = osd.get("param_alignment_paddings")
-            else:
-                weights, states = osd["fp32_flat_groups"], osd["optimizer_state_dict"]["state"]
-            self.flats["weights"].append(list(weights))
-            for key in ("exp_avg", "exp_avg_sq"):  # a group never stepped has no state: zeros
-                self.flats[key].append([states[g][key] if g in states else torch.zeros_like(w)
-                                        for g, w in enumerate(weights)])
-            self.step = max([self.step] + [float(s["step"]) for s in states.values() if "step" in s])
-        param_shapes = self.model_states["param_shapes"]
-        if self.stage <= 2:
-            self._layout_zero2(param_shapes, paddings)
-        else:
-            self._layout_zero3({k: v for group in param_shapes for k, v in group.items()})
-
-    def _layout_zero2(self, param_shapes: list, paddings) -> None:
-        """ZeRO 1/2: group g's flat vector is the ranks' partitions end to end; its parameters lie in it
-        in order, each followed by its alignment padding."""
-        world = len(self.flats["weights"])
-        for g, shapes in enumerate(param_shapes):
-            sizes = [self.flats["weights"][r][g].numel() for r in range(world)]
-            offset = 0
-            for j, (name, shape) in enumerate(shapes.items()):
-                self.shapes[name] = torch.Size(shape)
-                numel = self.shapes[name].numel()
-                self.pieces[name] = [(r, g, start, n) for r, start, n in _cut(sizes, offset, numel)]
-                offset += numel + (paddings[g][j] if paddings is not None else 0)
-            align = 2 * world  # what zero_to_fp32 checks: both round up to the same multiple
-            if -(-offset // align) != -(-sum(sizes) // align):
-                raise UserError(f"checkpoint error: {self.tag_dir}: group {g} holds {sum(sizes)} values, its "
-                                f"parameters need {offset}; the checkpoint does not match its own layout")
-
-    def _layout_zero3(self, shapes: dict) -> None:
-        """ZeRO 3: each parameter is cut into `world` equal pieces (the last padded); rank r holds piece r
-        of every parameter, in order, across its groups end to end."""
-        world = len(self.flats["weights"])
-        sizes = [t.numel() for t in self.flats["weights"][0]]
-        offset = 0
-        for name, shape in shapes.items():
-            self.shapes[name] = torch.Size(shape)
-            piece = -(-self.shapes[name].numel() // world)
-            self.pieces[name] = [(r, g, start, n) for r in range(world) for g, start, n in _cut(sizes, offset, piece)]
-            offset += piece
-        if offset != sum(sizes):
-            raise UserError(f"checkpoint error: {self.tag_dir}: ranks hold {sum(sizes)} values each, the "
-                            f"parameters need {offset}; the checkpoint does not match its own layout")
-
-    def read(self, name: str, key: str) -> torch.Tensor:
-        """The full fp32 tensor of one parameter (a fresh copy, not a view of the files)."""
-        if self.stage == 0:
-            if key == "weights":
-                src = self.masters0.get(name, self.model_states["module"][name])
-            else:
-                src = self.state0[name].get(key)
-            if src is None:
-                return torch.zeros(self.shapes[name], dtype=torch.float32)
-            out = src.to(torch.float32, copy=True).contiguous()
-            self._release(src)
-            return out
-        shape = self.shapes[name]
-        out = torch.empty(sum(p[3] for p in self.pieces[name]), dtype=torch.float32)
-        pos = 0
-        for rank, group, start, numel in self.pieces[name]:
-            src = self.flats[key][rank][group].narrow(0, start, numel)
-            out.narrow(0, pos, numel).copy_(src)
-            self._release(src)
-            pos += numel
-        return out.narrow(0, 0, shape.numel()).view(shape)
-
-    def _release(self, t: torch.Tensor) -> None:
-        if self.mapped:
-            release_pages(t)
-
-
-def stage0_optimizer_state(saved: dict, names: list[str]) -> tuple[dict, dict]:
-    """(the torch optimizer's state dict, {name: fp32 master weight}) of a ZeRO-0 model states file. In
-    bf16/fp16 DeepSpeed 0.19 wraps the client optimizer in `FP16_UnfusedOptimizer`: its state dict holds the
-    torch one under `optimizer_state_dict` and the fp32 masters, in the groups' order, under `fp32_groups`;
-    the module holds only their bf16/fp16 rounding. In fp32 the state dict is torch's and the module's
-    weights are the masters."""
-    if "optimizer_state_dict" not in saved:
-        return saved, {}
-    masters = [t for group in saved["fp32_groups"] for t in group]
-    if len(masters) != len(names):
-        raise UserError(f"checkpoint error: {len(masters)} fp32 master weights for {len(names)} parameters; "
-                        f"the checkpoint does not match its own layout")
-    return saved["optimizer_state_dict"], dict(zip(names, masters))
-
-
-def _cut(sizes: list[int], offset: int, numel: int) -> list[tuple[int, int, int]]:
-    """The range [offset, offset + numel) of a vector made of consecutive blocks of `sizes`, as
-    (block index, start in the block, length) pieces."""
-    pieces, begin = [], 0
-    for i, size in enumerate(sizes):
-        lo, hi = max(offset, begin), min(offset + numel, begin + size)
-        if lo < hi:
-            pieces.append((i, lo - begin, hi - lo))
-        begin += size
-    if sum(p[2] for p in pieces) != numel:
-        raise UserError("checkpoint error: a parameter runs past the end of the saved partitions; the "
-                        "checkpoint does not match its own layout")
-    return pieces
-
-
-# ------------------------------------------------------------------------------ fill a fresh engine
-
-def optimizer_and_state_keys(engine):
-    """The torch optimizer doing the update and the tensors its state is keyed by: the model's parameters
-    at stage 0, ZeRO's flat fp32 partitions at stages 1-3 (not its param_groups, which ZeRO swaps in
-    only during step())."""
-    opt = engine.optimizer
-    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # stage 0 in bf16/fp16: FP16_UnfusedOptimizer
-        return opt.optimizer, [p for group in opt.fp32_groups for p in group]
-    if hasattr(opt, "single_partition_of_fp32_groups"):
-        return opt.optimizer, list(opt.single_partition_of_fp32_groups)
-    if hasattr(opt, "fp32_partitioned_groups_flat"):
-        return opt.optimizer, list(opt.fp32_partitioned_groups_flat)
-    return opt, [p for group in opt.param_groups for p in group["params"]]
-
-
-def stage0_masters(engine) -> dict[int, torch.Tensor]:
-    """id(module parameter) -> the fp32 master DeepSpeed updates in its place at stage 0 in bf16/fp16
-    (`FP16_UnfusedOptimizer` keeps them in `fp32_groups`, parallel to `fp16_groups`); empty otherwise."""
-    opt = engine.optimizer
-    if engine.zero_optimization_stage() != 0 or not hasattr(opt, "fp32_groups"):
-        return {}
-    return {id(p): m for low, high in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(low, high)}
-
-
-def link_optimizer_state(engine) -> None:
-    """ZeRO 1/2 link each parameter's fragment to the optimizer state lazily; do it now, so
-    `safe_set_full_optimizer_state` can write into it before the first step."""
-    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
-
+# ------------------------------------------------------------------------------------------ the loss
 
 def loss_scale(engine) -> float:
     """fp16's current loss scale (every DeepSpeed fp16 optimizer wrapper has `loss_scale`); 1 otherwise."""
     return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
-
-
-def set_step_counters(engine, global_steps: int, global_samples: int, skipped_steps: int) -> None:
-    engine.global_steps = global_steps
-    engine.global_samples = global_samples
-    engine.skipped_steps = skipped_steps
 
 
 # ------------------------------------------------------------------------------ sequence parallelism

@@ -1,5 +1,5 @@
-"""Durable files: content hashes, fsync, atomic writes (temp name, fsync, rename), and a file object that
-hashes what is written through it."""
+"""Durable files: content hashes, fsync, atomic writes (a unique temp name, fsync, rename; for a file or a
+whole folder), and a file object that hashes what is written through it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import errno
 import hashlib
 import mmap
 import os
+import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
 
 
 def sha256_file(path: Path, fsync: bool = False, progress=None) -> str:
@@ -31,17 +35,64 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_name(path: Path) -> Path:
+    """A hidden name beside `path` to write it under before the rename. Unique (a uuid): several processes,
+    or nodes on a shared file system, may write the same path at once, and must not write into one file."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def replace_file(path: Path, write: Callable[[BinaryIO], None], before_rename=None, durable: bool = True) -> None:
+    """Replace `path` with what `write(f)` writes into a binary file, so that a crash leaves the old or the
+    new content, never a mix: written under `temp_name`, renamed onto `path`. `durable`: the file and the
+    folder are fsynced, so the new content survives a power loss too (off for lock files, rewritten every
+    few seconds and worthless after a reboot). A failed write removes its temp file."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        if before_rename:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
 def write_atomic(path: Path, text: str, before_rename=None) -> None:
-    """Replace `path` with `text` so a crash leaves the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    if before_rename:
-        before_rename()
-    os.replace(tmp, path)
+    """Replace `path` with `text` (UTF-8), crash-safely and durably (`replace_file`)."""
+    replace_file(path, lambda f: f.write(text.encode("utf-8")), before_rename)
+
+
+def rename_folder(tmp: Path, path: Path) -> None:
+    """Commit a folder written under a temp name: its entries fsynced, renamed to `path` (a reader sees all
+    of it or nothing), the rename fsynced."""
+    fsync_dir(tmp)
+    os.rename(tmp, path)
     fsync_dir(path.parent)
+
+
+@contextmanager
+def new_folder(path: Path) -> Iterator[Path]:
+    """Write the folder `path` in one go: the block fills the temp folder it is given (`temp_name`), which is
+    renamed to `path` when the block ends without error (`rename_folder`). When `path` appeared meanwhile,
+    another process committed the same content first and this copy is dropped. The temp folder never
+    outlives the block, whatever happens in it."""
+    tmp = temp_name(path)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        try:
+            rename_folder(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def hash_and_sync(path: Path) -> dict:

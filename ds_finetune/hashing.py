@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from ds_finetune.files import sha256_file
+from ds_finetune.files import replace_file, sha256_file
 
 
 def default_cache_dir() -> Path:
@@ -43,11 +43,9 @@ def remembered_sha256(path: Path, memo: Path | None) -> str:
     digest = sha256_file(path)
     try:
         memo.mkdir(parents=True, exist_ok=True)
-        # A unique temp name, then a rename: several ranks may write the same memo at once. No fsync:
+        # Several ranks may write the same memo at once (replace_file's temp names are unique). No fsync:
         # a memo lost in a crash only costs a re-hash.
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**version, "sha256": digest}))
-        os.replace(tmp, entry)
+        replace_file(entry, lambda f: f.write(json.dumps({**version, "sha256": digest}).encode()), durable=False)
     except OSError:
         pass  # a read-only cache dir only costs the next start a re-hash
     return digest

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ds_finetune.errors import UserError
+from ds_finetune.files import replace_file
 
 
 def metrics_lines(path: Path) -> list[tuple[int, str]]:
@@ -36,9 +37,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> None:
     if not path.exists():
         return
     kept = [line for step, line in metrics_lines(path) if step <= keep_through_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    replace_file(path, lambda f: f.write("".join(x + "\n" for x in kept).encode("utf-8")), durable=False)
 
 
 class WandbRun:

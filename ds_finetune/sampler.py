@@ -37,9 +37,6 @@ class BatchLayout:
         start = offset + (micro_step * self.world_size + rank) * self.micro_batch_size
         return slice(start, start + self.micro_batch_size)
 
-    def step_slice(self, offset: int) -> slice:
-        return slice(offset, offset + self.global_batch)
-
 
 def steps_in_epoch(num_units: int, global_batch: int) -> int:
     return num_units // global_batch  # the last partial batch is dropped (see module docstring)

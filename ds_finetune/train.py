@@ -20,10 +20,10 @@ from pathlib import Path
 
 from deepspeed import DeepSpeedEngine
 
-from ds_finetune import lora
+from ds_finetune import lora, messages
 from ds_finetune.checkpoint import resume
 from ds_finetune.checkpoint.manager import Checkpointer
-from ds_finetune.checkpoint.layout import TrainState
+from ds_finetune.state import TrainState
 from ds_finetune.config import RunConfig, load_config
 from ds_finetune.config_text import split_resume_arg
 from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, MixedData, MixtureOrder, TokenizedData, epoch_order,
@@ -32,11 +32,10 @@ from ds_finetune.dist import (barrier, decide, init_distributed, on_cuda, seed_e
                               sum_over_ranks)
 from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
-from ds_finetune.checkpoint.export import write_hf_files
 from ds_finetune.faults import fault_point, unfired_fault
 from ds_finetune.fingerprint import config_fingerprint
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
-from ds_finetune.model import build_engine, build_model, check_isolated_packing, param_group_names
+from ds_finetune.model import build_engine, build_model, check_isolated_packing
 from ds_finetune.nodes import check_shared_checkpoint_dir
 from ds_finetune.rendezvous import Rendezvous, scratch_folder
 from ds_finetune.sampler import BatchLayout
@@ -108,12 +107,12 @@ def setup(args) -> tuple[Run, TrainState]:
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     # Prepared by the CLI before the launch, or here by the first rank to take the cache's lock while
     # the others wait on the file (no collective: preparing may take longer than DEEPSPEED_TIMEOUT).
-    say = resume.say if is_main else (lambda msg: None)
+    say = messages.say if is_main else (lambda msg: None)
     data = prepare_training_data(cfg.data, tok, say=say)
     if is_main and data.skipped_rows:
-        resume.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
+        messages.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
     if is_main and data.truncated_pairs:
-        resume.say(f"truncated {data.truncated_pairs} pairs to data.max_length/max_prompt_length (the prompt's end kept)")
+        messages.say(f"truncated {data.truncated_pairs} pairs to data.max_length/max_prompt_length (the prompt's end kept)")
     group = SequenceGroup.of(cfg, world, rank)  # DP x SP; SP=1: every rank its own
     evaluator, train_rows = build_evaluator(cfg, tok, data, group.dp_rank, group.dp_size, say)
     order = epoch_order(cfg, data, train_rows)
@@ -139,12 +138,7 @@ def setup(args) -> tuple[Run, TrainState]:
     # Dropout RNG: rank r draws from seed + r (a rank a resumed run did not have gets the same rule).
     seed_everything(cfg.train.seed + rank)
 
-    checkpointer = Checkpointer(engine, cfg.checkpoint, cfg.checkpoint_dir, rank, world,
-                                saved_step=0, extra_client_state={"param_group_names": param_group_names(model)},
-                                write_extra=lambda tag_dir: write_hf_files(tag_dir, engine.module, tok),
-                                trainable_only=cfg.model.lora is not None,
-                                export_to=Path(cfg.output_dir) / "final_model" if cfg.checkpoint.export_final else None,
-                                export_dtype=cfg.model.dtype)
+    checkpointer = Checkpointer.for_run(cfg, engine, model, tok, rank, world)
     # Built before a checkpoint is loaded: a precomputed DPO reference is computed from the base's weights.
     objective = build_objective(ObjectiveParts(cfg, engine, model, ds_config, data, evaluator and evaluator.data,
                                                layout, tok.pad_token_id, rank, world, group, ulysses,
@@ -153,11 +147,11 @@ def setup(args) -> tuple[Run, TrainState]:
     # --allow-config-change).
     identity = dict(seed=cfg.train.seed, global_batch=layout.global_batch, data_format_version=DATA_FORMAT_VERSION,
                     fingerprint=plan.fingerprint)
-    state = replace(resume.apply(plan, checkpointer, rank), **identity)
+    state = replace(checkpointer.load(plan), **identity)
     if is_main and isinstance(order, MixtureOrder) and plan.source is not None:
         change = mix_change_message(order, state.mix, state.step)
         if change:
-            resume.say(change)
+            messages.say(change)
     if cfg.logging.wandb is not None:
         state.wandb_run_id = state.wandb_run_id or secrets.token_hex(4)  # rank 0's is the one saved
     if is_main:
@@ -237,7 +231,7 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
         run.checkpointer.after_step(state, outcome.writing, outcome.time_to_save, metrics.message)
 
     run.checkpointer.close(state, metrics.message)
-    metrics.message(f"[ds-finetune] done: {state.step} steps; outputs in {cfg.output_dir}")
+    metrics.message(messages.tagged(f"done: {state.step} steps; outputs in {cfg.output_dir}"))
     return 0
 
 

@@ -1,5 +1,8 @@
-"""Launching real training processes, for the multi-process tests and for `make bench` (bench/common.py
-imports this module): ports, environment, argv, killing a whole job, reading metrics, comparing runs.
+"""What the tests share. Launching real training processes, for the multi-process tests and for `make bench`
+(bench/common.py imports this module): ports, environment, argv, killing a whole job, reading metrics,
+comparing runs. And the in-process tests' common pieces: the one-line-error assertion, the tiny model,
+JSONL files, a checkpoint consolidated whole, a step's slice of the order. Nothing here imports torch at
+module level (a launching test would pay for it).
 
 Bulk runs use tests/scripts/launch_ranks.py, which starts the ranks with torchrun's variables without
 importing torch (≈3.5 s cheaper a start than torchrun, ≈7.5 s than the `deepspeed` launcher, which the
@@ -274,7 +277,6 @@ def assert_same_final_weights(got_dir: Path, ref_dir: Path) -> None:
     import torch
 
     from ds_finetune.checkpoint.verify import find_resumable_checkpoint
-    from ds_finetune.checkpoint.reshard import consolidate
     got, _ = find_resumable_checkpoint(Path(got_dir) / "checkpoints")
     ref, _ = find_resumable_checkpoint(Path(ref_dir) / "checkpoints")
     assert got.step == ref.step, (got.path, ref.path)
@@ -309,12 +311,68 @@ def target_runs(ids, mask) -> list[list[int]]:
     return runs + ([current] if current else [])
 
 
-def assert_one_line_error(proc, *needles) -> str:
-    """A user error: non-zero exit, exactly one `error:` line naming every needle, no traceback."""
-    assert proc.returncode != 0
+def assert_one_line_error(proc, *needles, code: int | None = None, last: bool = False, alone: bool = False) -> str:
+    """A user error: non-zero exit (`code` when given), exactly one `error:` line naming every needle, no
+    traceback. `last`: that line ends stderr (the last thing the user sees). `alone`: stderr is that line
+    and stdout is empty (nothing was launched or printed before the error)."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and code in (None, proc.returncode), (proc.returncode, out[-3000:])
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "Traceback" not in out, out[-3000:]
+    if last:
+        assert lines[0] == proc.stderr.strip().splitlines()[-1]
+    if alone:
+        assert proc.stdout == "", "nothing is launched or printed before the error"
+        assert proc.stderr.rstrip("\n") == lines[0], f"not one line: {proc.stderr!r}"
+        assert lines[0].startswith("error: ")
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in lines[0], f"{needle!r} not named in {lines[0]!r}"
     return lines[0]
+
+
+# ------------------------------------------------------------------------------------ in-process pieces
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_model(*overrides: str, seed: int = 0):
+    """The model of configs/tiny.yaml (with `overrides`, as on the command line), built as training builds
+    it, its random init drawn from torch's RNG seeded with `seed`."""
+    import torch
+
+    from ds_finetune.config import load_config
+    from ds_finetune.model import build_model
+
+    cfg = load_config(TINY, ["output_dir=/tmp/unused", *overrides])
+    torch.manual_seed(seed)
+    return build_model(cfg, {})
+
+
+def save_tiny_model(folder: Path, seed: int) -> Path:
+    """The tiny model (dropout on, as in BASE), seeded as a run seeds it, saved as a pretrained folder."""
+    from ds_finetune.config import load_config
+    from ds_finetune.dist import seed_everything
+    from ds_finetune.model import build_model
+
+    cfg = load_config(TINY, [f"output_dir={folder / 'unused'}", "model.config.attention_dropout=0.1"])
+    seed_everything(seed)
+    build_model(cfg, {}).save_pretrained(folder)
+    return folder
+
+
+def consolidate(info, weights_only: bool = False) -> tuple[dict[str, dict], dict]:
+    """The whole model of a verified checkpoint at once: ({key: {param name: fp32 tensor}}, meta). For
+    tests and small models; conversion and export stream instead."""
+    from ds_finetune.checkpoint import reshard
+
+    src = reshard.open_source(info)
+    keys = ("weights",) if weights_only else reshard.TENSOR_FILES
+    return {key: {name: src.read(name, key) for name in src.names} for key in keys}, reshard.source_meta(info, src)
+
+
+def step_slice(layout, offset: int) -> slice:
+    """The entries of the epoch order that the step starting at `offset` takes (a `BatchLayout`'s)."""
+    return slice(offset, offset + layout.global_batch)

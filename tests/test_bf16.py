@@ -1,7 +1,7 @@
 """bf16, the dtype of GPU runs, proven where this machine can (DeepSpeed's bf16 runs on the CPU): a kill
 and resume is bitwise at ZeRO 2 and 3, a resume under another stage continues from the fp32 master weights
 (not their bf16 rounding), and a ZeRO-0 checkpoint (DeepSpeed's FP16_UnfusedOptimizer) exports its fp32
-masters. The converted state's exact load into bf16 engines of every stage is in test_reshard_resume.py."""
+masters. The converted state's exact load into bf16 engines of every stage is in test_resume_reshard.py."""
 import shutil
 import signal
 

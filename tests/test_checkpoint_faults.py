@@ -1,6 +1,7 @@
 """Atomic commit, retention, errors, safety: a kill at every phase of a save never loses a committed
 checkpoint, --resume picks the newest committed one, and the run still ends bitwise equal to the
-uninterrupted reference. Damaged checkpoints are detected before anything is unpickled."""
+uninterrupted reference. Damaged checkpoints are detected before anything is unpickled. And when saves
+happen (checkpoint.every_minutes, on rank 0's clock)."""
 import json
 import re
 import shutil
@@ -274,3 +275,15 @@ def test_a_training_run_whose_fault_never_fired_exits_non_zero(tmp_path):
                        {"DS_FINETUNE_FAULT": "after_step@step99"})
     assert proc.returncode == 4
     assert "error: DS_FINETUNE_FAULT=after_step@step99 never fired" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ when saves happen
+
+ONE_RANK = ["train.zero_stage=2", "train.grad_accum=4"]
+
+
+def test_every_minutes_saves_on_rank0s_clock(tmp_path):
+    proc = harness.train(tmp_path, [*ONE_RANK, "train.max_steps=4", "checkpoint.every_steps=0",
+                                    "checkpoint.every_minutes=0.00001", "checkpoint.keep_last=0"], nproc=1)
+    assert harness.committed_steps(tmp_path / "checkpoints") == [1, 2, 3, 4]
+    assert proc.stdout.count("(every_minutes)") == 4

@@ -15,6 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from ds_finetune.cli import main
+from harness import assert_one_line_error
 from ds_finetune.config import (CheckpointConfig, DpoConfig, EvalConfig, LoggingConfig, LoraConfig, ModelConfig,
                                 RunConfig, TrainConfig, WandbConfig, load_config)
 from ds_finetune.data_config import DataConfig, EvalSourceConfig, SourceConfig
@@ -40,18 +41,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def invoke(*args: str):
     return CliRunner().invoke(main, list(args), env={"DS_ACCELERATOR": "cpu"})
-
-
-def assert_one_line_user_error(returncode: int, stdout: str, stderr: str, *names: str) -> str:
-    assert returncode == 2, (returncode, stdout, stderr)
-    assert "Traceback" not in stderr
-    assert stdout == "", "nothing is launched or printed before the error"
-    line = stderr.rstrip("\n")
-    assert line.splitlines() == [line], f"not one line: {stderr!r}"
-    assert line.startswith("error: ")
-    for name in names:
-        assert name in line, f"{name!r} not named in {line!r}"
-    return line
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> str:
@@ -131,19 +120,19 @@ def test_dry_run_prints_the_deepspeed_config_the_ranks_will_use(monkeypatch):
 ], ids=["unknown-key", "zero-stage-4", "global-batch-not-divisible"])
 def test_config_error_in_a_real_process_is_one_line_exit_2_no_traceback(args, names):
     p = run_cli("train", "configs/tiny.yaml", "--dry-run", *args)
-    assert_one_line_user_error(p.returncode, p.stdout, p.stderr, *names)
+    assert_one_line_error(p, *names, code=2, alone=True)
 
 
 def test_bad_yaml_in_a_real_process_names_file_and_line(tmp_path):
     path = write(tmp_path, "model:\n  dtype: [fp32\n")
     p = run_cli("train", path, "--dry-run")
-    assert_one_line_user_error(p.returncode, p.stdout, p.stderr, path, "line 3", "not valid YAML")
+    assert_one_line_error(p, path, "line 3", "not valid YAML", code=2, alone=True)
 
 
 def test_missing_config_file_in_a_real_process(tmp_path):
     path = str(tmp_path / "nope.yaml")
     p = run_cli("train", path, "--dry-run")
-    assert_one_line_user_error(p.returncode, p.stdout, p.stderr, path, "no such file")
+    assert_one_line_error(p, path, "no such file", code=2, alone=True)
 
 
 # ------------------------------------------------------------------------ config errors: CliRunner
@@ -151,7 +140,8 @@ def test_missing_config_file_in_a_real_process(tmp_path):
 def cli_error(*args: str, names=()) -> str:
     result = invoke("train", *args)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return assert_one_line_user_error(result.exit_code, result.stdout, result.stderr, *names)
+    proc = subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+    return assert_one_line_error(proc, *names, code=2, alone=True)
 
 
 @pytest.mark.parametrize("override, names", [

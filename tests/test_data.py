@@ -18,6 +18,7 @@ from ds_finetune.data_config import DataConfig
 from ds_finetune.data import IGNORE_INDEX, collate, plan_units, unit_targets, unit_tokens
 from ds_finetune.errors import UserError
 from ds_finetune.sampler import epoch_permutation
+from harness import assert_one_line_error, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "assets" / "tiny-tokenizer"
@@ -27,11 +28,6 @@ LONG = 4096  # no row of the shipped data comes near this: nothing is truncated
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def prepare(cfg: DataConfig, tok) -> data.TokenizedData:
@@ -440,21 +436,10 @@ def run_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, out[-3000:]
-    assert errors[0] == proc.stderr.strip().splitlines()[-1]  # the last thing the user sees
-    for word in words:
-        assert word in errors[0], errors[0]
-
-
 @pytest.mark.multiproc
 def test_a_missing_data_file_exits_with_one_line_and_no_traceback(tmp_path):
     proc = run_train(tmp_path, f"data.path={tmp_path / 'missing.jsonl'}")
-    assert_one_line_error(proc, "data error", "missing.jsonl", "no such file or folder")
+    assert_one_line_error(proc, "data error", "missing.jsonl", "no such file or folder", code=2, last=True)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -464,4 +449,4 @@ def test_a_row_without_its_field_exits_with_one_line_and_no_traceback(tmp_path):
     rows = tmp_path / "rows.jsonl"
     write_jsonl(rows, [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
     proc = run_train(tmp_path, f"data.path={rows}", "data.format=prompt_completion")
-    assert_one_line_error(proc, "data error", "row 2", "'completion'")
+    assert_one_line_error(proc, "data error", "row 2", "'completion'", code=2, last=True)

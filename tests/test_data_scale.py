@@ -26,6 +26,7 @@ from ds_finetune.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from harness import write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "assets" / "tiny-tokenizer"
@@ -48,11 +49,6 @@ def digest(d: data.TokenizedData) -> str:
     for a in (d.input_ids, d.target_mask, d.offsets, d.row_ids):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def chat_rows(n: int) -> list[dict]:

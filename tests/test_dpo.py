@@ -17,8 +17,8 @@ from ds_finetune.data import IGNORE_INDEX, EpochOrder, collate_pairs, load_token
 from ds_finetune.objectives.dpo import METRICS, AdaptersOff, DPOLoss, Precomputed, dpo_loss
 from ds_finetune.errors import UserError
 from ds_finetune.loss import ChunkedLoss, full_sequence_logps, fused_sequence_logps
+from harness import tiny_model
 from host_syncs import recording_host_syncs
-from test_loss import tiny_model
 
 PAIRS = harness.ROOT / "data" / "tiny" / "preference.jsonl"
 DPO = ["train.objective=dpo", "data.format=preference", f"data.path={PAIRS}"]

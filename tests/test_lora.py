@@ -19,15 +19,7 @@ CLI = str(harness.BIN / "ds-finetune")
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     """The tiny model (dropout on, as in harness.BASE) saved as a pretrained folder: the frozen base."""
-    from ds_finetune.config import load_config
-    from ds_finetune.dist import seed_everything
-    from ds_finetune.model import build_model
-
-    folder = tmp_path_factory.mktemp("base")
-    cfg = load_config(harness.TINY, [f"output_dir={folder / 'unused'}", "model.config.attention_dropout=0.1"])
-    seed_everything(7)
-    build_model(cfg, {}).save_pretrained(folder / "model")
-    return folder / "model"
+    return harness.save_tiny_model(tmp_path_factory.mktemp("base") / "model", seed=7)
 
 
 def lora(base, stage: int) -> list[str]:
@@ -72,11 +64,10 @@ def test_lora_checkpoint_holds_the_adapters_and_exports_compute_what_training_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ds_finetune.checkpoint.reshard import consolidate
 
     ref = lora_reference(2)
     info, _ = find_resumable_checkpoint(ref / "checkpoints")
-    trained = consolidate(info, weights_only=True)[0]["weights"]
+    trained = harness.consolidate(info, weights_only=True)[0]["weights"]
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained), sorted(trained)[:5]
     assert any(t.abs().sum() > 0 for n, t in trained.items() if ".lora_B." in n), "the adapters never trained"
     base_bytes = (base_model / "model.safetensors").stat().st_size

@@ -13,11 +13,7 @@ LORA = ["model.lora.r=4", "model.lora.alpha=8"]
 
 
 def build(overrides, rng_seed: int):
-    from ds_finetune.model import build_model
-
-    cfg = load_config(harness.TINY, ["output_dir=/tmp/unused", *overrides])
-    torch.manual_seed(rng_seed)
-    return build_model(cfg, {})
+    return harness.tiny_model(*overrides, seed=rng_seed)
 
 
 def test_lora_freezes_the_base_and_starts_the_adapters_from_the_seed():

@@ -11,13 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from ds_finetune.config import load_config
 from ds_finetune.data import IGNORE_INDEX, HostFacts
 from ds_finetune.errors import UserError
 from ds_finetune.loss import (ChunkedLoss, FusedLinearCrossEntropy, _accumulates_in_fp32, _add_weight_grad, _chunked_ce,
                               full_loss_sum, fused_linear_cross_entropy)
-from ds_finetune.model import build_model
-from ds_finetune.zero import zero_config_for_run
 from host_syncs import recording_host_syncs
 
 
@@ -112,12 +109,6 @@ def test_a_second_backward_through_the_same_graph_is_refused():
 
 # ----------------------------------------------------------------------------------- in the model
 
-def tiny_model(*overrides):
-    cfg = load_config(harness.TINY, [*overrides, "output_dir=/tmp/unused"])
-    torch.manual_seed(0)
-    return build_model(cfg, zero_config_for_run(cfg, 1))
-
-
 def batch(seed=1, rows=3, length=40, vocab=512):
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, vocab, (rows, length), generator=g)
@@ -134,7 +125,7 @@ def batch(seed=1, rows=3, length=40, vocab=512):
     ["model.config.tie_word_embeddings=true", "train.gradient_checkpointing=true"],
 ])
 def test_chunked_loss_of_the_model_equals_the_full_logits_path(overrides):
-    model = tiny_model("model.config.attention_dropout=0.0", *overrides)
+    model = harness.tiny_model("model.config.attention_dropout=0.0", *overrides)
     chunked = ChunkedLoss(model, 7)
     results = []
     for loss_fn in (full_loss_sum, chunked, full_loss_sum):  # the hook stays idle during full_loss_sum
@@ -152,14 +143,14 @@ def test_chunked_loss_of_the_model_equals_the_full_logits_path(overrides):
 
 
 def test_a_head_that_is_not_a_linear_is_refused():
-    model = tiny_model()
+    model = harness.tiny_model()
     model.set_output_embeddings(torch.nn.Sequential(torch.nn.Linear(64, 512)))
     with pytest.raises(UserError, match="not a Linear"):
         ChunkedLoss(model, 7)
 
 
 def test_a_model_that_transforms_its_logits_is_refused():
-    model = tiny_model()
+    model = harness.tiny_model()
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(UserError, match="final_logit_softcapping"):
         ChunkedLoss(model, 7)
@@ -232,7 +223,7 @@ def our_syncs(syncs) -> list:
 def test_a_chunked_loss_step_reads_nothing_back_from_the_device(overrides):
     """Forward and backward of the fused loss on a collated batch (its HostFacts built on the host): no
     value of a tensor is read back (on CUDA each would wait for every kernel queued before it)."""
-    model = tiny_model("model.config.attention_dropout=0.0", *overrides)
+    model = harness.tiny_model("model.config.attention_dropout=0.0", *overrides)
     input_ids, attention_mask, labels = batch()
     facts = HostFacts.of_labels(labels.numpy())
     token_losses = torch.empty(int(facts.targets.sum()))
@@ -249,7 +240,7 @@ def test_a_chunked_loss_step_reads_nothing_back_from_the_device(overrides):
 
 
 def test_the_full_logits_path_takes_per_token_losses_without_a_mask():
-    model = tiny_model("model.config.attention_dropout=0.0")
+    model = harness.tiny_model("model.config.attention_dropout=0.0")
     input_ids, attention_mask, labels = batch()
     facts = HostFacts.of_labels(labels.numpy())
     token_losses, chunked_losses = torch.empty(int(facts.targets.sum())), torch.empty(int(facts.targets.sum()))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ds_finetune.checkpoint.layout import TrainState
+from ds_finetune.state import TrainState
 from ds_finetune.config import validate_config
 from ds_finetune.data.blend import Blend, greedy_period, integer_shares, name_key, permuted
 from ds_finetune.data.cache import TokenizedData

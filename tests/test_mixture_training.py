@@ -10,7 +10,8 @@ import re
 import harness
 import pytest
 
-from ds_finetune.checkpoint.layout import TrainState, read_manifest
+from ds_finetune.checkpoint.layout import read_manifest
+from ds_finetune.state import TrainState
 from ds_finetune.config import load_config
 from ds_finetune.data import epoch_order, load_tokenizer, prepare_training_data
 

@@ -1,5 +1,6 @@
-"""What --resume must never do: restart a damaged run from step 0, mix two branches of a run, or ignore a
-change it was allowed to make; and the stop paths a user reaches with Ctrl-C.
+"""What --resume must never do: restart a damaged run from step 0, mix two branches of a run, clobber a
+run's checkpoints without --overwrite, continue a run whose exact settings changed, or ignore a change it was
+allowed to make; and the stop paths a user reaches with Ctrl-C.
 
 One-rank runs (cheap launches) on copies of the shared one-rank reference run (checkpoints 9 and 10).
 """
@@ -9,6 +10,7 @@ import time
 import pytest
 
 import harness
+from ds_finetune.checkpoint.verify import find_resumable_checkpoint
 from ds_finetune.sampler import epoch_permutation
 
 pytestmark = pytest.mark.multiproc
@@ -118,12 +120,8 @@ def test_zero3_from_a_pretrained_folder_trains_like_the_inline_model(reference_r
     """model.name_or_path at ZeRO-3 loads the weights inside deepspeed.zero.Init (no rank holds the full
     model): the same weights as the inline tiny model give the same losses."""
     from ds_finetune.config import load_config
-    from ds_finetune.dist import seed_everything
-    from ds_finetune.model import build_model
 
-    cfg = load_config(harness.TINY, [f"output_dir={tmp_path / 'unused'}", "model.config.attention_dropout=0.1"])
-    seed_everything(cfg.train.seed)
-    build_model(cfg, {}).save_pretrained(tmp_path / "pretrained")
+    harness.save_tiny_model(tmp_path / "pretrained", seed=load_config(harness.TINY).train.seed)
     run = tmp_path / "run"
     harness.train(run, ["train.zero_stage=3", "model.config=null", f"model.name_or_path={tmp_path / 'pretrained'}"])
     harness.assert_close_run(run, reference_run(3))
@@ -160,3 +158,46 @@ def test_a_resume_at_an_epoch_boundary_continues_into_the_next_epochs_order(tmp_
     harness.assert_resumed(harness.train(run, overrides, nproc=1, resume="auto"), step=12)
     harness.assert_same_run(run, ref)
     harness.assert_same_final_weights(run, ref)
+
+
+# ------------------------------------------------------------------------------ errors of --resume
+
+def test_fresh_start_refuses_to_clobber_checkpoints(finished, tmp_path):
+    run = harness.copy_run(finished, tmp_path / "run")
+    before = harness.snapshot(run / "checkpoints")
+    proc = harness.train(run, ONE_RANK, nproc=1, expect_ok=False)
+    harness.assert_one_line_error(proc, "already holds checkpoints", "--resume", "--overwrite")
+    assert harness.snapshot(run / "checkpoints") == before
+
+
+def test_resume_from_missing_path_is_a_clear_error(finished, tmp_path):
+    run = harness.copy_run(finished, tmp_path / "run")
+    proc = harness.train(run, ONE_RANK, nproc=1, resume=str(run / "checkpoints" / "step_00000077"), expect_ok=False)
+    harness.assert_one_line_error(proc, "step_00000077", "no such checkpoint")
+
+
+def test_resume_with_a_change_that_breaks_exactness_is_refused(finished, tmp_path):
+    run = harness.copy_run(finished, tmp_path / "run")
+    before = harness.snapshot(run / "checkpoints")
+    proc = harness.train(run, [*ONE_RANK, "train.seed=7", "data.max_length=64"], nproc=1, resume="auto",
+                         expect_ok=False)
+    harness.assert_one_line_error(proc, "train.seed", "data.max_length", "--allow-config-change")
+    assert harness.snapshot(run / "checkpoints") == before
+
+
+def test_resume_with_harmless_changes_continues(finished, tmp_path):
+    run = harness.copy_run(finished, tmp_path / "run")
+    info, _ = find_resumable_checkpoint(run / "checkpoints")
+    assert info.step == 10
+    harness.train(run, [*ONE_RANK, "train.max_steps=12", "checkpoint.every_steps=5", "logging.sample_ids=false"],
+                  nproc=1, resume="auto")
+    rows = harness.metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert "sample_ids" not in rows[-1] and "sample_ids" in rows[0]
+
+
+def test_overwrite_starts_over(finished, tmp_path):
+    run = harness.copy_run(finished, tmp_path / "run")
+    harness.train(run, [*ONE_RANK, "train.max_steps=3"], nproc=1, flags=["--overwrite"])
+    assert harness.committed_steps(run / "checkpoints") == [2, 3]
+    assert [r["step"] for r in harness.metrics(run)] == [1, 2, 3]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import harness
-from ds_finetune import ds_internals
+from ds_finetune.checkpoint import ds_internals
 from ds_finetune.errors import UserError
 from ds_finetune.files import sha256_file
 
@@ -145,7 +145,7 @@ def test_fp16_loss_scaler_state_round_trips_through_the_safe_loader(tmp_path):
 def test_client_state_and_trainer_state_are_plain_values():
     """What we put into DeepSpeed's files (client_state) pickles without a single global; what the manifest
     holds is JSON."""
-    from ds_finetune.checkpoint.layout import TrainState
+    from ds_finetune.state import TrainState
     from ds_finetune.dist import capture_rng
 
     buf = io.BytesIO()

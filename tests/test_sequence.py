@@ -94,9 +94,7 @@ def test_a_slices_host_facts_are_its_targets_and_the_gathered_rows_boundaries(si
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from ds_finetune.model import build_model
-    torch.manual_seed(0)
-    return build_model(load_config(TINY, ["output_dir=unused"]), {}).eval()
+    return harness.tiny_model().eval()
 
 
 @pytest.mark.parametrize("chunk", [0, 5])

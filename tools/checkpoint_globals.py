@@ -42,7 +42,8 @@ def globals_of(path: Path) -> list[str]:
 def scan(folders: list[Path]) -> tuple[dict[str, set[str]], list[str]]:
     """({global: {folder names whose files need it}}, [files the safe loader refuses, and why]) over every
     *.pt file below the folders."""
-    from ds_finetune.ds_internals import UnsafeCheckpointFile, load_checkpoint_file
+    from ds_finetune.checkpoint.ds_internals import load_checkpoint_file
+    from ds_finetune.checkpoint.safe_pickle import UnsafeCheckpointFile
 
     found: dict[str, set[str]] = defaultdict(set)
     refused = []

@@ -16,7 +16,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from ds_finetune import __version__, ds_internals
+from ds_finetune import __version__
+from ds_finetune.checkpoint import ds_internals
 from ds_finetune.checkpoint.layout import (LATEST, MANIFEST, MANIFEST_VERSION, apply_retention, remove_tree,
                                            tag_for_step)
 from ds_finetune.dist import all_gather, decide

@@ -18,10 +18,11 @@ import torch
 
 from ds_finetune import lora
 from ds_finetune.checkpoint import reshard
-from ds_finetune.checkpoint.layout import TrainState, step_of_tag
+from ds_finetune.checkpoint.layout import step_of_tag
 from ds_finetune.checkpoint.tensorfiles import nbytes, parse_size, plan_shards, write_safetensors
 from ds_finetune.checkpoint.verify import CheckpointInfo, inspect_checkpoint, manifest_bytes, verify_files
 from ds_finetune.errors import UserError
+from ds_finetune.state import TrainState
 
 HF_DIR = "hf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,36 +1,52 @@
 """The Checkpointer: owns saving for the training loop (when a save is due, now or in the background, the
-commit of a background save, the final save and export) and restores a native checkpoint."""
+commit of a background save, the final save and export) and loads the checkpoint a run resumes from."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from ds_finetune import ds_internals
+from ds_finetune.checkpoint import ds_internals, reshard
 from ds_finetune.checkpoint.async_save import BackgroundWrite
 from ds_finetune.checkpoint.commit import SaveSpec, commit_files, save_checkpoint, write_files
-from ds_finetune.checkpoint.export import export_checkpoint
-from ds_finetune.checkpoint.layout import TrainState, tag_for_step
-from ds_finetune.dist import all_gather, capture_rng
+from ds_finetune.checkpoint.export import export_checkpoint, write_hf_files
+from ds_finetune.checkpoint.layout import tag_for_step
+from ds_finetune.checkpoint.resume import ResumePlan
+from ds_finetune.config import RunConfig
+from ds_finetune.dist import all_gather, capture_rng, restore_rng
 from ds_finetune.errors import UserError, first_line
+from ds_finetune.messages import say, tagged
+from ds_finetune.model import param_group_names
+from ds_finetune.state import TrainState
 
 
 class Checkpointer:
-    """Built once per run, one on every rank: owns saving. The loop calls `after_step` after every
-    optimizer step, `stop` when the ranks agreed to stop on a signal, and `close` at the end; the
-    Checkpointer decides what is due, saves (now or in the background), commits, reports through `say`,
-    and runs the final save and export. It also restores a native checkpoint."""
+    """Built once per run (`for_run`), one on every rank: owns saving and loading. The loop calls
+    `after_step` after every optimizer step, `stop` when the ranks agreed to stop on a signal, and `close`
+    at the end; the Checkpointer decides what is due, saves (now or in the background), commits, reports
+    through `say`, and runs the final save and export. `load` restores the checkpoint the run resumes from."""
 
-    def __init__(self, engine, ckpt_cfg, ckpt_dir: Path, rank: int, world: int, saved_step: int,
-                 extra_client_state: dict, write_extra=None, trainable_only: bool = False,
-                 export_to: Path | None = None, export_dtype: str = "fp32"):
+    def __init__(self, engine, ckpt_cfg, ckpt_dir: Path, rank: int, world: int, extra_client_state: dict,
+                 write_extra=None, trainable_only: bool = False, export_to: Path | None = None,
+                 export_dtype: str = "fp32"):
         self.engine, self.cfg, self.dir, self.rank, self.world = engine, ckpt_cfg, ckpt_dir, rank, world
         self.spec = SaveSpec(engine, ckpt_dir, rank, world, ckpt_cfg.keep_last, ckpt_cfg.keep_best, trainable_only,
                              write_extra)
         self.export_to, self.export_dtype = export_to, export_dtype  # checkpoint.export_final
         self.in_flight = None  # async_save: (BackgroundWrite, tag dir, trainer state) of the uncommitted save
         self.extra_client_state = extra_client_state  # constant for the run (e.g. param group names)
-        self.saved_step, self.last_save_time = saved_step, time.time()
+        self.saved_step, self.last_save_time = 0, time.time()  # `load` sets the step resumed from
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, engine, model, tok, rank: int, world: int) -> "Checkpointer":
+        """The run's Checkpointer: what it saves besides DeepSpeed's files (the parameter groups' names,
+        the Hugging Face config and tokenizer), whether only the trainable (LoRA) weights, and the final
+        export, all from the run config."""
+        export_to = Path(cfg.output_dir) / "final_model" if cfg.checkpoint.export_final else None
+        return cls(engine, cfg.checkpoint, cfg.checkpoint_dir, rank, world,
+                   extra_client_state={"param_group_names": param_group_names(model)},
+                   write_extra=lambda tag_dir: write_hf_files(tag_dir, engine.module, tok),
+                   trainable_only=cfg.model.lora is not None, export_to=export_to, export_dtype=cfg.model.dtype)
 
     # -- the loop's three calls (every rank, at the same step)
 
@@ -48,10 +64,10 @@ class Checkpointer:
         path = self._save(state, "stop requested", say) if self.cfg.save_on_signal else None
         self._commit_in_flight(say)  # this save, or one still in flight: committed before the exit
         if path is not None:
-            say(f"[ds-finetune] stopped by signal at step {state.step}; resume with --resume (checkpoint {path})")
+            say(tagged(f"stopped by signal at step {state.step}; resume with --resume (checkpoint {path})"))
         else:
-            say(f"[ds-finetune] stopped by signal at step {state.step} without saving "
-                f"(checkpoint.save_on_signal=false)")
+            say(tagged(f"stopped by signal at step {state.step} without saving "
+                       f"(checkpoint.save_on_signal=false)"))
 
     def close(self, state: TrainState, say) -> None:
         """The run is done: the final save if one is due, every save committed, the final export."""
@@ -62,19 +78,19 @@ class Checkpointer:
             # Rank 0 alone, and no rank waits for it: an export longer than the process-group timeout would
             # otherwise end in the NCCL watchdog's abort. The other ranks exit; the launcher waits for all.
             out = export_checkpoint(self.dir / tag_for_step(state.step), self.export_to, self.export_dtype)
-            say(f"[ds-finetune] exported a Hugging Face model to {out}")
+            say(tagged(f"exported a Hugging Face model to {out}"))
 
     def _save(self, state: TrainState, reason: str, say) -> Path:
         self._commit_in_flight(say)  # at most one save in flight
         path = self.save(state)
         written = "writing it in the background" if self.in_flight else "saved"
-        say(f"[ds-finetune] {written} {path} ({reason})")
+        say(tagged(f"{written} {path} ({reason})"))
         return path
 
     def _commit_in_flight(self, say) -> None:
         path = self.finish()
         if path is not None:
-            say(f"[ds-finetune] saved {path} (written in the background)")
+            say(tagged(f"saved {path} (written in the background)"))
 
     # -- the pieces
 
@@ -130,7 +146,29 @@ class Checkpointer:
         commit_files(self.spec, tag_dir, background.step, own, trainer_state)
         return tag_dir
 
-    def restore(self, info) -> list:
+    # -- loading
+
+    def load(self, plan: ResumePlan) -> TrainState:
+        """The plan's checkpoint into the engine (weights, optimizer, LR schedule; natively, or from the
+        converted copy, whose weights `resume.load_converted_weights` put in the model before the engine
+        existed), this rank's RNG, and the trainer's progress; a fresh TrainState when the plan starts
+        fresh. Every rank calls it once the engine exists."""
+        if plan.source is None:
+            return TrainState()
+        if plan.converted is None:
+            rng_states = self._load_native(plan.source)
+        else:
+            reshard.load_optimizer_state(self.engine, plan.converted)
+            rng_states = plan.converted.meta["rng_states"]
+        if self.rank < len(rng_states):  # a rank the saved run did not have keeps the seed + rank rule
+            restore_rng(rng_states[self.rank])
+        state = TrainState.from_manifest(plan.source.manifest)
+        if self.rank == 0:
+            say(f"resumed from {plan.source.path} at step {state.step} (epoch {state.epoch}, offset {state.offset})")
+        self.saved_step = state.step  # no final save of a step already saved
+        return state
+
+    def _load_native(self, info) -> list:
         """Load a verified native checkpoint into the engine (weights, optimizer, LR schedule); returns
         every saved rank's RNG state."""
         ds_internals.route_checkpoint_reads(self.engine)  # DeepSpeed's loads through the safe unpickler

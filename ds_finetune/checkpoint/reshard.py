@@ -21,19 +21,17 @@ tensor (and a shard's mapped pages), never by the model:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ds_finetune import ds_internals
+from ds_finetune.checkpoint import ds_internals
 from ds_finetune.checkpoint.layout import MANIFEST, remove_tree
 from ds_finetune.checkpoint.tensorfiles import nbytes, plan_shards, read_tensor, write_safetensors
 from ds_finetune.checkpoint.verify import CheckpointInfo
 from ds_finetune.errors import UserError
-from ds_finetune.files import hash_and_sync, write_atomic
-from ds_finetune.files import fsync_dir
+from ds_finetune.files import fsync_dir, hash_and_sync, rename_folder, write_atomic
 
 RESHARDED_DIR = "resharded"
 TMP_PREFIX = f".{RESHARDED_DIR}.tmp-"
@@ -65,14 +63,6 @@ def source_meta(info: CheckpointInfo, src) -> dict:
         "rng_states": ms.get("rng_states", []),  # plain values already (dist.capture_rng)
         "shapes": {name: list(src.shapes[name]) for name in src.names},
     }
-
-
-def consolidate(info: CheckpointInfo, weights_only: bool = False) -> tuple[dict[str, dict], dict]:
-    """The whole model at once: ({key: {param name: fp32 tensor}}, meta). For tests and small models;
-    conversion and export stream instead."""
-    src = open_source(info)
-    keys = ("weights",) if weights_only else TENSOR_FILES
-    return {key: {name: src.read(name, key) for name in src.names} for key in keys}, source_meta(info, src)
 
 
 def _plain(obj):
@@ -153,12 +143,11 @@ def commit(target: Path, tmp: Path, parts: list[dict], meta: dict) -> Path:
     write_atomic(tmp / "meta.json", json.dumps(meta))
     files = {name: m for part in parts for name, m in part["files"].items()}
     files["meta.json"] = hash_and_sync(tmp / "meta.json")
-    fsync_dir(tmp)
+    fsync_dir(tmp)  # every rank's shards are in the folder before the manifest that lists them
     write_atomic(tmp / MANIFEST, json.dumps({"files": files}, indent=1))
     if target.exists():  # an older format's copy: out of the way crash-safely
         remove_tree(target)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
+    rename_folder(tmp, target)
     return target
 
 

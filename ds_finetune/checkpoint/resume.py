@@ -1,8 +1,9 @@
-"""Resume: choose the checkpoint, check that this run can continue it, convert it when the ZeRO stage or
-world size changed, and restore the engine, each rank's RNG and the trainer's progress.
+"""Resume: choose the checkpoint, check that this run can continue it, and convert it when the ZeRO stage
+or world size changed.
 
-Three calls from setup: `plan` before the model exists (it decides the batch layout and converts),
-`load_converted_weights` into the model before the engine is built, `apply` once the engine exists.
+Two calls from setup: `plan` before the model exists (it decides the batch layout and converts),
+`load_converted_weights` into the model before the engine is built; once the engine exists,
+`Checkpointer.load(plan)` restores the engine, each rank's RNG and the trainer's progress.
 """
 
 from __future__ import annotations
@@ -13,23 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ds_finetune.checkpoint import layout as ckpt, reshard, verify
-from ds_finetune.checkpoint.layout import TrainState
 from ds_finetune.checkpoint.convert import convert, needs_conversion
-from ds_finetune.checkpoint.manager import Checkpointer
 from ds_finetune.checkpoint.verify import CheckpointInfo, hash_together
 from ds_finetune.config import RunConfig
 from ds_finetune.data import DATA_FORMAT_VERSION
-from ds_finetune.dist import barrier, decide, restore_rng
+from ds_finetune.dist import barrier, decide
 from ds_finetune.errors import UserError
 from ds_finetune.files import fsync_dir, write_atomic
 from ds_finetune.fingerprint import changed_exact_keys
+from ds_finetune.messages import say
 from ds_finetune.metrics import metrics_lines
 from ds_finetune.rendezvous import scratch_folder
 from ds_finetune.sampler import BatchLayout
-
-
-def say(text: str) -> None:
-    print(f"[ds-finetune] {text}", flush=True)
+from ds_finetune.state import TrainState
 
 
 @dataclass(frozen=True)
@@ -67,16 +64,6 @@ def load_converted_weights(resume_plan: ResumePlan, model) -> None:
     """A converted checkpoint's weights into the model, before the engine is built (one tensor at a time)."""
     if resume_plan.converted is not None:
         reshard.load_weights(model, resume_plan.converted)
-
-
-def apply(resume_plan: ResumePlan, checkpointer: Checkpointer, rank: int) -> TrainState:
-    """The engine's state, this rank's RNG and the trainer's progress from the plan's checkpoint; a fresh
-    TrainState when there is none."""
-    if resume_plan.source is None:
-        return TrainState()
-    state = restore(checkpointer, resume_plan.source, resume_plan.converted, rank)
-    checkpointer.saved_step = state.step
-    return state
 
 
 # ------------------------------------------------------------------------------------------------ choose
@@ -222,22 +209,3 @@ def resolve_layout(cfg: RunConfig, world: int, resume_from: CheckpointInfo | Non
         say(f"keeping the checkpoint's global batch {global_batch} on {groups}: grad_accum={accum} "
             f"(micro_batch_size={micro})")
     return BatchLayout(micro, accum, dp)
-
-
-# ----------------------------------------------------------------------------------------------- restore
-
-def restore(checkpointer: Checkpointer, info: CheckpointInfo, converted: reshard.ConvertedCopy | None,
-            rank: int) -> TrainState:
-    """Engine state (natively, or from the converted copy), this rank's RNG, and the trainer's progress.
-    A converted checkpoint's weights are already in the model (`reshard.load_weights` before the engine)."""
-    if converted is None:
-        rng_states = checkpointer.restore(info)
-    else:
-        reshard.load_optimizer_state(checkpointer.engine, converted)
-        rng_states = converted.meta["rng_states"]
-    if rank < len(rng_states):  # a rank the saved run did not have keeps the seed + rank rule
-        restore_rng(rng_states[rank])
-    state = TrainState.from_manifest(info.manifest)
-    if rank == 0:
-        say(f"resumed from {info.path} at step {state.step} (epoch {state.epoch}, offset {state.offset})")
-    return state

@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import struct
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -30,8 +28,9 @@ import numpy as np
 from ds_finetune.data.parallel import tokenized_chunks
 from ds_finetune.data.sources import check_not_blank
 from ds_finetune.errors import UserError
-from ds_finetune.files import fsync_dir
+from ds_finetune.files import new_folder, replace_file
 from ds_finetune.hashing import default_cache_dir
+from ds_finetune.messages import say_on_stderr
 
 # Bump when tokenization or masking changes meaning: it is part of the cache key and of checkpoints.
 # 2: chat targets end at the turn's end marker (whitespace the template puts after it is not a target).
@@ -119,22 +118,10 @@ def build_cache(data_cfg, tok, files, data_hash: str, path: Path, progress=None,
     if tok.eos_token_id is None:
         raise UserError("data error: the tokenizer has no eos token; set one in its tokenizer_config.json")
     _injected_delay(heartbeat)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"  # unique: several nodes may build at once
-    tmp.mkdir()
-    try:
+    with new_folder(path) as tmp:  # the rename is the commit; several nodes may build at once
         meta = _write_arrays(data_cfg, tok, files, tmp, progress, heartbeat)
         (tmp / "meta.json").write_text(json.dumps({**meta, "content_sha256": data_hash,
                                                    "data_format_version": DATA_FORMAT_VERSION}))
-        fsync_dir(tmp)
-        try:
-            os.rename(tmp, path)  # the commit
-        except OSError:
-            if not path.is_dir():  # else another node committed the same (identical) data first
-                raise
-        fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _injected_delay(heartbeat) -> None:
@@ -193,7 +180,7 @@ def read_meta(path: Path) -> dict:
 def ensure_cache(build, path: Path, say=None) -> bool:
     """Make sure the cache folder `path` exists: build it (`build(heartbeat)`) holding its lock, or wait
     for the process that holds it. Returns True when this process built it."""
-    say = say or (lambda msg: print(f"[ds-finetune] {msg}", file=sys.stderr, flush=True))
+    say = say or say_on_stderr
     lock, error_file = path.with_name(path.name + ".lock"), path.with_name(path.name + ".error")
     seen_alive, last_message, waited = None, 0.0, time.time()
     while not path.is_dir():
@@ -275,9 +262,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    replace_file(path, lambda f: f.write(json.dumps(value).encode()), durable=False)
 
 
 def _remove_if_same(lock: Path, owner: dict) -> None:

@@ -38,6 +38,16 @@ MARK = "\ue000"  # a private-use character: no template trims, escapes or splits
 
 # ---------------------------------------------------------------------------------------------- rendering
 
+def check_messages(messages: list, at: str) -> None:
+    """A one-line data error unless every message is a dict with string `role` and `content`."""
+    for j, m in enumerate(messages):
+        bad = ("role", "content") if not isinstance(m, dict) else \
+            [k for k in ("role", "content") if not isinstance(m.get(k), str)]
+        if bad:
+            raise UserError(f"data error: {at}, message {j + 1}: {' and '.join(map(repr, bad))} missing or "
+                            f"not a string; each message needs string fields 'role' and 'content'")
+
+
 def plain(messages: list) -> bool:
     return all(len(m) == 2 for m in messages)  # only role and content (already checked to be strings)
 

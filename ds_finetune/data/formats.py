@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ds_finetune.data.chat import ChatRenderer, reply_spans, span_mask
+from ds_finetune.data.chat import ChatRenderer, check_messages, reply_spans, span_mask
+from ds_finetune.data.encoding import encode
+from ds_finetune.data.preference import preference_seqs
 from ds_finetune.errors import UserError
 
 
@@ -83,7 +85,6 @@ def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
     if cfg.format == "text":
         seqs = _text_seqs(tok, [_field(r, cfg.text_field, at, "text", "text_field") for r, at in zip(rows, ats)])
     elif cfg.format == "preference":
-        from ds_finetune.data.preference import preference_seqs  # it imports this module's helpers
         seqs, cut = preference_seqs(tok, cfg, rows, ats)
         kept = _keep_rows(seqs, cfg.max_length, first, len(items))
         kept.truncated_pairs = cut
@@ -125,43 +126,18 @@ def _keep_rows(seqs, max_length: int, first: int, rows_read: int) -> ChunkArrays
 
 # --------------------------------------------------------------------------------------------- formats
 
-def _encode(tok, texts: list[str], offsets: bool = False):
-    """Batched tokenization without special tokens. The Rust tokenizer directly where the wrapper would
-    only add Python overhead (no truncation or padding configured); the same ids either way."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if not texts:
-        return {"input_ids": [], "encodings": []}
-    if backend is None or backend.truncation or backend.padding:
-        out = tok(texts, add_special_tokens=False)
-        return {"input_ids": out["input_ids"], "encodings": out.encodings}
-    if not offsets:
-        return {"input_ids": [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]}
-    # The Encoding objects, not their offsets: a Python tuple per token costs more than the tokenizing.
-    encs = backend.encode_batch(texts, add_special_tokens=False)
-    return {"input_ids": [e.ids for e in encs], "encodings": encs}
-
-
 def _text_seqs(tok, texts: list[str]):
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    for ids in _encode(tok, texts)["input_ids"]:
+    for ids in encode(tok, texts)["input_ids"]:
         seq = bos + ids + [tok.eos_token_id]
         yield seq, [True] * len(seq)
 
 
 def _prompt_completion_seqs(tok, prompts: list[str], completions: list[str]):
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    for p, c in zip(_encode(tok, prompts)["input_ids"], _encode(tok, completions)["input_ids"]):
+    for p, c in zip(encode(tok, prompts)["input_ids"], encode(tok, completions)["input_ids"]):
         p, c = bos + p, c + [tok.eos_token_id]
         yield p + c, [False] * len(p) + [True] * len(c)
-
-
-def _check_messages(messages: list, at: str) -> None:
-    for j, m in enumerate(messages):
-        bad = ("role", "content") if not isinstance(m, dict) else \
-            [k for k in ("role", "content") if not isinstance(m.get(k), str)]
-        if bad:
-            raise UserError(f"data error: {at}, message {j + 1}: {' and '.join(map(repr, bad))} missing or "
-                            f"not a string; each message needs string fields 'role' and 'content'")
 
 
 def _chat_seqs(tok, conversations: list[list], ats: list[str], turns: str = "all"):
@@ -170,12 +146,12 @@ def _chat_seqs(tok, conversations: list[list], ats: list[str], turns: str = "all
     trained on that turn only). The texts of the chunk are tokenized in one batched call."""
     render, rows = ChatRenderer(tok), []  # (k, text, spans)
     for k, (messages, at) in enumerate(zip(conversations, ats)):
-        _check_messages(messages, at)
+        check_messages(messages, at)
         replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if turns == "last":
             rows += [(k, *reply_spans(tok, render, messages[:i + 1], [i], at, turns)) for i in replies]
         else:
             rows.append((k, *reply_spans(tok, render, messages, replies, at, turns)))
-    encoded = _encode(tok, [text for _, text, _ in rows], offsets=True)
+    encoded = encode(tok, [text for _, text, _ in rows], offsets=True)
     for (k, text, spans), ids, encoding in zip(rows, encoded["input_ids"], encoded["encodings"]):
         yield k, ids, span_mask(text, encoding, len(ids), spans)

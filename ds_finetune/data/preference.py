@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ds_finetune.data.chat import ChatRenderer
-from ds_finetune.data.formats import _check_messages, _encode
+from ds_finetune.data.chat import ChatRenderer, check_messages
+from ds_finetune.data.encoding import encode
 from ds_finetune.errors import UserError
 
 
@@ -45,7 +45,7 @@ def preference_seqs(tok, cfg, rows: list[dict], ats: list[str]):
         p, c, r = (_strings_or_messages(row, name, setting, at, chat) for name, setting in fields)
         if chat:
             for messages in (p, c, r):
-                _check_messages(messages, at)
+                check_messages(messages, at)
             render = renderer.for_conversation(p + c)
             prompt = render(p, True)
             full = [render(p + m, False) for m in (c, r)]
@@ -63,9 +63,9 @@ def preference_seqs(tok, cfg, rows: list[dict], ats: list[str]):
         rejecteds.append((r, chat))
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id]
-    prompt_ids = _encode(tok, prompts)["input_ids"]
-    chosen_ids = _encode(tok, [c for c, _ in chosens])["input_ids"]
-    rejected_ids = _encode(tok, [r for r, _ in rejecteds])["input_ids"]
+    prompt_ids = encode(tok, prompts)["input_ids"]
+    chosen_ids = encode(tok, [c for c, _ in chosens])["input_ids"]
+    rejected_ids = encode(tok, [r for r, _ in rejecteds])["input_ids"]
     out, cut = [], 0
     for k, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
         chat = chosens[k][1]

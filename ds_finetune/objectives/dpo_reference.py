@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from ds_finetune.device_batch import to_device
 from ds_finetune.dist import barrier, decide, frozen_eval
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
-from ds_finetune.files import fsync_dir
+from ds_finetune.files import new_folder, replace_file
 from ds_finetune.objectives import ObjectiveParts
 
 REFERENCE_VERSION = 1  # bump when the stored values would change
@@ -99,12 +97,7 @@ def _compute(engine, logps_fn, data, block: int, pad_id: int, rank: int, world: 
 
 
 def _write_block(path: Path, rows: np.ndarray, values: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        np.save(f, np.stack([rows.astype(np.float64), values.astype(np.float64)]))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, lambda f: np.save(f, np.stack([rows.astype(np.float64), values.astype(np.float64)])))
 
 
 def _commit(partial: Path, folder: Path, num_rows: int, block: int) -> None:
@@ -115,11 +108,7 @@ def _commit(partial: Path, folder: Path, num_rows: int, block: int) -> None:
     if np.isnan(logps).any():
         raise UserError(f"data error: reference log-probs missing for {int(np.isnan(logps).sum())} rows in {partial}; "
                         f"remove that folder and start again")
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    np.save(tmp / "logps.npy", logps)
-    (tmp / "meta.json").write_text(json.dumps({"rows": num_rows, "block_pairs": block, "version": REFERENCE_VERSION}))
-    fsync_dir(tmp)
-    os.rename(tmp, folder)
-    fsync_dir(folder.parent)
+    with new_folder(folder) as tmp:
+        np.save(tmp / "logps.npy", logps)
+        (tmp / "meta.json").write_text(json.dumps({"rows": num_rows, "block_pairs": block, "version": REFERENCE_VERSION}))
     shutil.rmtree(partial, ignore_errors=True)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
-from ds_finetune import ds_internals  # noqa: E402
+from ds_finetune.checkpoint import ds_internals  # noqa: E402
 from ds_finetune.checkpoint import reshard
 from ds_finetune.dist import init_distributed  # noqa: E402
 from ds_finetune.model import build_engine, build_model  # noqa: E402

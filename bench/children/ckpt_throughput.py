@@ -14,7 +14,8 @@ optimizer step so the Adam moments exist, then repeats, rotating the order each 
 
 Each timing runs from a barrier to a barrier. Rank 0 writes {"bytes", "rounds": [{kind: seconds}]} to --out.
 
-    torchrun --nproc_per_node 2 bench/ckpt_save.py --config RUN.yaml --dir SCRATCH --rounds 3 --out r.json
+    torchrun --nproc_per_node 2 bench/children/ckpt_throughput.py --config RUN.yaml --dir SCRATCH --rounds 3 \\
+        --out r.json
 """
 
 import argparse
@@ -25,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout (this is bench/children/)
 
 BLOCK = 4 << 20
 

@@ -9,7 +9,7 @@ Rank 0 appends one JSON line per optimizer step to --steps-log: {"step", "loss",
 the Trainer logs (logging_steps=1: that step's loss, averaged over ranks), unrounded.
 The optimizer is `adamw_torch`: the same torch.optim.AdamW implementation ds-finetune uses.
 
-    torchrun --nproc_per_node 2 bench/hf_train.py --config RUN.yaml --out DIR --steps-log steps.jsonl
+    torchrun --nproc_per_node 2 bench/children/side_by_side.py --config RUN.yaml --out DIR --steps-log steps.jsonl
              [--save-at 5,10] [--resume DIR/checkpoint-N]
 """
 
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout (this is bench/children/)
 
 
 def parse_args():

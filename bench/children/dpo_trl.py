@@ -10,9 +10,9 @@ ds-finetune generates for the run is handed to the Trainer.
 
 Appends one JSON line per optimizer step to --steps-log: {"step", "loss", "time", "tokens"} (time at the
 step's end, as ds-finetune's metrics.jsonl; tokens: TRL's num_tokens, the input tokens trained so far, as
-metrics.jsonl's). With --phases, the time of each micro-step's phases goes there (bench/dpo_phases.py).
+metrics.jsonl's). With --phases, the time of each micro-step's phases goes there (bench/children/dpo_trl_phases.py).
 
-    python bench/trl_dpo_train.py --config RUN.yaml --out DIR --steps-log steps.jsonl [--deepspeed]
+    python bench/children/dpo_trl.py --config RUN.yaml --out DIR --steps-log steps.jsonl [--deepspeed]
                                   [--phases phases.jsonl]
 """
 
@@ -21,9 +21,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dpo_phases import Clock, time_trl  # noqa: E402
-from hf_train import loss_log, random_model, trainer_settings  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout (this is bench/children/)
+from dpo_trl_phases import Clock, time_trl  # noqa: E402
+from side_by_side import loss_log, random_model, trainer_settings  # noqa: E402  (this folder's: HF Trainer's child)
 
 
 def parse_args():
@@ -32,7 +32,8 @@ def parse_args():
     p.add_argument("--out", required=True, help="Trainer output_dir")
     p.add_argument("--steps-log", required=True, help="per-step JSONL")
     p.add_argument("--deepspeed", action="store_true", help="hand the run's DeepSpeed config to the Trainer")
-    p.add_argument("--phases", default=None, help="JSONL of each micro-step's phase times (bench/dpo_phases.py)")
+    p.add_argument("--phases", default=None,
+                   help="JSONL of each micro-step's phase times (bench/children/dpo_trl_phases.py)")
     return p.parse_args()
 
 

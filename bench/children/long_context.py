@@ -1,7 +1,7 @@
 """Run ds-finetune's real training (launch/train.py's setup and loop) in this rank and report the memory and
 time of every step as JSON; launched by bench/long_context.py under torchrun.
 
-    torchrun --nproc_per_node N long_probe.py OUT_JSON [--tokens T1,T2,...] --config RUN.yaml [overrides...]
+    torchrun --nproc_per_node N bench/children/long_context.py OUT_JSON [--tokens T1,T2,...] --config RUN.yaml [overrides...]
 
 Memory is the kernel's per-process accounting: VmRSS when the engine is built (model, ZeRO partitions, data;
 the "base"), the high-water mark VmHWM up to the first step (imports, model, engine: the "startup" peak),
@@ -26,19 +26,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # ds_finetune, and bench/common.py's /proc readers
 
 from ds_finetune import train  # noqa: E402
 from ds_finetune.device_batch import facts_of  # noqa: E402
 from ds_finetune.dist import all_gather, barrier  # noqa: E402
 from ds_finetune.metrics import NullMetricsWriter  # noqa: E402
-
-
-def status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from common import proc_status, reset_peak  # noqa: E402
 
 
 class MeasuredStep:
@@ -53,16 +48,15 @@ class MeasuredStep:
 
     def step(self, engine, units, step: int, before_update=None):
         if self.startup_peak is None:
-            self.startup_peak = status_bytes("VmHWM")
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        rss = status_bytes("VmRSS")
+            self.startup_peak = proc_status("VmHWM")
+        rss = reset_peak()  # VmHWM := VmRSS
         tokens = self.tokens[len(self.steps)] if len(self.steps) < len(self.tokens) else 0
         objective = replace(self.objective, loss_fn=Shortened(self.objective.loss_fn, tokens)) if tokens \
             else self.objective
         t0 = time.perf_counter()
         result = objective.step(engine, units, step, before_update)
         seconds = time.perf_counter() - t0
-        self.steps.append({"tokens": tokens, "rss_before": rss, "peak": status_bytes("VmHWM"), "seconds": seconds})
+        self.steps.append({"tokens": tokens, "rss_before": rss, "peak": proc_status("VmHWM"), "seconds": seconds})
         return result
 
 
@@ -88,7 +82,7 @@ def main() -> None:
         tokens, rest = [int(t) for t in rest[1].split(",")], rest[2:]
     args = train.parse_args(rest)
     run, state = train.setup(args)
-    base = status_bytes("VmRSS")  # engine built, data loaded, nothing trained yet
+    base = proc_status("VmRSS")  # engine built, data loaded, nothing trained yet
     measured = MeasuredStep(run.objective, tokens)
     run = replace(run, objective=measured)
     metrics = train.MetricsWriter(Path(run.cfg.output_dir), state.step, run.total_steps, False, False, None) \

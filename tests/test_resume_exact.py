@@ -13,7 +13,6 @@ import time
 import pytest
 
 import harness
-from ds_finetune.checkpoint.verify import find_resumable_checkpoint
 
 pytestmark = pytest.mark.multiproc
 
@@ -107,61 +106,3 @@ def test_sigterm_saves_at_a_step_boundary_and_resumes_bitwise(reference_run, req
     assert harness.metrics(run)[-1]["step"] == stop_step < 30
     harness.assert_resumed(harness.train(run, NO_PERIODIC, resume="auto"), step=stop_step)
     harness.assert_same_run(run, ref)
-
-
-# ------------------------------------------------------------------------------ errors of --resume
-
-@pytest.fixture(scope="module")
-def finished_one_rank_run(reference_run):
-    return reference_run(2, nproc=1, extra=["train.grad_accum=4"])
-
-
-ONE_RANK = ["train.zero_stage=2", "train.grad_accum=4"]
-
-
-def test_fresh_start_refuses_to_clobber_checkpoints(finished_one_rank_run, tmp_path):
-    run = harness.copy_run(finished_one_rank_run, tmp_path / "run")
-    before = harness.snapshot(run / "checkpoints")
-    proc = harness.train(run, ONE_RANK, nproc=1, expect_ok=False)
-    harness.assert_one_line_error(proc, "already holds checkpoints", "--resume", "--overwrite")
-    assert harness.snapshot(run / "checkpoints") == before
-
-
-def test_resume_from_missing_path_is_a_clear_error(finished_one_rank_run, tmp_path):
-    run = harness.copy_run(finished_one_rank_run, tmp_path / "run")
-    proc = harness.train(run, ONE_RANK, nproc=1, resume=str(run / "checkpoints" / "step_00000077"), expect_ok=False)
-    harness.assert_one_line_error(proc, "step_00000077", "no such checkpoint")
-
-
-def test_resume_with_a_change_that_breaks_exactness_is_refused(finished_one_rank_run, tmp_path):
-    run = harness.copy_run(finished_one_rank_run, tmp_path / "run")
-    before = harness.snapshot(run / "checkpoints")
-    proc = harness.train(run, [*ONE_RANK, "train.seed=7", "data.max_length=64"], nproc=1, resume="auto",
-                         expect_ok=False)
-    harness.assert_one_line_error(proc, "train.seed", "data.max_length", "--allow-config-change")
-    assert harness.snapshot(run / "checkpoints") == before
-
-
-def test_resume_with_harmless_changes_continues(finished_one_rank_run, tmp_path):
-    run = harness.copy_run(finished_one_rank_run, tmp_path / "run")
-    info, _ = find_resumable_checkpoint(run / "checkpoints")
-    assert info.step == 10
-    harness.train(run, [*ONE_RANK, "train.max_steps=12", "checkpoint.every_steps=5", "logging.sample_ids=false"],
-                  nproc=1, resume="auto")
-    rows = harness.metrics(run)
-    assert [r["step"] for r in rows] == list(range(1, 13))
-    assert "sample_ids" not in rows[-1] and "sample_ids" in rows[0]
-
-
-def test_overwrite_starts_over(finished_one_rank_run, tmp_path):
-    run = harness.copy_run(finished_one_rank_run, tmp_path / "run")
-    harness.train(run, [*ONE_RANK, "train.max_steps=3"], nproc=1, flags=["--overwrite"])
-    assert harness.committed_steps(run / "checkpoints") == [2, 3]
-    assert [r["step"] for r in harness.metrics(run)] == [1, 2, 3]
-
-
-def test_every_minutes_saves_on_rank0s_clock(tmp_path):
-    proc = harness.train(tmp_path, [*ONE_RANK, "train.max_steps=4", "checkpoint.every_steps=0",
-                                    "checkpoint.every_minutes=0.00001", "checkpoint.keep_last=0"], nproc=1)
-    assert harness.committed_steps(tmp_path / "checkpoints") == [1, 2, 3, 4]
-    assert proc.stdout.count("(every_minutes)") == 4

@@ -8,7 +8,7 @@ clock starts), the same loss - and nothing else: no metrics, no loss all-reduce,
 model's own loss (full logits), the pair of a ds-finetune run with `train.loss_chunk_tokens=0`.
 Rank 0 writes the wall-clock time at the end of every optimizer step to --out as JSON.
 
-    torchrun --nproc_per_node 2 bench/bare_loop.py --config RUN.yaml --steps N --loss fused --out times.json
+    torchrun --nproc_per_node 2 bench/children/overhead.py --config RUN.yaml --steps N --loss fused --out times.json
 """
 
 import argparse
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout (this is bench/children/)
 
 
 def main():

@@ -11,7 +11,6 @@ import harness
 from ds_finetune.checkpoint import reshard
 from ds_finetune.checkpoint.convert import convert_here
 from ds_finetune.checkpoint.verify import find_resumable_checkpoint, verify_files
-from ds_finetune.checkpoint.reshard import consolidate
 
 pytestmark = pytest.mark.multiproc
 STAGES = [0, 1, 2, 3]
@@ -42,7 +41,7 @@ def test_converted_state_equals_the_saved_state(saved_at_step4, tmp_path):
     for stage in (0, 3):
         info, _ = find_resumable_checkpoint(saved_at_step4(stage) / "checkpoints")
         assert info.step == 4
-        states[stage], meta = consolidate(info)
+        states[stage], meta = harness.consolidate(info)
         assert meta["optimizer_step"] == 4 and meta["global_steps"] == 4
     for key in ("weights", "exp_avg", "exp_avg_sq"):
         assert states[0][key].keys() == states[3][key].keys()
@@ -101,9 +100,7 @@ def test_a_global_batch_the_new_world_cannot_split_is_a_clear_error(saved_at_ste
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     proc = harness.train(run, ["train.zero_stage=2", "train.micro_batch_size=3"], nproc=1, resume="auto",
                          expect_ok=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "global batch 8" in error[0] and "micro_batch_size in [1, 2, 4, 8]" in error[0]
+    harness.assert_one_line_error(proc, "global batch 8", "micro_batch_size in [1, 2, 4, 8]", code=2)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 

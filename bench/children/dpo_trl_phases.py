@@ -15,8 +15,8 @@ training, its kernel runs again on the last micro-step's inputs, with only the l
 the metrics too, alternately, and the last line is {"vocab_metrics_share": share of the kernel's time the
 metrics take}.
 
-    python bench/dpo_phases.py OUT.jsonl --config RUN.yaml [overrides...]   (ours: ds_finetune.train.main)
-    bench/trl_dpo_train.py --phases OUT.jsonl ...                            (TRL: time_trl below)
+    python bench/children/dpo_trl_phases.py OUT.jsonl --config RUN.yaml [overrides...]   (ours: ds_finetune.train.main)
+    bench/children/dpo_trl.py --phases OUT.jsonl ...                                     (TRL: time_trl below)
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout (this is bench/children/)
 
 
 class Clock:
