@@ -118,7 +118,9 @@ def fingerprint_settings(cfg) -> dict:
     name = cfg.train.objective
     if name == "sft":
         return {}
-    return {"train.objective": name, name: getattr(cfg, name).model_dump(mode="json")}
+    section = getattr(cfg, name)
+    settings = section.fingerprint() if hasattr(section, "fingerprint") else section.model_dump(mode="json")
+    return {"train.objective": name, name: settings}
 
 
 # train.objective -> the module whose `build(parts)` makes it (imported when chosen: each is a file here).
