@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -235,7 +234,7 @@ def _token_logps(hidden, weight, bias, targets, chunk_tokens: int) -> torch.Tens
     return out
 
 
-def _segment_sums(values, counts: list[int]) -> torch.Tensor:
+def segment_sums(values, counts: list[int]) -> torch.Tensor:
     """Sums of consecutive segments of `values` (a sequence's tokens are consecutive): one sum per segment,
     each in a fixed order (no atomics: the same bits on every device and run)."""
     return torch.stack([part.sum() for part in torch.split(values, counts)])
@@ -249,7 +248,7 @@ class FusedLinearTokenLogps(torch.autograd.Function):
     loss's is: the forward keeps no logits (its output is one float a token), and backward recomputes each
     chunk's logits once (one head matmul more than the forward's), forms w x (onehot - softmax) with each
     token's incoming gradient w, and takes the gradients of hidden (g @ W) and of the head (g.T @ h, summed
-    over chunks in fp32). Sums per sequence are taken outside, by autograd (`_segment_sums`)."""
+    over chunks in fp32). Sums per sequence are taken outside, by autograd (`segment_sums`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
@@ -297,7 +296,7 @@ def fused_token_logps(hidden, weight, bias, targets, chunk_tokens: int) -> torch
 
 def fused_sequence_logps(hidden, weight, bias, targets, counts: list[int], chunk_tokens: int) -> torch.Tensor:
     """Summed log-probs of `targets` per sequence (`counts` consecutive rows of `hidden` each)."""
-    return _segment_sums(fused_token_logps(hidden, weight, bias, targets, chunk_tokens), counts)
+    return segment_sums(fused_token_logps(hidden, weight, bias, targets, chunk_tokens), counts)
 
 
 def full_token_logps(engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:

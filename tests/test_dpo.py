@@ -80,7 +80,7 @@ def test_a_bad_pair_is_one_line_naming_its_row(tmp_path, row, needle):
 def test_dpo_needs_the_preference_format(tmp_path):
     with pytest.raises(UserError, match="train.objective dpo needs data.format preference"):
         load_config(harness.TINY, ["train.objective=dpo", "output_dir=x"])
-    with pytest.raises(UserError, match="data.format preference needs train.objective dpo"):
+    with pytest.raises(UserError, match="data.format preference needs a pair objective"):
         load_config(harness.TINY, ["data.format=preference", "output_dir=x"])
 
 

@@ -8,8 +8,10 @@ runs, what a unit holds (a row, a pack, a preference pair: `data` decides how ro
 whether the sequences are split over ranks (sequence parallelism is inside the loss an objective is built
 with, `sequence.ShardedLoss`).
 
-Each objective is a file: `sft.py` (next-token loss), `dpo.py` (preference pairs; its reference model),
-`dpo_reference.py` (the reference log-probs stored before training). A new one is a module with a
+Each objective is a file: `sft.py` (next-token loss), `dpo.py` (preference pairs; its reference model; its
+loss types in `dpo_losses.py`), `dpo_reference.py` (the reference log-probs stored before training),
+`orpo.py` and `cpo.py` (ORPO, CPO and SimPO: pairs without a reference); `pairs.py` is the step every pair
+objective shares. A new one is a module with a
 `build(parts)` and a line in `OBJECTIVES` (and a choice of `train.objective` in config.py); its config section is named like it (`dpo:`), and its settings go
 into the exact fingerprint (`fingerprint_settings`).
 
@@ -127,6 +129,9 @@ def fingerprint_settings(cfg) -> dict:
 OBJECTIVES = {
     "sft": "ds_finetune.objectives.sft",
     "dpo": "ds_finetune.objectives.dpo",
+    "orpo": "ds_finetune.objectives.orpo",
+    "simpo": "ds_finetune.objectives.cpo",  # SimPO is CPO's simpo loss, with its own section and defaults
+    "cpo": "ds_finetune.objectives.cpo",
 }
 
 

@@ -24,15 +24,15 @@ import numpy as np
 import torch
 
 from ds_finetune import lora
-from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate_pairs
-from ds_finetune.device_batch import facts_of, host_to_device, to_device
+from ds_finetune.data import IGNORE_INDEX, collate_pairs
+from ds_finetune.device_batch import facts_of, host_to_device
 from ds_finetune.dist import rng_untouched, seed_everything
 from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.model import build_model
-from ds_finetune.objectives import ObjectiveParts, StepResult, accumulate
+from ds_finetune.objectives import ObjectiveParts
 from ds_finetune.objectives.dpo_losses import dpo_loss_sum, pair_losses
 from ds_finetune.objectives.dpo_reference import reference_logps
-from ds_finetune.sampler import BatchLayout
+from ds_finetune.objectives.pairs import PairObjective, chosen_completion_tokens
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -128,9 +128,15 @@ class DPOLoss:
                                 self.discopop_tau, nll_scale)
         return loss_sum, dpo_metric_sums(policy, reference, self.beta)
 
+    collate = staticmethod(collate_pairs)
+
     @property
     def needs_nll(self) -> bool:
         return any(loss_type == "sft" for loss_type, _ in self.losses)
+
+    def nll_tokens(self, data, units: np.ndarray) -> int | None:
+        """sft's token mean is over the chosen completions."""
+        return chosen_completion_tokens(data, units) if self.needs_nll else None
 
 
 def chosen_nll_scale(facts) -> float:
@@ -140,52 +146,17 @@ def chosen_nll_scale(facts) -> float:
     return pairs / max(sum(targets[:pairs]), 1)
 
 
-@dataclass(frozen=True)
-class DPO:
-    """The DPO objective: SFT's step over pairs; the loss is the mean pair loss of the global batch."""
-    metric_names = METRICS
-    perplexity = False  # a pair's loss is no token loss
-
-    data: TokenizedData
-    layout: BatchLayout
-    loss_fn: DPOLoss
-    pad_id: int
-    share: int  # which share of the global batch this rank takes (its data-parallel rank)
-    eval_loss_fn: DPOLoss | None = None  # with the eval data's reference, where it has its own (eval.path)
-
-    def step(self, engine, units: np.ndarray, step: int, before_update=None) -> StepResult:
-        layout = self.layout
-        micro_batches = [collate_pairs(self.data, units[layout.micro_slice(0, m, self.share)], self.pad_id)
-                         for m in range(layout.grad_accum)]
-        pairs = layout.global_batch
-        per_batch = None
-        if self.loss_fn.needs_nll:  # the sft term's token mean is over the global batch's chosen completions
-            scale = pairs / max(int(self.data.row_targets[units[:, 0]].sum()), 1)
-            per_batch = [{"nll_scale": scale}] * len(micro_batches)
-        loss_sum, sums = accumulate(engine, self.loss_fn, micro_batches, pairs, step, before_update,
-                                    per_batch=per_batch)
-        return StepResult(loss_sum, pairs, sums={name: (value, pairs) for name, value in zip(METRICS, sums)})
-
-    def eval_batch(self, engine, data: TokenizedData, units: np.ndarray, counted: bool
-                   ) -> tuple[torch.Tensor, int, dict]:
-        batch = collate_pairs(data, units, self.pad_id)
-        loss_fn = self.eval_loss_fn if data is not self.data and self.eval_loss_fn is not None else self.loss_fn
-        loss_sum, sums = loss_fn(engine, *to_device(batch, engine.device))
-        weight = 1.0 if counted else 0.0
-        return loss_sum.double() * weight, len(units) if counted else 0, dict(zip(METRICS, sums * weight))
-
-
-def build(parts: ObjectiveParts) -> DPO:
+def build(parts: ObjectiveParts) -> PairObjective:
     """The DPO objective of a run: its loss with the reference that fits (adapters off, a frozen copy of the
     base, or precomputed while the engine holds the base's weights, i.e. before a checkpoint is loaded)."""
     cfg, d = parts.cfg, parts.cfg.dpo
     logps_fn = make_sequence_logps_fn(lora.hf_model(parts.model), cfg.train.loss_chunk_tokens)
 
-    def objective(reference, eval_reference=None) -> DPO:
+    def objective(reference, eval_reference=None) -> PairObjective:
         def loss(ref):
             return DPOLoss(logps_fn, ref, d.beta, d.weighted_losses, d.label_smoothing, d.discopop_tau)
-        return DPO(parts.data, parts.layout, loss(reference), parts.pad_id, parts.group.dp_rank,
-                   loss(eval_reference) if eval_reference is not None else None)
+        return PairObjective(METRICS, parts.data, parts.layout, loss(reference), parts.pad_id, parts.group.dp_rank,
+                             loss(eval_reference) if eval_reference is not None else None)
 
     if cfg.model.lora is not None:
         return objective(AdaptersOff(logps_fn))
