@@ -238,7 +238,7 @@ def test_a_dpo_step_reads_nothing_back_from_the_device(tmp_path, reference):
         logps_fn = ChunkedLoss(model.get_base_model(), 5).sequence_logps
         ref_fn = AdaptersOff(logps_fn)
     with recording_host_syncs() as syncs:
-        loss_sum, sums = DPOLoss(logps_fn, ref_fn, 0.1, "sigmoid", 0.0)(Engine(model), *batch, grad_scale=0.5)
+        loss_sum, sums = DPOLoss(logps_fn, ref_fn, 0.1, (("sigmoid", 1.0),), 0.0)(Engine(model), *batch, grad_scale=0.5)
         (loss_sum * 0.5).backward()
     assert syncs.by("ds_finetune/") + syncs.by("elsewhere") == []
     assert loss_sum.item() > 0 and any(p.grad is not None for p in model.parameters())
