@@ -292,7 +292,8 @@ class RunConfig(Section):
         if on_pairs and not pairs:
             raise ValueError(f"train.objective {name} needs data.format preference (got {self.data.format})")
         if pairs and not on_pairs:
-            raise ValueError(f"data.format preference needs a pair objective: train.objective in {list(PAIR_OBJECTIVES)}")
+            raise ValueError(f"data.format preference needs a pair objective: train.objective in "
+                             f"{list(PAIR_OBJECTIVES)}")
         if on_pairs and self.data.packs:
             raise ValueError(f"data.packing is not supported with train.objective {name}; set data.packing=false")
         if on_pairs and self.data.is_mixture:
