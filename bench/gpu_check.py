@@ -146,7 +146,7 @@ def check_host_syncs() -> dict:
     model = tiny_model("model.config.attention_dropout=0.0").to("cuda", torch.bfloat16)
     chunked, engine = ChunkedLoss(model, 64), Engine(model)
     sft, pairs = _batch_of(1, 192, 20, isolate=True), _batch_of(4, 96, 30, isolate=False)
-    dpo = DPOLoss(chunked.sequence_logps, Precomputed(np.linspace(-90, -10, 4)), 0.1, "sigmoid", 0.0)
+    dpo = DPOLoss(chunked.sequence_logps, Precomputed(np.linspace(-90, -10, 4)), 0.1, (("sigmoid", 1.0),), 0.0)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # train.deterministic's kernels, as a run has
     torch.use_deterministic_algorithms(True)
     torch.cuda.synchronize()

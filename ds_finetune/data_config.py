@@ -63,7 +63,7 @@ class DataConfig(Section):
                           "drawn from each source in proportion to its weight (docs/design.md, Data mixtures).")
     format: Literal["text", "prompt_completion", "chat", "preference"] = Field(
         "text", description="Row format: text | prompt_completion | chat (messages + chat template) | preference "
-                            "(prompt, chosen, rejected; for train.objective dpo).")
+                            "(prompt, chosen, rejected; for train.objective dpo, orpo, simpo, cpo).")
     split: str = Field("train", description="Dataset split to train on.")
     max_length: int = Field(512, ge=8, le=1_048_576, description="Tokens per sequence; longer rows are truncated.")
     packing: Literal["none", "isolated", "shared"] = Field(

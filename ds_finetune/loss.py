@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -235,34 +234,33 @@ def _token_logps(hidden, weight, bias, targets, chunk_tokens: int) -> torch.Tens
     return out
 
 
-def _segment_sums(values, counts: list[int]) -> torch.Tensor:
+def segment_sums(values, counts: list[int]) -> torch.Tensor:
     """Sums of consecutive segments of `values` (a sequence's tokens are consecutive): one sum per segment,
     each in a fixed order (no atomics: the same bits on every device and run)."""
     return torch.stack([part.sum() for part in torch.split(values, counts)])
 
 
-class FusedLinearSequenceLogps(torch.autograd.Function):
-    """Per-sequence summed log-probs of the head's targets, `chunk_tokens` rows at a time; never all logits.
+class FusedLinearTokenLogps(torch.autograd.Function):
+    """log p(target) of every row of `hidden` through the head, `chunk_tokens` rows at a time; never all logits.
 
-    The gradient of a sequence's log-prob is weighted by a number that only the whole batch's log-probs
-    decide (DPO's sigmoid of the margin), so it cannot be taken in the forward as the token loss's is: the
-    forward keeps no logits, and backward recomputes each chunk's logits once (one head matmul more than
-    the forward's), forms w x (onehot - softmax) with each token's sequence weight w, and takes the gradients
-    of hidden (g @ W) and of the head (g.T @ h, summed over chunks in fp32)."""
+    The gradient of a token's log-prob is weighted by a number that only the whole batch's log-probs decide
+    (DPO's sigmoid of the margin, ORPO's odds ratio), so it cannot be taken in the forward as the token
+    loss's is: the forward keeps no logits (its output is one float a token), and backward recomputes each
+    chunk's logits once (one head matmul more than the forward's), forms w x (onehot - softmax) with each
+    token's incoming gradient w, and takes the gradients of hidden (g @ W) and of the head (g.T @ h, summed
+    over chunks in fp32). Sums per sequence are taken outside, by autograd (`segment_sums`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, counts, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
         ctx.save_for_backward(hidden, weight, bias, targets)
-        # The counts are the host's: on the device at once (no wait), for backward's repeat_interleave
-        ctx.repeats, ctx.chunk_tokens = host_to_device(np.asarray(counts, dtype=np.int64), hidden.device), chunk_tokens
-        return _segment_sums(_token_logps(hidden, weight, bias, targets, chunk_tokens), counts)
+        ctx.chunk_tokens = chunk_tokens
+        return _token_logps(hidden, weight, bias, targets, chunk_tokens)
 
     @staticmethod
     def backward(ctx, grad_output):
         hidden, weight, bias, targets = ctx.saved_tensors
         chunk, n = ctx.chunk_tokens, targets.numel()
-        # output_size: else repeat_interleave reads the sum of the repeats back from the device
-        w = torch.repeat_interleave(grad_output.float(), ctx.repeats, output_size=n)
+        w = grad_output.float()
         g_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
@@ -284,16 +282,32 @@ class FusedLinearSequenceLogps(torch.autograd.Function):
             if g_bias is not None:
                 g_bias += g.sum(0, dtype=torch.float32)
         return (g_hidden, None if g_weight is None else g_weight.to(weight.dtype),
-                None if g_bias is None else g_bias.to(bias.dtype), None, None, None)
+                None if g_bias is None else g_bias.to(bias.dtype), None, None)
+
+
+def fused_token_logps(hidden, weight, bias, targets, chunk_tokens: int) -> torch.Tensor:
+    """log p(target) of every row of `hidden` (one float each, fp32), with gradients where asked for."""
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, weight, bias))
+    if not needs_grad:
+        return _token_logps(hidden, weight, bias, targets, chunk_tokens)
+    return FusedLinearTokenLogps.apply(hidden, weight, bias, targets, chunk_tokens)
 
 
 def fused_sequence_logps(hidden, weight, bias, targets, counts: list[int], chunk_tokens: int) -> torch.Tensor:
     """Summed log-probs of `targets` per sequence (`counts` consecutive rows of `hidden` each)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (hidden, weight, bias))
-    if not needs_grad:
-        return _segment_sums(_token_logps(hidden, weight, bias, targets, chunk_tokens), counts)
-    return FusedLinearSequenceLogps.apply(hidden, weight, bias, targets, counts, chunk_tokens)
+    return segment_sums(fused_token_logps(hidden, weight, bias, targets, chunk_tokens), counts)
+
+
+def full_token_logps(engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
+    """log p(target) of every target token, row-major (as `ChunkedLoss.token_logps`), from the full logits
+    (train.loss_chunk_tokens: 0)."""
+    facts = facts_of(labels) if facts is None else facts
+    logits = engine(**model_inputs(input_ids, attention_mask)).logits.float()
+    where = host_to_device(facts.target_positions(), input_ids.device)
+    logits = logits.reshape(-1, logits.size(-1))[where]
+    targets = labels.reshape(-1)[where + 1]
+    return torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
 
 
 def full_sequence_logps(engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
@@ -343,7 +357,8 @@ class ChunkedLoss:
                 raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} transforms its "
                                 f"logits ({key}), which the chunked loss does not; set train.loss_chunk_tokens=0")
         self.labels, self.result, self.grad_scale, self.shifted, self.token_losses = None, None, 1.0, False, None
-        self.per_sequence, self.where, self.counts = False, None, None
+        # logps: None (the summed token loss) | "sequences" (summed log-probs a row) | "tokens" (one a target)
+        self.logps, self.where, self.counts = None, None, None
         model.base_model.register_forward_hook(self._after_base_model)
 
     def _after_base_model(self, module, args, output):
@@ -355,10 +370,12 @@ class ChunkedLoss:
         hidden = hidden.reshape(-1, hidden.size(-1))[self.where]
         targets = self.labels.reshape(-1)[self.where if self.shifted else self.where + 1]
         head, chunk, grad_scale, token_losses = self.head, self.chunk_tokens, self.grad_scale, self.token_losses
-        counts = self.counts
+        logps, counts = self.logps, self.counts
 
         def loss_of(h):  # runs as the head's forward: its weight is gathered here under ZeRO-3
-            if counts is not None:
+            if logps == "tokens":
+                return fused_token_logps(h, head.weight, head.bias, targets, chunk)
+            if logps == "sequences":
                 return fused_sequence_logps(h, head.weight, head.bias, targets, counts, chunk)
             return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk, grad_scale, token_losses)
 
@@ -371,7 +388,7 @@ class ChunkedLoss:
         facts = facts_of(labels, shifted) if facts is None else facts  # no segments: transformers finds them
         self.labels, self.grad_scale, self.shifted, self.token_losses = labels, grad_scale, shifted, token_losses
         self.where = host_to_device(facts.target_positions(), input_ids.device)
-        self.counts = facts.row_targets() if self.per_sequence else None
+        self.counts = facts.row_targets() if self.logps == "sequences" else None
         try:
             engine(**model_inputs(input_ids, attention_mask, position_ids, facts),
                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
@@ -381,16 +398,29 @@ class ChunkedLoss:
 
     def sequence_logps(self, engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
         """Per-sequence summed log-probs of the targets (every sequence must have at least one)."""
-        self.per_sequence = True
+        self.logps = "sequences"
         try:
             return self(engine, input_ids, attention_mask, labels, facts=facts)
         finally:
-            self.per_sequence = False
+            self.logps = None
+
+    def token_logps(self, engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
+        """log p(target) of every target token, row-major (`facts.target_positions()`'s order)."""
+        self.logps = "tokens"
+        try:
+            return self(engine, input_ids, attention_mask, labels, facts=facts)
+        finally:
+            self.logps = None
 
 
 def make_sequence_logps_fn(model, chunk_tokens: int):
     """(engine, input_ids, attention_mask, labels, facts=None) -> summed target log-probs of each sequence."""
     return full_sequence_logps if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens).sequence_logps
+
+
+def make_token_logps_fn(model, chunk_tokens: int):
+    """(engine, input_ids, attention_mask, labels, facts=None) -> log p of every target token, row-major."""
+    return full_token_logps if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens).token_logps
 
 
 def make_loss_fn(model, chunk_tokens: int):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from ds_finetune.config import load_config
+from ds_finetune.config import DpoConfig, load_config
 from ds_finetune.data import IGNORE_INDEX, EpochOrder, collate_pairs, load_tokenizer, prepare_data
 from ds_finetune.objectives.dpo import METRICS, AdaptersOff, DPOLoss, Precomputed, dpo_loss
 from ds_finetune.errors import UserError
@@ -80,7 +80,7 @@ def test_a_bad_pair_is_one_line_naming_its_row(tmp_path, row, needle):
 def test_dpo_needs_the_preference_format(tmp_path):
     with pytest.raises(UserError, match="train.objective dpo needs data.format preference"):
         load_config(harness.TINY, ["train.objective=dpo", "output_dir=x"])
-    with pytest.raises(UserError, match="data.format preference needs train.objective dpo"):
+    with pytest.raises(UserError, match="data.format preference needs a pair objective"):
         load_config(harness.TINY, ["data.format=preference", "output_dir=x"])
 
 
@@ -127,12 +127,29 @@ def _trl_pairs(n=8):
     return [r for r in rows if isinstance(r["prompt"], str)][:n]
 
 
-@pytest.mark.parametrize("loss_type, lora", [("sigmoid", False), ("ipo", False), ("hinge", False), ("sigmoid", True),
-                                             ("ipo", True)])
-def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(tmp_path, loss_type, lora):
-    """TRL's DPOTrainer.compute_loss on its own collated batch against our DPOLoss on the same tokens: the
-    loss and TRL's six metrics to 1e-5, and every parameter's gradient to 1e-5. With LoRA both take the
-    reference from the same model with its adapters disabled."""
+# (our dpo section, TRL's DPOConfig arguments): every pair-defined loss type of TRL 1.16, a weighted list and
+# rpo_alpha (TRL's list with sft); label_smoothing where the loss type reads it.
+LOSS_CASES = [({"loss_type": t}, {"loss_type": [t]}) for t in
+              ("sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
+               "sigmoid_norm", "sft")] + [
+    ({"loss_type": t, "label_smoothing": 0.2}, {"loss_type": [t], "label_smoothing": 0.2})
+    for t in ("exo_pair", "robust", "aot")] + [
+    ({"loss_type": "discopop", "discopop_tau": 0.3}, {"loss_type": ["discopop"], "discopop_tau": 0.3}),
+    ({"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+     {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}),
+    ({"loss_type": "ipo", "rpo_alpha": 0.5}, {"loss_type": ["ipo", "sft"], "loss_weights": [1.0, 0.5]}),
+]
+
+
+@pytest.mark.parametrize("our_dpo, theirs, lora", [(*case, False) for case in LOSS_CASES] + [
+    ({"loss_type": "sigmoid"}, {"loss_type": ["sigmoid"]}, True),
+    ({"loss_type": "ipo"}, {"loss_type": ["ipo"]}, True),
+    ({"loss_type": "apo_down", "rpo_alpha": 0.3}, {"loss_type": ["apo_down", "sft"], "loss_weights": [1, 0.3]}, True),
+], ids=lambda v: v if isinstance(v, bool) else "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None)
+def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(tmp_path, our_dpo, theirs, lora):
+    """TRL's DPOTrainer.compute_loss on its own collated batch against our DPOLoss on the same tokens, for
+    each loss type: the loss and TRL's six metrics to 1e-5, and every parameter's gradient to 1e-5. With
+    LoRA both take the reference from the same model with its adapters disabled."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -144,7 +161,7 @@ def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(tmp_path, loss_type, l
     if lora:  # TRL wraps the model itself: a new adapter, the reference is the base with adapters disabled
         import peft
         peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss_type], report_to=[],
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, **theirs, report_to=[],
                          per_device_train_batch_size=len(_trl_pairs()), use_cpu=True, max_length=None,
                          dataloader_num_workers=0, bf16=False)  # fp32 as ours (TRL defaults to bf16 autocast)
     trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tok,
@@ -176,8 +193,10 @@ def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(tmp_path, loss_type, l
             with torch.no_grad():
                 return ref_logps(ours_reference, *a[:3])
     engine = Engine(ours)
-    loss_sum, sums = DPOLoss(logps_fn, ref_fn, 0.1, loss_type, 0.0)(engine, input_ids, attention_mask, labels, None)
+    d = DpoConfig(beta=0.1, **our_dpo)
     pairs = input_ids.size(0) // 2
+    loss_fn = DPOLoss(logps_fn, ref_fn, d.beta, d.weighted_losses, d.label_smoothing, d.discopop_tau)
+    loss_sum, sums = loss_fn(engine, input_ids, attention_mask, labels, np.arange(2 * pairs))
     (loss_sum / pairs).backward()
     assert (loss_sum / pairs).item() == pytest.approx(trl_loss.item(), abs=1e-5)
     for name, value in zip(METRICS, (sums / pairs).tolist()):
@@ -219,7 +238,7 @@ def test_a_dpo_step_reads_nothing_back_from_the_device(tmp_path, reference):
         logps_fn = ChunkedLoss(model.get_base_model(), 5).sequence_logps
         ref_fn = AdaptersOff(logps_fn)
     with recording_host_syncs() as syncs:
-        loss_sum, sums = DPOLoss(logps_fn, ref_fn, 0.1, "sigmoid", 0.0)(Engine(model), *batch, grad_scale=0.5)
+        loss_sum, sums = DPOLoss(logps_fn, ref_fn, 0.1, (("sigmoid", 1.0),), 0.0)(Engine(model), *batch, grad_scale=0.5)
         (loss_sum * 0.5).backward()
     assert syncs.by("ds_finetune/") + syncs.by("elsewhere") == []
     assert loss_sum.item() > 0 and any(p.grad is not None for p in model.parameters())
@@ -353,3 +372,23 @@ def test_a_frozen_model_reference_trains_as_the_precomputed_one_and_resumes_bitw
 def test_a_frozen_model_reference_is_for_full_fine_tuning():
     with pytest.raises(UserError, match="dpo.reference model is for full fine-tuning"):
         load_config(harness.TINY, [*DPO, "dpo.reference=model", "model.lora.r=8", "output_dir=x"])
+
+
+def test_loss_weights_must_match_the_loss_types_one_line():
+    with pytest.raises(UserError) as e:
+        load_config(harness.TINY, [*DPO, "dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0]", "output_dir=x"])
+    assert "dpo.loss_weights has 1 entries for 2 dpo.loss_type entries" in e.value.message
+    assert "\n" not in e.value.message
+    with pytest.raises(UserError, match="exo_pair needs dpo.label_smoothing > 0"):
+        load_config(harness.TINY, [*DPO, "dpo.loss_type=exo_pair", "output_dir=x"])
+
+
+def test_rpo_alpha_adds_the_chosen_nll_and_old_dpo_fingerprints_stay():
+    from ds_finetune.objectives import fingerprint_settings
+    cfg = load_config(harness.TINY, [*DPO, "dpo.loss_type=[ipo,hinge]", "dpo.loss_weights=[0.5,2]", "dpo.rpo_alpha=0.1",
+                                     "output_dir=x"])
+    assert cfg.dpo.weighted_losses == (("ipo", 0.5), ("hinge", 2.0), ("sft", 0.1))
+    plain = fingerprint_settings(load_config(harness.TINY, [*DPO, "output_dir=x"]))
+    assert plain == {"train.objective": "dpo", "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
+                                                      "reference": "precomputed"}}
+    assert fingerprint_settings(cfg)["dpo"]["rpo_alpha"] == 0.1

@@ -7,7 +7,8 @@ import torch
 
 from ds_finetune.config import TrainConfig
 from ds_finetune.objectives import OBJECTIVES, Objective, StepResult
-from ds_finetune.objectives.dpo import DPO
+from ds_finetune.objectives import cpo, dpo, orpo
+from ds_finetune.objectives.pairs import PairObjective
 from ds_finetune.objectives.sft import SFT
 from ds_finetune.train import agree_on_step
 
@@ -17,12 +18,14 @@ def test_every_objective_choice_is_registered_and_nothing_else():
     assert sorted(OBJECTIVES) == sorted(choices)
 
 
-def test_sft_and_dpo_satisfy_the_objective_protocol():
+def test_sft_and_the_pair_objectives_satisfy_the_objective_protocol():
     sft = SFT(None, None, None, 0, False, 0)
-    dpo = DPO(None, None, None, 0, 0)
-    assert isinstance(sft, Objective) and isinstance(dpo, Objective)
+    pair_objectives = [PairObjective(module.METRICS, None, None, None, 0, 0) for module in (dpo, orpo, cpo)]
+    assert isinstance(sft, Objective) and all(isinstance(o, Objective) for o in pair_objectives)
     assert not isinstance(object(), Objective)  # the check can fail
-    assert sft.perplexity and not dpo.perplexity and "rewards/margins" in dpo.metric_names
+    assert sft.perplexity and not any(o.perplexity for o in pair_objectives)
+    assert all("rewards/margins" in o.metric_names for o in pair_objectives)
+    assert "log_odds_chosen" in pair_objectives[1].metric_names
 
 
 def test_a_step_result_becomes_metrics_by_sum_over_count_and_a_zero_count_logs_nothing(one_rank_group):

@@ -1,4 +1,4 @@
-"""The `preference` format: rows of (prompt, chosen, rejected) for train.objective dpo.
+"""The `preference` format: rows of (prompt, chosen, rejected) for the pair objectives (dpo, orpo, simpo, cpo).
 
 A row is either strings (`prompt`, `chosen`, `rejected`) or TRL's conversational layout: `prompt` a list of
 messages, `chosen`/`rejected` the assistant messages that answer it, rendered with the chat template (the

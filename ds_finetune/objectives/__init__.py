@@ -8,8 +8,10 @@ runs, what a unit holds (a row, a pack, a preference pair: `data` decides how ro
 whether the sequences are split over ranks (sequence parallelism is inside the loss an objective is built
 with, `sequence.ShardedLoss`).
 
-Each objective is a file: `sft.py` (next-token loss), `dpo.py` (preference pairs; its reference model),
-`dpo_reference.py` (the reference log-probs stored before training). A new one is a module with a
+Each objective is a file: `sft.py` (next-token loss), `dpo.py` (preference pairs; its reference model; its
+loss types in `dpo_losses.py`), `dpo_reference.py` (the reference log-probs stored before training),
+`orpo.py` and `cpo.py` (ORPO, CPO and SimPO: pairs without a reference); `pairs.py` is the step every pair
+objective shares. A new one is a module with a
 `build(parts)` and a line in `OBJECTIVES` (and a choice of `train.objective` in config.py); its config section is named like it (`dpo:`), and its settings go
 into the exact fingerprint (`fingerprint_settings`).
 
@@ -118,13 +120,18 @@ def fingerprint_settings(cfg) -> dict:
     name = cfg.train.objective
     if name == "sft":
         return {}
-    return {"train.objective": name, name: getattr(cfg, name).model_dump(mode="json")}
+    section = getattr(cfg, name)
+    settings = section.fingerprint() if hasattr(section, "fingerprint") else section.model_dump(mode="json")
+    return {"train.objective": name, name: settings}
 
 
 # train.objective -> the module whose `build(parts)` makes it (imported when chosen: each is a file here).
 OBJECTIVES = {
     "sft": "ds_finetune.objectives.sft",
     "dpo": "ds_finetune.objectives.dpo",
+    "orpo": "ds_finetune.objectives.orpo",
+    "simpo": "ds_finetune.objectives.cpo",  # SimPO is CPO's simpo loss, with its own section and defaults
+    "cpo": "ds_finetune.objectives.cpo",
 }
 
 

@@ -7,15 +7,12 @@ concatenated batch), and its per-sequence summed target log-probs come from the 
 base's: with LoRA the same model with its adapters disabled (no second model), else precomputed once
 before training (`dpo_reference.py`) and read by row.
 
-The loss and metrics are TRL's (DPOTrainer, f-divergence reverse KL), per pair, with
-d = (policy - reference log-prob of chosen) - (the same of rejected):
-  sigmoid  -logsigmoid(beta d) (1 - eps) - logsigmoid(-beta d) eps      (eps: dpo.label_smoothing, cDPO)
-  hinge    relu(1 - beta d)
-  ipo      (d' - 1 / (2 beta))^2, d' the same difference of log-ratios each divided by its completion's tokens
-and the step's loss is their mean over the global batch's pairs. rewards/chosen = beta x chosen log-ratio
-(rejected alike), rewards/margins their difference, rewards/accuracies the share of pairs whose chosen
-reward is higher, logps/chosen and logps/rejected the policy's summed log-probs: each a mean over the
-pairs, summed on each rank and reduced with the loss in the step's one all-reduce.
+The loss is `dpo_losses.py`'s (TRL's DPOTrainer formulas: every pair-defined loss type, a weighted list of
+them, `dpo.rpo_alpha`'s NLL term) and the step's loss their mean over the global batch's pairs.
+rewards/chosen = beta x chosen log-ratio (rejected alike), rewards/margins their difference,
+rewards/accuracies the share of pairs whose chosen reward is higher, logps/chosen and logps/rejected the
+policy's summed log-probs: each a mean over the pairs, summed on each rank and reduced with the loss in
+the step's one all-reduce.
 """
 
 from __future__ import annotations
@@ -25,45 +22,42 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ds_finetune import lora
-from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate_pairs
-from ds_finetune.device_batch import facts_of, host_to_device, to_device
+from ds_finetune.data import IGNORE_INDEX, collate_pairs
+from ds_finetune.device_batch import facts_of, host_to_device
 from ds_finetune.dist import rng_untouched, seed_everything
 from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.model import build_model
-from ds_finetune.objectives import ObjectiveParts, StepResult, accumulate
+from ds_finetune.objectives import ObjectiveParts
+from ds_finetune.objectives.dpo_losses import dpo_loss_sum, pair_losses
 from ds_finetune.objectives.dpo_reference import reference_logps
-from ds_finetune.sampler import BatchLayout
+from ds_finetune.objectives.pairs import PairObjective, chosen_completion_tokens
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 
 
+def dpo_metric_sums(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRL's METRICS summed over B pairs, as one float64 vector (no graph)."""
+    with torch.no_grad():
+        chosen, rejected = policy.chunk(2)
+        ref_chosen, ref_rejected = reference.to(policy.dtype).chunk(2)
+        r_chosen, r_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+        return torch.stack([r_chosen.sum(), r_rejected.sum(), (r_chosen > r_rejected).float().sum(),
+                            (r_chosen - r_rejected).sum(), chosen.sum(), rejected.sum()]).double()
+
+
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, n_tokens: torch.Tensor, beta: float, loss_type: str,
              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-pair losses, the METRICS summed over the pairs as one float64 vector) of B pairs from the
-    per-sequence log-probs of the concatenated batch ([2B]: chosen then rejected) and the completion token
-    counts (for ipo)."""
+    """(per-pair losses, the METRICS summed) of one pair-defined loss type: `dpo_losses.pair_losses` on the
+    concatenated batch ([2B]: chosen then rejected)."""
     chosen, rejected = policy.chunk(2)
     ref_chosen, ref_rejected = reference.to(policy.dtype).chunk(2)
-    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-    delta = chosen_ratio - rejected_ratio
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    elif loss_type == "ipo":
-        n_chosen, n_rejected = n_tokens.to(policy.dtype).clamp(min=1).chunk(2)
-        losses = (chosen_ratio / n_chosen - rejected_ratio / n_rejected - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown dpo.loss_type {loss_type!r}")
-    with torch.no_grad():
-        r_chosen, r_rejected = beta * chosen_ratio, beta * rejected_ratio
-        sums = torch.stack([r_chosen.sum(), r_rejected.sum(), (r_chosen > r_rejected).float().sum(),
-                            (r_chosen - r_rejected).sum(), chosen.sum(), rejected.sum()]).double()
-    return losses, sums
+    n_chosen, n_rejected = n_tokens.to(policy.dtype).chunk(2)
+    losses = pair_losses(loss_type, chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, beta,
+                         label_smoothing)
+    return losses, dpo_metric_sums(policy, reference, beta)
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -116,60 +110,53 @@ class DPOLoss:
     logps_fn: Callable   # (engine, input_ids, attention_mask, labels, facts) -> [2B] summed target log-probs
     reference: Callable  # (engine, input_ids, attention_mask, labels, rows, facts) -> [2B], no graph
     beta: float
-    loss_type: str
+    losses: tuple  # ((loss type, weight), ...): dpo.loss_type, dpo.loss_weights, dpo.rpo_alpha
     label_smoothing: float
+    discopop_tau: float = 0.05
 
-    def __call__(self, engine, input_ids, attention_mask, labels, rows, facts=None, grad_scale=1.0):
-        """`facts`: the batch's data.HostFacts (read back from the labels where None)."""
+    def __call__(self, engine, input_ids, attention_mask, labels, rows, facts=None, grad_scale=1.0,
+                 nll_scale: float | None = None):
+        """`facts`: the batch's data.HostFacts (read back from the labels where None). `nll_scale`: the
+        global batch's pairs over its chosen completion tokens (for `sft`; None: this batch's)."""
         facts = facts_of(labels) if facts is None else facts  # once for the policy's forward and the reference's
         reference = self.reference(engine, input_ids, attention_mask, labels, rows, facts)
         policy = self.logps_fn(engine, input_ids, attention_mask, labels, facts)
         n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
-        losses, sums = dpo_loss(policy, reference, n_tokens, self.beta, self.loss_type, self.label_smoothing)
-        return losses.sum(), sums
+        if nll_scale is None:
+            nll_scale = chosen_nll_scale(facts) if self.needs_nll else 0.0
+        loss_sum = dpo_loss_sum(policy, reference, n_tokens, self.beta, self.losses, self.label_smoothing,
+                                self.discopop_tau, nll_scale)
+        return loss_sum, dpo_metric_sums(policy, reference, self.beta)
+
+    collate = staticmethod(collate_pairs)
+
+    @property
+    def needs_nll(self) -> bool:
+        return any(loss_type == "sft" for loss_type, _ in self.losses)
+
+    def nll_tokens(self, data, units: np.ndarray) -> int | None:
+        """sft's token mean is over the chosen completions."""
+        return chosen_completion_tokens(data, units) if self.needs_nll else None
 
 
-@dataclass(frozen=True)
-class DPO:
-    """The DPO objective: SFT's step over pairs; the loss is the mean pair loss of the global batch."""
-    metric_names = METRICS
-    perplexity = False  # a pair's loss is no token loss
-
-    data: TokenizedData
-    layout: BatchLayout
-    loss_fn: DPOLoss
-    pad_id: int
-    share: int  # which share of the global batch this rank takes (its data-parallel rank)
-    eval_loss_fn: DPOLoss | None = None  # with the eval data's reference, where it has its own (eval.path)
-
-    def step(self, engine, units: np.ndarray, step: int, before_update=None) -> StepResult:
-        layout = self.layout
-        micro_batches = [collate_pairs(self.data, units[layout.micro_slice(0, m, self.share)], self.pad_id)
-                         for m in range(layout.grad_accum)]
-        pairs = layout.global_batch
-        loss_sum, sums = accumulate(engine, self.loss_fn, micro_batches, pairs, step, before_update)
-        return StepResult(loss_sum, pairs, sums={name: (value, pairs) for name, value in zip(METRICS, sums)})
-
-    def eval_batch(self, engine, data: TokenizedData, units: np.ndarray, counted: bool
-                   ) -> tuple[torch.Tensor, int, dict]:
-        batch = collate_pairs(data, units, self.pad_id)
-        loss_fn = self.eval_loss_fn if data is not self.data and self.eval_loss_fn is not None else self.loss_fn
-        loss_sum, sums = loss_fn(engine, *to_device(batch, engine.device))
-        weight = 1.0 if counted else 0.0
-        return loss_sum.double() * weight, len(units) if counted else 0, dict(zip(METRICS, sums * weight))
+def chosen_nll_scale(facts) -> float:
+    """A batch's pairs over its chosen rows' targets (the rows are [chosen..., rejected...])."""
+    targets = facts.row_targets()
+    pairs = len(targets) // 2
+    return pairs / max(sum(targets[:pairs]), 1)
 
 
-def build(parts: ObjectiveParts) -> DPO:
+def build(parts: ObjectiveParts) -> PairObjective:
     """The DPO objective of a run: its loss with the reference that fits (adapters off, a frozen copy of the
     base, or precomputed while the engine holds the base's weights, i.e. before a checkpoint is loaded)."""
     cfg, d = parts.cfg, parts.cfg.dpo
     logps_fn = make_sequence_logps_fn(lora.hf_model(parts.model), cfg.train.loss_chunk_tokens)
 
-    def objective(reference, eval_reference=None) -> DPO:
+    def objective(reference, eval_reference=None) -> PairObjective:
         def loss(ref):
-            return DPOLoss(logps_fn, ref, d.beta, d.loss_type, d.label_smoothing)
-        return DPO(parts.data, parts.layout, loss(reference), parts.pad_id, parts.group.dp_rank,
-                   loss(eval_reference) if eval_reference is not None else None)
+            return DPOLoss(logps_fn, ref, d.beta, d.weighted_losses, d.label_smoothing, d.discopop_tau)
+        return PairObjective(METRICS, parts.data, parts.layout, loss(reference), parts.pad_id, parts.group.dp_rank,
+                             loss(eval_reference) if eval_reference is not None else None)
 
     if cfg.model.lora is not None:
         return objective(AdaptersOff(logps_fn))
