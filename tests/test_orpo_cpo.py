@@ -18,7 +18,7 @@ from ds_finetune.objectives import OBJECTIVES, fingerprint_settings
 from ds_finetune.objectives.cpo import CPOLoss
 from ds_finetune.objectives.orpo import METRICS as ORPO_METRICS, ORPOLoss, with_chosen_prompts
 from test_dpo import PAIRS, Engine, _trl_pairs
-from test_loss import tiny_model
+from harness import tiny_model
 
 
 def pairs_run(objective):
