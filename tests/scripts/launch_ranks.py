@@ -1,5 +1,4 @@
-"""The tests' launcher: start N ranks of a script on this machine with the variables torchrun gives them,
-without importing torch (torchrun takes ~3.5 s a start here, a third of a tiny run).
+"""The tests' launcher: start N ranks of a script on this machine with the variables torchrun gives them.
 
     python tests/scripts/launch_ranks.py NPROC MASTER_PORT SCRIPT [ARGS...]
 
@@ -7,28 +6,95 @@ Each rank gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and M
 OMP_NUM_THREADS=1 unless set (as torchrun). SIGINT and SIGTERM are passed on to the ranks. When a rank
 fails, the others get a moment to exit on their own (a user error reaches every rank), then are killed.
 The exit status is the first failed rank's: its code, or the signal that killed it; 0 when all succeed.
-The real launchers are tested through `ds-finetune train` (the `deepspeed` launcher) and the bench.
+
+The ranks are forked from this process once it has imported the libraries every rank imports (torch,
+DeepSpeed, transformers' Llama and tokenizer code): those imports are ~4.5 s of CPU a rank here, most of
+a tiny test run's start and the largest cost of the suite, and forked ranks share them. Nothing is set up
+before the fork (no process group, device, thread pool or tokenizer use); each rank then runs SCRIPT as
+`__main__`, as a new interpreter would, with its own code (ds_finetune) imported after the fork, from
+where the script puts it. The real launchers are tested through `ds-finetune train` (the `deepspeed`
+launcher) and the bench.
 """
 import os
+import runpy
 import signal
-import subprocess
 import sys
 import time
+import traceback
 
 GRACE_S = 2.0
 
 
-def start_ranks(nproc: int, port: str, argv: list[str]) -> list[subprocess.Popen]:
+def preload() -> None:
+    """Import, before the fork, the third-party modules every rank imports."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # read when torch starts its thread pool (after the fork)
+    import deepspeed  # noqa: F401
+    import deepspeed.runtime.engine  # noqa: F401
+    import torch  # noqa: F401
+    import transformers
+
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "LlamaConfig", "LlamaForCausalLM"):
+        getattr(transformers, name)  # transformers imports each on first access
+
+
+class ForkedRank:
+    """A forked rank, with the part of subprocess.Popen's interface the launcher uses."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)  # a signal: its negative number
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def run_rank(variables: dict, argv: list[str]) -> None:
+    """In the forked child: become rank `variables["RANK"]` and run the script; never returns."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.environ.update(variables)
+        sys.argv = list(argv)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # as `python SCRIPT` would
+        runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - printed as a failed interpreter would
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def start_ranks(nproc: int, port: str, argv: list[str]) -> list[ForkedRank]:
+    preload()
     procs = []
     for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env))
+        variables = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            run_rank(variables, argv)
+        procs.append(ForkedRank(pid))
     return procs
 
 
-def wait_for_ranks(procs: list[subprocess.Popen]) -> int:
+def wait_for_ranks(procs: list[ForkedRank]) -> int:
     """The first failed rank's return code (negative: a signal), or 0."""
     first_failure, failed_at = 0, None
     while any(p.poll() is None for p in procs):
@@ -37,8 +103,7 @@ def wait_for_ranks(procs: list[subprocess.Popen]) -> int:
             failed_at = time.monotonic() if first_failure else None
         elif time.monotonic() - failed_at > GRACE_S:
             for p in procs:
-                if p.poll() is None:
-                    p.kill()
+                p.kill()
         time.sleep(0.05)
     return first_failure or next((p.returncode for p in procs if p.returncode), 0)
 
@@ -49,8 +114,7 @@ def main() -> None:
 
     def forward(signum, _frame):
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
+            p.send_signal(signum)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
