@@ -12,9 +12,9 @@ from pydantic import Field, field_validator, model_validator
 from ds_finetune.config_text import Section
 
 
-_ADDED_AT_DEFAULT = {("chat_turns", "all"), ("sources", None), ("chosen_field", "chosen"),
-                     ("rejected_field", "rejected"), ("max_prompt_length", None), ("layout", "auto"),
-                     ("chat_template", None), ("subset", None), ("revision", None), ("data_files", None)}
+_ADDED_AT_DEFAULT = {"chat_turns": "all", "sources": None, "chosen_field": "chosen", "rejected_field": "rejected",
+                     "max_prompt_length": None, "layout": "auto", "chat_template": None, "subset": None,
+                     "revision": None, "data_files": None}
 SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
 # Source fields added after mixtures' checkpoints existed: in a source's fingerprint only when set.
 SOURCE_FIELDS_ADDED = ("layout", "subset", "revision", "data_files")
@@ -164,5 +164,5 @@ class DataConfig(Section):
         values = self.model_dump(mode="json", exclude=exclude)
         if values.get("chat_template") is not None:  # the template's text is what counts, not where it lies
             from ds_finetune.data.templates import chat_template_sha256
-            values["chat_template"] = {"sha256": chat_template_sha256(values["chat_template"])}
-        return {k: v for k, v in values.items() if (k, v) not in _ADDED_AT_DEFAULT}
+            values["chat_template"] = f"sha256:{chat_template_sha256(values['chat_template'])}"
+        return {k: v for k, v in values.items() if k not in _ADDED_AT_DEFAULT or v != _ADDED_AT_DEFAULT[k]}
