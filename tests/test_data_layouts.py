@@ -1,4 +1,4 @@
-"""Data comes in the layouts users bring (SPEC §17): rows written as public datasets lay them out prepare
+"""Data comes in the layouts users bring: rows written as public datasets lay them out prepare
 with only data.path and data.format set, and their targets are checked against the template's rendering
 written out here by hand as pieces (text, is it a target): assistant replies (tool calls included) and
 their end-of-turn text, and completions, are targets; everything else is not, and a row's first token
