@@ -25,6 +25,7 @@ from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_ca
 from ds_finetune.data.mixture import MixedData, MixtureOrder, SourceLosses, mix_change_message
 from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, HostFacts, PairBatch, StepBatch, collate,
                                       collate_pairs, group_indices, group_units, plan_units, unit_targets, unit_tokens)
+from ds_finetune.data.selection import select_local_files
 from ds_finetune.data.sources import content_hash, resolve_data_files
 from ds_finetune.data.templates import with_chat_template
 from ds_finetune.errors import UserError
@@ -40,7 +41,7 @@ __all__ = ["DATA_FORMAT_VERSION", "EpochOrder", "HostFacts", "IGNORE_INDEX", "Mi
 
 def locate(data_cfg, tok) -> tuple[list[Path] | None, str, Path]:
     """(data files, content hash, cache folder) of a data config."""
-    files = resolve_data_files(data_cfg.path)
+    files = select_local_files(data_cfg, resolve_data_files(data_cfg.path))
     data_hash = content_hash(files, data_cfg.path, data_cfg.split, memo_dir=memo_dir())
     return files, data_hash, cache_path(data_cfg, data_hash, tok)
 
