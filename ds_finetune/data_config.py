@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from ds_finetune.config_text import Section
 
 
-_ADDED_AT_DEFAULT = {("chat_turns", "all"), ("sources", None), ("chosen_field", "chosen"),
-                     ("rejected_field", "rejected"), ("max_prompt_length", None)}
+_ADDED_AT_DEFAULT = {"chat_turns": "all", "sources": None, "chosen_field": "chosen", "rejected_field": "rejected",
+                     "max_prompt_length": None, "layout": "auto", "chat_template": None, "subset": None,
+                     "revision": None, "data_files": None}
 SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
+# Source fields added after mixtures' checkpoints existed: in a source's fingerprint only when set.
+SOURCE_FIELDS_ADDED = ("layout", "subset", "revision", "data_files")
+# Each format's layouts (ds_finetune/data/layouts.py reads them; docs/data.md shows them); the first is
+# the one the format always read.
+LAYOUTS = {"text": ("text",), "chat": ("messages", "sharegpt", "alpaca"),
+           "prompt_completion": ("strings", "conversational"), "preference": ("explicit_prompt", "implicit_prompt")}
+Layout = Literal["auto", "text", "messages", "sharegpt", "alpaca", "strings", "conversational", "explicit_prompt",
+                 "implicit_prompt"]
+DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
@@ -30,6 +40,10 @@ class EvalSourceConfig(Section):
     completion_field: Optional[str] = Field(None, description="As data.completion_field.")
     messages_field: Optional[str] = Field(None, description="As data.messages_field.")
     chat_turns: Optional[Literal["all", "last"]] = Field(None, description="As data.chat_turns.")
+    layout: Optional[Layout] = Field(None, description="As data.layout.")
+    subset: Optional[str] = Field(None, description="As data.subset.")
+    revision: Optional[str] = Field(None, description="As data.revision.")
+    data_files: Optional[DataFiles] = Field(None, description="As data.data_files.")
 
     @model_validator(mode="after")
     def _named(self):
@@ -44,6 +58,12 @@ class EvalSourceConfig(Section):
 class SourceConfig(EvalSourceConfig):
     """One source of a mixture: an eval source's fields and a weight."""
     weight: float = Field(..., gt=0, description="Share of the samples (weights need not sum to 1).")
+
+
+def check_layout_fits_format(layout: str, data_format: str) -> None:
+    if layout != "auto" and layout not in LAYOUTS[data_format]:
+        raise ValueError(f"data.layout {layout} is not a layout of format {data_format}; use auto or one of "
+                         f"{', '.join(LAYOUTS[data_format])}")
 
 
 def unique_names(key: str, sources: list) -> None:
@@ -64,7 +84,19 @@ class DataConfig(Section):
     format: Literal["text", "prompt_completion", "chat", "preference"] = Field(
         "text", description="Row format: text | prompt_completion | chat (messages + chat template) | preference "
                             "(prompt, chosen, rejected; for train.objective dpo, orpo, simpo, cpo).")
-    split: str = Field("train", description="Dataset split to train on.")
+    split: str = Field("train", description="Dataset split to train on; a slice as `datasets` writes it "
+                                            "(train[:10%], train[100:200]) also for local files.")
+    subset: Optional[str] = Field(None, description="A `datasets` dataset's subset (its config name, `name=`).")
+    revision: Optional[str] = Field(None, description="A Hub dataset's revision: a branch, tag or commit.")
+    data_files: Optional[DataFiles] = Field(
+        None, description="Files of the dataset to read, as `datasets.load_dataset(data_files=)` takes them: "
+                          "a pattern, a list, or {split: patterns}; relative to a local folder data.path.")
+    layout: Layout = Field(
+        "auto", description="How rows are laid out (docs/data.md): auto (detected per row) | chat: messages, "
+                            "sharegpt, alpaca | prompt_completion: strings, conversational | preference: "
+                            "explicit_prompt, implicit_prompt.")
+    chat_template: Optional[str] = Field(
+        None, description="A Jinja file or a template string that replaces the tokenizer's chat template.")
     max_length: int = Field(512, ge=8, le=1_048_576, description="Tokens per sequence; longer rows are truncated.")
     packing: Literal["none", "isolated", "shared"] = Field(
         "none", description="Concatenate rows into sequences of up to max_length tokens: none (false) | isolated "
@@ -92,6 +124,10 @@ class DataConfig(Section):
             raise ValueError("set exactly one of data.path or data.sources")
         if self.sources is not None:
             unique_names("data.sources", self.sources)
+        for source in self.sources or []:
+            check_layout_fits_format(source.layout or self.layout, source.format or self.format)
+        if self.sources is None:
+            check_layout_fits_format(self.layout, self.format)
         return self
 
     @property
@@ -105,7 +141,7 @@ class DataConfig(Section):
     def one_source(self, source: EvalSourceConfig) -> "DataConfig":
         """A source of data.sources or eval.sources as a one-file data config (the rest from this section)."""
         return self.model_copy(update={"path": source.path, "sources": None, **{
-            k: getattr(source, k) for k in SOURCE_FIELDS if getattr(source, k) is not None}})
+            k: getattr(source, k) for k in SOURCE_FIELDS + SOURCE_FIELDS_ADDED if getattr(source, k) is not None}})
 
     @field_validator("packing", mode="before")
     @classmethod
@@ -126,4 +162,7 @@ class DataConfig(Section):
         """The settings as JSON values, less `exclude`; a setting added after caches and checkpoints existed
         is left out at its default (which computes what they did), so those still match."""
         values = self.model_dump(mode="json", exclude=exclude)
-        return {k: v for k, v in values.items() if (k, v) not in _ADDED_AT_DEFAULT}
+        if values.get("chat_template") is not None:  # the template's text is what counts, not where it lies
+            from ds_finetune.data.templates import chat_template_sha256
+            values["chat_template"] = f"sha256:{chat_template_sha256(values['chat_template'])}"
+        return {k: v for k, v in values.items() if k not in _ADDED_AT_DEFAULT or v != _ADDED_AT_DEFAULT[k]}

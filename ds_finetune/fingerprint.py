@@ -4,7 +4,7 @@ with a change is refused, naming them), `harmless` ones do not."""
 from __future__ import annotations
 
 from ds_finetune.config import RunConfig
-from ds_finetune.data_config import SOURCE_FIELDS, DataConfig
+from ds_finetune.data_config import SOURCE_FIELDS, SOURCE_FIELDS_ADDED, DataConfig
 from ds_finetune.objectives import fingerprint_settings
 
 
@@ -83,7 +83,8 @@ def sources_fingerprint(data: DataConfig, hashes: dict) -> dict:
     `<name>.weight`, so a resume with a changed mix names the source and what changed."""
     out = {}
     for name, weight, source in data.source_configs():
-        out[name] = {**{k: getattr(source, k) for k in SOURCE_FIELDS}, "content_sha256": hashes[name]}
+        added = {k: getattr(source, k) for k in SOURCE_FIELDS_ADDED if getattr(source, k) is not None}
+        out[name] = {**{k: getattr(source, k) for k in SOURCE_FIELDS}, **added, "content_sha256": hashes[name]}
         out[f"{name}.weight"] = weight
     return out
 

@@ -12,7 +12,8 @@ rank can compute the global batch's target count without talking to the others (
     parallel.py  worker processes, in order               cache.py    .npy cache folder, lock, mmap reads
     packing.py   units (rows or packs), collation, the order of one source (EpochOrder)
     blend.py     a mixture's order as arithmetic           mixture.py  a mixture's rows and order
-    chat.py      chat replies located, chat masks
+    chat.py      chat replies located, chat masks          layouts.py  the row layouts users bring -> a format's
+    completions.py  prompt + completion messages rendered  templates.py data.chat_template
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_ca
 from ds_finetune.data.mixture import MixedData, MixtureOrder, SourceLosses, mix_change_message
 from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, HostFacts, PairBatch, StepBatch, collate,
                                       collate_pairs, group_indices, group_units, plan_units, unit_targets, unit_tokens)
+from ds_finetune.data.selection import select_local_files
 from ds_finetune.data.sources import content_hash, resolve_data_files
+from ds_finetune.data.templates import with_chat_template
 from ds_finetune.errors import UserError
 from ds_finetune.hashing import memo_dir
 
@@ -38,7 +41,7 @@ __all__ = ["DATA_FORMAT_VERSION", "EpochOrder", "HostFacts", "IGNORE_INDEX", "Mi
 
 def locate(data_cfg, tok) -> tuple[list[Path] | None, str, Path]:
     """(data files, content hash, cache folder) of a data config."""
-    files = resolve_data_files(data_cfg.path)
+    files = select_local_files(data_cfg, resolve_data_files(data_cfg.path))
     data_hash = content_hash(files, data_cfg.path, data_cfg.split, memo_dir=memo_dir())
     return files, data_hash, cache_path(data_cfg, data_hash, tok)
 
@@ -46,6 +49,7 @@ def locate(data_cfg, tok) -> tuple[list[Path] | None, str, Path]:
 def ensure_prepared(data_cfg, tok, progress=None, say=None) -> tuple[Path, str, bool]:
     """Build the cache unless it is there (or wait for the process building it).
     Returns (cache folder, content hash, whether this process built it)."""
+    tok = with_chat_template(tok, data_cfg.chat_template)  # in the key through the tokenizer's fingerprint too
     files, data_hash, path = locate(data_cfg, tok)
     built = ensure_cache(lambda heartbeat: build_cache(data_cfg, tok, files, data_hash, path, progress, heartbeat),
                          path, say)
@@ -100,7 +104,8 @@ def periodic_progress(say, every_s: float = 10.0):
     return report
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, chat_template: str | None = None):
+    """The run's tokenizer; with data.chat_template as its template (so an export ships it)."""
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -109,4 +114,4 @@ def load_tokenizer(name_or_path: str):
                         f"check model.tokenizer (a local folder or a cached Hugging Face name)")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return with_chat_template(tok, chat_template)

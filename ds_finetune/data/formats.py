@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ds_finetune.data.chat import ChatRenderer, check_messages, reply_spans, span_mask
+from ds_finetune.data.completions import prompt_completion_texts
 from ds_finetune.data.encoding import encode
+from ds_finetune.data.layouts import normalise_rows
 from ds_finetune.data.preference import preference_seqs
 from ds_finetune.errors import UserError
 
@@ -82,6 +84,7 @@ def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
     first, items = chunk
     rows = [decode_row(where, payload, first + k) for k, (where, payload) in enumerate(items)]
     ats = [_at(where, first + k) for k, (where, _) in enumerate(items)]
+    rows = normalise_rows(cfg, rows, ats)  # the layout users bring -> the one read below (layouts.py)
     if cfg.format == "text":
         seqs = _text_seqs(tok, [_field(r, cfg.text_field, at, "text", "text_field") for r, at in zip(rows, ats)])
     elif cfg.format == "preference":
@@ -90,9 +93,7 @@ def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
         kept.truncated_pairs = cut
         return kept
     elif cfg.format == "prompt_completion":
-        prompts = [_field(r, cfg.prompt_field, at, cfg.format, "prompt_field") for r, at in zip(rows, ats)]
-        completions = [_field(r, cfg.completion_field, at, cfg.format, "completion_field") for r, at in zip(rows, ats)]
-        seqs = _prompt_completion_seqs(tok, prompts, completions)
+        seqs = _prompt_completion_seqs(tok, *prompt_completion_texts(tok, cfg, rows, ats))
     else:
         seqs = _chat_seqs(tok, [_field(r, cfg.messages_field, at, "chat", "messages_field", list)
                                 for r, at in zip(rows, ats)], ats, cfg.chat_turns)
@@ -133,10 +134,11 @@ def _text_seqs(tok, texts: list[str]):
         yield seq, [True] * len(seq)
 
 
-def _prompt_completion_seqs(tok, prompts: list[str], completions: list[str]):
+def _prompt_completion_seqs(tok, prompts: list[str], completions: list[str], templated: list[bool]):
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    for p, c in zip(encode(tok, prompts)["input_ids"], encode(tok, completions)["input_ids"]):
-        p, c = bos + p, c + [tok.eos_token_id]
+    encoded = zip(encode(tok, prompts)["input_ids"], encode(tok, completions)["input_ids"], templated)
+    for p, c, chat in encoded:
+        p, c = (p, c) if chat else (bos + p, c + [tok.eos_token_id])  # a template writes its own
         yield p + c, [False] * len(p) + [True] * len(c)
 
 

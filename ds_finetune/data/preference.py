@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ds_finetune.data.chat import ChatRenderer, check_messages
+from ds_finetune.data.chat import ChatRenderer
+from ds_finetune.data.completions import render_completions
 from ds_finetune.data.encoding import encode
 from ds_finetune.errors import UserError
 
@@ -44,15 +45,7 @@ def preference_seqs(tok, cfg, rows: list[dict], ats: list[str]):
         chat = isinstance(row.get(cfg.prompt_field), list)
         p, c, r = (_strings_or_messages(row, name, setting, at, chat) for name, setting in fields)
         if chat:
-            for messages in (p, c, r):
-                check_messages(messages, at)
-            render = renderer.for_conversation(p + c)
-            prompt = render(p, True)
-            full = [render(p + m, False) for m in (c, r)]
-            if not all(f.startswith(prompt) for f in full):
-                raise UserError(f"data error: {at}: the chat template does not render the prompt with its generation "
-                                f"prompt as the start of prompt + completion; completions cannot be located")
-            p, c, r = prompt, full[0][len(prompt):], full[1][len(prompt):]
+            p, (c, r) = render_completions(renderer, p, [c, r], at)
         if not c.strip() or not r.strip():
             raise UserError(f"data error: {at}: {'chosen' if not c.strip() else 'rejected'} is empty; a pair needs "
                             f"two non-empty completions")

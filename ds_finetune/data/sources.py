@@ -17,8 +17,10 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ds_finetune.data.selection import load_dataset_kwargs, slice_rows
 from ds_finetune.errors import UserError, first_line
 from ds_finetune.hashing import remembered_sha256
+from ds_finetune.messages import say_on_stderr
 
 LOCAL_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -55,7 +57,11 @@ def _looks_like_dataset_name(path: str) -> bool:
 def check_dataset_name(name: str) -> None:
     """A bare name must be in the `datasets` cache, or the hub must be reachable: otherwise `datasets`
     retries for half a minute before failing with a message that does not say what to do."""
-    if _in_datasets_cache(name) or _hub_reachable():
+    if _hub_reachable():
+        return
+    if _in_datasets_cache(name):
+        say_on_stderr(f"data: {name}: the hub is unreachable (or HF_HUB_OFFLINE is set); reading the dataset from "
+                      f"the `datasets` cache")
         return
     raise UserError(f"data error: {name}: not a file or folder here, and not a dataset in the `datasets` cache "
                     f"(the hub is unreachable); check data.path, or download it first on a machine online with "
@@ -120,7 +126,10 @@ def _is_blank(f: Path) -> bool:
 def iter_chunks(data_cfg, files: list[Path] | None, chunk_rows: int):
     """The dataset's rows in order, `chunk_rows` at a time (see the module docstring)."""
     items, first = [], 0
-    for item in _iter_items(data_cfg, files, chunk_rows):
+    rows = _iter_items(data_cfg, files, chunk_rows)
+    if files is not None:  # `datasets` cuts its own splits' slices
+        rows = slice_rows(data_cfg.split, rows, lambda: sum(1 for _ in _iter_items(data_cfg, files, chunk_rows)))
+    for item in rows:
         items.append(item)
         if len(items) == chunk_rows:
             yield first, items
@@ -181,7 +190,7 @@ def _dataset_rows(data_cfg, chunk_rows: int):
     check_dataset_name(data_cfg.path)
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(data_cfg.path, split=data_cfg.split)
+        ds = datasets.load_dataset(**load_dataset_kwargs(data_cfg))
     except Exception as e:  # datasets raises many types for unusable input; all are the user's to fix
         raise UserError(f"data error: cannot load {data_cfg.path!r}: {first_line(e, 300)}") from None
     for batch in ds.iter(batch_size=chunk_rows):  # Arrow-backed: memory-mapped, read a batch at a time
