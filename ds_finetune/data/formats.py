@@ -18,6 +18,7 @@ import numpy as np
 from ds_finetune.data.chat import ChatRenderer, check_messages, reply_spans, span_mask
 from ds_finetune.data.encoding import encode
 from ds_finetune.data.preference import preference_seqs
+from ds_finetune.data.row_text import check_line_is_utf8, check_row_text
 from ds_finetune.errors import UserError
 
 
@@ -56,16 +57,25 @@ def _at(where: str, index: int) -> str:
 
 
 def decode_row(where: str, payload, index: int) -> dict:
-    if isinstance(payload, str):
-        try:
-            payload = json.loads(payload)
-        except ValueError as e:
-            raise UserError(f"data error: {_at(where, index)}: not valid JSON ({getattr(e, 'msg', e)} at column "
-                            f"{getattr(e, 'colno', '?')}); fix or remove the line") from None
+    at, line = _at(where, index), payload if isinstance(payload, str) else None
+    if line is not None:
+        check_line_is_utf8(line, at)
+        payload = _parse_line(line.removeprefix("\ufeff"), at)  # a BOM inside: files joined with `cat`
     if not isinstance(payload, dict):
-        raise UserError(f"data error: {_at(where, index)}: a row must be a JSON object, not "
-                        f"{type(payload).__name__}")
+        raise UserError(f"data error: {at}: a row must be a JSON object, not {type(payload).__name__}")
+    check_row_text(payload, at, line)
     return payload
+
+
+def _parse_line(line: str, at: str):
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise UserError(f"data error: {at}: nested too deeply to read; fix or remove the line") from None
+    except ValueError as e:  # also an int past Python's digit limit, which has no position
+        where = f" at column {e.colno}" if hasattr(e, "colno") else ""
+        raise UserError(f"data error: {at}: not valid JSON ({getattr(e, 'msg', e)}{where}); fix or remove the "
+                        f"line") from None
 
 
 def _field(row: dict, name: str, at: str, fmt: str, setting: str, kind=str):
