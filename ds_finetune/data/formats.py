@@ -90,7 +90,17 @@ def _field(row: dict, name: str, at: str, fmt: str, setting: str, kind=str):
 
 def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
     first, items = chunk
-    rows = [decode_row(where, payload, first + k) for k, (where, payload) in enumerate(items)]
+    rows = []
+    for k, (where, payload) in enumerate(items):
+        try:
+            rows.append(decode_row(where, payload, first + k))
+        except UserError:
+            _tokenize_rows(tok, cfg, first, items[:k], rows)  # an earlier row's error first: it is the first bad row
+            raise
+    return _tokenize_rows(tok, cfg, first, items, rows)
+
+
+def _tokenize_rows(tok, cfg, first: int, items: list, rows: list[dict]) -> ChunkArrays:
     ats = [_at(where, first + k) for k, (where, _) in enumerate(items)]
     if cfg.format == "text":
         seqs = _text_seqs(tok, [_field(r, cfg.text_field, at, "text", "text_field") for r, at in zip(rows, ats)])
@@ -100,8 +110,9 @@ def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
         kept.truncated_pairs = cut
         return kept
     elif cfg.format == "prompt_completion":
-        prompts = [_field(r, cfg.prompt_field, at, cfg.format, "prompt_field") for r, at in zip(rows, ats)]
-        completions = [_field(r, cfg.completion_field, at, cfg.format, "completion_field") for r, at in zip(rows, ats)]
+        pairs = [(_field(r, cfg.prompt_field, at, cfg.format, "prompt_field"),  # row by row: the first bad row is named
+                  _field(r, cfg.completion_field, at, cfg.format, "completion_field")) for r, at in zip(rows, ats)]
+        prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
         seqs = _prompt_completion_seqs(tok, prompts, completions)
     else:
         seqs = _chat_seqs(tok, [_field(r, cfg.messages_field, at, "chat", "messages_field", list)
