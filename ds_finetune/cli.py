@@ -70,6 +70,9 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
 
     resume, overrides = split_resume_arg(resume, overrides)
     cfg = load_config(config_path, overrides)
+    if cfg.model.config is not None:
+        from ds_finetune.model import inline_model_config
+        inline_model_config(cfg.model)  # transformers' own checks, here rather than on every rank
     spec = LaunchSpec(config_path=config_path, overrides=overrides, resume=resume, overwrite=overwrite,
                       allow_config_change=allow_config_change, discard_newer=discard_newer, num_gpus=num_gpus, num_nodes=num_nodes,
                       hostfile=hostfile, include=include, exclude=exclude, master_addr=master_addr,

@@ -248,6 +248,13 @@ class CheckpointConfig(Section):
                            "continues (host memory: one save of this rank's state; on GPUs page-locked once and "
                            "reused, at most an eighth of the node's memory).")
 
+    @field_validator("dir")
+    @classmethod
+    def _names_a_folder(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # "" would be the current folder
+            raise ValueError("must name a folder; remove it for OUTPUT_DIR/checkpoints")
+        return value
+
 
 class WandbConfig(Section):
     project: str = Field(..., description="W&B project.")
@@ -277,6 +284,14 @@ class RunConfig(Section):
     simpo: SimpoConfig = Field(default_factory=SimpoConfig)
     cpo: CpoConfig = Field(default_factory=CpoConfig)
     output_dir: str = Field(..., description="Run folder: metrics, configs, checkpoints.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_folder(cls, value: str) -> str:
+        # Path("") is the current folder: an empty output_dir=override would train (and delete checkpoints) there.
+        if not value.strip():
+            raise ValueError("must name the run folder, e.g. output_dir=runs/my-run")
+        return value
 
     @model_validator(mode="after")
     def _eval_of_a_mixture(self):

@@ -17,13 +17,14 @@ import torch
 from ds_finetune.dist import on_cuda
 
 from ds_finetune.config import RunConfig
-from ds_finetune.errors import UserError, first_line
+from ds_finetune.errors import UserError
 from ds_finetune.lora import apply_lora, hf_model
 from ds_finetune.tiled_mlp import apply_tiled_mlp
 
 
 def build_model(cfg: RunConfig, ds_config: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoModelForCausalLM
 
     keep_alive = None
     if cfg.train.zero_stage == 3 and cfg.model.name_or_path is not None:
@@ -37,14 +38,13 @@ def build_model(cfg: RunConfig, ds_config: dict):
     attention = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     try:
         if cfg.model.config is not None:
-            inline = {**cfg.model.config, **attention}
-            model_config = AutoConfig.for_model(inline.pop("model_type"), **inline)
-            model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(inline_model_config(cfg.model), dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **attention)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:  # ImportError: flash-attn not installed
+    except (OSError, ValueError, KeyError, TypeError, ImportError,  # ImportError: flash-attn not installed
+            StrictDataclassError) as e:  # a config.json that transformers' validators refuse
         source = cfg.model.name_or_path or "model.config"
-        raise UserError(f"model error: cannot build the model from {source} ({first_line(e)})")
+        raise UserError(f"model error: cannot build the model from {source} ({one_line_reason(e)})")
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -55,6 +55,29 @@ def build_model(cfg: RunConfig, ds_config: dict):
         model = apply_lora(model, cfg.model.lora, cfg.train.seed, cfg.model.name_or_path)
     model.train()  # from_pretrained returns the model in eval mode: dropout would silently be off
     return model
+
+
+def inline_model_config(model):
+    """The transformers config of `model.config` (`model`: the run config's model section), or a one-line
+    UserError: transformers validates configs strictly (huggingface_hub's dataclass validators, e.g. a
+    hidden_size that the heads do not divide), and its error spans several lines. The CLI calls this before
+    anything launches, so the ranks never meet the error."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    inline = {**model.config, **({"attn_implementation": model.attn_implementation}
+                                  if model.attn_implementation else {})}
+    try:
+        return AutoConfig.for_model(inline.pop("model_type"), **inline)
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"config error: model.config is not a config transformers accepts ({one_line_reason(e)}); "
+                        f"fix model.config") from None
+
+
+def one_line_reason(err: BaseException, limit: int = 300) -> str:
+    """An error of transformers' config validation on one line (its message puts the reason on the next)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_isolated_packing(model, micro_batch_size: int) -> None:
