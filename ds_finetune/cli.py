@@ -91,6 +91,8 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
     cpu_here = not on_accelerator and (not hostfile or no_ssh)
     env = launch_env(not cpu_here)
     prefix = "DS_ACCELERATOR=cpu " if cpu_here else ""
+    # Before anything launches: the `deepspeed:` mapping's conflicts with our keys are one line here.
+    ds_config = zero_config_for_run(cfg, world, on_gpu=not cpu_here)  # as the ranks will build it
     if not dry_run:
         check_launch_tools(spec)
         # Before the ranks exist: preparing may take longer than DeepSpeed's collective timeout.
@@ -111,7 +113,7 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
         click.echo("# resolved run config")
         click.echo(cfg.to_yaml().rstrip())
         click.echo("# DeepSpeed config")
-        click.echo(json.dumps(zero_config_for_run(cfg, world, on_gpu=not cpu_here), indent=2))  # as the ranks will
+        click.echo(json.dumps(ds_config, indent=2))
         return
     sys.exit(run_launcher(argv, env))
 

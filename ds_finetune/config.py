@@ -7,6 +7,7 @@ Every field carries a one-line description; `ds-finetune config show-schema` pri
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -284,6 +285,20 @@ class RunConfig(Section):
     simpo: SimpoConfig = Field(default_factory=SimpoConfig)
     cpo: CpoConfig = Field(default_factory=CpoConfig)
     output_dir: str = Field(..., description="Run folder: metrics, configs, checkpoints.")
+    deepspeed: Optional[dict[str, Any]] = Field(
+        None, description="DeepSpeed config keys merged over the generated config (NVMe offload, ZeRO++, MiCS, "
+                          "comms_logger, aio); keys ds-finetune sets may only repeat its value (docs/config.md).")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _json_values(cls, value):
+        # It is handed to DeepSpeed and printed as JSON by --dry-run: a YAML date or a nan has no JSON form.
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            raise ValueError("must hold JSON values only (strings, finite numbers, true/false, null, lists, "
+                             "mappings)") from None
+        return value
 
     @field_validator("output_dir")
     @classmethod

@@ -20,6 +20,7 @@ from ds_finetune.config import RunConfig
 from ds_finetune.errors import UserError
 from ds_finetune.lora import apply_lora, hf_model
 from ds_finetune.tiled_mlp import apply_tiled_mlp
+from ds_finetune.zero_passthrough import offloads_optimizer
 
 
 def build_model(cfg: RunConfig, ds_config: dict):
@@ -145,7 +146,8 @@ def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int, mpu=N
     decay, no_decay = ([params[n] for n in names] for names in param_group_names(model))
     t = cfg.train
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = adamw(groups, t, offloaded=t.offload_optimizer != "none" and on_cuda())
+    # From the DeepSpeed config: the `deepspeed:` mapping may offload (to NVMe) where train.offload_optimizer does not.
+    optimizer = adamw(groups, t, offloaded=offloads_optimizer(ds_config) and on_cuda())
     schedule = lr_lambda(cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, mpu=mpu,
