@@ -125,7 +125,8 @@ def prepare_with_progress(cfg) -> None:
     unless it is there already."""
     from ds_finetune.data import load_tokenizer
 
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                         **cfg.model.hub_options(for_tokenizer=True))
     sources = cfg.data.source_configs() if cfg.data.is_mixture else [(None, None, cfg.data)]
     for name, _, data_cfg in sources:
         _prepare_one(data_cfg, tok, f"source {name}: " if name else "")

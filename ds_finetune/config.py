@@ -49,6 +49,11 @@ class ModelConfig(Section):
                                           "flex_attention"]] = Field(
         None, description="Attention kernels (transformers' `attn_implementation`); unset: transformers' default "
                           "(sdpa where the model supports it). Flash attention needs model.dtype bf16 or fp16.")
+    revision: Optional[str] = Field(
+        None, description="Hub revision (branch, tag or commit) of name_or_path, for the model, its config and its "
+                          "tokenizer.")
+    trust_remote_code: bool = Field(
+        False, description="Run the modeling and tokenizer code a Hub model ships (only for models you trust).")
     lora: Optional[LoraConfig] = Field(
         None, description="Train LoRA adapters on a frozen base (needs the `lora` extra, peft); checkpoints hold "
                           "only the adapters.")
@@ -69,6 +74,13 @@ class ModelConfig(Section):
             raise ValueError(f"model.attn_implementation: {self.attention} has no fp32 kernels (it fails at the first "
                              "forward); set model.dtype: bf16 (or fp16), or use sdpa")
         return self
+
+    def hub_options(self, for_tokenizer: bool = False) -> dict:
+        """from_pretrained's keyword arguments for the revision and remote code, only those set. The revision
+        is name_or_path's: a tokenizer named apart (model.tokenizer) is loaded at its default revision."""
+        own_tokenizer = for_tokenizer and self.tokenizer not in (None, self.name_or_path)
+        return {**({"revision": self.revision} if self.revision and not own_tokenizer else {}),
+                **({"trust_remote_code": True} if self.trust_remote_code else {})}
 
     @property
     def attention(self) -> str:

@@ -68,6 +68,10 @@ def model_identity(model, base_files: dict | None) -> dict:
     excluded = {"name_or_path"} if base_files else set()
     if model.attn_implementation is None:
         excluded.add("attn_implementation")
+    if model.revision is None:  # added later: only when set, as attn_implementation
+        excluded.add("revision")
+    if not model.trust_remote_code:
+        excluded.add("trust_remote_code")
     return model.model_dump(mode="json", exclude=excluded or None)
 
 

@@ -41,10 +41,13 @@ def build_model(cfg: RunConfig, ds_config: dict):
         if cfg.model.config is not None:
             model = AutoModelForCausalLM.from_config(inline_model_config(cfg.model), dtype=torch.float32)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **attention)
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **attention,
+                                                         **cfg.model.hub_options())
     except (OSError, ValueError, KeyError, TypeError, ImportError,  # ImportError: flash-attn not installed
             StrictDataclassError) as e:  # a config.json that transformers' validators refuse
         source = cfg.model.name_or_path or "model.config"
+        if "trust_remote_code" in str(e):
+            raise UserError(remote_code_message(source))
         raise UserError(f"model error: cannot build the model from {source} ({one_line_reason(e)})")
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -73,6 +76,11 @@ def inline_model_config(model):
     except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
         raise UserError(f"config error: model.config is not a config transformers accepts ({one_line_reason(e)}); "
                         f"fix model.config") from None
+
+
+def remote_code_message(source: str) -> str:
+    return (f"model error: {source} needs the modeling code it ships on the Hub; set model.trust_remote_code: true "
+            f"if you trust that code")
 
 
 def one_line_reason(err: BaseException, limit: int = 300) -> str:

@@ -102,7 +102,8 @@ def model_hidden_size(model, download: bool = False) -> int | None:
     if config is None:
         from transformers import AutoConfig
         try:
-            loaded = AutoConfig.from_pretrained(model.name_or_path, local_files_only=not download)
+            loaded = AutoConfig.from_pretrained(model.name_or_path, local_files_only=not download,
+                                                **model.hub_options())
             config = loaded.get_text_config().to_dict()
         except (OSError, ValueError, KeyError, TypeError):
             config = {}
