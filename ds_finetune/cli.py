@@ -70,6 +70,9 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
 
     resume, overrides = split_resume_arg(resume, overrides)
     cfg = load_config(config_path, overrides)
+    if cfg.model.config is not None:
+        from ds_finetune.model import inline_model_config
+        inline_model_config(cfg.model)  # transformers' own checks, here rather than on every rank
     spec = LaunchSpec(config_path=config_path, overrides=overrides, resume=resume, overwrite=overwrite,
                       allow_config_change=allow_config_change, discard_newer=discard_newer, num_gpus=num_gpus, num_nodes=num_nodes,
                       hostfile=hostfile, include=include, exclude=exclude, master_addr=master_addr,
@@ -88,6 +91,8 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
     cpu_here = not on_accelerator and (not hostfile or no_ssh)
     env = launch_env(not cpu_here)
     prefix = "DS_ACCELERATOR=cpu " if cpu_here else ""
+    # Before anything launches: the `deepspeed:` mapping's conflicts with our keys are one line here.
+    ds_config = zero_config_for_run(cfg, world, on_gpu=not cpu_here)  # as the ranks will build it
     if not dry_run:
         check_launch_tools(spec)
         # Before the ranks exist: preparing may take longer than DeepSpeed's collective timeout.
@@ -108,7 +113,7 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
         click.echo("# resolved run config")
         click.echo(cfg.to_yaml().rstrip())
         click.echo("# DeepSpeed config")
-        click.echo(json.dumps(zero_config_for_run(cfg, world, on_gpu=not cpu_here), indent=2))  # as the ranks will
+        click.echo(json.dumps(ds_config, indent=2))
         return
     sys.exit(run_launcher(argv, env))
 
@@ -120,7 +125,8 @@ def prepare_with_progress(cfg) -> None:
     unless it is there already."""
     from ds_finetune.data import load_tokenizer
 
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.data.chat_template)
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.data.chat_template,
+                         **cfg.model.hub_options(for_tokenizer=True))
     sources = cfg.data.source_configs() if cfg.data.is_mixture else [(None, None, cfg.data)]
     for name, _, data_cfg in sources:
         _prepare_one(data_cfg, tok, f"source {name}: " if name else "")

@@ -7,6 +7,7 @@ Every field carries a one-line description; `ds-finetune config show-schema` pri
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -48,6 +49,11 @@ class ModelConfig(Section):
                                           "flex_attention"]] = Field(
         None, description="Attention kernels (transformers' `attn_implementation`); unset: transformers' default "
                           "(sdpa where the model supports it). Flash attention needs model.dtype bf16 or fp16.")
+    revision: Optional[str] = Field(
+        None, description="Hub revision (branch, tag or commit) of name_or_path, for the model, its config and its "
+                          "tokenizer.")
+    trust_remote_code: bool = Field(
+        False, description="Run the modeling and tokenizer code a Hub model ships (only for models you trust).")
     lora: Optional[LoraConfig] = Field(
         None, description="Train LoRA adapters on a frozen base (needs the `lora` extra, peft); checkpoints hold "
                           "only the adapters.")
@@ -68,6 +74,13 @@ class ModelConfig(Section):
             raise ValueError(f"model.attn_implementation: {self.attention} has no fp32 kernels (it fails at the first "
                              "forward); set model.dtype: bf16 (or fp16), or use sdpa")
         return self
+
+    def hub_options(self, for_tokenizer: bool = False) -> dict:
+        """from_pretrained's keyword arguments for the revision and remote code, only those set. The revision
+        is name_or_path's: a tokenizer named apart (model.tokenizer) is loaded at its default revision."""
+        own_tokenizer = for_tokenizer and self.tokenizer not in (None, self.name_or_path)
+        return {**({"revision": self.revision} if self.revision and not own_tokenizer else {}),
+                **({"trust_remote_code": True} if self.trust_remote_code else {})}
 
     @property
     def attention(self) -> str:
@@ -248,6 +261,13 @@ class CheckpointConfig(Section):
                            "continues (host memory: one save of this rank's state; on GPUs page-locked once and "
                            "reused, at most an eighth of the node's memory).")
 
+    @field_validator("dir")
+    @classmethod
+    def _names_a_folder(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # "" would be the current folder
+            raise ValueError("must name a folder; remove it for OUTPUT_DIR/checkpoints")
+        return value
+
 
 class WandbConfig(Section):
     project: str = Field(..., description="W&B project.")
@@ -277,6 +297,28 @@ class RunConfig(Section):
     simpo: SimpoConfig = Field(default_factory=SimpoConfig)
     cpo: CpoConfig = Field(default_factory=CpoConfig)
     output_dir: str = Field(..., description="Run folder: metrics, configs, checkpoints.")
+    deepspeed: Optional[dict[str, Any]] = Field(
+        None, description="DeepSpeed config keys merged over the generated config (NVMe offload, ZeRO++, MiCS, "
+                          "comms_logger, aio); keys ds-finetune sets may only repeat its value (docs/config.md).")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _json_values(cls, value):
+        # It is handed to DeepSpeed and printed as JSON by --dry-run: a YAML date or a nan has no JSON form.
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            raise ValueError("must hold JSON values only (strings, finite numbers, true/false, null, lists, "
+                             "mappings)") from None
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_folder(cls, value: str) -> str:
+        # Path("") is the current folder: an empty output_dir=override would train (and delete checkpoints) there.
+        if not value.strip():
+            raise ValueError("must name the run folder, e.g. output_dir=runs/my-run")
+        return value
 
     @model_validator(mode="after")
     def _eval_of_a_mixture(self):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ds_finetune.config import RunConfig
 from ds_finetune.data_config import SOURCE_FIELDS, SOURCE_FIELDS_ADDED, DataConfig
 from ds_finetune.objectives import fingerprint_settings
+from ds_finetune.zero_passthrough import fingerprint_parts
 
 
 # The chunked loss's implementation (ds_finetune/loss.py), in the fingerprint of chunked runs only: one
@@ -26,6 +27,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
     only the adapters, so the base must be the same files."""
     data = ({"data": data_fingerprint(cfg.data), "data.sources": sources_fingerprint(cfg.data, data_hash)}
             if cfg.data.is_mixture else {"data": {**data_fingerprint(cfg.data), "content_sha256": data_hash}})
+    ds_exact, ds_harmless = fingerprint_parts(cfg.deepspeed)
     return {
         "exact": {
             "model": model_identity(cfg.model, base_files),
@@ -43,6 +45,9 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             "train.optimizer": {k: getattr(cfg.train, k) for k in (
                 "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
                 "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},
+            # Only when set, so checkpoints from before the key still match (zero_passthrough.py says which
+            # keys change a step's arithmetic).
+            **({"deepspeed": ds_exact} if ds_exact else {}),
         },
         "harmless": {
             "train.max_steps": cfg.train.max_steps,
@@ -51,6 +56,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             "checkpoint": cfg.checkpoint.model_dump(mode="json"),
             "eval": cfg.eval.model_dump(mode="json", exclude={"fraction"}),
             "logging": cfg.logging.model_dump(mode="json"),
+            **({"deepspeed": ds_harmless} if ds_harmless else {}),
         },
     }
 
@@ -62,6 +68,10 @@ def model_identity(model, base_files: dict | None) -> dict:
     excluded = {"name_or_path"} if base_files else set()
     if model.attn_implementation is None:
         excluded.add("attn_implementation")
+    if model.revision is None:  # added later: only when set, as attn_implementation
+        excluded.add("revision")
+    if not model.trust_remote_code:
+        excluded.add("trust_remote_code")
     return model.model_dump(mode="json", exclude=excluded or None)
 
 

@@ -17,13 +17,15 @@ import torch
 from ds_finetune.dist import on_cuda
 
 from ds_finetune.config import RunConfig
-from ds_finetune.errors import UserError, first_line
+from ds_finetune.errors import UserError
 from ds_finetune.lora import apply_lora, hf_model
 from ds_finetune.tiled_mlp import apply_tiled_mlp
+from ds_finetune.zero_passthrough import offloads_optimizer
 
 
 def build_model(cfg: RunConfig, ds_config: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoModelForCausalLM
 
     keep_alive = None
     if cfg.train.zero_stage == 3 and cfg.model.name_or_path is not None:
@@ -37,14 +39,16 @@ def build_model(cfg: RunConfig, ds_config: dict):
     attention = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     try:
         if cfg.model.config is not None:
-            inline = {**cfg.model.config, **attention}
-            model_config = AutoConfig.for_model(inline.pop("model_type"), **inline)
-            model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(inline_model_config(cfg.model), dtype=torch.float32)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **attention)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:  # ImportError: flash-attn not installed
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **attention,
+                                                         **cfg.model.hub_options())
+    except (OSError, ValueError, KeyError, TypeError, ImportError,  # ImportError: flash-attn not installed
+            StrictDataclassError) as e:  # a config.json that transformers' validators refuse
         source = cfg.model.name_or_path or "model.config"
-        raise UserError(f"model error: cannot build the model from {source} ({first_line(e)})")
+        if "trust_remote_code" in str(e):
+            raise UserError(remote_code_message(source))
+        raise UserError(f"model error: cannot build the model from {source} ({one_line_reason(e)})")
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -55,6 +59,34 @@ def build_model(cfg: RunConfig, ds_config: dict):
         model = apply_lora(model, cfg.model.lora, cfg.train.seed, cfg.model.name_or_path)
     model.train()  # from_pretrained returns the model in eval mode: dropout would silently be off
     return model
+
+
+def inline_model_config(model):
+    """The transformers config of `model.config` (`model`: the run config's model section), or a one-line
+    UserError: transformers validates configs strictly (huggingface_hub's dataclass validators, e.g. a
+    hidden_size that the heads do not divide), and its error spans several lines. The CLI calls this before
+    anything launches, so the ranks never meet the error."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    inline = {**model.config, **({"attn_implementation": model.attn_implementation}
+                                  if model.attn_implementation else {})}
+    try:
+        return AutoConfig.for_model(inline.pop("model_type"), **inline)
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"config error: model.config is not a config transformers accepts ({one_line_reason(e)}); "
+                        f"fix model.config") from None
+
+
+def remote_code_message(source: str) -> str:
+    return (f"model error: {source} needs the modeling code it ships on the Hub; set model.trust_remote_code: true "
+            f"if you trust that code")
+
+
+def one_line_reason(err: BaseException, limit: int = 300) -> str:
+    """An error of transformers' config validation on one line (its message puts the reason on the next)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_isolated_packing(model, micro_batch_size: int) -> None:
@@ -122,7 +154,8 @@ def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int, mpu=N
     decay, no_decay = ([params[n] for n in names] for names in param_group_names(model))
     t = cfg.train
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = adamw(groups, t, offloaded=t.offload_optimizer != "none" and on_cuda())
+    # From the DeepSpeed config: the `deepspeed:` mapping may offload (to NVMe) where train.offload_optimizer does not.
+    optimizer = adamw(groups, t, offloaded=offloads_optimizer(ds_config) and on_cuda())
     schedule = lr_lambda(cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, mpu=mpu,

@@ -104,7 +104,8 @@ def setup(args) -> tuple[Run, TrainState]:
     if cfg.model.lora is not None:
         decide(lora.check_peft_installed, runs_here=is_main)
 
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.data.chat_template)
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.data.chat_template,
+                         **cfg.model.hub_options(for_tokenizer=True))
     # Prepared by the CLI before the launch, or here by the first rank to take the cache's lock while
     # the others wait on the file (no collective: preparing may take longer than DEEPSPEED_TIMEOUT).
     say = messages.say if is_main else (lambda msg: None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ds_finetune.errors import UserError
+from ds_finetune.zero_passthrough import merge_passthrough
 
 
 def build_zero_config(
@@ -87,9 +88,10 @@ def zero_config_for_run(cfg, world_size: int, micro: int | None = None, accum: i
         micro, accum, _ = cfg.batch_layout(world_size)
     t = cfg.train
     data_parallel = cfg.data_parallel_size(world_size)
-    return build_zero_config(t.zero_stage, micro, accum, data_parallel, cfg.model.dtype, t.grad_clip,
-                             t.offload_optimizer, t.offload_param, on_gpu,
-                             model_hidden_size(cfg.model, download=download_model_config))
+    generated = build_zero_config(t.zero_stage, micro, accum, data_parallel, cfg.model.dtype, t.grad_clip,
+                                  t.offload_optimizer, t.offload_param, on_gpu,
+                                  model_hidden_size(cfg.model, download=download_model_config))
+    return merge_passthrough(generated, cfg.deepspeed, t.zero_stage)  # the run config's `deepspeed:` mapping
 
 
 def model_hidden_size(model, download: bool = False) -> int | None:
@@ -100,7 +102,8 @@ def model_hidden_size(model, download: bool = False) -> int | None:
     if config is None:
         from transformers import AutoConfig
         try:
-            loaded = AutoConfig.from_pretrained(model.name_or_path, local_files_only=not download)
+            loaded = AutoConfig.from_pretrained(model.name_or_path, local_files_only=not download,
+                                                **model.hub_options())
             config = loaded.get_text_config().to_dict()
         except (OSError, ValueError, KeyError, TypeError):
             config = {}

@@ -344,6 +344,7 @@ def test_show_schema_lists_every_field_with_its_description():
     by_key = {line.split(" ", 1)[0]: line for line in lines}
     expected = {f"{s}.{n}": f.description for s, m in SECTIONS.items() for n, f in m.model_fields.items()}
     expected["output_dir"] = RunConfig.model_fields["output_dir"].description
+    expected["deepspeed"] = RunConfig.model_fields["deepspeed"].description
     expected.update({f"logging.wandb.{n}": f.description for n, f in WandbConfig.model_fields.items()})
     expected.update({f"model.lora.{n}": f.description for n, f in LoraConfig.model_fields.items()})
     expected.update({f"data.sources.{n}": f.description for n, f in SourceConfig.model_fields.items()})

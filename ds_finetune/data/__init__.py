@@ -104,12 +104,16 @@ def periodic_progress(say, every_s: float = 10.0):
     return report
 
 
-def load_tokenizer(name_or_path: str, chat_template: str | None = None):
-    """The run's tokenizer; with data.chat_template as its template (so an export ships it)."""
+def load_tokenizer(name_or_path: str, chat_template: str | None = None, **hub_options):
+    """The run's tokenizer; with data.chat_template as its template (so an export ships it). `hub_options`:
+    revision and trust_remote_code, as the model section sets them (ModelConfig.hub_options)."""
     from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, **hub_options)
     except Exception as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model error: tokenizer {name_or_path!r} needs the code it ships on the Hub; set "
+                            f"model.trust_remote_code: true if you trust that code") from None
         raise UserError(f"model error: cannot load tokenizer {name_or_path!r} ({type(e).__name__}); "
                         f"check model.tokenizer (a local folder or a cached Hugging Face name)")
     if tok.pad_token_id is None:

@@ -20,6 +20,7 @@ from ds_finetune.data.completions import prompt_completion_texts
 from ds_finetune.data.encoding import encode
 from ds_finetune.data.layouts import normalise_rows
 from ds_finetune.data.preference import preference_seqs
+from ds_finetune.data.row_text import check_line_is_utf8, check_row_text
 from ds_finetune.errors import UserError
 
 
@@ -58,16 +59,25 @@ def _at(where: str, index: int) -> str:
 
 
 def decode_row(where: str, payload, index: int) -> dict:
-    if isinstance(payload, str):
-        try:
-            payload = json.loads(payload)
-        except ValueError as e:
-            raise UserError(f"data error: {_at(where, index)}: not valid JSON ({getattr(e, 'msg', e)} at column "
-                            f"{getattr(e, 'colno', '?')}); fix or remove the line") from None
+    at, line = _at(where, index), payload if isinstance(payload, str) else None
+    if line is not None:
+        check_line_is_utf8(line, at)
+        payload = _parse_line(line.removeprefix("\ufeff"), at)  # a BOM inside: files joined with `cat`
     if not isinstance(payload, dict):
-        raise UserError(f"data error: {_at(where, index)}: a row must be a JSON object, not "
-                        f"{type(payload).__name__}")
+        raise UserError(f"data error: {at}: a row must be a JSON object, not {type(payload).__name__}")
+    check_row_text(payload, at, line)
     return payload
+
+
+def _parse_line(line: str, at: str):
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise UserError(f"data error: {at}: nested too deeply to read; fix or remove the line") from None
+    except ValueError as e:  # also an int past Python's digit limit, which has no position
+        where = f" at column {e.colno}" if hasattr(e, "colno") else ""
+        raise UserError(f"data error: {at}: not valid JSON ({getattr(e, 'msg', e)}{where}); fix or remove the "
+                        f"line") from None
 
 
 def _field(row: dict, name: str, at: str, fmt: str, setting: str, kind=str):
@@ -82,7 +92,17 @@ def _field(row: dict, name: str, at: str, fmt: str, setting: str, kind=str):
 
 def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
     first, items = chunk
-    rows = [decode_row(where, payload, first + k) for k, (where, payload) in enumerate(items)]
+    rows = []
+    for k, (where, payload) in enumerate(items):
+        try:
+            rows.append(decode_row(where, payload, first + k))
+        except UserError:
+            _tokenize_rows(tok, cfg, first, items[:k], rows)  # an earlier row's error first: it is the first bad row
+            raise
+    return _tokenize_rows(tok, cfg, first, items, rows)
+
+
+def _tokenize_rows(tok, cfg, first: int, items: list, rows: list[dict]) -> ChunkArrays:
     ats = [_at(where, first + k) for k, (where, _) in enumerate(items)]
     rows = normalise_rows(cfg, rows, ats)  # the layout users bring -> the one read below (layouts.py)
     if cfg.format == "text":

@@ -23,6 +23,7 @@ from ds_finetune.hashing import remembered_sha256
 from ds_finetune.messages import say_on_stderr
 
 LOCAL_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 
 
 # ---------------------------------------------------------------------------------------------- resolve
@@ -118,7 +119,7 @@ def _is_blank(f: Path) -> bool:
         return False
     with open(f, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 16), b""):
-            if chunk.strip():
+            if chunk.replace(BOM, b"").strip():  # a file saved empty by a Windows tool holds a BOM only
                 return False
     return True
 
@@ -152,7 +153,9 @@ def _iter_items(data_cfg, files, chunk_rows):
 
 
 def _jsonl_lines(f: Path):
-    with open(f, encoding="utf-8", errors="surrogateescape") as fh:
+    # utf-8-sig: Windows tools start files with a BOM. surrogateescape: a line that is not UTF-8 is refused
+    # by the worker that parses it, naming the line (row_text.py), not by this reader.
+    with open(f, encoding="utf-8-sig", errors="surrogateescape") as fh:
         for number, line in enumerate(fh, start=1):
             if line.strip():
                 yield f"{f}:{number}", line
@@ -160,12 +163,19 @@ def _jsonl_lines(f: Path):
 
 def _starts_with_array(f: Path) -> bool:
     with open(f, "rb") as fh:
-        return fh.read(4096).lstrip().startswith(b"[")
+        return fh.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
 
 
 def _json_array_rows(f: Path):
+    raw = f.read_bytes()  # one JSON document: it has to be read whole
     try:
-        rows = json.loads(f.read_text(encoding="utf-8"))  # one JSON document: it has to be read whole
+        rows = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"data error: {f}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as "
+                        f"UTF-8 or fix the line") from None
+    except RecursionError:
+        raise UserError(f"data error: {f}: nested too deeply to read; fix the file") from None
     except ValueError as e:
         raise UserError(f"data error: {f}:{getattr(e, 'lineno', '?')}: not valid JSON ({getattr(e, 'msg', e)}); "
                         f"fix the file") from None
@@ -180,7 +190,7 @@ def _parquet_rows(f: Path, chunk_rows: int):
         for batch in batches:
             for row in batch.to_pylist():
                 yield str(f), row
-    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid and UnicodeDecodeError are ValueErrors
         raise UserError(f"data error: {f}: cannot read it as Parquet ({first_line(e)})") from None
 
 
