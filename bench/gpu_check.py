@@ -141,7 +141,7 @@ def check_host_syncs() -> dict:
     from ds_finetune.objectives.dpo import DPOLoss, Precomputed
     from ds_finetune.loss import ChunkedLoss
     from test_dpo import Engine
-    from test_loss import tiny_model
+    from harness import tiny_model
 
     model = tiny_model("model.config.attention_dropout=0.0").to("cuda", torch.bfloat16)
     chunked, engine = ChunkedLoss(model, 64), Engine(model)
@@ -175,7 +175,7 @@ def check_lm_head_grad() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from ds_finetune import loss
+    from ds_finetune import fused_head as loss
 
     n, hidden, vocab, chunk = 4096, 2048, 32768, 256
     g = torch.Generator(device="cuda").manual_seed(0)

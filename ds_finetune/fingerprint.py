@@ -9,7 +9,7 @@ from ds_finetune.objectives import fingerprint_settings
 from ds_finetune.zero_passthrough import fingerprint_parts
 
 
-# The chunked loss's implementation (ds_finetune/loss.py), in the fingerprint of chunked runs only: one
+# The chunked loss's implementation (ds_finetune/loss.py, fused_head.py), in the fingerprint of chunked runs only: one
 # that sums token losses or gradients in another order moves the weights at float-noise level, so a
 # checkpoint saved by another is refused as a changed setting would be. A full-logits run
 # (loss_chunk_tokens 0) records none and resumes across such changes. Checkpoints from before this key

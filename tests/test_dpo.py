@@ -16,7 +16,8 @@ from ds_finetune.config import DpoConfig, load_config
 from ds_finetune.data import IGNORE_INDEX, EpochOrder, collate_pairs, load_tokenizer, prepare_data
 from ds_finetune.objectives.dpo import METRICS, AdaptersOff, DPOLoss, Precomputed, dpo_loss
 from ds_finetune.errors import UserError
-from ds_finetune.loss import ChunkedLoss, full_sequence_logps, fused_sequence_logps
+from ds_finetune.fused_head import fused_sequence_logps
+from ds_finetune.loss import ChunkedLoss, full_sequence_logps
 from harness import tiny_model
 from host_syncs import recording_host_syncs
 

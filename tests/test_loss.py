@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import harness
 from ds_finetune.data import IGNORE_INDEX, HostFacts
 from ds_finetune.errors import UserError
-from ds_finetune.loss import (ChunkedLoss, FusedLinearCrossEntropy, _accumulates_in_fp32, _add_weight_grad, _chunked_ce,
-                              full_loss_sum, fused_linear_cross_entropy)
+from ds_finetune.fused_head import (FusedLinearCrossEntropy, _accumulates_in_fp32, _add_weight_grad, _chunked_ce,
+                                    fused_linear_cross_entropy)
+from ds_finetune.loss import ChunkedLoss, full_loss_sum
 from host_syncs import recording_host_syncs
 
 

@@ -14,7 +14,7 @@ from ds_finetune.data.cache import TokenizedData
 from ds_finetune.data.mixture import MixedData, MixtureOrder
 from ds_finetune.errors import UserError
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
-from ds_finetune.loss import _chunked_ce
+from ds_finetune.fused_head import _chunked_ce
 from ds_finetune.sampler import BatchLayout
 
 SEED = 1234

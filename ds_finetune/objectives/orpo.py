@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ds_finetune import lora
 from ds_finetune.data import IGNORE_INDEX, HostFacts, TokenizedData, collate_pairs
 from ds_finetune.device_batch import host_to_device
-from ds_finetune.loss import make_token_logps_fn, segment_sums
+from ds_finetune.fused_head import segment_sums
+from ds_finetune.loss import make_token_logps_fn
 from ds_finetune.objectives import ObjectiveParts
 from ds_finetune.objectives.pairs import PairObjective
 
