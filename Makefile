@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --durations=25 tests
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=25 tests
 
 test-fast: install  ## in-process tests only (no DeepSpeed launches)
 	$(BIN)/python -m pytest -q tests -m "not multiproc"

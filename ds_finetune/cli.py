@@ -70,9 +70,6 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
 
     resume, overrides = split_resume_arg(resume, overrides)
     cfg = load_config(config_path, overrides)
-    if cfg.model.config is not None:
-        from ds_finetune.model import inline_model_config
-        inline_model_config(cfg.model)  # transformers' own checks, here rather than on every rank
     spec = LaunchSpec(config_path=config_path, overrides=overrides, resume=resume, overwrite=overwrite,
                       allow_config_change=allow_config_change, discard_newer=discard_newer, num_gpus=num_gpus, num_nodes=num_nodes,
                       hostfile=hostfile, include=include, exclude=exclude, master_addr=master_addr,
@@ -82,6 +79,9 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
     world = world_size_of(spec, on_accelerator)
     micro, accum, global_batch = cfg.batch_layout(world)
     check_config(cfg)  # what the config alone says about a sequence-parallel layout (the model is not built here)
+    if cfg.model.config is not None:  # then transformers' own checks, here rather than on every rank
+        from ds_finetune.model import inline_model_config
+        inline_model_config(cfg.model)
     # --no-ssh --dry-run without --node-rank shows every node's command; the first line is node 0's.
     nodes = per_node_launch_argvs(spec, on_accelerator) if no_ssh and dry_run else []
     argv = nodes[0][1] if nodes and node_rank is None else build_launch_argv(spec, on_accelerator)

@@ -31,6 +31,12 @@ def pytest_collection_finish(session):
 EARLY_FOLDERS: list[Path] = []
 
 
+def pytest_collection_modifyitems(items):
+    """The tests that launch DeepSpeed first: they are the long ones, and under xdist a long test started
+    last leaves the other worker idle; the short in-process ones then fill both workers to the end."""
+    items.sort(key=lambda item: item.get_closest_marker("multiproc") is None)
+
+
 def pytest_sessionfinish(session):
     for job in harness.EARLY.values():  # a test that never ran (-x stopped the session)
         harness.kill_job(job.proc)
