@@ -75,6 +75,19 @@ class Clock:
         model.base_model.register_forward_hook(lambda *_: self.stop("forward"), prepend=True)
 
 
+class TimedLoss:
+    """The pair loss with its call timed; its other methods (collate, nll_tokens) are the loss's own."""
+
+    def __init__(self, call, loss):
+        self.call, self.loss = call, loss
+
+    def __call__(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.loss, name)
+
+
 def time_ours(clock: Clock, run):
     """Timers on a ds_finetune.train.Run: the backbone, the chunked head (a hook on the backbone, after the one
     ChunkedLoss registered, so from the backbone's end to there), the DPO loss call and the engine's backward."""
@@ -83,7 +96,8 @@ def time_ours(clock: Clock, run):
     model.base_model.register_forward_hook(lambda *_: clock.stop("logps"))
     clock.time_backbone(model)  # its stop is prepended before the start above
     run.engine.backward = clock.timed("backward", run.engine.backward, end_micro=True)
-    objective = dataclasses.replace(run.objective, loss_fn=clock.timed("call", run.objective.loss_fn))
+    objective = dataclasses.replace(run.objective, loss_fn=TimedLoss(clock.timed("call", run.objective.loss_fn),
+                                                                      run.objective.loss_fn))
     return dataclasses.replace(run, objective=objective)
 
 
