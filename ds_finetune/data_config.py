@@ -3,6 +3,7 @@ mixture of sources, each with its format and fields."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -10,6 +11,7 @@ from typing import Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from ds_finetune.config_text import Section
+from ds_finetune.errors import UserError
 
 
 _ADDED_AT_DEFAULT = {"chat_turns": "all", "sources": None, "chosen_field": "chosen", "rejected_field": "rejected",
@@ -163,6 +165,28 @@ class DataConfig(Section):
         is left out at its default (which computes what they did), so those still match."""
         values = self.model_dump(mode="json", exclude=exclude)
         if values.get("chat_template") is not None:  # the template's text is what counts, not where it lies
-            from ds_finetune.data.templates import chat_template_sha256
             values["chat_template"] = f"sha256:{chat_template_sha256(values['chat_template'])}"
         return {k: v for k, v in values.items() if k not in _ADDED_AT_DEFAULT or v != _ADDED_AT_DEFAULT[k]}
+
+
+# data.chat_template: a value holding `{{` or `{%` is a template, anything else a file path; its identity (cache
+# key, fingerprint) is the text, so an edited file is a changed setting and a moved one is not.
+
+def is_template_text(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
+def chat_template_text(value: str) -> str:
+    """The template itself, read from the file a path names."""
+    if is_template_text(value):
+        return value
+    path = Path(value).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config error: data.chat_template: cannot read {path} ({type(e).__name__}); give a Jinja "
+                        f"file or the template itself (a string holding {{% or {{{{)") from None
+
+
+def chat_template_sha256(value: str) -> str:
+    return hashlib.sha256(chat_template_text(value).encode()).hexdigest()

@@ -9,30 +9,8 @@ one is not.
 from __future__ import annotations
 
 import copy
-import hashlib
-from pathlib import Path
 
-from ds_finetune.errors import UserError
-
-
-def is_template_text(value: str) -> bool:
-    return "{{" in value or "{%" in value
-
-
-def chat_template_text(value: str) -> str:
-    """The template itself, read from the file a path names."""
-    if is_template_text(value):
-        return value
-    path = Path(value).expanduser()
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"config error: data.chat_template: cannot read {path} ({type(e).__name__}); give a Jinja "
-                        f"file or the template itself (a string holding {{% or {{{{)") from None
-
-
-def chat_template_sha256(value: str) -> str:
-    return hashlib.sha256(chat_template_text(value).encode()).hexdigest()
+from ds_finetune.data_config import chat_template_text
 
 
 def with_chat_template(tok, value: str | None):
