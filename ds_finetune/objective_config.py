@@ -1,0 +1,89 @@
+"""The config sections of the preference objectives (`dpo:`, `orpo:`, `simpo:`, `cpo:`), each named like
+its objective (objectives/__init__.py); config.py holds them in the run config."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import Field, model_validator
+
+from ds_finetune.config_text import Section
+
+
+DpoLossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                      "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft"]
+
+
+class DpoConfig(Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: rewards are beta x (policy - reference) log-probs.")
+    loss_type: Union[DpoLossType, list[DpoLossType]] = Field(
+        "sigmoid", description="TRL's DPO loss, or a list of them added with loss_weights: sigmoid | hinge | ipo | "
+                               "exo_pair | nca_pair | robust | bco_pair | sppo_hard | aot | apo_zero | apo_down | "
+                               "discopop | sigmoid_norm | sft (docs/design.md#preference-tuning-dpo).")
+    loss_weights: Optional[list[float]] = Field(
+        None, description="One weight per loss_type entry (default: 1 each).")
+    rpo_alpha: Optional[float] = Field(
+        None, ge=0, description="RPO: add the chosen completions' mean token NLL with this weight (TRL's sft loss).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="The probability that a pair's labels are flipped: sigmoid (cDPO), robust, "
+                                       "aot; exo_pair's epsilon (must be > 0 there).")
+    discopop_tau: float = Field(0.05, gt=0, description="discopop: the temperature of its mixing coefficient.")
+    reference: Literal["precomputed", "model"] = Field(
+        "precomputed", description="Full fine-tuning: the base's log-probs computed once before training "
+                                   "(precomputed) or by a frozen copy of the base run beside the policy (model; "
+                                   "ZeRO 3 partitions it too). With LoRA the base is the model with adapters off.")
+
+    @model_validator(mode="after")
+    def _losses(self):
+        types = self.loss_types
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ValueError(f"dpo.loss_weights has {len(self.loss_weights)} entries for {len(types)} dpo.loss_type "
+                             f"entries; give one weight per loss type")
+        if "exo_pair" in types and self.label_smoothing == 0:
+            raise ValueError("dpo.loss_type exo_pair needs dpo.label_smoothing > 0 (its epsilon; the EXO paper uses "
+                             "1e-3)")
+        return self
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def weighted_losses(self) -> tuple[tuple[str, float], ...]:
+        """((loss type, weight), ...) of the step's loss, rpo_alpha's NLL term last."""
+        weights = self.loss_weights or [1.0] * len(self.loss_types)
+        rpo = [("sft", self.rpo_alpha)] if self.rpo_alpha else []
+        return tuple([*zip(self.loss_types, weights), *rpo])
+
+    def fingerprint(self) -> dict:
+        """The section as the resume fingerprint has it: fields added since DPO's first release only where
+        set, so that a checkpoint of that release still matches."""
+        added = {"loss_weights": None, "rpo_alpha": None, "discopop_tau": 0.05}
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in added or v != added[k]}
+
+
+class OrpoConfig(Section):
+    beta: float = Field(0.1, gt=0, description="ORPO's lambda (TRL's beta): the weight of the odds-ratio term beside "
+                                               "the chosen sequences' NLL.")
+
+
+class CpoConfig(Section):
+    beta: float = Field(0.1, gt=0, description="CPO temperature: rewards are beta x the policy's log-probs.")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid (CPO) | hinge | ipo | simpo (ipo and simpo on per-token mean log-probs).")
+    alpha: float = Field(1.0, ge=0, description="The weight of the chosen completions' mean token NLL (TRL's "
+                                                "cpo_alpha; 0: none).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid and simpo: the probability that a pair's "
+                                                                  "labels are flipped.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin.")
+
+
+class SimpoConfig(Section):
+    beta: float = Field(2.0, gt=0, description="SimPO temperature: rewards are beta x the per-token mean log-probs.")
+    gamma: float = Field(1.0, ge=0, description="The target reward margin (TRL's simpo_gamma).")
+    alpha: float = Field(0.0, ge=0, description="The weight of the chosen completions' mean token NLL (CPO-SimPO; "
+                                                "0: SimPO).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="The probability that a pair's labels are flipped.")
+
+
+PAIR_OBJECTIVES = ("dpo", "orpo", "simpo", "cpo")
