@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import json
 import os
@@ -17,18 +18,25 @@ import harness  # noqa: E402
 def pytest_collection_finish(session):
     """Start the jobs of selected tests marked harness.started_early: they mostly sleep, so they overlap
     the rest of the suite instead of adding their wait to it. Under pytest-xdist every worker collects every
-    test, so there each job starts when its test runs (the other worker goes on meanwhile)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    test; the first worker starts the jobs in a folder all workers know, and the test may run on either."""
+    run_id, worker = os.environ.get("PYTEST_XDIST_TESTRUNUID"), os.environ.get("PYTEST_XDIST_WORKER")
+    if run_id:
+        harness.EARLY_ROOT = Path(tempfile.gettempdir()) / f"ds-finetune-early-{run_id}"
+    if worker not in (None, "gw0"):
         return
     for item in session.items:
         starter = getattr(getattr(item, "function", None), "started_early", None)
         if starter is not None:
-            folder = Path(tempfile.mkdtemp(prefix="ds-finetune-early-"))
-            EARLY_FOLDERS.append(folder)
+            if harness.EARLY_ROOT is None:
+                folder = Path(tempfile.mkdtemp(prefix="ds-finetune-early-"))
+            else:
+                folder = harness.early_folder(harness.EARLY_ROOT, item.nodeid)
+                folder.mkdir(parents=True)
             harness.EARLY[item.nodeid] = starter(folder)
+            STARTED.append(harness.EARLY[item.nodeid])
 
 
-EARLY_FOLDERS: list[Path] = []
+STARTED: list = []  # the early jobs this process started, whichever worker runs their tests
 
 
 def pytest_collection_modifyitems(items):
@@ -38,11 +46,20 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_sessionfinish(session):
-    for job in harness.EARLY.values():  # a test that never ran (-x stopped the session)
-        harness.kill_job(job.proc)
+    """A job whose test ran on another worker may still be running: wait for it (that test removes its
+    folder). A session stopped early (-x, Ctrl-C) kills what it started instead."""
+    stopped = bool(session.shouldstop or session.shouldfail)
+    for job in STARTED:
+        if stopped or not harness.wait_for(lambda: job.proc.poll() is not None, timeout=600, interval=0.5):
+            harness.kill_job(job.proc)
+    not_run_here = [job.folder for job in harness.EARLY.values()]
     harness.EARLY.clear()
-    for folder in EARLY_FOLDERS:
-        shutil.rmtree(folder, ignore_errors=True)
+    if harness.EARLY_ROOT is None or stopped:  # no other worker will read them
+        for folder in not_run_here:
+            shutil.rmtree(folder, ignore_errors=True)
+    if harness.EARLY_ROOT is not None and os.environ.get("PYTEST_XDIST_WORKER") == "gw0":
+        with contextlib.suppress(OSError):  # left to the last test to read it when not yet empty
+            harness.EARLY_ROOT.rmdir()
 
 
 def shared_root(tmp_path_factory) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,10 +93,12 @@ def run(argv: list[str], env_extra: dict | None = None, timeout: float = 300) ->
 
 
 # ------------------------------------------------------------------------------- jobs started early
-
 # Jobs that mostly wait (a sleep longer than a timeout) start when the session starts, beside the rest of
-# the suite (conftest.pytest_collection_finish); their test collects the result. {test node id: job}
+# the suite (conftest.pytest_collection_finish); their test collects the result. {test node id: job}.
+# Under pytest-xdist one worker starts them all and its watcher threads write each job's exit into the
+# job's folder, so the test can run on any worker (`JobElsewhere`).
 EARLY: dict = {}
+EARLY_ROOT: Path | None = None  # under xdist: the folder every worker finds the early jobs' folders in
 
 
 def started_early(starter):
@@ -106,24 +109,36 @@ def started_early(starter):
     return mark
 
 
+def early_folder(root: Path, nodeid: str) -> Path:
+    return root / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)
+
+
 class EarlyJob:
     """A launched job whose output goes to a log file (a pipe nobody reads would fill and stall it), and
-    `drive(job)`, what the test does to it while it runs (wait for a step, signal it), on a thread."""
+    `drive(job)`, what the test does to it while it runs (wait for a step, signal it), on a thread that
+    then waits for the job and writes its exit (`exit.json`) for a test on another worker."""
 
     def __init__(self, argv: list[str], env_extra: dict, folder: Path, drive=None):
         import threading
 
         self.folder, self.log, self.failure = folder, folder / "job.log", None
         self.proc = start(argv, env_extra, self.log)
-        self.driver = threading.Thread(target=self._drive, args=(drive,), daemon=True) if drive else None
-        if self.driver is not None:
-            self.driver.start()
+        self.watcher = threading.Thread(target=self._watch, args=(drive,), daemon=True)
+        self.watcher.start()
 
-    def _drive(self, drive) -> None:
+    def _watch(self, drive) -> None:
         try:
-            drive(self)
+            if drive is not None:
+                drive(self)
         except BaseException as e:  # noqa: BLE001 - raised in the test, by result()
             self.failure = e
+        self.proc.wait()
+        exit_ = {"returncode": self.proc.returncode, "failure": None if self.failure is None else repr(self.failure)}
+        try:  # the folder is gone where the session was stopped and removed it
+            (self.folder / "exit.json.tmp").write_text(json.dumps(exit_))
+            os.replace(self.folder / "exit.json.tmp", self.folder / "exit.json")
+        except OSError:
+            pass
 
     def result(self, timeout: float) -> subprocess.CompletedProcess:
         try:
@@ -131,20 +146,52 @@ class EarlyJob:
         except subprocess.TimeoutExpired:
             kill_job(self.proc)
             raise
-        if self.driver is not None:
-            self.driver.join()
+        self.watcher.join()
         if self.failure is not None:
             raise self.failure
         return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.log.read_text(), "")
 
 
-def early_job(request) -> EarlyJob:
-    """The job started early for this test; started now where the session did not (a test run alone by
-    a plugin that skips the hook)."""
-    if request.node.nodeid not in EARLY:
-        folder = request.getfixturevalue("tmp_path")
-        EARLY[request.node.nodeid] = request.function.started_early(folder)
-    return EARLY.pop(request.node.nodeid)
+class JobElsewhere:
+    """An early job another xdist worker started: its result is read from its folder once it has exited."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.log = folder, folder / "job.log"
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess:
+        exit_file = self.folder / "exit.json"
+        assert wait_for(exit_file.exists, timeout=timeout, interval=0.5), f"early job in {self.folder} never ended"
+        exit_ = json.loads(exit_file.read_text())
+        if exit_["failure"] is not None:
+            raise AssertionError(f"driving the early job failed: {exit_['failure']}")
+        return subprocess.CompletedProcess([], exit_["returncode"], self.log.read_text(), "")
+
+
+def early_job(request):
+    """The job started early for this test: by this process, or by the xdist worker that starts them (its
+    folder appears at collection); started now where neither did (a test run alone by a plugin that skips
+    the hook). Its folder goes when the test ends."""
+    nodeid = request.node.nodeid
+    if nodeid in EARLY:
+        job = EARLY.pop(nodeid)
+    elif EARLY_ROOT is not None and wait_for((early_folder(EARLY_ROOT, nodeid) / "job.log").exists, timeout=60,
+                                             interval=0.2):
+        job = JobElsewhere(early_folder(EARLY_ROOT, nodeid))
+    else:
+        job = request.function.started_early(request.getfixturevalue("tmp_path"))
+    request.addfinalizer(lambda: remove_early_folder(job.folder))
+    return job
+
+
+def remove_early_folder(folder: Path) -> None:
+    """The job's folder, and the workers' shared one if this was its last (the worker that made it may have
+    ended first)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if EARLY_ROOT is not None:
+        try:
+            EARLY_ROOT.rmdir()
+        except OSError:  # not empty yet
+            pass
 
 
 def kill_job(proc: subprocess.Popen) -> None:

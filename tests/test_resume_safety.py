@@ -89,15 +89,15 @@ def test_allow_config_change_continues_with_the_changed_setting(finished, tmp_pa
 
 
 def test_ctrl_c_saves_at_a_step_boundary_and_a_second_ctrl_c_exits_at_once(reference_run, tmp_path):
-    ref = reference_run(2, nproc=1, extra=["train.grad_accum=4", "train.max_steps=30"])
-    overrides = [*ONE_RANK, "train.max_steps=30", "checkpoint.every_steps=0"]
+    ref = reference_run(2, nproc=1, extra=["train.grad_accum=4", "train.max_steps=16"])
+    overrides = [*ONE_RANK, "train.max_steps=16", "checkpoint.every_steps=0"]
 
     proc = harness.start(harness.train_argv(tmp_path, overrides, nproc=1), log=tmp_path.parent / "sigint1.log")
     assert harness.wait_for(lambda: len(harness.metrics(tmp_path)) >= 3, alive=lambda: proc.poll() is None)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 128 + signal.SIGINT
     stopped_at = harness.metrics(tmp_path)[-1]["step"]
-    assert harness.committed_steps(tmp_path / "checkpoints") == [stopped_at] and stopped_at < 30
+    assert harness.committed_steps(tmp_path / "checkpoints") == [stopped_at] and stopped_at < 16
     assert "stopped by signal" in (tmp_path.parent / "sigint1.log").read_text()
 
     proc = harness.start(harness.train_argv(tmp_path, overrides, nproc=1, resume="auto"),
@@ -141,13 +141,14 @@ def test_cpu_offload_resumes_bitwise(tmp_path):
 
 def test_a_resume_at_an_epoch_boundary_continues_into_the_next_epochs_order(tmp_path):
     """Checkpoint at the last step of epoch 0 (offset 384 of 400 rows: a partial batch is dropped), kill,
-    resume: epoch 1 takes the next permutation from its start, bitwise as the uninterrupted run."""
-    overrides = ["train.zero_stage=2", "train.micro_batch_size=8", "train.grad_accum=4", "train.max_steps=null",
+    resume: epoch 1 takes the next permutation from its start, bitwise as the uninterrupted run (two steps
+    into epoch 1: train.max_steps ends the run before train.epochs would)."""
+    overrides = ["train.zero_stage=2", "train.micro_batch_size=8", "train.grad_accum=4", "train.max_steps=14",
                  "train.epochs=2", "checkpoint.every_steps=12"]
     ref = tmp_path / "ref"
     harness.train(ref, overrides, nproc=1)
     rows = harness.metrics(ref)
-    assert [r["epoch"] for r in rows] == [0] * 12 + [1] * 12
+    assert [r["epoch"] for r in rows] == [0] * 12 + [1] * 2
     order = epoch_permutation(400, 1234, 1)
     assert rows[12]["sample_ids"] == [int(i) for i in order[:32]]
 
