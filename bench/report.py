@@ -151,15 +151,18 @@ def markdown_table(figures: list[dict]) -> str:
 
 
 def render_doc(template: str, results: dict, results_name: str) -> str:
-    """docs/benchmarks.md from its template and one results file: every `{{...}}` is a value of that file
-    (`{{table:SECTION}}`, `{{ID}}` the figure's ratio, `{{ID.ours}}`, `{{ID.baseline}}`, `{{ID.spread}}`,
-    `{{ID.met}}`, `{{wall:SECTION}}` in minutes, `{{skipped:SECTION}}` why it did not run, `{{bench.FIELD}}`);
-    an unknown one is an error, so the doc cannot quote a figure the results do not hold."""
+    """docs/benchmarks.md from its template and one results file (or `quoted_results`' combination, with
+    `results_name` its first file): every `{{...}}` is a value of those results (`{{table:SECTION}}`,
+    `{{ID}}` the figure's ratio, `{{ID.ours}}`, `{{ID.baseline}}`, `{{ID.spread}}`, `{{ID.met}}`,
+    `{{wall:SECTION}}` in minutes, `{{skipped:SECTION}}` why it did not run, `{{bench.FIELD}}`, where
+    `bench.later` names the sections run again after the full run); an unknown one is an error, so the doc
+    cannot quote a figure the results do not hold."""
     figures = {f["id"]: f for f in results["figures"]}
     bench = {"results": results_name, "commit": (results.get("commit") or "?")[:7], "date": results["date"][:10],
              "wall": f"{results['wall_s'] / 60:.0f}", "mode": results["mode"],
              "machine": f"{results['machine']['cpu']}, {results['machine']['logical_cores']} cores",
-             "torch": results["machine"]["torch"], "deepspeed": results["machine"]["deepspeed"]}
+             "torch": results["machine"]["torch"], "deepspeed": results["machine"]["deepspeed"],
+             "later": later_text(results.get("later", [])), "files": " ".join(results.get("files", [results_name]))}
 
     def value(match) -> str:
         key = match.group(1).strip()
@@ -191,15 +194,51 @@ def render_doc(template: str, results: dict, results_name: str) -> str:
     return PLACEHOLDER.sub(value, template)
 
 
-def update_doc(results_path: Path, doc: Path = DOC, template: Path = TEMPLATE) -> None:
-    """Write docs/benchmarks.md from its template and this run's results (a full run only)."""
-    doc.write_text(render_doc(template.read_text(), json.loads(results_path.read_text()), results_path.name))
+def later_text(later: list[dict]) -> str:
+    """The sentence naming the runs of some sections made after the full run (empty where none was)."""
+    if not later:
+        return ""
+    runs = [f"{', '.join(run['sections'])} from [`bench/results/{run['name']}`](../bench/results/{run['name']}) "
+            f"(commit `{run['commit'][:7]}`, {run['date'][:10]})" for run in later]
+    return (" Some sections were run again after it, alone, on newer code, and their figures replace that run's: "
+            + "; ".join(runs) + ".")
 
 
-def doc_results_name(doc: Path = DOC) -> str:
-    """The results file docs/benchmarks.md was generated from (named in its first generated line)."""
-    match = re.search(r"\[`bench/results/([^`]+\.json)`\]", doc.read_text())
-    return match.group(1) if match else ""
+def quoted_results(names: list[str], results_dir: Path = RESULTS) -> dict:
+    """The results docs/benchmarks.md quotes: the first file, a full run of every section, with the sections
+    of each later file (a run of some sections on newer code) in place of its own."""
+    runs = [json.loads((results_dir / name).read_text()) for name in names]
+    out = {**runs[0], "later": [], "files": list(names)}
+    for name, run in zip(names[1:], runs[1:]):
+        again = set(run["sections"])
+        out["figures"] = [f for f in out["figures"] if f["section"] not in again] + run["figures"]
+        out["sections"] = {**out["sections"], **run["sections"]}
+        out["skipped"] = {**{k: v for k, v in out["skipped"].items() if k not in again}, **run["skipped"]}
+        out["later"].append({"name": name, "commit": run["commit"], "date": run["date"], "sections": list(run["sections"])})
+    return out
+
+
+def update_doc(names: list[str], doc: Path = DOC, template: Path = TEMPLATE) -> None:
+    """Write docs/benchmarks.md from its template and the results files `names` (a full run, then any
+    later runs of some sections)."""
+    doc.write_text(render_doc(template.read_text(), quoted_results(names), names[0]))
+
+
+def with_later_run(names: list[str], new: str, results_dir: Path = RESULTS) -> list[str]:
+    """The files the doc quotes once the run of some sections `new` is added: a later file whose sections
+    `new` all ran again no longer contributes and is dropped."""
+    def sections(name: str) -> set:
+        return set(json.loads((results_dir / name).read_text())["sections"])
+    again = sections(new)
+    kept = [n for n in names[1:] if n != new and sections(n) - again]
+    return [names[0], *kept, new]
+
+
+def doc_results_names(doc: Path = DOC) -> list[str]:
+    """The results files docs/benchmarks.md was generated from (named in its header comment, the full run
+    first)."""
+    match = re.search(r"<!-- results: ([^>]*) -->", doc.read_text())
+    return match.group(1).split() if match else []
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -248,4 +287,4 @@ if __name__ == "__main__":  # `python bench/report.py --render`: the doc again, 
     import sys
     if sys.argv[1:] != ["--render"]:
         sys.exit("usage: python bench/report.py --render")
-    update_doc(RESULTS / doc_results_name())
+    update_doc(doc_results_names())

@@ -22,7 +22,8 @@ noisy; absolute times are not stable), from medians of interleaved repetitions:
 Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick). Every
 figure carries its id, value (ratio), spread over its repetitions, target, whether it is met, the commit and
 the machine. A full run of every section without errors also writes docs/benchmarks.md from its template
-(bench/benchmarks.md.in); `python bench/report.py --render` rewrites it after an edit of the template.
+(bench/benchmarks.md.in); a run of some sections without errors then replaces those sections' figures in it
+(the doc names both files); `python bench/report.py --render` rewrites it after an edit of the template.
 Scratch files go to build/bench/; each section's run folders (checkpoints) are deleted when it ends.
 
     python bench/run.py [--quick] [--only overhead,resume,...]
@@ -111,8 +112,11 @@ def main(argv=None) -> int:
     title = (f"ds-finetune `make bench` ({payload['mode']}), {payload['date'][:16]}\n{machine['cpu']}, "
              f"{machine['logical_cores']} cores, torch {machine['torch']}, deepspeed {machine['deepspeed']}")
     report.write_chart(RESULTS / f"{stem}.png", figures, title)
-    if not args.quick and not errors and set(args.sections) == set(SECTIONS):
-        report.update_doc(RESULTS / f"{stem}.json")  # docs/benchmarks.md quotes this run only
+    if not args.quick and not errors:  # docs/benchmarks.md quotes a full run, or a full run and later sections
+        if set(args.sections) == set(SECTIONS):
+            report.update_doc([f"{stem}.json"])
+        elif report.doc_results_names():
+            report.update_doc(report.with_later_run(report.doc_results_names(), f"{stem}.json"))
 
     print()
     print(report.table(figures, errors, skipped))

@@ -1,4 +1,5 @@
-"""docs/benchmarks.md is generated from one results file of one full `make bench` run; nothing in it is typed."""
+"""docs/benchmarks.md is generated from the results files of one full `make bench` run and of any later runs of
+some sections; nothing in it is typed."""
 
 import json
 import subprocess
@@ -14,30 +15,48 @@ import report  # noqa: E402
 import run as bench_run  # noqa: E402
 
 
-def doc_results() -> tuple[str, dict]:
-    name = report.doc_results_name()
-    assert name, "docs/benchmarks.md names no results file"
-    return name, json.loads((ROOT / "bench" / "results" / name).read_text())
+def doc_results() -> tuple[list[str], dict]:
+    names = report.doc_results_names()
+    assert names, "docs/benchmarks.md names no results file"
+    return names, report.quoted_results(names)
 
 
-def test_benchmarks_doc_is_its_template_rendered_from_the_results_file_it_names():
-    name, results = doc_results()
-    assert report.DOC.read_text() == report.render_doc(report.TEMPLATE.read_text(), results, name), (
+def test_benchmarks_doc_is_its_template_rendered_from_the_results_files_it_names():
+    names, results = doc_results()
+    assert report.DOC.read_text() == report.render_doc(report.TEMPLATE.read_text(), results, names[0]), (
         "docs/benchmarks.md differs from bench/benchmarks.md.in rendered with its results: edit the template, "
         "then `python bench/report.py --render`")
 
 
-def test_the_results_behind_the_doc_are_one_full_run_of_every_section_on_one_commit():
-    _, results = doc_results()
-    assert results["mode"] == "full" and not results["errors"]
-    assert set(results["sections"]) == set(bench_run.SECTIONS)
-    assert len(results["commit"]) == 40 and results["uncommitted_changes"] is False
-    for f in results["figures"]:
-        assert f["commit"] == results["commit"] and f["section"] in bench_run.SECTIONS, f["id"]
-        if isinstance(f["ratio"], float):  # a measured ratio comes with >= 3 repetitions and their spread
-            assert f["reps"] >= 3 and f["spread"][0] <= f["spread"][1], f["id"]
-    ids = [f["id"] for f in results["figures"]]
+def test_the_results_behind_the_doc_are_a_full_run_and_later_runs_of_some_sections_each_on_one_commit():
+    names, quoted = doc_results()
+    runs = [json.loads((ROOT / "bench" / "results" / name).read_text()) for name in names]
+    assert "--only" not in runs[0]["command"]  # the first is a run of every section (of its day)
+    assert set(quoted["sections"]) == set(bench_run.SECTIONS)
+    for run in runs:
+        assert run["mode"] == "full" and not run["errors"]
+        assert len(run["commit"]) == 40 and run["uncommitted_changes"] is False
+        for f in run["figures"]:
+            assert f["commit"] == run["commit"] and f["section"] in bench_run.SECTIONS, f["id"]
+            if isinstance(f["ratio"], float):  # a measured ratio comes with >= 3 repetitions and their spread
+                assert f["reps"] >= 3 and f["spread"][0] <= f["spread"][1], f["id"]
+    ids = [f["id"] for f in quoted["figures"]]
     assert len(ids) == len(set(ids))
+
+
+def test_a_later_run_of_some_sections_replaces_their_figures(tmp_path):
+    def run(sections, commit):
+        return {"figures": [{"id": f"{s}_x", "section": s, "commit": commit} for s in sections], "date": "2026-12-06",
+                "sections": {s: {} for s in sections}, "skipped": {}, "commit": commit}
+    for name, payload in {"full.json": run(["a", "b", "c"], "1" * 40), "b.json": run(["b"], "2" * 40),
+                          "bc.json": run(["b", "c"], "3" * 40)}.items():
+        report.write_json(tmp_path / name, payload)
+    quoted = report.quoted_results(["full.json", "b.json", "bc.json"], tmp_path)
+    assert {f["id"]: f["commit"][0] for f in quoted["figures"]} == {"a_x": "1", "b_x": "3", "c_x": "3"}
+    assert "b, c from [`bench/results/bc.json`]" in report.later_text(quoted["later"])
+    # a later file whose sections all ran again is no longer quoted
+    assert report.with_later_run(["full.json", "b.json"], "bc.json", tmp_path) == ["full.json", "bc.json"]
+    assert report.with_later_run(["full.json", "bc.json"], "b.json", tmp_path) == ["full.json", "bc.json", "b.json"]
 
 
 def test_a_placeholder_naming_no_figure_is_an_error():
