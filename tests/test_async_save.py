@@ -253,3 +253,26 @@ def test_the_pinned_pool_is_capped_and_grows_to_the_largest_save(monkeypatch):
     assert registered == [4096, 4 * 4096] and pool.pinned_bytes == 4 * 4096
     inside = [pool.buffer.data_ptr() <= t.data_ptr() < pool.buffer.data_ptr() + pool.pinned_bytes for t in taken]
     assert inside == [True, True, True, True, False]
+
+
+def test_cpu_background_saves_copy_into_one_reused_pageable_buffer(tmp_path, monkeypatch):
+    """On the CPU the snapshot goes into the process's pool too (unregistered): the second save copies into
+    the first one's pages (no page faults of fresh memory: the stall is the memcpy), and writes its own bytes."""
+    from ds_finetune.checkpoint import async_save
+
+    monkeypatch.setattr(async_save, "_pool", None)
+    monkeypatch.setattr(async_save, "register_host_memory", lambda b: pytest.fail("a CPU pool is not registered"))
+    flat, state = state_like_deepspeeds()
+    buffers = []
+    for step in (1, 2):
+        expected = saved_bytes(state)
+        writer = BackgroundWrite(rank=0, step=step)
+        writer.collect(state, tmp_path / f"s{step}.pt")
+        writer.start()
+        writer.wait()
+        pool = async_save._pool
+        assert pool is not None and not pool.pin and pool.used > 0
+        buffers.append(pool.buffer.data_ptr())
+        assert saved_bytes(torch.load(tmp_path / f"s{step}.pt", weights_only=False)) == expected
+        flat.add_(1)
+    assert buffers[0] == buffers[1]

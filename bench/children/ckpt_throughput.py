@@ -17,8 +17,9 @@ optimizer step so the Adam moments exist, then repeats, rotating the order each 
   load     after `ours`, its files' pages dropped the same way, what a resume does with them: every rank
            verifies its share of the files against the manifest (`verify.verify_files`, the split
            `hash_together` uses) and `engine.load_checkpoint` reads them through the safe loader;
-  copy     (--copy-floor) the host copy a background save takes of the save's state dicts
-           (`async_save.snapshot`), every rank at once: the floor of a background save's stall.
+  copy     (--copy-floor) the host copy a background save takes of the save's state dicts, as its writer
+           thread takes it (`async_save.DeviceCopy`, `snapshot`), every rank at once: the floor of a
+           background save's stall.
 
 Each timing runs from a barrier to a barrier. Rank 0 writes {"bytes", "rounds": [{kind: seconds}]} to --out.
 
@@ -102,7 +103,7 @@ def main():
     import torch.distributed as dist
 
     from ds_finetune.checkpoint import commit as ckpt, ds_internals
-    from ds_finetune.checkpoint.async_save import BackgroundWrite, snapshot
+    from ds_finetune.checkpoint.async_save import BackgroundWrite, DeviceCopy, snapshot, storage_sizes
     from ds_finetune.checkpoint.layout import read_manifest
     from ds_finetune.checkpoint.verify import verify_files
     from ds_finetune.hashing import share_of_files
@@ -155,7 +156,9 @@ def main():
         background = BackgroundWrite(rank, 1)
         ckpt.write_files(ckpt.SaveSpec(engine, d, rank, world), 1, client_state, background)
         memo: dict = {}  # one copy of a storage that several files share, as the writer thread does
-        return timed(lambda: [snapshot(state, memo) for _, state in background.files])
+        states = [state for _, state in background.files]
+        return timed(lambda: DeviceCopy().run(lambda host_buffer: [snapshot(s, memo, host_buffer) for s in states],
+                                              storage_sizes(states)))
 
     def load(d: Path):
         tag_dir = d / "step_00000001"
