@@ -6,7 +6,8 @@ Adam moments as flat tensors; ~400 MB), then times, median of --reps:
 
   save      the whole write of both files as a synchronous save does it (`commit.write_shard`: torch.save
             into the hashing file, fsync)
-  save_direct  the same as a background save writes it (`direct=True`: O_DIRECT)
+  direct    the same with `direct=True` (O_DIRECT where the file system allows it)
+  buffered  the same with `direct=False` (through the page cache)
   pickle    torch.save of the same state with every tensor empty: the pickle and the zip container's
             headers
   records   torch.save into a file object that drops the bytes, CRC32 off, minus `pickle`: handing the
@@ -115,12 +116,15 @@ def one_rep(states: dict, scratch: Path, write_shard) -> dict[str, float]:
     t = {}
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
+    cpu0 = time.process_time()
     t["save"] = sum(timed(lambda: write_shard(s, scratch / n, 0, 1)) for n, s in states.items())
+    t["cpu"] = time.process_time() - cpu0  # this process's CPU (its threads'); the kernel's write-back is not in it
     shutil.rmtree(scratch)
     scratch.mkdir()
-    t["save_direct"] = sum(timed(lambda: write_shard(s, scratch / n, 0, 1, direct=True)) for n, s in states.items())
-    shutil.rmtree(scratch)
-    scratch.mkdir()
+    for kind, direct in (("direct", True), ("buffered", False)):
+        t[kind] = sum(timed(lambda: write_shard(s, scratch / n, 0, 1, direct=direct)) for n, s in states.items())
+        shutil.rmtree(scratch)
+        scratch.mkdir()
 
     t["pickle"] = sum(timed(lambda: torch.save(s, Sink())) for s in map(emptied, states.values()))
     no_crc = sum(timed(lambda: save_into(s, Sink(), crc=False)) for s in states.values())
@@ -159,8 +163,9 @@ def main() -> None:
     save = statistics.median(r["save"] for r in reps)
     print(f"{mb:.0f} MB a rank (rank 0 of a 2-rank ZeRO-2 save), median of {args.reps}; "
           f"torch {torch.__version__}, {os.cpu_count()} cores")
-    print(f"{'part':8} {'s':>7} {'MB/s':>7} {'of save':>8}")
-    for key in ("save", "save_direct", "pickle", "records", "crc32", "sha256", "page", "fsync"):
+    print(f"{'part':8} {'s':>7} {'MB/s':>7} {'of save':>8}   (CPU {statistics.median(r['cpu'] for r in reps):.2f} s "
+          f"a save)")
+    for key in ("save", "direct", "buffered", "pickle", "records", "crc32", "sha256", "page", "fsync"):
         s = statistics.median(r[key] for r in reps)
         print(f"{key:8} {s:7.3f} {mb / s if s else float('inf'):7.0f} {s / save:8.2f}")
     shutil.rmtree(args.dir, ignore_errors=True)
