@@ -174,7 +174,7 @@ class HashingFile:
                 if self.error is None:
                     write_all(self.fd, memoryview(buf)[:n])
             except BaseException as e:  # noqa: BLE001 - raised in the caller's thread at its next write/close
-                self.error = e
+                self.error = e.with_traceback(None)  # its frames would keep views of the buffer alive
             finally:
                 self.free.put(buf)
                 self.full.task_done()
@@ -215,10 +215,14 @@ class HashingFile:
             self.full.put((None, 0))
             self.writer.join()
         os.close(self.fd)
+        buffers = [self.buf]
         while not self.free.empty():
-            self.free.get().close()
-        if self.buf is not None and not self.buf.closed:
-            self.buf.close()
+            buffers.append(self.free.get())
+        for buf in buffers:
+            try:
+                buf.close()
+            except BufferError:  # a view of it still lives (an exception's frame): freed with that view
+                pass
 
 
 def open_for_writing(path: str, direct: bool) -> tuple[int, bool]:

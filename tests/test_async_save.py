@@ -72,6 +72,35 @@ def test_hashing_file_writes_every_byte_across_chunks_and_a_ragged_tail(tmp_path
     assert meta == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_write_error_in_the_hashing_files_writer_thread_reaches_the_caller(tmp_path, monkeypatch, direct):
+    """The disk fills while the writer thread writes a chunk: the caller gets the error (at its next write or
+    at close), nothing hangs, and the file is closed."""
+    import errno
+
+    from ds_finetune import files
+
+    monkeypatch.setattr(files.HashingFile, "CHUNK", 2 * files.HashingFile.ALIGN)
+    calls = []
+    real = files.write_all
+
+    def full_disk(fd, view):
+        calls.append(len(view))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, view)
+
+    monkeypatch.setattr(files, "write_all", full_disk)
+    f = files.HashingFile(str(tmp_path / "x.bin"), direct=direct)
+    with pytest.raises(OSError, match="No space left"):
+        try:
+            for _ in range(10):
+                f.write(b"x" * files.HashingFile.ALIGN)
+        finally:
+            f.close()
+    assert len(calls) >= 2 and not f.writer.is_alive()
+
+
 def test_the_copy_is_taken_before_wait_until_copied_returns_and_training_may_then_change_the_state(tmp_path,
                                                                                                    monkeypatch):
     import time
