@@ -106,13 +106,13 @@ class HashingFile:
     """What checkpoint files are written through: sha256 and size are computed as the bytes stream out
     (no second read of a multi-GB file), and the file is fsynced before it counts as written.
 
-    The bytes are hashed in the caller's thread and copied into one of `DEPTH` page-aligned buffers of
-    `CHUNK` bytes; a writer thread writes the full buffers, so the disk works while the next chunk is
-    hashed (hashlib and os.write both release the GIL). `direct=True` opens the file with O_DIRECT where
-    the file system allows it (EINVAL: it falls back to ordinary writes): the writes go from our buffers
-    to the device, and the kernel spends no CPU on copying into and flushing the page cache (~1.5 s of CPU
-    a GB here, more than the hashing). `tear()` is called once, with the bytes so far on disk, after the
-    first 4 KiB (the `torn_shard` fault)."""
+    `direct=True` (checkpoint files) opens the file with O_DIRECT where the file system allows it: the
+    bytes are hashed in the caller's thread and copied into one of `DEPTH` page-aligned buffers of `CHUNK`
+    bytes, which a writer thread writes, so the device works while the next chunk is hashed (hashlib and
+    os.write both release the GIL), and the kernel spends no CPU on copying into and flushing the page
+    cache (~1.5 s of CPU a GB here, more than the hashing). Otherwise (or where O_DIRECT is refused,
+    EINVAL) the bytes are hashed and written straight through the page cache by the caller. `tear()` is
+    called once, with the bytes so far on disk, after the first 4 KiB (the `torn_shard` fault)."""
 
     TEAR_AFTER = 4096
     ALIGN = 4096       # O_DIRECT: buffer address, file offset and length multiples of the block size
@@ -126,20 +126,27 @@ class HashingFile:
         self.tear = tear
         self.free: queue.Queue = queue.Queue()
         self.full: queue.Queue = queue.Queue()
-        for _ in range(self.DEPTH):
-            self.free.put(mmap.mmap(-1, self.CHUNK))  # anonymous mmap: page-aligned
-        self.buf, self.fill = self.free.get(), 0
+        self.buf, self.fill = None, 0
         self.error: BaseException | None = None
-        self.writer = threading.Thread(target=self._write_chunks, name="ckpt-file-writer", daemon=True)
-        self.writer.start()
+        self.writer: threading.Thread | None = None
+        if self.direct:
+            for _ in range(self.DEPTH):
+                self.free.put(mmap.mmap(-1, self.CHUNK))  # anonymous mmap: page-aligned
+            self.buf = self.free.get()
+            self.writer = threading.Thread(target=self._write_chunks, name="ckpt-file-writer", daemon=True)
+            self.writer.start()
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         self.sha.update(view)  # releases the GIL on large buffers: the writer thread runs meanwhile
         self.size += len(view)
-        self._buffer(view)
+        if self.direct:
+            self._buffer(view)
+        else:
+            write_all(self.fd, view)
         if self.tear is not None and self.size >= self.TEAR_AFTER:
-            self._write_through()
+            if self.direct:
+                self._write_through()
             self.tear, tear = None, self.tear
             tear()
         return len(view)
@@ -186,8 +193,8 @@ class HashingFile:
             raise self.error
 
     def _write_through(self) -> None:
-        """Everything written so far on disk (with O_DIRECT: all but the unaligned tail)."""
-        self._submit(self.fill - self.fill % self.ALIGN if self.direct else self.fill)
+        """Everything written so far on disk but the unaligned tail."""
+        self._submit(self.fill - self.fill % self.ALIGN)
         self._drain()
 
     def flush(self) -> None:
@@ -195,14 +202,12 @@ class HashingFile:
 
     def close(self) -> dict:
         try:
-            padded = self.fill
-            if self.direct and self.fill % self.ALIGN:  # O_DIRECT's tail: padded to a whole block, cut after
+            if self.direct:  # the tail padded to a whole block, the file cut to its size after
                 padded = -(-self.fill // self.ALIGN) * self.ALIGN
                 self.buf[self.fill:padded] = bytes(padded - self.fill)
                 self.fill = padded
-            self._submit(padded)
-            self._drain()
-            if self.direct:
+                self._submit(padded)
+                self._drain()
                 os.ftruncate(self.fd, self.size)
             os.fsync(self.fd)
         finally:
@@ -211,11 +216,11 @@ class HashingFile:
 
     def abandon(self) -> None:
         """Close without writing the rest (the file is being given up)."""
-        if self.writer.is_alive():
+        if self.writer is not None and self.writer.is_alive():
             self.full.put((None, 0))
             self.writer.join()
         os.close(self.fd)
-        buffers = [self.buf]
+        buffers = [self.buf] if self.buf is not None else []
         while not self.free.empty():
             buffers.append(self.free.get())
         for buf in buffers:
