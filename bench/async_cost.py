@@ -1,5 +1,5 @@
-"""Background checkpoint writes (`checkpoint.async_save`) against synchronous saves, on the checkpoint
-bench's model (a 40M-param Llama, ~645 MB of ZeRO-2 state a save): the training stall per save, async ÷
+"""Background checkpoint writes (`checkpoint.async_save`) against synchronous saves, on a
+40M-param Llama (~645 MB of ZeRO-2 state a save): the training stall per save, async ÷
 sync, and the mean step interval of the whole run (which also shows what the writer threads take from
 training while they run), with 2 ranks (both cores of this machine train) and with 1 single-threaded rank
 (a core free for the writer, as on a GPU node).
@@ -7,13 +7,19 @@ training while they run), with 2 ranks (both cores of this machine train) and wi
 Both runs train the same steps with a save every `EVERY` steps; `common.save_stall_run` measures the stall
 (the step after a save minus the median step without one) and its noise floor; a background save's stall
 is only claimed above that floor. The runs alternate, 3 of each.
+
+The stall's own floor is the host copy a background save must take before the next optimizer step (the
+snapshot of the save's state, every rank at once), measured alone on the same model and ranks
+(`ckpt_throughput.copy_floor`): stall / copy is how close the stall is to the copy and nothing else.
 """
 
 from __future__ import annotations
 
+from ckpt_throughput import copy_floor
 from common import WORK, figure, llama, log, long_rows, median, run_config, save_stall_run
 
 TARGET = 0.15
+COPY_TARGET = 1.5  # the stall within 1.5x of the copy alone
 EVERY = 4
 
 
@@ -34,6 +40,9 @@ def run(quick: bool) -> dict:
     # "2 ranks": training keeps both cores of this machine busy, so the writer threads take their CPU time
     # from the steps. "1 rank": one single-threaded rank leaves a core free, as a GPU node's cores mostly are.
     for setup in ("2 ranks", "1 rank, 1 thread"):
+        nproc, env = (2, None) if setup == "2 ranks" else (1, {"OMP_NUM_THREADS": "1"})
+        copies = copy_floor(config, nproc, env, rounds=reps if quick else 5)
+        log(f"async: {setup}, host copy alone {copies}")
         results = {"sync": [], "async": []}
         for rep in range(reps):
             for kind in ("sync", "async") if rep % 2 == 0 else ("async", "sync"):
@@ -51,9 +60,13 @@ def run(quick: bool) -> dict:
         figures += [
             figure(f"async_stall_{tag}r", f"stall per save, async_save / sync ({setup})", stalls,
                    [r["stall_s"] for r in sync], "s", ("<=", TARGET), note),
+            figure(f"async_stall_copy_{tag}r", f"stall per save, async_save / its host copy alone ({setup})",
+                   stalls, [median(copies)] * len(stalls), "s", ("<=", COPY_TARGET),
+                   f"copy floor: the snapshot of the save's state alone, every rank at once, median of "
+                   f"{len(copies)} ({median(copies):.3f} s); stall as above"),
             figure(f"async_mean_step_{tag}r", f"mean step with saves, async / sync ({setup})",
                    [r["mean_interval_s"] for r in bg], [r["mean_interval_s"] for r in sync], "s", None,
                    "includes what the writer threads take from training"),
         ]
-        raw[setup] = results
+        raw[setup] = {**results, "copy_s": copies}
     return {"figures": figures, "raw": raw}

@@ -72,6 +72,35 @@ def test_hashing_file_writes_every_byte_across_chunks_and_a_ragged_tail(tmp_path
     assert meta == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_write_error_in_the_hashing_files_writer_thread_reaches_the_caller(tmp_path, monkeypatch, direct):
+    """The disk fills while the writer thread writes a chunk: the caller gets the error (at its next write or
+    at close), nothing hangs, and the file is closed."""
+    import errno
+
+    from ds_finetune import files
+
+    monkeypatch.setattr(files.HashingFile, "CHUNK", 2 * files.HashingFile.ALIGN)
+    calls = []
+    real = files.write_all
+
+    def full_disk(fd, view):
+        calls.append(len(view))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, view)
+
+    monkeypatch.setattr(files, "write_all", full_disk)
+    f = files.HashingFile(str(tmp_path / "x.bin"), direct=direct)
+    with pytest.raises(OSError, match="No space left"):
+        try:
+            for _ in range(10):
+                f.write(b"x" * files.HashingFile.ALIGN)
+        finally:
+            f.close()
+    assert len(calls) >= 2 and (f.writer is None or not f.writer.is_alive())
+
+
 def test_the_copy_is_taken_before_wait_until_copied_returns_and_training_may_then_change_the_state(tmp_path,
                                                                                                    monkeypatch):
     import time
@@ -253,3 +282,26 @@ def test_the_pinned_pool_is_capped_and_grows_to_the_largest_save(monkeypatch):
     assert registered == [4096, 4 * 4096] and pool.pinned_bytes == 4 * 4096
     inside = [pool.buffer.data_ptr() <= t.data_ptr() < pool.buffer.data_ptr() + pool.pinned_bytes for t in taken]
     assert inside == [True, True, True, True, False]
+
+
+def test_cpu_background_saves_copy_into_one_reused_pageable_buffer(tmp_path, monkeypatch):
+    """On the CPU the snapshot goes into the process's pool too (unregistered): the second save copies into
+    the first one's pages (no page faults of fresh memory: the stall is the memcpy), and writes its own bytes."""
+    from ds_finetune.checkpoint import async_save
+
+    monkeypatch.setattr(async_save, "_pool", None)
+    monkeypatch.setattr(async_save, "register_host_memory", lambda b: pytest.fail("a CPU pool is not registered"))
+    flat, state = state_like_deepspeeds()
+    buffers = []
+    for step in (1, 2):
+        expected = saved_bytes(state)
+        writer = BackgroundWrite(rank=0, step=step)
+        writer.collect(state, tmp_path / f"s{step}.pt")
+        writer.start()
+        writer.wait()
+        pool = async_save._pool
+        assert pool is not None and not pool.pin and pool.used > 0
+        buffers.append(pool.buffer.data_ptr())
+        assert saved_bytes(torch.load(tmp_path / f"s{step}.pt", weights_only=False)) == expected
+        flat.add_(1)
+    assert buffers[0] == buffers[1]

@@ -1,5 +1,6 @@
 """`ds-finetune ckpt export`: a Hugging Face folder from a checkpoint of any ZeRO stage, loadable with
 AutoModelForCausalLM.from_pretrained, holding exactly the trained weights; damaged checkpoints refused."""
+import enum
 import subprocess
 
 import pytest
@@ -45,6 +46,52 @@ def test_ckpt_export_from_any_stage_loads_in_transformers(saved_at_step4, tmp_pa
     assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     assert_exported_equals(out, info)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_our_writers_checkpoint_verifies_and_loads_in_deepspeeds_own_loader_and_zero_to_fp32(saved_at_step4, stage):
+    """For users who leave us: the files our writer makes (no zip CRC32, O_DIRECT, hashed as written) pass
+    `ckpt verify`, load in DeepSpeed's own TorchCheckpointEngine.load (plain torch.load) exactly as through
+    our safe loader, and DeepSpeed's zero_to_fp32 reads them (test_ckpt_export_from_any_stage_loads_in_transformers
+    compares its weights with our export)."""
+    import zipfile
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from ds_finetune.checkpoint import ds_internals
+
+    info, _ = find_resumable_checkpoint(saved_at_step4(stage) / "checkpoints")
+    verify = subprocess.run([CLI, "ckpt", "verify", str(info.path)], capture_output=True, text=True)
+    assert verify.returncode == 0 and "intact" in verify.stdout, verify.stderr
+    files = sorted(info.path.glob("*.pt"))
+    assert files and set(f.name for f in files) <= set(info.manifest["files"])
+    for f in files:
+        with zipfile.ZipFile(f) as z:  # written by our writer: no record carries a CRC32
+            assert {i.CRC for i in z.infolist()} == {0}, f.name
+        ours = ds_internals.load_checkpoint_file(f)
+        theirs = TorchCheckpointEngine().load(str(f), map_location="cpu")
+        assert_same_state(theirs, ours, f.name)
+    weights = saved_weights(info)  # DeepSpeed's zero_to_fp32 at stage 3
+    module = ds_internals.load_checkpoint_file(ds_internals.model_states_file(info.path))["module"]
+    assert weights.keys() == module.keys() and all(torch.isfinite(t).all() for t in weights.values())
+
+
+def assert_same_state(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}/{i}")
+    elif hasattr(a, "__dict__") and not isinstance(a, enum.Enum):  # DeepSpeed's allowed classes
+        assert type(a) is type(b), where
+        assert_same_state(vars(a), vars(b), where)
+    else:
+        assert type(a) is type(b) and (a == b or a != a), where
 
 
 def test_export_final_and_bf16(reference_run, tmp_path):

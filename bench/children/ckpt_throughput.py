@@ -10,12 +10,21 @@ optimizer step so the Adam moments exist, then repeats, rotating the order each 
   nohash   `engine.save_checkpoint` + fsync of every file and folder: DeepSpeed's serialisation, no hashing,
            no manifest (fsync is included because without it the figure is page-cache speed, not disk);
   ours     `ds_finetune.checkpoint.commit.save_checkpoint`: the same save plus sha256 of every file, fsync,
-           manifest commit and `latest` - what a training run pays at every checkpoint.
+           manifest commit and `latest` - what a training run pays at every checkpoint;
+  cold     after `disk`, its streams' pages dropped from the page cache (posix_fadvise DONTNEED: only
+           these files' pages, so the rest of the machine keeps its cache), every rank reads its stream back
+           in 4 MiB blocks: the disk's cold sequential read of the checkpoint's bytes;
+  load     after `ours`, its files' pages dropped the same way, what a resume does with them: every rank
+           verifies its share of the files against the manifest (`verify.verify_files`, the split
+           `hash_together` uses) and `engine.load_checkpoint` reads them through the safe loader;
+  copy     (--copy-floor) the host copy a background save takes of the save's state dicts, as its writer
+           thread takes it (`async_save.DeviceCopy`, `snapshot`), every rank at once: the floor of a
+           background save's stall.
 
 Each timing runs from a barrier to a barrier. Rank 0 writes {"bytes", "rounds": [{kind: seconds}]} to --out.
 
     torchrun --nproc_per_node 2 bench/children/ckpt_throughput.py --config RUN.yaml --dir SCRATCH --rounds 3 \\
-        --out r.json
+        --out r.json [--copy-floor]
 """
 
 import argparse
@@ -45,6 +54,25 @@ def disk_write(path: Path, nbytes: int, block: bytes) -> None:
     os.close(fd)
 
 
+def drop_cached(path: Path) -> None:
+    """Drop this file's clean pages from the page cache (it is fsynced): the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_read(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(READ_BUF):
+            pass
+
+
+READ_BUF = bytearray(BLOCK)
+
+
 def fsync_tree(root: Path, rank: int) -> None:
     """Rank 0 fsyncs every file of the tag (the save has returned, so all are written)."""
     from ds_finetune.files import fsync_dir
@@ -68,12 +96,17 @@ def main():
     p.add_argument("--dir", required=True, help="scratch folder on the filesystem under test")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", required=True)
+    p.add_argument("--copy-floor", action="store_true", help="time only the background save's host copy")
     args = p.parse_args()
 
     import torch
     import torch.distributed as dist
 
-    from ds_finetune.checkpoint import commit as ckpt
+    from ds_finetune.checkpoint import commit as ckpt, ds_internals
+    from ds_finetune.checkpoint.async_save import BackgroundWrite, DeviceCopy, snapshot, storage_sizes
+    from ds_finetune.checkpoint.layout import read_manifest
+    from ds_finetune.checkpoint.verify import verify_files
+    from ds_finetune.hashing import share_of_files
     from ds_finetune.config import load_config
     from ds_finetune.dist import all_gather, capture_rng, init_distributed, seed_everything
     from ds_finetune.model import build_engine, build_model
@@ -109,25 +142,45 @@ def main():
         return time.perf_counter() - t0
 
     def save_nohash(d: Path):
+        # DeepSpeed's own writer: our saves replace `checkpoint_engine.save` by an instance attribute
+        # (checkpoint/ds_internals.route_checkpoint_writes), which would otherwise still be in place.
+        vars(engine.checkpoint_engine).pop("save", None)
         engine.save_checkpoint(str(d), tag="step_00000001", client_state=client_state, save_latest=False)
         fsync_tree(d / "step_00000001", rank)
 
     def save_ours(d: Path):
         ckpt.save_checkpoint(ckpt.SaveSpec(engine, d, rank, world, keep_last=1), 1, client_state, trainer_state)
 
-    # A first, untimed save gives the byte count the disk baseline writes (and warms DeepSpeed's code paths).
-    probe = scratch / "probe"
-    save_ours(probe)
-    nbytes = tree_bytes(probe / "step_00000001") if rank == 0 else 0
-    box = [nbytes]
-    dist.broadcast_object_list(box, src=0)
-    nbytes = box[0]
-    if rank == 0:
-        shutil.rmtree(probe)
+    def copy_floor(d: Path) -> float:
+        """The background save's state dicts collected (nothing written), then their host copy timed."""
+        background = BackgroundWrite(rank, 1)
+        ckpt.write_files(ckpt.SaveSpec(engine, d, rank, world), 1, client_state, background)
+        memo: dict = {}  # one copy of a storage that several files share, as the writer thread does
+        states = [state for _, state in background.files]
+        return timed(lambda: DeviceCopy().run(lambda host_buffer: [snapshot(s, memo, host_buffer) for s in states],
+                                              storage_sizes(states)))
 
-    kinds = ["disk", "nohash", "ours"]
-    rounds = []
-    for r in range(args.rounds):
+    def load(d: Path):
+        tag_dir = d / "step_00000001"
+        manifest = read_manifest(tag_dir)
+        files = manifest["files"]
+        problems = verify_files(tag_dir, {"files": {n: files[n] for n in share_of_files(files, rank, world)}})
+        assert not problems, problems
+        ds_internals.route_checkpoint_reads(engine)
+        load_path, _ = engine.load_checkpoint(str(d), tag=tag_dir.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        assert load_path is not None
+
+    def drop_tree(root: Path):
+        dist.barrier()
+        if rank == 0:
+            for f in sorted(root.rglob("*")):
+                if f.is_file():
+                    drop_cached(f)
+        dist.barrier()
+
+    def measure_round(r: int) -> dict:
+        kinds = ["disk", "nohash", "ours"]
         times = {}
         for kind in kinds[r % 3:] + kinds[:r % 3]:  # rotate, so no writer always follows the same one
             d = scratch / f"{kind}-{r}"
@@ -137,14 +190,33 @@ def main():
             if kind == "disk":
                 share = nbytes // world + (nbytes % world if rank == 0 else 0)
                 times[kind] = timed(lambda: disk_write(d / f"blob-{rank}", share, block))
+                drop_cached(d / f"blob-{rank}")
+                times["cold"] = timed(lambda: disk_read(d / f"blob-{rank}"))
             elif kind == "nohash":
                 times[kind] = timed(lambda: save_nohash(d))
             else:
                 times[kind] = timed(lambda: save_ours(d))
+                drop_tree(d / "step_00000001")
+                times["load"] = timed(lambda: load(d))
             dist.barrier()
             if rank == 0:
                 shutil.rmtree(d, ignore_errors=True)  # dirty pages of a deleted file are dropped, not written
-        rounds.append(times)
+        return times
+
+    if args.copy_floor:
+        rounds = [{"copy": copy_floor(scratch / f"copy-{r}")} for r in range(args.rounds)]
+        nbytes = 0
+    else:
+        # A first, untimed save gives the byte count the disk baseline writes (and warms DeepSpeed's code paths).
+        probe = scratch / "probe"
+        save_ours(probe)
+        nbytes = tree_bytes(probe / "step_00000001") if rank == 0 else 0
+        box = [nbytes]
+        dist.broadcast_object_list(box, src=0)
+        nbytes = box[0]
+        if rank == 0:
+            shutil.rmtree(probe)
+        rounds = [measure_round(r) for r in range(args.rounds)]
     if rank == 0:
         Path(args.out).write_text(json.dumps({"bytes": nbytes, "params": params, "rounds": rounds}))
         shutil.rmtree(scratch, ignore_errors=True)

@@ -12,9 +12,10 @@ commits once every rank's writer has finished (the ranks learn it through the st
 the next save starts, and before a stop or the end. A crash while files are being written leaves a tag
 without a manifest: an unfinished save, skipped by --resume, removed at the next commit.
 
-Cost: host memory for one save's state of this rank (at most one save is in flight), and the copy. On a
-GPU, that memory is page-locked once and kept: at most one save's bytes of this rank, capped at an eighth of
-the node's memory shared among its ranks; past the cap the copy goes to pageable memory (slower, same bytes).
+Cost: host memory for one save's state of this rank (at most one save is in flight), and the copy. That
+memory is allocated once and kept (page-locked on a GPU): at most one save's bytes of this rank, capped at an
+eighth of the node's memory shared among its ranks; past the cap the copy goes to fresh pageable memory
+(slower, same bytes).
 """
 
 from __future__ import annotations
@@ -86,12 +87,17 @@ class PinnedHostPool:
     so the locked bytes stay at the largest save's size. torch's pinned tensors would go through its caching
     host allocator instead: blocks rounded up to a power of two and never returned, up to ~2x a save a rank.
     `reserve()` starts a save (the previous one is written: at most one is in flight); past `limit` the
-    copies go to pageable memory, synchronously."""
+    copies go to fresh pageable memory, synchronously.
+
+    On the CPU (`pin=False`) the same pool, unregistered: a copy into fresh memory costs the kernel a page
+    fault for every 4 KiB (here ~0.5 s a rank for a 400 MB save, 5x the memcpy), and the stall of a
+    background save is that copy; reused pages are only copied into."""
 
     ALIGN = 4096  # each storage starts on a page boundary
 
-    def __init__(self, limit: int | None = None):
+    def __init__(self, limit: int | None = None, pin: bool = True):
         self.limit = default_pinned_limit() if limit is None else limit
+        self.pin = pin
         self.buffer: torch.Tensor | None = None
         self.used = 0
 
@@ -108,7 +114,8 @@ class PinnedHostPool:
         if wanted > self.pinned_bytes:
             self.release()
             buffer = torch.empty(wanted, dtype=torch.uint8)
-            register_host_memory(buffer)
+            if self.pin:
+                register_host_memory(buffer)
             self.buffer = buffer
         self.used = 0
 
@@ -123,7 +130,8 @@ class PinnedHostPool:
 
     def release(self) -> None:
         if self.buffer is not None:
-            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            if self.pin:
+                torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self.buffer = None
 
 
@@ -154,17 +162,18 @@ _pool: PinnedHostPool | None = None
 
 
 def host_pool() -> PinnedHostPool:
-    """The process's pool, made at its first GPU save (its limit reads the node's rank count)."""
+    """The process's pool, made at its first background save (its limit reads the node's rank count):
+    page-locked on a GPU, pageable on the CPU."""
     global _pool
     if _pool is None:
-        _pool = PinnedHostPool()
+        _pool = PinnedHostPool(pin=on_cuda())
     return _pool
 
 
 class DeviceCopy:
     """Where the snapshot's device-to-host copies run: on a GPU, a stream of the writer's own on the saved
     tensors' device, that starts once the compute stream has reached the save (an event recorded by the
-    training thread), into the process's pinned pool; on the CPU, where the copy is a plain memcpy, nothing."""
+    training thread), into the process's pinned pool; on the CPU, a plain memcpy into its pageable pool."""
 
     def __init__(self):
         self.stream = self.saved = self.device = None
@@ -177,7 +186,9 @@ class DeviceCopy:
         """`copy(host_buffer)` on the copy stream, returning once its copies are complete; `storages`: the
         sizes of the storages it will copy."""
         if self.saved is None:
-            return copy(None)
+            pool = host_pool()
+            pool.reserve(storages)
+            return copy(pool.take)
         # The current CUDA device is per thread and a new thread's is device 0: without this, on every
         # rank but the first, the stream would live on GPU 0, `torch.cuda.stream` would leave the saved
         # device's current stream unchanged, the copies would queue on its compute stream behind the next
