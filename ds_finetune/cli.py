@@ -338,8 +338,10 @@ def ckpt_export(path, out_dir, dtype, no_hash, max_shard_size, merge):
         click.echo(f"exported the adapters of {path} -> {out} ({dtype}); load them with "
                    f"PeftModel.from_pretrained(base_model, {str(out)!r})")
     else:
-        click.echo(f"exported {path} -> {out} ({dtype}); load it with "
-                   f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        architectures = json.loads((out / "config.json").read_text()).get("architectures") or [""]
+        auto = ("AutoModelForSequenceClassification" if architectures[0].endswith("ForSequenceClassification")
+                else "AutoModelForCausalLM")  # a reward model (train.objective reward)
+        click.echo(f"exported {path} -> {out} ({dtype}); load it with {auto}.from_pretrained({str(out)!r})")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ds_finetune import lora
 from ds_finetune.data import IGNORE_INDEX, HostFacts, TokenizedData
