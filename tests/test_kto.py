@@ -218,3 +218,83 @@ def test_loss_metrics_and_gradients_equal_trl_kto_trainer(tmp_path, reference, s
     if s["loss_type"] == "kto":
         assert (loss_fn.kl_gap(engine, ours_batch) < 0) == (trl_metrics["kl"] == 0)  # the clamp
     _compare_grads(ours, trainer.model)
+
+
+# -------------------------------------------------------------------------------------------- the step
+
+class AccumulatingEngine(CpuEngine):
+    """What `objectives.accumulate` uses of a DeepSpeed engine on one rank, ZeRO 0, fp32: backward sums the
+    gradients (divided by grad_accum, as DeepSpeed), step() does nothing."""
+    global_rank, seq_dp_world_size, sequence_parallel_size = 0, 1, 1
+
+    def __init__(self, module, grad_accum):
+        super().__init__(module)
+        self.grad_accum = grad_accum
+
+    def fp16_enabled(self):
+        return False
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def backward(self, loss):
+        (loss / self.grad_accum).backward()
+
+    def is_gradient_accumulation_boundary(self):
+        return False
+
+    def step(self):
+        pass
+
+
+def test_a_step_is_the_mean_over_its_rows_with_each_micro_steps_kl_and_per_label_metrics(tmp_path):
+    """KTOObjective.step over a global batch of 8 rows in two micro-batches against the same losses written
+    out: each micro-batch's z from its own KL rows (clamped), the loss the mean over the 8 rows, rewards/*
+    and logps/* means over each label's rows of the whole batch, kl the mean of the two z, and the
+    gradient that of the mean loss."""
+    from ds_finetune.objectives.kto import kto_losses
+    from ds_finetune.sampler import BatchLayout
+
+    _, data = _data(tmp_path, _rows(16), "train.micro_batch_size=4")
+    base = tiny_model("model.config.attention_dropout=0.0")
+    policy = copy.deepcopy(base)
+    _nudge(policy)
+    reference = ChunkedLoss(base, 5).sequence_logps
+    logps_fn = ChunkedLoss(policy, 5).sequence_logps
+
+    def ref_fn(engine, *a):
+        with torch.no_grad():
+            return reference(base, *a[:3])
+    loss_fn = KTOLoss(logps_fn, ref_fn, ref_fn, "kto", 0.5, 1.2, 0.8)
+    objective = KTOObjective(data, BatchLayout(4, 2, 1), loss_fn, 0, 0, 1, 512, 4)
+    units = np.array([3, 9, 0, 14, 5, 6, 12, 1]).reshape(-1, 1)
+    engine = AccumulatingEngine(policy, 2)
+    result = objective.step(engine, units, 1)
+    ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+
+    losses, zs, rewards, logps = [], [], [], []
+    for rows in (units[:4, 0], units[4:, 0]):
+        b = objective.collate(data, rows)
+        with torch.no_grad():
+            gap = (logps_fn(policy, *b[5:8]) - ref_fn(None, *b[5:8])).mean()
+        zs.append(gap.clamp(min=0))
+        ratio = logps_fn(policy, *b[:3]) - ref_fn(None, *b[:3])
+        losses.append(kto_losses(ratio, b.desirable, zs[-1], "kto", 0.5, 1.2, 0.8))
+        rewards.append(0.5 * ratio.detach())
+        logps.append(logps_fn(policy, *b[:3]).detach())
+    torch.cat(losses).mean().backward()
+    for n, p in policy.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+    good = torch.from_numpy(np.asarray(data.row_labels[units[:, 0]]))
+    rewards, logps = torch.cat(rewards), torch.cat(logps)
+    expected = {"rewards/chosen": rewards[good].mean(), "rewards/rejected": rewards[~good].mean(),
+                "logps/chosen": logps[good].mean(), "logps/rejected": logps[~good].mean(),
+                "rewards/margins": rewards[good].mean() - rewards[~good].mean(), "kl": sum(zs) / 2}
+    assert 0 < int(good.sum()) < 8
+    metrics = {k: float(total) / count for k, (total, count) in result.sums.items() if count}
+    assert result.normaliser == 8
+    assert float(result.loss_sum) / 8 == pytest.approx(torch.cat(losses).mean().item(), abs=1e-6)
+    assert max(zs) > 0 and zs[0] != zs[1]  # two micro-steps, two estimates
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(float(value), abs=1e-5), name
