@@ -46,7 +46,13 @@ def test_reward_is_a_registry_line_with_its_section_in_the_fingerprint_and_a_cla
         load_config(harness.TINY, [*REWARD, "model.lora.r=4", "output_dir=x"])
 
 
-def test_a_model_type_without_a_sequence_classifier_is_one_line():
+def test_a_model_type_without_a_sequence_classifier_is_one_line(tmp_path):
+    """Before anything launches (`ds-finetune train`), and in the ranks' build."""
+    from test_config import invoke
+    result = invoke("train", str(harness.TINY), "--dry-run", *REWARD, "model.config.model_type=codegen",
+                    f"output_dir={tmp_path / 'out'}")
+    assert result.exit_code != 0 and "model type 'codegen'" in result.stderr and "Traceback" not in result.output
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
     cfg = load_config(harness.TINY, [*REWARD, "output_dir=x"])
     cfg.model.config = {**cfg.model.config, "model_type": "codegen"}
     with pytest.raises(UserError) as e:
