@@ -153,7 +153,7 @@ def test_loss_metrics_and_gradients_equal_trl_kto_trainer(tmp_path, reference, s
     """TRL's KTOTrainer.compute_loss on its first batch (rows 0..5 of its dataset and their KL rows) against
     our KTOLoss on the same tokens, with the reference a frozen model, the base under LoRA (adapters off) or
     stored before training (TRL's precompute_ref_log_probs: its stored values equal ours): the loss, kl,
-    rewards/*, logps/* to 1e-5 and every gradient to 1e-5."""
+    rewards/*, logps/*, logits/* to 1e-5 and every gradient to 1e-5."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     tok = load_tokenizer(TOKENIZER)
@@ -210,8 +210,11 @@ def test_loss_metrics_and_gradients_equal_trl_kto_trainer(tmp_path, reference, s
     loss_sum, sums = loss_fn(engine, *ours_batch, kl=z, weights=(1 / good, 1 / bad, 1.0, 1.0))
     (loss_sum / batch_size).backward()
     assert (loss_sum / batch_size).item() == pytest.approx(trl_loss.item(), abs=1e-5)
-    means = dict(zip(METRICS, (sums / torch.tensor([good, bad, good, bad, 1, 1])).tolist()))
-    assert set(trl_metrics) - set(METRICS) == {"logits/chosen", "logits/rejected", "entropy", "num_tokens"}
+    tokens = (ours_batch.labels[:, 1:] != -100).sum(1).float()
+    good_tokens = float((tokens * ours_batch.desirable).sum())
+    bad_tokens = float((tokens * (1 - ours_batch.desirable)).sum())
+    means = dict(zip(METRICS, (sums / torch.tensor([good, bad, good, bad, 1, 1, good_tokens, bad_tokens])).tolist()))
+    assert set(trl_metrics) - set(METRICS) == {"entropy", "num_tokens"}
     for name in METRICS:
         assert means[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
     assert trl_metrics["rewards/margins"] != 0
@@ -291,6 +294,7 @@ def test_a_step_is_the_mean_over_its_rows_with_each_micro_steps_kl_and_per_label
     expected = {"rewards/chosen": rewards[good].mean(), "rewards/rejected": rewards[~good].mean(),
                 "logps/chosen": logps[good].mean(), "logps/rejected": logps[~good].mean(),
                 "rewards/margins": rewards[good].mean() - rewards[~good].mean(), "kl": sum(zs) / 2}
+    assert {"logits/chosen", "logits/rejected"} <= set(result.sums)
     assert 0 < int(good.sum()) < 8
     metrics = {k: float(total) / count for k, (total, count) in result.sums.items() if count}
     assert result.normaliser == 8

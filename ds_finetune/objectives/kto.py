@@ -25,8 +25,10 @@ Its reference is DPO's (`dpo.py`): the model with adapters off under LoRA, a fro
 Metrics, TRL's names: rewards/chosen and logps/chosen (beta r and the policy's log-probs, means over the
 global batch's desirable rows), rewards/rejected and logps/rejected (over its undesirable rows; a metric of
 a class the batch lacks is not logged, as TRL), rewards/margins (their difference, where the batch has
-both), kl (the mean of the step's micro-steps' z). In evaluation z is each eval batch's, over the ranks'
-batches. Not logged: logits/chosen, logits/rejected, entropy, num_tokens (the fused head computes none).
+both), kl (the mean of the step's micro-steps' z), logits/chosen and logits/rejected (the mean logit over
+the vocabulary at each completion token of the desirable, undesirable rows, averaged over those tokens;
+the fused head's per-token stats, as DPO's). In evaluation z is each eval batch's, over the ranks'
+batches. Not logged: entropy, num_tokens.
 A global batch of one label only is trained as TRL trains it (the loss of the rows it has).
 """
 
@@ -48,7 +50,8 @@ from ds_finetune.objectives.dpo import AdaptersOff, Precomputed, frozen_base
 from ds_finetune.objectives.dpo_reference import Walk, reference_logps
 from ds_finetune.sampler import BatchLayout
 
-METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins", "kl")
+METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins", "kl",
+           "logits/chosen", "logits/rejected")
 
 
 def kl_partners(rows: np.ndarray, num_rows: int, block: int) -> np.ndarray:
@@ -152,7 +155,9 @@ class KTOLoss:
         Returns (summed loss, the METRICS' sums, each already divided by what the step divides it by but the
         rows: see `KTOObjective.step`)."""
         reference = self.reference(engine, input_ids, attention_mask, labels, rows, facts)
-        policy = self.logps_fn(engine, input_ids, attention_mask, labels, facts)
+        counts = facts.row_targets()
+        stats = torch.empty((sum(counts), 2), dtype=torch.float32, device=input_ids.device)
+        policy = self.logps_fn(engine, input_ids, attention_mask, labels, facts, stats=stats)
         ratio = policy - reference.to(policy.dtype)
         losses = kto_losses(ratio, desirable, kl, self.loss_type, self.beta, self.desirable_weight,
                             self.undesirable_weight)
@@ -160,10 +165,12 @@ class KTOLoss:
             rewards, undesirable = self.beta * ratio.detach(), 1 - desirable
             inv_good, inv_bad, kl_weight, margin = weights
             good_rewards, bad_rewards = (rewards * desirable).sum(), (rewards * undesirable).sum()
+            logits = torch.stack([part.sum(0)[0] for part in torch.split(stats, counts)])  # per row, a fixed order
             sums = torch.stack([good_rewards, bad_rewards, (policy.detach() * desirable).sum(),
                                 (policy.detach() * undesirable).sum(),
                                 margin * (good_rewards * inv_good - bad_rewards * inv_bad),
-                                torch.as_tensor(kl, dtype=rewards.dtype, device=rewards.device) * kl_weight]).double()
+                                torch.as_tensor(kl, dtype=rewards.dtype, device=rewards.device) * kl_weight,
+                                (logits * desirable).sum(), (logits * undesirable).sum()]).double()
         return losses.sum(), sums
 
 
@@ -211,14 +218,13 @@ class KTOObjective:
         rows = [units[layout.micro_slice(0, m, self.share)][:, 0] for m in range(layout.grad_accum)]
         batches = [self.collate(self.data, r) for r in rows]
         z = self.kl_estimates(engine, self.loss_fn, batches)
-        labels = np.asarray(self.data.row_labels[units[:, 0]], dtype=bool)
-        good, bad = int(labels.sum()), int((~labels).sum())
+        good, bad, good_tokens, bad_tokens = label_counts(self.data, units)
         both = 1.0 if good and bad else 0.0
         weights = (1 / good if good else 0.0, 1 / bad if bad else 0.0, 1 / (layout.grad_accum * self.ranks), both)
         per_batch = [{"kl": z[m], "weights": weights} for m in range(len(batches))]
         loss_sum, sums = accumulate(engine, self.loss_fn, batches, layout.global_batch, step, before_update,
                                     per_batch=per_batch)
-        counts = (good, bad, good, bad, int(both), 1)
+        counts = (good, bad, good, bad, int(both), 1, good_tokens, bad_tokens)
         return StepResult(loss_sum, layout.global_batch,
                           sums={name: (sums[i], counts[i]) for i, name in enumerate(METRICS)})
 
@@ -227,15 +233,23 @@ class KTOObjective:
         loss_fn = self.eval_loss_fn if data is not self.data and self.eval_loss_fn is not None else self.loss_fn
         batch = self.collate(data, units[:, 0])
         z = self.kl_estimates(engine, loss_fn, [batch], counted)[0]
-        labels = np.asarray(data.row_labels[units[:, 0]], dtype=bool)
-        good, bad = int(labels.sum()), int((~labels).sum())
+        good, bad, good_tokens, bad_tokens = label_counts(data, units)
         both = 1.0 if good and bad and counted else 0.0
         weights = (1 / good if good else 0.0, 1 / bad if bad else 0.0, 1.0 / self.ranks, both)
         loss_sum, sums = loss_fn(engine, *to_device(batch, engine.device), kl=z, weights=weights)
         w = 1.0 if counted else 0.0
-        counts = (good * w, bad * w, good * w, bad * w, both, w / self.ranks)  # eval_<name>: sum over count
+        counts = (good * w, bad * w, good * w, bad * w, both, w / self.ranks, good_tokens * w,
+                  bad_tokens * w)  # eval_<name>: sum over count
         return loss_sum.double() * w, len(units) if counted else 0, {
             name: (sums[i] * w, counts[i]) for i, name in enumerate(METRICS)}
+
+
+def label_counts(data: TokenizedData, units: np.ndarray) -> tuple[int, int, int, int]:
+    """(desirable rows, undesirable rows, their completion tokens) of `units` (host arrays)."""
+    rows = units[:, 0]
+    good = np.asarray(data.row_labels[rows], dtype=bool)
+    targets = np.asarray(data.row_targets[rows], dtype=np.int64)
+    return int(good.sum()), int((~good).sum()), int(targets[good].sum()), int(targets[~good].sum())
 
 
 def row_walk(data: TokenizedData, collate) -> Walk:
