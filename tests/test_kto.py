@@ -111,10 +111,12 @@ def test_kl_rows_pair_each_prompt_with_the_completion_trl_gives_it(tmp_path):
     for name in ("", "kl_"):
         mask = theirs[f"{name.upper()}attention_mask"].bool()
         labels = getattr(ours, f"{name}labels")[:, 1:]
+        ids, their_ids = getattr(ours, f"{name}input_ids"), theirs[f"{name.upper()}input_ids"]
+        completion = theirs[f"{name.upper()}completion_mask"].bool()
         for j in range(4):
             n = int(mask[j].sum())
-            assert getattr(ours, f"{name}input_ids")[j, 1:n + 1].tolist() == theirs[f"{name.upper()}input_ids"][j, :n].tolist()
-            assert (labels[j, :n] != -100).tolist() == theirs[f"{name.upper()}completion_mask"][j, :n].bool().tolist()
+            assert ids[j, 1:n + 1].tolist() == their_ids[j, :n].tolist()
+            assert (labels[j, :n] != -100).tolist() == completion[j, :n].tolist()
 
 
 # -------------------------------------------------------------------------------------- against TRL
