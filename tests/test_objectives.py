@@ -92,9 +92,10 @@ def _assert_reward_model_exports(run_dir, out_dir):
     from transformers import AutoModelForSequenceClassification
 
     from ds_finetune.checkpoint.verify import find_resumable_checkpoint
+    from test_config import invoke  # in this process: this checkout's CLI
     info, _ = find_resumable_checkpoint(run_dir / "checkpoints")
-    proc = harness.run([str(harness.BIN / "ds-finetune"), "ckpt", "export", str(info.path), str(out_dir)])
-    assert proc.returncode == 0 and "AutoModelForSequenceClassification.from_pretrained" in proc.stdout, proc.stdout
+    result = invoke("ckpt", "export", str(info.path), str(out_dir))
+    assert result.exit_code == 0 and "AutoModelForSequenceClassification.from_pretrained" in result.stdout, result.output
     model = AutoModelForSequenceClassification.from_pretrained(out_dir)
     assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
     assert model.config.pad_token_id == 2  # the tokenizer's: the classifier scores the last token that is not it

@@ -46,6 +46,24 @@ def test_reward_is_a_registry_line_with_its_section_in_the_fingerprint_and_a_cla
         load_config(harness.TINY, [*REWARD, "model.lora.r=4", "output_dir=x"])
 
 
+def test_the_checkpoint_config_names_the_classifier_and_the_tokenizers_pad(tmp_path):
+    """What a checkpoint's hf/config.json (and so an export) says: the sequence-classification architecture
+    (an inline or causal-LM config says none or the LM's) and the pad id the classifier reads."""
+    from types import SimpleNamespace
+
+    from ds_finetune.checkpoint.export import write_hf_files
+    from ds_finetune.objectives import reward_model
+    cfg = load_config(harness.TINY, [*REWARD, "output_dir=x"])
+    model = build_model(cfg, {})
+    model.config.pad_token_id = 0
+    reward_model.build(SimpleNamespace(model=model, pad_id=2, cfg=cfg, data=None, layout=None,
+                                       group=SimpleNamespace(dp_rank=0)))
+    write_hf_files(tmp_path, model, load_tokenizer(TOKENIZER))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] == 2
+    assert config["id2label"] == {"0": "LABEL_0"}
+
+
 def test_a_model_type_without_a_sequence_classifier_is_one_line(tmp_path):
     """Before anything launches (`ds-finetune train`), and in the ranks' build."""
     from test_config import invoke

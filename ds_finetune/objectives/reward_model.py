@@ -80,7 +80,11 @@ class RewardLoss:
 
 
 def build(parts: ObjectiveParts) -> PairObjective:
+    model = lora.hf_model(parts.model)
     # Transformers' classifier scores the last token that is not padding: the padding is the tokenizer's.
-    lora.hf_model(parts.model).config.get_text_config().pad_token_id = parts.pad_id
+    model.config.get_text_config().pad_token_id = parts.pad_id
+    # What save_pretrained writes: the checkpoint's config (and an export's) names the classifier, not the
+    # causal LM it was loaded from (or nothing, for an inline model.config).
+    model.config.architectures = [type(model).__name__]
     loss = RewardLoss(parts.cfg.reward.center_rewards_coefficient)
     return PairObjective(METRICS, parts.data, parts.layout, loss, parts.pad_id, parts.group.dp_rank)
