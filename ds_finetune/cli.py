@@ -82,6 +82,8 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
     if cfg.model.config is not None:  # then transformers' own checks, here rather than on every rank
         from ds_finetune.model import inline_model_config
         inline_model_config(cfg.model)
+    from ds_finetune.model import auto_class
+    auto_class(cfg)  # a head transformers lacks for the model's type (the reward model's classifier): one line here
     # --no-ssh --dry-run without --node-rank shows every node's command; the first line is node 0's.
     nodes = per_node_launch_argvs(spec, on_accelerator) if no_ssh and dry_run else []
     argv = nodes[0][1] if nodes and node_rank is None else build_launch_argv(spec, on_accelerator)
@@ -338,8 +340,10 @@ def ckpt_export(path, out_dir, dtype, no_hash, max_shard_size, merge):
         click.echo(f"exported the adapters of {path} -> {out} ({dtype}); load them with "
                    f"PeftModel.from_pretrained(base_model, {str(out)!r})")
     else:
-        click.echo(f"exported {path} -> {out} ({dtype}); load it with "
-                   f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        architectures = json.loads((out / "config.json").read_text()).get("architectures") or [""]
+        auto = ("AutoModelForSequenceClassification" if architectures[0].endswith("ForSequenceClassification")
+                else "AutoModelForCausalLM")  # a reward model (train.objective reward)
+        click.echo(f"exported {path} -> {out} ({dtype}); load it with {auto}.from_pretrained({str(out)!r})")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ds_finetune.config_text import Section, apply_overrides, field_lines, format_validation_error, load_raw_yaml
 from ds_finetune.data_config import DataConfig, EvalSourceConfig, unique_names
 from ds_finetune.errors import UserError
-from ds_finetune.objective_config import PAIR_OBJECTIVES, CpoConfig, DpoConfig, OrpoConfig, SimpoConfig  # noqa: F401
+from ds_finetune.objective_config import (PAIR_OBJECTIVES, REFERENCE_OBJECTIVES, CpoConfig, DpoConfig,  # noqa: F401
+                                          KtoConfig, OrpoConfig, RewardConfig, SimpoConfig)
 
 
 class LoraConfig(Section):
@@ -122,9 +123,10 @@ class TrainConfig(Section):
         1, ge=1, le=1024, description="Ranks that share one sequence, each holding a slice of its length (DeepSpeed "
                                       "Ulysses); divides the world size, whose quotient is the data-parallel size.")
     seed: int = Field(1234, ge=0, lt=2**32, description="Seed for init, data order and dropout.")
-    objective: Literal["sft", "dpo", "orpo", "simpo", "cpo"] = Field(
-        "sft", description="sft (next-token loss on the targets) | dpo | orpo | simpo | cpo (preference pairs, "
-                           "data.format preference; each has its section of settings: dpo, orpo, simpo, cpo).")
+    objective: Literal["sft", "dpo", "orpo", "simpo", "cpo", "kto", "reward"] = Field(
+        "sft", description="sft (next-token loss on the targets) | dpo | orpo | simpo | cpo | reward (preference "
+                           "pairs, data.format preference) | kto (data.format unpaired_preference); each has its "
+                           "section of settings: dpo, orpo, simpo, cpo, kto, reward.")
     deterministic: bool = Field(
         True, description="On CUDA: deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS "
                           "workspace), so a resumed run is bitwise the uninterrupted one; costs some speed. "
@@ -219,6 +221,8 @@ class RunConfig(Section):
     orpo: OrpoConfig = Field(default_factory=OrpoConfig)
     simpo: SimpoConfig = Field(default_factory=SimpoConfig)
     cpo: CpoConfig = Field(default_factory=CpoConfig)
+    kto: KtoConfig = Field(default_factory=KtoConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     output_dir: str = Field(..., description="Run folder: metrics, configs, checkpoints.")
     deepspeed: Optional[dict[str, Any]] = Field(
         None, description="DeepSpeed config keys merged over the generated config (NVMe offload, ZeRO++, MiCS, "
@@ -253,24 +257,32 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _objective_fits_the_data(self):
         name = self.train.objective
-        on_pairs, pairs = name in PAIR_OBJECTIVES, self.data.format == "preference"
-        if on_pairs and not pairs:
-            raise ValueError(f"train.objective {name} needs data.format preference (got {self.data.format})")
-        if pairs and not on_pairs:
+        wanted = {"kto": "unpaired_preference", **{p: "preference" for p in PAIR_OBJECTIVES}}.get(name)
+        if wanted and self.data.format != wanted:
+            raise ValueError(f"train.objective {name} needs data.format {wanted} (got {self.data.format})")
+        if self.data.format == "preference" and not wanted:
             raise ValueError(f"data.format preference needs a pair objective: train.objective in "
                              f"{list(PAIR_OBJECTIVES)}")
-        if on_pairs and self.data.packs:
+        if self.data.format == "unpaired_preference" and name != "kto":
+            raise ValueError("data.format unpaired_preference needs train.objective kto")
+        if wanted and self.data.packs:
             raise ValueError(f"data.packing is not supported with train.objective {name}; set data.packing=false")
-        if on_pairs and self.data.is_mixture:
+        if wanted and self.data.is_mixture:
             raise ValueError(f"data.sources is not supported with train.objective {name} yet; use one data.path")
-        if on_pairs and self.eval.sources is not None:
+        if wanted and self.eval.sources is not None:
             raise ValueError(f"eval.sources is not supported with train.objective {name} yet; use eval.path")
-        if name == "dpo" and self.dpo.reference == "model" and self.model.lora is not None:
-            raise ValueError("dpo.reference model is for full fine-tuning; with model.lora the reference is the "
-                             "base with its adapters off: remove dpo.reference")
-        if on_pairs and self.train.sequence_parallel > 1:
+        if name in REFERENCE_OBJECTIVES and getattr(self, name).reference == "model" and self.model.lora is not None:
+            raise ValueError(f"{name}.reference model is for full fine-tuning; with model.lora the reference is the "
+                             f"base with its adapters off: remove {name}.reference")
+        if wanted and self.train.sequence_parallel > 1:
             raise ValueError(f"train.sequence_parallel > 1 is not supported with train.objective {name} yet; set "
                              "train.sequence_parallel=1")
+        if name == "kto" and self.kto.loss_type == "kto" and self.train.micro_batch_size < 2:
+            raise ValueError("train.objective kto needs train.micro_batch_size >= 2: its KL estimate pairs each prompt "
+                             "with another completion of the same block of micro_batch_size rows (as TRL's "
+                             "KTOTrainer); raise it, or set kto.loss_type apo_zero_unpaired (no KL estimate)")
+        if name == "reward" and self.model.lora is not None:
+            raise ValueError("model.lora is not supported with train.objective reward yet; remove model.lora")
         if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
             raise ValueError(f"data.max_prompt_length ({self.data.max_prompt_length}) must be below "
                              f"data.max_length ({self.data.max_length})")

@@ -16,14 +16,15 @@ from ds_finetune.errors import UserError
 
 _ADDED_AT_DEFAULT = {"chat_turns": "all", "sources": None, "chosen_field": "chosen", "rejected_field": "rejected",
                      "max_prompt_length": None, "layout": "auto", "chat_template": None, "subset": None,
-                     "revision": None, "data_files": None}
+                     "revision": None, "data_files": None, "label_field": "label", "margin_field": None}
 SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
 # Source fields added after mixtures' checkpoints existed: in a source's fingerprint only when set.
 SOURCE_FIELDS_ADDED = ("layout", "subset", "revision", "data_files")
 # Each format's layouts (ds_finetune/data/layouts.py reads them; docs/data.md shows them); the first is
 # the one the format always read.
 LAYOUTS = {"text": ("text",), "chat": ("messages", "sharegpt", "alpaca"),
-           "prompt_completion": ("strings", "conversational"), "preference": ("explicit_prompt", "implicit_prompt")}
+           "prompt_completion": ("strings", "conversational"), "preference": ("explicit_prompt", "implicit_prompt"),
+           "unpaired_preference": ("strings", "conversational")}
 Layout = Literal["auto", "text", "messages", "sharegpt", "alpaca", "strings", "conversational", "explicit_prompt",
                  "implicit_prompt"]
 DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
@@ -83,9 +84,10 @@ class DataConfig(Section):
     sources: Optional[list[SourceConfig]] = Field(
         None, description="A mixture: a list of {path, weight, name, format and its fields, split}; samples are "
                           "drawn from each source in proportion to its weight (docs/design.md, Data mixtures).")
-    format: Literal["text", "prompt_completion", "chat", "preference"] = Field(
+    format: Literal["text", "prompt_completion", "chat", "preference", "unpaired_preference"] = Field(
         "text", description="Row format: text | prompt_completion | chat (messages + chat template) | preference "
-                            "(prompt, chosen, rejected; for train.objective dpo, orpo, simpo, cpo).")
+                            "(prompt, chosen, rejected; for train.objective dpo, orpo, simpo, cpo, reward) | "
+                            "unpaired_preference (prompt, completion, label true/false; for train.objective kto).")
     split: str = Field("train", description="Dataset split to train on; a slice as `datasets` writes it "
                                             "(train[:10%], train[100:200]) also for local files.")
     subset: Optional[str] = Field(None, description="A `datasets` dataset's subset (its config name, `name=`).")
@@ -96,7 +98,8 @@ class DataConfig(Section):
     layout: Layout = Field(
         "auto", description="How rows are laid out (docs/data.md): auto (detected per row) | chat: messages, "
                             "sharegpt, alpaca | prompt_completion: strings, conversational | preference: "
-                            "explicit_prompt, implicit_prompt.")
+                            "explicit_prompt, implicit_prompt | unpaired_preference: strings, "
+                            "conversational.")
     chat_template: Optional[str] = Field(
         None, description="A Jinja file or a template string that replaces the tokenizer's chat template.")
     max_length: int = Field(512, ge=8, le=1_048_576, description="Tokens per sequence; longer rows are truncated.")
@@ -110,6 +113,11 @@ class DataConfig(Section):
     chosen_field: str = Field("chosen", description="Column holding the preferred completion (format preference).")
     rejected_field: str = Field("rejected", description="Column holding the dispreferred completion (format "
                                                         "preference).")
+    label_field: str = Field("label", description="Column holding a row's label, true (desirable) or false "
+                                                  "(format unpaired_preference).")
+    margin_field: Optional[str] = Field(
+        None, description="Format preference: a column of numbers, each pair's margin (train.objective reward "
+                          "subtracts it from the reward difference, as TRL's `margin`); None: no margin.")
     max_prompt_length: Optional[int] = Field(
         None, ge=1, description="Format preference: keep the last N tokens of a longer prompt (None: all of it).")
     chat_turns: Literal["all", "last"] = Field(

@@ -58,19 +58,27 @@ class Evaluator:
     def evaluate(self, engine, objective) -> dict[str, float]:
         """`eval_loss` (the objective's loss over the eval rows: the mean token loss, and then `eval_ppl`; for
         DPO the mean pair loss), `eval_loss/<name>` of each named source, and the objective's other metrics
-        `eval_<name>` (every rank calls this at the same step)."""
+        `eval_<name>`: each sum over the loss's count, or over its own count where the objective gives
+        (sum, count) (KTO's per-label means); not logged where that count is 0. Every rank calls this at the
+        same step."""
         with frozen_eval(engine.module):
             group_sums = [self._run_group(engine, objective, rows) for rows in self.groups]
-        # One all-reduce: each group's loss sum, each group's target count, then the objective's sums.
+        # One all-reduce: each group's loss sum, each group's target count, then the objective's sums and the
+        # counts of those that bring their own (value, count).
         n, names = len(self.groups), list(dict.fromkeys(k for _, _, sums in group_sums for k in sums))
+        own = [k for k in names if any(isinstance(sums.get(k), tuple) for _, _, sums in group_sums)]
+        part = (lambda v, i: v[i] if isinstance(v, tuple) else v)
         totals = sum_over_ranks([*(loss for loss, _, _ in group_sums), *(count for _, count, _ in group_sums),
-                                 *(sum(sums.get(k, 0) for _, _, sums in group_sums) for k in names)])
-        losses, counts, others = totals[:n], totals[n:2 * n], totals[2 * n:]
+                                 *(sum(part(sums.get(k, 0), 0) for _, _, sums in group_sums) for k in names),
+                                 *(sum(part(sums.get(k, (0, 0)), 1) for _, _, sums in group_sums) for k in own)])
+        losses, counts = totals[:n], totals[n:2 * n]
+        others, own_counts = totals[2 * n:2 * n + len(names)], dict(zip(own, totals[2 * n + len(names):]))
         scores = {"eval_loss": sum(losses) / sum(counts)}
         if objective.perplexity:  # a mean token loss (a pair's loss is not)
             scores["eval_ppl"] = math.exp(min(scores["eval_loss"], 50.0))
         scores |= {f"eval_loss/{name}": loss / count for name, loss, count in zip(self.names, losses, counts) if count}
-        return {**scores, **{f"eval_{k}": v / sum(counts) for k, v in zip(names, others)}}
+        divisors = {k: own_counts.get(k, sum(counts)) for k in names}
+        return {**scores, **{f"eval_{k}": v / divisors[k] for k, v in zip(names, others) if divisors[k]}}
 
     def _run_group(self, engine, objective, rows: np.ndarray) -> tuple[torch.Tensor, int, dict]:
         """This rank's (summed loss on the device, counted targets, the objective's sums) over one group."""
@@ -82,7 +90,7 @@ class Evaluator:
             batch_loss, batch_count, batch_sums = objective.eval_batch(engine, self.data, units, bool(len(mine)))
             loss_sum += batch_loss  # stays on the device
             count += batch_count
-            sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
+            sums = {k: _added(sums.get(k), v) for k, v in batch_sums.items()}
         return loss_sum, count, sums
 
     def units(self, rows: np.ndarray) -> np.ndarray:
@@ -90,6 +98,13 @@ class Evaluator:
         group's rows (`rows` are then group indices)."""
         k = self.data.rows_per_unit
         return group_units(rows, k) if k > 1 else rows.reshape(-1, 1)
+
+
+def _added(total, value):
+    """A metric's running sum: a number, or (value, count) for an objective's metric with its own count."""
+    if total is None:
+        return value
+    return (total[0] + value[0], total[1] + value[1]) if isinstance(value, tuple) else total + value
 
 
 def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=None):

@@ -170,8 +170,10 @@ def _chunk_logits(h, weight, bias, buffer):
     return buffer.copy_(F.linear(h, weight, bias))
 
 
-def _token_logps(hidden, weight, bias, targets, chunk_tokens: int) -> torch.Tensor:
-    """log p(target) of every row of `hidden` (fp32), `chunk_tokens` rows at a time."""
+def _token_logps(hidden, weight, bias, targets, chunk_tokens: int, stats=None) -> torch.Tensor:
+    """log p(target) of every row of `hidden` (fp32), `chunk_tokens` rows at a time. `stats` ([n, 2] fp32, or
+    None) receives each row's mean logit over the vocabulary and whether the target is its top logit (TRL's
+    `logits/*` and `mean_token_accuracy`): one more reduction over a chunk, no gradient."""
     n = targets.numel()
     out = torch.empty(n, dtype=torch.float32, device=hidden.device)
     buffer = torch.empty((min(n, chunk_tokens), weight.size(0)), dtype=torch.float32, device=hidden.device)
@@ -180,6 +182,9 @@ def _token_logps(hidden, weight, bias, targets, chunk_tokens: int) -> torch.Tens
         logits = _chunk_logits(hidden[start:start + chunk_tokens], weight, bias, buffer[:t.numel()])
         target_logit = logits.gather(1, t[:, None])[:, 0]
         row_max = logits.amax(1)
+        if stats is not None:
+            stats[start:start + t.numel(), 0] = logits.detach().mean(1)
+            stats[start:start + t.numel(), 1] = (target_logit >= row_max).float()
         out[start:start + t.numel()] = target_logit - row_max - logits.sub_(row_max[:, None]).exp_().sum(1).log_()
     return out
 
@@ -201,10 +206,10 @@ class FusedLinearTokenLogps(torch.autograd.Function):
     over chunks in fp32). Sums per sequence are taken outside, by autograd (`segment_sums`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, stats=None):
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_tokens = chunk_tokens
-        return _token_logps(hidden, weight, bias, targets, chunk_tokens)
+        return _token_logps(hidden, weight, bias, targets, chunk_tokens, stats)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -232,18 +237,20 @@ class FusedLinearTokenLogps(torch.autograd.Function):
             if g_bias is not None:
                 g_bias += g.sum(0, dtype=torch.float32)
         return (g_hidden, None if g_weight is None else g_weight.to(weight.dtype),
-                None if g_bias is None else g_bias.to(bias.dtype), None, None)
+                None if g_bias is None else g_bias.to(bias.dtype), None, None, None)
 
 
-def fused_token_logps(hidden, weight, bias, targets, chunk_tokens: int) -> torch.Tensor:
-    """log p(target) of every row of `hidden` (one float each, fp32), with gradients where asked for."""
+def fused_token_logps(hidden, weight, bias, targets, chunk_tokens: int, stats=None) -> torch.Tensor:
+    """log p(target) of every row of `hidden` (one float each, fp32), with gradients where asked for;
+    `stats`: as `_token_logps`'s."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
     if not needs_grad:
-        return _token_logps(hidden, weight, bias, targets, chunk_tokens)
-    return FusedLinearTokenLogps.apply(hidden, weight, bias, targets, chunk_tokens)
+        return _token_logps(hidden, weight, bias, targets, chunk_tokens, stats)
+    return FusedLinearTokenLogps.apply(hidden, weight, bias, targets, chunk_tokens, stats)
 
 
-def fused_sequence_logps(hidden, weight, bias, targets, counts: list[int], chunk_tokens: int) -> torch.Tensor:
+def fused_sequence_logps(hidden, weight, bias, targets, counts: list[int], chunk_tokens: int,
+                         stats=None) -> torch.Tensor:
     """Summed log-probs of `targets` per sequence (`counts` consecutive rows of `hidden` each)."""
-    return segment_sums(fused_token_logps(hidden, weight, bias, targets, chunk_tokens), counts)
+    return segment_sums(fused_token_logps(hidden, weight, bias, targets, chunk_tokens, stats), counts)

@@ -75,9 +75,18 @@ def full_token_logps(engine, input_ids, attention_mask, labels, facts=None) -> t
     return torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
 
 
-def full_sequence_logps(engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
-    """Per-sequence summed log-probs from the full logits (train.loss_chunk_tokens: 0); `facts` unused."""
-    logits = engine(**model_inputs(input_ids, attention_mask)).logits[:, :-1].float()
+def full_sequence_logps(engine, input_ids, attention_mask, labels, facts=None, stats=None) -> torch.Tensor:
+    """Per-sequence summed log-probs from the full logits (train.loss_chunk_tokens: 0); `facts` unused but
+    for `stats` (as `fused_head._token_logps`'s, in `facts.target_positions()`'s order)."""
+    logits = engine(**model_inputs(input_ids, attention_mask)).logits.float()
+    if stats is not None:
+        with torch.no_grad():
+            facts = facts_of(labels) if facts is None else facts
+            where = host_to_device(facts.target_positions(), input_ids.device)
+            picked = logits.reshape(-1, logits.size(-1))[where]
+            stats[:, 0] = picked.mean(1)
+            stats[:, 1] = (picked.gather(1, labels.reshape(-1)[where + 1][:, None])[:, 0] >= picked.amax(1)).float()
+    logits = logits[:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logps = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
@@ -123,7 +132,7 @@ class ChunkedLoss:
                                 f"logits ({key}), which the chunked loss does not; set train.loss_chunk_tokens=0")
         self.labels, self.result, self.grad_scale, self.shifted, self.token_losses = None, None, 1.0, False, None
         # logps: None (the summed token loss) | "sequences" (summed log-probs a row) | "tokens" (one a target)
-        self.logps, self.where, self.counts = None, None, None
+        self.logps, self.where, self.counts, self.stats = None, None, None, None
         model.base_model.register_forward_hook(self._after_base_model)
 
     def _after_base_model(self, module, args, output):
@@ -135,13 +144,13 @@ class ChunkedLoss:
         hidden = hidden.reshape(-1, hidden.size(-1))[self.where]
         targets = self.labels.reshape(-1)[self.where if self.shifted else self.where + 1]
         head, chunk, grad_scale, token_losses = self.head, self.chunk_tokens, self.grad_scale, self.token_losses
-        logps, counts = self.logps, self.counts
+        logps, counts, stats = self.logps, self.counts, self.stats
 
         def loss_of(h):  # runs as the head's forward: its weight is gathered here under ZeRO-3
             if logps == "tokens":
                 return fused_token_logps(h, head.weight, head.bias, targets, chunk)
             if logps == "sequences":
-                return fused_sequence_logps(h, head.weight, head.bias, targets, counts, chunk)
+                return fused_sequence_logps(h, head.weight, head.bias, targets, counts, chunk, stats)
             return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk, grad_scale, token_losses)
 
         with _forward_replaced(head, loss_of):
@@ -161,13 +170,14 @@ class ChunkedLoss:
         finally:
             self.labels, self.result, self.token_losses, self.where, self.counts = None, None, None, None, None
 
-    def sequence_logps(self, engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
-        """Per-sequence summed log-probs of the targets (every sequence must have at least one)."""
-        self.logps = "sequences"
+    def sequence_logps(self, engine, input_ids, attention_mask, labels, facts=None, stats=None) -> torch.Tensor:
+        """Per-sequence summed log-probs of the targets (every sequence must have at least one); `stats`: a
+        [targets, 2] buffer for each target's mean logit and top-1 flag (`fused_head._token_logps`)."""
+        self.logps, self.stats = "sequences", stats
         try:
             return self(engine, input_ids, attention_mask, labels, facts=facts)
         finally:
-            self.logps = None
+            self.logps, self.stats = None, None
 
     def token_logps(self, engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
         """log p(target) of every target token, row-major (`facts.target_positions()`'s order)."""

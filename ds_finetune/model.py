@@ -19,13 +19,42 @@ from ds_finetune.dist import on_cuda
 from ds_finetune.config import RunConfig
 from ds_finetune.errors import UserError
 from ds_finetune.lora import apply_lora, hf_model
+from ds_finetune.objectives import model_head
 from ds_finetune.tiled_mlp import apply_tiled_mlp
 from ds_finetune.zero_passthrough import offloads_optimizer
 
 
+def auto_class(cfg: RunConfig):
+    """(transformers' Auto class of the objective's head, its from_pretrained/from_config keyword arguments):
+    a causal LM, or for the reward model a sequence classifier with one label (its `score` head drawn by
+    transformers' init, from the seed like every weight), refused in one line where transformers has none
+    for the model's type."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    if model_head(cfg) == "causal_lm":
+        return AutoModelForCausalLM, {}
+    check_sequence_classification(cfg)
+    return AutoModelForSequenceClassification, {"num_labels": 1}
+
+
+def check_sequence_classification(cfg: RunConfig) -> None:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as HEADS
+    if cfg.model.config is not None:
+        model_type = cfg.model.config["model_type"]
+    else:
+        try:
+            model_type = AutoConfig.from_pretrained(cfg.model.name_or_path, **cfg.model.hub_options()).model_type
+        except Exception:  # noqa: BLE001 - the model's own load says what is wrong with it
+            return
+    if model_type not in HEADS:
+        raise UserError(f"model error: train.objective reward trains a sequence classifier and transformers' "
+                        f"AutoModelForSequenceClassification has none for model type {model_type!r} "
+                        f"({cfg.model.name_or_path or 'model.config'}); pick a model whose type has one (llama, "
+                        f"qwen2, mistral, gemma, ...)")
+
+
 def build_model(cfg: RunConfig, ds_config: dict):
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoModelForCausalLM
 
     keep_alive = None
     if cfg.train.zero_stage == 3 and cfg.model.name_or_path is not None:
@@ -37,12 +66,16 @@ def build_model(cfg: RunConfig, ds_config: dict):
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841
     # transformers' default attention unless the config names one
     attention = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    auto, head = auto_class(cfg)
     try:
         if cfg.model.config is not None:
-            model = AutoModelForCausalLM.from_config(inline_model_config(cfg.model), dtype=torch.float32)
+            config = inline_model_config(cfg.model)
+            for key, value in head.items():  # config attributes (from_pretrained takes them as overrides)
+                setattr(config, key, value)
+            model = auto.from_config(config, dtype=torch.float32)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **attention,
-                                                         **cfg.model.hub_options())
+            model = auto.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **attention, **head,
+                                         **cfg.model.hub_options())
     except (OSError, ValueError, KeyError, TypeError, ImportError,  # ImportError: flash-attn not installed
             StrictDataclassError) as e:  # a config.json that transformers' validators refuse
         source = cfg.model.name_or_path or "model.config"

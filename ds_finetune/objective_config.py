@@ -1,5 +1,5 @@
-"""The config sections of the preference objectives (`dpo:`, `orpo:`, `simpo:`, `cpo:`), each named like
-its objective (objectives/__init__.py); config.py holds them in the run config."""
+"""The config sections of the preference objectives (`dpo:`, `orpo:`, `simpo:`, `cpo:`, `kto:`, `reward:`), each
+named like its objective (objectives/__init__.py); config.py holds them in the run config."""
 
 from __future__ import annotations
 
@@ -86,4 +86,24 @@ class SimpoConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="The probability that a pair's labels are flipped.")
 
 
-PAIR_OBJECTIVES = ("dpo", "orpo", "simpo", "cpo")
+class KtoConfig(Section):
+    beta: float = Field(0.1, gt=0, description="KTO temperature: rewards are beta x (policy - reference) log-probs.")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="kto (against the KL estimate of mismatched pairs) | apo_zero_unpaired (no KL estimate).")
+    desirable_weight: float = Field(1.0, gt=0, description="The weight of the desirable rows' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="The weight of the undesirable rows' losses.")
+    reference: Literal["precomputed", "model"] = Field(
+        "precomputed", description="As dpo.reference: the base's log-probs computed once before training "
+                                   "(precomputed) or by a frozen copy of the base (model); with LoRA the base is the "
+                                   "model with adapters off.")
+
+
+class RewardConfig(Section):
+    center_rewards_coefficient: Optional[float] = Field(
+        None, ge=0, description="Add this x the mean squared sum of a pair's two rewards, pulling rewards towards "
+                                "0 (TRL's center_rewards_coefficient; None: off).")
+
+
+PAIR_OBJECTIVES = ("dpo", "orpo", "simpo", "cpo", "reward")
+# The objectives that need a reference model (and take dpo's three ways of getting one).
+REFERENCE_OBJECTIVES = ("dpo", "kto")

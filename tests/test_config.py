@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 from ds_finetune.cli import main
 from harness import assert_one_line_error
-from ds_finetune.config import (CheckpointConfig, CpoConfig, DpoConfig, EvalConfig, LoggingConfig, LoraConfig,
-                                ModelConfig, OrpoConfig, RunConfig, SimpoConfig, TrainConfig, WandbConfig, load_config)
+from ds_finetune.config import (CheckpointConfig, CpoConfig, DpoConfig, EvalConfig, KtoConfig, LoggingConfig,
+                                LoraConfig, ModelConfig, OrpoConfig, RewardConfig, RunConfig, SimpoConfig, TrainConfig,
+                                WandbConfig, load_config)
 from ds_finetune.data_config import DataConfig, EvalSourceConfig, SourceConfig
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.errors import UserError
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "dpo": DpoConfig, "orpo": OrpoConfig,
-            "simpo": SimpoConfig, "cpo": CpoConfig}
+            "simpo": SimpoConfig, "cpo": CpoConfig, "kto": KtoConfig, "reward": RewardConfig}
 
 
 def cli_command() -> list[str]:

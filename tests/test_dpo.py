@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import harness
 from ds_finetune.config import DpoConfig, load_config
 from ds_finetune.data import IGNORE_INDEX, EpochOrder, collate_pairs, load_tokenizer, prepare_data
-from ds_finetune.objectives.dpo import METRICS, AdaptersOff, DPOLoss, Precomputed, dpo_loss
+from ds_finetune.objectives.dpo import METRICS, TOKEN_METRICS, AdaptersOff, DPOLoss, Precomputed, dpo_loss
 from ds_finetune.errors import UserError
 from ds_finetune.fused_head import fused_sequence_logps
 from ds_finetune.loss import ChunkedLoss, full_sequence_logps
@@ -202,6 +202,12 @@ def test_loss_metrics_and_gradients_equal_trl_dpo_trainer(tmp_path, our_dpo, the
     assert (loss_sum / pairs).item() == pytest.approx(trl_loss.item(), abs=1e-5)
     for name, value in zip(METRICS, (sums / pairs).tolist()):
         assert value == pytest.approx(trl_metrics[name], abs=1e-5), name
+    chosen_tokens, rejected_tokens = (int((labels[rows, 1:] != IGNORE_INDEX).sum()) for rows in
+                                      (slice(0, pairs), slice(pairs, None)))
+    token_means = sums[len(METRICS):] / torch.tensor([chosen_tokens, rejected_tokens, chosen_tokens])
+    for name, value in zip(TOKEN_METRICS, token_means.tolist()):  # from the fused head's per-token stats
+        assert value == pytest.approx(trl_metrics[name], abs=1e-5), name
+    assert set(trl_metrics) - set(METRICS) - set(TOKEN_METRICS) == {"entropy", "num_tokens"}
     assert trl_metrics["rewards/margins"] != 0
     trl_grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
     our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
@@ -218,9 +224,12 @@ def test_full_logits_path_gives_the_chunked_log_probs():
     attention_mask[3, 20:] = 0
     labels = input_ids.masked_fill(torch.arange(30) < 10, IGNORE_INDEX)
     labels[3, 20:] = IGNORE_INDEX
-    chunked = ChunkedLoss(model, 7).sequence_logps(model, input_ids, attention_mask, labels)
-    full = full_sequence_logps(model, input_ids, attention_mask, labels)
+    targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    chunked_stats, full_stats = torch.zeros(targets, 2), torch.zeros(targets, 2)
+    chunked = ChunkedLoss(model, 7).sequence_logps(model, input_ids, attention_mask, labels, stats=chunked_stats)
+    full = full_sequence_logps(model, input_ids, attention_mask, labels, stats=full_stats)
     assert torch.allclose(chunked, full, atol=1e-4, rtol=1e-6)
+    assert torch.allclose(chunked_stats, full_stats, atol=1e-5) and chunked_stats[:, 0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("reference", ["precomputed", "adapters off"])

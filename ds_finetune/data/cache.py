@@ -37,6 +37,9 @@ from ds_finetune.messages import say_on_stderr
 DATA_FORMAT_VERSION = 2
 ARRAYS = {"input_ids": np.int32, "target_mask": np.bool_, "offsets": np.int64, "lengths": np.int32,
           "row_targets": np.int32, "row_ids": np.int64}
+# Per-row values some formats add, written only where the format has them (none of the older caches do):
+# unpaired_preference's labels, preference's margins (data.margin_field).
+ROW_VALUES = {"row_labels": np.bool_, "row_margins": np.float32}
 NOT_IN_KEY = {"path", "cache_dir", "packing", "num_proc"}  # settings that do not change the tokens
 WAIT_MESSAGE_EVERY_S = 10.0
 STALE_LOCK_S = 300.0  # a builder on another host that has not touched its lock for this long is dead
@@ -53,6 +56,8 @@ class TokenizedData:
         self.content_hash, self.skipped_rows, self.truncated_pairs = content_hash, skipped_rows, truncated_pairs
         self.path = path  # the cache folder (a DPO run's precomputed reference lies beside it)
         self.rows_per_unit = rows_per_unit  # rows that form one unit of the order (a preference pair: 2)
+        self.row_labels = arrays.get("row_labels")    # unpaired_preference: True where desirable
+        self.row_margins = arrays.get("row_margins")  # preference with data.margin_field: each row's pair's margin
 
     @property
     def num_rows(self) -> int:
@@ -144,6 +149,10 @@ def _write_arrays(data_cfg, tok, files, folder: Path, progress, heartbeat) -> di
     for chunk in tokenized_chunks(data_cfg, tok, files):
         for name in ("input_ids", "target_mask", "lengths", "row_targets", "row_ids"):
             out[name].append(getattr(chunk, name))
+        for name, values in chunk.row_values.items():
+            if name not in out:
+                out[name] = NpyAppender(folder / f"{name}.npy", ROW_VALUES[name])
+            out[name].append(values)
         out["offsets"].append(tokens + np.cumsum(chunk.lengths, dtype=np.int64))
         tokens += len(chunk.input_ids)
         rows += chunk.rows_read
@@ -166,6 +175,8 @@ def _write_arrays(data_cfg, tok, files, folder: Path, progress, heartbeat) -> di
 
 def read_cache(path: Path, data_hash: str, rows_per_unit: int = 1) -> TokenizedData:
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    arrays |= {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ROW_VALUES
+               if (path / f"{name}.npy").exists()}
     meta = json.loads((path / "meta.json").read_text())
     return TokenizedData(arrays, data_hash, int(meta["skipped_rows"]), int(meta.get("truncated_pairs", 0)), path,
                          rows_per_unit)

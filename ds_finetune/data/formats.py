@@ -10,8 +10,9 @@ Invariant: a row's first token is never a target (see ds_finetune/data/__init__.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +36,7 @@ class ChunkArrays:
     rows_read: int
     skipped: int
     truncated_pairs: int = 0  # format preference: pairs that truncation cut
+    row_values: dict = field(default_factory=dict)  # cache.ROW_VALUES name -> one value per kept row
 
 
 # ------------------------------------------------------------------------------------- worker process
@@ -90,6 +92,26 @@ def _field(row: dict, name: str, at: str, fmt: str, setting: str, kind=str):
     return value
 
 
+def _label(row: dict, name: str, at: str) -> bool:
+    """An unpaired_preference row's label: a JSON true (desirable) or false (undesirable), as TRL's KTO reads it."""
+    value = row.get(name)
+    if not isinstance(value, bool):
+        what = "missing" if value is None else f"{json.dumps(value)[:40]}, not true or false"
+        raise UserError(f"data error: {at}: field {name!r} is {what} (format unpaired_preference needs a label, true "
+                        f"for a desirable completion, false for an undesirable one; set data.label_field if the "
+                        f"column has another name)")
+    return value
+
+
+def _margin(row: dict, name: str, at: str) -> float:
+    value = row.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        what = "missing" if value is None else f"{json.dumps(value)[:40]}, not a finite number"
+        raise UserError(f"data error: {at}: field {name!r} (data.margin_field) is {what}; give every pair a "
+                        f"number, or unset data.margin_field")
+    return float(value)
+
+
 def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
     first, items = chunk
     rows = []
@@ -104,6 +126,11 @@ def tokenize_chunk(tok, cfg, chunk) -> ChunkArrays:
 
 def _tokenize_rows(tok, cfg, first: int, items: list, rows: list[dict]) -> ChunkArrays:
     ats = [_at(where, first + k) for k, (where, _) in enumerate(items)]
+    # Columns beside the text, read before the layout keeps only the text's.
+    labels = ([_label(r, cfg.label_field, at) for r, at in zip(rows, ats)]
+              if cfg.format == "unpaired_preference" else None)
+    margins = ([_margin(r, cfg.margin_field, at) for r, at in zip(rows, ats)]
+               if cfg.format == "preference" and cfg.margin_field is not None else None)
     rows = normalise_rows(cfg, rows, ats)  # the layout users bring -> the one read below (layouts.py)
     if cfg.format == "text":
         seqs = _text_seqs(tok, [_field(r, cfg.text_field, at, "text", "text_field") for r, at in zip(rows, ats)])
@@ -111,6 +138,13 @@ def _tokenize_rows(tok, cfg, first: int, items: list, rows: list[dict]) -> Chunk
         seqs, cut = preference_seqs(tok, cfg, rows, ats)
         kept = _keep_rows(seqs, cfg.max_length, first, len(items))
         kept.truncated_pairs = cut
+        if margins is not None:
+            kept.row_values = {"row_margins": np.asarray(margins, np.float32)[kept.row_ids - first]}
+        return kept
+    elif cfg.format == "unpaired_preference":
+        seqs = _prompt_completion_seqs(tok, *prompt_completion_texts(tok, cfg, rows, ats))
+        kept = _keep_rows(((k, ids, mask) for k, (ids, mask) in enumerate(seqs)), cfg.max_length, first, len(items))
+        kept.row_values = {"row_labels": np.asarray(labels, dtype=bool)[kept.row_ids - first]}
         return kept
     elif cfg.format == "prompt_completion":
         seqs = _prompt_completion_seqs(tok, *prompt_completion_texts(tok, cfg, rows, ats))

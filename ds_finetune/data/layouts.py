@@ -10,6 +10,7 @@
                        messages) | implicit_prompt (TRL: chosen/rejected whole conversations whose shared
                        start is the prompt)                       -> {prompt_field, chosen_field, rejected_field}
                        both kinds, as strings or all message lists, as preference.py reads them
+    unpaired_preference  strings | conversational, as prompt_completion (and a label column, formats.py)
     text               text (only)
 
 Detection takes the first layout, in the order above, whose columns the row has; so the format's first
@@ -32,7 +33,8 @@ READS = {"chat": "messages (a list of {role, content}), conversations (ShareGPT:
                  "instruction/input/output (alpaca)",
          "prompt_completion": "prompt and completion, strings or message lists",
          "preference": "prompt, chosen and rejected (strings or message lists), or chosen and rejected "
-                       "conversations that share their prompt"}
+                       "conversations that share their prompt",
+         "unpaired_preference": "prompt, completion (strings or message lists) and label (true or false)"}
 
 
 def normalise_rows(cfg, rows: list[dict], ats: list[str]) -> list[dict]:
@@ -88,7 +90,8 @@ def _sharegpt_column(cfg, row: dict) -> str | None:
 def no_layout_message(cfg, row: dict, at: str, layout: str | None) -> str:
     """One line: the column the format's first layout (or the forced one) misses, and the columns found."""
     wanted = {"chat": [cfg.messages_field], "prompt_completion": [cfg.prompt_field, cfg.completion_field],
-              "preference": [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field]}[cfg.format]
+              "preference": [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field],
+              "unpaired_preference": [cfg.prompt_field, cfg.completion_field]}[cfg.format]
     if layout == "implicit_prompt":
         wanted = wanted[1:]
     missing = next((n for n in wanted if row.get(n) is None), wanted[0])

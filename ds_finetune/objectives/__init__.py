@@ -10,7 +10,8 @@ with, `sequence.ShardedLoss`).
 
 Each objective is a file: `sft.py` (next-token loss), `dpo.py` (preference pairs; its reference model; its
 loss types in `dpo_losses.py`), `dpo_reference.py` (the reference log-probs stored before training),
-`orpo.py` and `cpo.py` (ORPO, CPO and SimPO: pairs without a reference); `pairs.py` is the step every pair
+`orpo.py` and `cpo.py` (ORPO, CPO and SimPO: pairs without a reference), `kto.py` (unpaired rows, DPO's
+reference), `reward_model.py` (a sequence classifier on pairs); `pairs.py` is the step every pair
 objective shares. A new one is a module with a
 `build(parts)` and a line in `OBJECTIVES` (and a choice of `train.objective` in config.py); its config section is named like it (`dpo:`), and its settings go
 into the exact fingerprint (`fingerprint_settings`).
@@ -132,7 +133,19 @@ OBJECTIVES = {
     "orpo": "ds_finetune.objectives.orpo",
     "simpo": "ds_finetune.objectives.cpo",  # SimPO is CPO's simpo loss, with its own section and defaults
     "cpo": "ds_finetune.objectives.cpo",
+    "kto": "ds_finetune.objectives.kto",
+    "reward": "ds_finetune.objectives.reward_model",
 }
+
+
+# What the model of an objective is, where it is not a causal LM (model.py builds it with transformers' Auto
+# class of that head): the reward model is a sequence classifier with one label.
+MODEL_HEADS = {"reward": "sequence_classification"}
+
+
+def model_head(cfg) -> str:
+    """"causal_lm" or "sequence_classification": the head the run's objective trains."""
+    return MODEL_HEADS.get(cfg.train.objective, "causal_lm")
 
 
 def build_objective(parts: ObjectiveParts) -> Objective:

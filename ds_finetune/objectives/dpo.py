@@ -12,7 +12,9 @@ them, `dpo.rpo_alpha`'s NLL term) and the step's loss their mean over the global
 rewards/chosen = beta x chosen log-ratio (rejected alike), rewards/margins their difference,
 rewards/accuracies the share of pairs whose chosen reward is higher, logps/chosen and logps/rejected the
 policy's summed log-probs: each a mean over the pairs, summed on each rank and reduced with the loss in
-the step's one all-reduce.
+the step's one all-reduce. logits/chosen and logits/rejected (the mean over the vocabulary of the logits at
+each completion token, averaged over the completion tokens) and mean_token_accuracy (the share of chosen
+completion tokens that are the top logit) are TRL's too, token means over the global batch. Not entropy.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from ds_finetune.objectives.pairs import PairObjective, chosen_completion_tokens
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
+# Means over the completion tokens (of the chosen rows; of the rejected for logits/rejected), from the fused
+# head's per-token stats: the mean logit over the vocabulary, whether the target is the top logit.
+TOKEN_METRICS = ("logits/chosen", "logits/rejected", "mean_token_accuracy")
 
 
 def dpo_metric_sums(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
@@ -120,13 +125,20 @@ class DPOLoss:
         global batch's pairs over its chosen completion tokens (for `sft`; None: this batch's)."""
         facts = facts_of(labels) if facts is None else facts  # once for the policy's forward and the reference's
         reference = self.reference(engine, input_ids, attention_mask, labels, rows, facts)
-        policy = self.logps_fn(engine, input_ids, attention_mask, labels, facts)
+        counts = facts.row_targets()
+        stats = torch.empty((sum(counts), 2), dtype=torch.float32, device=input_ids.device)
+        policy = self.logps_fn(engine, input_ids, attention_mask, labels, facts, stats=stats)
         n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
         if nll_scale is None:
             nll_scale = chosen_nll_scale(facts) if self.needs_nll else 0.0
         loss_sum = dpo_loss_sum(policy, reference, n_tokens, self.beta, self.losses, self.label_smoothing,
                                 self.discopop_tau, nll_scale)
-        return loss_sum, dpo_metric_sums(policy, reference, self.beta)
+        return loss_sum, torch.cat([dpo_metric_sums(policy, reference, self.beta), token_metric_sums(stats, counts)])
+
+    def token_counts(self, data, units: np.ndarray) -> dict:
+        """What TOKEN_METRICS' sums are divided by: the completion tokens of `units`' chosen (rejected) rows."""
+        chosen, rejected = (int(data.row_targets[units[:, k]].sum()) for k in (0, 1))
+        return {"logits/chosen": chosen, "logits/rejected": rejected, "mean_token_accuracy": chosen}
 
     collate = staticmethod(collate_pairs)
 
@@ -137,6 +149,14 @@ class DPOLoss:
     def nll_tokens(self, data, units: np.ndarray) -> int | None:
         """sft's token mean is over the chosen completions."""
         return chosen_completion_tokens(data, units) if self.needs_nll else None
+
+
+def token_metric_sums(stats: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """TOKEN_METRICS summed over a batch's tokens (rows: chosen, then rejected) from the head's per-token stats."""
+    with torch.no_grad():
+        per_row = torch.stack([part.sum(0) for part in torch.split(stats, counts)])  # [2B, 2], a fixed order
+        chosen, rejected = per_row.chunk(2)
+        return torch.stack([chosen[:, 0].sum(), rejected[:, 0].sum(), chosen[:, 1].sum()]).double()
 
 
 def chosen_nll_scale(facts) -> float:
@@ -155,7 +175,8 @@ def build(parts: ObjectiveParts) -> PairObjective:
     def objective(reference, eval_reference=None) -> PairObjective:
         def loss(ref):
             return DPOLoss(logps_fn, ref, d.beta, d.weighted_losses, d.label_smoothing, d.discopop_tau)
-        return PairObjective(METRICS, parts.data, parts.layout, loss(reference), parts.pad_id, parts.group.dp_rank,
+        return PairObjective(METRICS + TOKEN_METRICS, parts.data, parts.layout, loss(reference), parts.pad_id,
+                             parts.group.dp_rank,
                              loss(eval_reference) if eval_reference is not None else None)
 
     if cfg.model.lora is not None:

@@ -14,6 +14,9 @@ the same number of forwards (ZeRO-3 gathers parameters in every one). A rank wri
 was: the next start skips the rounds whose blocks are all on disk. A block's values depend only on its
 pairs, not on the world size or which rank computed it. Rank 0 then joins the blocks into `logps.npy`
 and commits the folder by renaming it.
+
+KTO's precomputed reference (`kto.py`) is the same pass over rows instead of pairs, two values a row (its
+own log-probs and those of its KL row): `reference_logps`'s `walk`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import hashlib
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -37,7 +42,26 @@ from ds_finetune.objectives import ObjectiveParts
 REFERENCE_VERSION = 1  # bump when the stored values would change
 
 
-def reference_key(cfg, data, block: int) -> str:
+@dataclass(frozen=True)
+class Walk:
+    """How the pass goes over the data: `units` of it in order (pairs; KTO's rows), blocks of `block` units,
+    `values(engine, logps_fn, unit_ids)` -> (cache rows [n], their values [n, columns]); `key`: what else
+    the stored values depend on (nothing for DPO's, so its folders keep their names)."""
+    units: int
+    columns: int
+    values: Callable
+    key: dict
+
+
+def pair_walk(data, pad_id: int) -> Walk:
+    """DPO's: pairs, one value a row (its summed completion log-probs)."""
+    def values(engine, logps_fn, pairs):
+        batch = collate_pairs(data, group_units(pairs, 2), pad_id)
+        return batch.rows, logps_fn(engine, *to_device(batch[:3], engine.device), batch.facts)[:, None]
+    return Walk(data.num_rows // 2, 1, values, {})
+
+
+def reference_key(cfg, data, block: int, extra: dict | None = None) -> str:
     model = cfg.model.model_dump(mode="json")
     folder = Path(cfg.model.name_or_path) if cfg.model.name_or_path else None
     if folder is not None and folder.is_dir():  # a changed weight file is another base
@@ -45,32 +69,34 @@ def reference_key(cfg, data, block: int) -> str:
     if cfg.model.name_or_path is None:
         model["seed"] = cfg.train.seed  # a randomly initialised base is drawn from the seed
     key = {"v": REFERENCE_VERSION, "data": data.path.name, "model": model, "block": block,
-           "loss_chunk_tokens": cfg.train.loss_chunk_tokens}
+           "loss_chunk_tokens": cfg.train.loss_chunk_tokens, **(extra or {})}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def reference_logps(parts: ObjectiveParts, logps_fn, data) -> np.ndarray:
-    """The stored reference log-probs of `data` (one per row), computed first if they are not there (by
-    `logps_fn` on the engine, which must then hold the base's weights), in blocks of micro_batch_size pairs."""
-    cfg, engine, pad_id, rank, world = parts.cfg, parts.engine, parts.pad_id, parts.rank, parts.world
+def reference_logps(parts: ObjectiveParts, logps_fn, data, walk: Walk | None = None) -> np.ndarray:
+    """The stored reference log-probs of `data` (one per row; [rows, columns] for a walk of several), computed
+    first if they are not there (by `logps_fn` on the engine, which must then hold the base's weights), in
+    blocks of micro_batch_size units (DPO's pairs unless `walk` says otherwise)."""
+    cfg, engine, rank, world = parts.cfg, parts.engine, parts.rank, parts.world
+    walk = walk or pair_walk(data, parts.pad_id)
     block = cfg.train.micro_batch_size
-    folder = data.path.parent.parent / "reference" / reference_key(cfg, data, block)
+    folder = data.path.parent.parent / "reference" / reference_key(cfg, data, block, walk.key)
     partial = folder.with_name(folder.name + ".partial")
     if not decide(folder.is_dir, runs_here=rank == 0):
         if not parts.weights_are_base:
             raise UserError(f"data error: the reference log-probs of this run ({folder}) are gone and the model now "
                             f"holds a checkpoint converted from another ZeRO stage or world size; resume on the "
                             f"checkpoint's own stage and world size once (it recomputes them), or restore the folder")
-        _compute(engine, logps_fn, data, block, pad_id, rank, world, partial, parts.say)
+        _compute(engine, logps_fn, walk, block, rank, world, partial, parts.say)
         if rank == 0:
-            _commit(partial, folder, data.num_rows, block)
+            _commit(partial, folder, data.num_rows, block, walk.columns)
         barrier()
     return np.load(folder / "logps.npy", mmap_mode="r")
 
 
-def _compute(engine, logps_fn, data, block: int, pad_id: int, rank: int, world: int, partial: Path, say) -> None:
-    n_pairs = data.num_rows // 2
-    n_blocks = math.ceil(n_pairs / block)
+def _compute(engine, logps_fn, walk: Walk, block: int, rank: int, world: int, partial: Path, say) -> None:
+    n_units = walk.units
+    n_blocks = math.ceil(n_units / block)
     rounds = math.ceil(n_blocks / world)
 
     def done_rounds():
@@ -81,30 +107,32 @@ def _compute(engine, logps_fn, data, block: int, pad_id: int, rank: int, world: 
     done = set(decide(done_rounds, runs_here=rank == 0))  # one view of the disk for every rank
     todo = [r for r in range(rounds) if r not in done]
     if rank == 0:
-        say(f"computing the reference log-probs of {n_pairs} pairs ({len(done)} of {rounds} rounds done before)")
+        what = "pairs" if walk.columns == 1 else "rows"
+        say(f"computing the reference log-probs of {n_units} {what} ({len(done)} of {rounds} rounds done before)")
     with frozen_eval(engine.module):
         for r in todo:
             b = r * world + rank
-            pairs = np.arange(b * block, min(n_pairs, (b + 1) * block)) if b < n_blocks else np.arange(1)
-            units = group_units(pairs, 2)
-            batch = collate_pairs(data, units, pad_id)
-            inputs = to_device(batch[:3], engine.device)
-            values = logps_fn(engine, *inputs, batch.facts).float().cpu().numpy()
+            units = np.arange(b * block, min(n_units, (b + 1) * block)) if b < n_blocks else np.arange(1)
+            rows, values = walk.values(engine, logps_fn, units)
+            values = values.float().cpu().numpy()
             if b < n_blocks:  # else a forward only to keep ZeRO-3's gathers in step
-                _write_block(partial / f"block-{b:08d}.npy", batch.rows, values)
+                _write_block(partial / f"block-{b:08d}.npy", rows, values)
             fault_point("mid_reference", rank, r + 1)
     barrier()
 
 
 def _write_block(path: Path, rows: np.ndarray, values: np.ndarray) -> None:
-    replace_file(path, lambda f: np.save(f, np.stack([rows.astype(np.float64), values.astype(np.float64)])))
+    """[1 + columns, n]: the rows, then each column of their values (DPO's: [2, n], as it always was)."""
+    table = np.concatenate([rows.astype(np.float64)[None], values.astype(np.float64).T])
+    replace_file(path, lambda f: np.save(f, table))
 
 
-def _commit(partial: Path, folder: Path, num_rows: int, block: int) -> None:
-    logps = np.full(num_rows, np.nan, dtype=np.float32)
+def _commit(partial: Path, folder: Path, num_rows: int, block: int, columns: int = 1) -> None:
+    logps = np.full((num_rows, columns), np.nan, dtype=np.float32)
     for path in sorted(partial.glob("block-*.npy")):
-        rows, values = np.load(path)
-        logps[rows.astype(np.int64)] = values.astype(np.float32)
+        table = np.load(path)
+        logps[table[0].astype(np.int64)] = table[1:].T.astype(np.float32)
+    logps = logps[:, 0] if columns == 1 else logps
     if np.isnan(logps).any():
         raise UserError(f"data error: reference log-probs missing for {int(np.isnan(logps).sum())} rows in {partial}; "
                         f"remove that folder and start again")

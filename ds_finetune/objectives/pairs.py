@@ -62,12 +62,22 @@ class PairObjective:
         tokens = loss_fn.nll_tokens(self.data, units)
         per_batch = None if tokens is None else [{"nll_scale": pairs / max(tokens, 1)}] * len(micro_batches)
         loss_sum, sums = accumulate(engine, loss_fn, micro_batches, pairs, step, before_update, per_batch=per_batch)
-        return StepResult(loss_sum, pairs, sums={name: (value, pairs) for name, value in zip(self.metric_names, sums)})
+        counts = self.token_counts(self.data, units)
+        return StepResult(loss_sum, pairs, sums={name: (value, counts.get(name, pairs))
+                                                 for name, value in zip(self.metric_names, sums)})
+
+    def token_counts(self, data: TokenizedData, units: np.ndarray) -> dict:
+        """The metrics the loss averages over tokens, not pairs (DPO's logits/*), and their token counts."""
+        counts = getattr(self.loss_fn, "token_counts", None)
+        return counts(data, units) if counts is not None else {}
 
     def eval_batch(self, engine, data: TokenizedData, units: np.ndarray, counted: bool
                    ) -> tuple[torch.Tensor, int, dict]:
         loss_fn = self.eval_loss_fn if data is not self.data and self.eval_loss_fn is not None else self.loss_fn
         loss_sum, sums = loss_fn(engine, *to_device(loss_fn.collate(data, units, self.pad_id), engine.device))
         weight = 1.0 if counted else 0.0
-        return loss_sum.double() * weight, len(units) if counted else 0, dict(zip(self.metric_names, sums * weight))
+        counts = self.token_counts(data, units)  # (sum, count) where the metric has its own count
+        return loss_sum.double() * weight, len(units) if counted else 0, {
+            name: (value * weight, counts[name] * weight) if name in counts else value * weight
+            for name, value in zip(self.metric_names, sums)}
 

@@ -1,0 +1,137 @@
+"""The reward model (train.objective reward on data.format preference): the model it builds (a sequence
+classifier, one label), margins read from data.margin_field, a model type without a classifier refused in one
+line, and the loss against TRL 1.16's RewardTrainer (the anchor: same tiny model, same pairs, loss, metrics
+and every gradient to 1e-5)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import harness
+from ds_finetune.config import load_config
+from ds_finetune.data import load_tokenizer, prepare_data
+from ds_finetune.errors import UserError
+from ds_finetune.model import build_model
+from ds_finetune.objectives import OBJECTIVES, fingerprint_settings, model_head
+from ds_finetune.objectives.reward_model import METRICS, RewardLoss, collate_rewards
+from test_dpo import PAIRS, Engine
+from test_orpo_cpo import _compare_grads
+
+REWARD = ["train.objective=reward", "data.format=preference", f"data.path={PAIRS}"]
+TOKENIZER = str(harness.ROOT / "assets" / "tiny-tokenizer")
+
+
+def _pairs(n=8):
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    rows = [r for r in rows if isinstance(r["prompt"], str)][:n]
+    return [{**r, "margin": 0.25 * (i % 3)} for i, r in enumerate(rows)]
+
+
+def test_reward_is_a_registry_line_with_its_section_in_the_fingerprint_and_a_classifier_head():
+    cfg = load_config(harness.TINY, [*REWARD, "reward.center_rewards_coefficient=0.01", "output_dir=x"])
+    assert "reward" in OBJECTIVES and model_head(cfg) == "sequence_classification"
+    assert fingerprint_settings(cfg)["reward"] == {"center_rewards_coefficient": 0.01}
+    model = build_model(cfg, {})
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
+    assert model.score.weight.shape == (1, 64) and model.training
+    torch.manual_seed(cfg.train.seed)  # the head is drawn from the seed: the same weights every build
+    again = build_model(cfg, {})
+    torch.manual_seed(cfg.train.seed)
+    assert torch.equal(build_model(cfg, {}).score.weight, again.score.weight)
+    with pytest.raises(UserError, match="model.lora is not supported with train.objective reward"):
+        load_config(harness.TINY, [*REWARD, "model.lora.r=4", "output_dir=x"])
+
+
+def test_the_checkpoint_config_names_the_classifier_and_the_tokenizers_pad(tmp_path):
+    """What a checkpoint's hf/config.json (and so an export) says: the sequence-classification architecture
+    (an inline or causal-LM config says none or the LM's) and the pad id the classifier reads."""
+    from types import SimpleNamespace
+
+    from ds_finetune.checkpoint.export import write_hf_files
+    from ds_finetune.objectives import reward_model
+    cfg = load_config(harness.TINY, [*REWARD, "output_dir=x"])
+    model = build_model(cfg, {})
+    model.config.pad_token_id = 0
+    reward_model.build(SimpleNamespace(model=model, pad_id=2, cfg=cfg, data=None, layout=None,
+                                       group=SimpleNamespace(dp_rank=0)))
+    write_hf_files(tmp_path, model, load_tokenizer(TOKENIZER))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] == 2
+    assert config["id2label"] == {"0": "LABEL_0"}
+
+
+def test_a_model_type_without_a_sequence_classifier_is_one_line(tmp_path):
+    """Before anything launches (`ds-finetune train`), and in the ranks' build."""
+    from test_config import invoke
+    result = invoke("train", str(harness.TINY), "--dry-run", *REWARD, "model.config.model_type=codegen",
+                    f"output_dir={tmp_path / 'out'}")
+    assert result.exit_code != 0 and "model type 'codegen'" in result.stderr and "Traceback" not in result.output
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+    cfg = load_config(harness.TINY, [*REWARD, "output_dir=x"])
+    cfg.model.config = {**cfg.model.config, "model_type": "codegen"}
+    with pytest.raises(UserError) as e:
+        build_model(cfg, {})
+    assert "AutoModelForSequenceClassification has none for model type 'codegen'" in e.value.message
+    assert "\n" not in e.value.message
+
+
+def test_margins_come_from_data_margin_field_and_a_bad_one_is_one_line(tmp_path):
+    rows = _pairs(4)
+    path = harness.write_jsonl(tmp_path / "pairs.jsonl", rows)
+    overrides = [*REWARD, f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", "output_dir=x"]
+    tok = load_tokenizer(TOKENIZER)
+    assert prepare_data(load_config(harness.TINY, overrides).data, tok).row_margins is None  # unset: none read
+    data = prepare_data(load_config(harness.TINY, [*overrides, "data.margin_field=margin"]).data, tok)
+    assert list(data.row_margins) == [0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 0.0, 0.0]
+    batch = collate_rewards(data, np.array([[2, 3], [4, 5]]), 2)
+    assert batch.margin.tolist() == [0.25, 0.5] and batch.input_ids.size(0) == 4
+    rows[1]["margin"] = "big"
+    harness.write_jsonl(path, rows)
+    with pytest.raises(UserError) as e:
+        prepare_data(load_config(harness.TINY, [*overrides, "data.margin_field=margin"]).data, tok)
+    assert "pairs.jsonl:2" in e.value.message and "not a finite number" in e.value.message
+    assert "\n" not in e.value.message
+
+
+@pytest.mark.parametrize("margin, center", [(False, None), (True, None), (True, 0.05)])
+def test_loss_metrics_and_gradients_equal_trl_reward_trainer(tmp_path, margin, center):
+    """TRL's RewardTrainer.compute_loss on its own collated batch against our RewardLoss on the same tokens:
+    the loss, accuracy, margin and mean_reward to 1e-5, every gradient to 1e-5."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    tok = load_tokenizer(TOKENIZER)
+    cfg = load_config(harness.TINY, [*REWARD, "output_dir=x"])
+    torch.manual_seed(0)
+    model = build_model(cfg, {})
+    model.config.pad_token_id = tok.pad_token_id
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a head off its init: rewards that differ
+        model.score.weight.add_(torch.randn(model.score.weight.shape, generator=g))
+    ours = copy.deepcopy(model)
+    rows = _pairs() if margin else [{k: v for k, v in r.items() if k != "margin"} for r in _pairs()]
+    args = trl.RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=len(rows),
+                            use_cpu=True, dataloader_num_workers=0, bf16=False, max_length=None,
+                            center_rewards_coefficient=center)
+    trainer = trl.RewardTrainer(model=model, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows))
+    assert isinstance(trainer.model, AutoModelForSequenceClassification._model_mapping[type(model.config)])
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert ("margin" in batch) == margin
+    trl_loss = trainer.compute_loss(trainer.model, dict(batch))
+    trl_loss.backward()
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    pairs = len(rows)
+    loss_sum, sums = RewardLoss(center)(Engine(ours), batch["input_ids"], batch["attention_mask"],
+                                        batch.get("margin"))
+    (loss_sum / pairs).backward()
+    assert (loss_sum / pairs).item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    assert set(trl_metrics) - set(METRICS) == {"min_reward", "max_reward", "num_tokens"}
+    for name, value in zip(METRICS, (sums / pairs).tolist()):
+        assert value == pytest.approx(trl_metrics[name], abs=1e-5), name
+    assert 0 < trl_metrics["accuracy"] < 1 and trl_metrics["margin"] != 0
+    _compare_grads(ours, trainer.model)
