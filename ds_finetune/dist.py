@@ -155,6 +155,18 @@ def sum_over_ranks(values: list) -> list[float]:
     return t.tolist()
 
 
+def mean_over_ranks(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The ranks' mean of `values` (weighted, where given), reduced where the values live (the model's
+    device): one all-reduce, no host sync (TRL's gather_for_metrics, then the mean)."""
+    import torch.distributed as dist
+    if weights is None:
+        weights = torch.ones_like(values)
+    t = torch.stack([values * weights, weights])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t[0] / t[1].clamp(min=1)
+
+
 def max_over_ranks(value: int) -> int:
     """The largest `value` of all ranks (`value` itself when not distributed), agreed on the host: it is
     wanted as a Python number, and an NCCL collective's result would have to be read back from the GPU,

@@ -19,7 +19,7 @@ from ds_finetune.dist import on_cuda
 from ds_finetune.config import RunConfig
 from ds_finetune.errors import UserError
 from ds_finetune.lora import apply_lora, hf_model
-from ds_finetune.objectives import model_head
+from ds_finetune.objective_config import model_head
 from ds_finetune.tiled_mlp import apply_tiled_mlp
 from ds_finetune.zero_passthrough import offloads_optimizer
 

@@ -107,3 +107,13 @@ class RewardConfig(Section):
 PAIR_OBJECTIVES = ("dpo", "orpo", "simpo", "cpo", "reward")
 # The objectives that need a reference model (and take dpo's three ways of getting one).
 REFERENCE_OBJECTIVES = ("dpo", "kto")
+
+
+# What the model of an objective is, where it is not a causal LM (model.py builds it with transformers' Auto
+# class of that head): the reward model is a sequence classifier with one label.
+MODEL_HEADS = {"reward": "sequence_classification"}
+
+
+def model_head(cfg) -> str:
+    """"causal_lm" or "sequence_classification": the head the run's objective trains."""
+    return MODEL_HEADS.get(cfg.train.objective, "causal_lm")

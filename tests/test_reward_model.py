@@ -16,7 +16,8 @@ from ds_finetune.config import load_config
 from ds_finetune.data import load_tokenizer, prepare_data
 from ds_finetune.errors import UserError
 from ds_finetune.model import build_model
-from ds_finetune.objectives import OBJECTIVES, fingerprint_settings, model_head
+from ds_finetune.objective_config import model_head
+from ds_finetune.objectives import OBJECTIVES, fingerprint_settings
 from ds_finetune.objectives.reward_model import METRICS, RewardLoss, collate_rewards
 from test_dpo import PAIRS, Engine
 from test_orpo_cpo import _compare_grads

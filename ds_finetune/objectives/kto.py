@@ -43,7 +43,7 @@ import torch
 from ds_finetune import lora
 from ds_finetune.data import IGNORE_INDEX, HostFacts, TokenizedData
 from ds_finetune.device_batch import to_device
-from ds_finetune.dist import frozen_eval
+from ds_finetune.dist import frozen_eval, mean_over_ranks
 from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.objectives import ObjectiveParts, StepResult, accumulate
 from ds_finetune.objectives.dpo import AdaptersOff, Precomputed, frozen_base
@@ -172,18 +172,6 @@ class KTOLoss:
                                 torch.as_tensor(kl, dtype=rewards.dtype, device=rewards.device) * kl_weight,
                                 (logits * desirable).sum(), (logits * undesirable).sum()]).double()
         return losses.sum(), sums
-
-
-def mean_over_ranks(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The data-parallel ranks' mean of `values` (weighted, where given) on the device: one all-reduce, no host
-    sync (TRL's gather_for_metrics then mean)."""
-    import torch.distributed as dist
-    if weights is None:
-        weights = torch.ones_like(values)
-    t = torch.stack([values * weights, weights])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t[0] / t[1].clamp(min=1)
 
 
 @dataclass(frozen=True)
