@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ds_finetune.config_text import Section, apply_overrides, field_lines, format_validation_error, load_raw_yaml
 from ds_finetune.data_config import DataConfig, EvalSourceConfig, unique_names
 from ds_finetune.errors import UserError
+from ds_finetune.optim import OPTIMIZERS, SCHEDULES, check_train_settings
 from ds_finetune.objective_config import PAIR_OBJECTIVES, CpoConfig, DpoConfig, OrpoConfig, SimpoConfig  # noqa: F401
 
 
@@ -100,12 +101,25 @@ class TrainConfig(Section):
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
     epochs: Optional[int] = Field(None, ge=1, description="Stop after this many epochs (with max_steps: whichever first).")
     lr: float = Field(1e-4, gt=0, le=10, description="Peak learning rate.")
-    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    lr_schedule: Literal[SCHEDULES] = Field(
+        "cosine", description="Decay after warmup: cosine | linear | constant (ds-finetune's: the first warmup step "
+                              "at lr/warmup, decay to min_lr_ratio), or any other transformers.get_scheduler name "
+                              "(cosine_with_min_lr, warmup_stable_decay, constant_with_warmup, polynomial, "
+                              "inverse_sqrt, cosine_with_restarts, cosine_warmup_with_min_lr) with HF's numbers.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Arguments of a transformers schedule, as the HF Trainer's (e.g. "
+                                          "min_lr_rate for cosine_with_min_lr, num_decay_steps for "
+                                          "warmup_stable_decay).")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Or warm up over this share of the run's steps "
+                                                             "(rounded up, as the HF Trainer).")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr (cosine/linear).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
-    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    optimizer: Literal[OPTIMIZERS] = Field(
+        "adamw", description="adamw | adamw_fused | lion | adafactor (ZeRO 0) | adamw_8bit (bitsandbytes); "
+                             "DeepSpeed's kernels on GPUs and its CPU Adam/Lion under optimizer offload.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (matrices only).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (Lion's first beta).")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2 (Lion's second beta).")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 disables).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 0, 1, 2 or 3.")
@@ -141,7 +155,17 @@ class TrainConfig(Section):
         if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                              f"train.micro_batch_size={self.micro_batch_size}")
+        check_train_settings(self)
         return self
+
+    @field_validator("lr_scheduler_kwargs")
+    @classmethod
+    def _json_kwargs(cls, value):
+        try:  # recorded in the resume fingerprint, which is JSON
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError("must hold plain values (numbers, strings, true/false)") from None
+        return value
 
 
 class EvalConfig(Section):

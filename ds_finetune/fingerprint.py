@@ -42,9 +42,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             **({"train.tiled_mlp": True} if cfg.train.tiled_mlp else {}),
             "eval.fraction": cfg.eval.fraction,  # which rows are trained on
             **fingerprint_settings(cfg),  # the objective's name and section (none for SFT)
-            "train.optimizer": {k: getattr(cfg.train, k) for k in (
-                "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
-                "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},
+            "train.optimizer": optimizer_settings(cfg.train),
             # Only when set, so checkpoints from before the key still match (zero_passthrough.py says which
             # keys change a step's arithmetic).
             **({"deepspeed": ds_exact} if ds_exact else {}),
@@ -59,6 +57,17 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             **({"deepspeed": ds_harmless} if ds_harmless else {}),
         },
     }
+
+
+# Keys added after the first release, recorded only when not their default: checkpoints from before match.
+OPTIMIZER_KEYS_ADDED = {"optimizer": "adamw", "warmup_ratio": 0.0, "lr_scheduler_kwargs": {}}
+
+
+def optimizer_settings(t) -> dict:
+    """The optimizer and schedule settings resume compares."""
+    settings = {k: getattr(t, k) for k in ("lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
+                                           "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")}
+    return {**settings, **{k: getattr(t, k) for k, default in OPTIMIZER_KEYS_ADDED.items() if getattr(t, k) != default}}
 
 
 def model_identity(model, base_files: dict | None) -> dict:
