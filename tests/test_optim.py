@@ -239,3 +239,58 @@ def test_the_fingerprint_records_the_new_keys_only_when_set():
                                            "train.lr_scheduler_kwargs.min_lr_rate=0.1"))
     assert changed["optimizer"] == "lion" and changed["warmup_ratio"] == 0.1
     assert changed["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
+
+
+# ------------------------------------------------------------------------------ the logged step metrics
+
+def one_step(engine, grad_norm) -> None:
+    x = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(7))
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    grad_norm.before_update()
+    engine.step()
+
+
+def test_grad_norm_is_deepspeeds_and_zero0_computes_the_same(engine_group, monkeypatch):
+    """ZeRO 1: the loop's all-reduce carries DeepSpeed's get_global_grad_norm() exactly. ZeRO 0 (fp32), where
+    DeepSpeed keeps none, ours is the same norm of the same gradients (same init, same batch)."""
+    from ds_finetune.grad_norm import GradNorm
+    from ds_finetune.objectives import StepResult
+    from ds_finetune.train import agree_on_step
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    zero1 = one_rank_engine(["train.zero_stage=1", "train.grad_clip=0.5"], seed=0)
+    one_step(zero1, norm1 := GradNorm(zero1))
+    deepspeed_norm = zero1.get_global_grad_norm()
+    assert deepspeed_norm is not None and float(deepspeed_norm) > 0.5  # before clipping
+    outcome = agree_on_step(StepResult(torch.zeros((), dtype=torch.float64), 1), 0, False, False, norm1.value())
+    assert outcome.metrics["grad_norm"] == float(deepspeed_norm)
+
+    zero0 = one_rank_engine(["train.zero_stage=0", "train.grad_clip=0.5"], seed=0)
+    one_step(zero0, norm0 := GradNorm(zero0))
+    assert zero0.get_global_grad_norm() is None  # why ZeRO 0 computes its own
+    assert float(norm0.value()) == pytest.approx(float(deepspeed_norm), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_token_accuracy_counts_top1_targets_in_the_chunked_and_full_losses(chunk):
+    from types import SimpleNamespace
+
+    from ds_finetune.fused_head import fused_linear_cross_entropy
+    from ds_finetune.loss import full_loss_sum
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(10, 8, generator=g), torch.randn(20, 8, generator=g)
+    logits = hidden @ weight.t()
+    targets = torch.randint(0, 20, (10,), generator=g)
+    targets[:4] = logits[:4].argmax(-1)  # at least 4 right
+    expected = int((logits.argmax(-1) == targets).sum())
+    correct = torch.zeros((), dtype=torch.float64)
+    loss = fused_linear_cross_entropy(hidden, weight, None, targets, chunk, correct=correct)
+    assert int(correct) == expected >= 4
+    assert torch.equal(loss, fused_linear_cross_entropy(hidden, weight, None, targets, chunk))  # loss unchanged
+
+    labels = torch.cat([torch.tensor([-100]), targets, torch.tensor([-100])])[None]  # position t's target: t + 1
+    full_logits = torch.cat([logits, torch.zeros(2, 20)])[None]
+    engine = lambda **inputs: SimpleNamespace(logits=full_logits)  # noqa: E731
+    correct_full = torch.zeros((), dtype=torch.float64)
+    full_loss_sum(engine, torch.zeros((1, 12), dtype=torch.long), torch.ones((1, 12)), labels, correct=correct_full)
+    assert int(correct_full) == expected
