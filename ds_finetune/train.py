@@ -85,7 +85,7 @@ def lora_base_files(cfg: RunConfig, rank: int, world: int) -> dict | None:
         return None  # a random-init base is identified by model.config and the seed
     with scratch_folder(cfg.checkpoint_dir, rank) as scratch:  # a folder every node sees (checked before)
         board = Rendezvous(scratch, rank, world, f"hashing the base model {cfg.model.name_or_path}")
-        return lora.base_model_files(cfg.model.name_or_path, board)
+        return lora.base_model_files(cfg.model.name_or_path, board, cfg.model.revision)
 
 
 def write_run_files(cfg: RunConfig, ds_config: dict) -> None:
