@@ -81,7 +81,11 @@ def model_identity(model, base_files: dict | None) -> dict:
         excluded.add("revision")
     if not model.trust_remote_code:
         excluded.add("trust_remote_code")
-    return model.model_dump(mode="json", exclude=excluded or None)
+    dumped = model.model_dump(mode="json", exclude=excluded or None)
+    if model.lora is not None:  # keys added later, only when not their default (older LoRA checkpoints match)
+        added = {"use_dora": False, "init_lora_weights": True}
+        dumped["lora"] = {k: v for k, v in dumped["lora"].items() if k not in added or v != added[k]}
+    return dumped
 
 
 # How a checkpoint saved before packs were isolated recorded `data.packing` (a bool): the same

@@ -42,6 +42,7 @@ def peft_config(lora_cfg, base_name: str | None):
 
     return peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                            target_modules=lora_cfg.target_modules, modules_to_save=lora_cfg.modules_to_save or None,
+                           use_dora=lora_cfg.use_dora, init_lora_weights=lora_cfg.init_lora_weights,
                            task_type="CAUSAL_LM", base_model_name_or_path=base_name)
 
 
