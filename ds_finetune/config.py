@@ -97,6 +97,9 @@ class ModelConfig(Section):
     lora: Optional[LoraConfig] = Field(
         None, description="Train LoRA adapters on a frozen base (needs the `lora` extra, peft); checkpoints hold "
                           "only the adapters.")
+    quantization: Optional[Literal["4bit", "8bit"]] = Field(
+        None, description="QLoRA: load the frozen base quantised by bitsandbytes (4bit: NF4, double quantisation, "
+                          "computing and stored in model.dtype; 8bit: LLM.int8, ZeRO 0-2); needs model.lora.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -110,6 +113,13 @@ class ModelConfig(Section):
         if self.attn_implementation and inline and inline != self.attn_implementation:
             raise ValueError(f"model.attn_implementation ({self.attn_implementation}) and model.config."
                              f"attn_implementation ({inline}) disagree; set only model.attn_implementation")
+        if self.quantization is not None:
+            if self.lora is None:
+                raise ValueError(f"model.quantization {self.quantization} trains LoRA adapters on the quantised base: "
+                                 f"set model.lora (e.g. model.lora.r=16)")
+            if self.name_or_path is None:
+                raise ValueError("model.quantization quantises pretrained weights: set model.name_or_path, not "
+                                 "model.config")
         if self.attention.startswith("flash") and self.dtype == "fp32":
             raise ValueError(f"model.attn_implementation: {self.attention} has no fp32 kernels (it fails at the first "
                              "forward); set model.dtype: bf16 (or fp16), or use sdpa")
@@ -303,6 +313,13 @@ class RunConfig(Section):
         if not value.strip():
             raise ValueError("must name the run folder, e.g. output_dir=runs/my-run")
         return value
+
+    @model_validator(mode="after")
+    def _quantised_base_fits_zero(self):
+        if self.model.quantization == "8bit" and self.train.zero_stage == 3:
+            raise ValueError("model.quantization 8bit is not supported with train.zero_stage 3 (ZeRO-3 partitions "
+                             "float tensors only); use 4bit, or train.zero_stage 2")
+        return self
 
     @model_validator(mode="after")
     def _eval_of_a_mixture(self):

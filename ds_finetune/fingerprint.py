@@ -81,6 +81,8 @@ def model_identity(model, base_files: dict | None) -> dict:
         excluded.add("revision")
     if not model.trust_remote_code:
         excluded.add("trust_remote_code")
+    if model.quantization is None:
+        excluded.add("quantization")
     dumped = model.model_dump(mode="json", exclude=excluded or None)
     if model.lora is not None:  # keys added later, only when not their default (older LoRA checkpoints match)
         added = {"use_dora": False, "init_lora_weights": True}

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from ds_finetune import optim
+from ds_finetune import optim, quantization
 from ds_finetune.dist import on_cuda
 
 from ds_finetune.config import RunConfig
@@ -40,8 +40,10 @@ def build_model(cfg: RunConfig, ds_config: dict):
         if cfg.model.config is not None:
             model = AutoModelForCausalLM.from_config(inline_model_config(cfg.model), dtype=torch.float32)
         else:
+            quantized = quantization.quantization_config(cfg.model)
             model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **attention,
-                                                         **cfg.model.hub_options())
+                                                         **cfg.model.hub_options(),
+                                                         **({"quantization_config": quantized} if quantized else {}))
     except (OSError, ValueError, KeyError, TypeError, ImportError,  # ImportError: flash-attn not installed
             StrictDataclassError) as e:  # a config.json that transformers' validators refuse
         source = cfg.model.name_or_path or "model.config"
@@ -55,6 +57,7 @@ def build_model(cfg: RunConfig, ds_config: dict):
         apply_tiled_mlp(model)
     del keep_alive
     if cfg.model.lora is not None:
+        model = quantization.prepare(model, cfg.model.quantization is not None)
         model = apply_lora(model, cfg.model.lora, cfg.train.seed, cfg.model.name_or_path)
     model.train()  # from_pretrained returns the model in eval mode: dropout would silently be off
     return model

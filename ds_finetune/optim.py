@@ -78,7 +78,7 @@ def check_installed(optimizer: str) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("config error: train.optimizer adamw_8bit needs bitsandbytes, which is not installed; "
-                            "pip install bitsandbytes (or use adamw)") from None
+                            "pip install 'ds-finetune[qlora]' (or use adamw)") from None
 
 
 # ------------------------------------------------------------------------------------------ optimizer

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from deepspeed import DeepSpeedEngine
 
-from ds_finetune import lora, messages, optim
+from ds_finetune import lora, messages, optim, quantization
 from ds_finetune.checkpoint import resume
 from ds_finetune.checkpoint.manager import Checkpointer
 from ds_finetune.state import TrainState
@@ -105,6 +105,8 @@ def setup(args) -> tuple[Run, TrainState]:
     if cfg.model.lora is not None:
         decide(lora.check_peft_installed, runs_here=is_main)
     decide(lambda: optim.check_installed(cfg.train.optimizer), runs_here=is_main)
+    if cfg.model.quantization is not None:
+        decide(quantization.check_installed, runs_here=is_main)
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.data.chat_template,
                          **cfg.model.hub_options(for_tokenizer=True))

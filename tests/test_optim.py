@@ -111,7 +111,7 @@ def test_the_optimizer_classes_on_this_cpu():
 def test_adamw_8bit_without_bitsandbytes_names_the_package(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
-    assert_one_line(lambda: optim.check_installed("adamw_8bit"), "pip install bitsandbytes")
+    assert_one_line(lambda: optim.check_installed("adamw_8bit"), "pip install 'ds-finetune[qlora]'")
 
 
 def test_converting_a_non_adam_checkpoint_is_refused():
@@ -152,10 +152,12 @@ def one_rank_engine(overrides, seed: int):
 
 
 def train_steps(engine, steps: range) -> list[tuple[float, float]]:
-    """(lr, loss) of each step; the batch of step s is drawn from s alone."""
+    """(lr, loss) of each step; the batch and dropout of step s are drawn from s alone (the RNG's restore is
+    checkpoint/'s, tested by the kill tests)."""
     out = []
     for s in steps:
         x = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(s))
+        torch.manual_seed(1000 + s)
         lr = engine.get_lr()[0]
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
@@ -242,6 +244,55 @@ def test_the_fingerprint_records_the_new_keys_only_when_set():
                                            "train.lr_scheduler_kwargs.min_lr_rate=0.1"))
     assert changed["optimizer"] == "lion" and changed["warmup_ratio"] == 0.1
     assert changed["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
+
+
+@pytest.fixture(scope="module")
+def saved_base(tmp_path_factory):
+    return harness.save_tiny_model(tmp_path_factory.mktemp("base") / "model", seed=7)
+
+
+@pytest.mark.parametrize("bits, stage", [("4bit", 2), ("4bit", 3), ("8bit", 1)])
+def test_qlora_trains_on_this_cpu_and_a_restore_continues_bitwise(engine_group, saved_base, tmp_path, monkeypatch,
+                                                                  bits, stage):
+    """bitsandbytes' CPU backend (>= 0.46) runs the quantised base here: the base's linear layers are
+    bitsandbytes', only the adapters train, and a restored engine continues bitwise."""
+    pytest.importorskip("bitsandbytes", reason="model.quantization needs bitsandbytes (not a dependency)")
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    overrides = ["model.config=null", f"model.name_or_path={saved_base}", "model.lora.r=4", "model.lora.alpha=8",
+                 f"model.quantization={bits}", f"train.zero_stage={stage}"]
+    whole = one_rank_engine(overrides, seed=0)
+    layer = type(whole.module.get_base_model().model.layers[0].mlp.down_proj.base_layer).__name__
+    assert layer == {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[bits]
+    assert all(".lora_" in n for n, p in whole.module.named_parameters() if p.requires_grad)
+    ref = train_steps(whole, range(4))
+    assert ref[-1][1] < ref[0][1]
+    first = one_rank_engine(overrides, seed=0)
+    assert train_steps(first, range(2)) == ref[:2]
+    first.save_checkpoint(str(tmp_path), tag="step2", exclude_frozen_parameters=True)  # as checkpoint/ saves LoRA
+    resumed = one_rank_engine(overrides, seed=99)
+    resumed.load_checkpoint(str(tmp_path), tag="step2", load_module_strict=False, load_optimizer_states=True,
+                            load_lr_scheduler_states=True)
+    assert resumed.lr_scheduler.last_epoch == 2
+    assert train_steps(resumed, range(2, 4)) == ref[2:]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.quantization=4bit"], "set model.lora"),
+    (["model.quantization=4bit", "model.lora.r=4"], "set model.name_or_path, not model.config"),
+    (["model.config=null", "model.name_or_path=org/model", "model.tokenizer=null", "model.lora.r=4",
+      "model.quantization=8bit", "train.zero_stage=3"], "8bit is not supported with train.zero_stage 3"),
+])
+def test_qlora_mistakes_are_one_line(overrides, needle):
+    assert_one_line(lambda: load_config(harness.TINY, ["output_dir=/tmp/unused", *overrides]), needle)
+
+
+def test_qlora_without_bitsandbytes_names_the_package(monkeypatch):
+    import sys
+
+    from ds_finetune import quantization
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert_one_line(quantization.check_installed, "pip install 'ds-finetune[qlora]'")
 
 
 # ------------------------------------------------------------------------------ the logged step metrics
