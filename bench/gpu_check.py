@@ -2,14 +2,14 @@
 
     .venv/bin/python bench/gpu_check.py [--gpus N]      # default: every visible GPU (at most 2)
 
-On CUDA + NCCL, bf16, deterministic kernels: a run with evaluation and background saves; a copy killed
-with SIGKILL in the middle of a step and resumed (its losses must be bitwise those of the uninterrupted
-run); the same save resumed under ZeRO 3 (converted; losses within the CPU test's tolerance); an fp16
-run (loss scaling with the fused loss); DeepSpeed's fused Adam and Lion, its CPU Lion and a 4-bit QLoRA
-base; an export loaded by transformers on the GPU; background saves copied from the saved tensors' own GPU
-into one reused pinned buffer (the bytes, and the pinned memory after 3 saves); the host syncs of a micro-step of the fused loss and of DPO (none of ours); the bf16 LM
-head's weight gradient against fp32. Prints one line per check and a JSON summary; exits non-zero if a
-check fails. Run it where a GPU is lent (docs/development.md).
+On CUDA + NCCL, bf16, deterministic kernels: a run with evaluation and background saves; a copy killed with
+SIGKILL in the middle of a step and resumed (its losses must be bitwise those of the uninterrupted run); the
+same save resumed under ZeRO 3 (converted; losses within the CPU test's tolerance); an fp16 run (loss scaling
+with the fused loss); DeepSpeed's fused Adam and Lion, its CPU Lion and a 4-bit QLoRA base; an export loaded
+by transformers on the GPU; background saves copied from the saved tensors' own GPU into one reused pinned
+buffer (the bytes, and the pinned memory after 3 saves); the host syncs of a micro-step of the fused loss and
+of DPO (none of ours); the bf16 LM head's weight gradient against fp32. Prints one line per check and a JSON
+summary; exits non-zero if a check fails. Run it where a GPU is lent (docs/development.md).
 """
 
 from __future__ import annotations
