@@ -72,6 +72,17 @@ def check_convertible(optimizer: str) -> None:
                         f"with the checkpoint's train.zero_stage and number of ranks")
 
 
+def check_same_optimizer(saved_fingerprint: dict, fingerprint: dict, path) -> None:
+    """The checkpoint's optimizer state is that optimizer's: another one cannot load it, whatever
+    --allow-config-change allows (a fingerprint without the key is adamw's)."""
+    def name(fp):
+        return (fp or {}).get("exact", {}).get("train.optimizer", {}).get("optimizer", "adamw")
+    was, now = name(saved_fingerprint), name(fingerprint)
+    if was != now:
+        raise UserError(f"resume error: {path} holds the state of train.optimizer {was}, not {now}; resume with "
+                        f"train.optimizer={was}, or start a new run")
+
+
 def check_installed(optimizer: str) -> None:
     if optimizer == "adamw_8bit":
         try:

@@ -114,6 +114,16 @@ def test_adamw_8bit_without_bitsandbytes_names_the_package(monkeypatch):
     assert_one_line(lambda: optim.check_installed("adamw_8bit"), "pip install 'ds-finetune[qlora]'")
 
 
+def test_another_optimizers_checkpoint_is_refused_even_when_changes_are_allowed():
+    from ds_finetune.fingerprint import config_fingerprint
+    adamw = config_fingerprint(load_config(harness.TINY, ["output_dir=/tmp/unused"]), 8, "sha")
+    lion = config_fingerprint(load_config(harness.TINY, ["output_dir=/tmp/unused", "train.optimizer=lion"]), 8, "sha")
+    optim.check_same_optimizer(adamw, adamw, "ckpt")
+    optim.check_same_optimizer({}, adamw, "ckpt")  # a checkpoint from before the key: adamw
+    assert_one_line(lambda: optim.check_same_optimizer(adamw, lion, "ckpt"),
+                    "holds the state of train.optimizer adamw, not lion")
+
+
 def test_converting_a_non_adam_checkpoint_is_refused():
     optim.check_convertible("adamw_fused")
     assert_one_line(lambda: optim.check_convertible("lion"), "resumes only on its own ZeRO stage")
