@@ -74,11 +74,11 @@ def check_convertible(optimizer: str) -> None:
 
 def check_same_optimizer(saved_fingerprint: dict, fingerprint: dict, path) -> None:
     """The checkpoint's optimizer state is that optimizer's: another one cannot load it, whatever
-    --allow-config-change allows (a fingerprint without the key is adamw's)."""
+    --allow-config-change allows (a fingerprint without the key is adamw's; adamw_fused reads adamw's state)."""
     def name(fp):
         return (fp or {}).get("exact", {}).get("train.optimizer", {}).get("optimizer", "adamw")
     was, now = name(saved_fingerprint), name(fingerprint)
-    if was != now:
+    if was != now and not (was in ADAM and now in ADAM):  # the two AdamWs keep the same state
         raise UserError(f"resume error: {path} holds the state of train.optimizer {was}, not {now}; resume with "
                         f"train.optimizer={was}, or start a new run")
 

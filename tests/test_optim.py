@@ -120,6 +120,9 @@ def test_another_optimizers_checkpoint_is_refused_even_when_changes_are_allowed(
     lion = config_fingerprint(load_config(harness.TINY, ["output_dir=/tmp/unused", "train.optimizer=lion"]), 8, "sha")
     optim.check_same_optimizer(adamw, adamw, "ckpt")
     optim.check_same_optimizer({}, adamw, "ckpt")  # a checkpoint from before the key: adamw
+    fused = config_fingerprint(load_config(harness.TINY, ["output_dir=/tmp/unused", "train.optimizer=adamw_fused"]),
+                               8, "sha")
+    optim.check_same_optimizer(adamw, fused, "ckpt")
     assert_one_line(lambda: optim.check_same_optimizer(adamw, lion, "ckpt"),
                     "holds the state of train.optimizer adamw, not lion")
 
