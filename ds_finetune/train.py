@@ -182,14 +182,13 @@ def agree_on_step(result: StepResult, signum: int, time_to_save: bool, writing: 
     """`grad_norm`: the step's gradient norm (the same on every rank; None where none is computed), carried
     by the same all-reduce as rank 0's value plus the others' zeros, so it arrives exactly."""
     names = list(result.sums)
-    norm = [] if grad_norm is None else [grad_norm if is_main else 0.0]
+    carried = [] if grad_norm is None else [grad_norm if is_main else 0.0]
     loss_sum, stop, time_up, still_writing, *sums = sum_over_ranks(
-        [result.loss_sum, signum, time_to_save, writing, *norm, *(result.sums[k][0] for k in names)])
-    if norm:
-        norm, sums = {"grad_norm": sums[0]}, sums[1:]
+        [result.loss_sum, signum, time_to_save, writing, *carried, *(result.sums[k][0] for k in names)])
+    norm = {"grad_norm": sums.pop(0)} if carried else {}
     metrics = {k: total / result.sums[k][1] for k, total in zip(names, sums) if result.sums[k][1]}
     return StepOutcome(loss_sum / result.normaliser, stop > 0, time_up > 0, still_writing > 0,
-                       {**(norm or {}), **metrics, **result.counts})
+                       {**norm, **metrics, **result.counts})
 
 
 class StopSignal:
