@@ -1,6 +1,6 @@
 """Run config: the pydantic schema (one model per YAML section; `data` is data_config.py, `model.lora`
-lora_config.py, the preference objectives' sections objective_config.py) and loading a config through it (the YAML, overrides, error format and field reference are config_text.py; the resume
-fingerprint is fingerprint.py).
+lora_config.py, the preference objectives' sections objective_config.py) and loading a config through it (the
+YAML, overrides, error format and field reference are config_text.py; the resume fingerprint is fingerprint.py).
 
 Every field carries a one-line description; `ds-finetune config show-schema` prints them.
 """
