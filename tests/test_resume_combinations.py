@@ -15,7 +15,7 @@ COMBINATIONS = {
         "data.max_length=128", "train.gradient_checkpointing=true", "checkpoint.async_save=true"],
     "chat-turns-last-async-zero1-lion-cosine_with_min_lr": [
         "train.zero_stage=1", "data.chat_turns=last", "checkpoint.async_save=true", "train.optimizer=lion",
-        "train.lr=3.0e-4", "train.lr_schedule=cosine_with_min_lr", "train.warmup_steps=0", "train.warmup_ratio=0.3",
+        "train.lr=3.0e-4", "train.lr_schedule=cosine_with_min_lr", "train.warmup_steps=0", "train.warmup_ratio=0.25",
         "train.min_lr_ratio=0", "train.lr_scheduler_kwargs.min_lr_rate=0.1"],
 }
 
@@ -31,5 +31,5 @@ def test_kill_and_resume_is_bitwise_with(tmp_path, name):
     harness.assert_resumed(harness.train(run, overrides, resume="auto"), step=saved[-1] if saved else None)
     harness.assert_same_run(run, ref)
     harness.assert_same_final_weights(run, ref)
-    if "train.warmup_ratio=0.3" in overrides:  # ceil(0.3 x 10) = 3 warmup steps from 0, as the HF Trainer
+    if "train.warmup_ratio=0.25" in overrides:  # ceil(0.25 x 10) = 3 warmup steps from 0, as the HF Trainer
         assert [r["lr"] for r in harness.metrics(ref)][:4] == pytest.approx([0.0, 1.0e-4, 2.0e-4, 3.0e-4], rel=1e-12)
