@@ -2,7 +2,7 @@
 bf16 at ZeRO-2 and ZeRO-3 on every visible GPU; tokens/s and MFU, with `train.deterministic` on (the
 default: what exact resume needs) and off (the kernels' fastest choice), so the cost of determinism shows.
 
-Tokens are the real (unpadded) tokens of each step, from metrics.jsonl's `tokens` field; rows are packed
+Tokens are the real (unpadded) tokens of each step, from metrics.jsonl's `num_tokens` field; rows are packed
 to 1024 tokens. MFU = (6 N + 12 L H T) FLOPs a token x tokens/s / (peak dense bf16 FLOP/s x GPUs), the
 PaLM accounting (N parameters, L layers, H hidden size, T sequence length); None for an unknown GPU.
 """
@@ -48,7 +48,7 @@ def run_stage(stage: int, deterministic: bool, steps: int, ngpu: int) -> dict:
     job = Job(ours_argv(config, nproc=ngpu), WORK / "logs" / f"{name}.log", gpu=True).start()
     job.wait(900)
     rows = read_jsonl(out / "metrics.jsonl")[WARMUP:]
-    tokens_per_s = (rows[-1]["tokens"] - rows[0]["tokens"]) / (rows[-1]["time"] - rows[0]["time"])
+    tokens_per_s = (rows[-1]["num_tokens"] - rows[0]["num_tokens"]) / (rows[-1]["time"] - rows[0]["time"])
     return {"tokens_per_s": tokens_per_s, "steps": len(rows) - 1}
 
 

@@ -2,14 +2,14 @@
 
     .venv/bin/python bench/gpu_check.py [--gpus N]      # default: every visible GPU (at most 2)
 
-On CUDA + NCCL, bf16, deterministic kernels: a run with evaluation and background saves; a copy killed
-with SIGKILL in the middle of a step and resumed (its losses must be bitwise those of the uninterrupted
-run); the same save resumed under ZeRO 3 (converted; losses within the CPU test's tolerance); an fp16
-run (loss scaling with the fused loss); an export loaded by transformers on the GPU; background saves
-copied from the saved tensors' own GPU into one reused pinned buffer (the bytes, and the pinned memory
-after 3 saves); the host syncs of a micro-step of the fused loss and of DPO (none of ours); the bf16 LM
-head's weight gradient against fp32. Prints one line per check and a JSON summary; exits non-zero if a
-check fails. Run it where a GPU is lent (docs/development.md).
+On CUDA + NCCL, bf16, deterministic kernels: a run with evaluation and background saves; a copy killed with
+SIGKILL in the middle of a step and resumed (its losses must be bitwise those of the uninterrupted run); the
+same save resumed under ZeRO 3 (converted; losses within the CPU test's tolerance); an fp16 run (loss scaling
+with the fused loss); DeepSpeed's fused Adam and Lion, its CPU Lion and a 4-bit QLoRA base; an export loaded
+by transformers on the GPU; background saves copied from the saved tensors' own GPU into one reused pinned
+buffer (the bytes, and the pinned memory after 3 saves); the host syncs of a micro-step of the fused loss and
+of DPO (none of ours); the bf16 LM head's weight gradient against fp32. Prints one line per check and a JSON
+summary; exits non-zero if a check fails. Run it where a GPU is lent (docs/development.md).
 """
 
 from __future__ import annotations
@@ -58,6 +58,28 @@ def check_fp16(nproc: int) -> dict:
     losses = [r["loss"] for r in harness.metrics(out)]
     assert all(loss == loss and loss < 1e3 for loss in losses), losses  # finite: the scaler found its level
     return {"losses": losses}
+
+
+def check_optimizers(nproc: int) -> dict:
+    """What only CUDA runs of train.optimizer and model.quantization build and use: DeepSpeed's FusedAdam and
+    FusedLion (JIT-built CUDA ops), its CPU Lion under optimizer offload, and a 4-bit QLoRA base on the GPU
+    (when bitsandbytes is installed). Each trains 3 steps to finite losses."""
+    runs = {"adamw_fused": ["train.optimizer=adamw_fused"], "lion": ["train.optimizer=lion", "train.lr=3.0e-4"],
+            "lion-offload": ["train.optimizer=lion", "train.lr=3.0e-4", "train.offload_optimizer=cpu"]}
+    try:
+        import bitsandbytes  # noqa: F401
+        base = harness.save_tiny_model(WORK / "qlora-base", seed=7)
+        runs["qlora-4bit"] = ["model.config=null", f"model.name_or_path={base}", "model.lora.r=8",
+                              "model.quantization=4bit"]
+    except ImportError:
+        pass
+    out = {}
+    for name, overrides in runs.items():
+        train(WORK / f"optim-{name}", [*overrides, "train.max_steps=3"], nproc)
+        losses = [r["loss"] for r in harness.metrics(WORK / f"optim-{name}")]
+        assert len(losses) == 3 and all(loss == loss and loss < 1e3 for loss in losses), (name, losses)
+        out[name] = losses
+    return out
 
 
 def check_export() -> dict:
@@ -223,6 +245,7 @@ def main() -> int:
     WORK.mkdir(parents=True)
     summary, failed = {"device": f"{nproc} x {torch.cuda.get_device_name(0)}"}, False
     for name, check in [("resume", lambda: check_resume(nproc)), ("fp16", lambda: check_fp16(nproc)),
+                        ("optimizers", lambda: check_optimizers(nproc)),
                         ("export", check_export), ("background_snapshot", check_background_snapshot),
                         ("host_syncs", check_host_syncs), ("lm_head_grad", check_lm_head_grad)]:
         start = time.time()

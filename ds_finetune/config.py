@@ -1,7 +1,6 @@
-"""Run config: the pydantic schema (one model per YAML section; `data` is data_config.py, the
-preference objectives' sections objective_config.py) and loading a
-config through it (the YAML, overrides, error format and field reference are config_text.py; the resume
-fingerprint is fingerprint.py).
+"""Run config: the pydantic schema (one model per YAML section; `data` is data_config.py, `model.lora`
+lora_config.py, the preference objectives' sections objective_config.py) and loading a config through it (the
+YAML, overrides, error format and field reference are config_text.py; the resume fingerprint is fingerprint.py).
 
 Every field carries a one-line description; `ds-finetune config show-schema` prints them.
 """
@@ -10,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -18,26 +17,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ds_finetune.config_text import Section, apply_overrides, field_lines, format_validation_error, load_raw_yaml
 from ds_finetune.data_config import DataConfig, EvalSourceConfig, unique_names
 from ds_finetune.errors import UserError
+from ds_finetune.lora_config import LoraConfig
+from ds_finetune.optim import OPTIMIZERS, SCHEDULES, check_train_settings
 from ds_finetune.objective_config import (PAIR_OBJECTIVES, REFERENCE_OBJECTIVES, CpoConfig, DpoConfig,  # noqa: F401
                                           KtoConfig, OrpoConfig, RewardConfig, SimpoConfig)
-
-
-class LoraConfig(Section):
-    r: int = Field(16, ge=1, le=65536, description="LoRA rank.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear (every linear "
-                                  "layer but the LM head).")
-    modules_to_save: list[str] = Field(
-        default_factory=list, description="Modules trained in full and saved with the adapter (e.g. [lm_head]).")
-
-    @field_validator("target_modules")
-    @classmethod
-    def _some_modules(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("list at least one module name, or all-linear")
-        return value
 
 
 class ModelConfig(Section):
@@ -60,6 +43,9 @@ class ModelConfig(Section):
     lora: Optional[LoraConfig] = Field(
         None, description="Train LoRA adapters on a frozen base (needs the `lora` extra, peft); checkpoints hold "
                           "only the adapters.")
+    quantization: Optional[Literal["4bit", "8bit"]] = Field(
+        None, description="QLoRA: load the frozen base quantised by bitsandbytes (4bit: NF4, double quantisation, "
+                          "computing and stored in model.dtype; 8bit: LLM.int8, ZeRO 0-2); needs model.lora.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -73,6 +59,13 @@ class ModelConfig(Section):
         if self.attn_implementation and inline and inline != self.attn_implementation:
             raise ValueError(f"model.attn_implementation ({self.attn_implementation}) and model.config."
                              f"attn_implementation ({inline}) disagree; set only model.attn_implementation")
+        if self.quantization is not None:
+            if self.lora is None:
+                raise ValueError(f"model.quantization {self.quantization} trains LoRA adapters on the quantised base: "
+                                 f"set model.lora (e.g. model.lora.r=16)")
+            if self.name_or_path is None:
+                raise ValueError("model.quantization quantises pretrained weights: set model.name_or_path, not "
+                                 "model.config")
         if self.attention.startswith("flash") and self.dtype == "fp32":
             raise ValueError(f"model.attn_implementation: {self.attention} has no fp32 kernels (it fails at the first "
                              "forward); set model.dtype: bf16 (or fp16), or use sdpa")
@@ -101,12 +94,25 @@ class TrainConfig(Section):
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
     epochs: Optional[int] = Field(None, ge=1, description="Stop after this many epochs (with max_steps: whichever first).")
     lr: float = Field(1e-4, gt=0, le=10, description="Peak learning rate.")
-    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    lr_schedule: Literal[SCHEDULES] = Field(
+        "cosine", description="Decay after warmup: cosine | linear | constant (ds-finetune's: the first warmup step "
+                              "at lr/warmup, decay to min_lr_ratio), or any other transformers.get_scheduler name "
+                              "(cosine_with_min_lr, warmup_stable_decay, constant_with_warmup, polynomial, "
+                              "inverse_sqrt, cosine_with_restarts, cosine_warmup_with_min_lr) with HF's numbers.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Arguments of a transformers schedule, as the HF Trainer's (e.g. "
+                                          "min_lr_rate for cosine_with_min_lr, num_decay_steps for "
+                                          "warmup_stable_decay).")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Or warm up over this share of the run's steps "
+                                                             "(rounded up, as the HF Trainer).")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr (cosine/linear).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
-    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    optimizer: Literal[OPTIMIZERS] = Field(
+        "adamw", description="adamw | adamw_fused | lion | adafactor (ZeRO 0) | adamw_8bit (bitsandbytes); "
+                             "DeepSpeed's kernels on GPUs and its CPU Adam/Lion under optimizer offload.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (matrices only).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (Lion's first beta).")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2 (Lion's second beta).")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 disables).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 0, 1, 2 or 3.")
@@ -143,7 +149,17 @@ class TrainConfig(Section):
         if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                              f"train.micro_batch_size={self.micro_batch_size}")
+        check_train_settings(self)
         return self
+
+    @field_validator("lr_scheduler_kwargs")
+    @classmethod
+    def _json_kwargs(cls, value):
+        try:  # recorded in the resume fingerprint, which is JSON
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError("must hold plain values (numbers, strings, true/false)") from None
+        return value
 
 
 class EvalConfig(Section):
@@ -246,6 +262,13 @@ class RunConfig(Section):
         if not value.strip():
             raise ValueError("must name the run folder, e.g. output_dir=runs/my-run")
         return value
+
+    @model_validator(mode="after")
+    def _quantised_base_fits_zero(self):
+        if self.model.quantization == "8bit" and self.train.zero_stage == 3:
+            raise ValueError("model.quantization 8bit is not supported with train.zero_stage 3 (ZeRO-3 partitions "
+                             "float tensors only); use 4bit, or train.zero_stage 2")
+        return self
 
     @model_validator(mode="after")
     def _eval_of_a_mixture(self):

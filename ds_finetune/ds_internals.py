@@ -9,6 +9,7 @@ What is private and why we use it:
   (`registered_ulysses`, `set_ulysses_batch_size`).
 * `deepspeed.ops.__compatible_ops__`: the CPU backend's shared-memory all-reduce is marked unbuildable
   (`skip_cpu_inference_all_reduce`).
+* The optimizer's `_global_grad_norm`, which `engine.get_global_grad_norm()` copies (`reports_grad_norm`).
 * `deepspeed.runtime.zero.muon.muon_optimizer` and `original_muon`: stand-ins (`skip_muon_import`), so that
   no ZeRO engine compiles Muon's kernels.
 
@@ -119,3 +120,12 @@ def set_ulysses_batch_size(ulysses, rows: int) -> None:
         shape = list(getattr(ulysses, name))
         shape[1] = rows
         setattr(ulysses, name, torch.Size(shape))
+
+
+# -------------------------------------------------------------------------------------- grad norm
+
+def reports_grad_norm(engine) -> bool:
+    """Whether `engine.get_global_grad_norm()` will hold the step's norm: the engine copies it from its
+    optimizer's `_global_grad_norm`, which ZeRO 1-3 and the fp16/bf16 wrappers keep and a client optimizer
+    handed over as it is (ZeRO 0, fp32) lacks."""
+    return hasattr(engine.optimizer, "_global_grad_norm")

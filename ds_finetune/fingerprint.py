@@ -42,9 +42,7 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
             **({"train.tiled_mlp": True} if cfg.train.tiled_mlp else {}),
             "eval.fraction": cfg.eval.fraction,  # which rows are trained on
             **fingerprint_settings(cfg),  # the objective's name and section (none for SFT)
-            "train.optimizer": {k: getattr(cfg.train, k) for k in (
-                "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
-                "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},
+            "train.optimizer": optimizer_settings(cfg.train),
             # Only when set, so checkpoints from before the key still match (zero_passthrough.py says which
             # keys change a step's arithmetic).
             **({"deepspeed": ds_exact} if ds_exact else {}),
@@ -61,6 +59,17 @@ def config_fingerprint(cfg: RunConfig, global_batch: int, data_hash: str | dict,
     }
 
 
+# Keys added after the first release, recorded only when not their default: checkpoints from before match.
+OPTIMIZER_KEYS_ADDED = {"optimizer": "adamw", "warmup_ratio": 0.0, "lr_scheduler_kwargs": {}}
+
+
+def optimizer_settings(t) -> dict:
+    """The optimizer and schedule settings resume compares."""
+    settings = {k: getattr(t, k) for k in ("lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
+                                           "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")}
+    return {**settings, **{k: getattr(t, k) for k, default in OPTIMIZER_KEYS_ADDED.items() if getattr(t, k) != default}}
+
+
 def model_identity(model, base_files: dict | None) -> dict:
     """The model section as the fingerprint records it. With base_files, the files are the base's identity,
     not the folder they lie in; the attention implementation only when set, so checkpoints from before the
@@ -72,7 +81,13 @@ def model_identity(model, base_files: dict | None) -> dict:
         excluded.add("revision")
     if not model.trust_remote_code:
         excluded.add("trust_remote_code")
-    return model.model_dump(mode="json", exclude=excluded or None)
+    if model.quantization is None:
+        excluded.add("quantization")
+    dumped = model.model_dump(mode="json", exclude=excluded or None)
+    if model.lora is not None:  # keys added later, only when not their default (older LoRA checkpoints match)
+        added = {"use_dora": False, "init_lora_weights": True}
+        dumped["lora"] = {k: v for k, v in dumped["lora"].items() if k not in added or v != added[k]}
+    return dumped
 
 
 # How a checkpoint saved before packs were isolated recorded `data.packing` (a bool): the same

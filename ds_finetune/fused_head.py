@@ -16,7 +16,7 @@ import torch.nn.functional as F
 # ------------------------------------------------------------------------------- fused linear + CE
 
 def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: bool, grad_weight: bool,
-                grad_scale: float = 1.0, token_losses=None):
+                grad_scale: float = 1.0, token_losses=None, correct=None):
     """Summed CE of `hidden @ weight.T + bias` against `targets` (fp32), `chunk_tokens` rows at a time,
     and, as asked, the gradients of that sum for hidden, weight and bias (None where not asked).
 
@@ -31,7 +31,10 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
     An fp16 head: fp16 flushes values below ~6e-8 to zero, so backward's incoming gradient (the loss scale
     times accumulate's normalisation) must multiply the softmax before the cast, as it does in the full
     path's fp32 logits. It is not known yet, so `grad_scale` (its expected value) is applied here and
-    divided out in backward; grad_W and grad_bias then stay fp32 until backward has scaled them."""
+    divided out in backward; grad_W and grad_bias then stay fp32 until backward has scaled them.
+
+    `correct` (a 0-dim tensor), where given, is added the number of targets whose logit is the row's largest
+    (TRL's mean_token_accuracy counts them), from the row maxima the loss takes anyway: no extra vocab pass."""
     n, fp32_head = targets.numel(), weight.dtype == hidden.dtype == torch.float32
     fp16_head = weight.dtype == torch.float16
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -51,6 +54,8 @@ def _chunked_ce(hidden, weight, bias, targets, chunk_tokens: int, grad_hidden: b
             torch.addmm(bias, h, weight.t(), out=logits)
         target_logit = logits.gather(1, t[:, None])
         row_max = logits.amax(1, keepdim=True)
+        if correct is not None:
+            correct += (target_logit >= row_max).sum()
         exp = logits.sub_(row_max).exp_()
         row_sum = exp.sum(1, keepdim=True)
         losses = row_sum.log() + row_max - target_logit
@@ -118,10 +123,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     autograd as any layer's does (ZeRO's gradient hooks see it)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, grad_scale=1.0, token_losses=None):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, grad_scale=1.0, token_losses=None, correct=None):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         total, g_hidden, g_weight, g_bias = _chunked_ce(hidden, weight, bias, targets, chunk_tokens,
-                                                         want_hidden, want_weight, grad_scale, token_losses)
+                                                         want_hidden, want_weight, grad_scale, token_losses, correct)
         ctx.save_for_backward(g_hidden, g_weight, g_bias)
         ctx.pre_scale = grad_scale if weight.dtype == torch.float16 else 1.0
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -137,7 +142,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.used = True
         scale = _fp32_scale(grad_output, ctx.pre_scale)
         grads = [None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return grads[0], grads[1], grads[2], None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
 def _fp32_scale(grad_output, pre_scale: float) -> torch.Tensor:
@@ -150,15 +155,16 @@ def _fp32_scale(grad_output, pre_scale: float) -> torch.Tensor:
 
 
 def fused_linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens: int, grad_scale: float = 1.0,
-                               token_losses=None) -> torch.Tensor:
+                               token_losses=None, correct=None) -> torch.Tensor:
     """Summed CE of the head over rows of `hidden` (2-D) against `targets`; no gradients are taken in
     forward when none can be asked for (evaluation under no_grad). `grad_scale`: the gradient backward is
     expected to bring (used by fp16 heads only, see `_chunked_ce`)."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
     if not needs_grad:
-        return _chunked_ce(hidden, weight, bias, targets, chunk_tokens, False, False, token_losses=token_losses)[0]
-    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, grad_scale, token_losses)
+        return _chunked_ce(hidden, weight, bias, targets, chunk_tokens, False, False, token_losses=token_losses,
+                           correct=correct)[0]
+    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, grad_scale, token_losses, correct)
 
 
 # ------------------------------------------------------------- per-sequence log-probs (preference)

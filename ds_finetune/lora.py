@@ -42,6 +42,7 @@ def peft_config(lora_cfg, base_name: str | None):
 
     return peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                            target_modules=lora_cfg.target_modules, modules_to_save=lora_cfg.modules_to_save or None,
+                           use_dora=lora_cfg.use_dora, init_lora_weights=lora_cfg.init_lora_weights,
                            task_type="CAUSAL_LM", base_model_name_or_path=base_name)
 
 
@@ -66,23 +67,24 @@ def hf_model(model):
     return model.get_base_model() if is_lora(model) else model
 
 
-def base_folder(name_or_path: str) -> Path:
+def base_folder(name_or_path: str, revision: str | None = None) -> Path:
+    """The base model's local folder: itself, or its snapshot at `revision` (model.revision) in the HF cache."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name_or_path, local_files_only=True))
+        return Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
     except Exception as e:  # noqa: BLE001 - any failure means "not available offline"
         raise UserError(f"model error: {name_or_path} is neither a folder nor in the Hugging Face cache "
                         f"({type(e).__name__}); download it first or point model.name_or_path at a folder") from None
 
 
-def base_model_files(name_or_path: str, board=None) -> dict[str, str]:
+def base_model_files(name_or_path: str, board=None, revision: str | None = None) -> dict[str, str]:
     """{file name: sha256} of the base model's config and weight files: a LoRA run's identity (remembered,
     and with a `rendezvous.Rendezvous` split between the ranks: `hashing.hash_shared`)."""
-    folder = base_folder(name_or_path)
+    folder = base_folder(name_or_path, revision)
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in BASE_WEIGHT_SUFFIXES
                    and not p.name.startswith(("tokenizer", "special_tokens", "generation_config")))
     return hash_shared({name: folder / name for name in files}, board)
@@ -100,24 +102,28 @@ def is_adapter_checkpoint(hf_dir: Path) -> bool:
     return (hf_dir / ADAPTER_CONFIG).exists()
 
 
-def adapter_state(hf_dir: Path, names: list[str], read) -> tuple[object, dict[str, torch.Tensor]]:
+def adapter_state(hf_dir: Path, names: list[str], read, trust_remote_code: bool = False
+                  ) -> tuple[object, dict[str, torch.Tensor]]:
     """(peft config, {PEFT file key: tensor}) of a checkpoint's trained parameters `names`."""
     import peft
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = peft.PeftConfig.from_pretrained(str(hf_dir))
     base_name = config.base_model_name_or_path
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
     with torch.device("meta"):  # names only: no memory for the base
-        skeleton = peft.get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir)), config)
+        skeleton = peft.get_peft_model(AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(hf_dir, **remote), **remote), config)
     config.base_model_name_or_path = base_name  # get_peft_model renames it after the skeleton's folder
     return config, peft.get_peft_model_state_dict(skeleton, state_dict={name: read(name) for name in names})
 
 
-def export_adapter(hf_dir: Path, out_dir: Path, names: list[str], read, dtype: torch.dtype) -> Path:
+def export_adapter(hf_dir: Path, out_dir: Path, names: list[str], read, dtype: torch.dtype,
+                   hub_options: dict | None = None) -> Path:
     """A PEFT adapter folder: adapter_config.json, adapter_model.safetensors and the tokenizer."""
     from safetensors.torch import save_file
 
-    _, state = adapter_state(hf_dir, names, read)
+    _, state = adapter_state(hf_dir, names, read, bool((hub_options or {}).get("trust_remote_code")))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(out_dir / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
@@ -126,19 +132,23 @@ def export_adapter(hf_dir: Path, out_dir: Path, names: list[str], read, dtype: t
 
 
 def export_merged(hf_dir: Path, out_dir: Path, names: list[str], read, dtype: torch.dtype, base_files: dict | None,
-                  max_shard_size: int) -> Path:
-    """The base with the adapters merged in, as a plain Hugging Face model (the base is loaded whole)."""
+                  max_shard_size: int, hub_options: dict | None = None) -> Path:
+    """The base with the adapters merged in, as a plain Hugging Face model (the base is loaded whole).
+    `hub_options`: the run's model.revision and model.trust_remote_code, as the base was loaded in training."""
     import peft
     from transformers import AutoModelForCausalLM
 
-    config, state = adapter_state(hf_dir, names, read)
+    hub_options = hub_options or {}
+    revision = hub_options.get("revision")
+    config, state = adapter_state(hf_dir, names, read, bool(hub_options.get("trust_remote_code")))
     base_name = config.base_model_name_or_path
     if not base_name:
         raise UserError("export error: the run's base was a random init from model.config; --merge needs a saved "
                         "base model (export the adapter without --merge)")
     if base_files:
-        check_same_base(base_name, base_files)
-    base = AutoModelForCausalLM.from_pretrained(str(base_folder(base_name)), dtype=torch.float32)
+        check_same_base(base_name, base_files, revision)
+    remote = {"trust_remote_code": True} if hub_options.get("trust_remote_code") else {}
+    base = AutoModelForCausalLM.from_pretrained(str(base_folder(base_name, revision)), dtype=torch.float32, **remote)
     model = peft.get_peft_model(base, config)
     peft.set_peft_model_state_dict(model, state)
     merged = model.merge_and_unload().to(dtype)
@@ -154,8 +164,8 @@ def copy_hf_files(hf_dir: Path, out_dir: Path, skip: tuple[str, ...]) -> None:
             shutil.copy2(f, out_dir / f.name)
 
 
-def check_same_base(base_name: str, saved: dict) -> None:
-    now = base_model_files(base_name)
+def check_same_base(base_name: str, saved: dict, revision: str | None = None) -> None:
+    now = base_model_files(base_name, revision=revision)
     changed = sorted(name for name in set(saved) | set(now) if saved.get(name) != now.get(name))
     if changed:
         raise UserError(f"export error: the base model {base_name} is not the one the adapters were trained on "

@@ -46,12 +46,13 @@ def model_inputs(input_ids, attention_mask, position_ids=None, facts: HostFacts 
 
 
 def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None, facts=None, grad_scale=1.0,
-                  shifted=False, token_losses=None) -> torch.Tensor:
+                  shifted=False, token_losses=None, correct=None) -> torch.Tensor:
     """The summed token loss. `shifted`: labels[:, t] is already the target of position t (a
     sequence-parallel slice, whose last position's target is the next slice's first token); else it is the
     token at t, the target of t - 1. `facts`: the batch's data.HostFacts (read back from the labels where
     None). With `token_losses` (a buffer of one float per target token, in row-major order) each target
-    token's loss is written there too, apart from the sum (which stays as it was)."""
+    token's loss is written there too, apart from the sum (which stays as it was). `correct` (a 0-dim tensor)
+    is added the number of targets whose logit is their row's largest."""
     logits = engine(**model_inputs(input_ids, attention_mask, position_ids, facts)).logits
     if not shifted:
         logits, labels = logits[:, :-1], labels[:, 1:]
@@ -61,6 +62,10 @@ def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None, 
         where = host_to_device(facts.target_positions(labels.size(1)), flat.device)  # no boolean mask: no sync
         with torch.no_grad():
             token_losses.copy_(F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="none")[where])
+    if correct is not None:
+        with torch.no_grad():  # masked by multiplication: a boolean index would read its count back
+            top = flat.gather(1, targets.clamp(min=0)[:, None])[:, 0] >= flat.amax(1)
+            correct += (top & (targets != IGNORE_INDEX)).sum()
     return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -131,6 +136,7 @@ class ChunkedLoss:
                 raise UserError(f"config error: train.loss_chunk_tokens: {type(model).__name__} transforms its "
                                 f"logits ({key}), which the chunked loss does not; set train.loss_chunk_tokens=0")
         self.labels, self.result, self.grad_scale, self.shifted, self.token_losses = None, None, 1.0, False, None
+        self.correct = None
         # logps: None (the summed token loss) | "sequences" (summed log-probs a row) | "tokens" (one a target)
         self.logps, self.where, self.counts, self.stats = None, None, None, None
         model.base_model.register_forward_hook(self._after_base_model)
@@ -144,6 +150,7 @@ class ChunkedLoss:
         hidden = hidden.reshape(-1, hidden.size(-1))[self.where]
         targets = self.labels.reshape(-1)[self.where if self.shifted else self.where + 1]
         head, chunk, grad_scale, token_losses = self.head, self.chunk_tokens, self.grad_scale, self.token_losses
+        correct = self.correct
         logps, counts, stats = self.logps, self.counts, self.stats
 
         def loss_of(h):  # runs as the head's forward: its weight is gathered here under ZeRO-3
@@ -151,16 +158,18 @@ class ChunkedLoss:
                 return fused_token_logps(h, head.weight, head.bias, targets, chunk)
             if logps == "sequences":
                 return fused_sequence_logps(h, head.weight, head.bias, targets, counts, chunk, stats)
-            return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk, grad_scale, token_losses)
+            return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk, grad_scale, token_losses,
+                                              correct)
 
         with _forward_replaced(head, loss_of):
             self.result = head(hidden)
 
     def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, facts=None, grad_scale=1.0,
-                 shifted=False, token_losses=None) -> torch.Tensor:
-        """`facts`, `shifted`, `token_losses`: as for `full_loss_sum`."""
+                 shifted=False, token_losses=None, correct=None) -> torch.Tensor:
+        """`facts`, `shifted`, `token_losses`, `correct`: as for `full_loss_sum`."""
         facts = facts_of(labels, shifted) if facts is None else facts  # no segments: transformers finds them
         self.labels, self.grad_scale, self.shifted, self.token_losses = labels, grad_scale, shifted, token_losses
+        self.correct = correct
         self.where = host_to_device(facts.target_positions(), input_ids.device)
         self.counts = facts.row_targets() if self.logps == "sequences" else None
         try:
@@ -169,6 +178,7 @@ class ChunkedLoss:
             return self.result
         finally:
             self.labels, self.result, self.token_losses, self.where, self.counts = None, None, None, None, None
+            self.correct = None
 
     def sequence_logps(self, engine, input_ids, attention_mask, labels, facts=None, stats=None) -> torch.Tensor:
         """Per-sequence summed log-probs of the targets (every sequence must have at least one); `stats`: a
@@ -203,5 +213,6 @@ def make_loss_fn(model, chunk_tokens: int):
     token_losses=None) -> summed token loss of the micro-batch; `facts`: the batch's HostFacts (read back from
     the labels where None); `grad_scale` is the gradient backward will
     bring to that sum (see `objectives.accumulate`); `shifted`: the labels are already aligned with the positions they
-    are targets of; `token_losses`, a buffer of one float per target token, receives each one's loss."""
+    are targets of; `token_losses`, a buffer of one float per target token, receives each one's loss; `correct`, a
+    0-dim tensor, is added the number of targets predicted top-1."""
     return full_loss_sum if chunk_tokens == 0 else ChunkedLoss(model, chunk_tokens)

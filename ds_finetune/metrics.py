@@ -17,6 +17,24 @@ from ds_finetune.errors import UserError
 from ds_finetune.files import replace_file
 
 
+# metrics.jsonl's names before the HF Trainer's and TRL's, still written beside them for one release; a line
+# written before the change has only these (W&B's replay of it reads them as the new names).
+RENAMED = {"lr": "learning_rate", "tokens": "num_tokens"}
+NOT_SCALARS = {"step", "time", "sample_ids", *RENAMED}
+
+
+def dashboard_scalars(record: dict) -> dict:
+    """A metrics.jsonl line as the HF Trainer's TensorBoard and W&B callbacks show a log (`rewrite_logs`):
+    eval_x as eval/x, every other number as train/x; the old names as their new ones."""
+    record = {**{new: record[old] for old, new in RENAMED.items() if old in record and new not in record}, **record}
+    out = {}
+    for key, value in record.items():
+        if key in NOT_SCALARS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"] = value
+    return out
+
+
 def metrics_lines(path: Path) -> list[tuple[int, str]]:
     """(step, line) of each line of metrics.jsonl, up to a torn one: a kill mid-line leaves a last line that
     does not parse, and it (with anything after it) belongs to the interrupted attempt. The one reader of
@@ -64,8 +82,7 @@ class WandbRun:
                     self.log(json.loads(line))
 
     def log(self, record: dict) -> None:
-        self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
-                     step=record["step"])
+        self.run.log(dashboard_scalars(record), step=record["step"])
 
     def close(self) -> None:
         self.run.finish()
@@ -103,18 +120,9 @@ class MetricsWriter:
         self.file.flush()  # a kill loses at most the line being written; truncate_metrics drops a torn one
         if self.wandb is not None:
             self.wandb.log(record)
-        if self.tb is not None:
-            self.tb.add_scalar("train/loss", record["loss"], record["step"])
-            self.tb.add_scalar("train/lr", record["lr"], record["step"])
-            if "eval_loss" in record:
-                self.tb.add_scalar("eval/loss", record["eval_loss"], record["step"])
-            if "eval_ppl" in record:
-                self.tb.add_scalar("eval/ppl", record["eval_ppl"], record["step"])
-            # a mixture's loss/<name> and tokens/<name>, an objective's own metrics (DPO: rewards/chosen, ...)
-            for key, value in record.items():
-                if "/" in key:
-                    where, name = ("eval", key[5:]) if key.startswith("eval_") else ("train", key)
-                    self.tb.add_scalar(f"{where}/{name}", value, record["step"])
+        if self.tb is not None:  # the same names as W&B's (train/loss, train/learning_rate, eval/loss, ...)
+            for tag, value in dashboard_scalars(record).items():
+                self.tb.add_scalar(tag, value, record["step"])
         if self.bar is not None:
             now = time.time()
             tps = step_tokens / max(now - self.last_time, 1e-9)
@@ -122,7 +130,7 @@ class MetricsWriter:
             if "eval_loss" in record:
                 self.last_eval = record["eval_loss"]
             shown = {} if self.last_eval is None else {"eval": f"{self.last_eval:.4f}"}
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **shown, lr=f"{record['lr']:.2e}",
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **shown, lr=f"{record['learning_rate']:.2e}",
                                  tok_s=f"{tps:,.0f}", refresh=False)
             self.bar.update(1)
 

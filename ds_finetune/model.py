@@ -1,19 +1,18 @@
 """The model, its optimizer groups, the LR schedule and the DeepSpeed engine.
 
-The model is built from `seed` identically on every rank, stage and world size; the optimizer is a
-client `torch.optim.AdamW` (two groups: decayed matrices, undecayed biases and norms) with a `LambdaLR`
-schedule (warmup, then cosine / linear / constant), both handed to `deepspeed.initialize`, which saves
-and loads them with the engine.
+The model is built from `seed` identically on every rank, stage and world size; the optimizer (optim.py:
+train.optimizer over two groups, decayed matrices and undecayed biases and norms) and a `LambdaLR` of the
+train.lr_schedule are handed to `deepspeed.initialize`, which saves and loads them with the engine.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import sys
 
 import torch
 
+from ds_finetune import optim, quantization
 from ds_finetune.dist import on_cuda
 
 from ds_finetune.config import RunConfig
@@ -74,8 +73,10 @@ def build_model(cfg: RunConfig, ds_config: dict):
                 setattr(config, key, value)
             model = auto.from_config(config, dtype=torch.float32)
         else:
+            quantized = quantization.quantization_config(cfg.model)
             model = auto.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **attention, **head,
-                                         **cfg.model.hub_options())
+                                         **cfg.model.hub_options(),
+                                         **({"quantization_config": quantized} if quantized else {}))
     except (OSError, ValueError, KeyError, TypeError, ImportError,  # ImportError: flash-attn not installed
             StrictDataclassError) as e:  # a config.json that transformers' validators refuse
         source = cfg.model.name_or_path or "model.config"
@@ -89,6 +90,7 @@ def build_model(cfg: RunConfig, ds_config: dict):
         apply_tiled_mlp(model)
     del keep_alive
     if cfg.model.lora is not None:
+        model = quantization.prepare(model, cfg.model.quantization is not None)
         model = apply_lora(model, cfg.model.lora, cfg.train.seed, cfg.model.name_or_path)
     model.train()  # from_pretrained returns the model in eval mode: dropout would silently be off
     return model
@@ -144,20 +146,6 @@ def check_isolated_packing(model, micro_batch_size: int) -> None:
                         f"train.micro_batch_size=1 (got {micro_batch_size}); set it to 1, use sdpa, or {fix}")
 
 
-def lr_lambda(cfg: RunConfig, total_steps: int):
-    t = cfg.train
-
-    def factor(step: int) -> float:  # `step` = optimizer steps already taken
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
-    return factor
-
-
 def param_group_names(model) -> list[list[str]]:
     """Trainable parameter names of the two optimizer groups: decayed (matrices), not decayed (biases,
     norms). Saved with each checkpoint so a ZeRO-0 optimizer state can be mapped back to names."""
@@ -166,17 +154,6 @@ def param_group_names(model) -> list[list[str]]:
         if p.requires_grad:
             (decay if p.dim() >= 2 or len(getattr(p, "ds_shape", ())) >= 2 else no_decay).append(name)
     return [decay, no_decay]
-
-
-def adamw(groups: list[dict], t, offloaded: bool):
-    """The AdamW doing the update: torch's, or with the optimizer offloaded from GPUs DeepSpeed's CPU Adam
-    (vectorised C++; torch's would be several times slower there, which is why DeepSpeed refuses a client
-    optimizer with offload by default). CPU runs keep torch's: no JIT-built op, and the same arithmetic
-    with and without offload."""
-    if offloaded:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
 
 
 def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int, mpu=None):
@@ -188,8 +165,9 @@ def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int, mpu=N
     t = cfg.train
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # From the DeepSpeed config: the `deepspeed:` mapping may offload (to NVMe) where train.offload_optimizer does not.
-    optimizer = adamw(groups, t, offloaded=offloads_optimizer(ds_config) and on_cuda())
-    schedule = lr_lambda(cfg, total_steps)
+    optimizer = optim.build_optimizer(groups, t, offloaded=offloads_optimizer(ds_config) and on_cuda(),
+                                      on_gpu=on_cuda())
+    schedule = optim.lr_factor(t, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, mpu=mpu,
         # A callable, so the scheduler drives the optimizer DeepSpeed wraps; DeepSpeed saves and loads it.

@@ -102,13 +102,14 @@ class ShardedLoss:
     def __init__(self, inner, group: SequenceGroup, ulysses, pad_id: int):
         self.inner, self.group, self.ulysses, self.pad_id = inner, group, ulysses, pad_id
 
-    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, facts=None, grad_scale=1.0):
+    def __call__(self, engine, input_ids, attention_mask, labels, position_ids=None, facts=None, grad_scale=1.0,
+                 correct=None):
         part = shard(Batch(input_ids, attention_mask, labels, position_ids, facts), self.group.rank,
                      self.group.size, self.pad_id)
         from ds_finetune.ds_internals import set_ulysses_batch_size  # DeepSpeed: see `attach`
         set_ulysses_batch_size(self.ulysses, input_ids.shape[0])  # an eval batch may hold fewer rows
         return self.inner(engine, part.input_ids, None, part.labels, part.position_ids, part.facts,
-                          grad_scale=grad_scale, shifted=True)
+                          grad_scale=grad_scale, shifted=True, correct=correct)
 
 
 # ---------------------------------------------------------------------------------------------- engine

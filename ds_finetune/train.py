@@ -20,7 +20,7 @@ from pathlib import Path
 
 from deepspeed import DeepSpeedEngine
 
-from ds_finetune import lora, messages
+from ds_finetune import lora, messages, optim, quantization
 from ds_finetune.checkpoint import resume
 from ds_finetune.checkpoint.manager import Checkpointer
 from ds_finetune.state import TrainState
@@ -34,6 +34,7 @@ from ds_finetune.errors import UserError
 from ds_finetune.evaluate import Evaluator, build_evaluator
 from ds_finetune.faults import fault_point, unfired_fault
 from ds_finetune.fingerprint import config_fingerprint
+from ds_finetune.grad_norm import GradNorm
 from ds_finetune.metrics import MetricsWriter, NullMetricsWriter, check_wandb_installed
 from ds_finetune.model import build_engine, build_model, check_isolated_packing
 from ds_finetune.nodes import check_shared_checkpoint_dir
@@ -84,7 +85,7 @@ def lora_base_files(cfg: RunConfig, rank: int, world: int) -> dict | None:
         return None  # a random-init base is identified by model.config and the seed
     with scratch_folder(cfg.checkpoint_dir, rank) as scratch:  # a folder every node sees (checked before)
         board = Rendezvous(scratch, rank, world, f"hashing the base model {cfg.model.name_or_path}")
-        return lora.base_model_files(cfg.model.name_or_path, board)
+        return lora.base_model_files(cfg.model.name_or_path, board, cfg.model.revision)
 
 
 def write_run_files(cfg: RunConfig, ds_config: dict) -> None:
@@ -103,6 +104,9 @@ def setup(args) -> tuple[Run, TrainState]:
         decide(check_wandb_installed, runs_here=is_main)  # before anything long
     if cfg.model.lora is not None:
         decide(lora.check_peft_installed, runs_here=is_main)
+    decide(lambda: optim.check_installed(cfg.train.optimizer), runs_here=is_main)
+    if cfg.model.quantization is not None:
+        decide(quantization.check_installed, runs_here=is_main)
 
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.data.chat_template,
                          **cfg.model.hub_options(for_tokenizer=True))
@@ -170,16 +174,21 @@ class StepOutcome:
     stop: bool             # some rank was asked to stop (SIGTERM/SIGINT)
     time_to_save: bool     # rank 0's clock says `every_minutes` have passed
     writing: bool          # some rank's background checkpoint write is still running
-    metrics: dict          # the objective's metrics of the global batch (StepResult.sums and .counts)
+    metrics: dict          # the objective's metrics of the global batch (StepResult.sums and .counts), grad_norm
 
 
-def agree_on_step(result: StepResult, signum: int, time_to_save: bool, writing: bool) -> StepOutcome:
+def agree_on_step(result: StepResult, signum: int, time_to_save: bool, writing: bool,
+                  grad_norm=None, is_main: bool = True) -> StepOutcome:
+    """`grad_norm`: the step's gradient norm (the same on every rank; None where none is computed), carried
+    by the same all-reduce as rank 0's value plus the others' zeros, so it arrives exactly."""
     names = list(result.sums)
+    carried = [] if grad_norm is None else [grad_norm if is_main else 0.0]
     loss_sum, stop, time_up, still_writing, *sums = sum_over_ranks(
-        [result.loss_sum, signum, time_to_save, writing, *(result.sums[k][0] for k in names)])
+        [result.loss_sum, signum, time_to_save, writing, *carried, *(result.sums[k][0] for k in names)])
+    norm = {"grad_norm": sums.pop(0)} if carried else {}
     metrics = {k: total / result.sums[k][1] for k, total in zip(names, sums) if result.sums[k][1]}
     return StepOutcome(loss_sum / result.normaliser, stop > 0, time_up > 0, still_writing > 0,
-                       {**metrics, **result.counts})
+                       {**norm, **metrics, **result.counts})
 
 
 class StopSignal:
@@ -204,20 +213,29 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
     """The loop: each step takes the next global batch of the order, runs the objective's step, agrees
     with the other ranks on its outcome, logs it and hands it to the Checkpointer."""
     cfg, gb = run.cfg, run.layout.global_batch
+    grad_norm = GradNorm(run.engine)
+
+    def before_update():  # the step's gradients are complete; the optimizer is about to use them
+        grad_norm.before_update()
+        run.checkpointer.before_update()
+
     while state.step < run.total_steps:
         batch = run.order.batch(state, gb)
         if batch is None:  # train.epochs are done
             break
         lr = run.engine.get_lr()[0]
-        result = run.objective.step(run.engine, batch.units, state.step + 1, run.checkpointer.before_update)
+        result = run.objective.step(run.engine, batch.units, state.step + 1, before_update)
         fault_point("after_step", run.rank, state.step + 1)
-        outcome = agree_on_step(result, stop.signum, run.checkpointer.time_due(), run.checkpointer.writing())
+        outcome = agree_on_step(result, stop.signum, run.checkpointer.time_due(), run.checkpointer.writing(),
+                                grad_norm.value(), run.rank == 0)
 
         step_tokens = unit_tokens(run.data, batch.units)
         state.advance(batch.position, gb, step_tokens)
-        record = {"step": state.step, "loss": outcome.loss, "lr": lr, "epoch": state.epoch,
-                  "consumed_samples": state.consumed_samples, "tokens": state.tokens, "time": time.time(),
-                  **outcome.metrics}
+        # The HF Trainer's and TRL's keys; `lr` and `tokens` (this file's names before them) are written too
+        # for one release (docs/config.md, "metrics.jsonl").
+        record = {"step": state.step, "loss": outcome.loss, "learning_rate": lr, "lr": lr, "epoch": state.epoch,
+                  "consumed_samples": state.consumed_samples, "num_tokens": state.tokens, "tokens": state.tokens,
+                  "time": time.time(), **outcome.metrics}
         if cfg.logging.sample_ids:
             record["sample_ids"] = run.order.sample_ids(batch.units)
         if run.evaluator is not None and run.evaluator.due(state.step, run.total_steps):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ds_finetune.errors import UserError
+from ds_finetune.optim import ADAM
 from ds_finetune.zero_passthrough import merge_passthrough
 
 
@@ -22,10 +23,12 @@ def build_zero_config(
     offload_param: Literal["none", "cpu"] = "none",
     on_gpu: bool = True,
     hidden_size: int | None = None,
+    untested_optimizer: bool = False,
 ) -> dict:
     """`on_gpu`: overlap the gradient reduction with backward and pin offloaded memory (what GPUs want);
     off for CPU runs, where there is no transfer to overlap and nothing to pin. `hidden_size`: the model's,
-    which sizes the reduce bucket (unknown: DeepSpeed's default)."""
+    which sizes the reduce bucket (unknown: DeepSpeed's default). `untested_optimizer`: the client optimizer is not
+one of the classes DeepSpeed's ZeRO lists as tested (Lion in plain torch, Adafactor, bitsandbytes' AdamW8bit)."""
     if stage not in (0, 1, 2, 3):
         raise UserError(f"zero stage must be 0, 1, 2 or 3 (got {stage})")
     if offload_param != "none" and stage != 3:
@@ -76,6 +79,10 @@ def build_zero_config(
         # On the CPU we pass a client torch.optim.AdamW (no JIT-built ops needed); let ZeRO-Offload accept it.
         # (On GPUs model.build_engine passes DeepSpeedCPUAdam, which DeepSpeed takes anyway.)
         config["zero_force_ds_cpu_optimizer"] = False
+    if untested_optimizer and stage > 0:
+        # ZeRO refuses an optimizer class it has not tested unless told; ours update each flat partition
+        # elementwise (Lion, AdamW8bit's blocks) as on whole tensors, which is all ZeRO 1-3 need.
+        config["zero_allow_untested_optimizer"] = True
     return config
 
 
@@ -90,7 +97,8 @@ def zero_config_for_run(cfg, world_size: int, micro: int | None = None, accum: i
     data_parallel = cfg.data_parallel_size(world_size)
     generated = build_zero_config(t.zero_stage, micro, accum, data_parallel, cfg.model.dtype, t.grad_clip,
                                   t.offload_optimizer, t.offload_param, on_gpu,
-                                  model_hidden_size(cfg.model, download=download_model_config))
+                                  model_hidden_size(cfg.model, download=download_model_config),
+                                  untested_optimizer=t.optimizer not in ADAM)
     return merge_passthrough(generated, cfg.deepspeed, t.zero_stage)  # the run config's `deepspeed:` mapping
 
 

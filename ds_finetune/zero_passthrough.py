@@ -25,8 +25,8 @@ OWNED_VALUES = {
     "zero_optimization.stage": "train.zero_stage",
 }
 OWNED_SECTIONS = {
-    "optimizer": "train.lr, train.weight_decay and train.adam_* (the optimizer is ds-finetune's)",
-    "scheduler": "train.lr_schedule, train.warmup_steps and train.min_lr_ratio (the schedule is ds-finetune's)",
+    "optimizer": "train.optimizer, train.lr, train.weight_decay and train.adam_* (the optimizer is ds-finetune's)",
+    "scheduler": "train.lr_schedule, train.warmup_steps and train.lr_scheduler_kwargs (the schedule is ds-finetune's)",
     "checkpoint": "the checkpoint section (checkpoints are written and resumed by ds-finetune)",
     "nebula": "the checkpoint section (checkpoints are written and resumed by ds-finetune)",
 }

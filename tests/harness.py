@@ -300,12 +300,13 @@ def assert_resumed(output, step: int | None = None) -> int:
 # ------------------------------------------------------------------------------------- comparing runs
 
 def assert_same_run(got_dir: Path, ref_dir: Path) -> None:
-    """Bitwise: same steps, the same losses as written in the JSON, the same sample ids and lrs."""
+    """Bitwise: same steps, the same losses as written in the JSON, the same sample ids, lrs and grad norms."""
     got, ref = metrics(got_dir), metrics(ref_dir)
     assert [r["step"] for r in got] == [r["step"] for r in ref], "metrics.jsonl must read as one clean run"
     assert loss_reprs(got) == loss_reprs(ref)
     assert [r.get("sample_ids") for r in got] == [r.get("sample_ids") for r in ref]
-    assert [r["lr"] for r in got] == [r["lr"] for r in ref]
+    assert [r["learning_rate"] for r in got] == [r["learning_rate"] for r in ref]
+    assert [r.get("grad_norm") for r in got] == [r.get("grad_norm") for r in ref]
 
 
 def assert_close_run(got_dir: Path, ref_dir: Path, rel: float = 1e-5) -> None:
@@ -315,7 +316,7 @@ def assert_close_run(got_dir: Path, ref_dir: Path, rel: float = 1e-5) -> None:
     assert [r["step"] for r in got] == [r["step"] for r in ref], "metrics.jsonl must read as one clean run"
     assert [r.get("sample_ids") for r in got] == [r.get("sample_ids") for r in ref]
     for a, b in zip(ref, got):
-        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12), a["step"]
+        assert b["learning_rate"] == pytest.approx(a["learning_rate"], rel=1e-12), a["step"]
         assert b["loss"] == pytest.approx(a["loss"], rel=rel), (a["step"], a["loss"], b["loss"])
 
 

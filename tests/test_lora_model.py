@@ -53,10 +53,17 @@ def test_lora_on_chosen_modules_with_a_full_head():
     ("model.lora.target_modules=[]", "model.lora.target_modules"),
     ("model.lora.rank=8", "model.lora.rank: unknown key"),
     ("model.lora.r=0", "model.lora.r"),
+    ("model.lora.init_lora_weights=pissa", "pissa is not supported: it rewrites the base weights"),
+    ("model.lora.init_lora_weights=pissa_niter_4", "pissa_niter_4 is not supported"),
+    ("model.lora.init_lora_weights=loftq", "needs a quantised base"),
+    ("model.lora.init_lora_weights=eva", "a pass over the training data"),
+    ("model.lora.init_lora_weights=kaiming", "must be true, false, gaussian or orthogonal"),
+    ("model.lora.init_lora_weights=orthogonal", "needs an even model.lora.r (got 5)"),
 ])
 def test_lora_config_mistakes_are_one_line(override, needle):
+    rank = ["model.lora.r=5"] if "orthogonal" in override else []
     with pytest.raises(UserError) as e:
-        load_config(harness.TINY, ["output_dir=/tmp/unused", *LORA, override])
+        load_config(harness.TINY, ["output_dir=/tmp/unused", *LORA, *rank, override])
     assert needle in e.value.message and "\n" not in e.value.message
 
 
@@ -100,3 +107,17 @@ def test_isolated_packing_accepts_a_lora_model():
     from ds_finetune.model import check_isolated_packing
 
     check_isolated_packing(build(LORA, 0), micro_batch_size=2)
+
+
+def test_dora_and_the_init_reach_peft_and_the_fingerprint_only_when_set():
+    from ds_finetune.fingerprint import model_identity
+    from ds_finetune.lora import hf_model
+    dora = build([*LORA, "model.lora.use_dora=true", "model.lora.init_lora_weights=orthogonal"], 0)
+    config = dora.peft_config["default"]
+    assert config.use_dora and config.init_lora_weights == "orthogonal"
+    magnitudes = [n for n, p in dora.named_parameters() if p.requires_grad and "lora_magnitude_vector" in n]
+    assert magnitudes and hf_model(dora) is dora.get_base_model()
+    plain = load_config(harness.TINY, ["output_dir=/tmp/unused", *LORA]).model
+    assert set(model_identity(plain, None)["lora"]) == {"r", "alpha", "dropout", "target_modules", "modules_to_save"}
+    cfg = load_config(harness.TINY, ["output_dir=/tmp/unused", *LORA, "model.lora.use_dora=true"]).model
+    assert model_identity(cfg, None)["lora"]["use_dora"] is True

@@ -72,3 +72,29 @@ def test_the_fingerprint_has_the_options_only_when_set():
     assert "revision" not in plain and "trust_remote_code" not in plain  # existing checkpoints match
     pinned = config_fingerprint(load_config(TINY, ["model.revision=abc", "model.trust_remote_code=true"]), 8, "h")
     assert pinned["exact"]["model"]["revision"] == "abc" and pinned["exact"]["model"]["trust_remote_code"] is True
+
+
+def test_a_lora_base_is_found_hashed_and_merged_at_the_runs_revision(monkeypatch, tmp_path):
+    """The base's snapshot is looked up at model.revision (hashing it for the fingerprint, and for a merged
+    export), and the export reads the revision and remote-code choice from the checkpoint's fingerprint."""
+    import huggingface_hub
+
+    from ds_finetune import lora
+    from ds_finetune.checkpoint.export import hub_options
+    from ds_finetune.checkpoint.verify import CheckpointInfo
+    calls = []
+
+    def snapshot(name, **kwargs):
+        calls.append((name, kwargs))
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    (tmp_path / "config.json").write_text("{}")
+    lora.base_model_files("org/model", revision="v1.2")
+    assert calls == [("org/model", {"revision": "v1.2", "local_files_only": True})]
+    cfg = load_config(TINY, [*NAMED, "model.revision=v1.2", "model.trust_remote_code=true"])
+    fingerprint = config_fingerprint(cfg, 8, "sha", {"config.json": "x"})
+    info = CheckpointInfo.__new__(CheckpointInfo)
+    info.manifest = {"trainer_state": {"fingerprint": fingerprint}}
+    assert hub_options(info) == {"revision": "v1.2", "trust_remote_code": True}
+    info.manifest = {"trainer_state": {"fingerprint": config_fingerprint(load_config(TINY, NAMED), 8, "sha", {})}}
+    assert hub_options(info) == {}

@@ -114,3 +114,15 @@ def test_example_configs_validate_with_dry_run(monkeypatch):
     sp4 = out["configs/llama3-8b-32k-sp4-zero3.yaml"]
     assert "world_size=8 micro_batch_size=1 grad_accum=8 global_batch=16" in sp4
     assert "data_parallel=2 × sequence_parallel=4; up to 8192 tokens of a sequence per rank" in sp4
+
+
+def test_the_readme_layout_table_rows_are_read_as_the_layout_they_are_listed_under():
+    import json
+
+    from ds_finetune.data.layouts import detect_layout
+    from ds_finetune.data_config import DataConfig
+    rows = re.findall(r"^\| `(\w+)` \| `(\w+)`[^|]*\| `(\{.*\})` \|$", (ROOT / "README.md").read_text(), flags=re.M)
+    assert len(rows) == 8 and {fmt for fmt, _, _ in rows} == {"chat", "prompt_completion", "preference", "text"}
+    for fmt, layout, example in rows:
+        cfg = DataConfig(path="x.jsonl", format=fmt)
+        assert detect_layout(cfg, json.loads(example)) == layout, (fmt, layout, example)

@@ -70,7 +70,7 @@ def test_converted_state_loads_exactly_into_every_stage(saved_at_step4, referenc
         assert r["max_abs_diff"] == 0.0, (target, r)
         assert r["global_steps"] == 4
     # the schedule's position came back: every engine's lr is the one the uninterrupted run used at step 5
-    assert {r["lr"] for r in result.values()} == {harness.metrics(reference_run(3))[4]["lr"]}
+    assert {r["lr"] for r in result.values()} == {harness.metrics(reference_run(3))[4]["learning_rate"]}
 
 
 def test_resume_on_one_rank_keeps_global_batch_and_order(reference_run, tmp_path):

@@ -15,7 +15,8 @@ from ds_finetune.sampler import epoch_permutation
 
 pytestmark = pytest.mark.multiproc
 STAGES = [0, 1, 2, 3]
-KEYS = {"step", "loss", "lr", "epoch", "consumed_samples", "tokens", "time", "sample_ids"}
+KEYS = {"step", "loss", "learning_rate", "grad_norm", "epoch", "consumed_samples", "num_tokens", "time",
+        "mean_token_accuracy", "sample_ids", "lr", "tokens"}  # lr and tokens: the old names, for one release
 
 
 def predicted_sample_ids(steps: int, global_batch: int) -> list[list[int]]:
@@ -43,11 +44,14 @@ def test_metrics_jsonl_is_well_formed_and_loss_falls(reference_run, stage):
         assert math.isfinite(r["loss"]) and r["loss"] > 0
         assert r["consumed_samples"] == 8 * r["step"] and r["epoch"] == 0
         assert len(r["sample_ids"]) == 8
-    assert [r["tokens"] for r in rows] == sorted(r["tokens"] for r in rows)
+    assert [r["num_tokens"] for r in rows] == sorted(r["num_tokens"] for r in rows)
+    assert all(r["tokens"] == r["num_tokens"] and r["lr"] == r["learning_rate"] for r in rows)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
+    assert all(0 <= r["mean_token_accuracy"] <= 1 for r in rows) and rows[-1]["mean_token_accuracy"] > 0
     assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]]) - 0.3
     # warmup_steps=2, lr 3e-3: step 1 uses lr/2, step 2 the full lr, then cosine decay
-    assert rows[0]["lr"] == pytest.approx(1.5e-3) and rows[1]["lr"] == pytest.approx(3e-3)
-    assert rows[-1]["lr"] < rows[2]["lr"]
+    assert rows[0]["learning_rate"] == pytest.approx(1.5e-3) and rows[1]["learning_rate"] == pytest.approx(3e-3)
+    assert rows[-1]["learning_rate"] < rows[2]["learning_rate"]
     ds_config = json.loads((out / "deepspeed_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == stage and ds_config["train_batch_size"] == 8
     assert yaml.safe_load((out / "run_config.yaml").read_text())["train"]["zero_stage"] == stage

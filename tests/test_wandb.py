@@ -52,8 +52,10 @@ def test_one_wandb_run_across_a_kill_and_resume_with_each_step_once(tmp_path):
             elif kind == "history":
                 steps.append(record.history.step.num)
                 items = {i.key or ".".join(i.nested_key): i.value_json for i in record.history.item}
-                losses[record.history.step.num] = items.get("loss")
+                losses[record.history.step.num] = (items.get("train/loss"), items.get("train/learning_rate"),
+                                                   items.get("train/grad_norm"))
     assert len(ids) == 1
     assert sorted(steps) == list(range(1, 11)), steps  # each step once, none lost
     for row in harness.metrics(tmp_path):
-        assert float(losses[row["step"]]) == row["loss"]
+        loss, lr, grad_norm = losses[row["step"]]  # the HF Trainer's W&B names
+        assert (float(loss), float(lr), float(grad_norm)) == (row["loss"], row["learning_rate"], row["grad_norm"])

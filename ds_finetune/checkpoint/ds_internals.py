@@ -172,8 +172,11 @@ class ZeroCheckpoint:
             else:
                 weights, states = osd["fp32_flat_groups"], osd["optimizer_state_dict"]["state"]
             self.flats["weights"].append(list(weights))
-            for key in ("exp_avg", "exp_avg_sq"):  # a group never stepped has no state: zeros
-                self.flats[key].append([states[g][key] if g in states else torch.zeros_like(w)
+            # A group never stepped has no state, and an optimizer other than Adam (train.optimizer lion,
+            # adamw_8bit) not these moments: zeros, as at stage 0. Such a checkpoint is only read for its weights
+            # (export); converting it to another layout is refused (optim.check_convertible).
+            for key in ("exp_avg", "exp_avg_sq"):
+                self.flats[key].append([states[g][key] if key in states.get(g, {}) else torch.zeros_like(w)
                                         for g, w in enumerate(weights)])
             self.step = max([self.step] + [float(s["step"]) for s in states.values() if "step" in s])
         param_shapes = self.model_states["param_shapes"]

@@ -78,17 +78,29 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32", hashes: bo
         return value
 
     if merge:
-        fingerprint = TrainState.from_manifest(info.manifest).fingerprint or {}
-        base_files = fingerprint.get("exact", {}).get("model.base_files")
-        return lora.export_merged(path / HF_DIR, out_dir, names, read, DTYPES[dtype], base_files, max_bytes)
+        base_files = run_identity(info).get("model.base_files")
+        return lora.export_merged(path / HF_DIR, out_dir, names, read, DTYPES[dtype], base_files, max_bytes,
+                                  hub_options(info))
     if adapters:
-        return lora.export_adapter(path / HF_DIR, out_dir, names, read, DTYPES[dtype])
+        return lora.export_adapter(path / HF_DIR, out_dir, names, read, DTYPES[dtype], hub_options(info))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_weights(out_dir, names, shapes, DTYPES[dtype], read, max_bytes)
     for f in sorted((path / HF_DIR).iterdir()):
         shutil.copy2(f, out_dir / f.name)
     _set_config_dtype(out_dir / "config.json", dtype)
     return out_dir
+
+
+def run_identity(info: CheckpointInfo) -> dict:
+    """The `exact` part of the fingerprint the checkpoint was saved with."""
+    return (TrainState.from_manifest(info.manifest).fingerprint or {}).get("exact", {})
+
+
+def hub_options(info: CheckpointInfo) -> dict:
+    """The run's model.revision and model.trust_remote_code (recorded in its fingerprint when set): the base
+    is loaded for a merge as training loaded it."""
+    model = run_identity(info).get("model", {})
+    return {k: model[k] for k in ("revision", "trust_remote_code") if model.get(k)}
 
 
 def write_weights(out_dir: Path, names: list[str], shapes: dict, dtype: torch.dtype, read, max_bytes: int) -> None:

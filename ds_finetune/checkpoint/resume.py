@@ -23,6 +23,7 @@ from ds_finetune.errors import UserError
 from ds_finetune.files import fsync_dir, write_atomic
 from ds_finetune.fingerprint import changed_exact_keys
 from ds_finetune.messages import say
+from ds_finetune.optim import check_convertible, check_same_optimizer
 from ds_finetune.metrics import metrics_lines
 from ds_finetune.rendezvous import scratch_folder
 from ds_finetune.sampler import BatchLayout
@@ -55,6 +56,7 @@ def plan(cfg: RunConfig, args, rank: int, world: int, fingerprint_of) -> ResumeP
         ckpt.remove_checkpoints(cfg.checkpoint_dir)
     converted = None
     if needs_conversion(source, cfg.train.zero_stage, world):
+        check_convertible(cfg.train.optimizer)
         converted = convert(source, cfg.train.zero_stage, world, rank, say)
     barrier()
     return ResumePlan(source, layout, fingerprint, converted)
@@ -182,6 +184,7 @@ def check_resumable(info: CheckpointInfo, fingerprint: dict, allow_change: bool)
         raise UserError(f"checkpoint error: {info.path} uses data format {saved.data_format_version}, this "
                         f"version uses {DATA_FORMAT_VERSION}; resume with the ds-finetune version that saved it")
     changed = changed_exact_keys(saved.fingerprint, fingerprint)
+    check_same_optimizer(saved.fingerprint, fingerprint, info.path)  # even under --allow-config-change
     if changed and not allow_change:
         raise UserError(f"config error: resuming {info.path} with changed {', '.join(changed)} would not continue "
                         f"the same run; restore them, or pass --allow-config-change to continue anyway")

@@ -20,7 +20,9 @@ from ds_finetune.sequence import sharded
 
 @dataclass(frozen=True)
 class SFT:
-    metric_names = ()  # a mixture adds loss/<source> and tokens/<source> (data.SourceLosses)
+    # A step also logs mean_token_accuracy (TRL's: top-1 targets / targets of the global batch); a mixture adds
+    # loss/<source> and tokens/<source> (data.SourceLosses)
+    metric_names = ()
     perplexity = True
 
     data: TokenizedData | MixedData
@@ -40,15 +42,18 @@ class SFT:
     def step(self, engine, units, step: int, before_update=None) -> StepResult:
         mine, micro_batches = self.micro_batches(units)
         targets = unit_targets(self.data, units)
+        correct = torch.zeros((), dtype=torch.float64, device=engine.device)  # read in the loop's all-reduce
+        accuracy = {"mean_token_accuracy": (correct, targets)}
         if self.per_source is None:
-            loss_sum, _ = accumulate(engine, self.loss_fn, micro_batches, targets, step, before_update)
-            return StepResult(loss_sum, targets)
+            loss_sum, _ = accumulate(engine, self.loss_fn, micro_batches, targets, step, before_update,
+                                     per_batch=[{"correct": correct}] * len(micro_batches))
+            return StepResult(loss_sum, targets, accuracy)
         token_losses = self.per_source.buffers(micro_batches, engine.device)
         loss_sum, _ = accumulate(engine, self.loss_fn, micro_batches, targets, step, before_update,
-                                 per_batch=[{"token_losses": t} for t in token_losses])
+                                 per_batch=[{"token_losses": t, "correct": correct} for t in token_losses])
         sums, counts = self.per_source.metrics(units, mine, micro_batches, token_losses,
                                                lambda host: host_to_device(host, engine.device))
-        return StepResult(loss_sum, targets, sums, counts)
+        return StepResult(loss_sum, targets, {**accuracy, **sums}, counts)
 
     def eval_batch(self, engine, data: TokenizedData, units: np.ndarray, counted: bool
                    ) -> tuple[torch.Tensor, int, dict]:
