@@ -18,7 +18,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ds_finetune.config_text import Section, apply_overrides, field_lines, format_validation_error, load_raw_yaml
 from ds_finetune.data_config import DataConfig, EvalSourceConfig, unique_names
 from ds_finetune.errors import UserError
-from ds_finetune.objective_config import PAIR_OBJECTIVES, CpoConfig, DpoConfig, OrpoConfig, SimpoConfig  # noqa: F401
+from ds_finetune.objective_config import (PAIR_OBJECTIVES, CpoConfig, DpoConfig, GrpoConfig, OrpoConfig,  # noqa: F401
+                                          RewardConfig, SimpoConfig)
 
 
 class LoraConfig(Section):
@@ -122,9 +123,10 @@ class TrainConfig(Section):
         1, ge=1, le=1024, description="Ranks that share one sequence, each holding a slice of its length (DeepSpeed "
                                       "Ulysses); divides the world size, whose quotient is the data-parallel size.")
     seed: int = Field(1234, ge=0, lt=2**32, description="Seed for init, data order and dropout.")
-    objective: Literal["sft", "dpo", "orpo", "simpo", "cpo"] = Field(
+    objective: Literal["sft", "dpo", "orpo", "simpo", "cpo", "grpo"] = Field(
         "sft", description="sft (next-token loss on the targets) | dpo | orpo | simpo | cpo (preference pairs, "
-                           "data.format preference; each has its section of settings: dpo, orpo, simpo, cpo).")
+                           "data.format preference; each has its section of settings: dpo, orpo, simpo, cpo) | grpo "
+                           "(online RL on sampled completions, data.format prompt; sections grpo and rewards).")
     deterministic: bool = Field(
         True, description="On CUDA: deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS "
                           "workspace), so a resumed run is bitwise the uninterrupted one; costs some speed. "
@@ -219,6 +221,10 @@ class RunConfig(Section):
     orpo: OrpoConfig = Field(default_factory=OrpoConfig)
     simpo: SimpoConfig = Field(default_factory=SimpoConfig)
     cpo: CpoConfig = Field(default_factory=CpoConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    rewards: list[RewardConfig] = Field(
+        default_factory=list, description="train.objective grpo: the reward functions, {name, function, weight} each; "
+                                          "the reward is their weighted sum.")
     output_dir: str = Field(..., description="Run folder: metrics, configs, checkpoints.")
     deepspeed: Optional[dict[str, Any]] = Field(
         None, description="DeepSpeed config keys merged over the generated config (NVMe offload, ZeRO++, MiCS, "
@@ -271,10 +277,39 @@ class RunConfig(Section):
         if on_pairs and self.train.sequence_parallel > 1:
             raise ValueError(f"train.sequence_parallel > 1 is not supported with train.objective {name} yet; set "
                              "train.sequence_parallel=1")
+        self._grpo_fits()
         if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
             raise ValueError(f"data.max_prompt_length ({self.data.max_prompt_length}) must be below "
                              f"data.max_length ({self.data.max_length})")
         return self
+
+    def _grpo_fits(self) -> None:
+        name, prompts = self.train.objective, self.data.format == "prompt" or any(
+            s.format == "prompt" for s in self.data.sources or [])
+        if prompts and name != "grpo":
+            raise ValueError(f"data.format prompt is for train.objective grpo (it has prompts, no completions to train "
+                             f"{name} on); set train.objective=grpo or use another data.format")
+        if name != "grpo":
+            if self.rewards:
+                raise ValueError("rewards is a setting of train.objective grpo; remove it or set train.objective=grpo")
+            return
+        formats = {s.format or self.data.format for s in self.data.sources} if self.data.is_mixture else {self.data.format}
+        if formats != {"prompt"}:
+            raise ValueError(f"train.objective grpo needs data.format prompt (got {', '.join(sorted(formats))})")
+        if not self.rewards:
+            raise ValueError("train.objective grpo needs rewards: a list of {name, function, weight}, e.g. "
+                             "[{function: accuracy}, {function: format}]")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) < len(names):
+            raise ValueError(f"rewards: two rewards are named {max(names, key=names.count)!r}; give each a unique name")
+        if self.data.packs:
+            raise ValueError("data.packing is not supported with train.objective grpo; set data.packing=false")
+        if self.train.sequence_parallel > 1:
+            raise ValueError("train.sequence_parallel > 1 is not supported with train.objective grpo yet; set "
+                             "train.sequence_parallel=1")
+        if self.eval.enabled:
+            raise ValueError("evaluation is not supported with train.objective grpo yet; remove eval.path, "
+                             "eval.sources and eval.fraction")
 
     @property
     def checkpoint_dir(self) -> Path:

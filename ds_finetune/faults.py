@@ -33,7 +33,7 @@ from ds_finetune.errors import UserError
 PHASES = ("mid_accum", "after_step", "before_save", "torn_shard", "mid_shards", "after_shards", "after_manifest_tmp",
           "after_manifest_rename", "before_latest_rename", "after_latest_rename", "during_retention",
           "enospc", "enospc_manifest", "enospc_latest", "mid_convert", "hang_convert", "hang_verify", "slow_save",
-          "async_write", "async_written", "mid_reference")
+          "async_write", "async_written", "mid_reference", "mid_generate", "in_reward")
 
 
 @functools.lru_cache(maxsize=8)

@@ -10,6 +10,7 @@
                        messages) | implicit_prompt (TRL: chosen/rejected whole conversations whose shared
                        start is the prompt)                       -> {prompt_field, chosen_field, rejected_field}
                        both kinds, as strings or all message lists, as preference.py reads them
+    prompt             prompt (a string or messages; format prompt, every other column kept) -> as is
     text               text (only)
 
 Detection takes the first layout, in the order above, whose columns the row has; so the format's first
@@ -32,7 +33,8 @@ READS = {"chat": "messages (a list of {role, content}), conversations (ShareGPT:
                  "instruction/input/output (alpaca)",
          "prompt_completion": "prompt and completion, strings or message lists",
          "preference": "prompt, chosen and rejected (strings or message lists), or chosen and rejected "
-                       "conversations that share their prompt"}
+                       "conversations that share their prompt",
+         "prompt": "prompt (a string or a message list) and any other columns"}
 
 
 def normalise_rows(cfg, rows: list[dict], ats: list[str]) -> list[dict]:
@@ -71,6 +73,8 @@ def fits(cfg, layout: str, row: dict) -> bool:
         return has(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     if layout == "implicit_prompt":
         return has(cfg.chosen_field, cfg.rejected_field)
+    if layout == "prompt":
+        return has(cfg.prompt_field)
     return layout == "text"
 
 
@@ -88,7 +92,8 @@ def _sharegpt_column(cfg, row: dict) -> str | None:
 def no_layout_message(cfg, row: dict, at: str, layout: str | None) -> str:
     """One line: the column the format's first layout (or the forced one) misses, and the columns found."""
     wanted = {"chat": [cfg.messages_field], "prompt_completion": [cfg.prompt_field, cfg.completion_field],
-              "preference": [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field]}[cfg.format]
+              "preference": [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field],
+              "prompt": [cfg.prompt_field]}[cfg.format]
     if layout == "implicit_prompt":
         wanted = wanted[1:]
     missing = next((n for n in wanted if row.get(n) is None), wanted[0])
@@ -250,4 +255,5 @@ def _pair(cfg, prompt, chosen, rejected, at: str) -> dict:
 
 NORMALISE = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca, "strings": _strings,
              "conversational": _conversational, "explicit_prompt": _explicit_prompt,
-             "implicit_prompt": _implicit_prompt, "text": lambda cfg, row, at: row}
+             "implicit_prompt": _implicit_prompt, "text": lambda cfg, row, at: row,
+             "prompt": lambda cfg, row, at: row}

@@ -80,6 +80,8 @@ class ObjectiveParts:
     ulysses: object | None     # DeepSpeed's Ulysses module under sequence parallelism
     weights_are_base: bool     # no checkpoint's weights are loaded yet (a converted one may already be)
     say: Callable
+    tokenizer: object = None   # the run's tokenizer (GRPO decodes its completions)
+    config_dir: object = None  # the config file's folder (GRPO imports module:callable rewards from it)
 
 
 def accumulate(engine, loss_fn, micro_batches: list, normaliser: int, step: int, before_update=None,
@@ -122,7 +124,8 @@ def fingerprint_settings(cfg) -> dict:
         return {}
     section = getattr(cfg, name)
     settings = section.fingerprint() if hasattr(section, "fingerprint") else section.model_dump(mode="json")
-    return {"train.objective": name, name: settings}
+    rewards = {"rewards": [r.model_dump(mode="json") for r in cfg.rewards]} if cfg.rewards else {}
+    return {"train.objective": name, name: settings, **rewards}
 
 
 # train.objective -> the module whose `build(parts)` makes it (imported when chosen: each is a file here).
@@ -132,6 +135,7 @@ OBJECTIVES = {
     "orpo": "ds_finetune.objectives.orpo",
     "simpo": "ds_finetune.objectives.cpo",  # SimPO is CPO's simpo loss, with its own section and defaults
     "cpo": "ds_finetune.objectives.cpo",
+    "grpo": "ds_finetune.objectives.grpo",  # online RL: rollout.py samples, rewards.py scores, grpo_loss.py
 }
 
 
