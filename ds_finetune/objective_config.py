@@ -112,6 +112,8 @@ class GrpoConfig(Section):
                                                      "reuse its completions against the old policy's log-probs.")
     beta: float = Field(0.0, ge=0, description="KL coefficient to the reference (0: no reference; > 0: the base with "
                                                "LoRA's adapters off, else a frozen copy of the base).")
+    use_bias_correction_kl: bool = Field(True, description="beta > 0: the KL term times the importance ratio (TRL's "
+                                                           "default; the unbiased reverse-KL gradient).")
     mask_truncated_completions: bool = Field(False, description="Leave completions that hit max_completion_length out "
                                                                 "of the loss.")
 

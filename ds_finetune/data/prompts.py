@@ -2,8 +2,9 @@
 rendered with the chat template and its generation prompt, and any other columns (an `answer`, say), which
 the reward functions get.
 
-A row's tokens are its prompt's (a string prompt after bos, as prompt_completion's; a rendered one as the
-template writes it). `data.max_prompt_length` (else data.max_length) keeps the prompt's last tokens, and
+A row's tokens are its prompt's as TRL's GRPOTrainer tokenizes it: a string prompt by the tokenizer with its
+special tokens (`tok(text)`: a bos where the tokenizer adds one), a rendered one as the template writes it
+(no special tokens added). `data.max_prompt_length` (else data.max_length) keeps the prompt's last tokens, and
 the rows it cut are counted. A prompt row has no completion to train on: its target mask marks the prompt's
 tokens but the first (the invariant every row keeps: a row's first token is never a target, and it has
 some), which only the token counts read; GRPO's targets are the completions it samples.
@@ -44,11 +45,9 @@ def prompt_rows(tok, cfg, rows: list[dict], ats: list[str]):
         templated.append(isinstance(prompt, list))
         others = {k: v for k, v in row.items() if k != cfg.prompt_field}
         columns.append(_json_line({"prompt": prompt, **others}, at))
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     keep = min(cfg.max_prompt_length or cfg.max_length, cfg.max_length)
     out, cut = [], 0
-    for k, (ids, chat) in enumerate(zip(encode(tok, texts)["input_ids"], templated)):
-        ids = list(ids) if chat else bos + list(ids)
+    for k, ids in enumerate(_token_ids(tok, texts, templated)):
         cut += len(ids) > keep
         ids = ids[len(ids) - keep:] if len(ids) > keep else ids
         if len(ids) < 2:
@@ -56,6 +55,14 @@ def prompt_rows(tok, cfg, rows: list[dict], ats: list[str]):
                             f"generate from")
         out.append((k, np.asarray(ids, dtype=np.int32), np.asarray([False] + [True] * (len(ids) - 1), dtype=bool)))
     return out, columns, cut
+
+
+def _token_ids(tok, texts: list[str], templated: list[bool]) -> list[list[int]]:
+    plain = [t for t, chat in zip(texts, templated) if not chat]
+    rendered = [t for t, chat in zip(texts, templated) if chat]
+    plain_ids = iter(tok(plain)["input_ids"] if plain else [])
+    rendered_ids = iter(encode(tok, rendered)["input_ids"])
+    return [list(next(rendered_ids) if chat else next(plain_ids)) for chat in templated]
 
 
 def _json_line(value: dict, at: str) -> str:

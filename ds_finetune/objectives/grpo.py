@@ -91,6 +91,7 @@ class GRPOLoss:
     loss_type: str
     max_completion_length: int
     micro_batches: int
+    bias_correction_kl: bool = True
 
     def __call__(self, engine, input_ids, attention_mask, labels, advantages, rows, old_logps, ref_logps, facts,
                  grad_scale=1.0, slot: int = 0):
@@ -99,7 +100,7 @@ class GRPOLoss:
         logps = self.logps_fn(engine, input_ids, attention_mask, labels, facts, temperature=self.temperature,
                               entropy=entropy)
         per_token, kl, clips = token_losses(logps, old_logps, ref_logps, advantages[rows], self.epsilon,
-                                            self.epsilon_high, self.beta)
+                                            self.epsilon_high, self.beta, self.bias_correction_kl)
         loss = micro_batch_loss(per_token, rows, labels.size(0), self.loss_type, self.max_completion_length)
         sums = torch.zeros((self.micro_batches, len(TOKEN_METRICS) + 1), dtype=torch.float64, device=input_ids.device)
         sums[slot] = token_metric_sums(kl, entropy, clips)
@@ -278,7 +279,7 @@ def build(parts: ObjectiveParts) -> GRPO:
     rollout = SamplingRollout(c.temperature, c.top_p, c.top_k, c.max_completion_length,
                               eos_ids(model, parts.tokenizer), parts.pad_id)
     loss = GRPOLoss(logps_fn, c.temperature, c.epsilon, c.clip_high, c.beta, c.loss_type, c.max_completion_length,
-                    parts.layout.grad_accum)
+                    parts.layout.grad_accum, c.use_bias_correction_kl)
     reference = None
     if c.beta != 0.0:
         reference = adapters_off(logps_fn, c.temperature) if cfg.model.lora is not None else \

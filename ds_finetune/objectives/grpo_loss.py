@@ -7,7 +7,8 @@ std + 1e-4 (Bessel-corrected nanstd) of its group (`scale_rewards: group`), of t
 or not divided (`none`); NaN advantages (unscorable completions) become 0.
 
 Per-token loss (`token_losses`): ratio = exp(logp - old_logp); -min(ratio A, clip(ratio, 1 - epsilon,
-1 + epsilon_high) A), plus beta (exp(ref - logp) - (ref - logp) - 1) where beta > 0. With one step per
+1 + epsilon_high) A), plus beta (exp(ref - logp) - (ref - logp) - 1) where beta > 0, times the ratio with
+use_bias_correction_kl (TRL's default). With one step per
 generation (num_iterations 1) old_logp is logp detached: the ratio is 1 and only its gradient counts.
 
 Reduction of a micro-batch (`micro_batch_loss`) to a sum that the step divides by `normaliser`:
@@ -87,8 +88,10 @@ def length_metrics(lengths: torch.Tensor, truncated: torch.Tensor) -> dict:
 
 
 def token_losses(logps, old_logps, ref_logps, token_advantages, epsilon_low: float, epsilon_high: float,
-                 beta: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(per-token loss, its per-token KL (None where beta is 0), the per-token values of the clip metrics)."""
+                 beta: float, bias_correction_kl: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(per-token loss, its per-token KL (None where beta is 0), the per-token values of the clip metrics).
+    `bias_correction_kl` (TRL's use_bias_correction_kl, default on): the KL times the ratio, whose gradient
+    is then the unbiased reverse-KL gradient (DeepSeek-V3.2); it is logged so too."""
     old_logps = logps.detach() if old_logps is None else old_logps
     coef_1 = torch.exp(logps - old_logps)
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
@@ -96,6 +99,8 @@ def token_losses(logps, old_logps, ref_logps, token_advantages, epsilon_low: flo
     kl = None
     if beta != 0.0:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        if bias_correction_kl:
+            kl = kl * coef_1
         per_token = per_token + beta * kl
     with torch.no_grad():
         low = (coef_1 < 1 - epsilon_low) & (token_advantages < 0)

@@ -1,0 +1,233 @@
+"""GRPO (train.objective: grpo): its math against TRL 1.16's GRPOTrainer (the anchor: the same prompts,
+completions, rewards and weights give the same advantages, loss, gradients and metrics to 1e-5, for every
+loss_type, beta 0 and > 0, num_iterations 2 with clipping active), a learning run on the tiny model, bad
+input, and in real runs its kill-and-resume."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import harness
+from ds_finetune.config import load_config
+from ds_finetune.data import epoch_order, load_tokenizer, prepare_training_data
+from ds_finetune.errors import UserError
+from ds_finetune.objectives import ObjectiveParts, build_objective, grpo
+from ds_finetune.sampler import BatchLayout
+from ds_finetune.sequence import SequenceGroup
+from ds_finetune.state import TrainState
+
+TOKENIZER = harness.ROOT / "assets" / "tiny-tokenizer"
+PROMPTS = [{"prompt": f"add {i} and {i + 2}", "answer": str(2 * i + 2)} for i in range(12)]
+# A reward the tiny model can learn and that varies among a group's completions: the share of its tokens with
+# an id below 128 (a quarter of the vocabulary).
+REWARD_MODULE = ("def low_ids(prompts, completions, completion_ids, **columns):\n"
+                 "    return [sum(t < 128 for t in ids) / len(ids) for ids in completion_ids]\n\n"
+                 "def length(prompts, completions, completion_ids, answer, **columns):\n"
+                 "    return [None if a == '4' else len(c) / 10 for c, a in zip(completions, answer)]\n")
+
+
+class TinyEngine:
+    """What the GRPO step uses of a DeepSpeed engine, in this process: a call, `.module`, `.device`, backward
+    divided by grad_accum (as DeepSpeed), step (AdamW at the accumulation boundary), no ZeRO-3."""
+    seq_dp_world_size, sequence_parallel_size, global_rank = 1, 1, 0
+
+    def __init__(self, module, grad_accum: int = 1, lr: float = 1e-2):
+        self.module, self.grad_accum, self.micro, self.device = module, grad_accum, 0, torch.device("cpu")
+        self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr) if lr else None
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+    def fp16_enabled(self):
+        return False
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def is_gradient_accumulation_boundary(self):
+        return (self.micro + 1) % self.grad_accum == 0
+
+    def backward(self, loss):
+        (loss / self.grad_accum).backward()
+
+    def step(self):
+        if self.optimizer is not None and self.is_gradient_accumulation_boundary():
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        self.micro += 1
+
+
+def _folder(tmp_path: Path, rows=PROMPTS) -> Path:
+    harness.write_jsonl(tmp_path / "prompts.jsonl", rows)
+    (tmp_path / "tiny_rewards.py").write_text(REWARD_MODULE)
+    return tmp_path
+
+
+def _config(tmp_path: Path, *overrides: str):
+    return load_config(harness.TINY, [
+        f"output_dir={tmp_path / 'out'}", "train.objective=grpo", "data.format=prompt",
+        f"data.path={tmp_path / 'prompts.jsonl'}", f"data.cache_dir={tmp_path / 'cache'}",
+        "rewards=[{function: 'tiny_rewards:low_ids'}]", "grpo.num_generations=4", "grpo.max_completion_length=6",
+        "train.micro_batch_size=2", "train.grad_accum=1", "model.config.attention_dropout=0.0", *overrides])
+
+
+def _objective(tmp_path: Path, cfg, model, grad_accum: int = 1, lr: float = 1e-2):
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    data = prepare_training_data(cfg.data, tok)
+    engine = TinyEngine(model, grad_accum, lr)
+    layout = BatchLayout(cfg.train.micro_batch_size, grad_accum, 1)
+    parts = ObjectiveParts(cfg, engine, model, {}, data, None, layout, tok.pad_token_id, 0, 1,
+                           SequenceGroup.of(cfg, 1, 0), None, True, lambda msg: None, tok, tmp_path)
+    return build_objective(parts), engine, data, layout
+
+
+# -------------------------------------------------------------------------------------- against TRL
+
+def _tiny_folder(tmp_path: Path, seed: int = 3, eos_boost: float = 14.0) -> Path:
+    """The tiny model nudged off its init (so that rewards and ratios vary) and its eos logit raised by about
+    `eos_boost` (so that some completions end before the length limit), saved as a pretrained folder."""
+    model = harness.tiny_model("model.config.attention_dropout=0.0")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        hidden = model.model(torch.randint(3, 512, (4, 16), generator=g)).last_hidden_state.reshape(-1, 64).mean(0)
+        model.lm_head.weight[model.config.eos_token_id] += eos_boost * hidden / hidden.square().sum()
+    model.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def _nudge(*models, seed: int = 11, scale: float = 0.2) -> None:
+    """The same step away on every model: the policy after an update, for num_iterations' later steps."""
+    for model in models:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale * p.abs().mean())
+
+
+def _trl_trainer(tmp_path, folder, rewards, weights, settings: dict):
+    grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+    from datasets import Dataset
+    from trl import GRPOConfig
+    tok = load_tokenizer(str(TOKENIZER))
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False,
+                      per_device_train_batch_size=8, logging_steps=1, dataloader_num_workers=0,
+                      reward_weights=weights, **settings)
+    trainer = grpo.GRPOTrainer(model=str(folder), reward_funcs=rewards, args=args, processing_class=tok,
+                               train_dataset=Dataset.from_list(PROMPTS))
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    return trainer
+
+
+SETTINGS = [  # (our grpo overrides, TRL's GRPOConfig arguments)
+    *[({"loss_type": t}, {"loss_type": t}) for t in ("grpo", "dr_grpo", "dapo", "bnpo")],
+    ({"loss_type": "dapo", "beta": 0.1}, {"loss_type": "dapo", "beta": 0.1}),
+    ({"loss_type": "grpo", "beta": 0.05, "scale_rewards": "batch"}, {"loss_type": "grpo", "beta": 0.05,
+                                                                     "scale_rewards": "batch"}),
+    ({"loss_type": "bnpo", "num_iterations": 2, "epsilon": 0.02, "epsilon_high": 0.03},
+     {"loss_type": "bnpo", "num_iterations": 2, "epsilon": 0.02, "epsilon_high": 0.03}),
+    ({"loss_type": "dapo", "num_iterations": 2, "epsilon": 0.02, "beta": 0.1, "scale_rewards": "none",
+      "mask_truncated_completions": True, "temperature": 1.3},
+     {"loss_type": "dapo", "num_iterations": 2, "epsilon": 0.02, "beta": 0.1, "scale_rewards": "none",
+      "mask_truncated_completions": True, "temperature": 1.3}),
+    ({"loss_type": "dapo", "num_iterations": 2, "epsilon": 0.02, "temperature": 1.3},
+     {"loss_type": "dapo", "num_iterations": 2, "epsilon": 0.02, "temperature": 1.3}),
+    ({"loss_type": "dapo", "num_iterations": 2, "epsilon": 0.02, "mask_truncated_completions": True},
+     {"loss_type": "dapo", "num_iterations": 2, "epsilon": 0.02, "mask_truncated_completions": True}),
+    ({"loss_type": "dapo", "beta": 0.1, "temperature": 1.3},
+     {"loss_type": "dapo", "beta": 0.1, "temperature": 1.3}),
+    ({"loss_type": "dapo", "beta": 0.1, "num_iterations": 2},
+     {"loss_type": "dapo", "beta": 0.1, "num_iterations": 2}),
+    ({"loss_type": "dapo", "scale_rewards": "none", "num_iterations": 2},
+     {"loss_type": "dapo", "scale_rewards": "none", "num_iterations": 2}),
+    ({"loss_type": "grpo", "beta": 0.1, "num_iterations": 2, "use_bias_correction_kl": False},
+     {"loss_type": "grpo", "beta": 0.1, "num_iterations": 2, "use_bias_correction_kl": False}),
+]
+
+
+def _frozen_copy(folder: Path, temperature: float):
+    """grpo.frozen_reference's reference without its DeepSpeed engine (no process group in this process)."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_finetune.loss import make_token_logps_fn
+    base = AutoModelForCausalLM.from_pretrained(folder).eval().requires_grad_(False)
+    logps_fn = make_token_logps_fn(base, 256)
+
+    def reference(engine, input_ids, attention_mask, labels, facts):
+        with torch.no_grad():
+            return logps_fn(TinyEngine(base, lr=0), input_ids, attention_mask, labels, facts, temperature=temperature)
+    return reference
+
+
+@pytest.mark.parametrize("ours, theirs", SETTINGS)
+def test_grpo_advantages_loss_gradients_and_metrics_equal_trl_grpo_trainer(tmp_path, monkeypatch, ours, theirs):
+    """Our step's rollout (2 prompts x G=4, sampled by our loop) handed to TRL's _generate_and_score_completions
+    in place of its generation; TRL's _compute_loss and our loss on the same weights (after a shared nudge of
+    both models where num_iterations is 2, so the ratio moves and clipping is active): advantages, loss, every
+    gradient and every metric of the issue to 1e-5."""
+    folder = _tiny_folder(_folder(tmp_path))
+    cfg = _config(tmp_path, "model.config=null", f"model.name_or_path={folder}", f"model.tokenizer={TOKENIZER}",
+                  "grpo.max_completion_length=6", "rewards=[{function: 'tiny_rewards:low_ids'}, "
+                  "{function: 'tiny_rewards:length', weight: 0.5}]", *(f"grpo.{k}={v}" for k, v in ours.items()))
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    monkeypatch.setattr(grpo, "frozen_reference", lambda cfg, ds_config, temperature: _frozen_copy(folder, temperature))
+    objective, engine, data, layout = _objective(tmp_path, cfg, model, lr=0)
+    units = epoch_order(cfg, data).batch(TrainState(), layout.global_batch).units
+    sampled = []
+    generate = objective.rollout.generate
+    objective.rollout.generate = lambda *a, **k: sampled.append(generate(*a, **k)) or sampled[-1]
+    gen = objective.generation = objective.roll_out(engine, units, 1)  # the step below uses it
+    completions = sampled[0]
+
+    import importlib
+    import sys
+    sys.path.insert(0, str(tmp_path))
+    rewards_module = importlib.import_module("tiny_rewards")
+    sys.path.remove(str(tmp_path))
+    trainer = _trl_trainer(tmp_path, folder, [rewards_module.low_ids, rewards_module.length], [1.0, 0.5],
+                           {"num_generations": 4, "max_completion_length": 6, **theirs})
+    inputs = [dict(data.row_columns(int(u[0]))) for u in units for _ in range(4)]
+    ours_prompt_ids = [list(data.row(int(u[0]))[0]) for u in units for _ in range(4)]
+    assert trainer._tokenize_prompts([x["prompt"] for x in inputs])[0] == ours_prompt_ids  # TRL tokenizes alike
+    trainer._generate_single_turn = lambda *args, **kwargs: (completions, None)
+    out = trainer._generate_and_score_completions(inputs)
+    torch.testing.assert_close(gen.batches[0].advantages, out["advantages"].float(), atol=1e-5, rtol=1e-5)
+    assert out["advantages"].abs().sum() > 0
+
+    if theirs.get("beta"):
+        torch.testing.assert_close(gen.batches[0].ref_logps, out["ref_per_token_logps"][out["completion_mask"].bool()],
+                                   atol=1e-5, rtol=1e-5)
+    if theirs.get("num_iterations", 1) > 1:
+        torch.testing.assert_close(gen.batches[0].old_logps, out["old_per_token_logps"][out["completion_mask"].bool()],
+                                   atol=1e-5, rtol=1e-5)
+        _nudge(model, trainer.model)
+    theirs_loss = trainer._compute_loss(trainer.model, out)
+    theirs_loss.backward()
+    result = objective.step(engine, units, 1)
+    assert float(result.loss_sum) / result.normaliser == pytest.approx(theirs_loss.item(), abs=1e-5)
+
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    names = ["reward", "reward_std", "frac_reward_zero_std", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+             "clip_ratio/region_mean", "completions/mean_length", "completions/min_length", "completions/max_length",
+             "completions/clipped_ratio", "completions/mean_terminated_length",
+             *(f"rewards/{n}/{s}" for n in ("low_ids", "length") for s in ("mean", "std"))]
+    names += ["kl"] if theirs.get("beta") else []
+    assert 0 < metrics["completions/clipped_ratio"] < 1  # some completions end at eos, some at the limit
+    for name in names:
+        assert result.counts[name] == pytest.approx(metrics[name], abs=1e-5, nan_ok=True), name
+    if theirs.get("num_iterations", 1) > 1:
+        assert metrics["clip_ratio/region_mean"] > 0  # clipping is active
+    assert {"time/generate", "time/reward", "time/update"} <= set(result.counts)
+
+    theirs_grads = {n: p.grad for n, p in trainer.model.named_parameters()}
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, theirs_grads[n], atol=1e-5, rtol=1e-5, msg=n)
