@@ -146,6 +146,7 @@ def setup(args) -> tuple[Run, TrainState]:
     objective = build_objective(ObjectiveParts(cfg, engine, model, ds_config, data, evaluator and evaluator.data,
                                                layout, tok.pad_token_id, rank, world, group, ulysses,
                                                plan.converted is None, say, tok, Path(args.config).resolve().parent))
+    checkpointer.objective = objective  # an objective's own state (GRPO's rollouts) is saved and restored
     # What this run is, saved with every checkpoint (differs from a resumed checkpoint's only under
     # --allow-config-change).
     identity = dict(seed=cfg.train.seed, global_batch=layout.global_batch, data_format_version=DATA_FORMAT_VERSION,

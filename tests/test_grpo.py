@@ -336,3 +336,30 @@ def test_prompt_rows_keep_their_columns_and_count_what_max_prompt_length_cut(tmp
                                                   f"{{path: {_folder(tmp_path) / 'prompts.jsonl'}, weight: 2}}]")
     mixed = prepare_training_data(mixture.data, tok)
     assert mixed.row_columns(2) == PROMPTS[0] and mixed.num_rows == 2 + len(PROMPTS)
+
+
+def test_num_iterations_rollout_buffer_survives_a_checkpoint_bitwise(tmp_path):
+    """num_iterations 2: the generation of step 1 saved as plain values (through JSON, as a converted copy's
+    meta holds it) and restored into a fresh objective gives step 2 the same loss, metrics and gradients; a
+    buffer of another layout is not taken, and step 2 is then refused in one line."""
+    cfg = _config(_folder(tmp_path), "grpo.num_iterations=2", "grpo.beta=0.0")
+    model = harness.tiny_model("model.config.attention_dropout=0.0")
+    first, engine, data, layout = _objective(tmp_path, cfg, model, lr=0)
+    units = epoch_order(cfg, data).batch(TrainState(), layout.global_batch).units
+    first.step(engine, units, 1)
+    saved = json.loads(json.dumps(first.checkpoint_state()))
+    model.zero_grad()
+    expected = first.step(engine, units, 2)
+    grads = [p.grad.clone() for p in model.parameters()]
+    second, engine2, _, _ = _objective(tmp_path, cfg, model, lr=0)
+    second.restore_checkpoint_state(saved)
+    model.zero_grad()
+    got = second.step(engine2, units, 2)
+    assert float(got.loss_sum) == float(expected.loss_sum) and got.normaliser == expected.normaliser
+    assert {k: v for k, v in got.counts.items() if not k.startswith("time/")} == \
+        {k: v for k, v in expected.counts.items() if not k.startswith("time/")}
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    third, engine3, _, _ = _objective(tmp_path, cfg, model, lr=0)
+    third.restore_checkpoint_state({**saved, "layout": [2, 0, 1, 1, 4]})
+    with pytest.raises(UserError, match=r"step 2 reuses the completions of step 1 \(grpo.num_iterations=2\)"):
+        third.step(engine3, units, 2)

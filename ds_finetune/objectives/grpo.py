@@ -18,9 +18,12 @@ every rank's one line).
 num_iterations μ > 1. Step s uses the generation of the first step of its block of μ (steps b, b+1, ...,
 b+μ-1 with b = s - (s-1) mod μ), and the old policy's token log-probs computed then. The units the loop
 hands to the other steps of a block are not sampled from (a block consumes μ global batches of the order).
-A run resumed inside a block has no such generation in memory: it regenerates it from the block's first
-step's weights only if that is the checkpoint it resumed from; otherwise the resume is refused in one line
-(the rollout buffer is not in the checkpoint yet).
+A kill inside a block must still resume exactly, and the block's first weights are gone by then, so the
+generation itself is saved: every checkpoint holds each rank's buffer (`checkpoint_state`: token ids,
+masks, advantages, old and reference log-probs and the logged metrics, as plain lists: exact for int64
+and float32, and JSON for a converted copy's meta), and a resume inside the block takes it back
+(`restore_checkpoint_state`). A buffer of another layout (world size, rank, micro-batches) is not reused:
+such a resume is refused in one line.
 """
 
 from __future__ import annotations
@@ -130,8 +133,9 @@ class GRPO:
         if self.generation is None or self.generation.step != first:
             if step != first:
                 raise UserError(f"checkpoint error: step {step} reuses the completions of step {first} "
-                                f"(grpo.num_iterations={mu}), which this checkpoint does not hold; resume from the "
-                                f"checkpoint of step {first - 1} (--resume PATH --discard-newer)")
+                                f"(grpo.num_iterations={mu}), which this checkpoint holds for another world size or "
+                                f"batch layout; resume on the layout it was saved with, or from the checkpoint of "
+                                f"step {first - 1} (--resume PATH --discard-newer)")
             self.generation = self.roll_out(engine, units, step)
         gen = self.generation
         t0 = time.perf_counter()
@@ -212,8 +216,7 @@ class GRPO:
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:, ids.size(1):] = torch.where(comp_mask.bool(), comp, IGNORE_INDEX)
         facts = HostFacts.of_labels(labels.numpy())
-        rows = torch.from_numpy(np.repeat(np.arange(len(completions)), facts.targets.sum(1)))
-        out = MicroRollout(input_ids, attention, labels, adv.float().cpu(), rows, facts)
+        out = MicroRollout(input_ids, attention, labels, adv.float().cpu(), _token_rows(facts), facts)
         device_batch = (input_ids.to(engine.device), attention.to(engine.device), labels.to(engine.device))
         if self.cfg.num_iterations > 1:  # the old policy: this step's weights, before its update
             with frozen_eval(engine.module):
@@ -222,6 +225,35 @@ class GRPO:
         if self.cfg.beta != 0.0:
             out.ref_logps = self.reference(engine, *device_batch, facts).detach()
         return out
+
+    # -- the rollout buffer in checkpoints (num_iterations > 1)
+
+    def checkpoint_state(self) -> dict | None:
+        gen = self.generation
+        if self.cfg.num_iterations == 1 or gen is None:
+            return None
+        plain = (lambda t: None if t is None else t.tolist())
+        return {"step": gen.step, "layout": self._layout_key(), "normaliser": gen.normaliser, "metrics": gen.metrics,
+                "batches": [{"input_ids": plain(b.input_ids), "attention_mask": plain(b.attention_mask),
+                             "labels": plain(b.labels), "advantages": plain(b.advantages),
+                             "old_logps": plain(b.old_logps), "ref_logps": plain(b.ref_logps)} for b in gen.batches]}
+
+    def restore_checkpoint_state(self, state: dict | None) -> None:
+        if not state or state.get("layout") != self._layout_key():
+            return  # none saved, or another layout's: a step inside its block is refused (`step`)
+        batches = []
+        for b in state["batches"]:
+            labels = torch.tensor(b["labels"], dtype=torch.long)
+            facts = HostFacts.of_labels(labels.numpy())
+            as_tensor = (lambda v: None if v is None else torch.tensor(v, dtype=torch.float32))
+            batches.append(MicroRollout(torch.tensor(b["input_ids"], dtype=torch.long),
+                                        torch.tensor(b["attention_mask"], dtype=torch.long), labels,
+                                        as_tensor(b["advantages"]), _token_rows(facts), facts,
+                                        as_tensor(b["old_logps"]), as_tensor(b["ref_logps"])))
+        self.generation = Generation(int(state["step"]), batches, int(state["normaliser"]), dict(state["metrics"]))
+
+    def _layout_key(self) -> list:
+        return [self.layout.world_size, self.share, self.layout.micro_batch_size, self.layout.grad_accum, self.g]
 
     # -- completions.jsonl
 
@@ -249,6 +281,11 @@ class GRPO:
 
     def eval_batch(self, engine, data, units, counted):
         raise UserError("config error: evaluation is not supported with train.objective grpo yet")
+
+
+def _token_rows(facts: HostFacts) -> torch.Tensor:
+    """The completion (row) of each target token, row-major."""
+    return torch.from_numpy(np.repeat(np.arange(facts.targets.shape[0]), facts.targets.sum(1)))
 
 
 def _row_labels(cfg, data):
