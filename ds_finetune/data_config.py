@@ -99,7 +99,7 @@ class DataConfig(Section):
     layout: Layout = Field(
         "auto", description="How rows are laid out (docs/data.md): auto (detected per row) | chat: messages, "
                             "sharegpt, alpaca | prompt_completion: strings, conversational | preference: "
-                            "explicit_prompt, implicit_prompt.")
+                            "explicit_prompt, implicit_prompt | prompt: prompt.")
     chat_template: Optional[str] = Field(
         None, description="A Jinja file or a template string that replaces the tokenizer's chat template.")
     max_length: int = Field(512, ge=8, le=1_048_576, description="Tokens per sequence; longer rows are truncated.")

@@ -363,3 +363,114 @@ def test_num_iterations_rollout_buffer_survives_a_checkpoint_bitwise(tmp_path):
     third.restore_checkpoint_state({**saved, "layout": [2, 0, 1, 1, 4]})
     with pytest.raises(UserError, match=r"step 2 reuses the completions of step 1 \(grpo.num_iterations=2\)"):
         third.step(engine3, units, 2)
+
+
+# ------------------------------------------------------------------------------------------ real runs
+
+GRPO_RUN = ["train.objective=grpo", "data.format=prompt", f"data.path={harness.ROOT / 'data' / 'tiny' / 'prompts.jsonl'}",
+            "rewards=[{function: 'grpo_rewards:low_ids'}, {function: 'grpo_rewards:fails_while_flagged', "
+            "weight: 0.5}]", "grpo.num_generations=4", "grpo.max_completion_length=8", "grpo.num_iterations=2",
+            "grpo.epsilon_high=0.28", "train.max_steps=8", "train.micro_batch_size=1", "train.lr=1e-2"]
+ENV = {"PYTHONPATH": f"{harness.ROOT}:{harness.ROOT / 'tests' / 'scripts'}"}
+
+
+def _completions(out: Path) -> list[str]:
+    return (out / "completions.jsonl").read_text().splitlines()
+
+
+def _assert_same_grpo_run(got: Path, ref: Path) -> None:
+    """Bitwise: losses, every metric but the times, completions.jsonl (one line per completion, no step
+    twice), final weights."""
+    harness.assert_same_run(got, ref)
+    strip = (lambda rows: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows])
+    assert strip(harness.metrics(got)) == strip(harness.metrics(ref))
+    assert _completions(got) == _completions(ref)
+    harness.assert_same_final_weights(got, ref)
+
+
+@pytest.fixture(scope="module")
+def lora_base(tmp_path_factory):
+    return harness.save_tiny_model(tmp_path_factory.mktemp("grpo-base") / "model", seed=7)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage, lora", [(2, False), (3, True)])
+def test_grpo_sigkill_at_a_random_instant_resumes_bitwise(tmp_path, lora_base, stage, lora):
+    """Two ranks, dropout on, num_iterations 2 (a kill inside a block resumes from the saved rollouts): the
+    job SIGKILLed from outside at a random instant after step 3 (in generation, a reward, the update or a
+    save), resumed: the uninterrupted run's losses, rewards, metrics, completions.jsonl and final weights,
+    bitwise. KILL_SEED=N replays an instant."""
+    import os
+    import random
+    import shutil
+    import time
+    extra = [*GRPO_RUN, f"train.zero_stage={stage}"]
+    if lora:
+        extra += ["model.config=null", f"model.name_or_path={lora_base}", "model.lora.r=4", "model.lora.alpha=8"]
+    ref = harness.train(tmp_path / "ref", extra, env=ENV) and tmp_path / "ref"
+    got = tmp_path / "got"
+    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 10_000))
+    draw = random.Random(seed)
+    for _ in range(5):
+        delay = draw.uniform(0.0, 1.5)
+        proc = harness.start(harness.train_argv(got, extra), ENV, log=tmp_path / "killed.log")
+        assert harness.wait_for(lambda: len(harness.metrics(got)) >= 3, timeout=300), f"KILL_SEED={seed}"
+        time.sleep(delay)
+        harness.kill_job(proc)
+        if harness.committed_steps(got / "checkpoints"):
+            break
+        shutil.rmtree(got)
+    else:
+        raise AssertionError(f"KILL_SEED={seed}: 5 kills, none after the first commit")
+    steps_done = len(harness.read_jsonl(got / "metrics.jsonl", strict=False))
+    assert steps_done < 8, f"the run finished before the kill (KILL_SEED={seed}); nothing was tested"
+    step = harness.assert_resumed(harness.train(got, extra, resume="auto", env=ENV))
+    assert step <= steps_done
+    try:
+        _assert_same_grpo_run(got, ref)
+    except AssertionError as e:
+        raise AssertionError(f"KILL_SEED={seed} (delay {delay:.3f} s, resumed at step {step}): {e}") from e
+    assert len({r["reward"] for r in harness.metrics(ref)}) > 1 and harness.metrics(ref)[-1]["loss"] != 0
+
+
+@pytest.mark.multiproc
+def test_grpo_reward_error_then_kill_in_a_reward_then_zero3_to_zero2_resume(tmp_path):
+    """ZeRO-3, two ranks. (1) The reward function raises on a prompt at step 3: one line naming it and the
+    prompt's FILE:LINE, non-zero exit, the checkpoints of steps 1-2 intact. (2) Fixed (its flag removed),
+    --resume continues, and a SIGKILL inside a reward function of step 5 (rank 1) kills the job. (3) Resumed
+    under ZeRO-2 (the ZeRO-3 checkpoint of step 4 converted): the uninterrupted ZeRO-3 run's losses within
+    1e-5, the same samples, and completions.jsonl with every step once."""
+    extra = [*GRPO_RUN, "train.zero_stage=3"]
+    row, answer = _first_row_of_step(3, extra)
+    flag = tmp_path / "flag"
+    env = {**ENV, "GRPO_REWARD_FLAG": str(flag), "GRPO_REWARD_ANSWER": answer}
+    ref = tmp_path / "ref"
+    harness.train(ref, extra, env=env)
+    got = tmp_path / "got"
+    flag.write_text("on")
+    failed = harness.train(got, extra, env=env, expect_ok=False)
+    harness.assert_one_line_error(failed, f"reward 'fails_while_flagged' raised ValueError: cannot score answer "
+                                          f"{answer} (prompt ", f"prompts.jsonl:{row + 1})", "--resume")
+    assert harness.committed_steps(got / "checkpoints") == [1, 2]  # keep_last 2: the last commit is intact
+    flag.unlink()
+    killed = harness.train(got, extra, resume="auto", env=env, fault="in_reward:rank1@step5", expect_ok=False)
+    harness.assert_resumed(killed, step=2)
+    assert harness.committed_steps(got / "checkpoints")[-1] == 4
+    resumed = harness.train(got, [*GRPO_RUN, "train.zero_stage=2"], resume="auto", env=env)
+    harness.assert_resumed(resumed, step=4)
+    assert "convert" in resumed.stdout + resumed.stderr
+    harness.assert_close_run(got, ref)
+    lines, ref_lines = _completions(got), _completions(ref)
+    assert [json.loads(x)["step"] for x in lines] == [s for s in range(1, 9) for _ in range(1 * 2 * 2 * 4)]
+    assert lines[:4 * 16] == ref_lines[:4 * 16]  # steps 1-4 at ZeRO-3 (killed, resumed): bitwise
+
+
+def _first_row_of_step(step: int, overrides) -> tuple[int, str]:
+    """(dataset row, answer) of the first prompt of a run's step `step` (its global batch of 4 prompts)."""
+    cfg = load_config(harness.TINY, [*harness.BASE, *overrides, "output_dir=unused"])
+    data = prepare_training_data(cfg.data, load_tokenizer(cfg.model.tokenizer))
+    order, state = epoch_order(cfg, data), TrainState()
+    for _ in range(step - 1):
+        state.advance(order.batch(state, 4).position, 4, 0)
+    first = int(order.batch(state, 4).units[0][0])
+    return int(data.row_ids[first]), data.row_columns(first)["answer"]
