@@ -11,7 +11,8 @@ with, `sequence.ShardedLoss`).
 Each objective is a file: `sft.py` (next-token loss), `dpo.py` (preference pairs; its reference model; its
 loss types in `dpo_losses.py`), `dpo_reference.py` (the reference log-probs stored before training),
 `orpo.py` and `cpo.py` (ORPO, CPO and SimPO: pairs without a reference); `pairs.py` is the step every pair
-objective shares. A new one is a module with a
+objective shares; `grpo.py` (online RL: `rollout.py` samples, `rewards.py` scores, `grpo_loss.py` is TRL's
+math, `grpo_gather.py` its cross-rank exchanges). A new one is a module with a
 `build(parts)` and a line in `OBJECTIVES` (and a choice of `train.objective` in config.py); its config section is named like it (`dpo:`), and its settings go
 into the exact fingerprint (`fingerprint_settings`).
 

@@ -157,7 +157,7 @@ class GRPO:
         for m, rows in enumerate(prompt_rows):
             prompts = [np.asarray(self.data.row(r)[0]) for r in rows for _ in range(g)]
             generator = rollout_generator(engine.device, self.seed, step, self.rank, m)
-            sampled.append(self.rollout.generate(engine, prompts, generator, self.rank, step))
+            sampled.append(self.rollout.generate(engine, prompts, generator))
         t1 = time.perf_counter()
         flat_rows = [r for rows in prompt_rows for r in rows for _ in range(g)]
         completions = [c for batch in sampled for c in batch]

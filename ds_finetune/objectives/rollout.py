@@ -29,12 +29,12 @@ import torch
 
 from ds_finetune.dist import frozen_eval
 from ds_finetune.ds_internals import WholeForGeneration
-from ds_finetune.faults import fault_point
 
 
 class Rollout(Protocol):
-    def generate(self, engine, prompts: list[np.ndarray], generator: torch.Generator, rank: int = 0,
-                 step: int = 0) -> list[list[int]]:
+    eos_ids: list[int]  # the tokens that end a completion
+
+    def generate(self, engine, prompts: list[np.ndarray], generator: torch.Generator) -> list[list[int]]:
         """One completion for each prompt (token ids; the eos it stopped at included, none where it ran to
         the length limit), sampled from the engine's current weights with `generator`'s draws only."""
 
@@ -52,8 +52,7 @@ class SamplingRollout:
         self.max_new_tokens, self.pad_id = max_new_tokens, pad_id
         self.eos_ids = list(eos_ids)
 
-    def generate(self, engine, prompts: list[np.ndarray], generator: torch.Generator, rank: int = 0,
-                 step: int = 0) -> list[list[int]]:
+    def generate(self, engine, prompts: list[np.ndarray], generator: torch.Generator) -> list[list[int]]:
         device, model = engine.device, engine.module
         ids, mask = left_padded(prompts, self.pad_id, device)
         eos = torch.tensor(self.eos_ids, device=device)
@@ -69,7 +68,6 @@ class SamplingRollout:
                 token = torch.where(finished, torch.full_like(token, self.pad_id), token)
                 tokens.append(token)
                 finished |= torch.isin(token, eos)
-                fault_point("mid_generate", rank, step)
                 if t + 1 == self.max_new_tokens or bool(finished.all()):  # a host sync a token, as generate's
                     break
                 mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], 1)
