@@ -407,7 +407,8 @@ def test_grpo_sigkill_at_a_random_instant_resumes_bitwise(tmp_path, lora_base, s
     extra = [*GRPO_RUN, f"train.zero_stage={stage}"]
     if lora:
         extra += ["model.config=null", f"model.name_or_path={lora_base}", "model.lora.r=4", "model.lora.alpha=8"]
-    ref = harness.train(tmp_path / "ref", extra, env=ENV) and tmp_path / "ref"
+    ref = tmp_path / "ref"
+    harness.train(ref, extra, env=ENV)
     got = tmp_path / "got"
     seed = int(os.environ.get("KILL_SEED", time.time_ns() % 10_000))
     draw = random.Random(seed)
