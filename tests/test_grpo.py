@@ -460,11 +460,23 @@ def test_grpo_reward_error_then_kill_in_a_reward_then_zero3_to_zero2_resume(tmp_
     resumed = harness.train(got, [*GRPO_RUN, "train.zero_stage=2"], resume="auto", env=env)
     harness.assert_resumed(resumed, step=4)
     assert "convert" in resumed.stdout + resumed.stderr
-    harness.assert_close_run(got, ref)
+    _assert_close_grpo_run(got, ref)
     lines, ref_lines = _completions(got), _completions(ref)
     # num_iterations 2: steps 1, 3, 5, 7 sample (4 prompts x 4 completions each), every one once
     assert [json.loads(x)["step"] for x in lines] == [s for s in (1, 3, 5, 7) for _ in range(16)]
     assert lines[:2 * 16] == ref_lines[:2 * 16]  # steps 1-4 at ZeRO-3 (failed, resumed, killed): bitwise
+
+
+def _assert_close_grpo_run(got: Path, ref: Path, tol: float = 1e-5) -> None:
+    """Across ZeRO stages: the same steps and samples, losses and rewards within `tol` (absolute: a GRPO loss
+    is near 0 by construction, its advantages summing to 0 in every group, so a relative bound means nothing)."""
+    rows, ref_rows = harness.metrics(got), harness.metrics(ref)
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    assert [r["sample_ids"] for r in rows] == [r["sample_ids"] for r in ref_rows]
+    for a, b in zip(ref_rows, rows):
+        for key in ("loss", "reward", "entropy"):
+            assert b[key] == pytest.approx(a[key], abs=tol), (a["step"], key, a[key], b[key])
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
 
 
 def _first_row_of_step(step: int, overrides) -> tuple[int, str]:
