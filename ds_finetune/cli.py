@@ -162,7 +162,8 @@ def _prepare_one(data_cfg, tok, label: str) -> None:
     click.echo(f"{label}data {what}: {meta['rows']:,} rows, {meta['tokens']:,} tokens"
                + (f", {meta['skipped_rows']:,} rows skipped (no target after masking/truncation)"
                   if meta["skipped_rows"] else "")
-               + (f", {meta['truncated_pairs']:,} pairs truncated (prompt's end kept)" if meta.get("truncated_pairs") else "")
+               + (f", {meta['truncated_pairs']:,} {'prompts' if data_cfg.format == 'prompt' else 'pairs'} truncated "
+                  f"(prompt's end kept)" if meta.get("truncated_pairs") else "")
                + f" ({path})", err=True)
 
 

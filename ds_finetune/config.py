@@ -20,7 +20,8 @@ from ds_finetune.errors import UserError
 from ds_finetune.lora_config import LoraConfig
 from ds_finetune.optim import OPTIMIZERS, SCHEDULES, check_train_settings
 from ds_finetune.objective_config import (PAIR_OBJECTIVES, REFERENCE_OBJECTIVES, CpoConfig, DpoConfig,  # noqa: F401
-                                          KtoConfig, OrpoConfig, RewardConfig, SimpoConfig)
+                                          GrpoConfig, KtoConfig, OrpoConfig, RewardConfig, RewardFunctionConfig,
+                                          SimpoConfig)
 
 
 class ModelConfig(Section):
@@ -129,10 +130,11 @@ class TrainConfig(Section):
         1, ge=1, le=1024, description="Ranks that share one sequence, each holding a slice of its length (DeepSpeed "
                                       "Ulysses); divides the world size, whose quotient is the data-parallel size.")
     seed: int = Field(1234, ge=0, lt=2**32, description="Seed for init, data order and dropout.")
-    objective: Literal["sft", "dpo", "orpo", "simpo", "cpo", "kto", "reward"] = Field(
+    objective: Literal["sft", "dpo", "orpo", "simpo", "cpo", "kto", "reward", "grpo"] = Field(
         "sft", description="sft (next-token loss on the targets) | dpo | orpo | simpo | cpo | reward (preference "
-                           "pairs, data.format preference) | kto (data.format unpaired_preference); each has its "
-                           "section of settings: dpo, orpo, simpo, cpo, kto, reward.")
+                           "pairs, data.format preference) | kto (data.format unpaired_preference) | grpo (online RL "
+                           "on sampled completions, data.format prompt; with rewards); each has its section of "
+                           "settings: dpo, orpo, simpo, cpo, kto, reward, grpo.")
     deterministic: bool = Field(
         True, description="On CUDA: deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS "
                           "workspace), so a resumed run is bitwise the uninterrupted one; costs some speed. "
@@ -239,6 +241,10 @@ class RunConfig(Section):
     cpo: CpoConfig = Field(default_factory=CpoConfig)
     kto: KtoConfig = Field(default_factory=KtoConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    rewards: list[RewardFunctionConfig] = Field(
+        default_factory=list, description="train.objective grpo: the reward functions, {name, function, weight} each; "
+                                          "the reward is their weighted sum.")
     output_dir: str = Field(..., description="Run folder: metrics, configs, checkpoints.")
     deepspeed: Optional[dict[str, Any]] = Field(
         None, description="DeepSpeed config keys merged over the generated config (NVMe offload, ZeRO++, MiCS, "
@@ -306,10 +312,39 @@ class RunConfig(Section):
                              "KTOTrainer); raise it, or set kto.loss_type apo_zero_unpaired (no KL estimate)")
         if name == "reward" and self.model.lora is not None:
             raise ValueError("model.lora is not supported with train.objective reward yet; remove model.lora")
+        self._grpo_fits()
         if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
             raise ValueError(f"data.max_prompt_length ({self.data.max_prompt_length}) must be below "
                              f"data.max_length ({self.data.max_length})")
         return self
+
+    def _grpo_fits(self) -> None:
+        name, prompts = self.train.objective, self.data.format == "prompt" or any(
+            s.format == "prompt" for s in self.data.sources or [])
+        if prompts and name != "grpo":
+            raise ValueError(f"data.format prompt is for train.objective grpo (it has prompts, no completions to train "
+                             f"{name} on); set train.objective=grpo or use another data.format")
+        if name != "grpo":
+            if self.rewards:
+                raise ValueError("rewards is a setting of train.objective grpo; remove it or set train.objective=grpo")
+            return
+        formats = {s.format or self.data.format for s in self.data.sources} if self.data.is_mixture else {self.data.format}
+        if formats != {"prompt"}:
+            raise ValueError(f"train.objective grpo needs data.format prompt (got {', '.join(sorted(formats))})")
+        if not self.rewards:
+            raise ValueError("train.objective grpo needs rewards: a list of {name, function, weight}, e.g. "
+                             "[{function: accuracy}, {function: format}]")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) < len(names):
+            raise ValueError(f"rewards: two rewards are named {max(names, key=names.count)!r}; give each a unique name")
+        if self.data.packs:
+            raise ValueError("data.packing is not supported with train.objective grpo; set data.packing=false")
+        if self.train.sequence_parallel > 1:
+            raise ValueError("train.sequence_parallel > 1 is not supported with train.objective grpo yet; set "
+                             "train.sequence_parallel=1")
+        if self.eval.enabled:
+            raise ValueError("evaluation is not supported with train.objective grpo yet; remove eval.path, "
+                             "eval.sources and eval.fraction")
 
     @property
     def checkpoint_dir(self) -> Path:

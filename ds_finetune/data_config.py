@@ -24,9 +24,10 @@ SOURCE_FIELDS_ADDED = ("layout", "subset", "revision", "data_files")
 # the one the format always read.
 LAYOUTS = {"text": ("text",), "chat": ("messages", "sharegpt", "alpaca"),
            "prompt_completion": ("strings", "conversational"), "preference": ("explicit_prompt", "implicit_prompt"),
+           "prompt": ("prompt",),
            "unpaired_preference": ("strings", "conversational")}
 Layout = Literal["auto", "text", "messages", "sharegpt", "alpaca", "strings", "conversational", "explicit_prompt",
-                 "implicit_prompt"]
+                 "implicit_prompt", "prompt"]
 DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
@@ -36,7 +37,7 @@ class EvalSourceConfig(Section):
     path: str = Field(..., description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name.")
     name: Optional[str] = Field(
         None, description="Name in metrics (loss/NAME, eval_loss/NAME); default the file stem; unique.")
-    format: Optional[Literal["text", "prompt_completion", "chat"]] = Field(None, description="As data.format.")
+    format: Optional[Literal["text", "prompt_completion", "chat", "prompt"]] = Field(None, description="As data.format.")
     split: Optional[str] = Field(None, description="As data.split.")
     text_field: Optional[str] = Field(None, description="As data.text_field.")
     prompt_field: Optional[str] = Field(None, description="As data.prompt_field.")
@@ -84,10 +85,12 @@ class DataConfig(Section):
     sources: Optional[list[SourceConfig]] = Field(
         None, description="A mixture: a list of {path, weight, name, format and its fields, split}; samples are "
                           "drawn from each source in proportion to its weight (docs/design.md, Data mixtures).")
-    format: Literal["text", "prompt_completion", "chat", "preference", "unpaired_preference"] = Field(
+    format: Literal["text", "prompt_completion", "chat", "preference", "unpaired_preference", "prompt"] = Field(
         "text", description="Row format: text | prompt_completion | chat (messages + chat template) | preference "
                             "(prompt, chosen, rejected; for train.objective dpo, orpo, simpo, cpo, reward) | "
-                            "unpaired_preference (prompt, completion, label true/false; for train.objective kto).")
+                            "unpaired_preference (prompt, completion, label true/false; for train.objective kto) | "
+                            "prompt (a prompt to generate from and any other columns, for the reward functions; for "
+                            "train.objective grpo).")
     split: str = Field("train", description="Dataset split to train on; a slice as `datasets` writes it "
                                             "(train[:10%], train[100:200]) also for local files.")
     subset: Optional[str] = Field(None, description="A `datasets` dataset's subset (its config name, `name=`).")
@@ -99,7 +102,7 @@ class DataConfig(Section):
         "auto", description="How rows are laid out (docs/data.md): auto (detected per row) | chat: messages, "
                             "sharegpt, alpaca | prompt_completion: strings, conversational | preference: "
                             "explicit_prompt, implicit_prompt | unpaired_preference: strings, "
-                            "conversational.")
+                            "conversational | prompt: prompt.")
     chat_template: Optional[str] = Field(
         None, description="A Jinja file or a template string that replaces the tokenizer's chat template.")
     max_length: int = Field(512, ge=8, le=1_048_576, description="Tokens per sequence; longer rows are truncated.")
@@ -107,7 +110,8 @@ class DataConfig(Section):
         "none", description="Concatenate rows into sequences of up to max_length tokens: none (false) | isolated "
                             "(true; each row attends only to itself) | shared (rows of a pack attend to each other).")
     text_field: str = Field("text", description="Column holding the text (format text).")
-    prompt_field: str = Field("prompt", description="Column holding the prompt (format prompt_completion).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt (formats prompt_completion, "
+                                                    "preference, prompt).")
     completion_field: str = Field("completion", description="Column holding the completion (prompt_completion).")
     messages_field: str = Field("messages", description="Column holding the chat messages (format chat).")
     chosen_field: str = Field("chosen", description="Column holding the preferred completion (format preference).")
@@ -119,7 +123,8 @@ class DataConfig(Section):
         None, description="Format preference: a column of numbers, each pair's margin (train.objective reward "
                           "subtracts it from the reward difference, as TRL's `margin`); None: no margin.")
     max_prompt_length: Optional[int] = Field(
-        None, ge=1, description="Format preference: keep the last N tokens of a longer prompt (None: all of it).")
+        None, ge=1, description="Formats preference and prompt: keep the last N tokens of a longer prompt (None: "
+                                "all of it; format prompt: at most data.max_length); the rows cut are counted.")
     chat_turns: Literal["all", "last"] = Field(
         "all", description="Chat rows: all (one row per conversation, every reply a target) | last (one row per "
                            "assistant turn, trained on that turn only; for templates that rewrite earlier replies).")

@@ -12,6 +12,9 @@ What is private and why we use it:
 * The optimizer's `_global_grad_norm`, which `engine.get_global_grad_norm()` copies (`reports_grad_norm`).
 * `deepspeed.runtime.zero.muon.muon_optimizer` and `original_muon`: stand-ins (`skip_muon_import`), so that
   no ZeRO engine compiles Muon's kernels.
+* ZeRO-3's parameter coordinator (`optimizer.parameter_offload`: its forward/backward hooks, its trace,
+  `_register_deepspeed_module`): GRPO's generation runs on gathered parameters without the hooks
+  (`WholeForGeneration`), as TRL's unwrap_model_for_generation does.
 
 Tested with DeepSpeed 0.19 only; another minor version is refused in one line (setup.cfg pins it too).
 """
@@ -120,6 +123,52 @@ def set_ulysses_batch_size(ulysses, rows: int) -> None:
         shape = list(getattr(ulysses, name))
         shape[1] = rows
         setattr(ulysses, name, torch.Size(shape))
+
+
+# ---------------------------------------------------------------------- ZeRO-3 whole for generation
+
+def zero3_offload(engine):
+    """The engine's ZeRO-3 parameter coordinator (DeepSpeedZeRoOffload), or None below stage 3."""
+    optimizer = getattr(engine, "optimizer", None)
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() != 3 or optimizer is None:
+        return None
+    return getattr(optimizer, "parameter_offload", optimizer)
+
+
+class WholeForGeneration:
+    """Under ZeRO-3, every parameter gathered on this rank and the module's fetch/release hooks taken off
+    for the duration (TRL's unwrap_model_for_generation with gather_deepspeed3_params): a rank then runs
+    as many forwards as its own completions need, with no collective inside them (ranks that sample
+    different lengths need not run in lockstep). Afterwards the hooks are registered again and the
+    coordinator's trace invalidated, as TRL's add_hooks does. Below stage 3 it does nothing."""
+
+    def __init__(self, engine):
+        self.engine, self.offload, self.gathered = engine, zero3_offload(engine), None
+
+    def __enter__(self):
+        if self.offload is None:
+            return self
+        import deepspeed
+        self.gathered = deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        self.gathered.__enter__()
+        for p in self.offload.module.parameters(recurse=True):
+            p.ds_active_sub_modules.clear()
+        for hook in self.offload.forward_hooks + self.offload.backward_hooks:
+            hook.remove()
+        self.offload.forward_hooks, self.offload.backward_hooks = [], []
+        return self
+
+    def __exit__(self, *exc):
+        if self.offload is None:
+            return False
+        try:
+            coordinator = getattr(self.offload, "param_coordinator", None)
+            if coordinator is not None and not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()
+            self.offload._register_deepspeed_module(self.offload.module)
+        finally:
+            self.gathered.__exit__(*exc)
+        return False
 
 
 # -------------------------------------------------------------------------------------- grad norm

@@ -7,7 +7,8 @@ the `enospc*` phases, the write fails with ENOSPC. `torn_shard` kills the job in
 bytes (the file is left half written); `mid_shards` after a complete file; `async_write` and
 `async_written` (checkpoint.async_save) in the background writer, after a file and after the last file,
 while training goes on; `hang_convert` and `hang_verify` make the rank sleep for an hour after its
-conversion share and before hashing its share of a checkpoint at resume.
+conversion share and before hashing its share of a checkpoint at resume; `in_reward` (GRPO) before each reward
+function of a step's scoring.
 "The job" is every process that inherited the same DS_FINETUNE_FAULT and DS_FINETUNE_FAULT_ID (the
 ranks, the launcher and the CLI): launchers put ranks in other process groups (torchrun: other
 sessions), so no group kill fits, and the id (set per launch by the tests) keeps two jobs with the same
@@ -33,7 +34,7 @@ from ds_finetune.errors import UserError
 PHASES = ("mid_accum", "after_step", "before_save", "torn_shard", "mid_shards", "after_shards", "after_manifest_tmp",
           "after_manifest_rename", "before_latest_rename", "after_latest_rename", "during_retention",
           "enospc", "enospc_manifest", "enospc_latest", "mid_convert", "hang_convert", "hang_verify", "slow_save",
-          "async_write", "async_written", "mid_reference")
+          "async_write", "async_written", "mid_reference", "in_reward")
 
 
 @functools.lru_cache(maxsize=8)

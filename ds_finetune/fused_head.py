@@ -176,22 +176,35 @@ def _chunk_logits(h, weight, bias, buffer):
     return buffer.copy_(F.linear(h, weight, bias))
 
 
-def _token_logps(hidden, weight, bias, targets, chunk_tokens: int, stats=None) -> torch.Tensor:
-    """log p(target) of every row of `hidden` (fp32), `chunk_tokens` rows at a time. `stats` ([n, 2] fp32, or
-    None) receives each row's mean logit over the vocabulary and whether the target is its top logit (TRL's
-    `logits/*` and `mean_token_accuracy`): one more reduction over a chunk, no gradient."""
+def _token_logps(hidden, weight, bias, targets, chunk_tokens: int, temperature: float = 1.0,
+                 entropy: torch.Tensor | None = None, stats=None) -> torch.Tensor:
+    """log p(target) of every row of `hidden` (fp32), `chunk_tokens` rows at a time, of the logits divided by
+    `temperature` (GRPO's, as TRL's fused head); with `entropy` (a buffer of one float a row) each row's
+    entropy of that distribution is written there too (no gradient). `stats` ([n, 2] fp32, or None) receives
+    each row's mean logit over the vocabulary and whether the target is its top logit (TRL's `logits/*` and
+    `mean_token_accuracy`): one more reduction over a chunk, no gradient."""
     n = targets.numel()
     out = torch.empty(n, dtype=torch.float32, device=hidden.device)
     buffer = torch.empty((min(n, chunk_tokens), weight.size(0)), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_tokens):
         t = targets[start:start + chunk_tokens]
         logits = _chunk_logits(hidden[start:start + chunk_tokens], weight, bias, buffer[:t.numel()])
+        if temperature != 1.0:
+            logits.div_(temperature)
         target_logit = logits.gather(1, t[:, None])[:, 0]
         row_max = logits.amax(1)
         if stats is not None:
             stats[start:start + t.numel(), 0] = logits.detach().mean(1)
             stats[start:start + t.numel(), 1] = (target_logit >= row_max).float()
-        out[start:start + t.numel()] = target_logit - row_max - logits.sub_(row_max[:, None]).exp_().sum(1).log_()
+        if entropy is None:
+            out[start:start + t.numel()] = target_logit - row_max - logits.sub_(row_max[:, None]).exp_().sum(1).log_()
+            continue
+        shifted = logits.sub_(row_max[:, None])
+        exp = shifted.exp()
+        log_sum = exp.sum(1).log_()
+        out[start:start + t.numel()] = target_logit - row_max - log_sum
+        # H = log S - sum(e * (x - max)) / S, with e = exp(x - max) and S = sum(e)
+        entropy[start:start + t.numel()] = log_sum - (exp * shifted).sum(1) / log_sum.exp()
     return out
 
 
@@ -212,16 +225,18 @@ class FusedLinearTokenLogps(torch.autograd.Function):
     over chunks in fp32). Sums per sequence are taken outside, by autograd (`segment_sums`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, stats=None):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, temperature=1.0, entropy=None, stats=None):
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk_tokens = chunk_tokens
-        return _token_logps(hidden, weight, bias, targets, chunk_tokens, stats)
+        ctx.chunk_tokens, ctx.temperature = chunk_tokens, temperature
+        return _token_logps(hidden, weight, bias, targets, chunk_tokens, temperature, entropy, stats)
 
     @staticmethod
     def backward(ctx, grad_output):
         hidden, weight, bias, targets = ctx.saved_tensors
-        chunk, n = ctx.chunk_tokens, targets.numel()
+        chunk, n, temperature = ctx.chunk_tokens, targets.numel(), ctx.temperature
         w = grad_output.float()
+        if temperature != 1.0:  # d logits / d (h W^T + b) = 1 / temperature
+            w = w / temperature
         g_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
@@ -231,6 +246,8 @@ class FusedLinearTokenLogps(torch.autograd.Function):
         for start in range(0, n, chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = _chunk_logits(h, weight, bias, buffer[:t.numel()])
+            if temperature != 1.0:
+                logits.div_(temperature)
             row_max = logits.amax(1, keepdim=True)
             g = logits.sub_(row_max).exp_()
             g.div_(g.sum(1, keepdim=True)).mul_(-w[start:start + t.numel(), None])  # -w x softmax
@@ -243,20 +260,22 @@ class FusedLinearTokenLogps(torch.autograd.Function):
             if g_bias is not None:
                 g_bias += g.sum(0, dtype=torch.float32)
         return (g_hidden, None if g_weight is None else g_weight.to(weight.dtype),
-                None if g_bias is None else g_bias.to(bias.dtype), None, None, None)
+                None if g_bias is None else g_bias.to(bias.dtype), None, None, None, None, None)
 
 
-def fused_token_logps(hidden, weight, bias, targets, chunk_tokens: int, stats=None) -> torch.Tensor:
-    """log p(target) of every row of `hidden` (one float each, fp32), with gradients where asked for;
-    `stats`: as `_token_logps`'s."""
+def fused_token_logps(hidden, weight, bias, targets, chunk_tokens: int, temperature: float = 1.0,
+                      entropy: torch.Tensor | None = None, stats=None) -> torch.Tensor:
+    """log p(target) of every row of `hidden` (one float each, fp32), with gradients where asked for; of the
+    logits over `temperature`; each row's entropy into `entropy` and its statistics into `stats` where given
+    (see `_token_logps`)."""
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
     if not needs_grad:
-        return _token_logps(hidden, weight, bias, targets, chunk_tokens, stats)
-    return FusedLinearTokenLogps.apply(hidden, weight, bias, targets, chunk_tokens, stats)
+        return _token_logps(hidden, weight, bias, targets, chunk_tokens, temperature, entropy, stats)
+    return FusedLinearTokenLogps.apply(hidden, weight, bias, targets, chunk_tokens, temperature, entropy, stats)
 
 
 def fused_sequence_logps(hidden, weight, bias, targets, counts: list[int], chunk_tokens: int,
                          stats=None) -> torch.Tensor:
     """Summed log-probs of `targets` per sequence (`counts` consecutive rows of `hidden` each)."""
-    return segment_sums(fused_token_logps(hidden, weight, bias, targets, chunk_tokens, stats), counts)
+    return segment_sums(fused_token_logps(hidden, weight, bias, targets, chunk_tokens, stats=stats), counts)

@@ -69,15 +69,22 @@ def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None, 
     return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def full_token_logps(engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
+def full_token_logps(engine, input_ids, attention_mask, labels, facts=None, temperature: float = 1.0,
+                     entropy: torch.Tensor | None = None) -> torch.Tensor:
     """log p(target) of every target token, row-major (as `ChunkedLoss.token_logps`), from the full logits
-    (train.loss_chunk_tokens: 0)."""
+    (train.loss_chunk_tokens: 0), over `temperature`; each one's entropy into `entropy` where given."""
     facts = facts_of(labels) if facts is None else facts
     logits = engine(**model_inputs(input_ids, attention_mask)).logits.float()
     where = host_to_device(facts.target_positions(), input_ids.device)
     logits = logits.reshape(-1, logits.size(-1))[where]
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = labels.reshape(-1)[where + 1]
-    return torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+    logps = torch.log_softmax(logits, -1)
+    if entropy is not None:
+        with torch.no_grad():
+            entropy.copy_(-(logps.exp() * logps).sum(-1))
+    return logps.gather(1, targets[:, None])[:, 0]
 
 
 def full_sequence_logps(engine, input_ids, attention_mask, labels, facts=None, stats=None) -> torch.Tensor:
@@ -139,6 +146,7 @@ class ChunkedLoss:
         self.correct = None
         # logps: None (the summed token loss) | "sequences" (summed log-probs a row) | "tokens" (one a target)
         self.logps, self.where, self.counts, self.stats = None, None, None, None
+        self.temperature, self.entropy = 1.0, None  # "tokens": GRPO's temperature and entropy buffer
         model.base_model.register_forward_hook(self._after_base_model)
 
     def _after_base_model(self, module, args, output):
@@ -151,11 +159,11 @@ class ChunkedLoss:
         targets = self.labels.reshape(-1)[self.where if self.shifted else self.where + 1]
         head, chunk, grad_scale, token_losses = self.head, self.chunk_tokens, self.grad_scale, self.token_losses
         correct = self.correct
-        logps, counts, stats = self.logps, self.counts, self.stats
+        logps, counts, stats, temperature, entropy = self.logps, self.counts, self.stats, self.temperature, self.entropy
 
         def loss_of(h):  # runs as the head's forward: its weight is gathered here under ZeRO-3
             if logps == "tokens":
-                return fused_token_logps(h, head.weight, head.bias, targets, chunk)
+                return fused_token_logps(h, head.weight, head.bias, targets, chunk, temperature, entropy)
             if logps == "sequences":
                 return fused_sequence_logps(h, head.weight, head.bias, targets, counts, chunk, stats)
             return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk, grad_scale, token_losses,
@@ -189,13 +197,15 @@ class ChunkedLoss:
         finally:
             self.logps, self.stats = None, None
 
-    def token_logps(self, engine, input_ids, attention_mask, labels, facts=None) -> torch.Tensor:
-        """log p(target) of every target token, row-major (`facts.target_positions()`'s order)."""
-        self.logps = "tokens"
+    def token_logps(self, engine, input_ids, attention_mask, labels, facts=None, temperature: float = 1.0,
+                    entropy: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(target) of every target token, row-major (`facts.target_positions()`'s order), of the logits
+        over `temperature`; each one's entropy into `entropy` (a buffer of one float a target) where given."""
+        self.logps, self.temperature, self.entropy = "tokens", temperature, entropy
         try:
             return self(engine, input_ids, attention_mask, labels, facts=facts)
         finally:
-            self.logps = None
+            self.logps, self.temperature, self.entropy = None, 1.0, None
 
 
 def make_sequence_logps_fn(model, chunk_tokens: int):

@@ -1,5 +1,5 @@
-"""The config sections of the preference objectives (`dpo:`, `orpo:`, `simpo:`, `cpo:`, `kto:`, `reward:`), each
-named like its objective (objectives/__init__.py); config.py holds them in the run config."""
+"""The config sections of the objectives (`dpo:`, `orpo:`, `simpo:`, `cpo:`, `kto:`, `reward:`, `grpo:` and its
+`rewards:`), each named like its objective (objectives/__init__.py); config.py holds them in the run config."""
 
 from __future__ import annotations
 
@@ -117,3 +117,55 @@ MODEL_HEADS = {"reward": "sequence_classification"}
 def model_head(cfg) -> str:
     """"causal_lm" or "sequence_classification": the head the run's objective trains."""
     return MODEL_HEADS.get(cfg.train.objective, "causal_lm")
+
+
+class GrpoConfig(Section):
+    """GRPO's settings, with TRL's GRPOConfig names, meanings and defaults (docs/design.md, GRPO)."""
+    num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt, scored as one group (>= 2: "
+                                                      "a group of one has no baseline).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the loss's log-probs use it too (as TRL).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens whose "
+                                                      "probability reaches top_p (1: all).")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0: all).")
+    max_completion_length: int = Field(512, ge=1, description="Tokens a completion may have (eos included); a "
+                                                              "completion stopped here is truncated (clipped).")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="grpo (each completion's token mean) | dr_grpo (a sum over max_completion_length) | dapo "
+                            "(the global batch's token mean) | bnpo (each micro-batch's token mean).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Advantages = reward - the group's mean, divided by the group's std (group), the "
+                             "global batch's std (batch) or nothing (none).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clipping: the ratio is clipped below at 1 - epsilon.")
+    epsilon_high: Optional[float] = Field(None, gt=0, description="Clipping above at 1 + epsilon_high (default "
+                                                                  "epsilon; DAPO's clip-higher uses 0.28).")
+    num_iterations: int = Field(1, ge=1, description="μ: optimizer steps per generation; steps after a block's first "
+                                                     "reuse its completions against the old policy's log-probs.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference (0: no reference; > 0: the base with "
+                                               "LoRA's adapters off, else a frozen copy of the base).")
+    use_bias_correction_kl: bool = Field(True, description="beta > 0: the KL term times the importance ratio (TRL's "
+                                                           "default; the unbiased reverse-KL gradient).")
+    mask_truncated_completions: bool = Field(False, description="Leave completions that hit max_completion_length out "
+                                                                "of the loss.")
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+class RewardFunctionConfig(Section):
+    """One entry of `rewards:` (train.objective grpo)."""
+    name: Optional[str] = Field(None, description="Its metric name (rewards/NAME/mean); default the function's name.")
+    function: str = Field(..., description="A built-in (accuracy | format) or module:callable, importable from the "
+                                           "config file's folder or the Python path; called as TRL calls reward "
+                                           "functions: (prompts, completions, **columns) -> a float or None each.")
+    weight: float = Field(1.0, allow_inf_nan=False, description="Its weight in the summed reward.")
+    pattern: Optional[str] = Field(None, description="format: the regex a completion must match in full (default "
+                                                     "<think>...</think><answer>...</answer>).")
+
+    @model_validator(mode="after")
+    def _named(self):
+        if self.name is None:
+            self.name = self.function.rsplit(":", 1)[-1]
+        if self.pattern is not None and self.function != "format":
+            raise ValueError(f"rewards: pattern is a setting of the format reward, not of {self.function}")
+        return self

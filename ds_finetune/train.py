@@ -117,7 +117,9 @@ def setup(args) -> tuple[Run, TrainState]:
     if is_main and data.skipped_rows:
         messages.say(f"skipped {data.skipped_rows} rows with no target tokens after masking/truncation")
     if is_main and data.truncated_pairs:
-        messages.say(f"truncated {data.truncated_pairs} pairs to data.max_length/max_prompt_length (the prompt's end kept)")
+        what = "prompts" if cfg.data.format == "prompt" else "pairs"
+        messages.say(f"truncated {data.truncated_pairs} {what} to data.max_length/max_prompt_length (the prompt's end "
+                     f"kept)")
     group = SequenceGroup.of(cfg, world, rank)  # DP x SP; SP=1: every rank its own
     evaluator, train_rows = build_evaluator(cfg, tok, data, group.dp_rank, group.dp_size, say)
     order = epoch_order(cfg, data, train_rows)
@@ -147,7 +149,8 @@ def setup(args) -> tuple[Run, TrainState]:
     # Built before a checkpoint is loaded: a precomputed DPO reference is computed from the base's weights.
     objective = build_objective(ObjectiveParts(cfg, engine, model, ds_config, data, evaluator and evaluator.data,
                                                layout, tok.pad_token_id, rank, world, group, ulysses,
-                                               plan.converted is None, say))
+                                               plan.converted is None, say, tok, Path(args.config).resolve().parent))
+    checkpointer.objective = objective  # an objective's own state (GRPO's rollouts) is saved and restored
     # What this run is, saved with every checkpoint (differs from a resumed checkpoint's only under
     # --allow-config-change).
     identity = dict(seed=cfg.train.seed, global_batch=layout.global_batch, data_format_version=DATA_FORMAT_VERSION,

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from ds_finetune.cli import main
 from harness import assert_one_line_error
-from ds_finetune.config import (CheckpointConfig, CpoConfig, DpoConfig, EvalConfig, KtoConfig, LoggingConfig,
-                                LoraConfig, ModelConfig, OrpoConfig, RewardConfig, RunConfig, SimpoConfig, TrainConfig,
-                                WandbConfig, load_config)
+from ds_finetune.config import (CheckpointConfig, CpoConfig, DpoConfig, EvalConfig, GrpoConfig, KtoConfig,
+                                LoggingConfig, LoraConfig, ModelConfig, OrpoConfig, RewardConfig, RewardFunctionConfig,
+                                RunConfig, SimpoConfig, TrainConfig, WandbConfig, load_config)
 from ds_finetune.data_config import DataConfig, EvalSourceConfig, SourceConfig
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
 from ds_finetune.errors import UserError
@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
             "checkpoint": CheckpointConfig, "logging": LoggingConfig, "dpo": DpoConfig, "orpo": OrpoConfig,
-            "simpo": SimpoConfig, "cpo": CpoConfig, "kto": KtoConfig, "reward": RewardConfig}
+            "simpo": SimpoConfig, "cpo": CpoConfig, "grpo": GrpoConfig, "rewards": RewardFunctionConfig,
+            "kto": KtoConfig, "reward": RewardConfig}
 
 
 def cli_command() -> list[str]:
@@ -346,6 +347,7 @@ def test_show_schema_lists_every_field_with_its_description():
     expected = {f"{s}.{n}": f.description for s, m in SECTIONS.items() for n, f in m.model_fields.items()}
     expected["output_dir"] = RunConfig.model_fields["output_dir"].description
     expected["deepspeed"] = RunConfig.model_fields["deepspeed"].description
+    expected["rewards"] = RunConfig.model_fields["rewards"].description
     expected.update({f"logging.wandb.{n}": f.description for n, f in WandbConfig.model_fields.items()})
     expected.update({f"model.lora.{n}": f.description for n, f in LoraConfig.model_fields.items()})
     expected.update({f"data.sources.{n}": f.description for n, f in SourceConfig.model_fields.items()})

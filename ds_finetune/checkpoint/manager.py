@@ -36,6 +36,10 @@ class Checkpointer:
         self.in_flight = None  # async_save: (BackgroundWrite, tag dir, trainer state) of the uncommitted save
         self.extra_client_state = extra_client_state  # constant for the run (e.g. param group names)
         self.saved_step, self.last_save_time = 0, time.time()  # `load` sets the step resumed from
+        # The objective, where it keeps state of its own between steps (GRPO's rollout buffer under
+        # num_iterations > 1): its `checkpoint_state()` (plain values, per rank) is saved beside every rank's
+        # RNG state and handed back to its `restore_checkpoint_state` on load.
+        self.objective = None
 
     @classmethod
     def for_run(cls, cfg: RunConfig, engine, model, tok, rank: int, world: int) -> "Checkpointer":
@@ -113,6 +117,9 @@ class Checkpointer:
         (committed later by `finish`). A save still in flight is committed first: at most one at a time."""
         self.finish()
         client_state = {"rng_states": all_gather(capture_rng()), **self.extra_client_state}
+        own = getattr(self.objective, "checkpoint_state", None)
+        if own is not None:
+            client_state["objective_states"] = all_gather(own())
         if self.cfg.async_save:
             background = BackgroundWrite(self.rank, state.step)
             path, _ = write_files(self.spec, state.step, client_state, background)
@@ -156,21 +163,25 @@ class Checkpointer:
         if plan.source is None:
             return TrainState()
         if plan.converted is None:
-            rng_states = self._load_native(plan.source)
+            client_state = self._load_native(plan.source)
         else:
             reshard.load_optimizer_state(self.engine, plan.converted)
-            rng_states = plan.converted.meta["rng_states"]
+            client_state = plan.converted.meta
+        rng_states = client_state["rng_states"]
         if self.rank < len(rng_states):  # a rank the saved run did not have keeps the seed + rank rule
             restore_rng(rng_states[self.rank])
+        objective_states = client_state.get("objective_states") or []
+        if hasattr(self.objective, "restore_checkpoint_state") and self.rank < len(objective_states):
+            self.objective.restore_checkpoint_state(objective_states[self.rank])
         state = TrainState.from_manifest(plan.source.manifest)
         if self.rank == 0:
             say(f"resumed from {plan.source.path} at step {state.step} (epoch {state.epoch}, offset {state.offset})")
         self.saved_step = state.step  # no final save of a step already saved
         return state
 
-    def _load_native(self, info) -> list:
-        """Load a verified native checkpoint into the engine (weights, optimizer, LR schedule); returns
-        every saved rank's RNG state."""
+    def _load_native(self, info) -> dict:
+        """Load a verified native checkpoint into the engine (weights, optimizer, LR schedule); returns its
+        client state (every saved rank's RNG state, an objective's own state)."""
         ds_internals.route_checkpoint_reads(self.engine)  # DeepSpeed's loads through the safe unpickler
         load_path, client_state = self.engine.load_checkpoint(
             str(info.path.parent), tag=info.tag, load_module_strict=not self.spec.trainable_only,
@@ -178,4 +189,4 @@ class Checkpointer:
         if load_path is None:
             raise UserError(f"checkpoint error: DeepSpeed could not load {info.path}; run "
                             f"`ds-finetune ckpt verify {info.path}`")
-        return client_state["rng_states"]
+        return client_state

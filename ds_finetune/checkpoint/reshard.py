@@ -61,6 +61,7 @@ def source_meta(info: CheckpointInfo, src) -> dict:
         "skipped_steps": int(ms.get("skipped_steps", 0)),
         "lr_scheduler": _plain(ms.get("lr_scheduler")),
         "rng_states": ms.get("rng_states", []),  # plain values already (dist.capture_rng)
+        "objective_states": ms.get("objective_states", []),  # plain values too (GRPO's rollout buffer)
         "shapes": {name: list(src.shapes[name]) for name in src.names},
     }
 

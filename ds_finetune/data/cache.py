@@ -2,7 +2,8 @@
 while any others wait on a lock file (never in a collective, which would time out).
 
 Layout of `<cache_dir>/tokenized/<key>/`: input_ids (int32), target_mask (bool), offsets (int64, rows+1),
-lengths and row_targets (int32 per row), row_ids (int64 per row), meta.json. It is written under a
+lengths and row_targets (int32 per row), row_ids (int64 per row), meta.json; format prompt adds each row's
+columns (columns.jsonl, one JSON line a row, and column_offsets.npy, int64 byte offsets, rows+1). It is written under a
 temporary name, chunk by chunk, and committed by renaming the folder: a reader sees all of it or nothing.
 Ranks open the arrays with mmap_mode="r", so they share one copy in the page cache and a rank's memory
 does not grow with the dataset.
@@ -56,8 +57,14 @@ class TokenizedData:
         self.content_hash, self.skipped_rows, self.truncated_pairs = content_hash, skipped_rows, truncated_pairs
         self.path = path  # the cache folder (a DPO run's precomputed reference lies beside it)
         self.rows_per_unit = rows_per_unit  # rows that form one unit of the order (a preference pair: 2)
+        self.columns, self.column_offsets = arrays.get("columns"), arrays.get("column_offsets")  # format prompt
         self.row_labels = arrays.get("row_labels")    # unpaired_preference: True where desirable
         self.row_margins = arrays.get("row_margins")  # preference with data.margin_field: each row's pair's margin
+
+    def row_columns(self, i: int) -> dict:
+        """Format prompt: row i's columns (its prompt as given, and every other column)."""
+        a, b = self.column_offsets[i], self.column_offsets[i + 1]
+        return json.loads(bytes(self.columns[a:b]).decode("utf-8"))
 
     @property
     def num_rows(self) -> int:
@@ -145,8 +152,11 @@ def _injected_delay(heartbeat) -> None:
 def _write_arrays(data_cfg, tok, files, folder: Path, progress, heartbeat) -> dict:
     out = {name: NpyAppender(folder / f"{name}.npy", dtype) for name, dtype in ARRAYS.items()}
     out["offsets"].append(np.zeros(1, np.int64))
+    columns = _ColumnWriter(folder) if data_cfg.format == "prompt" else None
     tokens, rows, skipped, truncated = 0, 0, 0, 0
     for chunk in tokenized_chunks(data_cfg, tok, files):
+        if columns is not None:
+            columns.append(chunk.columns)
         for name in ("input_ids", "target_mask", "lengths", "row_targets", "row_ids"):
             out[name].append(getattr(chunk, name))
         for name, values in chunk.row_values.items():
@@ -169,12 +179,40 @@ def _write_arrays(data_cfg, tok, files, folder: Path, progress, heartbeat) -> di
                         f"nothing to train on (check data.format and data.max_length)")
     for writer in out.values():
         writer.finish()
+    if columns is not None:
+        columns.finish()
     return {"rows_read": rows, "rows": rows - skipped, "skipped_rows": skipped, "tokens": tokens,
-            **({"truncated_pairs": truncated} if data_cfg.format == "preference" else {})}
+            **({"truncated_pairs": truncated} if data_cfg.format in ("preference", "prompt") else {})}
+
+
+class _ColumnWriter:
+    """Format prompt: each row's columns as one JSON line of `columns.jsonl`, and their byte offsets."""
+
+    def __init__(self, folder: Path):
+        self.file = open(folder / "columns.jsonl", "wb")
+        self.offsets = NpyAppender(folder / "column_offsets.npy", np.int64)
+        self.offsets.append(np.zeros(1, np.int64))
+        self.size = 0
+
+    def append(self, lines: list[str]) -> None:
+        encoded = [(line + "\n").encode("utf-8") for line in lines]
+        self.file.write(b"".join(encoded))
+        self.offsets.append(self.size + np.cumsum([len(e) for e in encoded], dtype=np.int64))
+        self.size += sum(len(e) for e in encoded)
+
+    def finish(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.offsets.finish()
 
 
 def read_cache(path: Path, data_hash: str, rows_per_unit: int = 1) -> TokenizedData:
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    if (path / "columns.jsonl").exists():  # format prompt
+        arrays["column_offsets"] = np.load(path / "column_offsets.npy", mmap_mode="r")
+        arrays["columns"] = np.memmap(path / "columns.jsonl", dtype=np.uint8, mode="r") \
+            if (path / "columns.jsonl").stat().st_size else np.zeros(0, np.uint8)
     arrays |= {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ROW_VALUES
                if (path / f"{name}.npy").exists()}
     meta = json.loads((path / "meta.json").read_text())

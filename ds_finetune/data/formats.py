@@ -1,6 +1,7 @@
 """Rows -> token ids and target masks, one chunk of rows at a time (this runs in the preparation workers).
 
-Formats: `text` (every token a target), `prompt_completion` (the completion and eos), `chat` (each
+Formats: `text` (every token a target), `prompt_completion` (the completion and eos), `prompt` (a prompt
+to generate from and its columns, prompts.py), `chat` (each
 assistant reply and its end-of-turn marker, rendered with the tokenizer's chat template and located by
 chat.py; one row per conversation, or per assistant turn with data.chat_turns: last). Texts of a chunk
 are tokenized in one batched fast-tokenizer call; a row's tokens are exactly those of tokenizing it alone.
@@ -21,6 +22,7 @@ from ds_finetune.data.completions import prompt_completion_texts
 from ds_finetune.data.encoding import encode
 from ds_finetune.data.layouts import normalise_rows
 from ds_finetune.data.preference import preference_seqs
+from ds_finetune.data.prompts import prompt_rows
 from ds_finetune.data.row_text import check_line_is_utf8, check_row_text
 from ds_finetune.errors import UserError
 
@@ -35,7 +37,8 @@ class ChunkArrays:
     row_ids: np.ndarray      # int64, dataset row index per kept row
     rows_read: int
     skipped: int
-    truncated_pairs: int = 0  # format preference: pairs that truncation cut
+    truncated_pairs: int = 0  # format preference: pairs that truncation cut (format prompt: prompts)
+    columns: list | None = None  # format prompt: each kept row's columns, one JSON line each
     row_values: dict = field(default_factory=dict)  # cache.ROW_VALUES name -> one value per kept row
 
 
@@ -145,6 +148,11 @@ def _tokenize_rows(tok, cfg, first: int, items: list, rows: list[dict]) -> Chunk
         seqs = _prompt_completion_seqs(tok, *prompt_completion_texts(tok, cfg, rows, ats))
         kept = _keep_rows(((k, ids, mask) for k, (ids, mask) in enumerate(seqs)), cfg.max_length, first, len(items))
         kept.row_values = {"row_labels": np.asarray(labels, dtype=bool)[kept.row_ids - first]}
+        return kept
+    elif cfg.format == "prompt":
+        seqs, columns, cut = prompt_rows(tok, cfg, rows, ats)  # every row kept (each has a target)
+        kept = _keep_rows(seqs, cfg.max_length, first, len(items))
+        kept.truncated_pairs, kept.columns = cut, columns
         return kept
     elif cfg.format == "prompt_completion":
         seqs = _prompt_completion_seqs(tok, *prompt_completion_texts(tok, cfg, rows, ats))

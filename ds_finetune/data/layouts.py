@@ -10,6 +10,7 @@
                        messages) | implicit_prompt (TRL: chosen/rejected whole conversations whose shared
                        start is the prompt)                       -> {prompt_field, chosen_field, rejected_field}
                        both kinds, as strings or all message lists, as preference.py reads them
+    prompt             prompt (a string or messages; format prompt, every other column kept) -> as is
     unpaired_preference  strings | conversational, as prompt_completion (and a label column, formats.py)
     text               text (only)
 
@@ -34,6 +35,7 @@ READS = {"chat": "messages (a list of {role, content}), conversations (ShareGPT:
          "prompt_completion": "prompt and completion, strings or message lists",
          "preference": "prompt, chosen and rejected (strings or message lists), or chosen and rejected "
                        "conversations that share their prompt",
+         "prompt": "prompt (a string or a message list) and any other columns",
          "unpaired_preference": "prompt, completion (strings or message lists) and label (true or false)"}
 
 
@@ -73,6 +75,8 @@ def fits(cfg, layout: str, row: dict) -> bool:
         return has(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     if layout == "implicit_prompt":
         return has(cfg.chosen_field, cfg.rejected_field)
+    if layout == "prompt":
+        return has(cfg.prompt_field)
     return layout == "text"
 
 
@@ -91,6 +95,7 @@ def no_layout_message(cfg, row: dict, at: str, layout: str | None) -> str:
     """One line: the column the format's first layout (or the forced one) misses, and the columns found."""
     wanted = {"chat": [cfg.messages_field], "prompt_completion": [cfg.prompt_field, cfg.completion_field],
               "preference": [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field],
+              "prompt": [cfg.prompt_field],
               "unpaired_preference": [cfg.prompt_field, cfg.completion_field]}[cfg.format]
     if layout == "implicit_prompt":
         wanted = wanted[1:]
@@ -253,4 +258,5 @@ def _pair(cfg, prompt, chosen, rejected, at: str) -> dict:
 
 NORMALISE = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca, "strings": _strings,
              "conversational": _conversational, "explicit_prompt": _explicit_prompt,
-             "implicit_prompt": _implicit_prompt, "text": lambda cfg, row, at: row}
+             "implicit_prompt": _implicit_prompt, "text": lambda cfg, row, at: row,
+             "prompt": lambda cfg, row, at: row}

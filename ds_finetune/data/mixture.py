@@ -61,6 +61,10 @@ class MixedData:
         s = self.source_of(i)
         return self.parts[s].row(int(i - self.bases[s]))
 
+    def row_columns(self, i: int) -> dict:
+        s = self.source_of(i)
+        return self.parts[s].row_columns(int(i - self.bases[s]))
+
     def source_of(self, rows):
         """The source index of each global row."""
         return np.searchsorted(self.bases, rows, side="right") - 1

@@ -12,7 +12,8 @@ Each objective is a file: `sft.py` (next-token loss), `dpo.py` (preference pairs
 loss types in `dpo_losses.py`), `dpo_reference.py` (the reference log-probs stored before training),
 `orpo.py` and `cpo.py` (ORPO, CPO and SimPO: pairs without a reference), `kto.py` (unpaired rows, DPO's
 reference), `reward_model.py` (a sequence classifier on pairs); `pairs.py` is the step every pair
-objective shares. A new one is a module with a
+objective shares; `grpo.py` (online RL: `rollout.py` samples, `rewards.py` scores, `grpo_loss.py` is TRL's
+math, `grpo_gather.py` its cross-rank exchanges). A new one is a module with a
 `build(parts)` and a line in `OBJECTIVES` (and a choice of `train.objective` in config.py); its config section is named like it (`dpo:`), and its settings go
 into the exact fingerprint (`fingerprint_settings`).
 
@@ -81,6 +82,8 @@ class ObjectiveParts:
     ulysses: object | None     # DeepSpeed's Ulysses module under sequence parallelism
     weights_are_base: bool     # no checkpoint's weights are loaded yet (a converted one may already be)
     say: Callable
+    tokenizer: object = None   # the run's tokenizer (GRPO decodes its completions)
+    config_dir: object = None  # the config file's folder (GRPO imports module:callable rewards from it)
 
 
 def accumulate(engine, loss_fn, micro_batches: list, normaliser: int, step: int, before_update=None,
@@ -123,7 +126,8 @@ def fingerprint_settings(cfg) -> dict:
         return {}
     section = getattr(cfg, name)
     settings = section.fingerprint() if hasattr(section, "fingerprint") else section.model_dump(mode="json")
-    return {"train.objective": name, name: settings}
+    rewards = {"rewards": [r.model_dump(mode="json") for r in cfg.rewards]} if cfg.rewards else {}
+    return {"train.objective": name, name: settings, **rewards}
 
 
 # train.objective -> the module whose `build(parts)` makes it (imported when chosen: each is a file here).
@@ -135,6 +139,7 @@ OBJECTIVES = {
     "cpo": "ds_finetune.objectives.cpo",
     "kto": "ds_finetune.objectives.kto",
     "reward": "ds_finetune.objectives.reward_model",
+    "grpo": "ds_finetune.objectives.grpo",  # online RL: rollout.py samples, rewards.py scores, grpo_loss.py
 }
 
 
