@@ -167,6 +167,18 @@ def mean_over_ranks(values: torch.Tensor, weights: torch.Tensor | None = None) -
     return t[0] / t[1].clamp(min=1)
 
 
+def gather_rows(local: torch.Tensor, device) -> torch.Tensor:
+    """Every rank's `local` rows (the same shape on every rank), stacked in rank order, on `device`; gathered
+    on the collective device. A process without a process group is the only rank."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return local.to(device)
+    here = local.to(collective_device())
+    parts = [torch.empty_like(here) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, here)
+    return torch.cat(parts).to(device)
+
+
 def max_over_ranks(value: int) -> int:
     """The largest `value` of all ranks (`value` itself when not distributed), agreed on the host: it is
     wanted as a Python number, and an NCCL collective's result would have to be read back from the GPU,

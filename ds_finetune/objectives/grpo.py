@@ -38,13 +38,13 @@ import torch
 
 from ds_finetune import lora
 from ds_finetune.data import HostFacts
-from ds_finetune.dist import frozen_eval
+from ds_finetune.dist import frozen_eval, gather_rows
 from ds_finetune.errors import UserError
 from ds_finetune.faults import fault_point
 from ds_finetune.loss import make_token_logps_fn
 from ds_finetune.metrics import truncate_metrics
 from ds_finetune.objectives import ObjectiveParts, StepResult, accumulate
-from ds_finetune.objectives.grpo_gather import gather_objects, gather_rows, sum_vector
+from ds_finetune.objectives.grpo_gather import gather_objects, sum_vector
 from ds_finetune.objectives.grpo_loss import (TOKEN_METRICS, advantages, length_metrics, micro_batch_loss, reward_metrics,
                                               token_losses, token_metric_sums, token_metrics)
 from ds_finetune.objectives.rewards import Reward, build_rewards, score
