@@ -18,6 +18,7 @@ noisy; absolute times are not stable), from medians of interleaved repetitions:
  13. dpo           DPO peak RSS and step time, chunked log-probs vs full     (bench/dpo_memory.py)
  14. dpo-trl       DPO tokens/s, peak RSS, phases vs TRL's DPOTrainer      (bench/dpo_trl.py)
  15. long          per-rank RSS, reach, step time: SP=2 vs SP=1 at 16k     (bench/long_context.py)
+ 16. grpo          GRPO steps/s, peak RSS, generation share vs TRL         (bench/grpo.py)
 
 Prints a table and writes bench/results/<date>-<machine>.json and .png (`-quick` added for --quick). Every
 figure carries its id, value (ratio), spread over its repetitions, target, whether it is met, the commit and
@@ -49,7 +50,8 @@ import report  # noqa: E402
 SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "resume_cost",
             "side-by-side": "side_by_side", "loss": "loss_memory", "data": "data_prep", "elastic": "elastic",
             "lora": "lora_cost", "async": "async_cost", "verify": "verify_split", "mixture": "mixture",
-            "gpu": "gpu", "dpo": "dpo_memory", "dpo-trl": "dpo_trl", "long": "long_context"}
+            "gpu": "gpu", "dpo": "dpo_memory", "dpo-trl": "dpo_trl", "long": "long_context",
+            "grpo": "grpo"}
 
 
 def parse_args(argv=None):
