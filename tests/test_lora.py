@@ -1,5 +1,5 @@
 """LoRA (`model.lora`, through peft) on a tiny base model saved into a local folder: exact resume at ZeRO 2
-and 3 and across stages, checkpoints that hold only the adapters, exports that compute what the training
+and 3 (DoRA too) and across stages, checkpoints that hold only the adapters, exports that compute what the training
 engine computed, and a refused resume on another base."""
 import json
 import shutil
@@ -22,36 +22,38 @@ def base_model(tmp_path_factory):
     return harness.save_tiny_model(tmp_path_factory.mktemp("base") / "model", seed=7)
 
 
-def lora(base, stage: int) -> list[str]:
+def lora(base, stage: int, dora: bool = False) -> list[str]:
     # Evaluation at the end (held-out rows) measures the engine's final weights, base included.
     return ["model.config=null", f"model.name_or_path={base}", "model.lora.r=4", "model.lora.alpha=8",
-            "train.max_steps=6", f"train.zero_stage={stage}", "eval.fraction=0.05"]
+            "train.max_steps=6", f"train.zero_stage={stage}", "eval.fraction=0.05",
+            *(["model.lora.use_dora=true"] if dora else [])]
 
 
 @pytest.fixture(scope="module")
 def lora_reference(base_model, tmp_path_factory):
     done = {}
 
-    def get(stage: int):
-        if stage not in done:
-            out = tmp_path_factory.mktemp(f"lora-ref-stage{stage}")
-            harness.train(out, lora(base_model, stage))
-            done[stage] = out
-        return done[stage]
+    def get(stage: int, dora: bool = False):
+        if (stage, dora) not in done:
+            out = tmp_path_factory.mktemp(f"lora-ref-stage{stage}{'-dora' if dora else ''}")
+            harness.train(out, lora(base_model, stage, dora))
+            done[stage, dora] = out
+        return done[stage, dora]
     return get
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_lora_sigkill_resumes_bitwise_and_stage3_resumes_under_stage2(base_model, lora_reference, tmp_path, stage):
+@pytest.mark.parametrize("stage, dora", [(2, False), (3, False), (2, True)], ids=["2", "3", "2-dora"])
+def test_lora_sigkill_resumes_bitwise_and_stage3_resumes_under_stage2(base_model, lora_reference, tmp_path, stage,
+                                                                      dora):
     run = tmp_path / "run"
-    killed = harness.train(run, lora(base_model, stage), fault="mid_accum:rank1@step5", expect_ok=False)
+    killed = harness.train(run, lora(base_model, stage, dora), fault="mid_accum:rank1@step5", expect_ok=False)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stdout[-2000:]
     assert harness.committed_steps(run / "checkpoints") == [3, 4]
     if stage == 3:
         harness.copy_run(run, tmp_path / "to-stage2")
-    harness.assert_resumed(harness.train(run, lora(base_model, stage), resume="auto"), step=4)
-    harness.assert_same_run(run, lora_reference(stage))
-    harness.assert_same_final_weights(run, lora_reference(stage))
+    harness.assert_resumed(harness.train(run, lora(base_model, stage, dora), resume="auto"), step=4)
+    harness.assert_same_run(run, lora_reference(stage, dora))
+    harness.assert_same_final_weights(run, lora_reference(stage, dora))
     if stage == 3:  # the converted copy carries the adapters and their moments, not the base
         resumed = harness.train(tmp_path / "to-stage2", lora(base_model, 2), resume="auto")
         harness.assert_resumed(resumed, step=4)
