@@ -77,6 +77,12 @@ class Run:
     rank: int
     checkpointer: Checkpointer
     evaluator: Evaluator | None
+    grad_norm: GradNorm
+
+    def before_update(self) -> None:
+        """The step's gradients are complete; the optimizer is about to use them (the objective calls it)."""
+        self.grad_norm.before_update()
+        self.checkpointer.before_update()
 
 
 def lora_base_files(cfg: RunConfig, rank: int, world: int) -> dict | None:
@@ -165,7 +171,8 @@ def setup(args) -> tuple[Run, TrainState]:
     if is_main:
         write_run_files(cfg, ds_config)
     barrier()
-    return Run(cfg, engine, objective, data, order, layout, total_steps, rank, checkpointer, evaluator), state
+    return (Run(cfg, engine, objective, data, order, layout, total_steps, rank, checkpointer, evaluator,
+                GradNorm(engine)), state)
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -216,21 +223,15 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
     """The loop: each step takes the next global batch of the order, runs the objective's step, agrees
     with the other ranks on its outcome, logs it and hands it to the Checkpointer."""
     cfg, gb = run.cfg, run.layout.global_batch
-    grad_norm = GradNorm(run.engine)
-
-    def before_update():  # the step's gradients are complete; the optimizer is about to use them
-        grad_norm.before_update()
-        run.checkpointer.before_update()
-
     while state.step < run.total_steps:
         batch = run.order.batch(state, gb)
         if batch is None:  # train.epochs are done
             break
         lr = run.engine.get_lr()[0]
-        result = run.objective.step(run.engine, batch.units, state.step + 1, before_update)
+        result = run.objective.step(run.engine, batch.units, state.step + 1, run.before_update)
         fault_point("after_step", run.rank, state.step + 1)
         outcome = agree_on_step(result, stop.signum, run.checkpointer.time_due(), run.checkpointer.writing(),
-                                grad_norm.value(), run.rank == 0)
+                                run.grad_norm.value(), run.rank == 0)
 
         step_tokens = unit_tokens(run.data, batch.units)
         state.advance(batch.position, gb, step_tokens)
