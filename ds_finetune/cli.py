@@ -102,6 +102,8 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
     click.echo(prefix + shlex.join(argv))
     if dry_run:
         click.echo(f"# world_size={world} micro_batch_size={micro} grad_accum={accum} global_batch={global_batch}")
+        if resume is not None:
+            click.echo(resume_preview(cfg, resume))
         if cfg.train.sequence_parallel > 1:
             click.echo(layout_line(cfg.train.sequence_parallel, world, cfg.data.max_length))
         if nodes:
@@ -121,6 +123,18 @@ def train(config_path, overrides, resume, overwrite, allow_config_change, discar
 
 
 # ------------------------------------------------------------------------------------------------- data
+
+def resume_preview(cfg, resume: str) -> str:
+    """--dry-run's line on what --resume would continue from: the newest complete checkpoint (sizes checked,
+    not hashes: the ranks verify those), or the path given."""
+    from ds_finetune.checkpoint.verify import find_resumable_checkpoint
+    if resume != "auto":
+        return f"# --resume continues from {resume}"
+    info, _ = find_resumable_checkpoint(Path(cfg.checkpoint_dir), hashes=False)
+    if info is None:
+        return f"# --resume: no complete checkpoint in {cfg.checkpoint_dir} yet; the run starts at step 0"
+    return f"# --resume continues from {info.path} at step {info.step}"
+
 
 def prepare_with_progress(cfg) -> None:
     """Build the run's tokenized-data cache here (each source of a mixture on its own), with a progress bar,

@@ -379,13 +379,15 @@ def slurm_calls(state: Path) -> list[list[str]]:
     return [json.loads(line) for line in (state / "calls").read_text().splitlines()]
 
 
-def test_sbatch_template_starts_every_node_with_resume_and_requeues_after_sigterm(tmp_path):
+@pytest.mark.multiproc  # the killed run it resumes from is a real launch (saved_at_step4)
+def test_sbatch_template_starts_every_node_with_resume_and_requeues_after_sigterm(tmp_path, saved_at_step4):
     """`#SBATCH --signal=B:TERM@120` signals the batch script only: it must pass SIGTERM to every node's task,
     wait for them to save and exit, then requeue the job; each node runs `ds-finetune train --resume
-    --no-ssh --node-rank $SLURM_NODEID --master-addr <first node>`, and the real CLI accepts that command."""
+    --no-ssh --node-rank $SLURM_NODEID --master-addr <first node>`, and the real CLI accepts that command and
+    would continue from the run's newest checkpoint (step 4 of a killed run), not start again."""
     import json
     env, state = fake_slurm(tmp_path, "gpu-a,gpu-b")
-    out = tmp_path / "out"
+    out = harness.copy_run(saved_at_step4(2), tmp_path / "out")
     script = subprocess.Popen(["bash", str(SBATCH), "train.lr=2e-5", f"output_dir={out}"], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert harness.wait_for(lambda: all((state / f"task{i}.json").exists() for i in (0, 1)), timeout=120)
@@ -407,6 +409,8 @@ def test_sbatch_template_starts_every_node_with_resume_and_requeues_after_sigter
         assert task["hostfile"] == "gpu-a slots=2\ngpu-b slots=2\n"
         assert task["dry_run_code"] == 0, task
         assert f"--no_ssh --node_rank={i} --master_addr gpu-a --master_port 29742" in task["dry_run_first_line"]
+        assert task["dry_run_resume_line"] == (f"# --resume continues from {out / 'checkpoints' / 'step_00000004'} "
+                                               f"at step 4"), task
 
 
 def test_sbatch_template_does_not_requeue_a_job_that_ended_by_itself(tmp_path):

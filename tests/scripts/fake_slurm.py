@@ -80,7 +80,9 @@ def task(args: list[str]) -> int:
     hostfile = Path(args[args.index("--hostfile") + 1]) if "--hostfile" in args else None
     report = {"argv": args, "node_id": node, "dry_run_code": dry.returncode,
               "hostfile": hostfile.read_text() if hostfile else None,
-              "dry_run_first_line": (dry.stdout.splitlines() or [dry.stderr])[0]}
+              "dry_run_first_line": (dry.stdout.splitlines() or [dry.stderr])[0],
+              "dry_run_resume_line": next((line for line in dry.stdout.splitlines() if "--resume" in line
+                                           and line.startswith("# ")), None)}
     (STATE / f"task{node}.json").write_text(json.dumps(report))
     if "FAKE_TASK_EXIT" in os.environ:
         return int(os.environ["FAKE_TASK_EXIT"])
