@@ -233,6 +233,19 @@ def steps_per_s(intervals: list[float]) -> float:
     return 1.0 / statistics.median(intervals) if intervals else float("nan")
 
 
+def interleaved(sides: dict, reps: int, describe=None) -> dict:
+    """Each of two sides' `reps` runs (`sides[name](rep)`), alternating which goes first (a, b, b, a, ...) so a
+    burst of load elsewhere hits both alike; `describe(name, rep, result)` after each. {name: [results]}."""
+    runs = {name: [] for name in sides}
+    first, second = sides
+    for rep in range(reps):
+        for name in ((first, second) if rep % 2 == 0 else (second, first)):
+            runs[name].append(sides[name](rep))
+            if describe is not None:
+                describe(name, rep, runs[name][-1])
+    return runs
+
+
 def median(xs):
     xs = [x for x in xs if x == x]
     return statistics.median(xs) if xs else float("nan")

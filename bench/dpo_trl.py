@@ -33,8 +33,8 @@ import json
 import os
 import shutil
 
-from common import (CHILDREN, INTERVALS, PY, WORK, WORDS, Job, figure, llama, llama_params, log, median, read_jsonl,
-                    run_config, step_intervals, timed_steps, write_jsonl_dataset)
+from common import (CHILDREN, INTERVALS, PY, WORK, WORDS, Job, figure, interleaved, llama, llama_params, log, median,
+                    read_jsonl, run_config, step_intervals, timed_steps, write_jsonl_dataset)
 
 VOCAB = 32_000
 MODEL = {**llama(512, 8, 1408, 8, 8, 1024), "vocab_size": VOCAB}
@@ -121,14 +121,10 @@ def trl(config, rep: int) -> dict:
 def run(quick: bool) -> dict:
     reps = 1 if quick else 3
     config = trl_config()
-    runs = {"ours": [], "trl": []}
-    sides = {"ours": ours, "trl": trl}
-    for rep in range(reps):
-        for name in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
-            r = sides[name](config, rep)
-            runs[name].append(r)
-            log(f"dpo-trl: {name} rep {rep + 1}/{reps}: {r['tokens_per_s']:.0f} tokens/s, {r['tokens']:,} tokens, "
-                f"s a 1k tokens {json.dumps({p: round(s, 3) for p, s in r['s_per_1k_tokens'].items()})}")
+    runs = interleaved({"ours": lambda rep: ours(config, rep), "trl": lambda rep: trl(config, rep)}, reps,
+                       lambda name, rep, r: log(
+                           f"dpo-trl: {name} rep {rep + 1}/{reps}: {r['tokens_per_s']:.0f} tokens/s, {r['tokens']:,} "
+                           f"tokens, s a 1k tokens {json.dumps({p: round(s, 3) for p, s in r['s_per_1k_tokens'].items()})}"))
     trained = {name: sorted({r["tokens"] for r in rs}) for name, rs in runs.items()}
     if len(trained["ours"]) != 1 or trained["ours"] != trained["trl"]:
         raise RuntimeError(f"dpo-trl: the two sides trained different tokens over the run: {trained}")

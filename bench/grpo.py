@@ -30,8 +30,8 @@ import shutil
 
 import yaml
 
-from common import (CHILDREN, INTERVALS, PY, TOKENIZER, WORK, WORDS, Job, figure, llama_params, log, median,
-                    read_jsonl, run_config, step_intervals, timed_steps)
+from common import (CHILDREN, INTERVALS, PY, TOKENIZER, WORK, WORDS, Job, figure, interleaved, llama_params, log,
+                    median, read_jsonl, run_config, step_intervals, timed_steps)
 from dpo_trl import HEAD_SHARE, MODEL, VOCAB
 
 G = 4
@@ -129,14 +129,11 @@ def trl(config, rep: int) -> dict:
 def run(quick: bool) -> dict:
     reps = 1 if quick else 3
     config = grpo_config()
-    runs = {"ours": [], "trl": []}
-    sides = {"ours": ours, "trl": trl}
-    for rep in range(reps):
-        for name in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
-            r = sides[name](config, rep)
-            runs[name].append(r)
-            log(f"grpo: {name} rep {rep + 1}/{reps}: {r['steps_per_s']:.3f} steps/s, {r['peak_rss_mb']:.0f} MiB, "
-                f"generation {r['generate_s']:.2f} s of a step ({r['generation_share']:.0%}), rest {r['rest_s']:.2f} s")
+    runs = interleaved({"ours": lambda rep: ours(config, rep), "trl": lambda rep: trl(config, rep)}, reps,
+                       lambda name, rep, r: log(
+                           f"grpo: {name} rep {rep + 1}/{reps}: {r['steps_per_s']:.3f} steps/s, {r['peak_rss_mb']:.0f} "
+                           f"MiB, generation {r['generate_s']:.2f} s of a step ({r['generation_share']:.0%}), rest "
+                           f"{r['rest_s']:.2f} s"))
     expected = [(PROMPTS * ACCUM * G, PROMPTS * ACCUM * G * COMPLETION, PROMPTS * ACCUM * G * PROMPT_TOKENS)]
     for name, rs in runs.items():
         for r in rs:
