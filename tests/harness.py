@@ -337,7 +337,6 @@ def assert_same_final_weights(got_dir: Path, ref_dir: Path) -> None:
 # --------------------------------------------------------------------------------- run folders, errors
 
 def copy_run(src: Path, dst: Path) -> Path:
-    import shutil
     shutil.copytree(src, dst)
     return dst
 
