@@ -223,21 +223,21 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _objective_fits_the_data(self):
-        name = self.train.objective
+        name, formats = self.train.objective, self.data.formats
         wanted = {"kto": "unpaired_preference", **{p: "preference" for p in PAIR_OBJECTIVES}}.get(name)
-        if wanted and self.data.format != wanted:
-            raise ValueError(f"train.objective {name} needs data.format {wanted} (got {self.data.format})")
-        if self.data.format == "preference" and not wanted:
+        if wanted and formats != {wanted}:
+            raise ValueError(f"train.objective {name} needs data.format {wanted} (got {', '.join(sorted(formats))})")
+        if "preference" in formats and not wanted:
             raise ValueError(f"data.format preference needs a pair objective: train.objective in "
                              f"{list(PAIR_OBJECTIVES)}")
-        if self.data.format == "unpaired_preference" and name != "kto":
+        if "unpaired_preference" in formats and name != "kto":
             raise ValueError("data.format unpaired_preference needs train.objective kto")
         if wanted and self.data.packs:
-            raise ValueError(f"data.packing is not supported with train.objective {name}; set data.packing=false")
-        if wanted and self.data.is_mixture:
-            raise ValueError(f"data.sources is not supported with train.objective {name} yet; use one data.path")
-        if wanted and self.eval.sources is not None:
-            raise ValueError(f"eval.sources is not supported with train.objective {name} yet; use eval.path")
+            self._pairs_pack(name)
+        eval_formats = {s.format or self.data.format for s in self.eval.sources or []}
+        if wanted and eval_formats - {wanted}:
+            raise ValueError(f"eval.sources of train.objective {name} need format {wanted} (got "
+                             f"{', '.join(sorted(eval_formats - {wanted}))})")
         if name in REFERENCE_OBJECTIVES and getattr(self, name).reference == "model" and self.model.lora is not None:
             raise ValueError(f"{name}.reference model is for full fine-tuning; with model.lora the reference is the "
                              f"base with its adapters off: remove {name}.reference")
@@ -256,17 +256,29 @@ class RunConfig(Section):
                              f"data.max_length ({self.data.max_length})")
         return self
 
+    def _pairs_pack(self, name: str) -> None:
+        """Packing of preference rows: each sequence attends only to itself (isolated), for the objectives whose
+        loss needs only each sequence's summed log-probs."""
+        why = {"orpo": "its NLL also trains on the chosen prompts, which packs would have to mark per sequence",
+               "reward": "a reward model scores each row's last token, one sequence a row",
+               "kto": "a row and its KL row are separate forwards"}.get(name)
+        if why:
+            raise ValueError(f"data.packing is not supported with train.objective {name} ({why}); set "
+                             f"data.packing=false")
+        if not self.data.isolates:
+            raise ValueError(f"data.packing shared would let a pair's chosen and rejected attend to each other; use "
+                             f"data.packing=isolated with train.objective {name}")
+
     def _grpo_fits(self) -> None:
-        name, prompts = self.train.objective, self.data.format == "prompt" or any(
-            s.format == "prompt" for s in self.data.sources or [])
-        if prompts and name != "grpo":
+        name = self.train.objective
+        if "prompt" in self.data.formats and name != "grpo":
             raise ValueError(f"data.format prompt is for train.objective grpo (it has prompts, no completions to train "
                              f"{name} on); set train.objective=grpo or use another data.format")
         if name != "grpo":
             if self.rewards:
                 raise ValueError("rewards is a setting of train.objective grpo; remove it or set train.objective=grpo")
             return
-        formats = {s.format or self.data.format for s in self.data.sources} if self.data.is_mixture else {self.data.format}
+        formats = self.data.formats
         if formats != {"prompt"}:
             raise ValueError(f"train.objective grpo needs data.format prompt (got {', '.join(sorted(formats))})")
         if not self.rewards:

@@ -37,7 +37,8 @@ class EvalSourceConfig(Section):
     path: str = Field(..., description="JSONL/JSON/Parquet file or folder, or a cached `datasets` name.")
     name: Optional[str] = Field(
         None, description="Name in metrics (loss/NAME, eval_loss/NAME); default the file stem; unique.")
-    format: Optional[Literal["text", "prompt_completion", "chat", "prompt"]] = Field(None, description="As data.format.")
+    format: Optional[Literal["text", "prompt_completion", "chat", "prompt", "preference", "unpaired_preference"]] = Field(
+        None, description="As data.format.")
     split: Optional[str] = Field(None, description="As data.split.")
     text_field: Optional[str] = Field(None, description="As data.text_field.")
     prompt_field: Optional[str] = Field(None, description="As data.prompt_field.")
@@ -148,6 +149,11 @@ class DataConfig(Section):
     @property
     def is_mixture(self) -> bool:
         return self.sources is not None
+
+    @property
+    def formats(self) -> set[str]:
+        """The format of data.path, or of every source of data.sources."""
+        return {s.format or self.format for s in self.sources} if self.is_mixture else {self.format}
 
     def source_configs(self) -> list[tuple[str, float, "DataConfig"]]:
         """(name, weight, the source as a one-file data config) of each source of a mixture."""

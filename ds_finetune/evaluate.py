@@ -115,8 +115,9 @@ def build_evaluator(cfg, tok, data: TokenizedData, rank: int, world: int, say=No
         return None, None
     if e.sources is not None:  # a group of rows per source (MixedData: source s is rows bases[s]..)
         eval_data = prepare_sources(cfg.data, e.sources, tok, say=say)
-        bases = eval_data.bases
-        evaluator = Evaluator(eval_data, tuple(np.arange(bases[s], bases[s + 1]) for s in range(len(e.sources))),
+        bases, k = eval_data.bases, eval_data.rows_per_unit
+        evaluator = Evaluator(eval_data, tuple(np.arange(bases[s] // k, bases[s + 1] // k)  # groups where k > 1
+                                               for s in range(len(e.sources))),
                               e.micro_batch_size or cfg.train.micro_batch_size, e.max_batches, e.every_steps, rank,
                               world, names=tuple(eval_data.names))
         return evaluator, None

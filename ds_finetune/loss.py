@@ -29,14 +29,17 @@ import torch.nn.functional as F
 from ds_finetune.data import IGNORE_INDEX, HostFacts
 from ds_finetune.device_batch import facts_of, flash_varlen_kwargs, host_to_device
 from ds_finetune.errors import UserError
-from ds_finetune.fused_head import fused_linear_cross_entropy, fused_sequence_logps, fused_token_logps
+from ds_finetune.fused_head import fused_linear_cross_entropy, fused_sequence_logps, fused_token_logps, segment_sums
 
 
 def model_inputs(input_ids, attention_mask, position_ids=None, facts: HostFacts | None = None) -> dict:
     """The model's keyword arguments for a micro-batch. With `position_ids` (isolated packing) there is no
     2-D mask and no KV cache: only then does transformers read pack boundaries from the positions and build
     a block-diagonal mask (masking_utils._preprocess_mask_arguments); with a cache it would not. With the
-    batch's `facts`, also flash attention's boundaries (`flash_varlen_kwargs`)."""
+    batch's `facts`, also flash attention's boundaries (`flash_varlen_kwargs`). A packed batch without
+    position ids (packed pairs: no mask, `facts.segments`) gets them from its segments."""
+    if position_ids is None and attention_mask is None and facts is not None and facts.segments is not None:
+        position_ids = host_to_device(facts.positions(), input_ids.device)
     if position_ids is None:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
     inputs = {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids, "use_cache": False}
@@ -88,16 +91,20 @@ def full_token_logps(engine, input_ids, attention_mask, labels, facts=None, temp
 
 
 def full_sequence_logps(engine, input_ids, attention_mask, labels, facts=None, stats=None) -> torch.Tensor:
-    """Per-sequence summed log-probs from the full logits (train.loss_chunk_tokens: 0); `facts` unused but
-    for `stats` (as `fused_head._token_logps`'s, in `facts.target_positions()`'s order)."""
-    logits = engine(**model_inputs(input_ids, attention_mask)).logits.float()
-    if stats is not None:
-        with torch.no_grad():
-            facts = facts_of(labels) if facts is None else facts
-            where = host_to_device(facts.target_positions(), input_ids.device)
-            picked = logits.reshape(-1, logits.size(-1))[where]
-            stats[:, 0] = picked.mean(1)
-            stats[:, 1] = (picked.gather(1, labels.reshape(-1)[where + 1][:, None])[:, 0] >= picked.amax(1)).float()
+    """Per-sequence summed log-probs from the full logits (train.loss_chunk_tokens: 0); `facts` for `stats`
+    (as `fused_head._token_logps`'s, in `facts.target_positions()`'s order) and for packed sequences."""
+    logits = engine(**model_inputs(input_ids, attention_mask, facts=facts)).logits.float()
+    packed = facts is not None and facts.sequences is not None
+    if stats is not None or packed:
+        facts = facts_of(labels) if facts is None else facts
+        where = host_to_device(facts.target_positions(), input_ids.device)
+        picked, targets = logits.reshape(-1, logits.size(-1))[where], labels.reshape(-1)[where + 1]
+        if stats is not None:
+            with torch.no_grad():
+                stats[:, 0] = picked.mean(1)
+                stats[:, 1] = (picked.gather(1, targets[:, None])[:, 0] >= picked.amax(1)).float()
+        if packed:  # each sequence's target tokens summed
+            return segment_sums(torch.log_softmax(picked, -1).gather(1, targets[:, None])[:, 0], facts.sequences)
     logits = logits[:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -179,7 +186,7 @@ class ChunkedLoss:
         self.labels, self.grad_scale, self.shifted, self.token_losses = labels, grad_scale, shifted, token_losses
         self.correct = correct
         self.where = host_to_device(facts.target_positions(), input_ids.device)
-        self.counts = facts.row_targets() if self.logps == "sequences" else None
+        self.counts = facts.sequence_targets() if self.logps == "sequences" else None
         try:
             engine(**model_inputs(input_ids, attention_mask, position_ids, facts),
                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))

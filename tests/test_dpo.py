@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 import harness
 from ds_finetune.config import DpoConfig, load_config
-from ds_finetune.data import IGNORE_INDEX, EpochOrder, collate_pairs, load_tokenizer, prepare_data
+from ds_finetune.data import (IGNORE_INDEX, EpochOrder, collate_pairs, epoch_order, load_tokenizer, prepare_data,
+                              prepare_training_data)
+from ds_finetune.evaluate import build_evaluator
+from ds_finetune.state import TrainState
 from ds_finetune.objectives.dpo import METRICS, TOKEN_METRICS, AdaptersOff, DPOLoss, Precomputed, dpo_loss
 from ds_finetune.errors import UserError
 from ds_finetune.fused_head import fused_sequence_logps
@@ -49,6 +52,31 @@ def test_pairs_are_consecutive_rows_with_the_completion_as_targets(tmp_path):
             assert c_ids[-1] == tok.eos_token_id and r_ids[-1] == tok.eos_token_id
     units = EpochOrder(data, 1, False, 128).units(0)
     assert units.shape == (len(rows), 2) and (units[:, 1] == units[:, 0] + 1).all() and (units[:, 0] % 2 == 0).all()
+
+
+def test_a_pair_mixture_batches_each_pair_as_its_source_alone_and_evaluates_per_source(tmp_path):
+    """data.sources and eval.sources with dpo: the mixture's units are pairs of one source, collated as
+    that source alone collates them, and eval.sources holds each source's pairs once, grouped."""
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    a, b = (harness.write_jsonl(tmp_path / f"{n}.jsonl", part) for n, part in (("a", rows[:120]), ("b", rows[120:])))
+    cfg = config(tmp_path, "data.path=null", f"data.sources=[{{path: {a}, weight: 0.7}}, {{path: {b}, weight: 0.3}}]",
+                 f"eval.sources=[{{path: {a}}}, {{path: {b}}}]")
+    tok = load_tokenizer(cfg.model.tokenizer)
+    mixed = prepare_training_data(cfg.data, tok)
+    alone = [prepare_data(c, tok) for _, _, c in cfg.data.source_configs()]
+    units = epoch_order(cfg, mixed).batch(TrainState(), 20).units
+    batch = collate_pairs(mixed, units, tok.pad_token_id)
+    for j, unit in enumerate(units):
+        s = int(mixed.source_of(unit[0]))
+        own = collate_pairs(alone[s], (unit - mixed.bases[s])[None], tok.pad_token_id)
+        for k in (0, 1):  # chosen, rejected
+            n = int(own.attention_mask[k].sum())
+            assert batch.input_ids[j + 20 * k, :n].tolist() == own.input_ids[k, :n].tolist()
+            assert batch.labels[j + 20 * k, :n].tolist() == own.labels[k, :n].tolist()
+    assert sorted(np.bincount(mixed.source_of(units[:, 0])).tolist()) == [6, 14]
+    evaluator, _ = build_evaluator(cfg, tok, mixed, 0, 1)
+    assert [evaluator.units(r)[:, 0].tolist() for r in evaluator.groups] == [
+        list(range(0, 240, 2)), list(range(240, 400, 2))]
 
 
 def test_truncation_keeps_the_prompts_end_and_counts_the_cut_pairs(tmp_path):
@@ -254,6 +282,43 @@ def test_a_dpo_step_reads_nothing_back_from_the_device(tmp_path, reference):
     assert loss_sum.item() > 0 and any(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("objective, chunk", [("dpo", 5), ("dpo", 0), ("simpo", 5)])
+def test_packed_pairs_give_the_unpacked_loss_metrics_and_gradients(tmp_path, objective, chunk):
+    """data.packing isolated with a pair objective: a micro-batch's sequences packed into rows of at most
+    data.max_length tokens, each attending only to itself, give the padded batch's loss, metrics and every
+    gradient within 1e-5 (DPO with LoRA, its reference the packed base with adapters off; SimPO's per-token
+    means), through the fused head and the full logits, and run no forward of a padded row."""
+    import peft
+
+    from ds_finetune.loss import make_sequence_logps_fn
+    from ds_finetune.objectives.cpo import CPOLoss
+    cfg = config(tmp_path, "data.max_length=64")
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer))
+    units = EpochOrder(data, 1, False, 64).units(0)[:6]
+    packed = collate_pairs(data, units, 2, pack_length=64)
+    assert packed.attention_mask is None and packed.input_ids.size(0) < 12  # 12 sequences in fewer rows
+    assert packed.input_ids.size(1) <= 64 and packed.facts.sequence_targets() == [
+        int(data.row_targets[r]) for r in np.concatenate([units[:, 0], units[:, 1]])]
+    results = []
+    for pack in (None, 64):
+        model = peft.get_peft_model(tiny_model("model.config.attention_dropout=0.0"),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        logps_fn = make_sequence_logps_fn(model.get_base_model(), chunk)
+        loss_fn = (DPOLoss(logps_fn, AdaptersOff(logps_fn), 0.1, (("sigmoid", 1.0), ("sft", 0.5)), 0.0,
+                           pack_length=pack) if objective == "dpo"
+                   else CPOLoss(logps_fn, "simpo", 2.0, 0.5, 0.0, 1.0, pack_length=pack))
+        loss_sum, sums = loss_fn(Engine(model), *loss_fn.collate(data, units, 2))
+        loss_sum.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss_sum.detach(), sums, grads))
+    (loss, sums, grads), (p_loss, p_sums, p_grads) = results
+    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_sums, sums, rtol=1e-5, atol=1e-5)
+    assert sums[3] != 0 and len(grads) == len(p_grads) > 0  # the margins: the adapters moved the policy
+    for a, b in zip(p_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ real runs
 
 LORA = [*DPO, "model.lora.r=8", "eval.fraction=0.05", "eval.every_steps=3"]
@@ -302,35 +367,45 @@ def test_precomputed_reference_pass_killed_midway_continues_to_a_fresh_pass_valu
     assert not list((tmp_path / "c1" / "reference").glob("*.partial"))
 
 
-# Full fine-tuning at ZeRO 3, the reference precomputed: one uninterrupted run and one killed inside step
-# 5's accumulation (newest checkpoint: step 4), made once for the module and resumed by the tests below.
-FULL3 = [*DPO, "train.zero_stage=3"]
+# Full fine-tuning at ZeRO 3 on a two-source mixture (70/30, counted in pairs; evaluated per source at
+# steps 5 and 10), the reference precomputed per source: one uninterrupted run and one killed inside step 5's
+# accumulation (newest checkpoint: step 4), made once for the module and resumed by the tests below.
+def mixture_run(folder, stage: int = 3) -> list[str]:
+    rows = PAIRS.read_text().splitlines(keepends=True)
+    for name, part in (("a", rows[:120]), ("b", rows[120:])):
+        (folder / f"{name}.jsonl").write_text("".join(part))
+    a, b = folder / "a.jsonl", folder / "b.jsonl"
+    return [*DPO, "data.path=null", f"data.sources=[{{path: {a}, weight: 0.7}}, {{path: {b}, weight: 0.3}}]",
+            f"eval.sources=[{{path: {a}}}, {{path: {b}}}]", "eval.every_steps=5", "eval.max_batches=1",
+            f"train.zero_stage={stage}"]
 
 
 @pytest.fixture(scope="module")
 def full_dpo_zero3(tmp_path_factory):
     ref, killed = tmp_path_factory.mktemp("dpo3-ref"), tmp_path_factory.mktemp("dpo3-killed")
-    harness.train(ref, FULL3)
-    proc = harness.train(killed, FULL3, fault="mid_accum:rank1@step5", expect_ok=False)
+    run = mixture_run(tmp_path_factory.mktemp("dpo3-data"))
+    harness.train(ref, run)
+    proc = harness.train(killed, run, fault="mid_accum:rank1@step5", expect_ok=False)
     assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), proc.stdout[-2000:]
     assert harness.committed_steps(killed / "checkpoints")[-1] == 4
-    return ref, killed
+    return ref, killed, run
 
 
 @pytest.mark.multiproc
 def test_dpo_full_zero3_killed_mid_accumulation_resumes_bitwise(full_dpo_zero3, tmp_path):
-    """Two ranks, ZeRO-3, full fine-tuning (reference precomputed), dropout on: the run SIGKILLed on rank 1
-    inside step 5 resumes from step 4 with the uninterrupted run's losses, DPO metrics, samples and final
-    weights, bitwise."""
-    ref, killed = full_dpo_zero3
+    """Two ranks, ZeRO-3, full fine-tuning on a two-source mixture (reference precomputed per source), dropout
+    on: the run SIGKILLed on rank 1 inside step 5 resumes from step 4 with the uninterrupted run's losses, DPO
+    metrics (train, and eval per source), samples and final weights, bitwise."""
+    ref, killed, run = full_dpo_zero3
     got = harness.copy_run(killed, tmp_path / "got")
-    resumed = harness.train(got, FULL3, resume="auto")
+    resumed = harness.train(got, run, resume="auto")
     harness.assert_resumed(resumed, step=4)
     assert "converting" not in resumed.stdout
     harness.assert_same_run(got, ref)
     rows, ref_rows = harness.metrics(got), harness.metrics(ref)
-    for name in METRICS:
-        assert [repr(r[name]) for r in rows] == [repr(r[name]) for r in ref_rows], name
+    for name in [*METRICS, "eval_loss/a", "eval_loss/b", "eval_rewards/accuracies"]:
+        assert [repr(r.get(name)) for r in rows] == [repr(r.get(name)) for r in ref_rows], name
+    assert [r["step"] for r in rows if "eval_loss/b" in r] == [5, 10]
     assert rows[-1]["rewards/margins"] != 0 and rows[-1]["loss"] != rows[0]["loss"]  # it trained
     harness.assert_same_final_weights(got, ref)
 
@@ -340,9 +415,9 @@ def test_dpo_full_zero3_checkpoint_resumes_under_zero2(full_dpo_zero3, tmp_path)
     """The killed ZeRO-3 run resumed under ZeRO 2 (its checkpoint converted, the stored reference reused):
     the same steps and samples as the uninterrupted ZeRO-3 run, losses and DPO metrics within 1e-5 (the
     rewards: 1e-5 of the log-probs they are differences of)."""
-    ref, killed = full_dpo_zero3
+    ref, killed, run = full_dpo_zero3
     got = harness.copy_run(killed, tmp_path / "got")
-    proc = harness.train(got, [*DPO, "train.zero_stage=2"], resume="auto")
+    proc = harness.train(got, [*run, "train.zero_stage=2"], resume="auto")
     harness.assert_resumed(proc, step=4)
     assert "converting" in proc.stdout and "for ZeRO 2 on 2 ranks" in proc.stdout, proc.stdout[-2000:]
     assert "computing the reference log-probs" not in proc.stdout
@@ -362,8 +437,8 @@ def test_a_frozen_model_reference_trains_as_the_precomputed_one_and_resumes_bitw
     reference's steps to float noise (same samples, losses and metrics within 1e-5: the same base, batched
     otherwise), and, killed inside step 5 and resumed, the uninterrupted run's steps bitwise (the copy is
     rebuilt from the base, and building it draws no random number the policy's dropout would have)."""
-    precomputed, _ = full_dpo_zero3
-    run = [*FULL3, "dpo.reference=model"]
+    precomputed, _, run = full_dpo_zero3
+    run = [*run, "dpo.reference=model"]
     ref, got = tmp_path / "ref", tmp_path / "got"
     proc = harness.train(ref, run)
     assert "computing the reference log-probs" not in proc.stdout

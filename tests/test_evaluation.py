@@ -170,8 +170,13 @@ def test_each_named_source_reports_the_loss_it_has_as_the_only_eval_set(one_rank
     (["eval.sources=[]"], "eval.sources: list at least one source"),
     (["eval.sources=[{path: a.jsonl, weight: 1}]"], "eval.sources.0.weight: unknown key"),
     (["eval.sources=[{path: a.jsonl}]", "eval.path=b.jsonl"], "set one of eval.path, eval.sources or eval.fraction"),
-    (["train.objective=dpo", "data.format=preference", "eval.sources=[{path: a.jsonl}]"],
-     "eval.sources is not supported with train.objective dpo yet"),
+    (["train.objective=dpo", "data.format=preference", "eval.sources=[{path: a.jsonl, format: chat}]"],
+     "eval.sources of train.objective dpo need format preference (got chat)"),
+    (["train.objective=dpo", "data.format=preference", "data.path=null",
+      "data.sources=[{path: a.jsonl, weight: 1}, {path: b.jsonl, format: chat, weight: 1}]"],
+     "train.objective dpo needs data.format preference (got chat, preference)"),
+    (["data.path=null", "data.sources=[{path: a.jsonl, weight: 1}, {path: b.jsonl, format: preference, weight: 1}]"],
+     "data.format preference needs a pair objective"),
 ])
 def test_bad_eval_sources_are_one_line_config_errors(overrides, needle):
     with pytest.raises(UserError) as e:

@@ -12,7 +12,7 @@ import torch
 
 import harness
 from ds_finetune.config import load_config
-from ds_finetune.data import HostFacts, load_tokenizer, prepare_data
+from ds_finetune.data import HostFacts, load_tokenizer, prepare_data, prepare_training_data
 from ds_finetune.errors import UserError
 from ds_finetune.loss import ChunkedLoss
 from ds_finetune.objectives import OBJECTIVES, fingerprint_settings
@@ -117,6 +117,29 @@ def test_kl_rows_pair_each_prompt_with_the_completion_trl_gives_it(tmp_path):
             n = int(mask[j].sum())
             assert ids[j, 1:n + 1].tolist() == their_ids[j, :n].tolist()
             assert (labels[j, :n] != -100).tolist() == completion[j, :n].tolist()
+
+
+def test_a_mixtures_kl_rows_pair_rows_within_their_source_as_that_source_alone(tmp_path):
+    """data.sources with kto: each row's KL row takes its partner in its own source's blocks, so a mixture's
+    batch holds each source's rows and KL rows exactly as a run on that source alone builds them."""
+    rows = _rows(20)
+    a, b = (harness.write_jsonl(tmp_path / f"{n}.jsonl", part) for n, part in (("a", rows[:11]), ("b", rows[11:])))
+    cfg = load_config(harness.TINY, [*KTO, "data.path=null", f"data.sources=[{{path: {a}, weight: 1}}, {{path: {b}, weight: 1}}]",
+                                     f"data.cache_dir={tmp_path / 'cache'}", "output_dir=x"])
+    tok = load_tokenizer(TOKENIZER)
+    mixed = prepare_training_data(cfg.data, tok)
+    alone = [prepare_data(c, tok) for _, _, c in cfg.data.source_configs()]
+    assert mixed.num_rows == 20 and mixed.bases.tolist() == [0, 11, 20]
+    batch = collate_kto(mixed, np.arange(20), 0, 4, 512)
+    for s, local in ((0, np.arange(11)), (1, np.arange(9))):
+        own = collate_kto(alone[s], local, 0, 4, 512)
+        for j, row in enumerate(local + mixed.bases[s]):
+            for kind in ("", "kl_"):
+                n = int(getattr(own, f"{kind}attention_mask")[j].sum())
+                assert int(getattr(batch, f"{kind}attention_mask")[row].sum()) == n
+                for name in (f"{kind}input_ids", f"{kind}labels"):
+                    assert getattr(batch, name)[row, :n].tolist() == getattr(own, name)[j, :n].tolist(), (s, j, name)
+        assert batch.desirable[mixed.bases[s]:mixed.bases[s + 1]].tolist() == own.desirable.tolist()
 
 
 # -------------------------------------------------------------------------------------- against TRL

@@ -124,6 +124,39 @@ def test_resuming_from_the_saved_position_continues_the_same_stream_and_costs_no
     assert Blend([0.6, 0.3, 0.1]).counts(5_000_003).tolist() == [3_000_002, 1_500_001, 500_000]
 
 
+def pair_source(pairs: int) -> TokenizedData:
+    """A preference source: pair p is rows 2p (chosen) and 2p+1 (rejected), both with row id p."""
+    data = source(2 * pairs)
+    data.row_ids = np.repeat(np.arange(pairs, dtype=np.int64), 2)
+    data.rows_per_unit = 2
+    return data
+
+
+def test_a_mixture_of_pair_sources_draws_whole_pairs_counted_by_weight():
+    """Pair objectives on data.sources: a unit is a pair of one source (its chosen row, then its rejected row),
+    the weights count pairs, each source's pairs come once per source-epoch, and the position seeks without
+    replay as for rows."""
+    data = MixedData(["a", "b"], [pair_source(300), pair_source(50)])
+    order = MixtureOrder(data, [0.75, 0.25], SEED, False, 64)
+    state, units = TrainState(), []
+    for _ in range(10):
+        batch = order.batch(state, 40)
+        assert batch.units.shape == (40, 2)
+        units += batch.units.tolist()
+        state.advance(batch.position, 40, 0)
+    units = np.asarray(units)
+    assert (units[:, 1] == units[:, 0] + 1).all() and (units[:, 0] % 2 == 0).all()  # every base is even
+    sources = data.source_of(units[:, 0])
+    assert (sources == data.source_of(units[:, 1])).all()
+    assert np.bincount(sources).tolist() == [300, 100]  # 400 pairs at 3:1
+    b_pairs = units[sources == 1, 0] - data.bases[1]
+    assert sorted(b_pairs[:50] // 2) == list(range(50)) and sorted(b_pairs[50:] // 2) == list(range(50))
+    assert sorted(units[sources == 0, 0] // 2) == list(range(300))  # source a: one whole source-epoch
+    assert order.sample_ids(units[:3]) == [int(data.row_ids[u[0]]) for u in units[:3]]  # one id a pair
+    seeked = TrainState(consumed_samples=200, mix=order.position_at(200))
+    assert order.batch(seeked, 40).units.tolist() == units[200:240].tolist()
+
+
 def test_a_changed_mix_continues_each_source_from_its_cursor_with_the_new_shares():
     data = mixture(sizes=(3000, 3000, 3000))
     state = TrainState()

@@ -23,13 +23,14 @@ class _Concat:
 
     def __init__(self, parts: list, bases: np.ndarray, add: list[int]):
         self.parts, self.bases, self.add = parts, bases, add
+        self.dtype = np.result_type(*(p.dtype for p in parts))
 
     def __getitem__(self, rows):
         rows = np.asarray(rows)
         part = np.searchsorted(self.bases, rows, side="right") - 1
         if rows.ndim == 0:
             return self.parts[part][rows - self.bases[part]] + self.add[part]
-        out = np.empty(rows.shape, np.int64)
+        out = np.empty(rows.shape, self.dtype)
         for p in np.unique(part):
             sel = part == p
             out[sel] = np.asarray(self.parts[p][rows[sel] - self.bases[p]]) + self.add[p]
@@ -42,13 +43,18 @@ class MixedData:
 
     def __init__(self, names: list[str], parts: list[TokenizedData]):
         self.names, self.parts = names, parts
-        self.rows_per_unit = 1  # a mixture's sources are rows (or packs)
+        # Rows (or packs of rows), or groups of rows where every source has them in groups (preference pairs).
+        assert len({p.rows_per_unit for p in parts}) == 1, "the config checks that every source has one format"
+        self.rows_per_unit = parts[0].rows_per_unit
         self.bases = np.cumsum([0] + [p.num_rows for p in parts])
         id_base = np.cumsum([0] + [int(p.row_ids[-1]) + 1 for p in parts]).tolist()
-        zero = [0] * len(parts)
-        self.lengths = _Concat([p.lengths for p in parts], self.bases, zero)
-        self.row_targets = _Concat([p.row_targets for p in parts], self.bases, zero)
+        self.lengths = self.joined([p.lengths for p in parts])
+        self.row_targets = self.joined([p.row_targets for p in parts])
         self.row_ids = _Concat([p.row_ids for p in parts], self.bases, id_base)
+        self.row_labels = None if parts[0].row_labels is None else self.joined([p.row_labels for p in parts])
+        has_margins = any(p.row_margins is not None for p in parts)  # a source without them: margin 0, as alone
+        self.row_margins = None if not has_margins else self.joined([
+            np.zeros(p.num_rows, np.float32) if p.row_margins is None else p.row_margins for p in parts])
         self.content_hash = {n: p.content_hash for n, p in zip(names, parts)}
         self.skipped_rows = sum(p.skipped_rows for p in parts)
         self.truncated_pairs = sum(p.truncated_pairs for p in parts)
@@ -56,6 +62,10 @@ class MixedData:
     @property
     def num_rows(self) -> int:
         return int(self.bases[-1])
+
+    def joined(self, arrays: list):
+        """One array-like over the global rows from one array a source over its rows (a view, not a copy)."""
+        return _Concat(arrays, self.bases, [0] * len(arrays))
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.source_of(i)
@@ -72,14 +82,17 @@ class MixedData:
 
 class MixtureOrder:
     """Draws every sample from one source by weight (blend.py), and within a source takes the next unit
-    of its permutation: one row, or a greedy pack of the next rows (a pack never holds rows of two
-    sources or two source-epochs). A new source-epoch starts when a source runs out.
+    of its permutation: one row, a group of rows (a preference pair: the data's `rows_per_unit`), or a
+    greedy pack of the next rows (a pack never holds rows of two sources or two source-epochs). A new
+    source-epoch starts when a source runs out.
 
     One epoch of the mixture is as many samples as the sources hold together (rows, or the packs of each
     source's first source-epoch); `train.epochs` counts those."""
 
     def __init__(self, data: MixedData, weights: list[float], seed: int, packing: bool, max_length: int):
-        self.data, self.seed, self.packing, self.max_length = data, seed, packing, max_length
+        self.k = data.rows_per_unit
+        # Grouped rows (pairs) are packed within a micro-batch (packing.collate_pairs), not in the order.
+        self.data, self.seed, self.packing, self.max_length = data, seed, packing and self.k == 1, max_length
         self.weights = dict(zip(data.names, (float(w) for w in weights)))
         self.blend = Blend(weights)
         self.keys = [name_key(n) for n in data.names]
@@ -102,7 +115,7 @@ class MixtureOrder:
         mix = self.position(state.mix, state.step)
         sources = self.blend.sources(mix["n"], global_batch)
         cursors = dict(mix["cursors"])
-        units = np.empty((global_batch, 1), np.int64) if not self.packing else [None] * global_batch
+        units = np.empty((global_batch, self.k), np.int64) if not self.packing else [None] * global_batch
         for s in np.unique(sources):
             where = np.flatnonzero(sources == s)
             name = self.data.names[s]
@@ -114,8 +127,8 @@ class MixtureOrder:
                                  "mix": {**mix, "n": mix["n"] + global_batch, "cursors": cursors}})
 
     def sample_ids(self, units) -> list[int]:
-        """The (mixture-unique) dataset row ids of `units`, for metrics.jsonl."""
-        return [int(x) for u in units for x in self.data.row_ids[u]]
+        """The (mixture-unique) dataset row ids of `units` (one a group: a pair's rows share it), for metrics.jsonl."""
+        return [int(x) for u in units for x in self.data.row_ids[u[:1] if self.k > 1 else u]]
 
     def position(self, mix: dict, step: int) -> dict:
         """The position to continue from: the saved one, or, when the weights (or the sources) differ from
@@ -134,15 +147,15 @@ class MixtureOrder:
         assert not self.packing, "a packed mixture's position is only known by taking its packs"
         counts = self.blend.counts(n)
         return {"weights": self.weights, "n": n, "changed_at": [],
-                "cursors": {name: list(divmod(int(c), part.num_rows))
-                            for name, c, part in zip(self.data.names, counts, self.data.parts)}}
+                "cursors": {name: list(divmod(int(c), self._size(s)))
+                            for s, (name, c) in enumerate(zip(self.data.names, counts))}}
 
     # ------------------------------------------------------------------------------------ one source
 
     def _take(self, s: int, cursor: list, count: int) -> tuple[list, list]:
         """`count` units of source s from `cursor` ([source-epoch, position]); the cursor after them."""
         epoch, pos = cursor
-        n = self.data.parts[s].num_rows
+        n = self._size(s)
         units = []
         while len(units) < count:
             if pos >= n:  # the source-epoch is done (or the source shrank under --allow-config-change)
@@ -153,15 +166,24 @@ class MixtureOrder:
                 pos += len(pack)
             else:
                 k = min(count - len(units), n - pos)
-                rows = self._rows(s, epoch, pos, pos + k)
-                units.extend(rows.reshape(-1, 1))
+                units.extend(self._groups(s, epoch, pos, pos + k))
                 pos += k
         return units, [epoch, pos]
+
+    def _size(self, s: int) -> int:
+        """Source s's units a source-epoch without packing: its rows, or its groups of rows."""
+        return self.data.parts[s].num_rows // self.k
 
     def _rows(self, s: int, epoch: int, start: int, stop: int) -> np.ndarray:
         """Global rows at positions start..stop-1 of source s's permutation in `epoch`."""
         local = permuted(np.arange(start, stop), self.data.parts[s].num_rows, self.seed, self.keys[s], epoch)
         return local + self.data.bases[s]
+
+    def _groups(self, s: int, epoch: int, start: int, stop: int) -> np.ndarray:
+        """[stop - start, k] global rows of the groups at positions start..stop-1 of source s's permutation of
+        its groups (group g is its rows k*g .. k*g + k-1); one-row units where k is 1."""
+        groups = permuted(np.arange(start, stop), self._size(s), self.seed, self.keys[s], epoch)
+        return self.data.bases[s] + self.k * groups[:, None] + np.arange(self.k)
 
     def _pack(self, s: int, epoch: int, pos: int) -> np.ndarray:
         """The greedy pack starting at `pos`: the next rows while they fit in max_length (at least one),
@@ -177,7 +199,7 @@ class MixtureOrder:
             window *= 2
 
     def _units_in_first_epoch(self, s: int) -> int:
-        n = self.data.parts[s].num_rows
+        n = self._size(s)
         if not self.packing:
             return n
         packs, pos = 0, 0

@@ -120,9 +120,12 @@ class HostFacts:
     the last column is False), i.e. position t's hidden state reaches the loss. Under sequence parallelism,
     the positions of this rank's slice. `segments`: where the model gets position ids (isolated packing,
     sequence parallelism), the lengths of the causal sequences attention sees in each row, in order (the
-    last runs to the row's end; under sequence parallelism, of the whole gathered row); else None."""
+    last runs to the row's end; under sequence parallelism, of the whole gathered row); else None.
+    `sequences`: where the loss wants a value per sequence and rows hold several (packed preference pairs),
+    each sequence's target count in row-major order; None: one sequence a row."""
     targets: np.ndarray
     segments: tuple | None = None
+    sequences: tuple | None = None
 
     @classmethod
     def of_labels(cls, labels: np.ndarray, segments: tuple | None = None) -> "HostFacts":
@@ -142,6 +145,14 @@ class HostFacts:
 
     def row_targets(self) -> list[int]:
         return [int(n) for n in self.targets.sum(1)]
+
+    def sequence_targets(self) -> list[int]:
+        """Each sequence's target count: each row's, or each packed sequence's (`sequences`)."""
+        return list(self.sequences) if self.sequences is not None else self.row_targets()
+
+    def positions(self) -> np.ndarray:
+        """Position ids restarting at every segment (as `collate` numbers an isolated pack's)."""
+        return np.stack([np.concatenate([np.arange(n) for n in row]) for row in self.segments])
 
     def cu_seq_lens(self) -> np.ndarray:
         """Where each segment starts in the flattened rows, then their total: flash attention's varlen
@@ -219,7 +230,9 @@ def unit_tokens(data: TokenizedData, units: list[np.ndarray]) -> int:
 
 class PairBatch(NamedTuple):
     """A micro-batch of B pairs as 2B sequences, chosen first; `rows`: each sequence's cache row (a host
-    array: the precomputed reference reads it, never the device); `facts`: data.HostFacts."""
+    array: the precomputed reference reads it, never the device); `facts`: data.HostFacts. Packed
+    (`attention_mask` None): the sequences in that order in rows of at most the pack length, each attending
+    only to itself; the model's position ids come from `facts.segments` (`loss.model_inputs`)."""
     input_ids: object
     attention_mask: object
     labels: object
@@ -227,8 +240,15 @@ class PairBatch(NamedTuple):
     facts: HostFacts
 
 
-def collate_pairs(data: TokenizedData, units: np.ndarray, pad_id: int) -> PairBatch:
-    """Units of two rows (preference pairs) as one batch, every unit's first row (chosen) first."""
+def collate_pairs(data: TokenizedData, units: np.ndarray, pad_id: int, pack_length: int | None = None) -> PairBatch:
+    """Units of two rows (preference pairs) as one batch, every unit's first row (chosen) first; with
+    `pack_length` (data.packing: isolated) the 2B sequences packed in that order, greedily, into rows of at
+    most `pack_length` tokens (TRL's padding-free batch, cut where a row is full): no padding but the last
+    row's, and the same per-sequence log-probs."""
     rows = np.concatenate([units[:, 0], units[:, 1]]).astype(np.int64)
-    batch = collate(data, rows.reshape(-1, 1), pad_id)
-    return PairBatch(batch.input_ids, batch.attention_mask, batch.labels, rows, batch.facts)
+    if pack_length is None:
+        batch = collate(data, rows.reshape(-1, 1), pad_id)
+        return PairBatch(batch.input_ids, batch.attention_mask, batch.labels, rows, batch.facts)
+    batch = collate(data, plan_units(data, rows, True, pack_length), pad_id, isolate=True)
+    facts = HostFacts(batch.facts.targets, batch.facts.segments, tuple(int(data.row_targets[r]) for r in rows))
+    return PairBatch(batch.input_ids, None, batch.labels, rows, facts)

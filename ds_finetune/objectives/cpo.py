@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from ds_finetune import lora
-from ds_finetune.data import IGNORE_INDEX, TokenizedData, collate_pairs
-from ds_finetune.device_batch import facts_of
+from ds_finetune.data import TokenizedData, collate_pairs
+from ds_finetune.device_batch import facts_of, host_to_device
 from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.objectives import ObjectiveParts
-from ds_finetune.objectives.pairs import PairObjective, chosen_completion_tokens
+from ds_finetune.objectives.pairs import PairObjective, chosen_completion_tokens, pack_length
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -59,7 +59,10 @@ class CPOLoss:
     alpha: float            # the NLL's weight
     label_smoothing: float
     gamma: float = 0.0      # simpo's target margin
-    collate = staticmethod(collate_pairs)
+    pack_length: int | None = None  # data.packing isolated: the micro-batch's sequences packed (collate_pairs)
+
+    def collate(self, data, units: np.ndarray, pad_id: int):
+        return collate_pairs(data, units, pad_id, self.pack_length)
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -71,12 +74,15 @@ class CPOLoss:
     def __call__(self, engine, input_ids, attention_mask, labels, rows, facts=None, grad_scale=1.0,
                  nll_scale: float | None = None):
         facts = facts_of(labels) if facts is None else facts
-        pairs = input_ids.size(0) // 2
-        counts = facts.row_targets()
+        counts = facts.sequence_targets()
+        pairs = len(counts) // 2
         if nll_scale is None:  # an eval batch: its own chosen tokens
             nll_scale = pairs / max(sum(counts[:pairs]), 1)
         sums = self.logps_fn(engine, input_ids, attention_mask, labels, facts)
-        logps = sums / (labels[:, 1:] != IGNORE_INDEX).sum(1) if self.loss_type in ("ipo", "simpo") else sums
+        if self.loss_type in ("ipo", "simpo"):  # per-token means
+            logps = sums / host_to_device(np.asarray(counts, dtype=np.int64), input_ids.device)
+        else:
+            logps = sums
         chosen, rejected = logps.chunk(2)
         loss_sum = cpo_pair_losses(chosen, rejected, self.loss_type, self.beta, self.label_smoothing,
                                    self.gamma).sum()
@@ -96,8 +102,8 @@ def build(parts: ObjectiveParts) -> PairObjective:
     logps_fn = make_sequence_logps_fn(lora.hf_model(parts.model), cfg.train.loss_chunk_tokens)
     if cfg.train.objective == "simpo":
         s = cfg.simpo
-        loss = CPOLoss(logps_fn, "simpo", s.beta, s.alpha, s.label_smoothing, s.gamma)
+        loss = CPOLoss(logps_fn, "simpo", s.beta, s.alpha, s.label_smoothing, s.gamma, pack_length(cfg))
     else:
         c = cfg.cpo
-        loss = CPOLoss(logps_fn, c.loss_type, c.beta, c.alpha, c.label_smoothing, c.simpo_gamma)
+        loss = CPOLoss(logps_fn, c.loss_type, c.beta, c.alpha, c.label_smoothing, c.simpo_gamma, pack_length(cfg))
     return PairObjective(loss.metric_names, parts.data, parts.layout, loss, parts.pad_id, parts.group.dp_rank)

@@ -26,15 +26,15 @@ import numpy as np
 import torch
 
 from ds_finetune import lora
-from ds_finetune.data import IGNORE_INDEX, collate_pairs
+from ds_finetune.data import collate_pairs
 from ds_finetune.device_batch import facts_of, host_to_device
 from ds_finetune.dist import rng_untouched, seed_everything
 from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.model import build_model
 from ds_finetune.objectives import ObjectiveParts
 from ds_finetune.objectives.dpo_losses import dpo_loss_sum, pair_losses
-from ds_finetune.objectives.dpo_reference import reference_logps
-from ds_finetune.objectives.pairs import PairObjective, chosen_completion_tokens
+from ds_finetune.objectives.dpo_reference import stored_reference
+from ds_finetune.objectives.pairs import PairObjective, chosen_completion_tokens, pack_length
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -125,10 +125,10 @@ class DPOLoss:
         global batch's pairs over its chosen completion tokens (for `sft`; None: this batch's)."""
         facts = facts_of(labels) if facts is None else facts  # once for the policy's forward and the reference's
         reference = self.reference(engine, input_ids, attention_mask, labels, rows, facts)
-        counts = facts.row_targets()
+        counts = facts.sequence_targets()
         stats = torch.empty((sum(counts), 2), dtype=torch.float32, device=input_ids.device)
         policy = self.logps_fn(engine, input_ids, attention_mask, labels, facts, stats=stats)
-        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+        n_tokens = host_to_device(np.asarray(counts, dtype=np.int64), input_ids.device)
         if nll_scale is None:
             nll_scale = chosen_nll_scale(facts) if self.needs_nll else 0.0
         loss_sum = dpo_loss_sum(policy, reference, n_tokens, self.beta, self.losses, self.label_smoothing,
@@ -140,7 +140,10 @@ class DPOLoss:
         chosen, rejected = (int(data.row_targets[units[:, k]].sum()) for k in (0, 1))
         return {"logits/chosen": chosen, "logits/rejected": rejected, "mean_token_accuracy": chosen}
 
-    collate = staticmethod(collate_pairs)
+    pack_length: int | None = None  # data.packing isolated: the micro-batch's sequences packed (collate_pairs)
+
+    def collate(self, data, units: np.ndarray, pad_id: int):
+        return collate_pairs(data, units, pad_id, self.pack_length)
 
     @property
     def needs_nll(self) -> bool:
@@ -161,7 +164,7 @@ def token_metric_sums(stats: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 def chosen_nll_scale(facts) -> float:
     """A batch's pairs over its chosen rows' targets (the rows are [chosen..., rejected...])."""
-    targets = facts.row_targets()
+    targets = facts.sequence_targets()
     pairs = len(targets) // 2
     return pairs / max(sum(targets[:pairs]), 1)
 
@@ -174,7 +177,8 @@ def build(parts: ObjectiveParts) -> PairObjective:
 
     def objective(reference, eval_reference=None) -> PairObjective:
         def loss(ref):
-            return DPOLoss(logps_fn, ref, d.beta, d.weighted_losses, d.label_smoothing, d.discopop_tau)
+            return DPOLoss(logps_fn, ref, d.beta, d.weighted_losses, d.label_smoothing, d.discopop_tau,
+                           pack_length(cfg))
         return PairObjective(METRICS + TOKEN_METRICS, parts.data, parts.layout, loss(reference), parts.pad_id,
                              parts.group.dp_rank,
                              loss(eval_reference) if eval_reference is not None else None)
@@ -184,8 +188,8 @@ def build(parts: ObjectiveParts) -> PairObjective:
     if d.reference == "model":
         return objective(frozen_base(cfg, parts.ds_config))
     def stored(data) -> Precomputed:
-        return Precomputed(reference_logps(parts, logps_fn, data))
-    own_eval = parts.eval_data is not None and parts.eval_data is not parts.data  # eval.path: its own reference
+        return Precomputed(stored_reference(parts, logps_fn, data))
+    own_eval = parts.eval_data is not None and parts.eval_data is not parts.data  # eval.path/sources: its own
     eval_reference = stored(parts.eval_data) if own_eval else None
     return objective(stored(parts.data), eval_reference)
 

@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from ds_finetune.data import collate_pairs, group_units
+from ds_finetune.data import MixedData, collate_pairs, group_units
 from ds_finetune.device_batch import to_device
 from ds_finetune.dist import barrier, decide, frozen_eval
 from ds_finetune.errors import UserError
@@ -59,6 +59,15 @@ def pair_walk(data, pad_id: int) -> Walk:
         batch = collate_pairs(data, group_units(pairs, 2), pad_id)
         return batch.rows, logps_fn(engine, *to_device(batch[:3], engine.device), batch.facts)[:, None]
     return Walk(data.num_rows // 2, 1, values, {})
+
+
+def stored_reference(parts: ObjectiveParts, logps_fn, data, walk_of: Callable | None = None) -> np.ndarray:
+    """`reference_logps` of `data`; of a mixture, each source's (stored beside its own cache, so a changed
+    source recomputes only its own) joined in the mixture's row order: 4 bytes a row in memory (8 for
+    KTO's two columns). `walk_of(source data)`: the walk, DPO's pairs where None."""
+    if isinstance(data, MixedData):
+        return np.concatenate([stored_reference(parts, logps_fn, p, walk_of) for p in data.parts])
+    return reference_logps(parts, logps_fn, data, walk_of(data) if walk_of else None)
 
 
 def reference_key(cfg, data, block: int, extra: dict | None = None) -> str:

@@ -41,26 +41,35 @@ import numpy as np
 import torch
 
 from ds_finetune import lora
-from ds_finetune.data import IGNORE_INDEX, HostFacts, TokenizedData
+from ds_finetune.data import IGNORE_INDEX, HostFacts, MixedData, TokenizedData
 from ds_finetune.device_batch import to_device
 from ds_finetune.dist import frozen_eval, mean_over_ranks
 from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.objectives import ObjectiveParts, StepResult, accumulate
 from ds_finetune.objectives.dpo import AdaptersOff, Precomputed, frozen_base
-from ds_finetune.objectives.dpo_reference import Walk, reference_logps
+from ds_finetune.objectives.dpo_reference import Walk, stored_reference
 from ds_finetune.sampler import BatchLayout
 
 METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins", "kl",
            "logits/chosen", "logits/rejected")
 
 
-def kl_partners(rows: np.ndarray, num_rows: int, block: int) -> np.ndarray:
+def kl_partners(rows: np.ndarray, num_rows, block: int, first=0) -> np.ndarray:
     """The row whose completion each row's KL row takes: the one before it in its block of `block` rows of
-    the data (the block's first takes the block's last; the data's last block may be shorter)."""
-    rows = np.asarray(rows, dtype=np.int64)
+    the data (the block's first takes the block's last; the data's last block may be shorter). `first` and
+    `num_rows` (each row's, in a mixture: blocks run within a source) place the data's rows."""
+    rows = np.asarray(rows, dtype=np.int64) - first
     start = rows // block * block
     size = np.minimum(block, num_rows - start)
-    return start + (rows - start - 1) % size
+    return first + start + (rows - start - 1) % size
+
+
+def source_spans(data, rows: np.ndarray):
+    """(first row, rows) of each row's data: its source's in a mixture, else the whole data's."""
+    if not isinstance(data, MixedData):
+        return 0, data.num_rows
+    s = data.source_of(rows)
+    return data.bases[s], data.bases[s + 1] - data.bases[s]
 
 
 class KTOBatch(NamedTuple):
@@ -106,7 +115,8 @@ def kl_row(data: TokenizedData, row: int, partner: int, max_length: int) -> tupl
 def collate_kto(data: TokenizedData, rows: np.ndarray, pad_id: int, block: int, max_length: int) -> KTOBatch:
     rows = np.asarray(rows, dtype=np.int64)
     main = _padded([data.row(int(r)) for r in rows], pad_id)
-    partners = kl_partners(rows, data.num_rows, block)
+    first, num_rows = source_spans(data, rows)
+    partners = kl_partners(rows, num_rows, block, first)
     kl = _padded([kl_row(data, int(r), int(p), max_length) for r, p in zip(rows, partners)], pad_id)
     desirable = torch.from_numpy(np.asarray(data.row_labels[rows], dtype=np.float32))
     return KTOBatch(*main[:3], rows, main[3], *kl, desirable)
@@ -273,7 +283,7 @@ def build(parts: ObjectiveParts) -> KTOObjective:
     shell = objective(None)  # its collate, for the pass
 
     def stored(data) -> KTOLoss:
-        values = reference_logps(parts, logps_fn, data, row_walk(data, shell.collate))
+        values = stored_reference(parts, logps_fn, data, lambda source: row_walk(source, shell.collate))
         return loss(Precomputed(values[:, 0]), Precomputed(values[:, 1]))
-    own_eval = parts.eval_data is not None and parts.eval_data is not parts.data  # eval.path: its own reference
+    own_eval = parts.eval_data is not None and parts.eval_data is not parts.data  # eval.path/sources: its own
     return objective(stored(parts.data), stored(parts.eval_data) if own_eval else None)

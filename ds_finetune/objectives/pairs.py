@@ -38,6 +38,11 @@ class PairLoss(Protocol):
         """The micro-batch of `units` as the loss takes it (`collate_pairs`, or more)."""
 
 
+def pack_length(cfg) -> int | None:
+    """The row length a micro-batch's sequences are packed into (data.packing isolated), or None."""
+    return cfg.data.max_length if cfg.data.isolates else None
+
+
 def chosen_completion_tokens(data: TokenizedData, units: np.ndarray) -> int:
     return int(data.row_targets[units[:, 0]].sum())
 
