@@ -327,10 +327,12 @@ LORA = [*DPO, "model.lora.r=8", "eval.fraction=0.05", "eval.every_steps=3"]
 @pytest.mark.multiproc
 @pytest.mark.parametrize("stage", [2, 3])
 def test_dpo_lora_killed_mid_accumulation_resumes_bitwise(tmp_path, stage):
-    """Two ranks, ZeRO-2 and ZeRO-3, LoRA (reference: adapters disabled), dropout on, held-out pairs evaluated every 3
-    steps: SIGKILL on rank 1 inside step 5's accumulation, --resume from step 4; losses, DPO metrics (train
-    and eval), samples and final adapters as the uninterrupted run's."""
-    ref, got, run = tmp_path / "ref", tmp_path / "got", [*LORA, f"train.zero_stage={stage}"]
+    """Two ranks, ZeRO-2 (with the pairs packed: data.packing isolated) and ZeRO-3, LoRA (reference: adapters
+    disabled), dropout on, held-out pairs evaluated every 3 steps: SIGKILL on rank 1 inside step 5's
+    accumulation, --resume from step 4; losses, DPO metrics (train and eval), samples and final adapters as
+    the uninterrupted run's."""
+    packed = ["data.packing=isolated"] if stage == 2 else []
+    ref, got, run = tmp_path / "ref", tmp_path / "got", [*LORA, f"train.zero_stage={stage}", *packed]
     harness.train(ref, run)
     killed = harness.train(got, run, fault="mid_accum:rank1@step5", expect_ok=False)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stdout[-2000:]
