@@ -26,8 +26,8 @@ from ds_finetune.checkpoint.manager import Checkpointer
 from ds_finetune.state import TrainState
 from ds_finetune.config import RunConfig, load_config
 from ds_finetune.config_text import split_resume_arg
-from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, MixedData, MixtureOrder, TokenizedData, epoch_order,
-                              load_tokenizer, mix_change_message, prepare_training_data, unit_tokens)
+from ds_finetune.data import (DATA_FORMAT_VERSION, EpochOrder, MixedData, MixtureOrder, RepeatedOrder, TokenizedData,
+                              epoch_order, load_tokenizer, mix_change_message, prepare_training_data, unit_tokens)
 from ds_finetune.dist import (barrier, decide, init_distributed, on_cuda, seed_everything, set_deterministic,
                               sum_over_ranks)
 from ds_finetune.errors import UserError
@@ -71,7 +71,7 @@ class Run:
     engine: DeepSpeedEngine
     objective: Objective
     data: TokenizedData | MixedData
-    order: EpochOrder | MixtureOrder
+    order: EpochOrder | MixtureOrder | RepeatedOrder
     layout: BatchLayout
     total_steps: int
     rank: int
@@ -162,8 +162,9 @@ def setup(args) -> tuple[Run, TrainState]:
     identity = dict(seed=cfg.train.seed, global_batch=layout.global_batch, data_format_version=DATA_FORMAT_VERSION,
                     fingerprint=plan.fingerprint)
     state = replace(checkpointer.load(plan), **identity)
-    if is_main and isinstance(order, MixtureOrder) and plan.source is not None:
-        change = mix_change_message(order, state.mix, state.step)
+    mixture = getattr(order, "inner", order)  # under a RepeatedOrder
+    if is_main and isinstance(mixture, MixtureOrder) and plan.source is not None:
+        change = mix_change_message(mixture, state.mix, state.step)
         if change:
             messages.say(change)
     if cfg.logging.wandb is not None:
@@ -234,7 +235,7 @@ def fit(run: Run, state: TrainState, metrics, stop: StopSignal) -> int:
                                 run.grad_norm.value(), run.rank == 0)
 
         step_tokens = unit_tokens(run.data, batch.units)
-        state.advance(batch.position, gb, step_tokens)
+        state.advance(batch.position, gb if batch.samples is None else batch.samples, step_tokens)
         # The HF Trainer's and TRL's keys; `lr` and `tokens` (this file's names before them) are written too
         # for one release (docs/config.md, "metrics.jsonl").
         record = {"step": state.step, "loss": outcome.loss, "learning_rate": lr, "lr": lr, "epoch": state.epoch,

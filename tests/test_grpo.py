@@ -338,6 +338,27 @@ def test_prompt_rows_keep_their_columns_and_count_what_max_prompt_length_cut(tmp
     assert mixed.row_columns(2) == PROMPTS[0] and mixed.num_rows == 2 + len(PROMPTS)
 
 
+def test_num_iterations_trains_each_global_batch_for_a_block_and_uses_every_prompt(tmp_path):
+    """num_iterations 3 (TRL's RepeatSampler): the steps of a block take the same prompts, the position moves
+    on at its last step only, an epoch is every prompt once (12 prompts, global batch 2: 6 blocks, 18 steps),
+    and a state saved inside a block resumes to the block's prompts."""
+    cfg = _config(_folder(tmp_path), "grpo.num_iterations=3", "train.epochs=1", "train.max_steps=null")
+    data = prepare_training_data(cfg.data, load_tokenizer(cfg.model.tokenizer))
+    order = epoch_order(cfg, data)
+    assert order.total_steps(cfg.train, 2) == 18
+    state, steps = TrainState(), []
+    while (batch := order.batch(state, 2)) is not None:
+        steps.append(batch.units[:, 0].tolist())
+        state.advance(batch.position, 2 if batch.samples is None else batch.samples, 0)
+        if state.step == 4:  # inside the second block
+            saved = TrainState.from_manifest({"trainer_state": json.loads(json.dumps(state.to_manifest()))})
+            assert order.batch(saved, 2).units[:, 0].tolist() == steps[-1] and saved.consumed_samples == 2
+    assert len(steps) == 18 and state.consumed_samples == 12
+    blocks = [steps[i:i + 3] for i in range(0, 18, 3)]
+    assert all(b[0] == b[1] == b[2] for b in blocks)
+    assert sorted(r for b in blocks for r in b[0]) == list(range(12))
+
+
 def test_num_iterations_rollout_buffer_survives_a_checkpoint_bitwise(tmp_path):
     """num_iterations 2: the generation of step 1 saved as plain values (through JSON, as a converted copy's
     meta holds it) and restored into a fresh objective gives step 2 the same loss, metrics and gradients; a

@@ -12,6 +12,7 @@ rank can compute the global batch's target count without talking to the others (
     parallel.py  worker processes, in order               cache.py    .npy cache folder, lock, mmap reads
     packing.py   units (rows or packs), collation, the order of one source (EpochOrder)
     blend.py     a mixture's order as arithmetic           mixture.py  a mixture's rows and order
+    repeat.py    each global batch for several steps (GRPO's num_iterations)
     chat.py      chat replies located, chat masks          layouts.py  the row layouts users bring -> a format's
     completions.py  prompt + completion messages rendered  templates.py data.chat_template
 """
@@ -25,6 +26,7 @@ from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_ca
 from ds_finetune.data.mixture import MixedData, MixtureOrder, SourceLosses, mix_change_message
 from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, HostFacts, PairBatch, StepBatch, collate,
                                       collate_pairs, group_indices, group_units, plan_units, unit_targets, unit_tokens)
+from ds_finetune.data.repeat import RepeatedOrder
 from ds_finetune.data.selection import select_local_files
 from ds_finetune.data.sources import content_hash, resolve_data_files
 from ds_finetune.data.templates import with_chat_template
@@ -32,7 +34,7 @@ from ds_finetune.errors import UserError
 from ds_finetune.hashing import memo_dir
 
 __all__ = ["DATA_FORMAT_VERSION", "EpochOrder", "HostFacts", "IGNORE_INDEX", "MixedData", "MixtureOrder",
-           "PairBatch", "SourceLosses", "StepBatch", "TokenizedData", "build_cache", "cache_path", "collate",
+           "PairBatch", "RepeatedOrder", "SourceLosses", "StepBatch", "TokenizedData", "build_cache", "cache_path", "collate",
            "collate_pairs", "content_hash", "ensure_prepared", "epoch_order", "group_indices", "group_units",
            "load_tokenizer", "mix_change_message", "plan_units", "prepare_data", "prepare_sources",
            "prepare_training_data", "read_cache", "read_meta", "resolve_data_files", "tokenizer_fingerprint",
@@ -82,13 +84,17 @@ def prepare_sources(data_cfg, sources: list, tok, say=None) -> MixedData:
     return MixedData([s.name for s in sources], [prepare_data(data_cfg.one_source(s), tok, say=say) for s in sources])
 
 
-def epoch_order(cfg, data, train_rows=None) -> EpochOrder | MixtureOrder:
-    """The run's order of units: one source's epochs, or a mixture's stream."""
+def epoch_order(cfg, data, train_rows=None) -> EpochOrder | MixtureOrder | RepeatedOrder:
+    """The run's order of units: one source's epochs, or a mixture's stream; each global batch taken for
+    grpo.num_iterations steps (RepeatedOrder) where that is above 1."""
     d = cfg.data
     if d.is_mixture:
-        return MixtureOrder(data, [s.weight for s in d.sources], cfg.train.seed, d.packs, d.max_length)
-    return EpochOrder(data, cfg.train.seed, d.packs, d.max_length, rows=train_rows, epochs=cfg.train.epochs,
-                      label=d.path)
+        order = MixtureOrder(data, [s.weight for s in d.sources], cfg.train.seed, d.packs, d.max_length)
+    else:
+        order = EpochOrder(data, cfg.train.seed, d.packs, d.max_length, rows=train_rows, epochs=cfg.train.epochs,
+                           label=d.path)
+    repeats = cfg.grpo.num_iterations if cfg.train.objective == "grpo" else 1
+    return RepeatedOrder(order, repeats) if repeats > 1 else order
 
 
 def periodic_progress(say, every_s: float = 10.0):

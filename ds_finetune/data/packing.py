@@ -35,9 +35,11 @@ def plan_units(data: TokenizedData, order: np.ndarray, packing: bool, max_length
 @dataclass(frozen=True)
 class StepBatch:
     """The units (rows or packs) of one global batch, and the position after it: the TrainState fields
-    to set once the step is done."""
+    to set once the step is done; `samples`: what the step adds to `consumed_samples` (None: the global
+    batch; 0 inside a block of data.RepeatedOrder, which takes the same units again)."""
     units: object
     position: dict
+    samples: int | None = None
 
 
 class EpochOrder:

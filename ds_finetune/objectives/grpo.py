@@ -16,8 +16,8 @@ any reward error travel in one object gather (rank 0 writes `completions.jsonl`;
 every rank's one line).
 
 num_iterations μ > 1. Step s uses the generation of the first step of its block of μ (steps b, b+1, ...,
-b+μ-1 with b = s - (s-1) mod μ), and the old policy's token log-probs computed then. The units the loop
-hands to the other steps of a block are not sampled from (a block consumes μ global batches of the order).
+b+μ-1 with b = s - (s-1) mod μ), and the old policy's token log-probs computed then; the loop hands every
+step of a block the same units (data.RepeatedOrder, TRL's RepeatSampler).
 A kill inside a block must still resume exactly, and the block's first weights are gone by then, so the
 generation itself is saved: every checkpoint holds each rank's buffer (`checkpoint_state`: token ids,
 masks, advantages, old and reference log-probs and the logged metrics, as plain lists: exact for int64
