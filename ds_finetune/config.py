@@ -251,6 +251,9 @@ class RunConfig(Section):
         if name == "reward" and self.model.lora is not None:
             raise ValueError("model.lora is not supported with train.objective reward yet; remove model.lora")
         self._grpo_fits()
+        if self.data.system_prompt is not None and self.data.formats != {"prompt"}:
+            raise ValueError("data.system_prompt is a setting of data.format prompt (GRPO's prompts); put a system "
+                             "message in the rows of other formats, or remove it")
         if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
             raise ValueError(f"data.max_prompt_length ({self.data.max_prompt_length}) must be below "
                              f"data.max_length ({self.data.max_length})")

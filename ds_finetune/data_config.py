@@ -16,7 +16,8 @@ from ds_finetune.errors import UserError
 
 _ADDED_AT_DEFAULT = {"chat_turns": "all", "sources": None, "chosen_field": "chosen", "rejected_field": "rejected",
                      "max_prompt_length": None, "layout": "auto", "chat_template": None, "subset": None,
-                     "revision": None, "data_files": None, "label_field": "label", "margin_field": None}
+                     "revision": None, "data_files": None, "label_field": "label", "margin_field": None,
+                     "system_prompt": None}
 SOURCE_FIELDS = ("format", "split", "text_field", "prompt_field", "completion_field", "messages_field", "chat_turns")
 # Source fields added after mixtures' checkpoints existed: in a source's fingerprint only when set.
 SOURCE_FIELDS_ADDED = ("layout", "subset", "revision", "data_files")
@@ -126,6 +127,9 @@ class DataConfig(Section):
     max_prompt_length: Optional[int] = Field(
         None, ge=1, description="Formats preference and prompt: keep the last N tokens of a longer prompt (None: "
                                 "all of it; format prompt: at most data.max_length); the rows cut are counted.")
+    system_prompt: Optional[str] = Field(
+        None, description="Format prompt: a system message put before every prompt (a string prompt becomes "
+                          "[system, user] messages), rendered with the chat template and its generation prompt.")
     chat_turns: Literal["all", "last"] = Field(
         "all", description="Chat rows: all (one row per conversation, every reply a target) | last (one row per "
                            "assistant turn, trained on that turn only; for templates that rewrite earlier replies).")

@@ -338,6 +338,26 @@ def test_prompt_rows_keep_their_columns_and_count_what_max_prompt_length_cut(tmp
     assert mixed.row_columns(2) == PROMPTS[0] and mixed.num_rows == 2 + len(PROMPTS)
 
 
+def test_a_system_prompt_goes_before_every_prompt_rendered_with_the_generation_prompt(tmp_path):
+    """data.system_prompt: a string prompt becomes [system, user] messages and a message list without a system
+    message gets it first (one with its own keeps it), rendered with the chat template's generation prompt;
+    the rewards get the prompt as the model saw it. Another format refuses the setting in one line."""
+    system = {"role": "system", "content": "Answer in <answer> tags."}
+    own = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
+    rows = [{"prompt": "add 2 and 3", "answer": "5"}, {"prompt": [{"role": "user", "content": "x"}]}, {"prompt": own}]
+    harness.write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = _config(tmp_path, f"data.path={tmp_path / 'rows.jsonl'}", f"data.system_prompt={system['content']}")
+    tok = load_tokenizer(str(TOKENIZER))
+    data = prepare_training_data(cfg.data, tok)
+    given = [[system, {"role": "user", "content": "add 2 and 3"}], [system, {"role": "user", "content": "x"}], own]
+    for r, messages in enumerate(given):
+        assert data.row_columns(r)["prompt"] == messages
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert list(data.row(r)[0]) == tok(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(UserError, match="data.system_prompt is a setting of data.format prompt"):
+        load_config(harness.TINY, ["data.system_prompt=hello", "output_dir=x"])
+
+
 def test_num_iterations_trains_each_global_batch_for_a_block_and_uses_every_prompt(tmp_path):
     """num_iterations 3 (TRL's RepeatSampler): the steps of a block take the same prompts, the position moves
     on at its last step only, an epoch is every prompt once (12 prompts, global batch 2: 6 blocks, 18 steps),

@@ -2,7 +2,9 @@
 rendered with the chat template and its generation prompt, and any other columns (an `answer`, say), which
 the reward functions get.
 
-A row's tokens are its prompt's as TRL's GRPOTrainer tokenizes it: a string prompt by the tokenizer with its
+`data.system_prompt` puts a system message before every prompt (a string prompt then becomes [system, user]
+messages, rendered), as TRL's GRPO recipes map their datasets. A row's tokens are its prompt's as TRL's
+GRPOTrainer tokenizes it: a string prompt by the tokenizer with its
 special tokens (`tok(text)`: a bos where the tokenizer adds one), a rendered one as the template writes it
 (no special tokens added). `data.max_prompt_length` (else data.max_length) keeps the prompt's last tokens, and
 the rows it cut are counted. A prompt row has no completion to train on: its target mask marks the prompt's
@@ -25,11 +27,23 @@ from ds_finetune.data.encoding import encode
 from ds_finetune.errors import UserError
 
 
+def with_system_prompt(prompt, system: str | None):
+    """The prompt with data.system_prompt before it: a string becomes [system, user] messages; a message list
+    that has no system message of its own gets it first."""
+    if system is None or not isinstance(prompt, (str, list)):
+        return prompt
+    if isinstance(prompt, str):
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    has_own = bool(prompt) and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"
+    return prompt if has_own else [{"role": "system", "content": system}, *prompt]
+
+
 def prompt_rows(tok, cfg, rows: list[dict], ats: list[str]):
-    """((index in the chunk, ids, mask) of each kept row, its columns as JSON lines, prompts cut)."""
+    """((index in the chunk, ids, mask) of each kept row, its columns as JSON lines, prompts cut). The
+    columns hold the prompt the model is given (with data.system_prompt), as TRL hands it to the rewards."""
     renderer, texts, templated, columns = ChatRenderer(tok), [], [], []
     for row, at in zip(rows, ats):
-        prompt = row.get(cfg.prompt_field)
+        prompt = with_system_prompt(row.get(cfg.prompt_field), cfg.system_prompt)
         if isinstance(prompt, list):
             check_messages(prompt, at)
             text = renderer.for_conversation(prompt)(prompt, True)
