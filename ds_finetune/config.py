@@ -262,8 +262,7 @@ class RunConfig(Section):
     def _pairs_pack(self, name: str) -> None:
         """Packing of preference rows: each sequence attends only to itself (isolated), for the objectives whose
         loss needs only each sequence's summed log-probs."""
-        why = {"orpo": "its NLL also trains on the chosen prompts, which packs would have to mark per sequence",
-               "reward": "a reward model scores each row's last token, one sequence a row",
+        why = {"reward": "a reward model scores each row's last token, one sequence a row",
                "kto": "a row and its KL row are separate forwards"}.get(name)
         if why:
             raise ValueError(f"data.packing is not supported with train.objective {name} ({why}); set "

@@ -77,7 +77,7 @@ def full_token_logps(engine, input_ids, attention_mask, labels, facts=None, temp
     """log p(target) of every target token, row-major (as `ChunkedLoss.token_logps`), from the full logits
     (train.loss_chunk_tokens: 0), over `temperature`; each one's entropy into `entropy` where given."""
     facts = facts_of(labels) if facts is None else facts
-    logits = engine(**model_inputs(input_ids, attention_mask)).logits.float()
+    logits = engine(**model_inputs(input_ids, attention_mask, facts=facts)).logits.float()
     where = host_to_device(facts.target_positions(), input_ids.device)
     logits = logits.reshape(-1, logits.size(-1))[where]
     if temperature != 1.0:

@@ -282,16 +282,17 @@ def test_a_dpo_step_reads_nothing_back_from_the_device(tmp_path, reference):
     assert loss_sum.item() > 0 and any(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("objective, chunk", [("dpo", 5), ("dpo", 0), ("simpo", 5)])
+@pytest.mark.parametrize("objective, chunk", [("dpo", 5), ("dpo", 0), ("simpo", 5), ("orpo", 5), ("orpo", 0)])
 def test_packed_pairs_give_the_unpacked_loss_metrics_and_gradients(tmp_path, objective, chunk):
     """data.packing isolated with a pair objective: a micro-batch's sequences packed into rows of at most
     data.max_length tokens, each attending only to itself, give the padded batch's loss, metrics and every
     gradient within 1e-5 (DPO with LoRA, its reference the packed base with adapters off; SimPO's per-token
-    means), through the fused head and the full logits, and run no forward of a padded row."""
+    means; ORPO's NLL over the chosen prompts too), through the fused head and the full logits."""
     import peft
 
-    from ds_finetune.loss import make_sequence_logps_fn
+    from ds_finetune.loss import make_sequence_logps_fn, make_token_logps_fn
     from ds_finetune.objectives.cpo import CPOLoss
+    from ds_finetune.objectives.orpo import ORPOLoss
     cfg = config(tmp_path, "data.max_length=64")
     data = prepare_data(cfg.data, load_tokenizer(cfg.model.tokenizer))
     units = EpochOrder(data, 1, False, 64).units(0)[:6]
@@ -304,9 +305,10 @@ def test_packed_pairs_give_the_unpacked_loss_metrics_and_gradients(tmp_path, obj
         model = peft.get_peft_model(tiny_model("model.config.attention_dropout=0.0"),
                                     peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
         logps_fn = make_sequence_logps_fn(model.get_base_model(), chunk)
-        loss_fn = (DPOLoss(logps_fn, AdaptersOff(logps_fn), 0.1, (("sigmoid", 1.0), ("sft", 0.5)), 0.0,
-                           pack_length=pack) if objective == "dpo"
-                   else CPOLoss(logps_fn, "simpo", 2.0, 0.5, 0.0, 1.0, pack_length=pack))
+        loss_fn = {"dpo": lambda: DPOLoss(logps_fn, AdaptersOff(logps_fn), 0.1, (("sigmoid", 1.0), ("sft", 0.5)),
+                                          0.0, pack_length=pack),
+                   "simpo": lambda: CPOLoss(logps_fn, "simpo", 2.0, 0.5, 0.0, 1.0, pack_length=pack),
+                   "orpo": lambda: ORPOLoss(make_token_logps_fn(model.get_base_model(), chunk), 0.1, pack)}[objective]()
         loss_sum, sums = loss_fn(Engine(model), *loss_fn.collate(data, units, 2))
         loss_sum.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]

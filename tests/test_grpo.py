@@ -435,17 +435,19 @@ def lora_base(tmp_path_factory):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage, lora", [(2, False), (3, True)])
-def test_grpo_sigkill_at_a_random_instant_resumes_bitwise(tmp_path, lora_base, stage, lora):
-    """Two ranks, dropout on, num_iterations 2 (a kill inside a block resumes from the saved rollouts): the
-    job SIGKILLed from outside at a random instant after step 3 (in generation, a reward, the update or a
-    save), resumed: the uninterrupted run's losses, rewards, metrics, completions.jsonl and final weights,
-    bitwise. KILL_SEED=N replays an instant."""
+@pytest.mark.parametrize("stage, lora, background", [(2, True, True), (3, True, False)])
+def test_grpo_sigkill_at_a_random_instant_resumes_bitwise(tmp_path, lora_base, stage, lora, background):
+    """Two ranks, LoRA, dropout on, num_iterations 2 (a kill inside a block resumes from the saved rollouts),
+    ZeRO-2 with background saves and ZeRO-3 (full fine-tuning at ZeRO-3 is killed in
+    test_grpo_reward_error_then_kill_in_a_reward_then_zero3_to_zero2_resume): the job SIGKILLed from outside
+    at a random instant after step 3 (in generation, a reward, the update or a save), resumed: the
+    uninterrupted run's losses, rewards, metrics, completions.jsonl and final weights, bitwise. KILL_SEED=N
+    replays an instant."""
     import os
     import random
     import shutil
     import time
-    extra = [*GRPO_RUN, f"train.zero_stage={stage}"]
+    extra = [*GRPO_RUN, f"train.zero_stage={stage}", f"checkpoint.async_save={str(background).lower()}"]
     if lora:
         extra += ["model.config=null", f"model.name_or_path={lora_base}", "model.lora.r=4", "model.lora.alpha=8"]
     ref = tmp_path / "ref"

@@ -35,13 +35,10 @@ def test_each_pair_objective_is_a_registry_line_with_its_section_in_the_fingerpr
     assert settings["train.objective"] == objective and settings[objective]["beta"] == 0.25
     with pytest.raises(UserError, match=f"train.objective {objective} needs data.format preference"):
         load_config(harness.TINY, [f"train.objective={objective}", "output_dir=x"])
-    if objective == "orpo":
-        with pytest.raises(UserError, match="data.packing is not supported with train.objective orpo"):
-            load_config(harness.TINY, [*pairs_run(objective), "data.packing=true", "output_dir=x"])
-    else:  # isolated packing works (test_dpo); shared would let a pair's rows attend to each other
-        assert load_config(harness.TINY, [*pairs_run(objective), "data.packing=true", "output_dir=x"]).data.isolates
-        with pytest.raises(UserError, match="data.packing shared would let a pair's chosen and rejected attend"):
-            load_config(harness.TINY, [*pairs_run(objective), "data.packing=shared", "output_dir=x"])
+    # isolated packing works (test_dpo); shared would let a pair's rows attend to each other
+    assert load_config(harness.TINY, [*pairs_run(objective), "data.packing=true", "output_dir=x"]).data.isolates
+    with pytest.raises(UserError, match="data.packing shared would let a pair's chosen and rejected attend"):
+        load_config(harness.TINY, [*pairs_run(objective), "data.packing=shared", "output_dir=x"])
 
 
 # -------------------------------------------------------------------------------------- against TRL

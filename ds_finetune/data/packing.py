@@ -251,6 +251,9 @@ def collate_pairs(data: TokenizedData, units: np.ndarray, pad_id: int, pack_leng
     if pack_length is None:
         batch = collate(data, rows.reshape(-1, 1), pad_id)
         return PairBatch(batch.input_ids, batch.attention_mask, batch.labels, rows, batch.facts)
-    batch = collate(data, plan_units(data, rows, True, pack_length), pad_id, isolate=True)
-    facts = HostFacts(batch.facts.targets, batch.facts.segments, tuple(int(data.row_targets[r]) for r in rows))
-    return PairBatch(batch.input_ids, None, batch.labels, rows, facts)
+    packs = plan_units(data, rows, True, pack_length)
+    batch = collate(data, packs, pad_id, isolate=True)
+    targets = batch.facts.targets
+    sequences = tuple(int(targets[j, start:start + n].sum()) for j, pack in enumerate(packs)
+                      for start, n in zip(np.cumsum([0, *data.lengths[pack][:-1]]), data.lengths[pack]))
+    return PairBatch(batch.input_ids, None, batch.labels, rows, HostFacts(targets, batch.facts.segments, sequences))

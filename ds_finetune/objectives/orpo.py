@@ -32,7 +32,7 @@ from ds_finetune.device_batch import host_to_device
 from ds_finetune.fused_head import segment_sums
 from ds_finetune.loss import make_token_logps_fn
 from ds_finetune.objectives import ObjectiveParts
-from ds_finetune.objectives.pairs import PairObjective
+from ds_finetune.objectives.pairs import PairObjective, pack_length
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen")
@@ -50,9 +50,29 @@ class ChosenPromptBatch(NamedTuple):
     completion_counts: np.ndarray
 
 
-def collate_with_chosen_prompts(data: TokenizedData, units: np.ndarray, pad_id: int) -> ChosenPromptBatch:
-    batch = collate_pairs(data, units, pad_id)
-    return with_chosen_prompts(batch.input_ids, batch.attention_mask, batch.labels)
+def collate_with_chosen_prompts(data: TokenizedData, units: np.ndarray, pad_id: int,
+                                pack_length: int | None = None) -> ChosenPromptBatch:
+    """ORPO's micro-batch of `units`; packed (`pack_length`, as `collate_pairs` packs) where given."""
+    if pack_length is None:
+        batch = collate_pairs(data, units, pad_id)
+        return with_chosen_prompts(batch.input_ids, batch.attention_mask, batch.labels)
+    completions = collate_pairs(data, units, pad_id, pack_length)  # the completion targets
+    whole = collate_pairs(_WholeChosen(data, units[:, 0]), units, pad_id, pack_length)  # the NLL's targets
+    completion = completions.facts.targets[whole.facts.targets]
+    return ChosenPromptBatch(whole.input_ids, None, whole.labels, torch.from_numpy(completion), whole.facts,
+                             data.row_targets[whole.rows])
+
+
+class _WholeChosen:
+    """The rows of `data` with each chosen row's every token but its first a target (the NLL's targets: prompt
+    and completion); the first never is, so that in a pack no target crosses into the sequence before."""
+
+    def __init__(self, data: TokenizedData, chosen: np.ndarray):
+        self.data, self.chosen, self.lengths = data, {int(r) for r in chosen}, data.lengths
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = self.data.row(i)
+        return (ids, np.arange(len(ids)) > 0) if int(i) in self.chosen else (ids, mask)
 
 
 def with_chosen_prompts(input_ids, attention_mask, labels) -> ChosenPromptBatch:
@@ -83,7 +103,10 @@ class ORPOLoss:
     """A micro-batch's summed ORPO loss and metric sums (accumulate's loss_fn contract)."""
     token_logps_fn: Callable  # (engine, input_ids, attention_mask, labels, facts) -> log p of each target
     beta: float
-    collate = staticmethod(collate_with_chosen_prompts)
+    pack_length: int | None = None  # data.packing isolated: the micro-batch's sequences packed
+
+    def collate(self, data, units: np.ndarray, pad_id: int) -> ChosenPromptBatch:
+        return collate_with_chosen_prompts(data, units, pad_id, self.pack_length)
 
     def nll_tokens(self, data: TokenizedData, units: np.ndarray) -> int:
         """The chosen rows' attended tokens after the first (the NLL's targets)."""
@@ -91,8 +114,8 @@ class ORPOLoss:
 
     def __call__(self, engine, input_ids, attention_mask, labels, completion, facts, completion_counts,
                  grad_scale=1.0, nll_scale: float | None = None):
-        pairs = input_ids.size(0) // 2
-        counts = facts.row_targets()
+        counts = facts.sequence_targets()
+        pairs = len(counts) // 2
         if nll_scale is None:  # an eval batch: its own chosen tokens
             nll_scale = pairs / max(sum(counts[:pairs]), 1)
         token_logps = self.token_logps_fn(engine, input_ids, attention_mask, labels, facts)
@@ -114,5 +137,5 @@ class ORPOLoss:
 def build(parts: ObjectiveParts) -> PairObjective:
     cfg = parts.cfg
     token_logps_fn = make_token_logps_fn(lora.hf_model(parts.model), cfg.train.loss_chunk_tokens)
-    return PairObjective(METRICS, parts.data, parts.layout, ORPOLoss(token_logps_fn, cfg.orpo.beta), parts.pad_id,
-                         parts.group.dp_rank)
+    return PairObjective(METRICS, parts.data, parts.layout, ORPOLoss(token_logps_fn, cfg.orpo.beta, pack_length(cfg)),
+                         parts.pad_id, parts.group.dp_rank)
