@@ -155,17 +155,19 @@ class GrpoConfig(Section):
 class RewardFunctionConfig(Section):
     """One entry of `rewards:` (train.objective grpo)."""
     name: Optional[str] = Field(None, description="Its metric name (rewards/NAME/mean); default the function's name.")
-    function: str = Field(..., description="A built-in (accuracy | format) or module:callable, importable from the "
+    function: str = Field(..., description="A built-in (accuracy | format), module:callable (importable from the "
                                            "config file's folder or the Python path; called as TRL calls reward "
-                                           "functions: (prompts, completions, **columns) -> a float or None each.")
+                                           "functions: (prompts, completions, **columns) -> a float or None each), "
+                                           "or model:PATH (a reward model folder: train.objective reward's export).")
     weight: float = Field(1.0, allow_inf_nan=False, description="Its weight in the summed reward.")
     pattern: Optional[str] = Field(None, description="format: the regex a completion must match in full (default "
                                                      "<think>...</think><answer>...</answer>).")
 
     @model_validator(mode="after")
     def _named(self):
-        if self.name is None:
-            self.name = self.function.rsplit(":", 1)[-1]
+        if self.name is None:  # a function's name, or a reward model's folder name (as TRL names it)
+            model = self.function.startswith("model:")
+            self.name = self.function.rstrip("/").rsplit("/" if model else ":", 1)[-1].removeprefix("model:")
         if self.pattern is not None and self.function != "format":
             raise ValueError(f"rewards: pattern is a setting of the format reward, not of {self.function}")
         return self

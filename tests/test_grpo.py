@@ -251,6 +251,51 @@ def test_grpo_learns_a_reward_the_tiny_model_can_learn(tmp_path):
     assert lines[-1]["prompt"] in {r["prompt"] for r in PROMPTS} and "low_ids" in lines[-1]["rewards"]
 
 
+def test_a_reward_model_folder_scores_prompt_and_completion_as_trl_does(tmp_path):
+    """rewards: [{function: model:PATH}] (a sequence classifier with one label, as `ckpt export` writes for a
+    reward run): strings scored as prompt + completion, messages through the chat template, each equal to
+    the classifier's logit on that text alone (no padding, no special tokens added), in eval mode; named by
+    its folder. Not a model folder, or one with two labels: one line each."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from ds_finetune.objective_config import RewardFunctionConfig
+    from ds_finetune.objectives.rewards import build_rewards, score
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    cfg = load_config(harness.TINY, ["output_dir=x"])
+    folder = tmp_path / "rm"
+    config = {**cfg.model.config, "num_labels": 1, "pad_token_id": tok.pad_token_id or tok.eos_token_id,
+              "hidden_dropout": 0.1, "attention_dropout": 0.1}
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**config))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    rewards = build_rewards([RewardFunctionConfig(function="model:rm")], tmp_path)
+    assert rewards[0].name == "rm"
+    prompts = ["add 2 and 3 ", "add 2 and 3 ", "hi"]
+    completions = ["5", "it is five, I think", "hello there"]
+    chat_prompts = [[{"role": "user", "content": p}] for p in prompts]
+    chat_completions = [[{"role": "assistant", "content": c}] for c in completions]
+    model.eval()
+
+    def alone(text: str) -> float:
+        with torch.no_grad():
+            return model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+    got = score(rewards, prompts, completions, [[1]] * 3, [{}] * 3, ["r"] * 3)
+    assert [r[0] for r in got] == pytest.approx([alone(p + c) for p, c in zip(prompts, completions)], abs=1e-5)
+    got = score(rewards, chat_prompts, chat_completions, [[1]] * 3, [{}] * 3, ["r"] * 3)
+    rendered = [tok.apply_chat_template(p + c, tokenize=False) for p, c in zip(chat_prompts, chat_completions)]
+    assert [r[0] for r in got] == pytest.approx([alone(t) for t in rendered], abs=1e-5)
+    assert len({round(r[0], 6) for r in got}) == 3
+    with pytest.raises(UserError, match=r"model:nowhere is not a model folder \(no config.json there\)"):
+        build_rewards([RewardFunctionConfig(function="model:nowhere")], tmp_path)
+    AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**{**config, "num_labels": 2})).save_pretrained(
+        tmp_path / "two")
+    tok.save_pretrained(tmp_path / "two")
+    with pytest.raises(UserError, match="has 2 labels; a reward model has one"):
+        build_rewards([RewardFunctionConfig(function="model:two")], tmp_path)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 BAD_REWARDS = {

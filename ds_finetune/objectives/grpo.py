@@ -321,7 +321,7 @@ def build(parts: ObjectiveParts) -> GRPO:
     if c.beta != 0.0:
         reference = adapters_off(logps_fn, c.temperature) if cfg.model.lora is not None else \
             frozen_reference(cfg, parts.ds_config, c.temperature)
-    return GRPO(parts, rollout, build_rewards(cfg.rewards, parts.config_dir), loss, reference)
+    return GRPO(parts, rollout, build_rewards(cfg.rewards, parts.config_dir, parts.engine.device), loss, reference)
 
 
 def adapters_off(logps_fn, temperature: float):

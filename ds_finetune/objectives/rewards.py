@@ -15,6 +15,12 @@ Built-ins:
   format    1.0 when the completion matches `pattern` in full (default <think>...</think><answer>...</answer>,
             as TRL's format examples), else 0.0.
 
+A reward model: `function: model:PATH` names a sequence-classification folder with one label (what
+`ds-finetune ckpt export` writes for a train.objective reward run; PATH relative to the config file's folder
+or the working one). It scores prompt + completion as TRL's GRPOTrainer scores with a reward model: the
+texts joined (conversational ones rendered with its tokenizer's chat template), right-padded, no special
+tokens added, the logit of its one label; in eval mode under inference_mode on this rank's device.
+
 A bad function is one line that names it: not importable, not callable, raising (with the prompt's data
 row), returning a wrong count, NaN or a non-number.
 """
@@ -43,14 +49,16 @@ class Reward:
     weight: float
 
 
-def build_rewards(cfgs: list, config_dir: Path | None) -> list[Reward]:
-    """The run's reward functions, each built-in made or `module:callable` imported (from the config file's
-    folder first, then the Python path)."""
-    return [Reward(c.name, _function(c, i, config_dir), c.weight) for i, c in enumerate(cfgs)]
+def build_rewards(cfgs: list, config_dir: Path | None, device=None) -> list[Reward]:
+    """The run's reward functions, each built-in made, `module:callable` imported (from the config file's
+    folder first, then the Python path) or `model:PATH` loaded onto `device` (default the CPU)."""
+    return [Reward(c.name, _function(c, i, config_dir, device), c.weight) for i, c in enumerate(cfgs)]
 
 
-def _function(cfg, i: int, config_dir: Path | None) -> Callable:
+def _function(cfg, i: int, config_dir: Path | None, device=None) -> Callable:
     where = f"rewards[{i}] ({cfg.name})"
+    if cfg.function.startswith("model:"):
+        return model_reward(cfg.function[len("model:"):], where, config_dir, device)
     if cfg.function == "accuracy":
         _check_math_verify()
         return accuracy_reward
@@ -148,6 +156,45 @@ def _failing_row(reward, prompts, completions, completion_ids, kwargs, rows) -> 
         except Exception:
             return rows[k]
     return rows[0]
+
+
+# ---------------------------------------------------------------------------------------- reward models
+
+def model_reward(path_text: str, where: str, config_dir: Path | None, device=None) -> Callable:
+    """The reward function of a sequence-classification folder (see the module's doc)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path_text).expanduser()
+    if not path.is_absolute() and config_dir is not None and (config_dir / path).exists():
+        path = config_dir / path
+    if not (path / "config.json").is_file():
+        raise UserError(f"config error: {where}: model:{path_text} is not a model folder (no config.json there); "
+                        f"name the folder `ds-finetune ckpt export` wrote for a train.objective reward run")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype="auto")
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a folder of the user's: whatever fails in loading it is theirs to fix
+        raise UserError(f"config error: {where}: cannot load the reward model in {path} ({type(e).__name__}: "
+                        f"{_short(e)})") from None
+    if model.config.num_labels != 1:
+        raise UserError(f"config error: {where}: the model in {path} has {model.config.num_labels} labels; a reward "
+                        f"model has one (train.objective reward)")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:  # the classifier scores each row's last token before the padding
+        model.config.pad_token_id = tok.pad_token_id
+    model.to(device or "cpu").eval().requires_grad_(False)
+
+    def reward_model(prompts, completions, **kwargs) -> list[float]:
+        if isinstance(prompts[0], list):  # messages: the template over the conversation, as TRL
+            texts = [tok.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        inputs = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        with torch.inference_mode():
+            return model(**inputs.to(model.device)).logits[:, 0].float().tolist()
+    return reward_model
 
 
 # --------------------------------------------------------------------------------------------- built-ins
