@@ -248,8 +248,6 @@ class RunConfig(Section):
             raise ValueError("train.objective kto needs train.micro_batch_size >= 2: its KL estimate pairs each prompt "
                              "with another completion of the same block of micro_batch_size rows (as TRL's "
                              "KTOTrainer); raise it, or set kto.loss_type apo_zero_unpaired (no KL estimate)")
-        if name == "reward" and self.model.lora is not None:
-            raise ValueError("model.lora is not supported with train.objective reward yet; remove model.lora")
         self._grpo_fits()
         if self.data.system_prompt is not None and self.data.formats != {"prompt"}:
             raise ValueError("data.system_prompt is a setting of data.format prompt (GRPO's prompts); put a system "

@@ -37,13 +37,25 @@ def check_peft_installed() -> None:
                         "pip install 'ds-finetune[lora]' (or pip install peft)") from None
 
 
-def peft_config(lora_cfg, base_name: str | None):
+def peft_config(lora_cfg, base_name: str | None, task_type: str = "CAUSAL_LM"):
     import peft
 
     return peft.LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                            target_modules=lora_cfg.target_modules, modules_to_save=lora_cfg.modules_to_save or None,
                            use_dora=lora_cfg.use_dora, init_lora_weights=lora_cfg.init_lora_weights,
-                           task_type="CAUSAL_LM", base_model_name_or_path=base_name)
+                           task_type=task_type, base_model_name_or_path=base_name)
+
+
+def task_type(model) -> str:
+    """PEFT's task of a transformers model: a sequence classifier (a reward model) is SEQ_CLS, for which
+    peft trains its head (`score`) whole beside the adapters, as TRL's RewardTrainer asks."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+
+
+def auto_model_class(config):
+    """The transformers auto class of an adapter checkpoint's base, from its PEFT config's task type."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    return AutoModelForSequenceClassification if config.task_type == "SEQ_CLS" else AutoModelForCausalLM
 
 
 def apply_lora(model, lora_cfg, seed: int, base_name: str | None):
@@ -53,7 +65,7 @@ def apply_lora(model, lora_cfg, seed: int, base_name: str | None):
 
     torch.manual_seed(seed)
     try:
-        return peft.get_peft_model(model, peft_config(lora_cfg, base_name))
+        return peft.get_peft_model(model, peft_config(lora_cfg, base_name, task_type(model)))
     except ValueError as e:  # e.g. target modules the model does not have
         raise UserError(f"config error: model.lora: {first_line(e, 300)}") from None
 
@@ -106,13 +118,13 @@ def adapter_state(hf_dir: Path, names: list[str], read, trust_remote_code: bool 
                   ) -> tuple[object, dict[str, torch.Tensor]]:
     """(peft config, {PEFT file key: tensor}) of a checkpoint's trained parameters `names`."""
     import peft
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = peft.PeftConfig.from_pretrained(str(hf_dir))
     base_name = config.base_model_name_or_path
     remote = {"trust_remote_code": True} if trust_remote_code else {}
     with torch.device("meta"):  # names only: no memory for the base
-        skeleton = peft.get_peft_model(AutoModelForCausalLM.from_config(
+        skeleton = peft.get_peft_model(auto_model_class(config).from_config(
             AutoConfig.from_pretrained(hf_dir, **remote), **remote), config)
     config.base_model_name_or_path = base_name  # get_peft_model renames it after the skeleton's folder
     return config, peft.get_peft_model_state_dict(skeleton, state_dict={name: read(name) for name in names})
@@ -136,7 +148,6 @@ def export_merged(hf_dir: Path, out_dir: Path, names: list[str], read, dtype: to
     """The base with the adapters merged in, as a plain Hugging Face model (the base is loaded whole).
     `hub_options`: the run's model.revision and model.trust_remote_code, as the base was loaded in training."""
     import peft
-    from transformers import AutoModelForCausalLM
 
     hub_options = hub_options or {}
     revision = hub_options.get("revision")
@@ -148,13 +159,25 @@ def export_merged(hf_dir: Path, out_dir: Path, names: list[str], read, dtype: to
     if base_files:
         check_same_base(base_name, base_files, revision)
     remote = {"trust_remote_code": True} if hub_options.get("trust_remote_code") else {}
-    base = AutoModelForCausalLM.from_pretrained(str(base_folder(base_name, revision)), dtype=torch.float32, **remote)
+    base = auto_model_class(config).from_pretrained(str(base_folder(base_name, revision)), dtype=torch.float32,
+                                                    **_head_of(hf_dir, config), **remote)
     model = peft.get_peft_model(base, config)
     peft.set_peft_model_state_dict(model, state)
     merged = model.merge_and_unload().to(dtype)
     merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
     copy_hf_files(hf_dir, out_dir, skip=(ADAPTER_CONFIG, *MODEL_CONFIGS))  # save_pretrained wrote the configs
     return out_dir
+
+
+def _head_of(hf_dir: Path, config) -> dict:
+    """A classifier's label count and pad id, as the checkpoint's config holds them (the base, a causal LM
+    folder, has neither)."""
+    if config.task_type != "SEQ_CLS":
+        return {}
+    import json
+    saved = json.loads((hf_dir / "config.json").read_text())
+    return {"num_labels": saved.get("num_labels", len(saved.get("id2label") or {}) or 1),
+            "pad_token_id": saved.get("pad_token_id")}
 
 
 def copy_hf_files(hf_dir: Path, out_dir: Path, skip: tuple[str, ...]) -> None:

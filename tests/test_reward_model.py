@@ -43,8 +43,6 @@ def test_reward_is_a_registry_line_with_its_section_in_the_fingerprint_and_a_cla
     again = build_model(cfg, {})
     torch.manual_seed(cfg.train.seed)
     assert torch.equal(build_model(cfg, {}).score.weight, again.score.weight)
-    with pytest.raises(UserError, match="model.lora is not supported with train.objective reward"):
-        load_config(harness.TINY, [*REWARD, "model.lora.r=4", "output_dir=x"])
 
 
 def test_the_checkpoint_config_names_the_classifier_and_the_tokenizers_pad(tmp_path):
@@ -136,3 +134,59 @@ def test_loss_metrics_and_gradients_equal_trl_reward_trainer(tmp_path, margin, c
         assert value == pytest.approx(trl_metrics[name], abs=1e-5), name
     assert 0 < trl_metrics["accuracy"] < 1 and trl_metrics["margin"] != 0
     _compare_grads(ours, trainer.model)
+
+
+def test_a_lora_reward_model_trains_its_head_with_the_adapters_and_exports_the_classifier(tmp_path):
+    """model.lora with train.objective reward: peft's sequence-classification task (TRL's RewardTrainer with a
+    peft config), so the head is trained whole beside the adapters; the loss against TRL with the same peft
+    config to 1e-5; the adapter checkpoint's merged export loads as a classifier that scores as the trained
+    model does, and the adapter export names the task."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    from ds_finetune import lora
+    from ds_finetune.checkpoint.export import write_hf_files
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    base = harness.save_tiny_model(tmp_path / "base", seed=3)
+    tok = load_tokenizer(TOKENIZER)
+    cfg = load_config(harness.TINY, [*REWARD, "model.config=null", f"model.name_or_path={base}", "model.lora.r=4",
+                                     "model.lora.alpha=8", "output_dir=x"])
+    torch.manual_seed(0)
+    model = build_model(cfg, {})
+    assert isinstance(model, peft.PeftModelForSequenceClassification)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    model.config.pad_token_id = tok.pad_token_id
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # adapters and head off their init: the export must carry both
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    model.eval()  # the saved base's dropout off: two forwards to compare
+    ours = copy.deepcopy(model)
+    args = trl.RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=8,
+                            use_cpu=True, dataloader_num_workers=0, bf16=False, max_length=None)
+    trainer = trl.RewardTrainer(model=model, args=args, processing_class=tok,
+                                train_dataset=Dataset.from_list([{k: v for k, v in r.items() if k != "margin"}
+                                                                 for r in _pairs()]))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss = trainer.compute_loss(trainer.model, dict(batch))
+    trl_loss.backward()
+    loss_sum, _ = RewardLoss(None)(Engine(ours), batch["input_ids"], batch["attention_mask"], None)
+    (loss_sum / 8).backward()
+    assert (loss_sum / 8).item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    _compare_grads(ours, trainer.model)
+
+    hf_dir, state = tmp_path / "ckpt" / "hf", dict(ours.named_parameters())
+    write_hf_files(tmp_path / "ckpt", ours, tok)
+    names = [n for n in state if state[n].requires_grad]
+    merged = lora.export_merged(hf_dir, tmp_path / "merged", names, lambda n: state[n].detach(), torch.float32,
+                                None, 5 * 10**9)
+    classifier = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    with torch.no_grad():
+        want = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    adapter = lora.export_adapter(hf_dir, tmp_path / "adapter", names, lambda n: state[n].detach(), torch.float32)
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
