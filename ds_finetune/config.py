@@ -225,8 +225,11 @@ class RunConfig(Section):
     def _objective_fits_the_data(self):
         name, formats = self.train.objective, self.data.formats
         wanted = {"kto": "unpaired_preference", **{p: "preference" for p in PAIR_OBJECTIVES}}.get(name)
-        if wanted and formats != {wanted}:
-            raise ValueError(f"train.objective {name} needs data.format {wanted} (got {', '.join(sorted(formats))})")
+        takes = {wanted, "preference"} if name == "kto" else {wanted}  # KTO unpairs pairs, as TRL's KTOTrainer
+        if wanted and not formats <= takes:
+            raise ValueError(f"train.objective {name} needs data.format {' or '.join(sorted(takes))} (got "
+                             f"{', '.join(sorted(formats))})")
+        self.data._pairs_as_rows = name == "kto"
         if "preference" in formats and not wanted:
             raise ValueError(f"data.format preference needs a pair objective: train.objective in "
                              f"{list(PAIR_OBJECTIVES)}")
@@ -235,9 +238,9 @@ class RunConfig(Section):
         if wanted and self.data.packs:
             self._pairs_pack(name)
         eval_formats = {s.format or self.data.format for s in self.eval.sources or []}
-        if wanted and eval_formats - {wanted}:
-            raise ValueError(f"eval.sources of train.objective {name} need format {wanted} (got "
-                             f"{', '.join(sorted(eval_formats - {wanted}))})")
+        if wanted and eval_formats - takes:
+            raise ValueError(f"eval.sources of train.objective {name} need format {' or '.join(sorted(takes))} (got "
+                             f"{', '.join(sorted(eval_formats - takes))})")
         if name in REFERENCE_OBJECTIVES and getattr(self, name).reference == "model" and self.model.lora is not None:
             raise ValueError(f"{name}.reference model is for full fine-tuning; with model.lora the reference is the "
                              f"base with its adapters off: remove {name}.reference")

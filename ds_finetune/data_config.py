@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ds_finetune.config_text import Section
 from ds_finetune.errors import UserError
@@ -138,6 +138,9 @@ class DataConfig(Section):
     num_proc: Optional[int] = Field(
         None, ge=1, le=1024, description="Worker processes that tokenize the data (default: all cores).")
 
+    # Set by the run config, not by users: preference rows trained one by one (train.objective kto on pairs).
+    _pairs_as_rows: bool = PrivateAttr(False)
+
     @model_validator(mode="after")
     def _one_kind(self):
         if (self.path is None) == (self.sources is None):
@@ -153,6 +156,12 @@ class DataConfig(Section):
     @property
     def is_mixture(self) -> bool:
         return self.sources is not None
+
+    @property
+    def pairs_as_rows(self) -> bool:
+        """Preference pairs are read as unpaired rows, chosen desirable, rejected not (KTO; TRL's
+        unpair_preference_dataset)."""
+        return self._pairs_as_rows
 
     @property
     def formats(self) -> set[str]:

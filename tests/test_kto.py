@@ -12,7 +12,7 @@ import torch
 
 import harness
 from ds_finetune.config import load_config
-from ds_finetune.data import HostFacts, load_tokenizer, prepare_data, prepare_training_data
+from ds_finetune.data import EpochOrder, HostFacts, load_tokenizer, prepare_data, prepare_training_data
 from ds_finetune.errors import UserError
 from ds_finetune.loss import ChunkedLoss
 from ds_finetune.objectives import OBJECTIVES, fingerprint_settings
@@ -50,7 +50,7 @@ def test_kto_is_a_registry_line_with_its_section_in_the_fingerprint():
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["train.objective=kto"], "train.objective kto needs data.format unpaired_preference"),
+    (["train.objective=kto"], "train.objective kto needs data.format preference or unpaired_preference"),
     (["data.format=unpaired_preference", f"data.path={UNPAIRED}"], "needs train.objective kto"),
     ([*KTO, "train.micro_batch_size=1"], "kto.loss_type apo_zero_unpaired"),
     ([*KTO, "model.lora.r=4", "kto.reference=model"], "kto.reference model is for full fine-tuning"),
@@ -117,6 +117,35 @@ def test_kl_rows_pair_each_prompt_with_the_completion_trl_gives_it(tmp_path):
             n = int(mask[j].sum())
             assert ids[j, 1:n + 1].tolist() == their_ids[j, :n].tolist()
             assert (labels[j, :n] != -100).tolist() == completion[j, :n].tolist()
+
+
+def test_preference_pairs_train_as_trl_unpairs_them(tmp_path):
+    """train.objective kto on data.format preference (TRL's KTOTrainer takes paired data too): the pairs as
+    unpaired rows in TRL's order and labels (unpair_preference_dataset: chosen true, rejected false), each
+    row's tokens and KL row as TRL's, units of one row."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from test_dpo import PAIRS
+    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    pairs = [r for r in pairs if isinstance(r["prompt"], str)][:7]
+    args = trl.KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=4,
+                         use_cpu=True, max_length=None, bf16=False)
+    trainer = trl.KTOTrainer(model=tiny_model(), ref_model=tiny_model(), args=args,
+                             processing_class=load_tokenizer(TOKENIZER), train_dataset=Dataset.from_list(pairs))
+    ds = trainer.train_dataset
+    path = harness.write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = load_config(harness.TINY, ["train.objective=kto", "data.format=preference", f"data.path={path}",
+                                     f"data.cache_dir={tmp_path / 'cache'}", "output_dir=x"])
+    data = prepare_data(cfg.data, load_tokenizer(TOKENIZER))
+    assert data.rows_per_unit == 1 and data.num_rows == 14 and list(data.row_labels) == ds["label"]
+    assert EpochOrder(data, 1, False, 512).units(0).shape == (14, 1)
+    batch = collate_kto(data, np.arange(14), 0, 4, 512)
+    for j in range(14):  # ours start a string prompt with bos, TRL's do not
+        n = int(batch.attention_mask[j].sum())
+        assert batch.input_ids[j, 1:n].tolist() == ds[j]["prompt_ids"] + ds[j]["completion_ids"]
+        n = int(batch.kl_attention_mask[j].sum())
+        assert batch.kl_input_ids[j, 1:n].tolist() == ds[j]["prompt_ids"] + ds[j]["KL_completion_ids"]
 
 
 def test_a_mixtures_kl_rows_pair_rows_within_their_source_as_that_source_alone(tmp_path):

@@ -24,6 +24,7 @@ from pathlib import Path
 from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_cache, cache_path,
                                     ensure_cache, read_cache, read_meta, tokenizer_fingerprint)
 from ds_finetune.data.mixture import MixedData, MixtureOrder, SourceLosses, mix_change_message
+from ds_finetune.data.preference import UnpairedRows
 from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, HostFacts, PairBatch, StepBatch, collate,
                                       collate_pairs, group_indices, group_units, plan_units, unit_targets, unit_tokens)
 from ds_finetune.data.repeat import RepeatedOrder
@@ -62,7 +63,8 @@ def prepare_data(data_cfg, tok, say=None) -> TokenizedData:
     """Every rank's view of the tokenized data. Usually prepared already (by the CLI before the launch);
     else the first rank to get the lock builds it while the others wait on the file, not on a collective."""
     path, data_hash, _ = ensure_prepared(data_cfg, tok, progress=periodic_progress(say) if say else None, say=say)
-    return read_cache(path, data_hash, rows_per_unit(data_cfg.format))
+    data = read_cache(path, data_hash, rows_per_unit(data_cfg.format))
+    return UnpairedRows(data) if data_cfg.format == "preference" and data_cfg.pairs_as_rows else data
 
 
 def rows_per_unit(data_format: str) -> int:

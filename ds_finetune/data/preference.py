@@ -11,6 +11,10 @@ Truncation keeps the prompt's end: a prompt is cut to its last `data.max_prompt_
 completion to what `data.max_length` leaves after the prompt; the pairs that lost any token are counted.
 A prompt that leaves no room for a completion, a missing field, an empty completion or chosen identical
 to rejected is a one-line error naming the row.
+
+KTO takes the pairs as unpaired rows (`UnpairedRows`): chosen desirable, rejected not, in the order TRL's
+`unpair_preference_dataset` gives them (its batched map of 1,000 pairs: the block's chosen rows, then its
+rejected ones), so KTO's KL rows pair each prompt with the completions TRL's would.
 """
 
 from __future__ import annotations
@@ -78,3 +82,31 @@ def preference_seqs(tok, cfg, rows: list[dict], ats: list[str]):
             out.append((k, np.asarray(p + completion, dtype=np.int32),
                         np.asarray([False] * len(p) + [True] * len(completion), dtype=bool)))
     return out, cut
+
+
+UNPAIR_BLOCK = 1000  # datasets' default batch size of Dataset.map, the blocks TRL's unpairing runs in
+
+
+class UnpairedRows:
+    """A preference cache's rows one by one for KTO, in TRL's unpaired order (see the module's doc): row i of
+    the view is cache row `order[i]`, desirable where that is a chosen row. Per-row arrays are copied in that
+    order (a few bytes a row); the tokens stay memory-mapped."""
+    rows_per_unit = 1
+    row_margins = None
+    columns = None
+
+    def __init__(self, pairs):
+        self.pairs, self.path, self.content_hash = pairs, pairs.path, pairs.content_hash
+        self.skipped_rows, self.truncated_pairs = pairs.skipped_rows, pairs.truncated_pairs
+        n = pairs.num_rows // 2
+        blocks = [np.arange(start, min(n, start + UNPAIR_BLOCK)) for start in range(0, n, UNPAIR_BLOCK)]
+        self.order = np.concatenate([np.concatenate([2 * b, 2 * b + 1]) for b in blocks] or [np.zeros(0, np.int64)])
+        self.lengths, self.row_targets = pairs.lengths[self.order], pairs.row_targets[self.order]
+        self.row_ids, self.row_labels = pairs.row_ids[self.order], self.order % 2 == 0
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.order)
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.pairs.row(int(self.order[i]))
