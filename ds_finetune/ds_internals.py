@@ -10,6 +10,8 @@ What is private and why we use it:
 * `deepspeed.ops.__compatible_ops__`: the CPU backend's shared-memory all-reduce is marked unbuildable
   (`skip_cpu_inference_all_reduce`).
 * The optimizer's `_global_grad_norm`, which `engine.get_global_grad_norm()` copies (`reports_grad_norm`).
+* `engine.enable_backward_allreduce`: no gradient all-reduce over one rank at ZeRO 0
+  (`skip_single_rank_allreduce`).
 * `deepspeed.runtime.zero.muon.muon_optimizer` and `original_muon`: stand-ins (`skip_muon_import`), so that
   no ZeRO engine compiles Muon's kernels.
 * ZeRO-3's parameter coordinator (`optimizer.parameter_offload`: its forward/backward hooks, its trace,
@@ -73,6 +75,22 @@ def skip_muon_import() -> None:
             stub = types.ModuleType(full)
             stub.__dict__.update(attrs)
             sys.modules[full] = stub
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+def skip_single_rank_allreduce(engine) -> None:
+    """ZeRO 0 on one data-parallel rank: DeepSpeed's gradient all-reduce (`allreduce_gradients` ->
+    `buffered_allreduce_fallback`) copies every gradient into flat buckets of up to 5e8 elements and back: for a
+    model under 5e8 parameters a second copy of all its gradients at once (a peak the size of the fp32
+    gradients), for an all-reduce over one rank. Turned off there with the engine's own switch
+    (`enable_backward_allreduce`, which DeepSpeed clears for optimizers that reduce by themselves): the
+    gradients keep the same bits (a sum over one rank, divided by 1). Left on for the wrappers that track the
+    accumulation boundary through that call (ZeROOptimizer: bf16's, ZeRO 1-3's)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    if engine.zero_optimization_stage() == 0 and engine.seq_dp_world_size == 1 and \
+            not isinstance(engine.optimizer, ZeROOptimizer) and engine.gradient_predivide_factor() == 1.0:
+        engine.enable_backward_allreduce = False
 
 
 # ------------------------------------------------------------------------------------------ the loss

@@ -160,6 +160,8 @@ def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int, mpu=N
     """`mpu`: the sequence-parallel groups of a run with train.sequence_parallel > 1 (`sequence.attach`)."""
     import deepspeed
 
+    from ds_finetune.ds_internals import skip_single_rank_allreduce
+
     params = dict(model.named_parameters())
     decay, no_decay = ([params[n] for n in names] for names in param_group_names(model))
     t = cfg.train
@@ -172,4 +174,5 @@ def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int, mpu=N
         model=model, optimizer=optimizer, config=ds_config, mpu=mpu,
         # A callable, so the scheduler drives the optimizer DeepSpeed wraps; DeepSpeed saves and loads it.
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    skip_single_rank_allreduce(engine)
     return engine

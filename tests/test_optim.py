@@ -338,6 +338,26 @@ def test_grad_norm_is_deepspeeds_and_zero0_computes_the_same(engine_group, monke
     assert float(norm0.value()) == pytest.approx(float(deepspeed_norm), rel=1e-6)
 
 
+def test_zero0_on_one_rank_skips_the_gradient_all_reduce_and_keeps_its_bits(engine_group, monkeypatch):
+    """ZeRO 0 on one rank runs no all-reduce (no flat copy of every gradient: ds_internals.
+    skip_single_rank_allreduce), and two steps give the bits of the engine that runs it; ZeRO 1 keeps it."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    skipped, reduced = (one_rank_engine(["train.zero_stage=0"], seed=0) for _ in range(2))
+    assert not skipped.enable_backward_allreduce
+    assert one_rank_engine(["train.zero_stage=1"], seed=0).enable_backward_allreduce
+    reduced.enable_backward_allreduce = True
+    calls, original = [], type(reduced).allreduce_gradients
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(type(reduced), "allreduce_gradients", counted)
+    assert train_steps(skipped, range(2)) == train_steps(reduced, range(2))
+    assert calls and all(c is reduced for c in calls)
+    assert_same_state(fp32_weights(skipped), fp32_weights(reduced))
+
+
 @pytest.mark.parametrize("chunk", [3, 64])
 def test_token_accuracy_counts_top1_targets_in_the_chunked_and_full_losses(chunk):
     from types import SimpleNamespace
