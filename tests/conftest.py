@@ -15,6 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 
+def pytest_configure(config):
+    """Launches fork from the launch server (tests/launch_server.py) unless DS_FINETUNE_TEST_FORK=0."""
+    harness.USE_LAUNCH_SERVER = os.environ.get("DS_FINETUNE_TEST_FORK", "1") != "0"
+
+
+def pytest_unconfigure(config):
+    harness.stop_launch_server()
+
+
 def pytest_collection_finish(session):
     """Start the jobs of selected tests marked harness.started_early: they mostly sleep, so they overlap
     the rest of the suite instead of adding their wait to it. Under pytest-xdist every worker collects every

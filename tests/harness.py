@@ -75,15 +75,56 @@ def train_argv(out_dir: Path, overrides=(), nproc: int = 2, resume: str | None =
     return [PY, str(script), *args] if nproc == 1 else ranks_argv(script, args, nproc)
 
 
+# The suite's launch server (tests/launch_server.py): launches forked from a process that has imported
+# torch, DeepSpeed and transformers. The conftest turns it on; off, every launch is a new interpreter (the
+# bench's are).
+USE_LAUNCH_SERVER = False
+_launch_server = None
+
+
+def forked(argv: list[str], env: dict, stdout: int, stderr: int, outputs: list[int]):
+    """The launch forked by the launch server where it serves it (started at the first), else None."""
+    global _launch_server
+    if not USE_LAUNCH_SERVER:
+        return None
+    if _launch_server is None:
+        from launch_server import LaunchServer
+        _launch_server = LaunchServer(child_env(), ROOT)
+    return _launch_server.start(argv, env, stdout, stderr, outputs) if _launch_server.serves(argv, env) else None
+
+
+def stop_launch_server() -> None:
+    global _launch_server
+    if _launch_server is not None:
+        _launch_server.stop()
+        _launch_server = None
+
+
 def start(argv: list[str], env_extra: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    env = child_env(env_extra)
+    if log:
+        with open(log, "w") as out:
+            job = forked(argv, env, out.fileno(), out.fileno(), [])
+        if job is not None:
+            return job
     out = open(log, "w") if log else subprocess.PIPE
-    return subprocess.Popen(argv, cwd=ROOT, env=child_env(env_extra), stdout=out, stderr=subprocess.STDOUT,
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
 def run(argv: list[str], env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(argv, cwd=ROOT, env=child_env(env_extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = child_env(env_extra)
+    (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+    try:
+        proc = forked(argv, env, out_w, err_w, [out_r, err_r])
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    if proc is None:
+        os.close(out_r)
+        os.close(err_r)
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
