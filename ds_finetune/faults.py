@@ -12,7 +12,9 @@ function of a step's scoring.
 "The job" is every process that inherited the same DS_FINETUNE_FAULT and DS_FINETUNE_FAULT_ID (the
 ranks, the launcher and the CLI): launchers put ranks in other process groups (torchrun: other
 sessions), so no group kill fits, and the id (set per launch by the tests) keeps two jobs with the same
-spec on one machine apart.
+spec on one machine apart. A process forked with its environment set after the fork (the tests' launch
+server, whose launches are their own sessions) shows another process's environment in /proc: its job is
+its process group, killed as well.
 
 Every fault that fires prints one line, `[fault injection] ACTION at PHASE rank R step N` (ACTION: SIGKILL,
 ENOSPC, sleeping S s, hanging), which the tests assert; a training process whose spec was aimed at its rank
@@ -114,4 +116,6 @@ def kill_job() -> None:
             survivors.append(f"{p.pid} ({e})")
     if survivors:
         print(f"[fault injection] could not kill {', '.join(survivors)}", flush=True)
+    if _job_marker(psutil.Process().environ()) != ours:  # forked, its environment set after (see above)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -21,7 +21,7 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    harness.stop_launch_server()
+    harness.stop_launch_servers()
 
 
 def pytest_collection_finish(session):

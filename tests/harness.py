@@ -79,25 +79,25 @@ def train_argv(out_dir: Path, overrides=(), nproc: int = 2, resume: str | None =
 # torch, DeepSpeed and transformers. The conftest turns it on; off, every launch is a new interpreter (the
 # bench's are).
 USE_LAUNCH_SERVER = False
-_launch_server = None
+_launch_servers: dict = {}  # launch_server.import_key -> its server
 
 
 def forked(argv: list[str], env: dict, stdout: int, stderr: int, outputs: list[int]):
-    """The launch forked by the launch server where it serves it (started at the first), else None."""
-    global _launch_server
+    """The launch forked by a launch server of its import environment (started at the first such launch),
+    else None."""
     if not USE_LAUNCH_SERVER:
         return None
-    if _launch_server is None:
-        from launch_server import LaunchServer
-        _launch_server = LaunchServer(child_env(), ROOT)
-    return _launch_server.start(argv, env, stdout, stderr, outputs) if _launch_server.serves(argv, env) else None
+    from launch_server import MAX_SERVERS, LaunchServer, import_key
+    server = _launch_servers.get(import_key(env))
+    if server is None and len(_launch_servers) < MAX_SERVERS:
+        server = _launch_servers[import_key(env)] = LaunchServer(env, ROOT)
+    return server.start(argv, env, stdout, stderr, outputs) if server and server.serves(argv, env) else None
 
 
-def stop_launch_server() -> None:
-    global _launch_server
-    if _launch_server is not None:
-        _launch_server.stop()
-        _launch_server = None
+def stop_launch_servers() -> None:
+    for server in _launch_servers.values():
+        server.stop()
+    _launch_servers.clear()
 
 
 def start(argv: list[str], env_extra: dict | None = None, log: Path | None = None) -> subprocess.Popen:

@@ -4,10 +4,12 @@ doc says what a forked launch is). `LaunchServer.start` returns a `ForkedJob`, w
 ask of a subprocess.Popen: pid (its own session, so harness.kill_job and killpg work as for a Popen),
 poll, wait, send_signal, kill, communicate, returncode.
 
-A launch goes through the server only where a new interpreter would compute the same: argv `[python,
+A launch goes through a server only where a new interpreter would compute the same: argv `[python,
 SCRIPT, ...]` with this interpreter, and an environment that differs from the server's only in variables
-read at run time (not at import, as HF_*, TRANSFORMERS_*, TORCH*, DS_ACCELERATOR... are); anything else,
-or a server that is gone, starts a new interpreter as before. The conftest turns the server on for the
+read at run time (not at import, as HF_*, TRANSFORMERS_*, TORCH*, DS_ACCELERATOR... are; `import_key`). A
+launch whose variables read at import differ from every server's gets a server of its own (a test process
+whose environment changed, e.g. TOKENIZERS_PARALLELISM set by a tokenizer it used), up to MAX_SERVERS;
+anything else, or a server that is gone, starts a new interpreter as before. The conftest turns the server on for the
 suite (DS_FINETUNE_TEST_FORK=0 turns it off); the bench never uses it.
 """
 
@@ -30,6 +32,7 @@ SERVER = Path(__file__).resolve().parent / "scripts" / "launch_server.py"
 READ_AT_IMPORT = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "DS_ACCELERATOR", "DS_BUILD", "DEEPSPEED",
                   "CUDA", "NCCL", "MKL", "KMP", "TOKENIZERS", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
                   "PYTHONWARNINGS", "ACCELERATE", "TRITON", "XDG_CACHE_HOME", "HOME")
+MAX_SERVERS = 3  # a pytest process's servers, one an import environment (each holds ~0.4 GB, mostly shared)
 
 
 class ForkedJob:
@@ -96,9 +99,14 @@ class ForkedJob:
         return tuple(b"".join(c).decode(errors="replace") for c in chunks.values())
 
 
+def import_key(env: dict) -> tuple:
+    """The variables of `env` read at import: launches with the same key can share a server."""
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(READ_AT_IMPORT)))
+
+
 class LaunchServer:
     def __init__(self, env: dict, cwd: Path):
-        self.env, self.cwd = env, cwd
+        self.env, self.cwd, self.key = env, cwd, import_key(env)
         self.path = Path(tempfile.mkdtemp(prefix="launch-server-")) / "socket"
         self.proc = subprocess.Popen([sys.executable, str(SERVER), str(self.path)], cwd=cwd, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -107,8 +115,7 @@ class LaunchServer:
         """Whether a launch of `argv` in `env` computes in a forked child what it would in a new interpreter."""
         if len(argv) < 2 or argv[0] != sys.executable or not argv[1].endswith(".py") or self.proc.poll() is not None:
             return False
-        changed = {k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k)}
-        return not any(k.startswith(READ_AT_IMPORT) for k in changed)
+        return import_key(env) == self.key
 
     def start(self, argv: list[str], env: dict, stdout: int, stderr: int, outputs: list[int]) -> ForkedJob | None:
         """The launch forked, writing to the descriptors `stdout` and `stderr` (ours to close); None where the

@@ -155,7 +155,8 @@ def test_a_cache_key_from_before_chat_turns_is_unchanged_at_the_default(tmp_path
     import hashlib
     cfg, tok, h = reasoning_cache_inputs(tmp_path)
     added = {"chat_turns", "sources", "chosen_field", "rejected_field", "max_prompt_length",  # keys added since
-             "layout", "chat_template", "subset", "revision", "data_files", "label_field", "margin_field"}
+             "layout", "chat_template", "subset", "revision", "data_files", "label_field", "margin_field",
+             "system_prompt"}
     before = {k: v for k, v in cfg.model_dump(mode="json", exclude=data.cache.NOT_IN_KEY).items() if k not in added}
     key = json.dumps({"v": data.DATA_FORMAT_VERSION, "data": h, "tok": data.tokenizer_fingerprint(tok), **before},
                      sort_keys=True)

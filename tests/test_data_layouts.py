@@ -263,7 +263,8 @@ def test_an_unreadable_chat_template_file_is_one_line(tok, tmp_path):
 
 def key_before_layouts(cfg: DataConfig, data_hash: str, tok) -> str:
     """The cache key as it was computed before layouts existed (its settings had none of the new keys)."""
-    new = {"layout", "chat_template", "subset", "revision", "data_files", "label_field", "margin_field"}
+    new = {"layout", "chat_template", "subset", "revision", "data_files", "label_field", "margin_field",
+           "system_prompt"}
     settings = {k: v for k, v in cfg.model_dump(mode="json", exclude=NOT_IN_KEY | new).items()
                 if (k, v) not in {("chat_turns", "all"), ("sources", None), ("chosen_field", "chosen"),
                                   ("rejected_field", "rejected"), ("max_prompt_length", None)}}

@@ -1,7 +1,7 @@
 """The tests' launch server (tests/launch_server.py): a forked launch sees what a new interpreter would (its
 argv, environment, working folder, sys.path, a fresh session), its output and exit code (or signal) come
 back as a Popen's would, harness.kill_job kills it and its children, and a launch whose environment changes
-a variable read at import starts a new interpreter instead."""
+a variable read at import is not forked from a server of another such environment."""
 import os
 import signal
 import subprocess
@@ -77,10 +77,13 @@ def test_a_signal_ends_it_as_a_popen_reports_and_kill_job_kills_its_children(ser
     harness.kill_job(term)
 
 
-def test_a_variable_read_at_import_gets_a_new_interpreter(server):
+def test_a_variable_read_at_import_needs_a_server_of_its_own(server):
+    """A server forks only launches whose import-time variables are its own (the harness starts another server
+    for another such environment); a launch of something other than `python SCRIPT` is never forked."""
     argv = [sys.executable, str(harness.ROOT / "launch" / "train.py")]
     assert server.serves(argv, harness.child_env({"DS_FINETUNE_FAULT": "x", "PYTHONPATH": "/tmp"}))
     assert not server.serves(argv, harness.child_env({"HF_HOME": "/elsewhere"}))
+    assert not server.serves(argv, harness.child_env({"TOKENIZERS_PARALLELISM": "false"}))
     assert not server.serves([str(harness.BIN / "ds-finetune"), "train"], harness.child_env())
 
 
