@@ -2,8 +2,8 @@
 work, one process each on the CPU, and the share of a step each spends generating.
 
 The same model as `dpo-trl` (a random 8-layer Llama, hidden 512, vocabulary 32,000: its LM head is ~28 % of
-the parameters), the same prompts file (every prompt PROMPT_TOKENS tokens with its bos, so no batch is padded
-differently on the two sides), PROMPTS prompts a micro-step and ACCUM micro-steps a step, G completions a
+the parameters), the same prompts file (every prompt PROMPT_TOKENS tokens as both sides tokenize it, the
+tokenizer's own special tokens included, so no batch is padded differently on the two sides), PROMPTS prompts a micro-step and ACCUM micro-steps a step, G completions a
 prompt of exactly COMPLETION tokens (max_completion_length; the eos token is suppressed on both sides,
 bench/children/grpo_generation.py, so no completion ends early and both sides generate the same tokens),
 temperature / top_p / top_k SAMPLING, fp32, torch AdamW with the same LR schedule and clipping, loss_type
@@ -46,8 +46,9 @@ REWARD = "grpo_reward:known_token_share"  # bench/children/grpo_reward.py, on bo
 
 
 def prompts_dataset(rows: int = 256):
-    """Prompts of exactly PROMPT_TOKENS tokens each (bos included), from the bench's words."""
-    path = WORK / "data" / f"grpo-prompts-{rows}-t{PROMPT_TOKENS}.jsonl"
+    """Prompts of exactly PROMPT_TOKENS tokens each as `tok(text)` gives them (what both sides run: TRL's
+    GRPOTrainer and ds-finetune's format prompt), from the bench's words."""
+    path = WORK / "data" / f"grpo-prompts-{rows}-t{PROMPT_TOKENS}-tok.jsonl"
     if path.exists():
         return path
     from transformers import AutoTokenizer
@@ -55,10 +56,10 @@ def prompts_dataset(rows: int = 256):
     rng, out = random.Random(11), []
     while len(out) < rows:
         words = []
-        while len(tok(" ".join(words), add_special_tokens=False)["input_ids"]) < PROMPT_TOKENS - 1:
+        while len(tok(" ".join(words))["input_ids"]) < PROMPT_TOKENS:
             words.append(rng.choice(WORDS))
         text = " ".join(words)
-        if len(tok(text, add_special_tokens=False)["input_ids"]) == PROMPT_TOKENS - 1:  # + bos
+        if len(tok(text)["input_ids"]) == PROMPT_TOKENS:
             out.append({"prompt": text})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -199,22 +199,28 @@ def later_text(later: list[dict]) -> str:
     if not later:
         return ""
     runs = [f"{', '.join(run['sections'])} from [`bench/results/{run['name']}`](../bench/results/{run['name']}) "
-            f"(commit `{run['commit'][:7]}`, {run['date'][:10]})" for run in later]
+            f"(commit `{run['commit'][:7]}`, {run['date'][:10]})"
+            + "".join(f" in place of the full run's {name}, which failed ({error})"
+                      for name, error in run.get("replaced_errors", {}).items()) for run in later]
     return (" Some sections were run again after it, alone, on newer code, and their figures replace that run's: "
             + "; ".join(runs) + ".")
 
 
 def quoted_results(names: list[str], results_dir: Path = RESULTS) -> dict:
     """The results docs/benchmarks.md quotes: the first file, a full run of every section, with the sections
-    of each later file (a run of some sections on newer code) in place of its own."""
+    of each later file (a run of some sections on newer code) in place of its own; a section that failed in
+    an earlier file is quoted from the later run of it, and the doc says so (`errors`: those left)."""
     runs = [json.loads((results_dir / name).read_text()) for name in names]
-    out = {**runs[0], "later": [], "files": list(names)}
+    out = {**runs[0], "later": [], "files": list(names), "errors": dict(runs[0].get("errors", {}))}
     for name, run in zip(names[1:], runs[1:]):
         again = set(run["sections"])
         out["figures"] = [f for f in out["figures"] if f["section"] not in again] + run["figures"]
         out["sections"] = {**out["sections"], **run["sections"]}
         out["skipped"] = {**{k: v for k, v in out["skipped"].items() if k not in again}, **run["skipped"]}
-        out["later"].append({"name": name, "commit": run["commit"], "date": run["date"], "sections": list(run["sections"])})
+        replaced = {k: out["errors"].pop(k) for k in sorted(again & set(out["errors"]))}
+        out["errors"].update(run.get("errors", {}))
+        out["later"].append({"name": name, "commit": run["commit"], "date": run["date"], "sections": list(run["sections"]),
+                             "replaced_errors": replaced})
     return out
 
 

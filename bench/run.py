@@ -51,7 +51,7 @@ SECTIONS = {"overhead": "overhead", "checkpoint": "ckpt_throughput", "resume": "
             "side-by-side": "side_by_side", "loss": "loss_memory", "data": "data_prep", "elastic": "elastic",
             "lora": "lora_cost", "async": "async_cost", "verify": "verify_split", "mixture": "mixture",
             "gpu": "gpu", "dpo": "dpo_memory", "dpo-trl": "dpo_trl", "long": "long_context",
-            "grpo": "grpo"}
+            "grpo": "grpo", "orpo-trl": "orpo_trl"}
 
 
 def parse_args(argv=None):

@@ -33,8 +33,9 @@ def test_the_results_behind_the_doc_are_a_full_run_and_later_runs_of_some_sectio
     runs = [json.loads((ROOT / "bench" / "results" / name).read_text()) for name in names]
     assert "--only" not in runs[0]["command"]  # the first is a run of every section (of its day)
     assert set(quoted["sections"]) == set(bench_run.SECTIONS)
+    assert not quoted["errors"]  # a section that failed in the full run is quoted from a later run of it
     for run in runs:
-        assert run["mode"] == "full" and not run["errors"]
+        assert run["mode"] == "full" and (run is runs[0] or not run["errors"])
         assert len(run["commit"]) == 40 and run["uncommitted_changes"] is False
         for f in run["figures"]:
             assert f["commit"] == run["commit"] and f["section"] in bench_run.SECTIONS, f["id"]
@@ -54,6 +55,12 @@ def test_a_later_run_of_some_sections_replaces_their_figures(tmp_path):
     quoted = report.quoted_results(["full.json", "b.json", "bc.json"], tmp_path)
     assert {f["id"]: f["commit"][0] for f in quoted["figures"]} == {"a_x": "1", "b_x": "3", "c_x": "3"}
     assert "b, c from [`bench/results/bc.json`]" in report.later_text(quoted["later"])
+    # a section that failed in the full run, run again later: quoted from there, the failure named
+    report.write_json(tmp_path / "failed.json", {**run(["a", "c"], "4" * 40), "errors": {"b": "boom"}})
+    quoted = report.quoted_results(["failed.json", "b.json"], tmp_path)
+    assert quoted["errors"] == {} and {f["id"]: f["commit"][0] for f in quoted["figures"]}["b_x"] == "2"
+    assert "in place of the full run's b, which failed (boom)" in report.later_text(quoted["later"])
+    assert report.quoted_results(["failed.json"], tmp_path)["errors"] == {"b": "boom"}
     # a later file whose sections all ran again is no longer quoted
     assert report.with_later_run(["full.json", "b.json"], "bc.json", tmp_path) == ["full.json", "bc.json"]
     assert report.with_later_run(["full.json", "bc.json"], "b.json", tmp_path) == ["full.json", "bc.json", "b.json"]

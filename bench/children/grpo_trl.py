@@ -1,7 +1,7 @@
 """TRL's GRPOTrainer, the contender of `bench/grpo.py`, in one process on the CPU.
 
 It reads a ds-finetune GRPO run config so both sides do the same work: the same inline model (built from the
-same seed), the same prompts file (a string prompt gets the bos token ds-finetune starts it with), the same
+same seed), the same prompts file (both sides tokenize a string prompt as `tokenizer(text)`), the same
 prompts a micro-step (TRL's per_device_train_batch_size counts completions: micro_batch_size x G), grad
 accumulation, optimizer (torch AdamW), LR schedule, clipping, G, max_completion_length, temperature, top_p,
 top_k, loss_type, scale_rewards, epsilon, beta, num_iterations, mask_truncated_completions, and the reward
@@ -62,9 +62,6 @@ def main():
         sys.exit(f"{args.config}: the bench's reward is grpo_reward:known_token_share, not {cfg.rewards}")
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     rows = [json.loads(line) for line in Path(cfg.data.path).read_text().splitlines() if line.strip()]
-    if tokenizer.bos_token is not None and tokenizer("a")["input_ids"][0] != tokenizer.bos_token_id:
-        # ds-finetune starts a string prompt with bos (data/prompts.py); TRL tokenizes it as given
-        rows = [dict(r, prompt=tokenizer.bos_token + r["prompt"]) for r in rows]
     model = random_model(cfg)
     eos_ids = sorted({tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
         model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])})
