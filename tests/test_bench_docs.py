@@ -33,9 +33,9 @@ def test_the_results_behind_the_doc_are_a_full_run_and_later_runs_of_some_sectio
     runs = [json.loads((ROOT / "bench" / "results" / name).read_text()) for name in names]
     assert "--only" not in runs[0]["command"]  # the first is a run of every section (of its day)
     assert set(quoted["sections"]) == set(bench_run.SECTIONS)
-    assert not quoted["errors"]  # a section that failed in the full run is quoted from a later run of it
+    assert not quoted["errors"]  # a section that failed in one run is quoted from a later run of it
     for run in runs:
-        assert run["mode"] == "full" and (run is runs[0] or not run["errors"])
+        assert run["mode"] == "full"
         assert len(run["commit"]) == 40 and run["uncommitted_changes"] is False
         for f in run["figures"]:
             assert f["commit"] == run["commit"] and f["section"] in bench_run.SECTIONS, f["id"]

@@ -38,7 +38,7 @@ def main():
     orpo_args = ORPOConfig(
         output_dir=args.out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
         max_steps=cfg.train.max_steps, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-        beta=cfg.orpo.beta, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_length // 2,
+        beta=cfg.orpo.beta, max_length=cfg.data.max_length,
         **trainer_settings(cfg))
     trainer = ORPOTrainer(model=random_model(cfg), args=orpo_args, processing_class=tokenizer,
                           train_dataset=Dataset.from_list(rows), callbacks=[loss_log(args.steps_log)()])
