@@ -200,8 +200,8 @@ def later_text(later: list[dict]) -> str:
         return ""
     runs = [f"{', '.join(run['sections'])} from [`bench/results/{run['name']}`](../bench/results/{run['name']}) "
             f"(commit `{run['commit'][:7]}`, {run['date'][:10]})"
-            + "".join(f" in place of the full run's {name}, which failed ({error})"
-                      for name, error in run.get("replaced_errors", {}).items()) for run in later]
+            + "".join(f" in place of {name} of `{where}`, which failed ({error})"
+                      for name, (where, error) in run.get("replaced_errors", {}).items()) for run in later]
     return (" Some sections were run again after it, alone, on newer code, and their figures replace that run's: "
             + "; ".join(runs) + ".")
 
@@ -211,16 +211,18 @@ def quoted_results(names: list[str], results_dir: Path = RESULTS) -> dict:
     of each later file (a run of some sections on newer code) in place of its own; a section that failed in
     an earlier file is quoted from the later run of it, and the doc says so (`errors`: those left)."""
     runs = [json.loads((results_dir / name).read_text()) for name in names]
-    out = {**runs[0], "later": [], "files": list(names), "errors": dict(runs[0].get("errors", {}))}
+    out = {**runs[0], "later": [], "files": list(names)}
+    failed = {k: (names[0], e) for k, e in runs[0].get("errors", {}).items()}  # section -> (file, error)
     for name, run in zip(names[1:], runs[1:]):
         again = set(run["sections"])
         out["figures"] = [f for f in out["figures"] if f["section"] not in again] + run["figures"]
         out["sections"] = {**out["sections"], **run["sections"]}
         out["skipped"] = {**{k: v for k, v in out["skipped"].items() if k not in again}, **run["skipped"]}
-        replaced = {k: out["errors"].pop(k) for k in sorted(again & set(out["errors"]))}
-        out["errors"].update(run.get("errors", {}))
+        replaced = {k: failed.pop(k) for k in sorted(again & set(failed))}
+        failed.update({k: (name, e) for k, e in run.get("errors", {}).items()})
         out["later"].append({"name": name, "commit": run["commit"], "date": run["date"], "sections": list(run["sections"]),
                              "replaced_errors": replaced})
+    out["errors"] = {k: e for k, (_, e) in failed.items()}
     return out
 
 

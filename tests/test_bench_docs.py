@@ -59,7 +59,7 @@ def test_a_later_run_of_some_sections_replaces_their_figures(tmp_path):
     report.write_json(tmp_path / "failed.json", {**run(["a", "c"], "4" * 40), "errors": {"b": "boom"}})
     quoted = report.quoted_results(["failed.json", "b.json"], tmp_path)
     assert quoted["errors"] == {} and {f["id"]: f["commit"][0] for f in quoted["figures"]}["b_x"] == "2"
-    assert "in place of the full run's b, which failed (boom)" in report.later_text(quoted["later"])
+    assert "in place of b of `failed.json`, which failed (boom)" in report.later_text(quoted["later"])
     assert report.quoted_results(["failed.json"], tmp_path)["errors"] == {"b": "boom"}
     # a later file whose sections all ran again is no longer quoted
     assert report.with_later_run(["full.json", "b.json"], "bc.json", tmp_path) == ["full.json", "bc.json"]
