@@ -229,6 +229,13 @@ def cpu_per_step(job: Job, times: list[float], skip: int) -> float:
     return (job.cpu_at(times[-1]) - job.cpu_at(times[0])) / (len(times) - 1)
 
 
+def run_child(name: str, argv: list[str], env_extra: dict | None = None, timeout: float = 1800) -> Job:
+    """One side's run of a figure script, to its end; its output in build/bench/logs/NAME.log."""
+    job = Job(argv, WORK / "logs" / f"{name}.log", env_extra).start()
+    job.wait(timeout)
+    return job
+
+
 def steps_per_s(intervals: list[float]) -> float:
     return 1.0 / statistics.median(intervals) if intervals else float("nan")
 

@@ -34,7 +34,7 @@ import os
 import shutil
 
 from common import (CHILDREN, INTERVALS, PY, WORK, WORDS, Job, figure, interleaved, llama, llama_params, log, median,
-                    read_jsonl, run_config, step_intervals, timed_steps, write_jsonl_dataset)
+                    read_jsonl, run_child, run_config, step_intervals, timed_steps, write_jsonl_dataset)
 
 VOCAB = 32_000
 MODEL = {**llama(512, 8, 1408, 8, 8, 1024), "vocab_size": VOCAB}
@@ -101,8 +101,7 @@ def ours(config, rep: int) -> dict:
     phases.parent.mkdir(parents=True, exist_ok=True)
     argv = [PY, str(CHILDREN / "dpo_trl_phases.py"), str(phases), "--config", str(config), f"output_dir={out}",
             f"data.cache_dir={cache}"]
-    job = Job(argv, WORK / "logs" / f"dpo-trl-ours-{rep}.log", THREADS).start()
-    job.wait(1800)
+    job = run_child(f"dpo-trl-ours-{rep}", argv, THREADS)
     return measured(job, out / "metrics.jsonl", phases)
 
 
@@ -113,8 +112,7 @@ def trl(config, rep: int) -> dict:
     steps_log, phases = out / "steps.jsonl", out / "phases.jsonl"
     argv = [PY, str(CHILDREN / "dpo_trl.py"), "--config", str(config), "--out", str(out),
             "--steps-log", str(steps_log), "--phases", str(phases)]
-    job = Job(argv, WORK / "logs" / f"dpo-trl-trl-{rep}.log", THREADS).start()
-    job.wait(1800)
+    job = run_child(f"dpo-trl-trl-{rep}", argv, THREADS)
     return measured(job, steps_log, phases)
 
 

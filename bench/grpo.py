@@ -31,7 +31,7 @@ import shutil
 import yaml
 
 from common import (CHILDREN, INTERVALS, PY, TOKENIZER, WORK, WORDS, Job, figure, interleaved, llama_params, log,
-                    median, read_jsonl, run_config, step_intervals, timed_steps)
+                    median, read_jsonl, run_child, run_config, step_intervals, timed_steps)
 from dpo_trl import HEAD_SHARE, MODEL, VOCAB
 
 G = 4
@@ -109,8 +109,7 @@ def ours(config, rep: int) -> dict:
     generations.unlink(missing_ok=True)
     generations.parent.mkdir(parents=True, exist_ok=True)
     argv = [PY, str(CHILDREN / "grpo_generation.py"), str(generations), "--config", str(config), f"output_dir={out}"]
-    job = Job(argv, WORK / "logs" / f"grpo-ours-{rep}.log", THREADS).start()
-    job.wait(1800)
+    job = run_child(f"grpo-ours-{rep}", argv, THREADS)
     rows = read_jsonl(out / "metrics.jsonl")
     return measured(job, [r["time"] for r in rows], generations, [r["time/generate"] for r in rows])
 
@@ -122,8 +121,7 @@ def trl(config, rep: int) -> dict:
     steps_log, generations = out / "steps.jsonl", out / "generations.jsonl"
     argv = [PY, str(CHILDREN / "grpo_trl.py"), "--config", str(config), "--out", str(out),
             "--steps-log", str(steps_log), "--generations", str(generations)]
-    job = Job(argv, WORK / "logs" / f"grpo-trl-{rep}.log", THREADS).start()
-    job.wait(1800)
+    job = run_child(f"grpo-trl-{rep}", argv, THREADS)
     return measured(job, [r["time"] for r in read_jsonl(steps_log)], generations)
 
 

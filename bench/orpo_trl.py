@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import shutil
 
-from common import (CHILDREN, INTERVALS, PY, ROOT, WORK, Job, figure, interleaved, llama_params, log, median, read_jsonl,
-                    run_config, step_intervals)
+from common import (CHILDREN, INTERVALS, PY, ROOT, WORK, Job, figure, interleaved, llama_params, log, read_jsonl,
+                    run_child, run_config, step_intervals, steps_per_s)
 from dpo_trl import ACCUM, DEEPSPEED_NOTE, MICRO, MODEL, STEPS, THREADS, VOCAB, WARMUP, pairs_dataset
 
 
@@ -32,7 +32,7 @@ def measured(job: Job, steps_log) -> dict:
     rows = read_jsonl(steps_log)
     assert len(rows) == STEPS, len(rows)
     seconds = step_intervals([r["time"] for r in rows], WARMUP)
-    return {"steps_per_s": 1 / median(seconds), "peak_rss_mb": job.peak_rss / 2**20,
+    return {"steps_per_s": steps_per_s(seconds), "peak_rss_mb": job.peak_rss / 2**20,
             "losses": [r["loss"] for r in rows]}
 
 
@@ -41,8 +41,7 @@ def ours(config, rep: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     argv = [PY, str(ROOT / "launch" / "train.py"), "--config", str(config), f"output_dir={out}",
             f"data.cache_dir={WORK / 'orpo-trl-cache'}"]
-    job = Job(argv, WORK / "logs" / f"orpo-trl-ours-{rep}.log", THREADS).start()
-    job.wait(1800)
+    job = run_child(f"orpo-trl-ours-{rep}", argv, THREADS)
     return measured(job, out / "metrics.jsonl")
 
 
@@ -52,8 +51,7 @@ def trl(config, rep: int) -> dict:
     out.mkdir(parents=True)
     argv = [PY, str(CHILDREN / "orpo_trl.py"), "--config", str(config), "--out", str(out),
             "--steps-log", str(out / "steps.jsonl")]
-    job = Job(argv, WORK / "logs" / f"orpo-trl-trl-{rep}.log", THREADS).start()
-    job.wait(1800)
+    job = run_child(f"orpo-trl-trl-{rep}", argv, THREADS)
     return measured(job, out / "steps.jsonl")
 
 

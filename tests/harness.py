@@ -102,12 +102,11 @@ def stop_launch_servers() -> None:
 
 def start(argv: list[str], env_extra: dict | None = None, log: Path | None = None) -> subprocess.Popen:
     env = child_env(env_extra)
-    if log:
-        with open(log, "w") as out:
-            job = forked(argv, env, out.fileno(), out.fileno(), [])
-        if job is not None:
-            return job
     out = open(log, "w") if log else subprocess.PIPE
+    job = forked(argv, env, out.fileno(), out.fileno(), []) if log else None
+    if job is not None:
+        out.close()  # the forked launch has its own copy of the descriptor
+        return job
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -338,7 +337,33 @@ def assert_resumed(output, step: int | None = None) -> int:
     return n
 
 
+def assert_dry_run_resumes(line: str, ckpt_dir: Path, step: int) -> None:
+    """`--dry-run`'s `# --resume continues from PATH at step N` line: a resume that would start fresh says
+    otherwise, so N > 0, PATH is step N's checkpoint in `ckpt_dir`, and N is `step`."""
+    from ds_finetune.checkpoint.layout import tag_for_step
+    found = re.fullmatch(r"# --resume continues from (.+) at step (\d+)", line.strip())
+    assert found, f"not a resume line: {line!r}"
+    n = int(found.group(2))
+    assert n == step > 0 and Path(found.group(1)) == ckpt_dir / tag_for_step(n), line
+
+
+def kill_in_step5(out_dir: Path, overrides, **kwargs) -> subprocess.CompletedProcess:
+    """A run SIGKILLed on rank 1 inside step 5's accumulation; checks the kill happened and step 4 is its
+    newest commit (the checkpoint a resume must continue from)."""
+    killed = train(out_dir, overrides, fault="mid_accum:rank1@step5", expect_ok=False, **kwargs)
+    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stdout[-2000:]
+    assert committed_steps(out_dir / "checkpoints")[-1] == 4
+    return killed
+
+
 # ------------------------------------------------------------------------------------- comparing runs
+
+def assert_same_metrics(got_dir: Path, ref_dir: Path, names) -> None:
+    """Each metric of `names` bitwise the reference's at every step (absent at the same steps)."""
+    rows, ref_rows = metrics(got_dir), metrics(ref_dir)
+    for name in names:
+        assert [repr(r.get(name)) for r in rows] == [repr(r.get(name)) for r in ref_rows], name
+
 
 def assert_same_run(got_dir: Path, ref_dir: Path) -> None:
     """Bitwise: same steps, the same losses as written in the JSON, the same sample ids, lrs and grad norms."""

@@ -336,14 +336,11 @@ def test_dpo_lora_killed_mid_accumulation_resumes_bitwise(tmp_path, stage):
     packed = ["data.packing=isolated"] if stage == 2 else []
     ref, got, run = tmp_path / "ref", tmp_path / "got", [*LORA, f"train.zero_stage={stage}", *packed]
     harness.train(ref, run)
-    killed = harness.train(got, run, fault="mid_accum:rank1@step5", expect_ok=False)
-    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stdout[-2000:]
-    assert harness.committed_steps(got / "checkpoints")[-1] == 4
+    harness.kill_in_step5(got, run)
     harness.assert_resumed(harness.train(got, run, resume="auto"), step=4)
     harness.assert_same_run(got, ref)
-    rows, ref_rows = harness.metrics(got), harness.metrics(ref)
-    for name in [*METRICS, "eval_loss", *(f"eval_{m}" for m in METRICS)]:
-        assert [repr(r.get(name)) for r in rows] == [repr(r.get(name)) for r in ref_rows], name
+    harness.assert_same_metrics(got, ref, [*METRICS, "eval_loss", *(f"eval_{m}" for m in METRICS)])
+    rows = harness.metrics(got)
     assert [r["step"] for r in rows if "eval_rewards/accuracies" in r] == [3, 6, 9, 10]
     # The adapters start as the reference (only the policy's dropout, 0.1 in harness.BASE, moves it off log 2).
     assert rows[0]["loss"] == pytest.approx(np.log(2), abs=5e-3)
@@ -389,9 +386,7 @@ def full_dpo_zero3(tmp_path_factory):
     ref, killed = tmp_path_factory.mktemp("dpo3-ref"), tmp_path_factory.mktemp("dpo3-killed")
     run = mixture_run(tmp_path_factory.mktemp("dpo3-data"))
     harness.train(ref, run)
-    proc = harness.train(killed, run, fault="mid_accum:rank1@step5", expect_ok=False)
-    assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), proc.stdout[-2000:]
-    assert harness.committed_steps(killed / "checkpoints")[-1] == 4
+    harness.kill_in_step5(killed, run)
     return ref, killed, run
 
 
@@ -406,9 +401,8 @@ def test_dpo_full_zero3_killed_mid_accumulation_resumes_bitwise(full_dpo_zero3, 
     harness.assert_resumed(resumed, step=4)
     assert "converting" not in resumed.stdout
     harness.assert_same_run(got, ref)
-    rows, ref_rows = harness.metrics(got), harness.metrics(ref)
-    for name in [*METRICS, "eval_loss/a", "eval_loss/b", "eval_rewards/accuracies"]:
-        assert [repr(r.get(name)) for r in rows] == [repr(r.get(name)) for r in ref_rows], name
+    harness.assert_same_metrics(got, ref, [*METRICS, "eval_loss/a", "eval_loss/b", "eval_rewards/accuracies"])
+    rows = harness.metrics(got)
     assert [r["step"] for r in rows if "eval_loss/b" in r] == [5, 10]
     assert rows[-1]["rewards/margins"] != 0 and rows[-1]["loss"] != rows[0]["loss"]  # it trained
     harness.assert_same_final_weights(got, ref)
@@ -451,8 +445,7 @@ def test_a_frozen_model_reference_trains_as_the_precomputed_one_and_resumes_bitw
         noise = 1e-5 * max(abs(a["logps/chosen"]), abs(a["logps/rejected"]))
         for name in METRICS:
             assert r[name] == pytest.approx(a[name], rel=1e-5, abs=noise), (a["step"], name, r[name], a[name])
-    killed = harness.train(got, run, fault="mid_accum:rank1@step5", expect_ok=False)
-    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stdout[-2000:]
+    harness.kill_in_step5(got, run)
     harness.assert_resumed(harness.train(got, run, resume="auto"), step=4)
     harness.assert_same_run(got, ref)
     harness.assert_same_final_weights(got, ref)

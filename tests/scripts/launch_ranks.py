@@ -58,16 +58,15 @@ class ForkedRank:
         self.send_signal(signal.SIGKILL)
 
 
-def run_rank(variables: dict, argv: list[str]) -> None:
-    """In the forked child: become rank `variables["RANK"]` and run the script; never returns."""
+def run_as_interpreter(prepare) -> None:
+    """In a forked child: `prepare()` (which makes the process what it should be and returns the script's
+    argv), then the script run as `__main__`, and the exit a `python SCRIPT` would end with; never returns."""
     code = 1
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a new interpreter sets them
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.environ.update(variables)
-        sys.argv = list(argv)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # as `python SCRIPT` would
-        runpy.run_path(argv[0], run_name="__main__")
+        sys.argv = list(prepare())
+        runpy.run_path(sys.argv[0], run_name="__main__")
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -77,6 +76,15 @@ def run_rank(variables: dict, argv: list[str]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def run_rank(variables: dict, argv: list[str]) -> None:
+    """In the forked child: become rank `variables["RANK"]` and run the script; never returns."""
+    def prepare():
+        os.environ.update(variables)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # as `python SCRIPT` would
+        return argv
+    run_as_interpreter(prepare)
 
 
 def start_ranks(nproc: int, port: str, argv: list[str]) -> list[ForkedRank]:

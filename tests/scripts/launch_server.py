@@ -18,26 +18,21 @@ The server ends when its parent (the pytest process) is gone.
 """
 import json
 import os
-import runpy
 import selectors
 import signal
 import socket
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from launch_ranks import preload  # noqa: E402  (the imports every rank shares)
+from launch_ranks import preload, run_as_interpreter  # noqa: E402  (the imports every rank shares)
 
 
 def become(request: dict, fds: list[int], sockets: list) -> None:
     """In the forked child: the launch `request` describes; never returns."""
-    code = 1
-    try:
+    def prepare():
         for s in sockets:
             s.close()
         os.setsid()
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a new interpreter sets them
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.dup2(fds[0], 1)
@@ -50,17 +45,8 @@ def become(request: dict, fds: list[int], sockets: list) -> None:
         script, argv = request["argv"][1], request["argv"][1:]
         pythonpath = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
         sys.path[:] = [os.path.dirname(os.path.abspath(script)), *pythonpath, *STANDARD_PATHS]
-        sys.argv = argv
-        runpy.run_path(script, run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - printed as a failed interpreter would
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        return argv
+    run_as_interpreter(prepare)
 
 
 def serve(path: str) -> None:
