@@ -49,6 +49,9 @@ def child_env(extra: dict | None = None, gpu: bool = False) -> dict:
     # Each rank gets its share of the cores, whoever launches it (ds-finetune sets the same itself), so
     # the bare loop, ds-finetune and HF Trainer all run with the same intra-op threads.
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // NPROC))
+    # What DeepSpeed's own launcher sets (ds-finetune sets it itself under torchrun): without it DeepSpeed's
+    # CPU accelerator runs `numactl` at every ZeRO-3 reduce-scatter, in a baseline's process as well.
+    env["LOCAL_SIZE"] = str(NPROC)
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONUNBUFFERED"] = "1"
     env["HF_HUB_OFFLINE"] = "1"

@@ -99,6 +99,10 @@ def init_distributed() -> tuple[int, int, int]:
     if get_accelerator().device_name() == "cpu":
         from ds_finetune.ds_internals import skip_cpu_inference_all_reduce
         skip_cpu_inference_all_reduce()
+        # DeepSpeed's CPU accelerator counts its "devices" from LOCAL_SIZE, which only its own launcher sets;
+        # without it every ZeRO-3 reduce-scatter runs `numactl --hardware` in a subprocess (~3 ms of a
+        # CPU step each, hundreds a step). torchrun and srun ranks get the count they were started with.
+        os.environ.setdefault("LOCAL_SIZE", str(local_world))
     else:
         index = device_index(int(os.environ["LOCAL_RANK"]), get_accelerator().device_count())
         # DeepSpeed takes the device from LOCAL_RANK, not from the current device: init_distributed passes

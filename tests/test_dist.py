@@ -1,8 +1,10 @@
 """Ranks started by MPI or SLURM find their rank, world and master without RANK/WORLD_SIZE; a rank that
 fails tells the others (decide) instead of leaving them in a collective."""
 import pytest
+import torch
 
 import harness
+from ds_finetune import dist
 from ds_finetune.dist import first_host, rank_environment
 from ds_finetune.errors import UserError
 
@@ -53,3 +55,32 @@ def test_two_ranks_given_only_slurm_variables_train_together(reference_run, tmp_
         procs.append(harness.start(argv, env_extra=env, log=tmp_path.parent / f"slurm-rank{rank}.log"))
     assert [p.wait(timeout=300) for p in procs] == [0, 0], (tmp_path.parent / "slurm-rank0.log").read_text()[-3000:]
     harness.assert_same_run(tmp_path, reference_run(2))
+
+
+def test_cpu_ranks_started_without_local_size_never_run_numactl(monkeypatch):
+    """torchrun and srun set no LOCAL_SIZE (DeepSpeed's launcher does); without it DeepSpeed's CPU accelerator
+    counts its devices by running `numactl --hardware`, which ZeRO-3 does at every reduce-scatter."""
+    import subprocess
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what init_distributed sets is undone afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "3")
+    monkeypatch.setattr(get_accelerator(), "device_name", lambda *a: "cpu")
+    ran = []
+    monkeypatch.setattr(subprocess, "check_output", lambda argv, *a, **kw: ran.append(argv) or b"available: 1 nodes")
+
+    def init_distributed(**kwargs):
+        raise StopIteration  # no process group to join here
+
+    monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    with pytest.raises(StopIteration):
+        dist.init_distributed()
+    assert get_accelerator().device_count() == 3 and ran == []
