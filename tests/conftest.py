@@ -48,10 +48,28 @@ def pytest_collection_finish(session):
 STARTED: list = []  # the early jobs this process started, whichever worker runs their tests
 
 
+DURATIONS = Path(__file__).parent / "durations.json"  # seconds a test took in a full run (setup included)
+
+
 def pytest_collection_modifyitems(items):
-    """The tests that launch DeepSpeed first: they are the long ones, and under xdist a long test started
-    last leaves the other worker idle; the short in-process ones then fill both workers to the end."""
-    items.sort(key=lambda item: item.get_closest_marker("multiproc") is None)
+    """The order that keeps both xdist workers busy to the end. `--dist worksteal` gives the first worker the
+    first half of the list and the second the rest; a worker whose queue runs dry steals the end of the
+    other's. So each half holds the same share of the long tests, longest first (a long test started last
+    leaves the other worker idle), and ends with the short ones, which fill the tail. The durations come
+    from a run of the whole suite (durations.json: refresh it when tests change much); a test it does not
+    know counts 10 s if it launches DeepSpeed, else 0.1 s."""
+    known = json.loads(DURATIONS.read_text())
+
+    def cost(item) -> float:
+        return known.get(item.nodeid, 10.0 if item.get_closest_marker("multiproc") else 0.1)
+
+    halves, totals, sizes = ([], []), [0.0, 0.0], (len(items) // 2, len(items) - len(items) // 2)
+    for item in sorted(items, key=cost, reverse=True):
+        open_halves = [h for h in (0, 1) if len(halves[h]) < sizes[h]]
+        h = min(open_halves, key=lambda h: totals[h])
+        halves[h].append(item)
+        totals[h] += cost(item)
+    items[:] = halves[0] + halves[1]
 
 
 def pytest_sessionfinish(session):

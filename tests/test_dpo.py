@@ -327,7 +327,7 @@ LORA = [*DPO, "model.lora.r=8", "eval.fraction=0.05", "eval.every_steps=3"]
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])  # ZeRO-2 with LoRA: test_lora's SFT and GRPO's random kill
 def test_dpo_lora_killed_mid_accumulation_resumes_bitwise(tmp_path, stage):
     """Two ranks, ZeRO-2 (with the pairs packed: data.packing isolated) and ZeRO-3, LoRA (reference: adapters
     disabled), dropout on, held-out pairs evaluated every 3 steps: SIGKILL on rank 1 inside step 5's
