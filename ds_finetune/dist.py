@@ -183,6 +183,17 @@ def gather_rows(local: torch.Tensor, device) -> torch.Tensor:
     return torch.cat(parts).to(device)
 
 
+def gather_in_group(local: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """The rows every member of `group` holds (sizes[k] on its rank k, which every member knows), joined in
+    group-rank order, on every member; padded to the largest for one all_gather on `local`'s device."""
+    import torch.distributed as dist
+    here = local.new_zeros((max(sizes), *local.shape[1:]))
+    here[:local.shape[0]] = local
+    parts = [torch.empty_like(here) for _ in sizes]
+    dist.all_gather(parts, here, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
 def max_over_ranks(value: int) -> int:
     """The largest `value` of all ranks (`value` itself when not distributed), agreed on the host: it is
     wanted as a Python number, and an NCCL collective's result would have to be read back from the GPU,

@@ -73,16 +73,22 @@ def full_loss_sum(engine, input_ids, attention_mask, labels, position_ids=None, 
 
 
 def full_token_logps(engine, input_ids, attention_mask, labels, facts=None, temperature: float = 1.0,
-                     entropy: torch.Tensor | None = None) -> torch.Tensor:
+                     entropy: torch.Tensor | None = None, stats=None, position_ids=None,
+                     shifted: bool = False) -> torch.Tensor:
     """log p(target) of every target token, row-major (as `ChunkedLoss.token_logps`), from the full logits
-    (train.loss_chunk_tokens: 0), over `temperature`; each one's entropy into `entropy` where given."""
-    facts = facts_of(labels) if facts is None else facts
-    logits = engine(**model_inputs(input_ids, attention_mask, facts=facts)).logits.float()
+    (train.loss_chunk_tokens: 0), over `temperature`; each one's entropy into `entropy`, its mean logit and
+    top-1 flag into `stats` where given. `position_ids`, `shifted`: as for `full_loss_sum`."""
+    facts = facts_of(labels, shifted) if facts is None else facts
+    logits = engine(**model_inputs(input_ids, attention_mask, position_ids, facts)).logits.float()
     where = host_to_device(facts.target_positions(), input_ids.device)
     logits = logits.reshape(-1, logits.size(-1))[where]
+    targets = labels.reshape(-1)[where if shifted else where + 1]
     if temperature != 1.0:
         logits = logits / temperature
-    targets = labels.reshape(-1)[where + 1]
+    if stats is not None:
+        with torch.no_grad():
+            stats[:, 0] = logits.mean(1)
+            stats[:, 1] = (logits.gather(1, targets[:, None])[:, 0] >= logits.amax(1)).float()
     logps = torch.log_softmax(logits, -1)
     if entropy is not None:
         with torch.no_grad():
@@ -170,7 +176,7 @@ class ChunkedLoss:
 
         def loss_of(h):  # runs as the head's forward: its weight is gathered here under ZeRO-3
             if logps == "tokens":
-                return fused_token_logps(h, head.weight, head.bias, targets, chunk, temperature, entropy)
+                return fused_token_logps(h, head.weight, head.bias, targets, chunk, temperature, entropy, stats)
             if logps == "sequences":
                 return fused_sequence_logps(h, head.weight, head.bias, targets, counts, chunk, stats)
             return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk, grad_scale, token_losses,
@@ -205,14 +211,16 @@ class ChunkedLoss:
             self.logps, self.stats = None, None
 
     def token_logps(self, engine, input_ids, attention_mask, labels, facts=None, temperature: float = 1.0,
-                    entropy: torch.Tensor | None = None) -> torch.Tensor:
+                    entropy: torch.Tensor | None = None, stats=None, position_ids=None,
+                    shifted: bool = False) -> torch.Tensor:
         """log p(target) of every target token, row-major (`facts.target_positions()`'s order), of the logits
-        over `temperature`; each one's entropy into `entropy` (a buffer of one float a target) where given."""
-        self.logps, self.temperature, self.entropy = "tokens", temperature, entropy
+        over `temperature`; each one's entropy into `entropy` (a buffer of one float a target) and its
+        statistics into `stats` where given. `position_ids`, `shifted`: as for `full_loss_sum`."""
+        self.logps, self.temperature, self.entropy, self.stats = "tokens", temperature, entropy, stats
         try:
-            return self(engine, input_ids, attention_mask, labels, facts=facts)
+            return self(engine, input_ids, attention_mask, labels, position_ids, facts, shifted=shifted)
         finally:
-            self.logps, self.temperature, self.entropy = None, 1.0, None
+            self.logps, self.temperature, self.entropy, self.stats = None, 1.0, None, None
 
 
 def make_sequence_logps_fn(model, chunk_tokens: int):

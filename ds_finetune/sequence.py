@@ -16,6 +16,10 @@ gradients over the SP group and averages them over DP, except ZeRO-3 (it divides
 `objectives.accumulate` cancels whichever division it makes (`ds_internals.gradient_averaging_ranks`). So a
 step at SP=2 computes the loss and the gradient of SP=1 (to float noise).
 
+A pair loss (DPO, ORPO, SimPO, CPO) needs whole sequences' log-probs: `JoinedLogps` joins the slices'
+per-target log-probs over the group, every rank computes the same loss from them, and the join's backward
+gives each rank its own targets' gradient, so the group's summed gradients are again the whole loss's.
+
 ZeRO partitions over all ranks (DeepSpeed's sequence-data-parallel group), so a checkpoint's files do not
 depend on SP: a run resumes on another SP degree on the same world size without conversion.
 """
@@ -24,12 +28,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ds_finetune.data import IGNORE_INDEX
+from ds_finetune.data import IGNORE_INDEX, HostFacts
 from ds_finetune.data.packing import Batch
-from ds_finetune.device_batch import facts_of
+from ds_finetune.device_batch import facts_of, host_to_device
+from ds_finetune.dist import gather_in_group
 from ds_finetune.errors import UserError
+from ds_finetune.fused_head import segment_sums
+from ds_finetune.loss import make_sequence_logps_fn, make_token_logps_fn
 from ds_finetune.lora import hf_model
 
 # The attention implementations Ulysses wraps (it refuses eager: that needs a 4-D mask, which it drops).
@@ -110,6 +118,90 @@ class ShardedLoss:
         set_ulysses_batch_size(self.ulysses, input_ids.shape[0])  # an eval batch may hold fewer rows
         return self.inner(engine, part.input_ids, None, part.labels, part.position_ids, part.facts,
                           grad_scale=grad_scale, shifted=True, correct=correct)
+
+
+# ---------------------------------------------------------------------------- log-probs of whole sequences
+
+def sequence_logps_fn(model, parts):
+    """(engine, input_ids, attention_mask, labels, facts=None, stats=None) -> each sequence's summed target
+    log-probs (`loss.make_sequence_logps_fn`) by `model`, whole on every rank of a sequence-parallel group;
+    `parts`: the run's objectives.ObjectiveParts."""
+    chunk_tokens, group = parts.cfg.train.loss_chunk_tokens, parts.group
+    if group.size == 1:
+        return make_sequence_logps_fn(model, chunk_tokens)
+    return JoinedLogps(make_token_logps_fn(model, chunk_tokens), group, parts.ulysses, parts.pad_id).sequence_logps
+
+
+def token_logps_fn(model, parts):
+    """(engine, input_ids, attention_mask, labels, facts=None, stats=None) -> log p of every target token by
+    `model`, row-major (`loss.make_token_logps_fn`), all of them on every rank of a sequence-parallel group."""
+    chunk_tokens, group = parts.cfg.train.loss_chunk_tokens, parts.group
+    if group.size == 1:
+        return make_token_logps_fn(model, chunk_tokens)
+    return JoinedLogps(make_token_logps_fn(model, chunk_tokens), group, parts.ulysses, parts.pad_id).token_logps
+
+
+def joined_order(facts: HostFacts, size: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """How the targets of `size` slices (`shard`), joined in rank order, map to the batch's row-major target
+    order: (each slice's target count, `joined`: the batch's index of each joined target, `order`: the joined
+    index of each of the batch's targets, its inverse)."""
+    n = -(-facts.targets.shape[1] // size)
+    rows, columns = np.nonzero(facts.targets)  # row-major: the batch's order
+    slices = columns // n
+    joined = np.lexsort((columns, rows, slices))  # by slice, then row-major within it
+    order = np.empty_like(joined)
+    order[joined] = np.arange(len(joined))
+    return [int(k) for k in np.bincount(slices, minlength=size)], joined, order
+
+
+class _JoinedTargets(torch.autograd.Function):
+    """A value a target of this rank's slice -> the value of every target of the micro-batch, in its order,
+    the same on every rank of the group, from which each computes the same loss. Backward hands a rank the
+    gradient of its own targets only: the group's parameter gradients, which DeepSpeed sums over the group,
+    then add up to the whole loss's (as the slices' token losses do for `ShardedLoss`)."""
+
+    @staticmethod
+    def forward(ctx, local, sizes, order, mine, group):
+        ctx.save_for_backward(mine)
+        return gather_in_group(local, sizes, group)[order]
+
+    @staticmethod
+    def backward(ctx, grad):
+        mine, = ctx.saved_tensors
+        return grad[mine], None, None, None, None
+
+
+class JoinedLogps:
+    """The per-target log-probs of a micro-batch the SP group shares: each rank runs the model on its slice
+    of every sequence (`shard`) and the group joins the slices' values (and `stats`, the head's per-target
+    statistics) in the batch's target order. A pair loss then runs on them unchanged."""
+
+    def __init__(self, inner, group: SequenceGroup, ulysses, pad_id: int):
+        self.inner, self.group, self.ulysses, self.pad_id = inner, group, ulysses, pad_id
+
+    def token_logps(self, engine, input_ids, attention_mask, labels, facts=None, stats=None) -> torch.Tensor:
+        facts = facts_of(labels) if facts is None else facts
+        device, rank = input_ids.device, self.group.rank
+        positions = None if facts.segments is None else host_to_device(facts.positions(), device)  # packed pairs
+        part = shard(Batch(input_ids, attention_mask, labels, positions, facts), rank, self.group.size, self.pad_id)
+        sizes, joined, order = joined_order(facts, self.group.size)
+        start = sum(sizes[:rank])
+        from ds_finetune.ds_internals import set_ulysses_batch_size  # DeepSpeed: see `attach`
+        set_ulysses_batch_size(self.ulysses, input_ids.shape[0])
+        local_stats = None if stats is None else stats.new_empty((sizes[rank], 2))
+        local = self.inner(engine, part.input_ids, None, part.labels, part.facts, stats=local_stats,
+                           position_ids=part.position_ids, shifted=True)
+        order = host_to_device(order, device)
+        group = self.ulysses.process_group
+        if stats is not None:
+            stats.copy_(gather_in_group(local_stats, sizes, group)[order])
+        return _JoinedTargets.apply(local, sizes, order, host_to_device(joined[start:start + sizes[rank]], device),
+                                    group)
+
+    def sequence_logps(self, engine, input_ids, attention_mask, labels, facts=None, stats=None) -> torch.Tensor:
+        facts = facts_of(labels) if facts is None else facts
+        return segment_sums(self.token_logps(engine, input_ids, attention_mask, labels, facts, stats),
+                            facts.sequence_targets())
 
 
 # ---------------------------------------------------------------------------------------------- engine

@@ -5,7 +5,8 @@ positions; the labels-shifted loss equals the usual one; the DP x SP layout and 
 Launched (gloo, CPU): one step at SP=2 and at DP=2 x SP=2 gives SP=1's loss, gradient norm and weights at every ZeRO
 stage, tied and untied, fused and full loss, and with train.tiled_mlp at ZeRO-3; a run SIGKILLed at SP=2
 resumes bitwise; SP=2 -> SP=1 -> SP=2 resumes and SP=2 on 2 ranks -> 4 ranks (converted) continue the same
-samples with the same losses (and eval losses) to float noise.
+samples with the same losses (and eval losses) to float noise. DPO (its reference pass too) and ORPO at SP=2
+give SP=1's losses and metrics; DPO killed at SP=2 resumes bitwise.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ds_finetune.data import IGNORE_INDEX, HostFacts
 from ds_finetune.data.packing import Batch
 from ds_finetune.errors import UserError
 from ds_finetune.fingerprint import changed_exact_keys, config_fingerprint
-from ds_finetune.sequence import SequenceGroup, check_model, shard
+from ds_finetune.sequence import SequenceGroup, check_model, joined_order, shard
 from test_config import TINY, cli_error, invoke
 
 PAD = 2
@@ -95,6 +96,26 @@ def test_a_slices_host_facts_are_its_targets_and_the_gathered_rows_boundaries(si
 @pytest.fixture(scope="module")
 def tiny_model():
     return harness.tiny_model().eval()
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_the_slices_targets_joined_in_rank_order_map_back_to_the_batchs_target_order(size):
+    """A pair loss under sequence parallelism takes every rank's slice values joined in rank order
+    (`JoinedLogps`); `joined_order` must put them back in the batch's row-major target order."""
+    batch = batch_of([13, 7, 2, 16])
+    facts = HostFacts.of_labels(batch.labels.numpy())
+    value = {(r, t): 1000 * r + t for r, t in zip(*np.nonzero(facts.targets))}  # a value per target position
+    sizes, joined, order = joined_order(facts, size)
+    slices = []
+    for k in range(size):
+        part = shard(batch, k, size, PAD)
+        n = part.input_ids.shape[1]
+        rows, columns = np.nonzero(part.facts.targets)
+        slices.append([value[r, k * n + c] for r, c in zip(rows, columns)])
+        start = sum(sizes[:k])
+        assert [list(value.values())[i] for i in joined[start:start + sizes[k]]] == slices[k]  # a rank's own
+    assert sizes == [len(part) for part in slices]
+    assert np.array(sum(slices, []))[order].tolist() == list(value.values())  # row-major, as np.nonzero
 
 
 @pytest.mark.parametrize("chunk", [0, 5])
@@ -249,3 +270,50 @@ def test_sigkill_at_sp2_resumes_bitwise_and_resumes_across_sp_degrees(tmp_path):
     assert [s for s, _ in got] == [s for s, _ in evals] == [5, 10]  # step 5's evaluation ran at SP=1
     for (_, a), (_, b) in zip(evals, got):
         assert b == pytest.approx(a, rel=1e-5)
+
+
+PAIRS = harness.ROOT / "data" / "tiny" / "preference.jsonl"
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "cpo", "kto", "reward"])
+def test_pair_objectives_take_sequence_parallelism_and_kto_and_reward_models_are_one_line(objective):
+    overrides = [f"train.objective={objective}", "data.format=preference", f"data.path={PAIRS}",
+                 "train.sequence_parallel=2", "output_dir=x"]
+    if objective not in ("kto", "reward"):
+        assert load_config(TINY, overrides).train.sequence_parallel == 2
+        return
+    with pytest.raises(UserError, match=f"train.sequence_parallel > 1 is not supported with train.objective "
+                                        f"{objective} yet") as e:
+        load_config(TINY, overrides)
+    assert "\n" not in e.value.message
+PAIR_METRICS = ("loss", "eval_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "mean_token_accuracy",
+                "nll_loss", "log_odds_ratio", "log_odds_chosen")
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_a_pair_objective_at_sp2_computes_sp1s_losses_and_metrics_and_dpo_resumes_bitwise(tmp_path, objective):
+    """Each rank of the SP group runs its slice of every sequence; the group joins their per-target log-probs
+    and each computes the pair loss (DPO's reference pass too: its own data cache here, so it runs at SP=2)."""
+    pair = [f"train.objective={objective}", "data.format=preference", f"data.path={PAIRS}"]
+    sp1, ref, run = tmp_path / "sp1", tmp_path / "ref", tmp_path / "run"
+    env = {"DS_FINETUNE_CACHE": str(tmp_path / "cache")}
+    harness.train(sp1, [*SP_RUN, *pair, "train.grad_accum=1"])  # 2 data-parallel ranks: the same global batch of 4
+    proc = harness.train(ref, [*SP2, *pair], env=env)
+    assert objective == "orpo" or "computing the reference log-probs" in proc.stdout
+    got, want = harness.metrics(ref), harness.metrics(sp1)
+    assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in want]
+    compared = 0
+    for a, b in zip(want, got):
+        for name in PAIR_METRICS:
+            assert (name in a) == (name in b), (a["step"], name)
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (a["step"], name, a[name], b[name])
+                compared += 1
+    assert compared >= 10 * 8 and any("eval_loss" in r for r in got)
+    if objective == "dpo":
+        harness.kill_in_step5(run, [*SP2, *pair], env=env)
+        harness.assert_resumed(harness.train(run, [*SP2, *pair], resume="auto", env=env), step=4)
+        harness.assert_same_run(run, ref)
+        harness.assert_same_metrics(run, ref, PAIR_METRICS)

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from ds_finetune import lora
 from ds_finetune.data import TokenizedData, collate_pairs
 from ds_finetune.device_batch import facts_of, host_to_device
-from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.objectives import ObjectiveParts
 from ds_finetune.objectives.pairs import PairObjective, chosen_completion_tokens, pack_length
+from ds_finetune.sequence import sequence_logps_fn
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -99,11 +99,12 @@ class CPOLoss:
 
 def build(parts: ObjectiveParts) -> PairObjective:
     cfg = parts.cfg
-    logps_fn = make_sequence_logps_fn(lora.hf_model(parts.model), cfg.train.loss_chunk_tokens)
+    logps_fn = sequence_logps_fn(lora.hf_model(parts.model), parts)
     if cfg.train.objective == "simpo":
         s = cfg.simpo
         loss = CPOLoss(logps_fn, "simpo", s.beta, s.alpha, s.label_smoothing, s.gamma, pack_length(cfg))
     else:
         c = cfg.cpo
         loss = CPOLoss(logps_fn, c.loss_type, c.beta, c.alpha, c.label_smoothing, c.simpo_gamma, pack_length(cfg))
-    return PairObjective(loss.metric_names, parts.data, parts.layout, loss, parts.pad_id, parts.group.dp_rank)
+    return PairObjective(loss.metric_names, parts.data, parts.layout, loss, parts.pad_id, parts.group.dp_rank,
+                         reports=parts.group.rank == 0)

@@ -29,12 +29,12 @@ from ds_finetune import lora
 from ds_finetune.data import collate_pairs
 from ds_finetune.device_batch import facts_of, host_to_device
 from ds_finetune.dist import rng_untouched, seed_everything
-from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.model import build_model
 from ds_finetune.objectives import ObjectiveParts
 from ds_finetune.objectives.dpo_losses import dpo_loss_sum, pair_losses
 from ds_finetune.objectives.dpo_reference import stored_reference
 from ds_finetune.objectives.pairs import PairObjective, chosen_completion_tokens, pack_length
+from ds_finetune.sequence import sequence_logps_fn
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -173,20 +173,20 @@ def build(parts: ObjectiveParts) -> PairObjective:
     """The DPO objective of a run: its loss with the reference that fits (adapters off, a frozen copy of the
     base, or precomputed while the engine holds the base's weights, i.e. before a checkpoint is loaded)."""
     cfg, d = parts.cfg, parts.cfg.dpo
-    logps_fn = make_sequence_logps_fn(lora.hf_model(parts.model), cfg.train.loss_chunk_tokens)
+    logps_fn = sequence_logps_fn(lora.hf_model(parts.model), parts)
 
     def objective(reference, eval_reference=None) -> PairObjective:
         def loss(ref):
             return DPOLoss(logps_fn, ref, d.beta, d.weighted_losses, d.label_smoothing, d.discopop_tau,
                            pack_length(cfg))
         return PairObjective(METRICS + TOKEN_METRICS, parts.data, parts.layout, loss(reference), parts.pad_id,
-                             parts.group.dp_rank,
-                             loss(eval_reference) if eval_reference is not None else None)
+                             parts.group.dp_rank, loss(eval_reference) if eval_reference is not None else None,
+                             reports=parts.group.rank == 0)
 
     if cfg.model.lora is not None:
         return objective(AdaptersOff(logps_fn))
     if d.reference == "model":
-        return objective(frozen_base(cfg, parts.ds_config))
+        return objective(frozen_base(parts))
     def stored(data) -> Precomputed:
         return Precomputed(stored_reference(parts, logps_fn, data))
     own_eval = parts.eval_data is not None and parts.eval_data is not parts.data  # eval.path/sources: its own
@@ -194,13 +194,14 @@ def build(parts: ObjectiveParts) -> PairObjective:
     return objective(stored(parts.data), eval_reference)
 
 
-def frozen_base(cfg, ds_config: dict) -> FrozenModel:
+def frozen_base(parts) -> FrozenModel:
     """The base model again (built from the same seed, so an inline config draws the same weights), as an
     engine without an optimizer: ZeRO 3 partitions it like the policy, a lower stage keeps it whole on every
     rank (as TRL does). Every RNG is put back: the policy's dropout draws what it would without it."""
     import deepspeed
 
-    config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    cfg = parts.cfg
+    config = {k: v for k, v in parts.ds_config.items() if k not in ("optimizer", "scheduler")}
     if config.get("zero_optimization", {}).get("stage") != 3:
         config["zero_optimization"] = {"stage": 0}
     with rng_untouched():
@@ -210,4 +211,4 @@ def frozen_base(cfg, ds_config: dict) -> FrozenModel:
         base.requires_grad_(False)
         ref_engine, *_ = deepspeed.initialize(model=base, config=config)
         ref_engine.eval()
-    return FrozenModel(ref_engine, make_sequence_logps_fn(base, cfg.train.loss_chunk_tokens))
+    return FrozenModel(ref_engine, sequence_logps_fn(base, parts))

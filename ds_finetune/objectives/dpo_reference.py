@@ -8,7 +8,8 @@ rank). The key is the token cache's folder (the data and its tokenization), the 
 folder, with the size and mtime of its files), the dtype and the loss path: a later run or resume of the
 same data and base finds it and computes nothing.
 
-The pass is sharded: blocks of `train.micro_batch_size` pairs, block b on rank b mod world; each rank runs
+The pass is sharded: blocks of `train.micro_batch_size` pairs, block b on data-parallel rank b mod DP (the
+ranks of a sequence-parallel group compute a block together, the first of them writes it); each rank runs
 the same number of forwards (ZeRO-3 gathers parameters in every one). A rank writes each block to
 `<key>.partial/block-N.npy` (atomic rename) as it finishes it, so a pass killed midway continues where it
 was: the next start skips the rounds whose blocks are all on disk. A block's values depend only on its
@@ -86,7 +87,7 @@ def reference_logps(parts: ObjectiveParts, logps_fn, data, walk: Walk | None = N
     """The stored reference log-probs of `data` (one per row; [rows, columns] for a walk of several), computed
     first if they are not there (by `logps_fn` on the engine, which must then hold the base's weights), in
     blocks of micro_batch_size units (DPO's pairs unless `walk` says otherwise)."""
-    cfg, engine, rank, world = parts.cfg, parts.engine, parts.rank, parts.world
+    cfg, engine, rank = parts.cfg, parts.engine, parts.rank
     walk = walk or pair_walk(data, parts.pad_id)
     block = cfg.train.micro_batch_size
     folder = data.path.parent.parent / "reference" / reference_key(cfg, data, block, walk.key)
@@ -96,15 +97,16 @@ def reference_logps(parts: ObjectiveParts, logps_fn, data, walk: Walk | None = N
             raise UserError(f"data error: the reference log-probs of this run ({folder}) are gone and the model now "
                             f"holds a checkpoint converted from another ZeRO stage or world size; resume on the "
                             f"checkpoint's own stage and world size once (it recomputes them), or restore the folder")
-        _compute(engine, logps_fn, walk, block, rank, world, partial, parts.say)
+        _compute(engine, logps_fn, walk, block, parts.group, rank, partial, parts.say)
         if rank == 0:
             _commit(partial, folder, data.num_rows, block, walk.columns)
         barrier()
     return np.load(folder / "logps.npy", mmap_mode="r")
 
 
-def _compute(engine, logps_fn, walk: Walk, block: int, rank: int, world: int, partial: Path, say) -> None:
-    n_units = walk.units
+def _compute(engine, logps_fn, walk: Walk, block: int, group, rank: int, partial: Path, say) -> None:
+    """`group`: this rank's sequence.SequenceGroup."""
+    n_units, world = walk.units, group.dp_size
     n_blocks = math.ceil(n_units / block)
     rounds = math.ceil(n_blocks / world)
 
@@ -120,11 +122,11 @@ def _compute(engine, logps_fn, walk: Walk, block: int, rank: int, world: int, pa
         say(f"computing the reference log-probs of {n_units} {what} ({len(done)} of {rounds} rounds done before)")
     with frozen_eval(engine.module):
         for r in todo:
-            b = r * world + rank
+            b = r * world + group.dp_rank
             units = np.arange(b * block, min(n_units, (b + 1) * block)) if b < n_blocks else np.arange(1)
             rows, values = walk.values(engine, logps_fn, units)
             values = values.float().cpu().numpy()
-            if b < n_blocks:  # else a forward only to keep ZeRO-3's gathers in step
+            if b < n_blocks and group.rank == 0:  # else a forward only to keep ZeRO-3's gathers in step
                 _write_block(partial / f"block-{b:08d}.npy", rows, values)
             fault_point("mid_reference", rank, r + 1)
     barrier()

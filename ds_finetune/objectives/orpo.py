@@ -30,9 +30,9 @@ from ds_finetune import lora
 from ds_finetune.data import IGNORE_INDEX, HostFacts, TokenizedData, collate_pairs
 from ds_finetune.device_batch import host_to_device
 from ds_finetune.fused_head import segment_sums
-from ds_finetune.loss import make_token_logps_fn
 from ds_finetune.objectives import ObjectiveParts
 from ds_finetune.objectives.pairs import PairObjective, pack_length
+from ds_finetune.sequence import token_logps_fn
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen")
@@ -136,6 +136,6 @@ class ORPOLoss:
 
 def build(parts: ObjectiveParts) -> PairObjective:
     cfg = parts.cfg
-    token_logps_fn = make_token_logps_fn(lora.hf_model(parts.model), cfg.train.loss_chunk_tokens)
-    return PairObjective(METRICS, parts.data, parts.layout, ORPOLoss(token_logps_fn, cfg.orpo.beta, pack_length(cfg)),
-                         parts.pad_id, parts.group.dp_rank)
+    token_logps = token_logps_fn(lora.hf_model(parts.model), parts)
+    return PairObjective(METRICS, parts.data, parts.layout, ORPOLoss(token_logps, cfg.orpo.beta, pack_length(cfg)),
+                         parts.pad_id, parts.group.dp_rank, reports=parts.group.rank == 0)

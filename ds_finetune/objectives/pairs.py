@@ -57,6 +57,9 @@ class PairObjective:
     pad_id: int
     share: int  # which share of the global batch this rank takes (its data-parallel rank)
     eval_loss_fn: PairLoss | None = None  # DPO: with the eval data's reference, where it has its own (eval.path)
+    # False on all but the first rank of a sequence-parallel group: each rank of it computes the same loss and
+    # metrics from the group's joined log-probs (`sequence.JoinedLogps`), which one of them reports
+    reports: bool = True
     perplexity = False  # a pair's loss is no token loss
 
     def step(self, engine, units: np.ndarray, step: int, before_update=None) -> StepResult:
@@ -67,6 +70,8 @@ class PairObjective:
         tokens = loss_fn.nll_tokens(self.data, units)
         per_batch = None if tokens is None else [{"nll_scale": pairs / max(tokens, 1)}] * len(micro_batches)
         loss_sum, sums = accumulate(engine, loss_fn, micro_batches, pairs, step, before_update, per_batch=per_batch)
+        if not self.reports:
+            loss_sum, sums = torch.zeros_like(loss_sum), torch.zeros_like(sums)
         counts = self.token_counts(self.data, units)
         return StepResult(loss_sum, pairs, sums={name: (value, counts.get(name, pairs))
                                                  for name, value in zip(self.metric_names, sums)})
@@ -80,6 +85,7 @@ class PairObjective:
                    ) -> tuple[torch.Tensor, int, dict]:
         loss_fn = self.eval_loss_fn if data is not self.data and self.eval_loss_fn is not None else self.loss_fn
         loss_sum, sums = loss_fn(engine, *to_device(loss_fn.collate(data, units, self.pad_id), engine.device))
+        counted = counted and self.reports
         weight = 1.0 if counted else 0.0
         counts = self.token_counts(data, units)  # (sum, count) where the metric has its own count
         return loss_sum.double() * weight, len(units) if counted else 0, {
