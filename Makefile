@@ -19,8 +19,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	touch $@
 
-test: install
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=25 tests
+test:  ## installs, runs the suite on two workers, and prints the time both took
+	@start=$$(date +%s); $(MAKE) --no-print-directory install && \
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=25 tests; code=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s, the install included"; exit $$code
 
 test-fast: install  ## in-process tests only (no DeepSpeed launches)
 	$(BIN)/python -m pytest -q tests -m "not multiproc"

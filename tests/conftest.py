@@ -52,24 +52,30 @@ DURATIONS = Path(__file__).parent / "durations.json"  # seconds a test took in a
 
 
 def pytest_collection_modifyitems(items):
-    """The order that keeps both xdist workers busy to the end. `--dist worksteal` gives the first worker the
-    first half of the list and the second the rest; a worker whose queue runs dry steals the end of the
-    other's. So each half holds the same share of the long tests, longest first (a long test started last
-    leaves the other worker idle), and ends with the short ones, which fill the tail. The durations come
-    from a run of the whole suite (durations.json: refresh it when tests change much); a test it does not
-    know counts 10 s if it launches DeepSpeed, else 0.1 s."""
+    """The order that keeps every xdist worker busy to the end. `--dist worksteal` gives N workers N
+    consecutive shares of the list; a worker whose queue runs dry steals the end of another's. So each
+    share starts with the same part of the tests that launch DeepSpeed, longest first (a long test started
+    last leaves the others idle), and ends with in-process tests, which fill the tail; those keep their
+    order, so a module's shared fixtures (a process group) are set up once a worker. The durations come
+    from a run of the whole suite (durations.json: refresh it when tests change much); a launched test it
+    does not know counts 10 s."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     known = json.loads(DURATIONS.read_text())
-
-    def cost(item) -> float:
-        return known.get(item.nodeid, 10.0 if item.get_closest_marker("multiproc") else 0.1)
-
-    halves, totals, sizes = ([], []), [0.0, 0.0], (len(items) // 2, len(items) - len(items) // 2)
-    for item in sorted(items, key=cost, reverse=True):
-        open_halves = [h for h in (0, 1) if len(halves[h]) < sizes[h]]
-        h = min(open_halves, key=lambda h: totals[h])
-        halves[h].append(item)
-        totals[h] += cost(item)
-    items[:] = halves[0] + halves[1]
+    launched = sorted((item for item in items if item.get_closest_marker("multiproc")),
+                      key=lambda item: known.get(item.nodeid, 10.0), reverse=True)
+    in_process = [item for item in items if not item.get_closest_marker("multiproc")]
+    shares, totals = [[] for _ in range(workers)], [0.0] * workers
+    for item in launched:
+        w = totals.index(min(totals))
+        shares[w].append(item)
+        totals[w] += known.get(item.nodeid, 10.0)
+    ordered, left = [], len(items)
+    for w, share in enumerate(shares):  # xdist sends each worker in turn the pending tests // workers left
+        size = left // (workers - w)
+        fill = max(0, size - len(share))
+        ordered += share + in_process[:fill]
+        in_process, left = in_process[fill:], left - len(share) - fill
+    items[:] = ordered + in_process
 
 
 def pytest_sessionfinish(session):

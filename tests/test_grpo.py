@@ -234,20 +234,20 @@ def test_grpo_advantages_loss_gradients_and_metrics_equal_trl_grpo_trainer(tmp_p
 # ------------------------------------------------------------------------------------------- learning
 
 def test_grpo_learns_a_reward_the_tiny_model_can_learn(tmp_path):
-    """30 steps of 4 prompts x G=8 completions of 8 tokens, in this process: the share of low-id tokens (the
-    reward) rises by at least 0.2 from steps 1-5 to steps 26-30."""
+    """20 steps of 4 prompts x G=8 completions of 8 tokens, in this process: the share of low-id tokens (the
+    reward) rises by at least 0.2 from steps 1-5 to steps 16-20."""
     cfg = _config(_folder(tmp_path), "grpo.num_generations=8", "grpo.max_completion_length=8")
     torch.manual_seed(0)
     model = harness.tiny_model("model.config.attention_dropout=0.0")
     objective, engine, data, layout = _objective(tmp_path, cfg, model, grad_accum=2, lr=1e-2)
     order, state, rewards = epoch_order(cfg, data), TrainState(), []
-    for step in range(1, 31):
+    for step in range(1, 21):
         batch = order.batch(state, layout.global_batch)
         rewards.append(objective.step(engine, batch.units, step).counts["reward"])
         state.advance(batch.position, layout.global_batch, 0)
-    assert np.mean(rewards[25:]) >= np.mean(rewards[:5]) + 0.2, rewards
+    assert np.mean(rewards[15:]) >= np.mean(rewards[:5]) + 0.2, rewards
     lines = [json.loads(x) for x in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [s for s in range(1, 31) for _ in range(4 * 8)]
+    assert [x["step"] for x in lines] == [s for s in range(1, 21) for _ in range(4 * 8)]
     assert lines[-1]["prompt"] in {r["prompt"] for r in PROMPTS} and "low_ids" in lines[-1]["rewards"]
 
 

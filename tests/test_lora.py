@@ -67,7 +67,7 @@ def test_lora_checkpoint_holds_the_adapters_and_exports_compute_what_training_di
     from transformers import AutoModelForCausalLM
 
 
-    ref = lora_reference(2)
+    ref = lora_reference(3)  # the kill test's reference: ZeRO-3 partitions, consolidated
     info, _ = find_resumable_checkpoint(ref / "checkpoints")
     trained = harness.consolidate(info, weights_only=True)[0]["weights"]
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained), sorted(trained)[:5]
@@ -124,14 +124,14 @@ def test_lora_resume_on_another_base_is_refused(base_model, lora_reference, tmp_
     refused (naming the file), a moved copy of the same files is not the problem named."""
     from safetensors.torch import load_file, save_file
 
-    run = harness.copy_run(lora_reference(2), tmp_path / "run")
+    run = harness.copy_run(lora_reference(3), tmp_path / "run")
     other = shutil.copytree(base_model, tmp_path / "other-base")
     weights = load_file(other / "model.safetensors")
     name = sorted(weights)[0]
     weights[name] = weights[name] + 1e-3
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     overrides = [o if not o.startswith("model.name_or_path=") else f"model.name_or_path={other}"
-                 for o in lora(base_model, 2)]
+                 for o in lora(base_model, 3)]
     before = harness.snapshot(run / "checkpoints")
     proc = harness.train(run, [*overrides, "train.max_steps=8"], resume="auto", expect_ok=False)
     line = harness.assert_one_line_error(proc, "model.base_files.model.safetensors", "--allow-config-change")
@@ -144,7 +144,7 @@ def test_lora_export_refuses_a_checkpoint_carrying_a_payload(lora_reference, tmp
     exports refuse it in one line and the call never runs (tests/test_safe_load.py has the other loads)."""
     from test_safe_load import craft
 
-    run = harness.copy_run(lora_reference(2), tmp_path / "run")
+    run = harness.copy_run(lora_reference(3), tmp_path / "run")
     info, _ = find_resumable_checkpoint(run / "checkpoints")
     marker = tmp_path / "payload-ran"
     craft(info.path, marker, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
