@@ -126,19 +126,22 @@ def sequence_logps_fn(model, parts):
     """(engine, input_ids, attention_mask, labels, facts=None, stats=None) -> each sequence's summed target
     log-probs (`loss.make_sequence_logps_fn`) by `model`, whole on every rank of a sequence-parallel group;
     `parts`: the run's objectives.ObjectiveParts."""
-    chunk_tokens, group = parts.cfg.train.loss_chunk_tokens, parts.group
-    if group.size == 1:
-        return make_sequence_logps_fn(model, chunk_tokens)
-    return JoinedLogps(make_token_logps_fn(model, chunk_tokens), group, parts.ulysses, parts.pad_id).sequence_logps
+    if parts.group.size == 1:
+        return make_sequence_logps_fn(model, parts.cfg.train.loss_chunk_tokens)
+    return _joined(model, parts).sequence_logps
 
 
 def token_logps_fn(model, parts):
     """(engine, input_ids, attention_mask, labels, facts=None, stats=None) -> log p of every target token by
     `model`, row-major (`loss.make_token_logps_fn`), all of them on every rank of a sequence-parallel group."""
-    chunk_tokens, group = parts.cfg.train.loss_chunk_tokens, parts.group
-    if group.size == 1:
-        return make_token_logps_fn(model, chunk_tokens)
-    return JoinedLogps(make_token_logps_fn(model, chunk_tokens), group, parts.ulysses, parts.pad_id).token_logps
+    if parts.group.size == 1:
+        return make_token_logps_fn(model, parts.cfg.train.loss_chunk_tokens)
+    return _joined(model, parts).token_logps
+
+
+def _joined(model, parts) -> "JoinedLogps":
+    return JoinedLogps(make_token_logps_fn(model, parts.cfg.train.loss_chunk_tokens), parts.group, parts.ulysses,
+                       parts.pad_id)
 
 
 def joined_order(facts: HostFacts, size: int) -> tuple[list[int], np.ndarray, np.ndarray]:
