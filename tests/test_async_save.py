@@ -72,6 +72,37 @@ def test_hashing_file_writes_every_byte_across_chunks_and_a_ragged_tail(tmp_path
     assert meta == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def test_read_ahead_hands_out_every_byte_in_order_and_a_read_error_reaches_the_caller(tmp_path):
+    import hashlib
+    import os
+
+    from ds_finetune.files import read_ahead, sha256_file
+
+    for size in (0, 1, 4095, 4096, 4097, 5 * 4096 + 3):  # empty, under, at and across the chunk size
+        data = os.urandom(size)
+        (tmp_path / "f").write_bytes(data)
+        with open(tmp_path / "f", "rb", buffering=0) as f:
+            assert b"".join(bytes(c) for c in read_ahead(f, chunk=4096)) == data
+        assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+    class FailingFile:
+        def __init__(self):
+            self.reads = 0
+
+        def readinto(self, buf):
+            self.reads += 1
+            if self.reads == 3:
+                raise OSError(5, "Input/output error")
+            buf[:] = bytes(len(buf))
+            return len(buf)
+
+    failing = FailingFile()
+    with pytest.raises(OSError, match="Input/output"):
+        for _ in read_ahead(failing, chunk=16):
+            pass
+    assert failing.reads == 3
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_a_write_error_in_the_hashing_files_writer_thread_reaches_the_caller(tmp_path, monkeypatch, direct):
     """The disk fills while the writer thread writes a chunk: the caller gets the error (at its next write or
