@@ -1,13 +1,16 @@
 """train.optimizer and train.lr_schedule: the choices, their one-line refusals, and that a one-rank engine
 restored from a checkpoint continues with bitwise the schedule, optimizer state and weights of the
 uninterrupted engine (in process; the multi-process kill/resume is in test_resume_combinations.py)."""
+import gc
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import harness
+from ds_finetune.checkpoint import ds_internals
 from ds_finetune.config import load_config
 from ds_finetune.errors import UserError
 from ds_finetune import optim
@@ -236,8 +239,12 @@ def test_a_restored_engine_continues_bitwise(engine_group, tmp_path, monkeypatch
     assert train_steps(first, range(3)) == ref[:3]
     first.save_checkpoint(str(tmp_path), tag="step3")
     resumed = one_rank_engine(overrides, seed=99)  # other weights until the load
+    ds_internals.route_checkpoint_reads(resumed)  # memory-mapped, as a resume loads
     resumed.load_checkpoint(str(tmp_path), tag="step3", load_optimizer_states=True, load_lr_scheduler_states=True)
     assert resumed.lr_scheduler.last_epoch == 3  # the load happened: a fresh schedule is at 0
+    gc.collect()
+    held = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tmp_path) in line]
+    assert not held, held  # nothing the engine keeps (the moments above all) still lives in a file's mapping
     assert train_steps(resumed, range(3, 6)) == ref[3:]
     assert resumed.lr_scheduler.state_dict() == whole.lr_scheduler.state_dict()
     a, b = fp32_weights(whole), fp32_weights(resumed)

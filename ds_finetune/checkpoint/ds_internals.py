@@ -75,7 +75,51 @@ def route_checkpoint_reads(engine) -> None:
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise UserError(f"checkpoint error: DeepSpeed's {type(engine.checkpoint_engine).__name__} cannot be made to "
                         f"load checkpoints safely; remove the checkpoint engine from the DeepSpeed config")
-    engine.checkpoint_engine.load = lambda path, map_location=None: load_checkpoint_file(path, map_location)
+    engine.checkpoint_engine.load = lambda path, map_location=None: load_for_engine(path, map_location)
+
+
+# Where DeepSpeed's load_checkpoint only copies the loaded tensors into its own buffers: the module's weights
+# (`module.load_state_dict`) and ZeRO's fp32 partitions (`_load_legacy_checkpoint` at stages 1-2,
+# `_rigid_load_state_dict` at 3). Everything else may be kept as loaded: torch's `Optimizer.load_state_dict`
+# keeps a state tensor that already has the parameter's device and dtype (the Adam moments on the CPU, as
+# under ZeRO-Offload), and the client state goes to the caller.
+COPIED_BY_DEEPSPEED = frozenset({"module", "single_partition_of_fp32_groups", "fp32_flat_groups"})
+
+
+def load_for_engine(path, map_location=None):
+    """A file for DeepSpeed's `load_checkpoint`, safely (`load_checkpoint_file`) and memory-mapped: the
+    tensors DeepSpeed copies (COPIED_BY_DEEPSPEED) are read from the page cache straight into its buffers,
+    with no whole second copy allocated first (a resume has just read the file to verify it). Every other
+    tensor gets memory of its own (`_owned`), so the engine never keeps a mapping of a checkpoint file,
+    whose disk space would stay in use after the checkpoint is deleted."""
+    try:
+        return _owned(load_checkpoint_file(path, map_location, mmap=True))
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return load_checkpoint_file(path, map_location)  # a legacy-format file cannot be mapped
+
+
+def _owned(obj, key=None):
+    """`obj` with every tensor outside COPIED_BY_DEEPSPEED keys copied out of the file mapping (whose
+    pages are then dropped from this process)."""
+    if key in COPIED_BY_DEEPSPEED:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        copy = obj.clone()
+        if isinstance(obj, torch.nn.Parameter):
+            copy = torch.nn.Parameter(copy, requires_grad=obj.requires_grad)
+        if obj.device.type == "cpu":
+            release_pages(obj)
+        return copy
+    if isinstance(obj, dict):
+        for k in obj:
+            obj[k] = _owned(obj[k], k)
+        return obj
+    if isinstance(obj, (list, tuple)):
+        items = [_owned(v) for v in obj]
+        return items if isinstance(obj, list) else type(obj)(items)
+    return obj
 
 
 # ------------------------------------------------------------------------------------ read partitions
