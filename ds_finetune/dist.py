@@ -89,6 +89,7 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.setdefault(key, value)
     world = int(os.environ["WORLD_SIZE"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(local_world))  # DeepSpeed's launcher sets only LOCAL_SIZE
     # One intra-op thread pool per rank: OMP_NUM_THREADS if set, else its share of the node's cores. On the
     # CPU it is fixed so the float reduction order (the bitwise result) is the same in the reference and the
     # resumed run, and idle OpenMP workers (they spin) leave a core to a background save; on a GPU node it

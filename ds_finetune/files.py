@@ -159,10 +159,11 @@ class HashingFile:
     CHUNK = 8 << 20    # large writes: a device's full bandwidth needs MBs per request
     DEPTH = 3          # one buffer filling, up to two being written
 
-    def __init__(self, path: str, tear=None, direct: bool = False):
-        self.fd, self.direct = open_for_writing(path, direct)
+    def __init__(self, path: str, tear=None, direct: bool = False, truncate: bool = True):
+        self.fd, self.direct = open_for_writing(path, direct, truncate)
         self.sha = hashlib.sha256()
         self.size = 0
+        self.offset = 0  # where in the file the current buffer's bytes (or, unbuffered, the next bytes) go
         self.tear = tear
         self.free: queue.Queue = queue.Queue()
         self.full: queue.Queue = queue.Queue()
@@ -183,7 +184,8 @@ class HashingFile:
         if self.direct:
             self._buffer(view)
         else:
-            write_all(self.fd, view)
+            write_all(self.fd, view, self.offset)
+            self.offset += len(view)
         if self.tear is not None and self.size >= self.TEAR_AFTER:
             if self.direct:
                 self._write_through()
@@ -208,18 +210,18 @@ class HashingFile:
         rest = self.fill - n
         if rest:
             nxt[:rest] = self.buf[n:self.fill]
-        self.full.put((self.buf, n))
-        self.buf, self.fill = nxt, rest
+        self.full.put((self.buf, n, self.offset))
+        self.buf, self.fill, self.offset = nxt, rest, self.offset + n
 
     def _write_chunks(self) -> None:
         """The writer thread: full buffers to the file, in order; after an error it only returns them."""
         while True:
-            buf, n = self.full.get()
+            buf, n, offset = self.full.get()
             if buf is None:
                 return
             try:
                 if self.error is None:
-                    write_all(self.fd, memoryview(buf)[:n])
+                    write_all(self.fd, memoryview(buf)[:n], offset)
             except BaseException as e:  # noqa: BLE001 - raised in the caller's thread at its next write/close
                 self.error = e.with_traceback(None)  # its frames would keep views of the buffer alive
             finally:
@@ -242,22 +244,27 @@ class HashingFile:
 
     def close(self) -> dict:
         try:
-            if self.direct:  # the tail padded to a whole block, the file cut to its size after
-                padded = -(-self.fill // self.ALIGN) * self.ALIGN
-                self.buf[self.fill:padded] = bytes(padded - self.fill)
-                self.fill = padded
-                self._submit(padded)
-                self._drain()
-                os.ftruncate(self.fd, self.size)
+            self._write_tail()
+            if self.direct:
+                os.ftruncate(self.fd, self.size)  # the padding cut off
             os.fsync(self.fd)
         finally:
             self.abandon()
         return {"size": self.size, "sha256": self.sha.hexdigest()}
 
+    def _write_tail(self) -> None:
+        """What is buffered (O_DIRECT: padded to a whole block) on disk."""
+        if self.direct:
+            padded = -(-self.fill // self.ALIGN) * self.ALIGN
+            self.buf[self.fill:padded] = bytes(padded - self.fill)
+            self.fill = padded
+            self._submit(padded)
+            self._drain()
+
     def abandon(self) -> None:
         """Close without writing the rest (the file is being given up)."""
         if self.writer is not None and self.writer.is_alive():
-            self.full.put((None, 0))
+            self.full.put((None, 0, 0))
             self.writer.join()
         os.close(self.fd)
         buffers = [self.buf] if self.buf is not None else []
@@ -270,9 +277,10 @@ class HashingFile:
                 pass
 
 
-def open_for_writing(path: str, direct: bool) -> tuple[int, bool]:
-    """(fd, direct): the file created or truncated, with O_DIRECT if asked and the file system takes it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+def open_for_writing(path: str, direct: bool, truncate: bool = True) -> tuple[int, bool]:
+    """(fd, direct): the file created (and truncated, if asked), with O_DIRECT if asked and the file system
+    takes it."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0)
     if direct and hasattr(os, "O_DIRECT"):
         try:
             return os.open(path, flags | os.O_DIRECT, 0o644), True
@@ -282,6 +290,7 @@ def open_for_writing(path: str, direct: bool) -> tuple[int, bool]:
     return os.open(path, flags, 0o644), False
 
 
-def write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, view: memoryview, offset: int) -> None:
     while len(view):
-        view = view[os.write(fd, view):]
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n

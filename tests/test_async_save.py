@@ -115,11 +115,11 @@ def test_a_write_error_in_the_hashing_files_writer_thread_reaches_the_caller(tmp
     calls = []
     real = files.write_all
 
-    def full_disk(fd, view):
+    def full_disk(fd, view, offset):
         calls.append(len(view))
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, view)
+        real(fd, view, offset)
 
     monkeypatch.setattr(files, "write_all", full_disk)
     f = files.HashingFile(str(tmp_path / "x.bin"), direct=direct)

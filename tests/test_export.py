@@ -48,12 +48,13 @@ def test_ckpt_export_from_any_stage_loads_in_transformers(saved_at_step4, tmp_pa
     assert_exported_equals(out, info)
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_our_writers_checkpoint_verifies_and_loads_in_deepspeeds_own_loader_and_zero_to_fp32(saved_at_step4, stage):
-    """For users who leave us: the files our writer makes (no zip CRC32, O_DIRECT, hashed as written) pass
-    `ckpt verify`, load in DeepSpeed's own TorchCheckpointEngine.load (plain torch.load) exactly as through
-    our safe loader, and DeepSpeed's zero_to_fp32 reads them (test_ckpt_export_from_any_stage_loads_in_transformers
-    compares its weights with our export)."""
+    """For users who leave us: the files our writer makes (no zip CRC32, O_DIRECT, hashed as written; at ZeRO
+    2 the model states striped by both ranks) pass `ckpt verify`, load in DeepSpeed's own
+    TorchCheckpointEngine.load (plain torch.load) exactly as through our safe loader, and DeepSpeed's
+    zero_to_fp32 reads them (test_ckpt_export_from_any_stage_loads_in_transformers compares its weights with
+    our export)."""
     import zipfile
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -61,6 +62,8 @@ def test_our_writers_checkpoint_verifies_and_loads_in_deepspeeds_own_loader_and_
     from ds_finetune.checkpoint import ds_internals
 
     info, _ = find_resumable_checkpoint(saved_at_step4(stage) / "checkpoints")
+    model_states = info.manifest["files"][ds_internals.model_states_file(info.path).name]
+    assert len(model_states.get("stripes_sha256", [])) == (2 if stage == 2 else 0)  # ZeRO 0's holds the optimizer
     verify = subprocess.run([CLI, "ckpt", "verify", str(info.path)], capture_output=True, text=True)
     assert verify.returncode == 0 and "intact" in verify.stdout, verify.stderr
     files = sorted(info.path.glob("*.pt"))

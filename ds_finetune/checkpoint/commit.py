@@ -6,6 +6,7 @@ applies retention. The fault points of a save's phases are here."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ds_finetune import __version__
-from ds_finetune.checkpoint import ds_internals
+from ds_finetune.checkpoint import ds_internals, stripes
 from ds_finetune.checkpoint.layout import (LATEST, MANIFEST, MANIFEST_VERSION, apply_retention, remove_tree,
                                            tag_for_step)
 from ds_finetune.dist import all_gather, decide
@@ -60,13 +61,15 @@ def write_files(spec: SaveSpec, step: int, client_state: dict, background=None) 
             if tag_dir.exists():  # a leftover of a crashed or abandoned attempt: never mix files into it
                 remove_tree(tag_dir)
         dist.barrier()
+        stripe_ranks = striping_ranks(engine) if background is None else 1
         if background is None:
-            written = record_shard_writes(engine, rank, step)
+            written = record_shard_writes(engine, rank, step, stripe_ranks)
         else:
             written = {}
             ds_internals.route_checkpoint_writes(engine, background.collect)
-        engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=client_state, save_latest=False,
-                               exclude_frozen_parameters=spec.trainable_only)
+        with ds_internals.model_states_written_by(engine, rank < stripe_ranks):
+            engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=spec.trainable_only)
         if rank == 0 and spec.write_extra is not None:
             spec.write_extra(tag_dir)
         fault_point("after_shards", rank, step)
@@ -86,7 +89,7 @@ def _commit_on_rank0(spec: SaveSpec, tag_dir: Path, step: int, parts: list, trai
     failed = [part for part in parts if isinstance(part, str)]
     if failed:
         raise disk_error(spec.ckpt_dir, OSError(failed[0]))
-    files = {name: meta for part in parts for name, meta in part.items()}
+    files = stripes.merge_reports(parts)
     _commit(spec.engine, tag_dir, step, files, trainer_state, spec.rank, spec.world)
     apply_retention(spec.ckpt_dir, spec.keep_last, newest_committed=step, rank=spec.rank, keep_best=spec.keep_best)
 
@@ -117,23 +120,36 @@ def _commit(engine, tag_dir: Path, step: int, files: dict, trainer_state: dict, 
         raise disk_error(ckpt_dir, e) from e
 
 
-def record_shard_writes(engine, rank: int, step: int) -> dict[str, dict]:
+def striping_ranks(engine) -> int:
+    """How many ranks write the model states file together (`stripes.py`): the first node's, where every
+    rank holds the same model states; else 1 (rank 0 alone, as DeepSpeed)."""
+    if not ds_internals.model_states_replicated(engine):
+        return 1
+    return max(1, min(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), dist.get_world_size()))
+
+
+def record_shard_writes(engine, rank: int, step: int, stripe_ranks: int = 1) -> dict[str, dict]:
     """Route this save's shard writes through `write_shard`; returns {path: size/sha256}, filled as
-    DeepSpeed writes (empty if its checkpoint engine writes its own way: then files are hashed after)."""
+    DeepSpeed writes (empty if its checkpoint engine writes its own way: then files are hashed after).
+    With `stripe_ranks` > 1, the ranks below it write their stripes of the model states file."""
     written: dict[str, dict] = {}
 
     def save(state_dict, path):
-        written[str(path)] = write_shard(state_dict, path, rank, step)
+        striped = stripe_ranks > 1 and Path(path).name == ds_internals.MODEL_STATES
+        written[str(path)] = write_shard(state_dict, path, rank, step, stripe_ranks=stripe_ranks if striped else 1)
 
     ds_internals.route_checkpoint_writes(engine, save)
     return written
 
 
-def write_shard(state, path, rank: int, step: int, direct: bool = True) -> dict:
+def write_shard(state, path, rank: int, step: int, direct: bool = True, stripe_ranks: int = 1) -> dict:
     """One checkpoint file through the hashing writer (a save's or a background write's): its size and
-    sha256 once durable. The shard-writing faults fire here."""
+    sha256 once durable (with `stripe_ranks` > 1: this rank's stripes of it, `stripes.StripedFile`). The
+    shard-writing faults fire here."""
     fault_point("enospc", rank, step)
-    f = HashingFile(path, tear=lambda: fault_point("torn_shard", rank, step), direct=direct)
+    tear = lambda: fault_point("torn_shard", rank, step)  # noqa: E731
+    f = (stripes.StripedFile(path, rank, stripe_ranks, tear, direct) if stripe_ranks > 1
+         else HashingFile(path, tear=tear, direct=direct))
     try:
         with no_zip_crc32():
             torch.save(state, f)

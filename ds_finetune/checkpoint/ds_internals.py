@@ -4,7 +4,9 @@ check).
 
 What is private and why we use it:
 * `engine.checkpoint_engine.save`: replaced per save so shards stream through our hashing file object
-  (sha256 and size as the bytes go out, fsync before they count) instead of a second read.
+  (sha256 and size as the bytes go out, fsync before they count) instead of a second read; and
+  `engine.save_non_zero_checkpoint`, set for one save so that the ranks of a node write the replicated
+  model states file together (`stripes.py`).
 * `deepspeed.utils.zero_to_fp32.get_optim_files` and the layout of `*_model_states.pt` and
   `*_optim_states.pt` (flat fp32 partitions, their alignment paddings, the moments in the same layout):
   `ZeroCheckpoint` reads them memory-mapped and merges one parameter at a time, as zero_to_fp32 merges
@@ -23,6 +25,7 @@ import ctypes
 import importlib
 import mmap
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,6 +49,28 @@ def route_checkpoint_writes(engine, save) -> bool:
         return False
     engine.checkpoint_engine.save = save  # an instance attribute, replaced at every save: never nested
     return True
+
+
+MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2's model states file (the module's weights, the client state)
+
+
+def model_states_replicated(engine) -> bool:
+    """Whether every rank holds the same model states (ZeRO 1 and 2: the weights are all-gathered after each
+    step; ZeRO 0's file also holds the optimizer, which bf16 partitions, and ZeRO 3's holds no weights)."""
+    return engine.zero_optimization_stage() in (1, 2) and not engine.has_moe_layers
+
+
+@contextmanager
+def model_states_written_by(engine, writes: bool):
+    """Make this engine's next save hand the model states file to its checkpoint engine's `save` when
+    `writes`, whatever its rank (DeepSpeed has only data-parallel rank 0 write it, `save_non_zero_checkpoint`;
+    every rank builds the state)."""
+    before = engine.save_non_zero_checkpoint
+    engine.save_non_zero_checkpoint = writes or before
+    try:
+        yield
+    finally:
+        engine.save_non_zero_checkpoint = before
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -159,7 +184,7 @@ def release_pages(t: torch.Tensor) -> None:
 
 
 def model_states_file(tag_dir: Path) -> Path:
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+    for name in (MODEL_STATES, "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if (tag_dir / name).exists():
             return tag_dir / name
     raise UserError(f"checkpoint error: {tag_dir} holds no DeepSpeed model states file")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_finetune.checkpoint.layout import read_manifest, step_of_tag, tag_dirs
+from ds_finetune.checkpoint.stripes import stripe_digests
 from ds_finetune.errors import UserError, first_line
 from ds_finetune.faults import fault_point
 from ds_finetune.files import sha256_file
@@ -43,9 +44,18 @@ def verify_files(tag_dir: Path, manifest: dict, hashes: bool = True, progress=No
         size = path.stat().st_size
         if size != meta["size"]:
             problems.append(f"{name}: size {size} != {meta['size']} in the manifest")
-        elif hashes and sha256_file(path, progress=progress) != meta["sha256"]:
+        elif hashes and not content_matches(path, meta, progress):
             problems.append(f"{name}: sha256 differs from the manifest (the file was changed or damaged)")
     return problems
+
+
+def content_matches(path: Path, meta: dict, progress=None) -> bool:
+    """Whether the file's bytes hash as the manifest says: one sha256, or one a rank's stripes of a file
+    that several ranks wrote (`stripes.py`)."""
+    if "stripes_sha256" in meta:
+        want = meta["stripes_sha256"]
+        return stripe_digests(path, meta["stripe_bytes"], len(want), progress) == want
+    return sha256_file(path, progress=progress) == meta["sha256"]
 
 
 def unsafe_files(tag_dir: Path) -> tuple[list[str], list[str]]:
