@@ -244,8 +244,8 @@ class RunConfig(Section):
         if name in REFERENCE_OBJECTIVES and getattr(self, name).reference == "model" and self.model.lora is not None:
             raise ValueError(f"{name}.reference model is for full fine-tuning; with model.lora the reference is the "
                              f"base with its adapters off: remove {name}.reference")
-        if name in ("kto", "reward") and self.train.sequence_parallel > 1:  # a KL estimate; the last token's score
-            raise ValueError(f"train.sequence_parallel > 1 is not supported with train.objective {name} yet; set "
+        if name == "reward" and self.train.sequence_parallel > 1:  # its score is at a last token only one slice has
+            raise ValueError("train.sequence_parallel > 1 is not supported with train.objective reward yet; set "
                              "train.sequence_parallel=1")
         if name == "kto" and self.kto.loss_type == "kto" and self.train.micro_batch_size < 2:
             raise ValueError("train.objective kto needs train.micro_batch_size >= 2: its KL estimate pairs each prompt "

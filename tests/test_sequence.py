@@ -276,10 +276,10 @@ PAIRS = harness.ROOT / "data" / "tiny" / "preference.jsonl"
 
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "cpo", "kto", "reward"])
-def test_pair_objectives_take_sequence_parallelism_and_kto_and_reward_models_are_one_line(objective):
+def test_preference_objectives_take_sequence_parallelism_and_reward_models_are_one_line(objective):
     overrides = [f"train.objective={objective}", "data.format=preference", f"data.path={PAIRS}",
                  "train.sequence_parallel=2", "output_dir=x"]
-    if objective not in ("kto", "reward"):
+    if objective != "reward":
         assert load_config(TINY, overrides).train.sequence_parallel == 2
         return
     with pytest.raises(UserError, match=f"train.sequence_parallel > 1 is not supported with train.objective "
@@ -288,18 +288,26 @@ def test_pair_objectives_take_sequence_parallelism_and_kto_and_reward_models_are
     assert "\n" not in e.value.message
 PAIR_METRICS = ("loss", "eval_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "mean_token_accuracy",
-                "nll_loss", "log_odds_ratio", "log_odds_chosen")
+                "nll_loss", "log_odds_ratio", "log_odds_chosen", "kl", "eval_kl", "eval_rewards/chosen")
+UNPAIRED = harness.ROOT / "data" / "tiny" / "unpaired_preference.jsonl"
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("objective", ["dpo", "orpo"])
-def test_a_pair_objective_at_sp2_computes_sp1s_losses_and_metrics_and_dpo_resumes_bitwise(tmp_path, objective):
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto"])
+def test_a_preference_objective_at_sp2_computes_sp1s_losses_and_metrics_and_dpo_resumes_bitwise(tmp_path, objective):
     """Each rank of the SP group runs its slice of every sequence; the group joins their per-target log-probs
-    and each computes the pair loss (DPO's reference pass too: its own data cache here, so it runs at SP=2)."""
-    pair = [f"train.objective={objective}", "data.format=preference", f"data.path={PAIRS}"]
+    and each computes the loss (the reference pass too: its own data cache here, so it runs at SP=2). KTO's
+    SP=1 run takes the other reference, a frozen copy of the base (kto.reference: model): the same values."""
+    data = ["data.format=unpaired_preference", f"data.path={UNPAIRED}"] if objective == "kto" else \
+        ["data.format=preference", f"data.path={PAIRS}"]
+    pair = [f"train.objective={objective}", *data]
     sp1, ref, run = tmp_path / "sp1", tmp_path / "ref", tmp_path / "run"
     env = {"DS_FINETUNE_CACHE": str(tmp_path / "cache")}
-    harness.train(sp1, [*SP_RUN, *pair, "train.grad_accum=1"])  # 2 data-parallel ranks: the same global batch of 4
+    if objective == "kto":  # its KL estimate is each micro-step's: the SP group's micro-batches, on one rank
+        proc = harness.train(sp1, [*SP_RUN, *pair, "kto.reference=model"], nproc=1)
+        assert "computing the reference log-probs" not in proc.stdout
+    else:  # 2 data-parallel ranks: the same global batch of 4
+        harness.train(sp1, [*SP_RUN, *pair, "train.grad_accum=1"])
     proc = harness.train(ref, [*SP2, *pair], env=env)
     assert objective == "orpo" or "computing the reference log-probs" in proc.stdout
     got, want = harness.metrics(ref), harness.metrics(sp1)

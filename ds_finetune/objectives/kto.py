@@ -20,7 +20,9 @@ is known before its backward (the weights only change at the step's end), so the
 first, in eval mode (no dropout: TRL's disable_dropout default) and with one all-reduce on the device.
 
 Its reference is DPO's (`dpo.py`): the model with adapters off under LoRA, a frozen copy of the base
-(kto.reference: model), or log-probs stored before training, two a row (`dpo_reference.py`).
+(kto.reference: model), or log-probs stored before training, two a row (`dpo_reference.py`). Under sequence
+parallelism every log-prob, the KL rows' too, is joined over the group (`sequence.JoinedLogps`), as for the
+pair objectives: each rank of it computes the same z and loss, and the group's first rank reports.
 
 Metrics, TRL's names: rewards/chosen and logps/chosen (beta r and the policy's log-probs, means over the
 global batch's desirable rows), rewards/rejected and logps/rejected (over its undesirable rows; a metric of
@@ -44,11 +46,11 @@ from ds_finetune import lora
 from ds_finetune.data import IGNORE_INDEX, HostFacts, MixedData, TokenizedData
 from ds_finetune.device_batch import to_device
 from ds_finetune.dist import frozen_eval, mean_over_ranks
-from ds_finetune.loss import make_sequence_logps_fn
 from ds_finetune.objectives import ObjectiveParts, StepResult, accumulate
 from ds_finetune.objectives.dpo import AdaptersOff, Precomputed, frozen_base
 from ds_finetune.objectives.dpo_reference import Walk, stored_reference
 from ds_finetune.sampler import BatchLayout
+from ds_finetune.sequence import sequence_logps_fn
 
 METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins", "kl",
            "logits/chosen", "logits/rejected")
@@ -196,6 +198,9 @@ class KTOObjective:
     max_length: int
     block: int       # train.micro_batch_size: the KL partners' blocks
     eval_loss_fn: KTOLoss | None = None  # with the eval data's own reference, where it has its own (eval.path)
+    # False on all but the first rank of a sequence-parallel group, as for the pair objectives (pairs.py): each
+    # rank of it computes the same loss, KL estimates and metrics from the group's joined log-probs
+    reports: bool = True
     metric_names = METRICS
     perplexity = False
 
@@ -222,6 +227,8 @@ class KTOObjective:
         per_batch = [{"kl": z[m], "weights": weights} for m in range(len(batches))]
         loss_sum, sums = accumulate(engine, self.loss_fn, batches, layout.global_batch, step, before_update,
                                     per_batch=per_batch)
+        if not self.reports:
+            loss_sum, sums = torch.zeros_like(loss_sum), torch.zeros_like(sums)
         counts = (good, bad, good, bad, int(both), 1, good_tokens, bad_tokens)
         return StepResult(loss_sum, layout.global_batch,
                           sums={name: (sums[i], counts[i]) for i, name in enumerate(METRICS)})
@@ -231,6 +238,7 @@ class KTOObjective:
         loss_fn = self.eval_loss_fn if data is not self.data and self.eval_loss_fn is not None else self.loss_fn
         batch = self.collate(data, units[:, 0])
         z = self.kl_estimates(engine, loss_fn, [batch], counted)[0]
+        counted = counted and self.reports
         good, bad, good_tokens, bad_tokens = label_counts(data, units)
         both = 1.0 if good and bad and counted else 0.0
         weights = (1 / good if good else 0.0, 1 / bad if bad else 0.0, 1.0 / self.ranks, both)
@@ -264,7 +272,7 @@ def row_walk(data: TokenizedData, collate) -> Walk:
 def build(parts: ObjectiveParts) -> KTOObjective:
     """The KTO objective of a run, with the reference that fits (as DPO's `build`)."""
     cfg, k = parts.cfg, parts.cfg.kto
-    logps_fn = make_sequence_logps_fn(lora.hf_model(parts.model), cfg.train.loss_chunk_tokens)
+    logps_fn = sequence_logps_fn(lora.hf_model(parts.model), parts)  # joined over a sequence-parallel group
 
     def loss(reference, kl_reference) -> KTOLoss:
         return KTOLoss(logps_fn, reference, kl_reference, k.loss_type, k.beta, k.desirable_weight,
@@ -272,13 +280,14 @@ def build(parts: ObjectiveParts) -> KTOObjective:
 
     def objective(train_loss: KTOLoss, eval_loss: KTOLoss | None = None) -> KTOObjective:
         return KTOObjective(parts.data, parts.layout, train_loss, parts.pad_id, parts.group.dp_rank,
-                            parts.group.dp_size, cfg.data.max_length, cfg.train.micro_batch_size, eval_loss)
+                            parts.group.dp_size, cfg.data.max_length, cfg.train.micro_batch_size, eval_loss,
+                            reports=parts.group.rank == 0)
 
     if cfg.model.lora is not None:
         off = AdaptersOff(logps_fn)
         return objective(loss(off, off))
     if k.reference == "model":
-        frozen = frozen_base(cfg, parts.ds_config)
+        frozen = frozen_base(parts)
         return objective(loss(frozen, frozen))
     shell = objective(None)  # its collate, for the pass
 
