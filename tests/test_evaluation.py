@@ -33,11 +33,18 @@ def eval_overrides(path):
     return [f"eval.path={path}", "eval.every_steps=3", "eval.micro_batch_size=2", "checkpoint.keep_best=true"]
 
 
+@pytest.fixture(scope="session")
+def evaluating(tmp_path_factory) -> list[str]:
+    """The overrides of harness.BASE's runs that evaluate a held-out set every 3 steps (one file for the
+    session, so those runs are reference_run's, shared)."""
+    from conftest import made_once
+    return eval_overrides(made_once(tmp_path_factory, "eval-file", eval_file) / "chat-eval.jsonl")
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("stage", [2, 3])
-def test_eval_changes_no_training_bit_and_runs_on_a_set_the_ranks_do_not_divide(reference_run, tmp_path, stage):
-    run = tmp_path / "run"
-    harness.train(run, [f"train.zero_stage={stage}", *eval_overrides(eval_file(tmp_path))])
+def test_eval_changes_no_training_bit_and_runs_on_a_set_the_ranks_do_not_divide(reference_run, evaluating, stage):
+    run = reference_run(stage, extra=tuple(evaluating))
     harness.assert_same_run(run, reference_run(stage))
     rows = harness.metrics(run)
     evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
@@ -48,10 +55,9 @@ def test_eval_changes_no_training_bit_and_runs_on_a_set_the_ranks_do_not_divide(
 
 
 @pytest.mark.multiproc
-def test_eval_losses_after_a_kill_and_resume_equal_the_uninterrupted_runs(tmp_path):
-    overrides = ["train.zero_stage=3", *eval_overrides(eval_file(tmp_path)), "eval.every_steps=2"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    harness.train(ref, overrides)
+def test_eval_losses_after_a_kill_and_resume_equal_the_uninterrupted_runs(reference_run, evaluating, tmp_path):
+    ref, run = reference_run(3, extra=tuple(evaluating)), tmp_path / "run"
+    overrides = ["train.zero_stage=3", *evaluating]
     killed = harness.train(run, overrides, fault="mid_accum:rank1@step7", expect_ok=False)
     assert killed.returncode == -signal.SIGKILL
     harness.assert_resumed(harness.train(run, overrides, resume="auto"), step=6)
