@@ -12,15 +12,14 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
 install: $(VENV)/.installed
 
-# --no-compile: Python compiles what is imported, when first imported; compiling every installed module
-# up front (torch, transformers, deepspeed...) took 34-54 s of a ~100 s install here.
-PIP_INSTALL := $(BIN)/python -m pip install --quiet --no-compile
-
+# The checkout's own modules are byte-compiled too (pip compiles what it installs, not an editable source
+# tree): where PYTHONDONTWRITEBYTECODE is set, as on this machine, every process would compile them again.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP_INSTALL) "$(TORCH_SPEC)"
-	$(PIP_INSTALL) -e ".[dev,bench]"
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m compileall -q ds_finetune bench tests > /dev/null
 	touch $@
 
 test:  ## installs, runs the suite on two workers, and prints the time both took

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import harness
+from conftest import made_once
 from ds_finetune.checkpoint.layout import MANIFEST, apply_retention, best_checkpoint, tag_for_step
 from ds_finetune.config import load_config
 from ds_finetune.data import load_tokenizer
@@ -37,7 +38,6 @@ def eval_overrides(path):
 def evaluating(tmp_path_factory) -> list[str]:
     """The overrides of harness.BASE's runs that evaluate a held-out set every 3 steps (one file for the
     session, so those runs are reference_run's, shared)."""
-    from conftest import made_once
     return eval_overrides(made_once(tmp_path_factory, "eval-file", eval_file) / "chat-eval.jsonl")
 
 

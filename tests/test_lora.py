@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import harness
+from conftest import made_once
 from ds_finetune.checkpoint.verify import find_resumable_checkpoint
 
 pytestmark = pytest.mark.multiproc
@@ -19,7 +20,7 @@ CLI = str(harness.BIN / "ds-finetune")
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     """The tiny model (dropout on, as in harness.BASE) saved as a pretrained folder: the frozen base."""
-    return harness.save_tiny_model(tmp_path_factory.mktemp("base") / "model", seed=7)
+    return made_once(tmp_path_factory, "lora-base", lambda out: harness.save_tiny_model(out / "model", seed=7)) / "model"
 
 
 def lora(base, stage: int, dora: bool = False) -> list[str]:
@@ -31,14 +32,9 @@ def lora(base, stage: int, dora: bool = False) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lora_reference(base_model, tmp_path_factory):
-    done = {}
-
-    def get(stage: int, dora: bool = False):
-        if (stage, dora) not in done:
-            out = tmp_path_factory.mktemp(f"lora-ref-stage{stage}{'-dora' if dora else ''}")
-            harness.train(out, lora(base_model, stage, dora))
-            done[stage, dora] = out
-        return done[stage, dora]
+    def get(stage: int, dora: bool = False):  # each once for the session, whichever worker asks first
+        return made_once(tmp_path_factory, f"lora-ref-stage{stage}{'-dora' if dora else ''}",
+                         lambda out: harness.train(out, lora(base_model, stage, dora)))
     return get
 
 

@@ -8,6 +8,7 @@ uninterrupted run and one killed run are shared); the ZeRO-1 kill keeps dropout 
 import re
 
 import harness
+from conftest import made_once
 import pytest
 
 from ds_finetune.checkpoint.layout import read_manifest
@@ -41,11 +42,11 @@ def per_source(rows) -> list[dict]:
 def killed_in_step5(tmp_path_factory):
     """A 2-rank mixture run SIGKILLed in the middle of step 5 (rank 1, between micro-steps); its newest
     checkpoint is step 4. Each test resumes a copy."""
-    out = tmp_path_factory.mktemp("mix-killed")
-    proc = harness.train(out, [*STAGE, *mix()], fault="mid_accum:rank1@step5", expect_ok=False)
-    assert proc.returncode == -9, proc.stdout[-2000:]
-    assert harness.committed_steps(out / "checkpoints")[-1] == 4
-    return out
+    def kill(out):  # once for the session: the workers running this module's tests share it
+        proc = harness.train(out, [*STAGE, *mix()], fault="mid_accum:rank1@step5", expect_ok=False)
+        assert proc.returncode == -9, proc.stdout[-2000:]
+        assert harness.committed_steps(out / "checkpoints")[-1] == 4
+    return made_once(tmp_path_factory, "mix-killed", kill)
 
 
 def test_a_mixture_killed_mid_step_resumes_bitwise(reference_run, killed_in_step5, tmp_path):

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 import harness
+from conftest import made_once
 from ds_finetune import nodes
 
 SUBNET = "10.213.0"          # this test's own subnet, only inside its namespaces
@@ -211,12 +212,15 @@ def newest_manifest(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def two_node_run(cluster, tmp_path_factory):
-    """An uninterrupted 2-node run of harness.BASE (dropout off)."""
-    out = tmp_path_factory.mktemp(f"two-node-{cluster.mode}") / "run"
-    t0 = time.time()
-    logs = run_nodes(cluster, out)
-    print(f"\n[test_multinode] uninterrupted 2-node run ({cluster.mode}): {time.time() - t0:.1f} s")
-    return out, logs
+    """An uninterrupted 2-node run of harness.BASE (dropout off), and each node's log: once for the session,
+    whichever worker's cluster runs it first (the run's files do not depend on the cluster's addresses)."""
+    def run(folder):
+        t0 = time.time()
+        for i, log in enumerate(run_nodes(cluster, folder / "run")):
+            (folder / f"node{i}.log").write_text(log)
+        print(f"\n[test_multinode] uninterrupted 2-node run ({cluster.mode}): {time.time() - t0:.1f} s")
+    folder = made_once(tmp_path_factory, f"two-node-{cluster.mode}", run)
+    return folder / "run", [(folder / f"node{i}.log").read_text() for i in range(2)]
 
 
 # ------------------------------------------------------------------------------------------- the tests
