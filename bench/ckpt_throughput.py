@@ -32,7 +32,7 @@ def run(quick: bool) -> dict:
     Job(argv, WORK / "logs" / "ckpt-save.log").start().wait(1800)
     result = json.loads(out.read_text())
     mb = result["bytes"] / 1e6
-    kinds = ("disk", "nohash", "ours", "cold", "load")
+    kinds = ("disk", "nohash", "ours", "rank0", "cold", "load")
     speed = {kind: [mb / r[kind] for r in result["rounds"]] for kind in kinds}
     log(f"checkpoint: {mb:.0f} MB; disk {median(speed['disk']):.0f} MB/s, DeepSpeed save+fsync "
         f"{median(speed['nohash']):.0f} MB/s, ds-finetune save {median(speed['ours']):.0f} MB/s; cold read "
@@ -40,7 +40,7 @@ def run(quick: bool) -> dict:
     save_s = median([r["ours"] for r in result["rounds"]])
     note = (f"{mb:.0f} MB ({result['params'] / 1e6:.0f}M params, ZeRO-2, 2 ranks, each writing its own files; a save "
             f"{save_s:.1f} s); baseline: dd+fsync of the same bytes, one stream a rank at once; {rounds} rounds, "
-            f"order rotated (each round writes all three back to back); ratio = median of the rounds' ratios")
+            f"order rotated (each round writes all four back to back); ratio = median of the rounds' ratios")
     return {
         "figures": [
             figure("ckpt_ours", "checkpoint save, ours (with sha256) / dd+fsync (a stream a rank)", speed["ours"],
@@ -48,6 +48,10 @@ def run(quick: bool) -> dict:
             figure("ckpt_nohash", "checkpoint save, DeepSpeed's own save+fsync (no hash) / dd+fsync (a stream a rank)",
                    speed["nohash"], speed["disk"], "MB/s", (">=", TARGET),
                    "DeepSpeed's own writer (torch.save to a buffered file), fsynced, nothing hashed or committed"),
+            figure("ckpt_striped", "checkpoint save, ours / ours with rank 0 writing the model states alone",
+                   speed["ours"], speed["rank0"], "MB/s", None,
+                   "the same save with stripes.py off: the replicated model-states file written by rank 0 only, "
+                   "as DeepSpeed writes it"),
             figure("ckpt_load", "checkpoint load at resume (verify + load_checkpoint) / cold sequential read "
                    "(a stream a rank)", speed["load"], speed["cold"], "MB/s", (">=", TARGET),
                    "pages of the checkpoint's files and of the read streams dropped first (posix_fadvise "

@@ -1,4 +1,4 @@
-"""Checkpoint throughput, in one torchrun job so all three writers see the same disk, cache and moment.
+"""Checkpoint throughput, in one torchrun job so all four writers see the same disk, cache and moment.
 
 Builds the engine exactly as ds-finetune does (its model/engine builders and DeepSpeed config), takes one
 optimizer step so the Adam moments exist, then repeats, rotating the order each round:
@@ -11,6 +11,8 @@ optimizer step so the Adam moments exist, then repeats, rotating the order each 
            no manifest (fsync is included because without it the figure is page-cache speed, not disk);
   ours     `ds_finetune.checkpoint.commit.save_checkpoint`: the same save plus sha256 of every file, fsync,
            manifest commit and `latest` - what a training run pays at every checkpoint;
+  rank0    `ours` with the replicated model states written by rank 0 alone (checkpoint/stripes.py off), as
+           DeepSpeed writes them: what striping them over the ranks gains;
   cold     after `disk`, its streams' pages dropped from the page cache (posix_fadvise DONTNEED: only
            these files' pages, so the rest of the machine keeps its cache), every rank reads its stream back
            in 4 MiB blocks: the disk's cold sequential read of the checkpoint's bytes;
@@ -151,6 +153,15 @@ def main():
     def save_ours(d: Path):
         ckpt.save_checkpoint(ckpt.SaveSpec(engine, d, rank, world, keep_last=1), 1, client_state, trainer_state)
 
+    def save_rank0(d: Path):
+        """Ours with the model states written by rank 0 alone, as DeepSpeed writes them (`stripes.py` off)."""
+        striping = ckpt.striping_ranks
+        ckpt.striping_ranks = lambda engine: 1
+        try:
+            save_ours(d)
+        finally:
+            ckpt.striping_ranks = striping
+
     def copy_floor(d: Path) -> float:
         """The background save's state dicts collected (nothing written), then their host copy timed."""
         background = BackgroundWrite(rank, 1)
@@ -180,9 +191,9 @@ def main():
         dist.barrier()
 
     def measure_round(r: int) -> dict:
-        kinds = ["disk", "nohash", "ours"]
+        kinds = ["disk", "nohash", "ours", "rank0"]
         times = {}
-        for kind in kinds[r % 3:] + kinds[:r % 3]:  # rotate, so no writer always follows the same one
+        for kind in kinds[r % 4:] + kinds[:r % 4]:  # rotate, so no writer always follows the same one
             d = scratch / f"{kind}-{r}"
             if rank == 0:
                 d.mkdir(parents=True)
@@ -194,6 +205,8 @@ def main():
                 times["cold"] = timed(lambda: disk_read(d / f"blob-{rank}"))
             elif kind == "nohash":
                 times[kind] = timed(lambda: save_nohash(d))
+            elif kind == "rank0":
+                times[kind] = timed(lambda: save_rank0(d))
             else:
                 times[kind] = timed(lambda: save_ours(d))
                 drop_tree(d / "step_00000001")
