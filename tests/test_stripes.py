@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from ds_finetune.checkpoint import stripes
-from ds_finetune.checkpoint.verify import verify_files
+from ds_finetune.checkpoint.verify import hash_parts, verify_files, verify_parts
+from ds_finetune.hashing import share_of_files
 from ds_finetune.files import HashingFile
 
 ALIGN = HashingFile.ALIGN
@@ -62,6 +63,30 @@ def test_ranks_write_their_stripes_of_one_file_and_verification_recomputes_each(
         f.write(bytes([byte[0] ^ 1]))
     assert verify_files(tmp_path, manifest) == ["model.pt: sha256 differs from the manifest (the file was changed "
                                                 "or damaged)"]
+
+
+def test_a_resumes_ranks_each_verify_a_share_of_every_ranks_stripes(tmp_path, small):
+    """hash_together's split: a striped file is hashed as one part a rank that wrote it, so the file every
+    rank loads is not one rank's to hash; a damaged stripe is found by the part that holds it."""
+    pieces = [os.urandom(n) for n in (40000, 3, 25000)]
+    reports = write_striped(tmp_path / "model.pt", [pieces] * 2, direct=True)
+    (tmp_path / "optim.pt").write_bytes(b"o" * 5000)
+    files = {**stripes.merge_reports(reports),
+             "optim.pt": {"size": 5000, "sha256": hashlib.sha256(b"o" * 5000).hexdigest()}}
+    parts = hash_parts(files)
+    assert set(parts) == {("model.pt", 0), ("model.pt", 1), ("optim.pt", -1)}
+    assert parts["model.pt", 0]["size"] + parts["model.pt", 1]["size"] == files["model.pt"]["size"]
+    shares = [share_of_files(parts, r, 2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(parts) and all(shares)
+    assert [verify_parts(tmp_path, files, share) for share in shares] == [[], []]
+    with open(tmp_path / "model.pt", "r+b") as f:  # a byte of rank 1's first stripe
+        f.seek(5 * ALIGN + 3)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    damaged = "model.pt: sha256 differs from the manifest (the file was changed or damaged)"
+    assert verify_parts(tmp_path, files, [("model.pt", 0)]) == []
+    assert verify_parts(tmp_path, files, [("model.pt", 1)]) == [damaged]
 
 
 def test_ranks_that_serialised_different_states_are_refused_at_the_commit(tmp_path, small):

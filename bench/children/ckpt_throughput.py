@@ -107,7 +107,7 @@ def main():
     from ds_finetune.checkpoint import commit as ckpt, ds_internals
     from ds_finetune.checkpoint.async_save import BackgroundWrite, DeviceCopy, snapshot, storage_sizes
     from ds_finetune.checkpoint.layout import read_manifest
-    from ds_finetune.checkpoint.verify import verify_files
+    from ds_finetune.checkpoint.verify import hash_parts, verify_parts
     from ds_finetune.hashing import share_of_files
     from ds_finetune.config import load_config
     from ds_finetune.dist import all_gather, capture_rng, init_distributed, seed_everything
@@ -175,7 +175,7 @@ def main():
         tag_dir = d / "step_00000001"
         manifest = read_manifest(tag_dir)
         files = manifest["files"]
-        problems = verify_files(tag_dir, {"files": {n: files[n] for n in share_of_files(files, rank, world)}})
+        problems = verify_parts(tag_dir, files, share_of_files(hash_parts(files), rank, world))
         assert not problems, problems
         ds_internals.route_checkpoint_reads(engine)
         load_path, _ = engine.load_checkpoint(str(d), tag=tag_dir.name, load_optimizer_states=True,

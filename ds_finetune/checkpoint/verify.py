@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_finetune.checkpoint.layout import read_manifest, step_of_tag, tag_dirs
-from ds_finetune.checkpoint.stripes import stripe_digests
+from ds_finetune.checkpoint.stripes import stripe_bytes_of, stripe_digest, stripe_digests
 from ds_finetune.errors import UserError, first_line
 from ds_finetune.faults import fault_point
 from ds_finetune.files import sha256_file
@@ -146,9 +146,10 @@ def hash_together(folder: Path, manifest: dict, board_dir: Path, rank: int, worl
     and all wait on files in `board_dir`, not in a collective. Rank 0's progress goes to `say`."""
     board = Rendezvous(board_dir, rank, world, f"verifying {folder}")
     files = manifest["files"]
-    mine = share_of_files(files, rank, world)
+    parts = hash_parts(files)
+    mine = share_of_files(parts, rank, world)
     meter = Meter(say if rank == 0 else None, f"verifying {folder.name} (rank 0's share)",
-                  sum(files[n]["size"] for n in mine))
+                  sum(parts[p]["size"] for p in mine))
 
     def hashed(n: int) -> None:
         board.beat()
@@ -156,6 +157,35 @@ def hash_together(folder: Path, manifest: dict, board_dir: Path, rank: int, worl
 
     def my_share() -> list[str]:
         fault_point("hang_verify", rank, int(manifest.get("step", -1)))
-        return verify_files(folder, {"files": {n: files[n] for n in mine}}, progress=hashed)
+        return verify_parts(folder, files, mine, progress=hashed)
 
-    return [problem for part in board.gather(my_share) for problem in part]
+    return list(dict.fromkeys(problem for part in board.gather(my_share) for problem in part))
+
+
+def hash_parts(files: dict) -> dict:
+    """What the ranks of a resume share out to hash ({part: {"size"}}, for `share_of_files`): a file whole
+    ("name", -1), or a striped file's stripes of each rank that wrote it ("name", r), so that a replicated
+    file every rank loads is not hashed by one rank alone."""
+    parts = {}
+    for name, meta in files.items():
+        want = meta.get("stripes_sha256")
+        for r in range(len(want)) if want else [-1]:
+            size = meta["size"] if r < 0 else stripe_bytes_of(meta["size"], meta["stripe_bytes"], len(want), r)
+            parts[(name, r)] = {"size": size}
+    return parts
+
+
+def verify_parts(tag_dir: Path, files: dict, parts: list, progress=None) -> list[str]:
+    """`verify_files` for some `hash_parts` parts: whole files, or one rank's stripes of a striped file."""
+    whole = {name: files[name] for name, r in parts if r < 0}
+    problems = verify_files(tag_dir, {"files": whole}, progress=progress)
+    for name, r in parts:
+        if r < 0:
+            continue
+        meta, path = files[name], tag_dir / name
+        problem = verify_files(tag_dir, {"files": {name: meta}}, hashes=False)  # missing, or the wrong size
+        if not problem and stripe_digest(path, meta["stripe_bytes"], len(meta["stripes_sha256"]), r,
+                                         progress) != meta["stripes_sha256"][r]:
+            problem = [f"{name}: sha256 differs from the manifest (the file was changed or damaged)"]
+        problems += problem
+    return problems
