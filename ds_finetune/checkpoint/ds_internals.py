@@ -117,12 +117,8 @@ def load_for_engine(path, map_location=None):
     with no whole second copy allocated first (a resume has just read the file to verify it). Every other
     tensor gets memory of its own (`_owned`), so the engine never keeps a mapping of a checkpoint file,
     whose disk space would stay in use after the checkpoint is deleted."""
-    try:
-        return _owned(load_checkpoint_file(path, map_location, mmap=True))
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return load_checkpoint_file(path, map_location)  # a legacy-format file cannot be mapped
+    state, mapped = load_mapped(path, map_location)
+    return _owned(state) if mapped else state
 
 
 def _owned(obj, key=None):
@@ -153,16 +149,16 @@ MADV_DONTNEED = 4  # Linux
 TENSOR_KEYS = ("weights", "exp_avg", "exp_avg_sq")
 
 
-def load_mapped(path: Path) -> tuple[dict, bool]:
+def load_mapped(path: Path, map_location="cpu") -> tuple[dict, bool]:
     """A checkpoint file loaded safely (`load_checkpoint_file`) with every tensor memory-mapped (its pages
     are read only when touched); a file in the legacy format cannot be mapped and is loaded whole. Returns
     (state, mapped). Only called on files the checkpoint's manifest has verified (sizes and sha256)."""
     try:
-        return load_checkpoint_file(path, mmap=True), True
+        return load_checkpoint_file(path, map_location, mmap=True), True
     except RuntimeError as e:
         if "mmap" not in str(e):
             raise
-        return load_checkpoint_file(path), False
+        return load_checkpoint_file(path, map_location), False
 
 
 _libc = None

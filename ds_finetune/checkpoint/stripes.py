@@ -5,7 +5,7 @@ DeepSpeed has rank 0 write that file alone: with 2 ranks rank 0 writes ~60 % of 
 other waits. Here every rank of the first node serialises the same state (`torch.save` of equal objects:
 equal bytes) and writes only the stripes it owns: stripe k (`STRIPE` bytes at offset k x STRIPE) is rank
 k mod n's. Each rank hashes its own stripes as it writes them (`StripedFile`); the manifest records one
-sha256 per rank's stripes, and verification recomputes them from one read of the file (`stripe_digests`).
+sha256 per rank's stripes, and verification recomputes each from that rank's stripes (`stripe_digest`).
 The file is the same torch file DeepSpeed writes: its `load_checkpoint` and `zero_to_fp32` read it unchanged.
 
 Equal bytes are DeepSpeed's design (the weights are all-gathered after every step, the client state is
@@ -21,7 +21,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from ds_finetune.files import HashingFile, read_ahead
+from ds_finetune.files import HashingFile
 
 STRIPE = 64 << 20  # a multiple of HashingFile.CHUNK and of read_ahead's chunk
 HEAD = 4 << 20
@@ -129,20 +129,3 @@ def stripe_digest(path: Path, stripe: int, world: int, rank: int, progress=None)
                 if progress:
                     progress(n)
     return h.hexdigest()
-
-
-def stripe_digests(path: Path, stripe: int, world: int, progress=None) -> list[str]:
-    """The sha256 of each rank's stripes of the file, from one sequential read."""
-    hashes = [hashlib.sha256() for _ in range(world)]
-    pos = 0
-    with open(path, "rb", buffering=0) as f:
-        for chunk in read_ahead(f):
-            if progress:
-                progress(len(chunk))
-            while len(chunk):  # a chunk that crosses a stripe's end is split at it
-                take = min(len(chunk), stripe - pos % stripe)
-                hashes[pos // stripe % world].update(chunk[:take])
-                pos += take
-                chunk = chunk[take:]
-    return [h.hexdigest() for h in hashes]
-

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_finetune.checkpoint.layout import read_manifest, step_of_tag, tag_dirs
-from ds_finetune.checkpoint.stripes import stripe_bytes_of, stripe_digest, stripe_digests
+from ds_finetune.checkpoint.stripes import stripe_bytes_of, stripe_digest
 from ds_finetune.errors import UserError, first_line
 from ds_finetune.faults import fault_point
 from ds_finetune.files import sha256_file
@@ -35,27 +35,33 @@ class CheckpointInfo:
 def verify_files(tag_dir: Path, manifest: dict, hashes: bool = True, progress=None) -> list[str]:
     """What is wrong with the files the manifest lists (sizes, and sha256 unless `hashes` is false);
     `progress(n)` is called as n more bytes are hashed."""
-    problems = []
-    for name, meta in sorted(manifest["files"].items()):
-        path = tag_dir / name
-        if not path.is_file():
-            problems.append(f"missing file {name}")
-            continue
-        size = path.stat().st_size
-        if size != meta["size"]:
-            problems.append(f"{name}: size {size} != {meta['size']} in the manifest")
-        elif hashes and not content_matches(path, meta, progress):
-            problems.append(f"{name}: sha256 differs from the manifest (the file was changed or damaged)")
-    return problems
+    return [problem for name, meta in sorted(manifest["files"].items())
+            for problem in file_problems(tag_dir, name, meta, hashes, progress)]
 
 
-def content_matches(path: Path, meta: dict, progress=None) -> bool:
+def file_problems(tag_dir: Path, name: str, meta: dict, hashes: bool = True, progress=None,
+                  rank: int | None = None) -> list[str]:
+    """What is wrong with one file the manifest lists; `rank`: of a striped file (`stripes.py`), hash only
+    that rank's stripes (else every rank's)."""
+    path = tag_dir / name
+    if not path.is_file():
+        return [f"missing file {name}"]
+    size = path.stat().st_size
+    if size != meta["size"]:
+        return [f"{name}: size {size} != {meta['size']} in the manifest"]
+    if hashes and not content_matches(path, meta, progress, rank):
+        return [f"{name}: sha256 differs from the manifest (the file was changed or damaged)"]
+    return []
+
+
+def content_matches(path: Path, meta: dict, progress=None, rank: int | None = None) -> bool:
     """Whether the file's bytes hash as the manifest says: one sha256, or one a rank's stripes of a file
-    that several ranks wrote (`stripes.py`)."""
-    if "stripes_sha256" in meta:
-        want = meta["stripes_sha256"]
-        return stripe_digests(path, meta["stripe_bytes"], len(want), progress) == want
-    return sha256_file(path, progress=progress) == meta["sha256"]
+    that several ranks wrote (all ranks', or `rank`'s)."""
+    if "stripes_sha256" not in meta:
+        return sha256_file(path, progress=progress) == meta["sha256"]
+    want = meta["stripes_sha256"]
+    return all(stripe_digest(path, meta["stripe_bytes"], len(want), r, progress) == want[r]
+               for r in (range(len(want)) if rank is None else [rank]))
 
 
 def unsafe_files(tag_dir: Path) -> tuple[list[str], list[str]]:
@@ -177,15 +183,5 @@ def hash_parts(files: dict) -> dict:
 
 def verify_parts(tag_dir: Path, files: dict, parts: list, progress=None) -> list[str]:
     """`verify_files` for some `hash_parts` parts: whole files, or one rank's stripes of a striped file."""
-    whole = {name: files[name] for name, r in parts if r < 0}
-    problems = verify_files(tag_dir, {"files": whole}, progress=progress)
-    for name, r in parts:
-        if r < 0:
-            continue
-        meta, path = files[name], tag_dir / name
-        problem = verify_files(tag_dir, {"files": {name: meta}}, hashes=False)  # missing, or the wrong size
-        if not problem and stripe_digest(path, meta["stripe_bytes"], len(meta["stripes_sha256"]), r,
-                                         progress) != meta["stripes_sha256"][r]:
-            problem = [f"{name}: sha256 differs from the manifest (the file was changed or damaged)"]
-        problems += problem
-    return problems
+    return [problem for name, r in parts
+            for problem in file_problems(tag_dir, name, files[name], progress=progress, rank=None if r < 0 else r)]
