@@ -244,9 +244,6 @@ class RunConfig(Section):
         if name in REFERENCE_OBJECTIVES and getattr(self, name).reference == "model" and self.model.lora is not None:
             raise ValueError(f"{name}.reference model is for full fine-tuning; with model.lora the reference is the "
                              f"base with its adapters off: remove {name}.reference")
-        if name == "reward" and self.train.sequence_parallel > 1:  # its score is at a last token only one slice has
-            raise ValueError("train.sequence_parallel > 1 is not supported with train.objective reward yet; set "
-                             "train.sequence_parallel=1")
         if name == "kto" and self.kto.loss_type == "kto" and self.train.micro_batch_size < 2:
             raise ValueError("train.objective kto needs train.micro_batch_size >= 2: its KL estimate pairs each prompt "
                              "with another completion of the same block of micro_batch_size rows (as TRL's "
@@ -263,11 +260,13 @@ class RunConfig(Section):
     def _pairs_pack(self, name: str) -> None:
         """Packing of preference rows: each sequence attends only to itself (isolated), for the objectives whose
         loss needs only each sequence's summed log-probs."""
-        why = {"reward": "a reward model scores each row's last token, one sequence a row",
-               "kto": "a row and its KL row are separate forwards"}.get(name)
-        if why:
-            raise ValueError(f"data.packing is not supported with train.objective {name} ({why}); set "
-                             f"data.packing=false")
+        if name == "kto":
+            raise ValueError("data.packing is not supported with train.objective kto (a row and its KL row are "
+                             "separate forwards); set data.packing=false")
+        if name == "reward" and self.train.sequence_parallel > 1:
+            raise ValueError("data.packing with train.sequence_parallel > 1 is not supported with train.objective "
+                             "reward (a packed sequence's last token, where it is scored, is not found in a slice "
+                             "yet); set data.packing=false")
         if not self.data.isolates:
             raise ValueError(f"data.packing shared would let a pair's chosen and rejected attend to each other; use "
                              f"data.packing=isolated with train.objective {name}")

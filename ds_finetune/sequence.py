@@ -19,6 +19,8 @@ step at SP=2 computes the loss and the gradient of SP=1 (to float noise).
 A pair loss (DPO, ORPO, SimPO, CPO) needs whole sequences' log-probs: `JoinedLogps` joins the slices'
 per-target log-probs over the group, every rank computes the same loss from them, and the join's backward
 gives each rank its own targets' gradient, so the group's summed gradients are again the whole loss's.
+A reward model's score is at each row's last real token, which one slice holds: `JoinedScores` adds up
+the slices' scores there the same way.
 
 ZeRO partitions over all ranks (DeepSpeed's sequence-data-parallel group), so a checkpoint's files do not
 depend on SP: a run resumes on another SP degree on the same world size without conversion.
@@ -205,6 +207,58 @@ class JoinedLogps:
         facts = facts_of(labels) if facts is None else facts
         return segment_sums(self.token_logps(engine, input_ids, attention_mask, labels, facts, stats),
                             facts.sequence_targets())
+
+
+# ------------------------------------------------------------------------------ a classifier's last-token score
+
+def last_real_token(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Each row's last position that is not padding: transformers' own rule for where a sequence classifier
+    scores (`*ForSequenceClassification`), computed on the device (no read back)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_id)).argmax(-1)
+
+
+class _SummedOverGroup(torch.autograd.Function):
+    """Every rank's [rows] values added up, on every rank of the group. Each rank computes the same loss from the
+    sum and hands backward's gradient to its own values only, so the group's gradients add up to the loss's."""
+
+    @staticmethod
+    def forward(ctx, local, group):
+        import torch.distributed as dist
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.stack(parts).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class JoinedScores:
+    """A sequence classifier's score of each row (a reward model's reward) under sequence parallelism: each rank
+    runs the model on its slice of every row (`position_scores`: (engine, **model inputs) -> the score of each
+    position, [rows, width]), takes the score at the rows' last real tokens that fall in its slice, and the
+    group adds the slices' values up. Rows are right-padded and attention causal, so that position sees exactly
+    what it sees at SP=1."""
+
+    def __init__(self, position_scores, group: SequenceGroup, ulysses, pad_id: int):
+        self.position_scores, self.group, self.ulysses, self.pad_id = position_scores, group, ulysses, pad_id
+
+    def __call__(self, engine, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """Each row's score, the same on every rank of the group (no mask needed: rows are right-padded)."""
+        rows, width = input_ids.shape
+        n = -(-width // self.group.size)
+        padded = torch.nn.functional.pad(input_ids, (0, n * self.group.size - width), value=self.pad_id)
+        start = self.group.rank * n
+        positions = torch.arange(start, start + n, device=input_ids.device).expand(rows, n)
+        from ds_finetune.ds_internals import set_ulysses_batch_size  # DeepSpeed: see `attach`
+        set_ulysses_batch_size(self.ulysses, rows)
+        scores = self.position_scores(engine, input_ids=padded[:, start:start + n].contiguous(), attention_mask=None,
+                                      position_ids=positions, use_cache=False)
+        at = last_real_token(input_ids, self.pad_id) - start
+        mine = (at >= 0) & (at < n)
+        local = torch.where(mine, scores.gather(1, at.clamp(0, n - 1)[:, None])[:, 0], torch.zeros_like(scores[:, 0]))
+        return _SummedOverGroup.apply(local, self.ulysses.process_group)
 
 
 # ---------------------------------------------------------------------------------------------- engine

@@ -56,7 +56,7 @@ def test_the_checkpoint_config_names_the_classifier_and_the_tokenizers_pad(tmp_p
     model = build_model(cfg, {})
     model.config.pad_token_id = 0
     reward_model.build(SimpleNamespace(model=model, pad_id=2, cfg=cfg, data=None, layout=None,
-                                       group=SimpleNamespace(dp_rank=0)))
+                                       group=SimpleNamespace(dp_rank=0, rank=0, size=1), ulysses=None))
     write_hf_files(tmp_path, model, load_tokenizer(TOKENIZER))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] == 2
@@ -134,6 +134,47 @@ def test_loss_metrics_and_gradients_equal_trl_reward_trainer(tmp_path, margin, c
         assert value == pytest.approx(trl_metrics[name], abs=1e-5), name
     assert 0 < trl_metrics["accuracy"] < 1 and trl_metrics["margin"] != 0
     _compare_grads(ours, trainer.model)
+
+
+def test_packing_is_taken_and_refused_only_under_sequence_parallelism():
+    assert load_config(harness.TINY, [*REWARD, "data.packing=true", "output_dir=x"]).data.isolates
+    with pytest.raises(UserError, match="data.packing with train.sequence_parallel > 1 is not supported with "
+                                        "train.objective reward") as e:
+        load_config(harness.TINY, [*REWARD, "data.packing=true", "train.sequence_parallel=2", "output_dir=x"])
+    assert "\n" not in e.value.message
+
+
+def test_packed_pairs_are_scored_at_each_sequences_end_as_the_padded_batch(tmp_path):
+    """data.packing isolated: a micro-batch's sequences packed into rows of at most data.max_length tokens, each
+    scored at its own last token (the head's per-position scores, not transformers' one score a row), give the
+    padded batch's loss, metrics and every gradient within 1e-5."""
+    from ds_finetune.data import EpochOrder
+    from ds_finetune.objectives.reward_model import PositionScores
+    cfg = load_config(harness.TINY, [*REWARD, "data.max_length=64", "model.config.attention_dropout=0.0",
+                                     f"data.cache_dir={tmp_path / 'cache'}", "output_dir=x"])
+    data = prepare_data(cfg.data, load_tokenizer(TOKENIZER))
+    units = EpochOrder(data, 1, False, 64).units(0)[:6]
+    torch.manual_seed(0)
+    model = build_model(cfg, {})
+    model.config.pad_token_id = 2
+    with torch.no_grad():  # a head off its init: rewards that differ
+        model.score.weight.add_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(5)))
+    results = []
+    for pack in (None, 64):
+        scored = copy.deepcopy(model)
+        loss_fn = RewardLoss(None, positions=PositionScores(scored), pack_length=pack)
+        batch = loss_fn.collate(data, units, 2)
+        if pack:  # 12 sequences in fewer rows, each read at its own end
+            assert batch.attention_mask is None and batch.input_ids.size(0) < 12 and len(batch.ends) == 12
+        loss_sum, sums = loss_fn(Engine(scored), *batch)
+        loss_sum.backward()
+        results.append((loss_sum.detach(), sums, [p.grad for p in scored.parameters()]))
+    (loss, sums, grads), (p_loss, p_sums, p_grads) = results
+    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_sums, sums, rtol=1e-5, atol=1e-5)
+    assert 0 < sums[0] < 6 and sums[1] != 0  # some pairs ranked right, some wrong: the rewards differ
+    for a, b in zip(p_grads, grads):  # other matmul shapes: float noise in proportion to each gradient's size
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
 
 
 def test_a_lora_reward_model_trains_its_head_with_the_adapters_and_exports_the_classifier(tmp_path):
