@@ -144,26 +144,32 @@ def test_packing_is_taken_and_refused_only_under_sequence_parallelism():
     assert "\n" not in e.value.message
 
 
-def test_packed_pairs_are_scored_at_each_sequences_end_as_the_padded_batch(tmp_path):
+@pytest.mark.parametrize("pad", ["own", "eos"])
+def test_packed_pairs_are_scored_at_each_sequences_end_as_the_padded_batch(tmp_path, pad):
     """data.packing isolated: a micro-batch's sequences packed into rows of at most data.max_length tokens, each
     scored at its own last token (the head's per-position scores, not transformers' one score a row), give the
-    padded batch's loss, metrics and every gradient within 1e-5."""
+    padded batch's loss, metrics and every gradient within 1e-5; also where the pad token is eos (Qwen's base
+    models), whose padded rows transformers scores at the token before their eos."""
     from ds_finetune.data import EpochOrder
     from ds_finetune.objectives.reward_model import PositionScores
     cfg = load_config(harness.TINY, [*REWARD, "data.max_length=64", "model.config.attention_dropout=0.0",
                                      f"data.cache_dir={tmp_path / 'cache'}", "output_dir=x"])
-    data = prepare_data(cfg.data, load_tokenizer(TOKENIZER))
+    tok = load_tokenizer(TOKENIZER)
+    data = prepare_data(cfg.data, tok)
     units = EpochOrder(data, 1, False, 64).units(0)[:6]
+    pad_id = tok.eos_token_id if pad == "eos" else tok.pad_token_id
+    ends_in_pad = [data.row(int(r))[0][-1] == pad_id for r in units.reshape(-1)]
+    assert any(ends_in_pad) == (pad == "eos")  # the rule is at work: rows that end in the pad token
     torch.manual_seed(0)
     model = build_model(cfg, {})
-    model.config.pad_token_id = 2
+    model.config.pad_token_id = pad_id
     with torch.no_grad():  # a head off its init: rewards that differ
         model.score.weight.add_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(5)))
     results = []
     for pack in (None, 64):
         scored = copy.deepcopy(model)
         loss_fn = RewardLoss(None, positions=PositionScores(scored), pack_length=pack)
-        batch = loss_fn.collate(data, units, 2)
+        batch = loss_fn.collate(data, units, pad_id)
         if pack:  # 12 sequences in fewer rows, each read at its own end
             assert batch.attention_mask is None and batch.input_ids.size(0) < 12 and len(batch.ends) == 12
         loss_sum, sums = loss_fn(Engine(scored), *batch)

@@ -47,8 +47,8 @@ METRICS = ("accuracy", "margin", "mean_reward")
 
 class RewardBatch(NamedTuple):
     """A micro-batch of B pairs as 2B sequences, chosen first; `margin`: each pair's (None without them).
-    Packed: `ends`, the row-major index of each sequence's last token, and `facts` (the packs' segments);
-    else None."""
+    Packed: `ends`, the row-major index where each sequence is scored (`scored_positions`), and `facts` (the
+    packs' segments); else None."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     margin: torch.Tensor | None
@@ -63,10 +63,23 @@ def collate_rewards(data: TokenizedData, units: np.ndarray, pad_id: int, pack_le
               torch.from_numpy(np.asarray(data.row_margins[units[:, 0]], dtype=np.float32)))
     if pack_length is None:
         return RewardBatch(batch.input_ids, batch.attention_mask, margin)
-    width = batch.input_ids.shape[1]  # collate_pairs' packs, planned again: each sequence ends its length in
-    ends = np.concatenate([j * width + np.cumsum(data.lengths[pack]) - 1
-                           for j, pack in enumerate(plan_units(data, batch.rows, True, pack_length))])
-    return RewardBatch(batch.input_ids, None, margin, ends, batch.facts)
+    packs = plan_units(data, batch.rows, True, pack_length)  # collate_pairs' packs, planned again
+    return RewardBatch(batch.input_ids, None, margin, scored_positions(data, packs, batch.input_ids.shape[1], pad_id),
+                       batch.facts)
+
+
+def scored_positions(data: TokenizedData, packs, width: int, pad_id: int) -> np.ndarray:
+    """The row-major index in the packed rows (`width` wide) where each sequence is scored: its last token that is
+    not `pad_id`, transformers' rule for a padded row (where eos is the pad token, the token before it)."""
+    ends = []
+    for j, pack in enumerate(packs):
+        start = j * width
+        for row in pack:
+            ids = data.row(int(row))[0]
+            real = np.flatnonzero(ids != pad_id)
+            ends.append(start + (int(real[-1]) if len(real) else 0))
+            start += len(ids)
+    return np.asarray(ends, dtype=np.int64)
 
 
 def reward_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None,
