@@ -42,7 +42,7 @@ def grpo_args(cfg, out: str, eos_ids: list[int]):
     return trl.GRPOConfig(
         output_dir=out, per_device_train_batch_size=micro * g.num_generations, gradient_accumulation_steps=accum,
         max_steps=cfg.train.max_steps, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-        gradient_checkpointing=False, use_vllm=False, num_generations=g.num_generations,
+        use_vllm=False, num_generations=g.num_generations,
         max_completion_length=g.max_completion_length, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
         loss_type=g.loss_type, scale_rewards=g.scale_rewards, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
         beta=g.beta, num_iterations=g.num_iterations, mask_truncated_completions=g.mask_truncated_completions,

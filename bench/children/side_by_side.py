@@ -70,15 +70,16 @@ def make_collator(pad_id: int):
 # ------------------------------------------------- what the HF Trainer and TRL's DPOTrainer baselines share
 
 def trainer_settings(cfg) -> dict:
-    """TrainingArguments that mirror a ds-finetune run: optimizer, LR schedule, clipping, seeds, a loss
-    line every step (also TRL's DPOConfig, a TrainingArguments)."""
+    """TrainingArguments that mirror a ds-finetune run: optimizer, LR schedule, clipping, seeds, activation
+    recompute, a loss line every step (also TRL's configs, TrainingArguments whose gradient_checkpointing
+    defaults to True in TRL 1.x: left at that, TRL would recompute every layer in backward where ours does not)."""
     t = cfg.train
     schedule = ({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": t.min_lr_ratio}}
                 if t.lr_schedule == "cosine" else {"lr_scheduler_type": t.lr_schedule})
     return dict(learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
                 adam_epsilon=t.adam_eps, max_grad_norm=t.grad_clip, warmup_steps=t.warmup_steps, optim="adamw_torch",
                 seed=t.seed, data_seed=t.seed, logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-                **schedule)
+                gradient_checkpointing=t.gradient_checkpointing, **schedule)
 
 
 def random_model(cfg):
