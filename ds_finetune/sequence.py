@@ -219,19 +219,18 @@ def last_real_token(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 class _SummedOverGroup(torch.autograd.Function):
-    """Every rank's [rows] values added up, on every rank of the group. Each rank computes the same loss from the
-    sum and hands backward's gradient to its own values only, so the group's gradients add up to the loss's."""
+    """Every rank's [rows] values added up, on every rank of the group (`size` ranks). Each rank computes the same
+    loss from the sum and hands backward's gradient to its own values only, so the group's gradients add up to
+    the loss's."""
 
     @staticmethod
-    def forward(ctx, local, group):
-        import torch.distributed as dist
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        return torch.stack(parts).sum(0)
+    def forward(ctx, local, size, group):
+        rows = local.shape[0]
+        return gather_in_group(local, [rows] * size, group).reshape(size, rows).sum(0)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 class JoinedScores:
@@ -258,7 +257,7 @@ class JoinedScores:
         at = last_real_token(input_ids, self.pad_id) - start
         mine = (at >= 0) & (at < n)
         local = torch.where(mine, scores.gather(1, at.clamp(0, n - 1)[:, None])[:, 0], torch.zeros_like(scores[:, 0]))
-        return _SummedOverGroup.apply(local, self.ulysses.process_group)
+        return _SummedOverGroup.apply(local, self.group.size, self.ulysses.process_group)
 
 
 # ---------------------------------------------------------------------------------------------- engine
