@@ -337,7 +337,7 @@ def assert_resumed(output, step: int | None = None) -> int:
     return n
 
 
-def assert_dry_run_resumes(line: str, ckpt_dir: Path, step: int) -> None:
+def assert_resumed_in_dry_run(line: str, ckpt_dir: Path, step: int) -> None:
     """`--dry-run`'s `# --resume continues from PATH at step N` line: a resume that would start fresh says
     otherwise, so N > 0, PATH is step N's checkpoint in `ckpt_dir`, and N is `step`."""
     from ds_finetune.checkpoint.layout import tag_for_step

@@ -413,7 +413,7 @@ def test_sbatch_template_starts_every_node_with_resume_and_requeues_after_sigter
         assert task["hostfile"] == "gpu-a slots=2\ngpu-b slots=2\n"
         assert task["dry_run_code"] == 0, task
         assert f"--no_ssh --node_rank={i} --master_addr gpu-a --master_port 29742" in task["dry_run_first_line"]
-        harness.assert_dry_run_resumes(task["dry_run_resume_line"], out / "checkpoints", step=4)
+        harness.assert_resumed_in_dry_run(task["dry_run_resume_line"], out / "checkpoints", step=4)
 
 
 def test_sbatch_template_does_not_requeue_a_job_that_ended_by_itself(tmp_path):
