@@ -290,12 +290,13 @@ UNPAIRED = harness.ROOT / "data" / "tiny" / "unpaired_preference.jsonl"
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto", "reward"])
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "kto", "reward"])
 def test_a_preference_objective_at_sp2_computes_sp1s_losses_and_metrics_and_dpo_resumes_bitwise(tmp_path, objective):
     """Each rank of the SP group runs its slice of every sequence; the group joins their per-target log-probs
     and each computes the loss (the reference pass too: its own data cache here, so it runs at SP=2). KTO's
     SP=1 run takes the other reference, a frozen copy of the base (kto.reference: model): the same values. A reward
-    model's score is at each row's last real token: the group adds up the one slice's that holds it."""
+    model's score is at each row's last real token: the group adds up the one slice's that holds it. SimPO's
+    log-probs are per-token means: each rank divides by the whole sequence's target count, not its slice's."""
     data = ["data.format=unpaired_preference", f"data.path={UNPAIRED}"] if objective == "kto" else \
         ["data.format=preference", f"data.path={PAIRS}"]
     pair = [f"train.objective={objective}", *data]
@@ -307,7 +308,7 @@ def test_a_preference_objective_at_sp2_computes_sp1s_losses_and_metrics_and_dpo_
     else:  # 2 data-parallel ranks: the same global batch of 4
         harness.train(sp1, [*SP_RUN, *pair, "train.grad_accum=1"])
     proc = harness.train(ref, [*SP2, *pair], env=env)
-    assert objective in ("orpo", "reward") or "computing the reference log-probs" in proc.stdout
+    assert objective in ("orpo", "simpo", "reward") or "computing the reference log-probs" in proc.stdout
     got, want = harness.metrics(ref), harness.metrics(sp1)
     assert [r["sample_ids"] for r in got] == [r["sample_ids"] for r in want]
     compared = 0
@@ -317,7 +318,7 @@ def test_a_preference_objective_at_sp2_computes_sp1s_losses_and_metrics_and_dpo_
             if name in a:
                 assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (a["step"], name, a[name], b[name])
                 compared += 1
-    assert compared >= 10 * (4 if objective == "reward" else 8) and any("eval_loss" in r for r in got)
+    assert compared >= 10 * {"reward": 4, "simpo": 7}.get(objective, 8) and any("eval_loss" in r for r in got)
     if objective == "dpo":
         harness.kill_in_step5(run, [*SP2, *pair], env=env)
         harness.assert_resumed(harness.train(run, [*SP2, *pair], resume="auto", env=env), step=4)
