@@ -6,7 +6,7 @@ training while they run), with 2 ranks (both cores of this machine train) and wi
 
 Both runs train the same steps with a save every `EVERY` steps; `common.save_stall_run` measures the stall
 (the step after a save minus the median step without one) and its noise floor; a background save's stall
-is only claimed above that floor. The runs alternate, 3 of each.
+is only claimed above that floor. The runs alternate, 5 of each.
 
 The stall's own floor is the host copy a background save must take before the next optimizer step (the
 snapshot of the save's state, every rank at once), measured alone on the same model and ranks
@@ -32,7 +32,7 @@ def measure(kind: str, config, rep: int, setup: str) -> dict:
 
 
 def run(quick: bool) -> dict:
-    reps, steps = (1, 2 * EVERY + 1) if quick else (3, 3 * EVERY + 1)
+    reps, steps = (1, 2 * EVERY + 1) if quick else (5, 3 * EVERY + 1)
     config = run_config("async", llama(640, 8, 1728, 10, 10, 256), long_rows(), max_length=64, micro=1, accum=1,
                         steps=steps, output_dir=WORK / "runs" / "async-unused",
                         checkpoint={"every_steps": EVERY, "keep_last": 0})
@@ -41,8 +41,9 @@ def run(quick: bool) -> dict:
     # from the steps. "1 rank": one single-threaded rank leaves a core free, as a GPU node's cores mostly are.
     for setup in ("2 ranks", "1 rank, 1 thread"):
         nproc, env = (2, None) if setup == "2 ranks" else (1, {"OMP_NUM_THREADS": "1"})
-        copies = copy_floor(config, nproc, env, rounds=reps if quick else 5)
-        log(f"async: {setup}, host copy alone {copies}")
+        floors = copy_floor(config, nproc, env, rounds=reps if quick else 5)
+        copies, write_cpu = [r["copy"] for r in floors], [r["write_cpu"] for r in floors]
+        log(f"async: {setup}, host copy alone {copies}, the writer's CPU seconds {write_cpu}")
         results = {"sync": [], "async": []}
         for rep in range(reps):
             for kind in ("sync", "async") if rep % 2 == 0 else ("async", "sync"):
@@ -64,9 +65,14 @@ def run(quick: bool) -> dict:
                    stalls, [median(copies)] * len(stalls), "s", ("<=", COPY_TARGET),
                    f"copy floor: the snapshot of the save's state alone, every rank at once, median of "
                    f"{len(copies)} ({median(copies):.3f} s); stall as above"),
+            figure(f"async_stall_cpu_{tag}r", f"stall per save, async_save / its host copy + its writer's CPU time "
+                   f"({setup})", stalls, [median(copies) + median(write_cpu)] * len(stalls), "s", None,
+                   f"the writer's CPU time: the seconds of CPU rank 0 takes to write its files from the copy "
+                   f"(pickling, sha256, system calls), median of {len(write_cpu)} ({median(write_cpu):.3f} s): "
+                   f"what training loses where no core is free for the writer"),
             figure(f"async_mean_step_{tag}r", f"mean step with saves, async / sync ({setup})",
                    [r["mean_interval_s"] for r in bg], [r["mean_interval_s"] for r in sync], "s", None,
                    "includes what the writer threads take from training"),
         ]
-        raw[setup] = {**results, "copy_s": copies}
+        raw[setup] = {**results, "copy_s": copies, "write_cpu_s": write_cpu}
     return {"figures": figures, "raw": raw}

@@ -62,11 +62,12 @@ def run(quick: bool) -> dict:
     }
 
 
-def copy_floor(config, nproc: int, env: dict | None, rounds: int) -> list[float]:
-    """Seconds of the background save's host copy alone (every rank at once): the floor of its stall."""
+def copy_floor(config, nproc: int, env: dict | None, rounds: int) -> list[dict]:
+    """Per round, {"copy": seconds of the background save's host copy alone (every rank at once): the floor
+    of its stall, "write_cpu": the CPU seconds rank 0's writer then takes to write the files from it}."""
     out = WORK / f"ckpt-copy-{nproc}.json"
     out.unlink(missing_ok=True)
     argv = torchrun(CHILDREN / "ckpt_throughput.py", ["--config", str(config), "--dir", str(WORK / "ckpt-copy"),
                                              "--rounds", str(rounds), "--out", str(out), "--copy-floor"], nproc)
     Job(argv, WORK / "logs" / f"ckpt-copy-{nproc}.log", env).start().wait(900)
-    return [r["copy"] for r in json.loads(out.read_text())["rounds"]]
+    return json.loads(out.read_text())["rounds"]

@@ -21,7 +21,8 @@ optimizer step so the Adam moments exist, then repeats, rotating the order each 
            `hash_together` uses) and `engine.load_checkpoint` reads them through the safe loader;
   copy     (--copy-floor) the host copy a background save takes of the save's state dicts, as its writer
            thread takes it (`async_save.DeviceCopy`, `snapshot`), every rank at once: the floor of a
-           background save's stall.
+           background save's stall; then the files written from it as the writer writes them, and the CPU
+           seconds that took (`write_cpu`).
 
 Each timing runs from a barrier to a barrier. Rank 0 writes {"bytes", "rounds": [{kind: seconds}]} to --out.
 
@@ -106,6 +107,7 @@ def main():
 
     from ds_finetune.checkpoint import commit as ckpt, ds_internals
     from ds_finetune.checkpoint.async_save import BackgroundWrite, DeviceCopy, snapshot, storage_sizes
+    from ds_finetune.checkpoint.commit import write_shard
     from ds_finetune.checkpoint.layout import read_manifest
     from ds_finetune.checkpoint.verify import hash_parts, verify_parts
     from ds_finetune.hashing import share_of_files
@@ -162,14 +164,26 @@ def main():
         finally:
             ckpt.striping_ranks = striping
 
-    def copy_floor(d: Path) -> float:
-        """The background save's state dicts collected (nothing written), then their host copy timed."""
+    def copy_floor(d: Path) -> dict:
+        """The background save's state dicts collected (nothing written), their host copy timed; then the
+        files written from the copy as the writer thread writes them, and the CPU seconds that took this
+        process (pickling, sha256, the write's system calls): what a background save takes from training
+        where no core is free for it."""
         background = BackgroundWrite(rank, 1)
         ckpt.write_files(ckpt.SaveSpec(engine, d, rank, world), 1, client_state, background)
         memo: dict = {}  # one copy of a storage that several files share, as the writer thread does
         states = [state for _, state in background.files]
-        return timed(lambda: DeviceCopy().run(lambda host_buffer: [snapshot(s, memo, host_buffer) for s in states],
-                                              storage_sizes(states)))
+        copies: list = []
+        seconds = timed(lambda: copies.extend(DeviceCopy().run(
+            lambda host_buffer: [snapshot(s, memo, host_buffer) for s in states], storage_sizes(states))))
+        cpu = time.process_time()
+        for (path, _), state in zip(background.files, copies):
+            write_shard(state, path, rank, 1, direct=True)
+        write_cpu = time.process_time() - cpu
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(d)
+        return {"copy": seconds, "write_cpu": write_cpu}
 
     def load(d: Path):
         tag_dir = d / "step_00000001"
@@ -217,7 +231,7 @@ def main():
         return times
 
     if args.copy_floor:
-        rounds = [{"copy": copy_floor(scratch / f"copy-{r}")} for r in range(args.rounds)]
+        rounds = [copy_floor(scratch / f"copy-{r}") for r in range(args.rounds)]
         nbytes = 0
     else:
         # A first, untimed save gives the byte count the disk baseline writes (and warms DeepSpeed's code paths).
