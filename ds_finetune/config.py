@@ -258,18 +258,15 @@ class RunConfig(Section):
         return self
 
     def _pairs_pack(self, name: str) -> None:
-        """Packing of preference rows: each sequence attends only to itself (isolated), for the objectives whose
-        loss needs only each sequence's summed log-probs."""
-        if name == "kto":
-            raise ValueError("data.packing is not supported with train.objective kto (a row and its KL row are "
-                             "separate forwards); set data.packing=false")
+        """Packing of preference rows: each sequence attends only to itself (isolated), for every preference
+        objective (each needs only per-sequence values)."""
         if name == "reward" and self.train.sequence_parallel > 1:
             raise ValueError("data.packing with train.sequence_parallel > 1 is not supported with train.objective "
                              "reward (a packed sequence's last token, where it is scored, is not found in a slice "
                              "yet); set data.packing=false")
         if not self.data.isolates:
-            raise ValueError(f"data.packing shared would let a pair's chosen and rejected attend to each other; use "
-                             f"data.packing=isolated with train.objective {name}")
+            raise ValueError(f"data.packing shared would let the sequences of a pack attend to each other (a pair's "
+                             f"chosen and rejected, KTO's rows); use data.packing=isolated with train.objective {name}")
 
     def _grpo_fits(self) -> None:
         name = self.train.objective

@@ -54,7 +54,7 @@ def test_kto_is_a_registry_line_with_its_section_in_the_fingerprint():
     (["data.format=unpaired_preference", f"data.path={UNPAIRED}"], "needs train.objective kto"),
     ([*KTO, "train.micro_batch_size=1"], "kto.loss_type apo_zero_unpaired"),
     ([*KTO, "model.lora.r=4", "kto.reference=model"], "kto.reference model is for full fine-tuning"),
-    ([*KTO, "data.packing=true"], "data.packing is not supported with train.objective kto"),
+    ([*KTO, "data.packing=shared"], "data.packing shared would let the sequences of a pack attend"),
 ])
 def test_kto_settings_that_cannot_work_are_one_line(overrides, needle):
     with pytest.raises(UserError, match=needle) as e:
@@ -356,3 +356,41 @@ def test_a_step_is_the_mean_over_its_rows_with_each_micro_steps_kl_and_per_label
     assert max(zs) > 0 and zs[0] != zs[1]  # two micro-steps, two estimates
     for name, value in expected.items():
         assert metrics[name] == pytest.approx(float(value), abs=1e-5), name
+
+
+@pytest.mark.parametrize("chunk", [5, 0])
+def test_packed_rows_and_kl_rows_give_the_padded_steps_loss_metrics_and_gradients(tmp_path, chunk):
+    """data.packing isolated with KTO: a micro-batch's rows packed into rows of at most data.max_length
+    tokens, and apart from them its KL rows, each sequence attending only to itself: KTOObjective.step over
+    two micro-batches gives the padded step's loss, every metric (the KL estimates, logits/* per token) and
+    every gradient within 1e-5, the reference a frozen base taking the same packed batches."""
+    from ds_finetune.loss import make_sequence_logps_fn
+    from ds_finetune.sampler import BatchLayout
+
+    _, data = _data(tmp_path, _rows(16), "train.micro_batch_size=4", "data.max_length=96")
+    base = tiny_model("model.config.attention_dropout=0.0")
+    units = np.array([3, 9, 0, 14, 5, 6, 12, 1]).reshape(-1, 1)
+    packed = collate_kto(data, units[:4, 0], 2, 4, 96, pack_length=96)
+    assert packed.attention_mask is None and packed.kl_attention_mask is None
+    assert packed.input_ids.size(0) < 4 and packed.kl_input_ids.size(0) < 4  # 4 sequences in fewer rows
+    assert packed.facts.sequence_targets() == [int(data.row_targets[r]) for r in units[:4, 0]]
+    results = []
+    for pack in (None, 96):
+        policy = copy.deepcopy(base)
+        _nudge(policy)
+        logps_fn, reference = make_sequence_logps_fn(policy, chunk), make_sequence_logps_fn(base, chunk)
+
+        def ref_fn(engine, input_ids, attention_mask, labels, rows, facts):
+            with torch.no_grad():
+                return reference(base, input_ids, attention_mask, labels, facts)
+        loss_fn = KTOLoss(logps_fn, ref_fn, ref_fn, "kto", 0.5, 1.2, 0.8)
+        objective = KTOObjective(data, BatchLayout(4, 2, 1), loss_fn, 0, 0, 1, 96, 4, pack_length=pack)
+        result = objective.step(AccumulatingEngine(policy, 2), units, 1)
+        sums = torch.stack([result.sums[name][0] for name in METRICS])
+        results.append((result.loss_sum.detach(), sums, [p.grad.clone() for p in policy.parameters()]))
+    (loss, sums, grads), (p_loss, p_sums, p_grads) = results
+    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_sums, sums, rtol=1e-5, atol=1e-5)
+    assert sums[METRICS.index("kl")] > 0 and len(grads) == len(p_grads) > 0
+    for a, b in zip(p_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -51,7 +51,8 @@ UNPAIRED = harness.ROOT / "data" / "tiny" / "unpaired_preference.jsonl"
 PAIRS = harness.ROOT / "data" / "tiny" / "preference.jsonl"
 RUNS = {  # harness.BASE: 2 ranks, micro-batch 2, grad_accum 2, dropout on, a checkpoint every step
     "kto": ["train.objective=kto", "data.format=unpaired_preference", f"data.path={UNPAIRED}", "kto.beta=0.2",
-            "eval.fraction=0.05", "eval.every_steps=3"],  # the precomputed reference; evaluation's own KL
+            "eval.fraction=0.05", "eval.every_steps=3",  # the precomputed reference; evaluation's own KL
+            "data.packing=isolated"],  # its rows, and apart its KL rows, packed
     "reward": ["train.objective=reward", "data.format=preference", f"data.path={PAIRS}",
                "reward.center_rewards_coefficient=0.01"],
 }
@@ -61,8 +62,8 @@ METRICS = {"kto": kto.METRICS, "reward": reward_model.METRICS}
 @pytest.mark.multiproc
 @pytest.mark.parametrize("objective", sorted(RUNS))
 def test_kto_and_reward_zero3_killed_mid_accumulation_resume_bitwise(tmp_path, reference_run, objective):
-    """Two ranks, ZeRO-3, full fine-tuning: SIGKILL on rank 1 inside step 5's accumulation, --resume from step
-    4: the uninterrupted run's losses, the objective's metrics (and KTO's eval metrics), samples and final
+    """Two ranks, ZeRO-3, full fine-tuning (KTO's rows packed: data.packing isolated): SIGKILL on rank 1 inside
+    step 5's accumulation, --resume from step 4: the uninterrupted run's losses, the objective's metrics (and KTO's eval metrics), samples and final
     weights, bitwise. The reward model's last checkpoint exports to a folder
     AutoModelForSequenceClassification loads, with the trained weights."""
     overrides = ["train.zero_stage=3", *RUNS[objective]]

@@ -36,7 +36,7 @@ def test_each_pair_objective_is_a_registry_line_with_its_section_in_the_fingerpr
         load_config(harness.TINY, [f"train.objective={objective}", "output_dir=x"])
     # isolated packing works (test_dpo); shared would let a pair's rows attend to each other
     assert load_config(harness.TINY, [*pairs_run(objective), "data.packing=true", "output_dir=x"]).data.isolates
-    with pytest.raises(UserError, match="data.packing shared would let a pair's chosen and rejected attend"):
+    with pytest.raises(UserError, match="data.packing shared would let the sequences of a pack attend"):
         load_config(harness.TINY, [*pairs_run(objective), "data.packing=shared", "output_dir=x"])
 
 

@@ -26,7 +26,8 @@ from ds_finetune.data.cache import (DATA_FORMAT_VERSION, TokenizedData, build_ca
 from ds_finetune.data.mixture import MixedData, MixtureOrder, SourceLosses, mix_change_message
 from ds_finetune.data.preference import UnpairedRows
 from ds_finetune.data.packing import (IGNORE_INDEX, EpochOrder, HostFacts, PairBatch, StepBatch, collate,
-                                      collate_pairs, group_indices, group_units, plan_units, unit_targets, unit_tokens)
+                                      collate_pairs, collate_sequences, group_indices, group_units, pack_isolated,
+                                      plan_units, unit_targets, unit_tokens)
 from ds_finetune.data.repeat import RepeatedOrder
 from ds_finetune.data.selection import select_local_files
 from ds_finetune.data.sources import content_hash, resolve_data_files
@@ -36,8 +37,8 @@ from ds_finetune.hashing import memo_dir
 
 __all__ = ["DATA_FORMAT_VERSION", "EpochOrder", "HostFacts", "IGNORE_INDEX", "MixedData", "MixtureOrder",
            "PairBatch", "RepeatedOrder", "SourceLosses", "StepBatch", "TokenizedData", "build_cache", "cache_path", "collate",
-           "collate_pairs", "content_hash", "ensure_prepared", "epoch_order", "group_indices", "group_units",
-           "load_tokenizer", "mix_change_message", "plan_units", "prepare_data", "prepare_sources",
+           "collate_pairs", "collate_sequences", "content_hash", "ensure_prepared", "epoch_order", "group_indices", "group_units",
+           "load_tokenizer", "mix_change_message", "pack_isolated", "plan_units", "prepare_data", "prepare_sources",
            "prepare_training_data", "read_cache", "read_meta", "resolve_data_files", "tokenizer_fingerprint",
            "unit_targets", "unit_tokens"]
 
@@ -90,10 +91,13 @@ def epoch_order(cfg, data, train_rows=None) -> EpochOrder | MixtureOrder | Repea
     """The run's order of units: one source's epochs, or a mixture's stream; each global batch taken for
     grpo.num_iterations steps (RepeatedOrder) where that is above 1."""
     d = cfg.data
+    # SFT's units are packs; a preference objective's stay one row or pair each and are packed when a
+    # micro-batch is collated (data.packing isolated: pairs.py, kto.py).
+    packs = d.packs and cfg.train.objective == "sft"
     if d.is_mixture:
-        order = MixtureOrder(data, [s.weight for s in d.sources], cfg.train.seed, d.packs, d.max_length)
+        order = MixtureOrder(data, [s.weight for s in d.sources], cfg.train.seed, packs, d.max_length)
     else:
-        order = EpochOrder(data, cfg.train.seed, d.packs, d.max_length, rows=train_rows, epochs=cfg.train.epochs,
+        order = EpochOrder(data, cfg.train.seed, packs, d.max_length, rows=train_rows, epochs=cfg.train.epochs,
                            label=d.path)
     repeats = cfg.grpo.num_iterations if cfg.train.objective == "grpo" else 1
     return RepeatedOrder(order, repeats) if repeats > 1 else order

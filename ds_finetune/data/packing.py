@@ -21,15 +21,20 @@ def plan_units(data: TokenizedData, order: np.ndarray, packing: bool, max_length
     resumed run plans the same packs."""
     if not packing or len(order) == 0:
         return order.reshape(-1, 1)  # rows of a 2-D array: one-row units without a Python object per row
-    lengths = data.lengths[order]
-    units, start, used = [], 0, 0
+    return [order[a:b] for a, b in greedy_cuts(data.lengths[order], max_length)]
+
+
+def greedy_cuts(lengths, max_length: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive runs of `lengths`, each cut where the next would pass `max_length` (a
+    longer one alone)."""
+    cuts, start, used = [], 0, 0
     for i, n in enumerate(lengths):
         if used + n > max_length and i > start:
-            units.append(order[start:i])
+            cuts.append((start, i))
             start, used = i, 0
         used += n
-    units.append(order[start:])
-    return units
+    cuts.append((start, len(lengths)))
+    return cuts
 
 
 @dataclass(frozen=True)
@@ -194,13 +199,15 @@ class Batch(NamedTuple):
 def collate(data: TokenizedData, units: list[np.ndarray], pad_id: int, isolate: bool = False) -> Batch:
     """Right-padded tensors of the given units. Rows of a pack are concatenated; with `isolate` each row
     gets its own positions (and attends only to itself), else attention spans the rows of a pack."""
+    return collate_sequences([[data.row(int(i)) for i in unit] for unit in units], pad_id, isolate)
+
+
+def collate_sequences(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, isolate: bool = False) -> Batch:
+    """`collate` of sequences given as (token ids, target mask), the sequences of each row concatenated."""
     import torch
 
-    seqs = []
-    for unit in units:
-        parts = [data.row(int(i)) for i in unit]
-        seqs.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                     [len(p[0]) for p in parts]))
+    seqs = [(np.concatenate([ids for ids, _ in parts]), np.concatenate([mask for _, mask in parts]),
+             [len(ids) for ids, _ in parts]) for parts in rows]
     width = max(len(ids) for ids, _, _ in seqs)
     input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     labels = np.full((len(seqs), width), IGNORE_INDEX, dtype=np.int64)
@@ -220,6 +227,19 @@ def collate(data: TokenizedData, units: list[np.ndarray], pad_id: int, isolate: 
                      HostFacts.of_labels(labels, tuple(segments)))
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(labels),
                  facts=HostFacts.of_labels(labels))
+
+
+def pack_isolated(seqs: list[tuple[np.ndarray, np.ndarray]], pad_id: int, pack_length: int) -> Batch:
+    """Sequences (token ids, target mask) packed in order, greedily, into rows of at most `pack_length`
+    tokens (TRL's padding-free batch, cut where a row is full), each attending only to itself; the facts
+    give each sequence's target count (`HostFacts.sequences`), for a value per sequence."""
+    lengths = [len(ids) for ids, _ in seqs]
+    cuts = greedy_cuts(lengths, pack_length)
+    batch = collate_sequences([seqs[a:b] for a, b in cuts], pad_id, isolate=True)
+    targets = batch.facts.targets
+    counts = tuple(int(targets[j, start:start + n].sum()) for j, (a, b) in enumerate(cuts)
+                   for start, n in zip(np.cumsum([0, *lengths[a:b - 1]]), lengths[a:b]))
+    return batch._replace(facts=HostFacts(targets, batch.facts.segments, counts))
 
 
 def unit_targets(data: TokenizedData, units: list[np.ndarray]) -> int:
@@ -251,9 +271,5 @@ def collate_pairs(data: TokenizedData, units: np.ndarray, pad_id: int, pack_leng
     if pack_length is None:
         batch = collate(data, rows.reshape(-1, 1), pad_id)
         return PairBatch(batch.input_ids, batch.attention_mask, batch.labels, rows, batch.facts)
-    packs = plan_units(data, rows, True, pack_length)
-    batch = collate(data, packs, pad_id, isolate=True)
-    targets = batch.facts.targets
-    sequences = tuple(int(targets[j, start:start + n].sum()) for j, pack in enumerate(packs)
-                      for start, n in zip(np.cumsum([0, *data.lengths[pack][:-1]]), data.lengths[pack]))
-    return PairBatch(batch.input_ids, None, batch.labels, rows, HostFacts(targets, batch.facts.segments, sequences))
+    batch = pack_isolated([data.row(int(r)) for r in rows], pad_id, pack_length)
+    return PairBatch(batch.input_ids, None, batch.labels, rows, batch.facts)

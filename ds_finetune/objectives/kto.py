@@ -19,6 +19,10 @@ averaged over the data-parallel ranks and clamped at 0 (TRL's gather, mean, clam
 is known before its backward (the weights only change at the step's end), so the step computes them all
 first, in eval mode (no dropout: TRL's disable_dropout default) and with one all-reduce on the device.
 
+With data.packing isolated a micro-batch's rows are packed into rows of at most data.max_length tokens,
+and its KL rows apart from them, each sequence attending only to itself (`data.pack_isolated`): the same
+per-row log-probs with less padding.
+
 Its reference is DPO's (`dpo.py`): the model with adapters off under LoRA, a frozen copy of the base
 (kto.reference: model), or log-probs stored before training, two a row (`dpo_reference.py`). Under sequence
 parallelism every log-prob, the KL rows' too, is joined over the group (`sequence.JoinedLogps`), as for the
@@ -43,12 +47,13 @@ import numpy as np
 import torch
 
 from ds_finetune import lora
-from ds_finetune.data import IGNORE_INDEX, HostFacts, MixedData, TokenizedData
+from ds_finetune.data import HostFacts, MixedData, TokenizedData, collate_sequences, pack_isolated
 from ds_finetune.device_batch import to_device
 from ds_finetune.dist import frozen_eval, mean_over_ranks
 from ds_finetune.objectives import ObjectiveParts, StepResult, accumulate
 from ds_finetune.objectives.dpo import AdaptersOff, Precomputed, frozen_base
 from ds_finetune.objectives.dpo_reference import Walk, stored_reference
+from ds_finetune.objectives.pairs import pack_length
 from ds_finetune.sampler import BatchLayout
 from ds_finetune.sequence import sequence_logps_fn
 
@@ -89,20 +94,6 @@ class KTOBatch(NamedTuple):
     desirable: torch.Tensor
 
 
-def _padded(seqs: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple:
-    """Right-padded (input_ids, attention_mask, labels, facts) of (ids, target mask) sequences."""
-    width = max(len(ids) for ids, _ in seqs)
-    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    labels = np.full((len(seqs), width), IGNORE_INDEX, dtype=np.int64)
-    attention = np.zeros((len(seqs), width), dtype=np.int64)
-    for j, (ids, mask) in enumerate(seqs):
-        input_ids[j, :len(ids)] = ids
-        labels[j, :len(ids)] = np.where(mask, ids, IGNORE_INDEX)
-        attention[j, :len(ids)] = 1
-    return (torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(labels),
-            HostFacts.of_labels(labels))
-
-
 def kl_row(data: TokenizedData, row: int, partner: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Row's prompt + partner's completion, cut to max_length (a row's targets are its completion, after its
     prompt: the prompt is what precedes its first target)."""
@@ -114,14 +105,24 @@ def kl_row(data: TokenizedData, row: int, partner: int, max_length: int) -> tupl
     return seq, (np.arange(len(seq)) >= len(prompt))
 
 
-def collate_kto(data: TokenizedData, rows: np.ndarray, pad_id: int, block: int, max_length: int) -> KTOBatch:
+def collate_kto(data: TokenizedData, rows: np.ndarray, pad_id: int, block: int, max_length: int,
+                pack_length: int | None = None) -> KTOBatch:
+    """The rows and their KL rows, each set right-padded, or (`pack_length`: data.packing isolated) packed
+    into rows of at most that many tokens, each sequence attending only to itself."""
     rows = np.asarray(rows, dtype=np.int64)
-    main = _padded([data.row(int(r)) for r in rows], pad_id)
     first, num_rows = source_spans(data, rows)
     partners = kl_partners(rows, num_rows, block, first)
-    kl = _padded([kl_row(data, int(r), int(p), max_length) for r, p in zip(rows, partners)], pad_id)
+    main = _batch([data.row(int(r)) for r in rows], pad_id, pack_length)
+    kl = _batch([kl_row(data, int(r), int(p), max_length) for r, p in zip(rows, partners)], pad_id, pack_length)
     desirable = torch.from_numpy(np.asarray(data.row_labels[rows], dtype=np.float32))
-    return KTOBatch(*main[:3], rows, main[3], *kl, desirable)
+    return KTOBatch(main.input_ids, main.attention_mask, main.labels, rows, main.facts, kl.input_ids,
+                    kl.attention_mask, kl.labels, kl.facts, desirable)
+
+
+def _batch(seqs: list[tuple[np.ndarray, np.ndarray]], pad_id: int, pack_length: int | None):
+    if pack_length is None:
+        return collate_sequences([[seq] for seq in seqs], pad_id)
+    return pack_isolated(seqs, pad_id, pack_length)
 
 
 def kto_losses(ratio: torch.Tensor, desirable: torch.Tensor, kl, loss_type: str, beta: float,
@@ -167,7 +168,7 @@ class KTOLoss:
         Returns (summed loss, the METRICS' sums, each already divided by what the step divides it by but the
         rows: see `KTOObjective.step`)."""
         reference = self.reference(engine, input_ids, attention_mask, labels, rows, facts)
-        counts = facts.row_targets()
+        counts = facts.sequence_targets()
         stats = torch.empty((sum(counts), 2), dtype=torch.float32, device=input_ids.device)
         policy = self.logps_fn(engine, input_ids, attention_mask, labels, facts, stats=stats)
         ratio = policy - reference.to(policy.dtype)
@@ -198,6 +199,7 @@ class KTOObjective:
     max_length: int
     block: int       # train.micro_batch_size: the KL partners' blocks
     eval_loss_fn: KTOLoss | None = None  # with the eval data's own reference, where it has its own (eval.path)
+    pack_length: int | None = None  # data.packing isolated: the rows, and apart their KL rows, packed
     # False on all but the first rank of a sequence-parallel group, as for the pair objectives (pairs.py): each
     # rank of it computes the same loss, KL estimates and metrics from the group's joined log-probs
     reports: bool = True
@@ -205,7 +207,7 @@ class KTOObjective:
     perplexity = False
 
     def collate(self, data, rows) -> KTOBatch:
-        return collate_kto(data, rows, self.pad_id, self.block, self.max_length)
+        return collate_kto(data, rows, self.pad_id, self.block, self.max_length, self.pack_length)
 
     def kl_estimates(self, engine, loss_fn: KTOLoss, batches: list[KTOBatch], counted: bool = True) -> torch.Tensor:
         """Each micro-batch's z: the ranks' mean of its KL gap, clamped at 0 (zeros without a KL term)."""
@@ -281,7 +283,7 @@ def build(parts: ObjectiveParts) -> KTOObjective:
     def objective(train_loss: KTOLoss, eval_loss: KTOLoss | None = None) -> KTOObjective:
         return KTOObjective(parts.data, parts.layout, train_loss, parts.pad_id, parts.group.dp_rank,
                             parts.group.dp_size, cfg.data.max_length, cfg.train.micro_batch_size, eval_loss,
-                            reports=parts.group.rank == 0)
+                            pack_length(cfg), reports=parts.group.rank == 0)
 
     if cfg.model.lora is not None:
         off = AdaptersOff(logps_fn)
