@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     machine = report.machine_info(WORK)
     log(f"machine: {machine['cpu']}, {machine['logical_cores']} cores, torch {machine['torch']}, "
         f"deepspeed {machine['deepspeed']}; mode {'quick' if args.quick else 'full'}")
+    at_start = report.code_version(ROOT)
     results, figures, errors, skipped = run_sections(args.sections, args.quick)
     machine["load_avg_at_end"] = os.getloadavg()
 
@@ -105,6 +106,9 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     wall = time.time() - t0
     version = report.code_version(ROOT)
+    # The sections' processes import the checkout while the run lasts: an edit at any point of it counts.
+    if at_start != version:
+        version = {**version, "uncommitted_changes": True}
     figures = [{**f, "commit": version["commit"], "machine": report.machine_slug(machine)} for f in figures]
     payload = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": "quick" if args.quick else "full",
                **version,
