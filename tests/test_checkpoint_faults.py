@@ -130,12 +130,13 @@ def test_kill_at_every_background_save_phase_keeps_committed_checkpoints_and_res
     # run is synchronous (async_save is a harmless change).
     overrides = ["train.zero_stage=3", "checkpoint.async_save=true"]
     ckpt_dir = tmp_path / "checkpoints"
+    pick = None  # the checkpoint the last fault left: the next run resumes from it
     for i, (fault, commits) in enumerate(ASYNC_CHAIN):
         step = int(fault.split("@step")[1])
         proc = harness.train(tmp_path, overrides, resume=None if i == 0 else "auto", fault=fault, expect_ok=False)
         assert proc.returncode == -9, f"{fault}: {proc.returncode}\n{proc.stdout[-3000:]}"
         assert "[fault injection]" in proc.stdout, f"{fault} never fired"
-        if i:
+        if pick is not None:
             harness.assert_resumed(proc, step=pick.step)
         pick, _ = find_resumable_checkpoint(ckpt_dir)
         assert pick.step == (step if commits else step - 1), (fault, pick.path)
@@ -158,10 +159,11 @@ def test_shard_and_commit_faults_at_zero_0_and_1_keep_committed_checkpoints_and_
         reference_run, tmp_path, stage):
     overrides = [f"train.zero_stage={stage}"]
     ckpt_dir = tmp_path / "checkpoints"
+    pick = None  # the checkpoint the last fault left: the next run resumes from it
     for i, (fault, commits, disk_error) in enumerate(low_stage_chain(stage)):
         step = int(fault.split("@step")[1])
         proc = harness.train(tmp_path, overrides, resume=None if i == 0 else "auto", fault=fault, expect_ok=False)
-        if i:
+        if pick is not None:
             harness.assert_resumed(proc, step=pick.step)
         if disk_error:
             line = harness.assert_one_line_error(proc, "checkpoint error: saving into", "MiB free")
