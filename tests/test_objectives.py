@@ -63,9 +63,9 @@ METRICS = {"kto": kto.METRICS, "reward": reward_model.METRICS}
 @pytest.mark.parametrize("objective", sorted(RUNS))
 def test_kto_and_reward_zero3_killed_mid_accumulation_resume_bitwise(tmp_path, reference_run, objective):
     """Two ranks, ZeRO-3, full fine-tuning (KTO's rows packed: data.packing isolated): SIGKILL on rank 1 inside
-    step 5's accumulation, --resume from step 4: the uninterrupted run's losses, the objective's metrics (and KTO's eval metrics), samples and final
-    weights, bitwise. The reward model's last checkpoint exports to a folder
-    AutoModelForSequenceClassification loads, with the trained weights."""
+    step 5's accumulation, --resume from step 4: the uninterrupted run's losses, the objective's metrics (and
+    KTO's eval metrics), samples and final weights, bitwise. The reward model's last checkpoint exports to a
+    folder AutoModelForSequenceClassification loads, with the trained weights."""
     overrides = ["train.zero_stage=3", *RUNS[objective]]
     ref = reference_run(3, extra=tuple(overrides))
     got = tmp_path / "got"

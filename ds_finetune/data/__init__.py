@@ -35,12 +35,12 @@ from ds_finetune.data.templates import with_chat_template
 from ds_finetune.errors import UserError
 from ds_finetune.hashing import memo_dir
 
-__all__ = ["DATA_FORMAT_VERSION", "EpochOrder", "HostFacts", "IGNORE_INDEX", "MixedData", "MixtureOrder",
-           "PairBatch", "RepeatedOrder", "SourceLosses", "StepBatch", "TokenizedData", "build_cache", "cache_path", "collate",
-           "collate_pairs", "collate_sequences", "content_hash", "ensure_prepared", "epoch_order", "group_indices", "group_units",
-           "load_tokenizer", "mix_change_message", "pack_isolated", "plan_units", "prepare_data", "prepare_sources",
-           "prepare_training_data", "read_cache", "read_meta", "resolve_data_files", "tokenizer_fingerprint",
-           "unit_targets", "unit_tokens"]
+__all__ = ["DATA_FORMAT_VERSION", "EpochOrder", "HostFacts", "IGNORE_INDEX", "MixedData", "MixtureOrder", "PairBatch",
+           "RepeatedOrder", "SourceLosses", "StepBatch", "TokenizedData", "build_cache", "cache_path", "collate",
+           "collate_pairs", "collate_sequences", "content_hash", "ensure_prepared", "epoch_order", "group_indices",
+           "group_units", "load_tokenizer", "mix_change_message", "pack_isolated", "plan_units", "prepare_data",
+           "prepare_sources", "prepare_training_data", "read_cache", "read_meta", "resolve_data_files",
+           "tokenizer_fingerprint", "unit_targets", "unit_tokens"]
 
 
 def locate(data_cfg, tok) -> tuple[list[Path] | None, str, Path]:
