@@ -255,6 +255,45 @@ def test_a_restored_engine_continues_bitwise(engine_group, tmp_path, monkeypatch
     assert len({lr for lr, _ in ref}) > 2  # the schedule moved
 
 
+@pytest.mark.parametrize("to_device", [False, True])
+def test_a_load_maps_only_what_deepspeed_or_the_device_copy_reads(tmp_path, to_device):
+    """`load_for_engine` of a ZeRO-1/2 optimizer file: the fp32 partitions stay in the file's mapping
+    (DeepSpeed copies them into its own), and so do the Adam moments where the optimizer's state lives on an
+    accelerator (torch's load_state_dict copies them to the device: no host copy first); `step`, which torch
+    keeps where it was loaded, and everything else get memory of their own."""
+    path = tmp_path / "optim_states.pt"
+    moments = {"step": torch.tensor(3.0), "exp_avg": torch.randn(4096), "exp_avg_sq": torch.rand(4096)}
+    torch.save({"optimizer_state_dict": {"base_optimizer_state": {"state": {0: moments},
+                                                                  "param_groups": [{"params": [0], "lr": 0.1}]},
+                                         "single_partition_of_fp32_groups": [torch.randn(4096)]},
+                "lr_scheduler": {"base_lrs": [0.1], "scale": torch.ones(8)}}, path)
+    want = torch.load(path)
+    got = ds_internals.load_for_engine(path, "cpu", optimizer_state_to_device=to_device)
+    ranges = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+              for line in Path("/proc/self/maps").read_text().splitlines() if str(path) in line]
+
+    def mapped(t):
+        return any(a <= t.data_ptr() < b for a, b in ranges)
+    osd = got["optimizer_state_dict"]
+    state = osd["base_optimizer_state"]["state"][0]
+    assert ranges and mapped(osd["single_partition_of_fp32_groups"][0])
+    assert mapped(state["exp_avg"]) == mapped(state["exp_avg_sq"]) == to_device
+    assert not mapped(state["step"]) and not mapped(got["lr_scheduler"]["scale"])
+    for name, value in want["optimizer_state_dict"]["base_optimizer_state"]["state"][0].items():
+        assert torch.equal(state[name], value), name
+
+
+def test_the_optimizer_state_goes_to_the_device_only_where_its_parameters_are():
+    from types import SimpleNamespace
+    on = {"cpu": torch.zeros(2), "meta": torch.zeros(2, device="meta")}
+    for device, want in (("cpu", False), ("meta", True)):  # meta: a device that is not the host
+        torch_optimizer = torch.optim.SGD([on[device]], lr=0.1)
+        assert ds_internals.optimizer_state_on_device(SimpleNamespace(optimizer=torch_optimizer)) is want
+        zero = SimpleNamespace(optimizer=torch_optimizer)  # ZeRO's and bf16's optimizers wrap torch's
+        assert ds_internals.optimizer_state_on_device(SimpleNamespace(optimizer=zero)) is want
+    assert ds_internals.optimizer_state_on_device(SimpleNamespace(optimizer=None)) is False
+
+
 def test_the_fingerprint_records_the_new_keys_only_when_set():
     from ds_finetune.fingerprint import optimizer_settings
     assert set(optimizer_settings(train_cfg())) == {"lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",

@@ -100,7 +100,18 @@ def route_checkpoint_reads(engine) -> None:
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise UserError(f"checkpoint error: DeepSpeed's {type(engine.checkpoint_engine).__name__} cannot be made to "
                         f"load checkpoints safely; remove the checkpoint engine from the DeepSpeed config")
-    engine.checkpoint_engine.load = lambda path, map_location=None: load_for_engine(path, map_location)
+    to_device = optimizer_state_on_device(engine)
+    engine.checkpoint_engine.load = lambda path, map_location=None: load_for_engine(path, map_location, to_device)
+
+
+def optimizer_state_on_device(engine) -> bool:
+    """Whether the optimizer's parameters, and so its state, live on an accelerator (not under ZeRO-Offload
+    or on a CPU run): torch's `Optimizer.load_state_dict` then copies each loaded state tensor but `step` to
+    its parameter's device."""
+    optimizer = getattr(engine, "optimizer", None)
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # ZeRO's and bf16's wrap torch's
+    params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
+    return bool(params) and all(p.device.type != "cpu" for p in params)
 
 
 # Where DeepSpeed's load_checkpoint only copies the loaded tensors into its own buffers: the module's weights
@@ -111,22 +122,27 @@ def route_checkpoint_reads(engine) -> None:
 COPIED_BY_DEEPSPEED = frozenset({"module", "single_partition_of_fp32_groups", "fp32_flat_groups"})
 
 
-def load_for_engine(path, map_location=None):
+def load_for_engine(path, map_location=None, optimizer_state_to_device: bool = False):
     """A file for DeepSpeed's `load_checkpoint`, safely (`load_checkpoint_file`) and memory-mapped: the
     tensors DeepSpeed copies (COPIED_BY_DEEPSPEED) are read from the page cache straight into its buffers,
-    with no whole second copy allocated first (a resume has just read the file to verify it). Every other
-    tensor gets memory of its own (`_owned`), so the engine never keeps a mapping of a checkpoint file,
+    with no whole second copy allocated first (a resume has just read the file to verify it); so are an
+    optimizer's state tensors that `Optimizer.load_state_dict` copies to the device
+    (`optimizer_state_to_device`: on a GPU, the Adam moments go there with no host copy of them first). Every
+    other tensor gets memory of its own (`_owned`), so the engine never keeps a mapping of a checkpoint file,
     whose disk space would stay in use after the checkpoint is deleted."""
     state, mapped = load_mapped(path, map_location)
-    return _owned(state) if mapped else state
+    return _owned(state, to_device=optimizer_state_to_device) if mapped else state
 
 
-def _owned(obj, key=None):
+def _owned(obj, key=None, to_device: bool = False, in_optimizer_state: bool = False):
     """`obj` with every tensor outside COPIED_BY_DEEPSPEED keys copied out of the file mapping (whose
-    pages are then dropped from this process)."""
+    pages are then dropped from this process); with `to_device`, not an optimizer's per-parameter state
+    (a torch state dict's "state") but its `step`, which torch keeps where it was loaded."""
     if key in COPIED_BY_DEEPSPEED:
         return obj
     if isinstance(obj, torch.Tensor):
+        if in_optimizer_state and key != "step":
+            return obj
         copy = obj.clone()
         if isinstance(obj, torch.nn.Parameter):
             copy = torch.nn.Parameter(copy, requires_grad=obj.requires_grad)
@@ -135,10 +151,10 @@ def _owned(obj, key=None):
         return copy
     if isinstance(obj, dict):
         for k in obj:
-            obj[k] = _owned(obj[k], k)
+            obj[k] = _owned(obj[k], k, to_device, in_optimizer_state or (to_device and k == "state"))
         return obj
     if isinstance(obj, (list, tuple)):
-        items = [_owned(v) for v in obj]
+        items = [_owned(v, None, to_device, in_optimizer_state) for v in obj]
         return items if isinstance(obj, list) else type(obj)(items)
     return obj
 
