@@ -34,7 +34,6 @@ import torch.nn.functional as F
 
 from ds_finetune import lora
 from ds_finetune.data import HostFacts, TokenizedData, collate_pairs
-from ds_finetune.data.packing import plan_units
 from ds_finetune.device_batch import host_to_device
 from ds_finetune.errors import UserError
 from ds_finetune.loss import model_inputs
@@ -63,22 +62,22 @@ def collate_rewards(data: TokenizedData, units: np.ndarray, pad_id: int, pack_le
               torch.from_numpy(np.asarray(data.row_margins[units[:, 0]], dtype=np.float32)))
     if pack_length is None:
         return RewardBatch(batch.input_ids, batch.attention_mask, margin)
-    packs = plan_units(data, batch.rows, True, pack_length)  # collate_pairs' packs, planned again
-    return RewardBatch(batch.input_ids, None, margin, scored_positions(data, packs, batch.input_ids.shape[1], pad_id),
-                       batch.facts)
+    ends = scored_positions(batch.input_ids.numpy(), batch.facts.segments, pad_id)
+    return RewardBatch(batch.input_ids, None, margin, ends, batch.facts)
 
 
-def scored_positions(data: TokenizedData, packs, width: int, pad_id: int) -> np.ndarray:
-    """The row-major index in the packed rows (`width` wide) where each sequence is scored: its last token that is
-    not `pad_id`, transformers' rule for a padded row (where eos is the pad token, the token before it)."""
-    ends = []
-    for j, pack in enumerate(packs):
-        start = j * width
-        for row in pack:
-            ids = data.row(int(row))[0]
-            real = np.flatnonzero(ids != pad_id)
-            ends.append(start + (int(real[-1]) if len(real) else 0))
-            start += len(ids)
+def scored_positions(input_ids: np.ndarray, segments, pad_id: int) -> np.ndarray:
+    """The row-major index in the packed rows where each sequence is scored: its last token that is not
+    `pad_id`, transformers' rule for a padded row (where eos is the pad token, the token before it). A row's
+    segments are its sequences, then its padding (all `pad_id`), which holds none."""
+    ends, width = [], input_ids.shape[1]
+    for j, row in enumerate(segments):
+        start = 0
+        for n in row:
+            real = np.flatnonzero(input_ids[j, start:start + n] != pad_id)
+            if len(real):
+                ends.append(j * width + start + int(real[-1]))
+            start += n
     return np.asarray(ends, dtype=np.int64)
 
 
