@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+import numpy as np
+
 
 def sha256_file(path: Path, fsync: bool = False, progress=None) -> str:
     """The file's sha256; `progress(n)` is called after each chunk of n bytes. The next chunks are read
@@ -148,8 +150,8 @@ class HashingFile:
 
     `direct=True` (checkpoint files) opens the file with O_DIRECT where the file system allows it: the
     bytes are hashed in the caller's thread and copied into one of `DEPTH` page-aligned buffers of `CHUNK`
-    bytes, which a writer thread writes, so the device works while the next chunk is hashed (hashlib and
-    os.write both release the GIL), and the kernel spends no CPU on copying into and flushing the page
+    bytes, which a writer thread writes, so the device works while the next chunk is hashed (hashlib, the
+    copy and os.write all release the GIL: a background save's thread leaves training alone), and the kernel spends no CPU on copying into and flushing the page
     cache (~1.5 s of CPU a GB here, more than the hashing). Otherwise (or where O_DIRECT is refused,
     EINVAL) the bytes are hashed and written straight through the page cache by the caller. `tear()` is
     called once, with the bytes so far on disk, after the first 4 KiB (the `torn_shard` fault)."""
@@ -196,7 +198,7 @@ class HashingFile:
     def _buffer(self, view: memoryview) -> None:
         while len(view):
             n = min(len(view), self.CHUNK - self.fill)
-            self.buf[self.fill:self.fill + n] = view[:n]
+            copy_into(self.buf, self.fill, view[:n])
             self.fill += n
             view = view[n:]
             if self.fill == self.CHUNK:
@@ -275,6 +277,13 @@ class HashingFile:
                 buf.close()
             except BufferError:  # a view of it still lives (an exception's frame): freed with that view
                 pass
+
+
+def copy_into(buffer, offset: int, view: memoryview) -> None:
+    """buffer[offset:offset + len(view)] = view, with the GIL released: numpy copies without it, where a
+    slice assignment holds it for the whole memcpy (8 MiB at a time in a background save, during which the
+    training thread could not run any Python)."""
+    np.frombuffer(buffer, np.uint8, len(view), offset)[:] = np.frombuffer(view, np.uint8)
 
 
 def open_for_writing(path: str, direct: bool, truncate: bool = True) -> tuple[int, bool]:

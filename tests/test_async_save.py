@@ -72,6 +72,37 @@ def test_hashing_file_writes_every_byte_across_chunks_and_a_ragged_tail(tmp_path
     assert meta == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def test_the_copy_into_a_hashing_files_buffer_lets_other_python_threads_run():
+    """A background save copies the state's bytes into its O_DIRECT buffers with the GIL released, so the
+    training thread keeps running Python meanwhile: here a thread stamps the clock through the middle of a
+    large copy. A slice assignment holds the GIL for the whole memcpy and leaves no stamp there."""
+    import mmap
+    import threading
+    import time
+
+    from ds_finetune.files import copy_into
+
+    src = memoryview(bytearray(b"\x01" * (256 << 20)))
+    dst = mmap.mmap(-1, len(src))  # fresh pages: the copy also faults them in (~0.1 s here)
+    window, stamps = [], []
+
+    def copy():
+        window.append(time.perf_counter())
+        copy_into(dst, 0, src)
+        window.append(time.perf_counter())
+
+    thread = threading.Thread(target=copy)
+    thread.start()
+    while thread.is_alive():
+        stamps.append(time.perf_counter())
+    thread.join()
+    start, end = window
+    middle = [t for t in stamps if start + (end - start) / 4 < t < end - (end - start) / 4]
+    assert middle, f"no Python ran in the middle {(end - start) / 2 * 1e3:.0f} ms of a {(end - start) * 1e3:.0f} ms copy"
+    assert dst[:4096] == src[:4096] and dst[-4096:] == src[-4096:]
+    dst.close()
+
+
 def test_read_ahead_hands_out_every_byte_in_order_and_a_read_error_reaches_the_caller(tmp_path):
     import hashlib
     import os
