@@ -275,17 +275,25 @@ class FakeCuda:
         return contextlib.nullcontext()
 
 
+def faked_cuda(monkeypatch, training_device: int) -> FakeCuda:
+    from ds_finetune.checkpoint import async_save
+
+    fake = FakeCuda(training_device)
+    monkeypatch.setattr(async_save, "on_cuda", lambda: True)
+    for name in ("Event", "Stream", "current_device", "set_device", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(async_save, "host_pool", lambda: async_save.PinnedHostPool(limit=0))
+    monkeypatch.setattr(async_save, "_copy_streams", {})
+    return fake
+
+
 def test_the_writer_thread_copies_on_the_device_the_save_was_taken_on(monkeypatch):
     """Rank 3 of a node trains on cuda:3: the writer thread (which starts on device 0) must make its copy
     stream on cuda:3 and run the copy with cuda:3 current, or the copies queue on cuda:3's compute stream
     and the stream it waits on is an empty one on cuda:0 (stale bytes hashed as valid)."""
     from ds_finetune.checkpoint import async_save
 
-    fake = FakeCuda(training_device=3)
-    monkeypatch.setattr(async_save, "on_cuda", lambda: True)
-    for name in ("Event", "Stream", "current_device", "set_device", "stream"):
-        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
-    monkeypatch.setattr(async_save, "host_pool", lambda: async_save.PinnedHostPool(limit=0))
+    fake = faked_cuda(monkeypatch, training_device=3)
     devices_during_copy = []
 
     def copy(host_buffer):
@@ -300,6 +308,37 @@ def test_the_writer_thread_copies_on_the_device_the_save_was_taken_on(monkeypatc
     worker.join()
     assert results == ["copied"] and devices_during_copy == [3]
     assert fake.calls == [("record", 3), ("stream", 3), ("synchronize", 3)]
+
+
+def test_every_save_copies_on_one_stream_and_a_failed_copy_is_waited_for_before_the_pool_is_reused(monkeypatch):
+    """A stream made at every save walks torch's pool of 32 onto DeepSpeed's; and a copy that fails midway
+    may have queued copies into the pinned pool, which the next save reuses: its stream is synchronized
+    all the same."""
+    import threading
+
+    from ds_finetune.checkpoint import async_save
+
+    fake = faked_cuda(monkeypatch, training_device=1)
+
+    def failing(host_buffer):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    outcomes = []
+    for copy in (lambda host_buffer: "copied", lambda host_buffer: "copied", failing):
+        device_copy = async_save.DeviceCopy()  # in the training thread, at each save
+
+        def write():
+            try:
+                outcomes.append(device_copy.run(copy, []))
+            except RuntimeError as e:
+                outcomes.append(str(e))
+
+        worker = threading.Thread(target=write)
+        worker.start()
+        worker.join()
+    assert outcomes == ["copied", "copied", "CUDA error: an illegal memory access"]
+    assert fake.calls == [("record", 1), ("stream", 1), ("synchronize", 1),
+                          ("record", 1), ("synchronize", 1), ("record", 1), ("synchronize", 1)]
 
 
 def registered_pool(monkeypatch, limit):

@@ -170,6 +170,18 @@ def host_pool() -> PinnedHostPool:
     return _pool
 
 
+_copy_streams: dict = {}
+
+
+def copy_stream(device: int):
+    """The process's copy stream on `device`, made at its first background save. A new torch.cuda.Stream
+    at every save would walk torch's round-robin pool of 32 streams and in time land on one that DeepSpeed
+    reduces or gathers on, queueing the copy behind its collectives (and them behind the copy)."""
+    if device not in _copy_streams:
+        _copy_streams[device] = torch.cuda.Stream(device=device)
+    return _copy_streams[device]
+
+
 class DeviceCopy:
     """Where the snapshot's device-to-host copies run: on a GPU, a stream of the writer's own on the saved
     tensors' device, that starts once the compute stream has reached the save (an event recorded by the
@@ -195,14 +207,15 @@ class DeviceCopy:
         # forward, and synchronize() would wait on an empty stream: stale bytes, hashed as valid. (torch's
         # pin-memory thread sets its device the same way.)
         torch.cuda.set_device(self.device)
-        self.stream = torch.cuda.Stream(device=self.device)
+        self.stream = copy_stream(self.device)
         self.stream.wait_event(self.saved)
         pool = host_pool()
         pool.reserve(storages)
-        with torch.cuda.stream(self.stream):
-            result = copy(pool.take)
-        self.stream.synchronize()
-        return result
+        try:
+            with torch.cuda.stream(self.stream):
+                return copy(pool.take)
+        finally:
+            self.stream.synchronize()  # after a failed copy too: none may still write into the pool
 
 
 class BackgroundWrite:
