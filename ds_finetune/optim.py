@@ -105,7 +105,10 @@ def build_optimizer(groups: list[dict], t, offloaded: bool, on_gpu: bool):
         if offloaded:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             return DeepSpeedCPUAdam(groups, lr=t.lr, betas=betas, eps=t.adam_eps, adamw_mode=True)
-        if name == "adamw_fused" and on_gpu:
+        # At ZeRO 0 in bf16/fp16 DeepSpeed wraps its own FusedAdam in its fused FP16_Optimizer, whose flat
+        # fp32 masters a conversion or an export cannot read per parameter; torch's fused AdamW (one kernel
+        # over a group's tensors as well) gets the wrapper that keeps them per parameter.
+        if name == "adamw_fused" and on_gpu and t.zero_stage != 0:
             from deepspeed.ops.adam import FusedAdam
             return FusedAdam(groups, lr=t.lr, betas=betas, eps=t.adam_eps, adam_w_mode=True)
         # torch's fused kernel runs on the CPU too (one kernel over all tensors of a group); adamw keeps

@@ -146,4 +146,17 @@ def one_rank_group(tmp_path):
     try:
         yield
     finally:
+        destroy_group()
+
+
+def destroy_group() -> None:
+    """Tear the default process group down, through DeepSpeed where it has seen it: deepspeed.comm then
+    drops the groups it derived from it (its clone of the world group), which the next in-process engine
+    of this worker would otherwise be handed, destroyed ("Group ... is not registered")."""
+    import torch.distributed as dist
+    from deepspeed import comm
+
+    if comm.is_initialized():
+        comm.destroy_process_group()
+    else:
         dist.destroy_process_group()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import harness
+from conftest import destroy_group
 from ds_finetune.checkpoint import ds_internals
 from ds_finetune.config import load_config
 from ds_finetune.errors import UserError
@@ -111,6 +112,24 @@ def test_the_optimizer_classes_on_this_cpu():
                      "adafactor": ("Adafactor", None)}
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_adamw_fused_on_a_gpu_is_deepspeeds_fused_adam_except_at_zero_0(monkeypatch, stage):
+    """At ZeRO 0 in bf16/fp16 DeepSpeed would put its FusedAdam under its fused FP16_Optimizer, which keeps the
+    fp32 masters as one flat tensor a group (`fp32_groups_flat`): conversion and export read them per
+    parameter (`fp32_groups`, the unfused wrapper's, which torch's fused AdamW gets)."""
+    import deepspeed.ops.adam
+
+    class FusedAdam:  # DeepSpeed's needs its CUDA op built
+        def __init__(self, groups, **kwargs):
+            self.defaults = {"fused": "deepspeed"}
+
+    monkeypatch.setattr(deepspeed.ops.adam, "FusedAdam", FusedAdam)
+    p = [torch.nn.Parameter(torch.ones(4, 4))]
+    opt = optim.build_optimizer([{"params": p, "weight_decay": 0.0}], train_cfg(
+        "train.optimizer=adamw_fused", f"train.zero_stage={stage}"), offloaded=False, on_gpu=True)
+    assert (type(opt).__name__, opt.defaults["fused"]) == (("AdamW", True) if stage == 0 else ("FusedAdam", "deepspeed"))
+
+
 def test_adamw_8bit_without_bitsandbytes_names_the_package(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
@@ -139,8 +158,8 @@ def test_converting_a_non_adam_checkpoint_is_refused():
 
 @pytest.fixture(scope="module")
 def engine_group(tmp_path_factory):
-    """One gloo group for every engine of this module: DeepSpeed keeps the groups it derives from the first
-    (deepspeed.utils.groups), so the group must outlive all of them."""
+    """One gloo group for the engines of this module (made again if a worker runs another module's tests in
+    between): DeepSpeed derives groups from it, which must outlive every engine built on them."""
     import torch.distributed as dist
     if dist.is_initialized():
         yield
@@ -150,7 +169,7 @@ def engine_group(tmp_path_factory):
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        destroy_group()
 
 
 def one_rank_engine(overrides, seed: int):
@@ -291,6 +310,11 @@ def test_the_optimizer_state_goes_to_the_device_only_where_its_parameters_are():
         assert ds_internals.optimizer_state_on_device(SimpleNamespace(optimizer=torch_optimizer)) is want
         zero = SimpleNamespace(optimizer=torch_optimizer)  # ZeRO's and bf16's optimizers wrap torch's
         assert ds_internals.optimizer_state_on_device(SimpleNamespace(optimizer=zero)) is want
+        # ZeRO-3 between steps: the torch optimizer's param_groups are empty, its fp32 partitions are not
+        idle = torch.optim.SGD([on[device]], lr=0.1)
+        idle.param_groups[0]["params"] = []
+        zero3 = SimpleNamespace(optimizer=idle, fp32_partitioned_groups_flat=[on[device]])
+        assert ds_internals.optimizer_state_on_device(SimpleNamespace(optimizer=zero3)) is want
     assert ds_internals.optimizer_state_on_device(SimpleNamespace(optimizer=None)) is False
 
 

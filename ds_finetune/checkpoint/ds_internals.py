@@ -109,8 +109,11 @@ def optimizer_state_on_device(engine) -> bool:
     or on a CPU run): torch's `Optimizer.load_state_dict` then copies each loaded state tensor but `step` to
     its parameter's device."""
     optimizer = getattr(engine, "optimizer", None)
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # ZeRO's and bf16's wrap torch's
-    params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
+    # ZeRO-3 puts its fp32 partitions into the torch optimizer's param_groups only for a step or a load
+    params = list(getattr(optimizer, "fp32_partitioned_groups_flat", None) or [])
+    if not params:
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # ZeRO's and bf16's wrap torch's
+        params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
     return bool(params) and all(p.device.type != "cpu" for p in params)
 
 

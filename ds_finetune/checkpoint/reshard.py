@@ -234,8 +234,9 @@ def load_optimizer_state(engine, copy: ConvertedCopy) -> None:
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        # DeepSpeedCPUAdam (offload from GPUs) counts steps in a Python int, torch's AdamW in a tensor
-        state["step"] = int(step) if type(base).__name__ == "DeepSpeedCPUAdam" else step.clone()
+        # torch's AdamW counts steps in a tensor; DeepSpeed's CPU Adam (offload) and FusedAdam (GPUs) in a
+        # Python int, which FusedAdam hands its kernel as an int argument
+        state["step"] = step.clone() if isinstance(base, torch.optim.AdamW) else int(step)
     ds_internals.link_optimizer_state(engine)
     load_master_weights(engine, copy)
     stage, masters = engine.zero_optimization_stage(), ds_internals.stage0_masters(engine)
