@@ -151,10 +151,11 @@ class HashingFile:
     `direct=True` (checkpoint files) opens the file with O_DIRECT where the file system allows it: the
     bytes are hashed in the caller's thread and copied into one of `DEPTH` page-aligned buffers of `CHUNK`
     bytes, which a writer thread writes, so the device works while the next chunk is hashed (hashlib, the
-    copy and os.write all release the GIL: a background save's thread leaves training alone), and the kernel spends no CPU on copying into and flushing the page
-    cache (~1.5 s of CPU a GB here, more than the hashing). Otherwise (or where O_DIRECT is refused,
-    EINVAL) the bytes are hashed and written straight through the page cache by the caller. `tear()` is
-    called once, with the bytes so far on disk, after the first 4 KiB (the `torn_shard` fault)."""
+    copy and os.write all release the GIL: a background save's thread leaves training's Python alone), and
+    the kernel spends no CPU on copying into and flushing the page cache (~1.5 s of CPU a GB here, more than
+    the hashing). Otherwise (or where O_DIRECT is refused, EINVAL) the bytes are hashed and written
+    straight through the page cache by the caller. `tear()` is called once, with the bytes so far on disk,
+    after the first 4 KiB (the `torn_shard` fault)."""
 
     TEAR_AFTER = 4096
     ALIGN = 4096       # O_DIRECT: buffer address, file offset and length multiples of the block size

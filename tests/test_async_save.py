@@ -98,7 +98,8 @@ def test_the_copy_into_a_hashing_files_buffer_lets_other_python_threads_run():
     thread.join()
     start, end = window
     middle = [t for t in stamps if start + (end - start) / 4 < t < end - (end - start) / 4]
-    assert middle, f"no Python ran in the middle {(end - start) / 2 * 1e3:.0f} ms of a {(end - start) * 1e3:.0f} ms copy"
+    took_ms = (end - start) * 1e3
+    assert middle, f"no Python ran in the middle {took_ms / 2:.0f} ms of a {took_ms:.0f} ms copy"
     assert dst[:4096] == src[:4096] and dst[-4096:] == src[-4096:]
     dst.close()
 

@@ -127,7 +127,8 @@ def test_adamw_fused_on_a_gpu_is_deepspeeds_fused_adam_except_at_zero_0(monkeypa
     p = [torch.nn.Parameter(torch.ones(4, 4))]
     opt = optim.build_optimizer([{"params": p, "weight_decay": 0.0}], train_cfg(
         "train.optimizer=adamw_fused", f"train.zero_stage={stage}"), offloaded=False, on_gpu=True)
-    assert (type(opt).__name__, opt.defaults["fused"]) == (("AdamW", True) if stage == 0 else ("FusedAdam", "deepspeed"))
+    want = ("AdamW", True) if stage == 0 else ("FusedAdam", "deepspeed")
+    assert (type(opt).__name__, opt.defaults["fused"]) == want
 
 
 def test_adamw_8bit_without_bitsandbytes_names_the_package(monkeypatch):
