@@ -7,7 +7,8 @@ The tiles follow ALST: ceil(tokens / hidden_size) of them, so a tile's intermedi
 layer's hidden states. Under ZeRO-3 each tile gathers the MLP's weights, so every rank must run the same
 number of tiles: the ranks agree on the longest input, and a shorter one is padded with zero rows. They
 agree once a forward of the model (not in every layer's forward and in its recompute under gradient
-checkpointing), on the host (`dist.max_over_ranks`: a gloo all-reduce, so no wait for the GPU).
+checkpointing), on the host (`dist.max_over_ranks`: a gloo all-reduce, so no wait for the GPU); not in
+generation, whose forwards gather nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def apply_tiled_mlp(model) -> int:
     def agree_on_length(module, args, kwargs):  # input_ids [batch, tokens] or inputs_embeds [batch, tokens, h]
         inputs = kwargs.get("input_ids", args[0] if args else None)
         inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+        if kwargs.get("use_cache"):
+            # Generation (GRPO's rollout, under WholeForGeneration): a rank runs as many forwards as its own
+            # completions need, with the weights whole, so no tile gathers anything; an agreement here would
+            # be a collective that ranks done sooner never join.
+            agreed["tokens"] = inputs.shape[1]
+            return
         agreed["tokens"] = max_over_ranks(inputs.shape[1])
 
     model.register_forward_pre_hook(agree_on_length, with_kwargs=True)

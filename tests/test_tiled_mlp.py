@@ -1,6 +1,7 @@
 """train.tiled_mlp (DeepSpeed's TiledMLP on every decoder layer's MLP), in process: the loss and every
 gradient equal the untiled model's to 1e-6, with several tiles and a last tile shorter than the others, and
-padded to a longer rank's length (agreed once a forward, also under gradient checkpointing);
+padded to a longer rank's length (agreed once a forward, also under gradient checkpointing; never in a
+generation forward);
 a model without a dense MLP in its layers is refused in one line; the setting is an exact fingerprint key
 only when on."""
 
@@ -65,6 +66,24 @@ def test_the_ranks_agree_on_the_length_once_a_forward_and_pad_to_it(monkeypatch)
     assert abs(float(loss - tiled_loss)) <= 1e-6
     for name, grad in grads.items():
         torch.testing.assert_close(tiled_grads[name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_generation_forward_agrees_on_nothing_and_computes_the_untiled_logits(monkeypatch):
+    """GRPO's rollout: each rank runs as many forwards (with a KV cache) as its own completions need, with
+    the weights whole, so such a forward must not be a collective: ranks that finished sooner would never
+    join it, and the job would hang. A training or eval forward still agrees."""
+    from ds_finetune import tiled_mlp
+    agreements = []
+    monkeypatch.setattr(tiled_mlp, "max_over_ranks", lambda tokens: agreements.append(tokens) or tokens)
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(3))
+    plain, tiled = tiny_llama(), tiny_llama()
+    apply_tiled_mlp(tiled)
+    with torch.no_grad():
+        want, got = plain(input_ids=ids, use_cache=True).logits, tiled(input_ids=ids, use_cache=True).logits
+        assert agreements == []
+        tiled(input_ids=ids)
+    assert agreements == [40]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_a_model_without_dense_mlps_is_refused_in_one_line():

@@ -115,7 +115,8 @@ def micro_batch_loss(per_token: torch.Tensor, rows: torch.Tensor, completions: i
     """The micro-batch's loss as a sum over its completions (see the module docstring's table)."""
     if loss_type == "grpo":
         sums = torch.zeros(completions, dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
-        counts = torch.bincount(rows, minlength=completions).clamp(min=1).to(per_token.dtype)
+        # not bincount: on CUDA it reads its input's min and max back to the host, a sync a micro-step
+        counts = torch.zeros_like(sums).index_add(0, rows, torch.ones_like(per_token)).clamp(min=1)
         return (sums / counts).sum()
     if loss_type == "bnpo":
         return per_token.sum() / max(per_token.numel(), 1) * completions
@@ -131,7 +132,7 @@ def token_metric_sums(kl, entropy, clips: dict) -> torch.Tensor:
         device = clips["clip_ratio/low_mean"].device
         kl_sum = kl.detach().sum() if kl is not None else torch.zeros((), device=device)
         return torch.stack([kl_sum.float(), entropy.sum().float(), *(clips[k].sum() for k in TOKEN_METRICS[2:]),
-                            torch.tensor(float(n), device=device)]).double()
+                            torch.full((), float(n), device=device)]).double()  # torch.tensor: a blocking copy
 
 
 def token_metrics(per_micro_batch: torch.Tensor, beta: float) -> dict:
