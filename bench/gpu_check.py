@@ -5,9 +5,10 @@
 On CUDA + NCCL, bf16, deterministic kernels: a run with evaluation and background saves; a copy killed with
 SIGKILL in the middle of a step and resumed (its losses must be bitwise those of the uninterrupted run); the
 same save resumed under ZeRO 3 (converted; losses within the CPU test's tolerance); an fp16 run (loss scaling
-with the fused loss); DeepSpeed's fused Adam and Lion, its CPU Lion and a 4-bit QLoRA base; an export loaded
-by transformers on the GPU; background saves copied from the saved tensors' own GPU into one reused pinned
-buffer (the bytes, and the pinned memory after 3 saves); the host syncs of a micro-step of the fused loss and
+with the fused loss); DeepSpeed's fused Adam and Lion, its CPU Lion and a 4-bit QLoRA base; adamw_fused
+checkpoints converted from ZeRO 0 to 2 and from 2 to 3; an export loaded by transformers on the GPU;
+background saves copied from the saved tensors' own GPU, on one stream, into one reused pinned buffer (the
+bytes, and the pinned memory after 3 saves); the host syncs of a micro-step of the fused loss and
 of DPO (none of ours); the bf16 LM head's weight gradient against fp32. Prints one line per check and a JSON
 summary; exits non-zero if a check fails. Run it where a GPU is lent (docs/development.md).
 """
@@ -82,6 +83,26 @@ def check_optimizers(nproc: int) -> dict:
     return out
 
 
+def check_fused_adam_conversions(nproc: int) -> dict:
+    """train.optimizer adamw_fused killed mid-step and resumed on another ZeRO stage (converted): from ZeRO 0
+    (torch's fused AdamW, so DeepSpeed keeps bf16's fp32 masters per parameter, which the conversion reads)
+    to 2, and from ZeRO 2 (DeepSpeed's FusedAdam, whose step count the conversion sets as an int) to 3. Each
+    resumes at its last commit and stays within the CPU test's tolerance of its uninterrupted run."""
+    out = {}
+    for saved, resumed in ((0, 2), (2, 3)):
+        ref, killed = WORK / f"fused-ref-zero{saved}", WORK / f"fused-zero{saved}-to-zero{resumed}"
+        train(ref, ["train.optimizer=adamw_fused", f"train.zero_stage={saved}"], nproc)
+        proc = train(killed, ["train.optimizer=adamw_fused", f"train.zero_stage={saved}"], nproc,
+                     fault="mid_accum:rank0@step4", expect_ok=False)
+        assert "[fault injection] SIGKILL at mid_accum rank 0 step 4" in proc.stdout, proc.stdout[-3000:]
+        step = harness.committed_steps(killed / "checkpoints")[-1]
+        harness.assert_resumed(train(killed, ["train.optimizer=adamw_fused", f"train.zero_stage={resumed}"], nproc,
+                                     resume="auto"), step=step)
+        harness.assert_close_run(killed, ref, rel=BF16_CONVERTED_REL)
+        out[f"zero{saved}_to_zero{resumed}"] = {"resumed_at": step}
+    return out
+
+
 def check_export() -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -108,6 +129,7 @@ def check_background_snapshot() -> dict:
 
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     torch.cuda.set_device(device)
+    streams = []
     for save, megabytes in enumerate((256, 64, 128)):
         state = {f"t{i}": torch.full((megabytes << 18,), float(save * 10 + i), device=device) for i in range(4)}
         writer = BackgroundWrite(rank=0, step=save)
@@ -120,9 +142,11 @@ def check_background_snapshot() -> dict:
         for t in state.values():  # the optimizer step
             t.fill_(-1.0)
         writer.wait()
+        streams.append(writer.device_copy.stream)
         written = torch.load(WORK / f"snapshot{save}.pt", weights_only=True)
         for i in range(4):
             assert torch.equal(written[f"t{i}"], torch.full((megabytes << 18,), float(save * 10 + i))), (save, i)
+    assert all(s is streams[0] for s in streams), "a copy stream a save: torch's pool of 32 would reach DeepSpeed's"
     largest = 4 * (256 << 20)
     pinned = host_pool().pinned_bytes
     assert pinned == largest, (pinned, largest)
@@ -246,6 +270,7 @@ def main() -> int:
     summary, failed = {"device": f"{nproc} x {torch.cuda.get_device_name(0)}"}, False
     for name, check in [("resume", lambda: check_resume(nproc)), ("fp16", lambda: check_fp16(nproc)),
                         ("optimizers", lambda: check_optimizers(nproc)),
+                        ("fused_adam_conversions", lambda: check_fused_adam_conversions(nproc)),
                         ("export", check_export), ("background_snapshot", check_background_snapshot),
                         ("host_syncs", check_host_syncs), ("lm_head_grad", check_lm_head_grad)]:
         start = time.time()
