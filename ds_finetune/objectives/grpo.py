@@ -191,7 +191,7 @@ class GRPO:
         masked = clipped if self.cfg.mask_truncated_completions else torch.zeros_like(clipped)
         metrics = {**reward_metrics(every[:, :f], weights, [r.name for r in self.rewards], std_zero),
                    **length_metrics(lengths, clipped), "time/generate": t1 - t0, "time/reward": t2 - t1}
-        loss_tokens = int((lengths * (~masked)).sum().item())
+        loss_tokens = int((lengths.double() * (~masked)).sum().item())  # fp32 counts exactly only to 2^24
         normaliser = loss_tokens if self.cfg.loss_type == "dapo" else len(every)
         batches, start = [], 0
         for m, batch in enumerate(sampled):
