@@ -138,11 +138,18 @@ def saved_at_step4(tmp_path_factory):
 @pytest.fixture
 def one_rank_group(tmp_path):
     """A one-process gloo group, for in-process code that calls a collective (torn down afterwards)."""
+    with process_group(tmp_path / "store"):
+        yield
+
+
+@contextlib.contextmanager
+def process_group(store: Path):
+    """A one-process gloo group (none made where one exists), torn down afterwards (`destroy_group`)."""
     import torch.distributed as dist
     if dist.is_initialized():
         yield
         return
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     try:
         yield
     finally:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import harness
-from conftest import destroy_group
+from conftest import process_group
 from ds_finetune.checkpoint import ds_internals
 from ds_finetune.config import load_config
 from ds_finetune.errors import UserError
@@ -161,16 +161,8 @@ def test_converting_a_non_adam_checkpoint_is_refused():
 def engine_group(tmp_path_factory):
     """One gloo group for the engines of this module (made again if a worker runs another module's tests in
     between): DeepSpeed derives groups from it, which must outlive every engine built on them."""
-    import torch.distributed as dist
-    if dist.is_initialized():
+    with process_group(tmp_path_factory.mktemp("engine-group") / "store"):
         yield
-        return
-    store = tmp_path_factory.mktemp("engine-group") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        destroy_group()
 
 
 def one_rank_engine(overrides, seed: int):

@@ -137,15 +137,15 @@ def load_for_engine(path, map_location=None, optimizer_state_to_device: bool = F
     return _owned(state, to_device=optimizer_state_to_device) if mapped else state
 
 
-def _owned(obj, key=None, to_device: bool = False, in_optimizer_state: bool = False):
+def _owned(obj, key=None, to_device: bool = False):
     """`obj` with every tensor outside COPIED_BY_DEEPSPEED keys copied out of the file mapping (whose
-    pages are then dropped from this process); with `to_device`, not an optimizer's per-parameter state
-    (a torch state dict's "state") but its `step`, which torch keeps where it was loaded."""
+    pages are then dropped from this process); with `to_device`, of an optimizer's per-parameter state (a
+    torch state dict's "state") only `step`, which torch keeps where it was loaded."""
     if key in COPIED_BY_DEEPSPEED:
         return obj
+    if to_device and key == "state" and isinstance(obj, dict):
+        return {p: _step_owned(state) for p, state in obj.items()}
     if isinstance(obj, torch.Tensor):
-        if in_optimizer_state and key != "step":
-            return obj
         copy = obj.clone()
         if isinstance(obj, torch.nn.Parameter):
             copy = torch.nn.Parameter(copy, requires_grad=obj.requires_grad)
@@ -154,12 +154,20 @@ def _owned(obj, key=None, to_device: bool = False, in_optimizer_state: bool = Fa
         return copy
     if isinstance(obj, dict):
         for k in obj:
-            obj[k] = _owned(obj[k], k, to_device, in_optimizer_state or (to_device and k == "state"))
+            obj[k] = _owned(obj[k], k, to_device)
         return obj
     if isinstance(obj, (list, tuple)):
-        items = [_owned(v, None, to_device, in_optimizer_state) for v in obj]
+        items = [_owned(v, None, to_device) for v in obj]
         return items if isinstance(obj, list) else type(obj)(items)
     return obj
+
+
+def _step_owned(state):
+    """One parameter's optimizer state with only its `step` copied out of the mapping: load_state_dict copies
+    the rest (the moments) to the device."""
+    if not isinstance(state, dict):
+        return state
+    return {k: _owned(v, k) if k == "step" else v for k, v in state.items()}
 
 
 # ------------------------------------------------------------------------------------ read partitions
